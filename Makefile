@@ -1,0 +1,45 @@
+# Thin wrappers; each target says what it runs. `make help` lists them.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAGES := stage_0 stage_1 stage_2 stage_3
+
+.PHONY: help demo test lint pytest docs serve-docs bench nat-lab clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+demo:  ## the stage 3 tunnel, all on this machine (needs only Python 3.11+)
+	$(PYTHON) -m stage_3
+
+# The virtualenv is (re)built from pyproject.toml's extras whenever that file changes.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,docs]'
+	touch $@
+
+test: lint pytest docs  ## everything CI checks: lint, types, the tests, the strict docs build
+
+lint: $(VENV)/.installed  ## ruff (lint + format) and mypy --strict over the stage code
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy --strict $(STAGES)
+
+pytest: $(VENV)/.installed  ## the test suite (pytest exits non-zero when it collects no tests)
+	$(BIN)/pytest
+
+docs: $(VENV)/.installed  ## build the docs site into site/ (strict: a warning fails)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+serve-docs: $(VENV)/.installed  ## serve the docs with live reload on http://127.0.0.1:8000
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
+bench: $(VENV)/.installed  ## benchmarks: direct vs socat vs stage 0 vs stage 3 (see bench/README.md)
+	$(BIN)/python -m bench
+
+nat-lab:  ## the NAT lab story on real network namespaces (needs root)
+	$(PYTHON) -m tests.nat_lab
+
+clean:  ## remove the virtualenv and build output
+	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache

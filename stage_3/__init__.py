@@ -1,0 +1,1 @@
+"""Stage 3: coming in a later stage (see the docs' stage map)."""

@@ -1,0 +1,101 @@
+"""Shared fixtures: real servers on 127.0.0.1 with ephemeral ports, and workshop mode.
+
+Workshop mode points the tests at a learner's own copy of a stage:
+
+    pytest tests/test_stage_1.py --stage-dir stage_1=../my_stage_1
+    STAGE_DIRS=stage_1=../my_stage_1 make test
+
+The copy is imported as `stage_1` by the in-process tests and by every subprocess.
+"""
+
+import asyncio
+import os
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from support import CliProcess, EchoServer, HttpOrigin
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("stage_0", "stage_1", "stage_2", "stage_3")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--stage-dir",
+        action="append",
+        default=[],
+        metavar="STAGE=DIR",
+        help="test a copy of a stage instead of the repository's, e.g. stage_1=../my_stage_1 "
+        "(repeatable; also read from the STAGE_DIRS environment variable, comma-separated)",
+    )
+
+
+def stage_overrides(config: pytest.Config) -> dict[str, Path]:
+    """The --stage-dir / STAGE_DIRS choices as {stage name: directory}."""
+    pairs = list(config.getoption("--stage-dir"))
+    pairs += [p for p in os.environ.get("STAGE_DIRS", "").split(",") if p.strip()]
+    overrides = {}
+    for pair in pairs:
+        name, sep, directory = pair.partition("=")
+        name = name.strip()
+        path = Path(directory.strip()).expanduser().resolve()
+        if not sep or name not in STAGES:
+            raise pytest.UsageError(f"--stage-dir wants STAGE=DIR with STAGE one of {', '.join(STAGES)}; got {pair!r}")
+        if not (path / "__init__.py").is_file():
+            raise pytest.UsageError(f"--stage-dir {name}: {path} is not a stage folder (no __init__.py)")
+        overrides[name] = path
+    return overrides
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Every stage is imported from one folder of symlinks put first on the path,
+    # for this process and for every CLI subprocess (through PYTHONPATH).
+    overrides = stage_overrides(config)
+    link_dir = Path(tempfile.mkdtemp(prefix="stages-"))
+    for stage in STAGES:
+        (link_dir / stage).symlink_to(overrides.get(stage, ROOT / stage), target_is_directory=True)
+    sys.path.insert(0, str(link_dir))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(link_dir), os.environ.get("PYTHONPATH")]))
+    config.stash[OVERRIDES] = overrides
+
+
+OVERRIDES = pytest.StashKey[dict[str, Path]]()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    overrides = config.stash.get(OVERRIDES, {})
+    return [f"workshop mode: {name} from {path}" for name, path in overrides.items()] or [
+        "stages: the repository's own (use --stage-dir STAGE=DIR to test a copy)"
+    ]
+
+
+@pytest.fixture
+async def echo_server() -> AsyncIterator[EchoServer]:
+    """A TCP server on 127.0.0.1 that echoes every byte and passes EOF back."""
+    async with EchoServer() as server:
+        yield server
+
+
+@pytest.fixture
+def http_origin() -> Iterator[HttpOrigin]:
+    """A real `http.server` on 127.0.0.1: GET returns a known page, POST returns the body's SHA-256."""
+    with HttpOrigin() as origin:
+        yield origin
+
+
+@pytest.fixture
+async def cli() -> AsyncIterator[CliProcess.Factory]:
+    """Start `python -m ...` subprocesses the way a learner would; all are stopped at the end."""
+    started: list[CliProcess] = []
+
+    async def start(*args: str, env: dict[str, str] | None = None) -> CliProcess:
+        process = await CliProcess.start(*args, cwd=ROOT, env=env)
+        started.append(process)
+        return process
+
+    yield start
+    await asyncio.gather(*(p.stop() for p in started))

@@ -1,0 +1,263 @@
+"""Test helpers: an echo server, a real HTTP origin, CLI subprocesses, and raw-socket clients."""
+
+import asyncio
+import contextlib
+import hashlib
+import http.server
+import os
+import re
+import signal
+import sys
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+# Every await in a test that depends on a peer gets this bound, so a bug
+# fails the test quickly instead of hanging it until the global timeout.
+STEP_TIMEOUT = 10.0
+
+LISTENING = re.compile(r"(\w+) port listening on (\S+):(\d+)")
+
+
+async def open_connection(port: int, host: str = "127.0.0.1") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to a local port with a deadline."""
+    async with asyncio.timeout(STEP_TIMEOUT):
+        return await asyncio.open_connection(host, port)
+
+
+async def exchange(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
+    """Send `payload`, half-close, and return everything received until EOF."""
+    reader, writer = await open_connection(port, host)
+    try:
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+        async with asyncio.timeout(STEP_TIMEOUT * 3):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+def sha256(data: bytes) -> str:
+    """Hex digest, so that a failing assertion on megabytes prints two short strings."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def pattern_bytes(size: int, seed: int = 0) -> bytes:
+    """`size` bytes that differ for every seed and position, cheap to make."""
+    block = hashlib.sha256(seed.to_bytes(8, "big")).digest() * 2048  # 64 KiB
+    return (block * (size // len(block) + 1))[:size]
+
+
+class EchoServer:
+    """A TCP server on 127.0.0.1 that echoes every byte and passes EOF back (half-close aware)."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        task = asyncio.get_running_loop().create_task(self._echo(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _echo(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(256 * 1024):
+                writer.write(data)
+                await writer.drain()
+            writer.write_eof()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+
+PAGE = b"<!doctype html><title>local app</title><h1>Hello from the local app</h1>\n"
+
+
+class _OriginHandler(http.server.BaseHTTPRequestHandler):
+    """GET / -> PAGE; GET /bytes/N -> N pattern bytes; POST -> SHA-256 of the body."""
+
+    def do_GET(self) -> None:
+        if match := re.fullmatch(r"/bytes/(\d+)", self.path):
+            body = pattern_bytes(int(match[1]))
+            content_type = "application/octet-stream"
+        else:
+            body, content_type = PAGE, "text/html"
+        self._reply(body, content_type)
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        digest = hashlib.sha256()
+        while length > 0:
+            chunk = self.rfile.read(min(length, 1 << 20))
+            if not chunk:
+                break
+            digest.update(chunk)
+            length -= len(chunk)
+        self._reply(digest.hexdigest().encode(), "text/plain")
+
+    def _reply(self, body: bytes, content_type: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # keep the test output quiet
+
+
+class HttpOrigin:
+    """A real threaded `http.server` on 127.0.0.1, the 'local app' of the tests."""
+
+    def __init__(self) -> None:
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OriginHandler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def stop(self) -> None:
+        """Stop accepting, as if the local app went down."""
+        self.__exit__(None, None, None)
+
+
+async def http_request(port: int, request: bytes, host: str = "127.0.0.1") -> tuple[int, bytes, bytes]:
+    """Send a raw HTTP/1.0 request, read to EOF, return (status, head, body)."""
+    response = await exchange(port, request, host)
+    head, _, body = response.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
+    return status, head, body
+
+
+class CliProcess:
+    """A `python -m ...` subprocess whose combined stdout/stderr is read line by line."""
+
+    Factory = Callable[..., Awaitable["CliProcess"]]
+
+    def __init__(self, process: asyncio.subprocess.Process, args: tuple[str, ...]) -> None:
+        self.process = process
+        self.args = args
+        self.lines: list[str] = []
+        self._cursor = 0
+
+    @classmethod
+    async def start(cls, *args: str, cwd: Path, env: dict[str, str] | None = None) -> "CliProcess":
+        """Run `python -u ARGS` in `cwd`, with the parent's environment plus `env`."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-u",
+            *args,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        return cls(process, args)
+
+    async def _next_line(self) -> str | None:
+        assert self.process.stdout is not None
+        raw = await self.process.stdout.readline()
+        if not raw:
+            return None
+        line = raw.decode(errors="replace").rstrip("\n")
+        self.lines.append(line)
+        return line
+
+    async def expect(self, pattern: str | re.Pattern[str], timeout: float = STEP_TIMEOUT) -> re.Match[str]:
+        """Wait for the next output line matching `pattern` (lines already seen are searched first)."""
+        regex = re.compile(pattern)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    while self._cursor < len(self.lines):
+                        self._cursor += 1
+                        if match := regex.search(self.lines[self._cursor - 1]):
+                            return match
+                    if await self._next_line() is None:
+                        raise AssertionError(f"{self.args} exited before printing {regex.pattern!r}:\n{self.output}")
+        except TimeoutError:
+            raise AssertionError(f"{self.args} did not print {regex.pattern!r} in {timeout}s:\n{self.output}") from None
+
+    async def listening(self, role: str) -> int:
+        """Wait for '<role> port listening on HOST:PORT' and return PORT."""
+        match = await self.expect(rf"\b{role} port listening on (\S+):(\d+)")
+        return int(match[2])
+
+    async def wait(self, timeout: float = STEP_TIMEOUT) -> int:
+        """Wait for the process to exit, collecting its remaining output; return its exit code."""
+        async with asyncio.timeout(timeout):
+            while await self._next_line() is not None:
+                pass
+            return await self.process.wait()
+
+    async def interrupt(self) -> int:
+        """Press Ctrl-C (SIGINT) and return the exit code."""
+        self.process.send_signal(signal.SIGINT)
+        return await self.wait()
+
+    async def stop(self) -> None:
+        """Stop the process if it still runs: SIGINT, then SIGKILL after a grace period."""
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGINT)
+            try:
+                await self.wait(5)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+
+    @property
+    def output(self) -> str:
+        """Everything the process printed so far."""
+        return "\n".join(self.lines)
+
+
+class Background:
+    """Run a server's `serve()` coroutine as a task; cancel and await it on exit."""
+
+    def __init__(self, coro: Awaitable[None]) -> None:
+        self._coro = coro
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        self.task = asyncio.ensure_future(self._coro)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self.task is not None
+        if self.task.done():
+            self.task.result()  # surface a crash of the server as the test's failure
+            return
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task

@@ -1,0 +1,137 @@
+"""Stage 0, the client-side proxy: every accepted connection is relayed to the target, both ways."""
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from stage_0.client import Proxy
+from support import (
+    PAGE,
+    STEP_TIMEOUT,
+    Background,
+    CliProcess,
+    EchoServer,
+    HttpOrigin,
+    exchange,
+    http_request,
+    open_connection,
+    pattern_bytes,
+    sha256,
+)
+
+
+async def start_proxy(target_port: int) -> AsyncIterator[int]:
+    proxy = Proxy("127.0.0.1", target_port)
+    _, port = await proxy.listen("127.0.0.1", 0)
+    async with Background(proxy.serve()):
+        yield port
+
+
+@pytest.fixture
+async def echo_proxy(echo_server: EchoServer) -> AsyncIterator[int]:
+    """The port of a stage 0 proxy in front of an echo server."""
+    async for port in start_proxy(echo_server.port):
+        yield port
+
+
+async def test_bytes_reach_the_target_and_come_back(echo_proxy: int) -> None:
+    assert await exchange(echo_proxy, b"hello through the proxy\n") == b"hello through the proxy\n"
+
+
+@pytest.mark.slow
+async def test_ten_megabytes_each_way_arrive_intact(echo_proxy: int) -> None:
+    payload = pattern_bytes(10 * 1024 * 1024, seed=7)
+    reader, writer = await open_connection(echo_proxy)
+
+    async def send() -> None:
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+
+    # Send and receive at the same time: with backpressure, sending 10 MB
+    # before reading would stall once every buffer on the way is full.
+    async with asyncio.timeout(STEP_TIMEOUT * 3):
+        _, echoed = await asyncio.gather(send(), reader.read())
+    writer.close()
+    assert sha256(echoed) == sha256(payload)
+
+
+async def test_half_close_keeps_the_other_direction_flowing() -> None:
+    """The user shuts its write side; the target sees EOF and still sends its answer after it."""
+    got_eof = asyncio.Event()
+
+    async def answer_after_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.read()  # returns only at EOF: the half-close arrived
+        got_eof.set()
+        writer.write(b"you sent " + str(len(request)).encode() + b" bytes; " + b"x" * 100_000)
+        await writer.drain()
+        writer.close()
+
+    target = await asyncio.start_server(answer_after_eof, "127.0.0.1", 0)
+    async with target:
+        async for port in start_proxy(target.sockets[0].getsockname()[1]):
+            reply = await exchange(port, b"12345")
+            assert got_eof.is_set()
+            assert reply == b"you sent 5 bytes; " + b"x" * 100_000
+
+
+async def test_fifty_concurrent_connections_are_not_mixed_up(echo_proxy: int) -> None:
+    payloads = [pattern_bytes(64 * 1024 + i, seed=i) for i in range(50)]
+    replies = await asyncio.gather(*(exchange(echo_proxy, p) for p in payloads))
+    assert [sha256(r) for r in replies] == [sha256(p) for p in payloads]
+
+
+async def test_unreachable_target_closes_the_user_and_keeps_serving(
+    echo_server: EchoServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Grab a free port, then close it: nothing listens there any more.
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    dead_port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+
+    proxy = Proxy("127.0.0.1", dead_port)
+    _, port = await proxy.listen("127.0.0.1", 0)
+    async with Background(proxy.serve()):
+        assert await exchange(port, b"anyone there?") == b""
+        assert "cannot reach target" in caplog.text
+        # Still serving: point the same proxy at a live target and it works.
+        proxy.target = ("127.0.0.1", echo_server.port)
+        assert await exchange(port, b"still here") == b"still here"
+
+
+async def test_http_get_reaches_a_real_web_server(http_origin: HttpOrigin) -> None:
+    async for port in start_proxy(http_origin.port):
+        status, _, body = await http_request(port, b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        assert status == 200
+        assert body == PAGE
+
+
+async def test_cli_relays_to_the_target_given_on_the_command_line(
+    cli: CliProcess.Factory, http_origin: HttpOrigin
+) -> None:
+    """`python -m stage_0.client localhost:PORT --port 0`, as the stage 0 page tells a learner."""
+    proxy = await cli("-m", "stage_0.client", f"localhost:{http_origin.port}", "--port", "0")
+    port = await proxy.listening("proxy")
+    status, _, body = await http_request(port, b"GET / HTTP/1.0\r\n\r\n")
+    assert (status, body) == (200, PAGE)
+    await proxy.expect(r"closed, \d+ bytes up, \d+ bytes down")
+    assert await proxy.interrupt() == 0
+    assert "Traceback" not in proxy.output
+
+
+async def test_cli_port_in_use_is_one_line_and_exit_1(cli: CliProcess.Factory, echo_server: EchoServer) -> None:
+    proxy = await cli("-m", "stage_0.client", f"127.0.0.1:{echo_server.port}", "--port", str(echo_server.port))
+    assert await proxy.wait() == 1
+    assert proxy.lines == [
+        f"error: port {echo_server.port} on 127.0.0.1 is already in use; stop the other program or pick another --port"
+    ]
+
+
+@pytest.mark.parametrize("target", ["no-port-here", "host:notaport", ":80"])
+async def test_cli_bad_target_is_a_usage_error(cli: CliProcess.Factory, target: str) -> None:
+    proxy = await cli("-m", "stage_0.client", target)
+    assert await proxy.wait() == 2
+    assert "expected host:port" in proxy.output
+    assert "Traceback" not in proxy.output
