@@ -23,6 +23,9 @@ from .protocol import (
 
 log = logging.getLogger("stage_1.server")
 
+# How long a closing connection keeps swallowing input so that our last words arrive.
+LINGER = 1.0
+
 
 class Server:
     """The tunnel server, so far with only its control port."""
@@ -67,8 +70,7 @@ class Server:
             # Tell the peer what went wrong, then hang up: a confused peer must
             # not be able to keep a connection (and its buffer) alive.
             log.warning("%s: %s; closing", peer, exc)
-            with contextlib.suppress(OSError):  # the peer may be gone already
-                await write_message(writer, Error(str(exc)))
+            await say_goodbye(reader, writer, str(exc))
         except OSError as exc:
             log.info("%s: connection lost (%s)", peer, exc)
         finally:
@@ -82,6 +84,19 @@ class Server:
                     await write_message(writer, Pong())
                 case _:
                     raise ProtocolError(f"unexpected message from a client: {message}")
+
+
+async def say_goodbye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str) -> None:
+    """Send `error <reason>` in a way the peer really gets to read it (the caller then closes)."""
+    # Closing a socket that still has unread input makes the kernel send a reset,
+    # and a reset can destroy our error line before the peer reads it. So we say
+    # "no more from us" (EOF) and swallow what the peer still sends, for a moment.
+    with contextlib.suppress(OSError):  # the peer may be gone already; TimeoutError is an OSError too
+        await write_message(writer, Error(reason))
+        writer.write_eof()
+        async with asyncio.timeout(LINGER):
+            while await reader.read(64 * 1024):
+                pass
 
 
 def listen_error(exc: OSError, host: str, port: int) -> str:

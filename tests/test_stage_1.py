@@ -1,0 +1,143 @@
+"""Stage 1, the control connection: `ping` lines are answered by `pong`, and bad input is cut off."""
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+
+import pytest
+
+from stage_1.client import Client
+from stage_1.protocol import TunnelError
+from stage_1.server import Server
+from support import STEP_TIMEOUT, Background, CliProcess, open_connection
+
+
+@pytest.fixture
+async def control_port() -> AsyncIterator[int]:
+    """The control port of a stage 1 server running in this process."""
+    server = Server()
+    _, port = await server.listen("127.0.0.1", 0)
+    async with Background(server.serve()):
+        yield port
+
+
+async def read_line(reader: asyncio.StreamReader) -> bytes:
+    async with asyncio.timeout(STEP_TIMEOUT):
+        return await reader.readline()
+
+
+async def assert_still_serving(port: int) -> None:
+    """A fresh client still gets its pong: one bad peer did not take the server down."""
+    reader, writer = await open_connection(port)
+    writer.write(b"ping\n")
+    assert await read_line(reader) == b"pong\n"
+    writer.close()
+
+
+async def test_ping_line_gets_pong_line_exactly_as_the_go_original(control_port: int) -> None:
+    reader, writer = await open_connection(control_port)
+    for _ in range(10):
+        writer.write(b"ping\n")
+        assert await read_line(reader) == b"pong\n"
+    writer.close()
+
+
+async def test_client_times_ten_round_trips(control_port: int) -> None:
+    client = await Client.connect("127.0.0.1", control_port)
+    times = [await client.ping() for _ in range(10)]
+    await client.close()
+    assert len(times) == 10
+    assert all(0 < t < STEP_TIMEOUT for t in times)
+
+
+async def test_concurrent_clients_each_get_their_own_pongs(control_port: int) -> None:
+    async def one_client() -> int:
+        client = await Client.connect("127.0.0.1", control_port)
+        try:
+            return len([await client.ping() for _ in range(20)])
+        finally:
+            await client.close()
+
+    assert await asyncio.gather(*(one_client() for _ in range(30))) == [20] * 30
+
+
+@pytest.mark.parametrize(
+    ("bad_input", "reason"),
+    [
+        (b"\x00\xff garbage\n", b"error line is not ascii text\n"),
+        (b"create_proxy\n", b"error unknown command 'create_proxy'\n"),
+        (b"pong\n", b"error unexpected message from a client: Pong()\n"),
+        (b"x" * 1024 * 1024, b"error line longer than 1024 bytes\n"),
+    ],
+    ids=["garbage", "unknown-command", "wrong-direction", "1MB-line-without-newline"],
+)
+async def test_bad_input_gets_an_error_line_and_a_close_while_others_are_served(
+    control_port: int, bad_input: bytes, reason: bytes
+) -> None:
+    # A well-behaved client is connected before and after the bad one.
+    good = await Client.connect("127.0.0.1", control_port)
+    reader, writer = await open_connection(control_port)
+    writer.write(bad_input)
+    async with asyncio.timeout(STEP_TIMEOUT):
+        reply = await reader.read()  # the server closes: read() returns at EOF
+    assert reply == reason
+    writer.close()
+    assert await good.ping() > 0
+    await good.close()
+    await assert_still_serving(control_port)
+
+
+async def test_silent_close_in_the_middle_of_a_line_is_survived(control_port: int) -> None:
+    _, writer = await open_connection(control_port)
+    writer.write(b"pi")
+    writer.close()
+    await assert_still_serving(control_port)
+
+
+async def test_unreachable_server_is_a_tunnel_error() -> None:
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    dead_port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    with pytest.raises(TunnelError, match="cannot reach the server"):
+        await Client.connect("127.0.0.1", dead_port)
+
+
+async def test_cli_server_and_client_show_round_trips_like_ping(cli: CliProcess.Factory) -> None:
+    """`python -m stage_1.server` then `python -m stage_1.client`, as the stage 1 page shows (ports 0/found)."""
+    server = await cli("-m", "stage_1.server", "--control-port", "0")
+    port = await server.listening("control")
+    client = await cli("-m", "stage_1.client", "127.0.0.1", "--control-port", str(port), "--interval", "0")
+    assert await client.wait() == 0
+    rtts = [line for line in client.lines if re.fullmatch(r"pong from 127\.0\.0\.1:\d+: seq=\d+ time=[\d.]+ ms", line)]
+    assert len(rtts) == 10
+    assert "10 pings sent, 10 pongs received" in client.output
+    await server.expect(r"control connection closed")
+    assert await server.interrupt() == 0
+    assert "Traceback" not in server.output
+
+
+async def test_cli_count_sets_the_number_of_pings(cli: CliProcess.Factory, control_port: int) -> None:
+    client = await cli(
+        "-m", "stage_1.client", "127.0.0.1", "--control-port", str(control_port), "--count", "3", "--interval", "0"
+    )
+    assert await client.wait() == 0
+    assert [line.split("seq=")[1].split()[0] for line in client.lines if "seq=" in line] == ["1", "2", "3"]
+
+
+async def test_cli_client_without_server_is_one_line_and_exit_1(cli: CliProcess.Factory) -> None:
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    dead_port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    client = await cli("-m", "stage_1.client", "127.0.0.1", "--control-port", str(dead_port))
+    assert await client.wait() == 1
+    assert len(client.lines) == 1
+    assert client.lines[0].startswith("error: cannot reach the server at 127.0.0.1:")
+
+
+async def test_cli_server_port_in_use_is_one_line_and_exit_1(cli: CliProcess.Factory, control_port: int) -> None:
+    server = await cli("-m", "stage_1.server", "--control-port", str(control_port))
+    assert await server.wait() == 1
+    assert len(server.lines) == 1
+    assert "already in use" in server.lines[0]
