@@ -10,6 +10,7 @@ The copy is imported as `stage_1` by the in-process tests and by every subproces
 
 import asyncio
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -61,9 +62,16 @@ def pytest_configure(config: pytest.Config) -> None:
     sys.path.insert(0, str(link_dir))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(link_dir), os.environ.get("PYTHONPATH")]))
     config.stash[OVERRIDES] = overrides
+    config.stash[LINK_DIR] = link_dir
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if link_dir := config.stash.get(LINK_DIR, None):
+        shutil.rmtree(link_dir, ignore_errors=True)
 
 
 OVERRIDES = pytest.StashKey[dict[str, Path]]()
+LINK_DIR = pytest.StashKey[Path]()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
