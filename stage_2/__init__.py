@@ -1,1 +1,11 @@
-"""Stage 2: coming in a later stage (see the docs' stage map)."""
+"""Stage 2: public and proxy connections; the client echoes what users send.
+
+Layout:
+
+- `protocol.py`: the wire format: stage 1's messages plus `create_proxy <id>` and `proxy <id>`.
+- `relay.py`: the byte pump from stage 0, now joining a public connection to its proxy connection.
+- `server.py`: the control, public and proxy ports, and the pairing of each user with exactly
+  the proxy connection that names its id; `python -m stage_2.server` runs it.
+- `client.py`: keeps the control connection, dials a proxy connection for every
+  `create_proxy` and echoes each line back (`stop` ends a session); `python -m stage_2.client` runs it.
+"""

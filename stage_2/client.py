@@ -1,0 +1,141 @@
+"""Stage 2 client: on every `create_proxy <id>`, dial the proxy port and echo the user's lines back.
+
+python -m stage_2.client                # server on localhost; then: nc localhost 60624
+python -m stage_2.client my.server --control-port 60623 --proxy-port 60625
+"""
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from .protocol import (
+    CONTROL_PORT,
+    MAX_LINE,
+    NETWORK_TIMEOUT,
+    PROXY_PORT,
+    CreateProxy,
+    Error,
+    Pong,
+    Proxy,
+    TunnelError,
+    read_message,
+    write_message,
+)
+
+log = logging.getLogger("stage_2.client")
+
+
+class Client:
+    """Keeps the control connection to a server and answers each `create_proxy` with a proxy connection."""
+
+    def __init__(
+        self, server: str = "localhost", control_port: int = CONTROL_PORT, proxy_port: int = PROXY_PORT
+    ) -> None:
+        self.server = server
+        self.control_port = control_port
+        self.proxy_port = proxy_port
+        self._sessions: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        """Serve the server's requests until cancelled; TunnelError if it is unreachable, refuses or goes away."""
+        reader, writer = await self._connect(self.control_port, limit=MAX_LINE)
+        log.info("connected to the server at %s:%d; waiting for public connections", self.server, self.control_port)
+        try:
+            # Tutorial shortcut: this read has no deadline, so a server that vanishes
+            # without closing the connection goes unnoticed. Stage 3 adds heartbeats.
+            while (message := await read_message(reader)) is not None:
+                match message:
+                    case CreateProxy(conn_id):
+                        # One task per user, so a slow user never holds up the others.
+                        task = asyncio.create_task(self._session(conn_id))
+                        self._sessions.add(task)  # a strong reference, as the server keeps
+                        task.add_done_callback(self._sessions.discard)
+                    case Error(reason):
+                        raise TunnelError(f"the server refused: {reason}")
+                    case Pong():
+                        pass  # an answer to a ping we never sent: harmless, ignore it
+                    case _:
+                        log.warning("ignoring unexpected message from the server: %s", message)
+            raise TunnelError("the server closed the control connection")
+        except OSError as exc:
+            raise TunnelError(f"lost the connection to the server ({exc})") from None
+        finally:
+            writer.close()
+            for task in self._sessions:
+                task.cancel()
+            await asyncio.gather(*self._sessions, return_exceptions=True)
+
+    async def _connect(self, port: int, limit: int = 64 * 1024) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            # Every connect gets a deadline: a server behind a firewall that
+            # drops packets would otherwise keep us waiting for minutes.
+            async with asyncio.timeout(NETWORK_TIMEOUT):
+                return await asyncio.open_connection(self.server, port, limit=limit)
+        except OSError as exc:
+            reason = exc.strerror or "timed out"
+            raise TunnelError(f"cannot reach the server at {self.server}:{port} ({reason}); is it running?") from None
+
+    async def _session(self, conn_id: str) -> None:
+        short = conn_id[:8]
+        try:
+            reader, writer = await self._connect(self.proxy_port)
+        except TunnelError as exc:  # this user is lost, the tunnel is not: log and carry on
+            log.warning("conn %s: %s", short, exc)
+            return
+        try:
+            # The first line names the user this connection is for; the server pairs by it.
+            await write_message(writer, Proxy(conn_id))
+            lines = await echo(reader, writer)
+            log.info("conn %s: session ended after %d lines", short, lines)
+        except OSError as exc:
+            log.info("conn %s: connection lost (%s)", short, exc)
+        finally:
+            writer.close()
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+    """Send every line back until EOF or a `stop` line (as the Go original does); return the lines echoed.
+
+    This is stage 2's stand-in for the local app, so these are the user's bytes, not protocol
+    messages: any line is fine, however long, and nothing is decoded.
+    """
+    lines = 0
+    while True:
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            line = exc.partial  # the last bytes before EOF, without a newline (or nothing)
+        except asyncio.LimitOverrunError as exc:
+            line = await reader.read(exc.consumed)  # a very long line: echo it piece by piece
+        if not line or line in (b"stop\n", b"stop\r\n"):
+            return lines
+        writer.write(line)
+        await writer.drain()  # a user who sends and never reads must not fill our memory
+        lines += 1
+
+
+def main() -> None:
+    """Command line: python -m stage_2.client [SERVER] [--control-port P] [--proxy-port P]."""
+    parser = argparse.ArgumentParser(
+        prog="python -m stage_2.client",
+        description="Connect to a stage 2 server and echo back every line its public users send.",
+    )
+    parser.add_argument("server", nargs="?", default="localhost", help="server host (default: %(default)s)")
+    parser.add_argument("--control-port", type=int, default=CONTROL_PORT, help="default: %(default)s")
+    parser.add_argument("--proxy-port", type=int, default=PROXY_PORT, help="default: %(default)s")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
+    )
+    try:
+        asyncio.run(Client(args.server, args.control_port, args.proxy_port).run())
+    except TunnelError as exc:
+        sys.exit(f"error: {exc}")
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Stage 2 server: pair every public connection with a proxy connection from the client.
+
+python -m stage_2.server            # then: python -m stage_2.client, and: nc localhost 60624
+"""
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import logging
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+
+from .protocol import (
+    CONTROL_PORT,
+    MAX_LINE,
+    NETWORK_TIMEOUT,
+    PROXY_PORT,
+    PROXY_TIMEOUT,
+    PUBLIC_PORT,
+    CreateProxy,
+    Error,
+    Ping,
+    Pong,
+    ProtocolError,
+    Proxy,
+    TunnelError,
+    new_conn_id,
+    read_message,
+    write_message,
+)
+from .relay import relay
+
+log = logging.getLogger("stage_2.server")
+
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[None, None, None]]
+
+
+@dataclass(frozen=True)
+class Ports:
+    """The three ports a server really bound (useful when asked for port 0)."""
+
+    control: int
+    public: int
+    proxy: int
+
+
+class Server:
+    """The tunnel server: one control connection, many public users, one proxy connection per user."""
+
+    def __init__(self, proxy_timeout: float = PROXY_TIMEOUT, handshake_timeout: float = NETWORK_TIMEOUT) -> None:
+        self.proxy_timeout = proxy_timeout  # a user waits this long for its proxy connection
+        self.handshake_timeout = handshake_timeout  # a proxy connection has this long to name its id
+        self._listeners: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        # The client's control connection, or None: this tutorial serves one tunnel at a time.
+        self._control: asyncio.StreamWriter | None = None
+        # conn_id -> the future a waiting public connection will get its proxy streams from.
+        self._pending: dict[str, asyncio.Future[Streams]] = {}
+
+    async def listen(
+        self,
+        host: str = "127.0.0.1",
+        control_port: int = CONTROL_PORT,
+        public_port: int = PUBLIC_PORT,
+        proxy_port: int = PROXY_PORT,
+    ) -> Ports:
+        """Bind the three ports (0 = any free port) and return the real ones; TunnelError if one is taken."""
+        try:
+            # Control lines are short, so limit=MAX_LINE caps what a peer can make us buffer.
+            control = await self._bind("control", host, control_port, self._handle_control, limit=MAX_LINE)
+            # Public and proxy connections carry bulk data: keep the default 64 KiB
+            # buffer limit, as a 1 KiB one would make every relay read tiny and slow.
+            # read_message still rejects a proxy line longer than MAX_LINE.
+            public = await self._bind("public", host, public_port, self._handle_public)
+            proxy = await self._bind("proxy", host, proxy_port, self._handle_proxy)
+        except BaseException:
+            for listener in self._listeners:  # don't keep half of the ports open
+                listener.close()
+            raise
+        return Ports(control, public, proxy)
+
+    async def _bind(self, role: str, host: str, port: int, handler: Handler, limit: int = 64 * 1024) -> int:
+        """Start one listener (64 KiB is asyncio's own default limit) and return its real port."""
+        try:
+            listener = await asyncio.start_server(lambda r, w: self._spawn(handler(r, w)), host, port, limit=limit)
+        except OSError as exc:
+            raise TunnelError(listen_error(exc, role, host, port)) from None
+        self._listeners.append(listener)
+        bound_host, bound_port = listener.sockets[0].getsockname()[:2]
+        log.info("%s port listening on %s:%d", role, bound_host, bound_port)
+        return int(bound_port)
+
+    async def serve(self) -> None:
+        """Serve until cancelled (Ctrl-C, a test); then close every connection and return."""
+        assert self._listeners, "call listen() first"
+        try:
+            await asyncio.Event().wait()  # the listeners accept on their own; we just wait
+        finally:
+            for listener in self._listeners:  # stop accepting first, then end the connections in flight
+                listener.close()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Coroutine[None, None, None]) -> None:
+        # Keep a strong reference to every task: the event loop holds only a weak
+        # one, and a task nobody references can be garbage-collected mid-flight.
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = peername(writer)
+        try:
+            if self._control is not None:
+                # Tutorial scope: one client, one tunnel. Stage 3 refines this.
+                log.warning("%s: refused a second client; one is already connected", peer)
+                await write_message(writer, Error("another client is already connected to this server"))
+                return
+            self._control = writer
+            log.info("%s: client connected (control connection opened)", peer)
+            while (message := await read_message(reader)) is not None:
+                match message:
+                    case Ping():  # stage 1's vocabulary still works
+                        await write_message(writer, Pong())
+                    case _:
+                        raise ProtocolError(f"unexpected message from a client: {message}")
+        except ProtocolError as exc:
+            log.warning("%s: %s; closing", peer, exc)
+            with contextlib.suppress(OSError):  # the peer may be gone already
+                await write_message(writer, Error(str(exc)))
+        except OSError as exc:
+            log.info("%s: connection lost (%s)", peer, exc)
+        finally:
+            if self._control is writer:
+                self._control = None
+                log.info("%s: client disconnected (control connection closed)", peer)
+            writer.close()
+
+    async def _handle_public(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer, started = peername(writer), time.monotonic()
+        conn_id = new_conn_id()
+        short = conn_id[:8]  # enough to follow a connection in the logs, useless to an attacker
+        waiter: asyncio.Future[Streams] | None = None
+        try:
+            if self._control is None:
+                # Closing at once tells the user "nobody home"; leaving them hanging tells nothing.
+                log.warning("%s: no client connected; closing the public connection", peer)
+                return
+            # Register first, then ask: the proxy connection may arrive before `await` below.
+            waiter = self._pending[conn_id] = asyncio.get_running_loop().create_future()
+            await write_message(self._control, CreateProxy(conn_id))
+            try:
+                async with asyncio.timeout(self.proxy_timeout):
+                    proxy_reader, proxy_writer = await waiter
+            except TimeoutError:
+                log.warning("%s: conn %s: no proxy connection within %gs; closing", peer, short, self.proxy_timeout)
+                return
+            sent, received = await relay(reader, writer, proxy_reader, proxy_writer)
+            elapsed = time.monotonic() - started
+            log.info("%s: conn %s closed, %d bytes up, %d bytes down, %.3fs", peer, short, sent, received, elapsed)
+        except OSError as exc:
+            log.info("%s: conn %s: connection lost (%s)", peer, short, exc)
+        finally:
+            # Ids are single-use: whatever happened, this one can never pair again.
+            self._pending.pop(conn_id, None)
+            # Close the proxy connection if one was handed over, even if it came
+            # in just as the timeout fired or the server was shutting down.
+            if waiter is not None and waiter.done() and not waiter.cancelled():
+                waiter.result()[1].close()
+            writer.close()
+
+    async def _handle_proxy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = peername(writer)
+        try:
+            # A proxy connection that says nothing must not hold a socket forever.
+            async with asyncio.timeout(self.handshake_timeout):
+                message = await read_message(reader)
+            match message:
+                case Proxy(conn_id):
+                    # pop(): the first proxy connection naming an id claims it; a second one
+                    # (a replay, a guess) finds nothing. The id is the only pairing key,
+                    # never "whichever proxy connection arrives next" (the Go original's race).
+                    waiter = self._pending.pop(conn_id, None)
+                    if waiter is None or waiter.done():
+                        raise ProtocolError("unknown or expired proxy id")
+                    # Hand over the *same* reader: bytes the client sent right after
+                    # its `proxy` line may already sit in its buffer.
+                    waiter.set_result((reader, writer))
+                    return  # the public connection's task owns this connection now
+                case None:
+                    log.info("%s: proxy connection closed before naming an id", peer)
+                case _:
+                    raise ProtocolError(f"expected 'proxy <id>', got {message}")
+        except TimeoutError:
+            log.warning("%s: proxy connection sent no id within %gs; closing", peer, self.handshake_timeout)
+            with contextlib.suppress(OSError):
+                await write_message(writer, Error(f"no proxy line within {self.handshake_timeout:g}s"))
+        except ProtocolError as exc:
+            log.warning("%s: proxy connection: %s; closing", peer, exc)
+            with contextlib.suppress(OSError):
+                await write_message(writer, Error(str(exc)))
+        except OSError as exc:
+            log.info("%s: proxy connection lost (%s)", peer, exc)
+        writer.close()
+
+
+def peername(writer: asyncio.StreamWriter) -> str:
+    """'host:port' of the peer, for log lines."""
+    host, port = writer.get_extra_info("peername")[:2]
+    return f"{host}:{port}"
+
+
+def listen_error(exc: OSError, role: str, host: str, port: int) -> str:
+    """A one-line, actionable message for a failed bind."""
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} on {host} is already in use; stop the other program or pick another --{role}-port"
+    if exc.errno == errno.EACCES:
+        return f"permission denied to listen on {host}:{port}; use a --{role}-port above 1023"
+    return f"cannot listen on {host}:{port} for the {role} port: {exc.strerror or exc}"
+
+
+async def run(host: str, ports: Ports, proxy_timeout: float) -> None:
+    """Bind, then serve until cancelled."""
+    server = Server(proxy_timeout)
+    await server.listen(host, ports.control, ports.public, ports.proxy)
+    await server.serve()
+
+
+def main() -> None:
+    """Command line: python -m stage_2.server [--host H] [--control-port P] [--public-port P] [--proxy-port P]."""
+    parser = argparse.ArgumentParser(
+        prog="python -m stage_2.server",
+        description="Accept users on the public port and pair each one with a proxy connection from the client.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    for role, default in (("control", CONTROL_PORT), ("public", PUBLIC_PORT), ("proxy", PROXY_PORT)):
+        parser.add_argument(f"--{role}-port", type=int, default=default, help="0 = any (default: %(default)s)")
+    parser.add_argument(
+        "--proxy-timeout", type=float, default=PROXY_TIMEOUT, help="seconds a user waits (default: %(default)s)"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
+    )
+    try:
+        asyncio.run(run(args.host, Ports(args.control_port, args.public_port, args.proxy_port), args.proxy_timeout))
+    except TunnelError as exc:
+        sys.exit(f"error: {exc}")
+    except KeyboardInterrupt:
+        log.info("stopped")
+
+
+if __name__ == "__main__":
+    main()
