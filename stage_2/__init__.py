@@ -4,8 +4,10 @@ Layout:
 
 - `protocol.py`: the wire format: stage 1's messages plus `create_proxy <id>` and `proxy <id>`.
 - `relay.py`: the byte pump from stage 0, now joining a public connection to its proxy connection.
-- `server.py`: the control, public and proxy ports, and the pairing of each user with exactly
-  the proxy connection that names its id; `python -m stage_2.server` runs it.
+- `pairing.py`: gives each user a fresh id and joins it to exactly the proxy connection that
+  names that id (never "the next one to arrive").
+- `server.py`: the control, public and proxy ports; relays each user through its proxy
+  connection; `python -m stage_2.server` runs it.
 - `client.py`: keeps the control connection, dials a proxy connection for every
   `create_proxy` and echoes each line back (`stop` ends a session); `python -m stage_2.client` runs it.
 """

@@ -6,6 +6,7 @@ A proxy connection carries exactly one message, its first line; after it come th
 """
 
 import asyncio
+import contextlib
 import secrets
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ NETWORK_TIMEOUT = 5.0
 # How long a public connection waits for the client's proxy connection before
 # the server gives up on it (and how long a proxy id stays valid).
 PROXY_TIMEOUT = 10.0
+# How long a closing connection keeps swallowing input so that our last words arrive.
+LINGER = 1.0
 
 
 class TunnelError(Exception):
@@ -127,3 +130,22 @@ async def write_message(writer: asyncio.StreamWriter, message: Message) -> None:
     """Send one message and wait until it is handed to the kernel."""
     writer.write(encode(message))
     await writer.drain()
+
+
+async def say_goodbye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str) -> None:
+    """Send `error <reason>` in a way the peer really gets to read it (the caller then closes)."""
+    with contextlib.suppress(OSError):  # the peer may be gone already
+        await write_message(writer, Error(reason))
+    await linger(reader, writer)
+
+
+async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Say "no more from us" (EOF) and swallow what the peer still sends, for a moment (the caller then closes)."""
+    # Closing a socket that still has unread input makes the kernel send a reset,
+    # and a reset can destroy our last words before the peer reads them (and shows
+    # the peer "connection reset" instead of a clean end). So we end our side first.
+    with contextlib.suppress(OSError):  # the peer may be gone already; TimeoutError is an OSError too
+        writer.write_eof()
+        async with asyncio.timeout(LINGER):
+            while await reader.read(64 * 1024):
+                pass

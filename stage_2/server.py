@@ -5,7 +5,6 @@ python -m stage_2.server            # then: python -m stage_2.client, and: nc lo
 
 import argparse
 import asyncio
-import contextlib
 import errno
 import logging
 import sys
@@ -13,6 +12,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
+from .pairing import Pairing
 from .protocol import (
     CONTROL_PORT,
     MAX_LINE,
@@ -21,21 +21,23 @@ from .protocol import (
     PROXY_TIMEOUT,
     PUBLIC_PORT,
     CreateProxy,
-    Error,
     Ping,
     Pong,
     ProtocolError,
-    Proxy,
     TunnelError,
-    new_conn_id,
+    linger,
     read_message,
+    say_goodbye,
     write_message,
 )
 from .relay import relay
 
 log = logging.getLogger("stage_2.server")
 
-Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+# Connections the kernel queues for us before we accept them. asyncio's default
+# of 100 makes a burst of users (200 browsers tabs at once) wait for a SYN retry.
+BACKLOG = 1024
+
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[None, None, None]]
 
 
@@ -53,13 +55,12 @@ class Server:
 
     def __init__(self, proxy_timeout: float = PROXY_TIMEOUT, handshake_timeout: float = NETWORK_TIMEOUT) -> None:
         self.proxy_timeout = proxy_timeout  # a user waits this long for its proxy connection
-        self.handshake_timeout = handshake_timeout  # a proxy connection has this long to name its id
         self._listeners: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
         # The client's control connection, or None: this tutorial serves one tunnel at a time.
         self._control: asyncio.StreamWriter | None = None
-        # conn_id -> the future a waiting public connection will get its proxy streams from.
-        self._pending: dict[str, asyncio.Future[Streams]] = {}
+        # The public connections waiting for their proxy connection (see pairing.py).
+        self._pairing = Pairing(handshake_timeout)
 
     async def listen(
         self,
@@ -86,7 +87,9 @@ class Server:
     async def _bind(self, role: str, host: str, port: int, handler: Handler, limit: int = 64 * 1024) -> int:
         """Start one listener (64 KiB is asyncio's own default limit) and return its real port."""
         try:
-            listener = await asyncio.start_server(lambda r, w: self._spawn(handler(r, w)), host, port, limit=limit)
+            listener = await asyncio.start_server(
+                lambda r, w: self._spawn(handler(r, w)), host, port, limit=limit, backlog=BACKLOG
+            )
         except OSError as exc:
             raise TunnelError(listen_error(exc, role, host, port)) from None
         self._listeners.append(listener)
@@ -119,94 +122,64 @@ class Server:
             if self._control is not None:
                 # Tutorial scope: one client, one tunnel. Stage 3 refines this.
                 log.warning("%s: refused a second client; one is already connected", peer)
-                await write_message(writer, Error("another client is already connected to this server"))
+                await say_goodbye(reader, writer, "another client is already connected to this server")
                 return
             self._control = writer
-            log.info("%s: client connected (control connection opened)", peer)
-            while (message := await read_message(reader)) is not None:
-                match message:
-                    case Ping():  # stage 1's vocabulary still works
-                        await write_message(writer, Pong())
-                    case _:
-                        raise ProtocolError(f"unexpected message from a client: {message}")
+            log.info("%s: control connection opened", peer)
+            await self._answer_pings(reader, writer)
         except ProtocolError as exc:
+            # Tell the peer what went wrong, then hang up: a confused peer must
+            # not be able to keep a connection (and its buffer) alive.
             log.warning("%s: %s; closing", peer, exc)
-            with contextlib.suppress(OSError):  # the peer may be gone already
-                await write_message(writer, Error(str(exc)))
+            await say_goodbye(reader, writer, str(exc))
         except OSError as exc:
             log.info("%s: connection lost (%s)", peer, exc)
         finally:
             if self._control is writer:
                 self._control = None
-                log.info("%s: client disconnected (control connection closed)", peer)
+                log.info("%s: control connection closed", peer)
             writer.close()
+
+    async def _answer_pings(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # The control connection reads only pings in stage 2 (stage 1's vocabulary); the
+        # server's own messages on it, `create_proxy <id>`, are sent by _handle_public.
+        while (message := await read_message(reader)) is not None:
+            match message:
+                case Ping():
+                    await write_message(writer, Pong())
+                case _:
+                    raise ProtocolError(f"unexpected message from a client: {message}")
 
     async def _handle_public(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer, started = peername(writer), time.monotonic()
-        conn_id = new_conn_id()
-        short = conn_id[:8]  # enough to follow a connection in the logs, useless to an attacker
-        waiter: asyncio.Future[Streams] | None = None
         try:
             if self._control is None:
                 # Closing at once tells the user "nobody home"; leaving them hanging tells nothing.
                 log.warning("%s: no client connected; closing the public connection", peer)
+                await linger(reader, writer)
                 return
-            # Register first, then ask: the proxy connection may arrive before `await` below.
-            waiter = self._pending[conn_id] = asyncio.get_running_loop().create_future()
-            await write_message(self._control, CreateProxy(conn_id))
-            try:
-                async with asyncio.timeout(self.proxy_timeout):
-                    proxy_reader, proxy_writer = await waiter
-            except TimeoutError:
-                log.warning("%s: conn %s: no proxy connection within %gs; closing", peer, short, self.proxy_timeout)
-                return
-            sent, received = await relay(reader, writer, proxy_reader, proxy_writer)
+            # Register the id first, then ask: the proxy connection may arrive as soon as we yield.
+            with self._pairing.expect() as (conn_id, proxy):
+                short = conn_id[:8]  # enough to follow a connection in the logs, useless to an attacker
+                await write_message(self._control, CreateProxy(conn_id))
+                try:
+                    async with asyncio.timeout(self.proxy_timeout):
+                        proxy_reader, proxy_writer = await proxy
+                except TimeoutError:
+                    log.warning("%s: conn %s: no proxy connection within %gs; closing", peer, short, self.proxy_timeout)
+                    await linger(reader, writer)
+                    return
+                sent, received = await relay(reader, writer, proxy_reader, proxy_writer)
             elapsed = time.monotonic() - started
             log.info("%s: conn %s closed, %d bytes up, %d bytes down, %.3fs", peer, short, sent, received, elapsed)
         except OSError as exc:
-            log.info("%s: conn %s: connection lost (%s)", peer, short, exc)
+            log.info("%s: public connection lost (%s)", peer, exc)
         finally:
-            # Ids are single-use: whatever happened, this one can never pair again.
-            self._pending.pop(conn_id, None)
-            # Close the proxy connection if one was handed over, even if it came
-            # in just as the timeout fired or the server was shutting down.
-            if waiter is not None and waiter.done() and not waiter.cancelled():
-                waiter.result()[1].close()
             writer.close()
 
     async def _handle_proxy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = peername(writer)
-        try:
-            # A proxy connection that says nothing must not hold a socket forever.
-            async with asyncio.timeout(self.handshake_timeout):
-                message = await read_message(reader)
-            match message:
-                case Proxy(conn_id):
-                    # pop(): the first proxy connection naming an id claims it; a second one
-                    # (a replay, a guess) finds nothing. The id is the only pairing key,
-                    # never "whichever proxy connection arrives next" (the Go original's race).
-                    waiter = self._pending.pop(conn_id, None)
-                    if waiter is None or waiter.done():
-                        raise ProtocolError("unknown or expired proxy id")
-                    # Hand over the *same* reader: bytes the client sent right after
-                    # its `proxy` line may already sit in its buffer.
-                    waiter.set_result((reader, writer))
-                    return  # the public connection's task owns this connection now
-                case None:
-                    log.info("%s: proxy connection closed before naming an id", peer)
-                case _:
-                    raise ProtocolError(f"expected 'proxy <id>', got {message}")
-        except TimeoutError:
-            log.warning("%s: proxy connection sent no id within %gs; closing", peer, self.handshake_timeout)
-            with contextlib.suppress(OSError):
-                await write_message(writer, Error(f"no proxy line within {self.handshake_timeout:g}s"))
-        except ProtocolError as exc:
-            log.warning("%s: proxy connection: %s; closing", peer, exc)
-            with contextlib.suppress(OSError):
-                await write_message(writer, Error(str(exc)))
-        except OSError as exc:
-            log.info("%s: proxy connection lost (%s)", peer, exc)
-        writer.close()
+        if not await self._pairing.accept_proxy(reader, writer):
+            writer.close()  # on success the public connection's task owns it instead
 
 
 def peername(writer: asyncio.StreamWriter) -> str:
