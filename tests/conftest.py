@@ -81,6 +81,20 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ]
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    # The NAT lab tests need root and skip without it: say plainly how they ended, so a CI log shows it.
+    worst: dict[str, str] = {}
+    seconds = 0.0
+    for outcome in ("passed", "skipped", "failed", "error"):  # later wins: a failed teardown beats a passed call
+        for report in terminalreporter.stats.get(outcome, []):
+            if "natlab" in getattr(report, "keywords", {}):
+                worst[report.nodeid] = outcome
+                seconds += getattr(report, "duration", 0.0)
+    if worst:
+        counts = ", ".join(f"{list(worst.values()).count(o)} {o}" for o in dict.fromkeys(worst.values()))
+        terminalreporter.write_line(f"NAT lab (real network namespaces): {counts} in {seconds:.1f}s")
+
+
 @pytest.fixture
 async def echo_server() -> AsyncIterator[EchoServer]:
     """A TCP server on 127.0.0.1 that echoes every byte and passes EOF back."""
