@@ -1,0 +1,345 @@
+"""Find and run the terminal sessions the docs show a learner ("verify it yourself").
+
+The convention (tests/test_docs_commands.py enforces it and runs every session):
+
+- A ```console block is a terminal. A line starting with `$ ` is a command (a trailing `\\`
+  continues it on the next line); the lines under it are its output, as the learner will see it.
+- A command whose output shows `^C` keeps running, like a server: it is started in the background
+  and stopped with Ctrl-C (SIGINT) once the rest of its section has run; it must then exit with 0.
+  Lines after `^C` are what it prints when stopped. Any other command must finish (exit 0, or
+  non-zero if its output shows an `error: ...` or `curl: (N) ...` line).
+- The console blocks under one heading form one scenario, run top to bottom. Expected output is
+  matched line by line, in order, ignoring lines the docs leave out: digits (times, ports, byte
+  counts) and hex ids match any, and `...` matches anything.
+
+Fixed ports (54286, 60623, ...) are what the docs show, so the test runs each scenario in a private
+network namespace (`unshare --net`) where nothing else can hold them.
+
+    python docs/tools/doccommands.py list                # every scenario and its commands
+    python docs/tools/doccommands.py run stage_1/README.md 0   # run one here (ports must be free)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+# Other helpers' pages may show commands that need root or minutes (the NAT lab, benchmarks); they
+# join this check as soon as they have a "Verify it yourself" section.
+OPT_IN_PAGES = {"docs/nat-lab.md", "docs/performance.md"}
+VERIFY_HEADING = "verify it yourself"
+START_TIMEOUT = 15.0  # a background command must print its first expected line within this
+SETTLE = 1.0  # ... and each further startup line within this of the previous one
+RUN_TIMEOUT = 30.0  # a foreground command must finish within this
+STOP_TIMEOUT = 10.0  # a background command must exit within this after Ctrl-C
+
+FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})\s*\{?\s*\.?(?P<lang>[\w+-]*)(?P<rest>.*)$")
+HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*(?:\{.*\})?\s*$")
+INLINE_CODE = re.compile(r"`([^`\n]+)`")
+# Output that shows a command failing on purpose: our one-line errors, curl's own.
+FAILURE = re.compile(r"^(?:error: |curl: \(\d+\) )")
+
+
+@dataclass
+class Command:
+    """One `$ ` line of a console block and the output the docs show for it."""
+
+    text: str
+    line: int
+    expected: list[str] = field(default_factory=list)
+    on_interrupt: list[str] | None = None  # None: runs to the end; a list: a server, stopped with ^C
+
+    @property
+    def background(self) -> bool:
+        return self.on_interrupt is not None
+
+
+@dataclass
+class Section:
+    """The text under one heading: its console blocks (a scenario) and what else it shows."""
+
+    path: str
+    heading: str
+    line: int
+    commands: list[Command] = field(default_factory=list)
+    other_fences: list[tuple[int, str]] = field(default_factory=list)  # (line, language)
+    inline_code: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.path}:{self.line} {self.heading}"
+
+    @property
+    def is_verify(self) -> bool:
+        return VERIFY_HEADING in self.heading.lower()
+
+
+def doc_files(root: Path = ROOT) -> list[Path]:
+    """The stage READMEs and the site's pages (see OPT_IN_PAGES)."""
+    files = sorted(root.glob("stage_*/README.md")) + sorted((root / "docs").glob("*.md"))
+    return [f for f in files if f.relative_to(root).as_posix() not in OPT_IN_PAGES or has_verify(f)]
+
+
+def has_verify(path: Path) -> bool:
+    return any(VERIFY_HEADING in line.lower() for line in path.read_text().splitlines() if line.startswith("#"))
+
+
+def parse(path: Path, root: Path = ROOT) -> list[Section]:
+    """Split a Markdown file into sections by heading and parse its console blocks."""
+    rel = path.relative_to(root).as_posix()
+    sections = [Section(rel, "(top)", 1)]
+    lines = path.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if m := FENCE.match(line):
+            close = re.compile(rf"^{re.escape(m['indent'])}{m['fence'][0]}{{{len(m['fence'])},}}\s*$")
+            body_start = i + 1
+            i += 1
+            while i < len(lines) and not close.match(lines[i]):
+                i += 1
+            body = [b[len(m["indent"]) :] for b in lines[body_start:i]]
+            if m["lang"] == "console":
+                sections[-1].commands += parse_console(body, body_start + 1, rel)
+            else:
+                sections[-1].other_fences.append((body_start, m["lang"]))
+        elif m := HEADING.match(line):
+            sections.append(Section(rel, m[2], i + 1))
+        else:
+            sections[-1].inline_code += [(i + 1, code) for code in INLINE_CODE.findall(line)]
+        i += 1
+    return sections
+
+
+def parse_console(body: list[str], first_line: int, rel: str) -> list[Command]:
+    """The commands of one console block, each with its expected output."""
+    commands: list[Command] = []
+    continued = False
+    for offset, line in enumerate(body):
+        if continued:
+            commands[-1].text = commands[-1].text[:-1] + line.strip()
+        elif line.startswith("$ "):
+            commands.append(Command(line[2:].strip(), first_line + offset))
+        elif not commands:
+            raise ValueError(f"{rel}:{first_line + offset}: console output before any `$ ` command")
+        elif line.startswith("^C"):
+            commands[-1].on_interrupt = [line[2:].strip()] if line[2:].strip() else []
+        elif commands[-1].on_interrupt is not None:
+            commands[-1].on_interrupt.append(line)
+        elif line.strip():
+            commands[-1].expected.append(line)
+        continued = bool(commands) and commands[-1].text.endswith("\\")
+    return commands
+
+
+def scenarios(root: Path = ROOT) -> list[Section]:
+    """Every section that shows at least one console command, in file order."""
+    return [s for f in doc_files(root) for s in parse(f, root) if s.commands]
+
+
+# --- matching ---------------------------------------------------------------------------------
+
+
+def line_pattern(expected: str) -> re.Pattern[str]:
+    """A doc line as a regex: `...` is anything, hex ids and digit runs are any such run."""
+    parts = []
+    for piece in re.split(r"(\.\.\.|\b[0-9a-f]*\d[0-9a-f]*\b|\d+)", expected.strip()):
+        if piece == "...":
+            parts.append(".*")
+        elif re.fullmatch(r"[0-9a-f]*\d[0-9a-f]*", piece):
+            parts.append("[0-9a-f]+" if re.search("[a-f]", piece) or len(piece) >= 8 else r"\d+")
+        else:
+            parts.append(re.escape(piece))
+    return re.compile("".join(parts))
+
+
+def first_missing(expected: list[str], actual: list[str]) -> str | None:
+    """The first expected line not found, in order, among the actual lines (None: all found)."""
+    position = 0
+    for line in expected:
+        if line.strip() == "...":
+            continue
+        pattern = line_pattern(line)
+        while position < len(actual) and not pattern.search(actual[position]):
+            position += 1
+        if position == len(actual):
+            return line
+        position += 1
+    return None
+
+
+# --- running ----------------------------------------------------------------------------------
+
+
+def command_env() -> dict[str, str]:
+    """The learner's environment: this Python first on PATH, unbuffered output, no HTTP proxy."""
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and k != "NGROK_SECRET"}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", ""), "/usr/sbin", "/sbin"])
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Terminal:
+    """One running command whose combined output is collected line by line."""
+
+    def __init__(self, command: Command) -> None:
+        self.command = command
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self.process = subprocess.Popen(
+            ["bash", "-c", command.text],
+            cwd=ROOT,
+            env=command_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as a terminal's foreground job
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            with self._changed:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for(self, line: str, timeout: float) -> bool:
+        """Wait until an output line matches `line`; False on timeout or exit."""
+        pattern = line_pattern(line)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not any(pattern.search(x) for x in self.lines):
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.process.poll() is not None and not self._reader.is_alive()):
+                    return False
+                self._changed.wait(min(left, 0.1))
+        return True
+
+    def interrupt(self) -> int | None:
+        """Press Ctrl-C: SIGINT to its process group; the exit code, or None if it would not stop."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)
+        return self.finish(STOP_TIMEOUT)
+
+    def finish(self, timeout: float) -> int | None:
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+            code = None
+        self._reader.join(5)
+        return code
+
+
+@dataclass
+class Result:
+    """What running one scenario showed; `problems` is empty when it did what the docs say."""
+
+    scenario: str
+    problems: list[str] = field(default_factory=list)
+    transcript: list[str] = field(default_factory=list)
+
+
+def run_scenario(section: Section) -> Result:
+    """Run a section's commands as the docs say, in the current network namespace."""
+    result = Result(section.name)
+    servers: list[Terminal] = []
+    try:
+        for command in section.commands:
+            if command.background:
+                servers.append(start_background(command, result))
+            else:
+                run_foreground(command, result)
+            if result.problems:
+                break
+    finally:
+        for terminal in reversed(servers):
+            code = terminal.interrupt()
+            cmd = terminal.command
+            result.transcript += [f"$ {cmd.text}", *terminal.lines, "^C"]
+            if code != 0 and not result.problems:
+                result.problems.append(f"line {cmd.line}: `{cmd.text}` exited with {code} after Ctrl-C, not 0")
+            missing = first_missing(cmd.expected + (cmd.on_interrupt or []), terminal.lines)
+            if missing is not None and not result.problems:
+                result.problems.append(f"line {cmd.line}: `{cmd.text}` never printed {missing!r}")
+    return result
+
+
+def start_background(command: Command, result: Result) -> Terminal:
+    terminal = Terminal(command)
+    if not command.expected:
+        result.problems.append(f"line {command.line}: a command stopped with ^C must show its first output line")
+    elif not terminal.wait_for(command.expected[0], START_TIMEOUT):
+        result.problems.append(f"line {command.line}: `{command.text}` did not print {command.expected[0]!r}")
+    else:
+        for line in command.expected[1:]:  # its other startup lines, while they keep coming
+            if line.strip() == "..." or not terminal.wait_for(line, SETTLE):
+                break
+    return terminal
+
+
+def run_foreground(command: Command, result: Result) -> None:
+    terminal = Terminal(command)
+    code = terminal.finish(RUN_TIMEOUT)
+    result.transcript += [f"$ {command.text}", *terminal.lines]
+    wants_error = any(FAILURE.match(line) for line in command.expected)
+    if code is None:
+        result.problems.append(f"line {command.line}: `{command.text}` did not finish in {RUN_TIMEOUT:g}s")
+    elif (code != 0) != wants_error:
+        result.problems.append(f"line {command.line}: `{command.text}` exited with {code}")
+    elif (missing := first_missing(command.expected, terminal.lines)) is not None:
+        result.problems.append(f"line {command.line}: `{command.text}` did not print {missing!r}")
+
+
+def bring_up_loopback() -> None:
+    """A new network namespace starts with `lo` down: 127.0.0.1 would not answer."""
+    ip = shutil.which("ip") or shutil.which("ip", path="/usr/sbin:/sbin") or "ip"
+    subprocess.run([ip, "link", "set", "lo", "up"], check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="list the scenarios and their commands")
+    run = sub.add_parser("run", help="run one scenario in this network namespace")
+    run.add_argument("path", help="the Markdown file, relative to the repository root")
+    run.add_argument("index", type=int, help="which scenario of that file, from 0 (see `list`)")
+    run.add_argument("--netns", action="store_true", help="bring up lo first (inside `unshare --net`)")
+    run.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args()
+    if args.action == "list":
+        for s in scenarios():
+            print(s.name)
+            for c in s.commands:
+                print(f"    $ {c.text}" + ("    (stopped with ^C)" if c.background else ""))
+        return
+    section = [s for s in parse(ROOT / args.path) if s.commands][args.index]
+    if args.netns:
+        bring_up_loopback()
+    result = run_scenario(section)
+    if args.json:
+        print(json.dumps(asdict(result)))
+    else:
+        print("\n".join(result.transcript))
+        print("\n".join(result.problems) or "ok: the commands did what the docs say")
+    sys.exit(1 if result.problems else 0)
+
+
+if __name__ == "__main__":
+    main()
