@@ -87,7 +87,7 @@ class Client:
             # The first line names the user this connection is for; the server pairs by it.
             await write_message(writer, Proxy(conn_id))
             lines = await echo(reader, writer)
-            log.info("conn %s: session ended after %d lines", short, lines)
+            log.info("conn %s: session ended, %d lines echoed", short, lines)
         except OSError as exc:
             log.info("conn %s: connection lost (%s)", short, exc)
         finally:

@@ -35,7 +35,7 @@ from .relay import relay
 log = logging.getLogger("stage_2.server")
 
 # Connections the kernel queues for us before we accept them. asyncio's default
-# of 100 makes a burst of users (200 browsers tabs at once) wait for a SYN retry.
+# of 100 makes a burst of users (200 browser tabs at once) wait for a SYN retry.
 BACKLOG = 1024
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[None, None, None]]
@@ -72,20 +72,24 @@ class Server:
         """Bind the three ports (0 = any free port) and return the real ones; TunnelError if one is taken."""
         try:
             # Control lines are short, so limit=MAX_LINE caps what a peer can make us buffer.
-            control = await self._bind("control", host, control_port, self._handle_control, limit=MAX_LINE)
+            await self._bind("control", host, control_port, self._handle_control, limit=MAX_LINE)
             # Public and proxy connections carry bulk data: keep the default 64 KiB
             # buffer limit, as a 1 KiB one would make every relay read tiny and slow.
             # read_message still rejects a proxy line longer than MAX_LINE.
-            public = await self._bind("public", host, public_port, self._handle_public)
-            proxy = await self._bind("proxy", host, proxy_port, self._handle_proxy)
+            await self._bind("public", host, public_port, self._handle_public)
+            await self._bind("proxy", host, proxy_port, self._handle_proxy)
         except BaseException:
             for listener in self._listeners:  # don't keep half of the ports open
                 listener.close()
             raise
-        return Ports(control, public, proxy)
+        # Log only once all three are bound, so that a failed start prints just its error.
+        addresses = [listener.sockets[0].getsockname()[:2] for listener in self._listeners]
+        for role, (bound_host, bound_port) in zip(("control", "public", "proxy"), addresses, strict=True):
+            log.info("%s port listening on %s:%d", role, bound_host, bound_port)
+        return Ports(*(int(port) for _, port in addresses))
 
-    async def _bind(self, role: str, host: str, port: int, handler: Handler, limit: int = 64 * 1024) -> int:
-        """Start one listener (64 KiB is asyncio's own default limit) and return its real port."""
+    async def _bind(self, role: str, host: str, port: int, handler: Handler, limit: int = 64 * 1024) -> None:
+        """Start one listener (64 KiB is asyncio's own default limit), or raise TunnelError saying why not."""
         try:
             listener = await asyncio.start_server(
                 lambda r, w: self._spawn(handler(r, w)), host, port, limit=limit, backlog=BACKLOG
@@ -93,9 +97,6 @@ class Server:
         except OSError as exc:
             raise TunnelError(listen_error(exc, role, host, port)) from None
         self._listeners.append(listener)
-        bound_host, bound_port = listener.sockets[0].getsockname()[:2]
-        log.info("%s port listening on %s:%d", role, bound_host, bound_port)
-        return int(bound_port)
 
     async def serve(self) -> None:
         """Serve until cancelled (Ctrl-C, a test); then close every connection and return."""
