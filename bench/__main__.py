@@ -1,0 +1,307 @@
+"""python -m bench [--quick | --smoke]: direct vs socat vs stage 0 vs the stage 3 tunnel, in one interleaved run.
+
+Each round starts every path afresh, then runs each scenario on every path in
+turn (A B C D), rotating which path goes first from round to round; the report
+gives medians over the rounds and ratios taken within each round.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from stage_0.relay import CHUNK_SIZE
+
+from . import report, scenarios
+from .paths import HOST, ROOT, STAGES, PathUnavailable, PathUnderTest, Process
+
+TOOLS = {"socat": "socat", "wrk": "wrk", "ab": "apache2-utils"}
+INSTALL_HINT = "apt-get install socat wrk apache2-utils"
+SCENARIOS = ("idle", "ttfb", "ab", "wrk", "bulk_up", "bulk_down")  # idle first: memory is read on fresh processes
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much load each scenario gets; `--quick` and `--smoke` shrink it."""
+
+    mode: str
+    rounds: int
+    bulk_bytes: int
+    http_seconds: int  # ab -t and wrk -d; 0 = ab does ab_requests and wrk runs 1 s
+    ab_requests: int
+    ttfb_samples: int
+    idle_connections: int
+    socat_buffer: int = CHUNK_SIZE
+
+
+MODES = {
+    "full": Settings("full", 5, 256 * 2**20, 4, 10_000_000, 200, 1000),
+    "quick": Settings("quick", 2, 32 * 2**20, 1, 10_000_000, 50, 1000),
+    "smoke": Settings("smoke", 1, 1 * 2**20, 0, 200, 5, 20),
+}
+
+
+def missing_tools() -> list[str]:
+    """The load tools and reference relay that are not installed."""
+    return [tool for tool in TOOLS if shutil.which(tool) is None]
+
+
+def raise_fd_limit(needed: int) -> None:
+    """Held connections need file descriptors in this process and in every relay (children inherit the limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if target < needed:
+        sys.exit(f"error: {needed} file descriptors needed, the hard limit is {hard}; raise it (ulimit -Hn)")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def _command_line(*argv: str) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return (done.stdout + done.stderr).strip()
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
+        platform.processor() or "unknown CPU",
+    )
+    commit = _command_line("git", "-C", str(ROOT), "rev-parse", "--short", "HEAD") or "unknown"
+    if _command_line("git", "-C", str(ROOT), "status", "--porcelain", "--", *STAGES, "bench"):
+        commit += " + uncommitted changes"
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit,
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "socat": _command_line("socat", "-V").splitlines()[1:2],
+        "wrk": _command_line("wrk", "--version").splitlines()[:1],
+        "ab": _command_line("ab", "-V").splitlines()[:1],
+        "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+def measure(scenario: str, path: PathUnderTest, settings: Settings) -> dict[str, Any]:
+    """Run one scenario on one started path; CPU time of its processes is added to the figures."""
+    address, processes = path.address, path.processes
+    if scenario == "idle":
+        return scenarios.idle_connections(address, settings.idle_connections, processes)
+    if scenario == "ttfb":
+        return scenarios.time_to_first_byte(address, settings.ttfb_samples)
+    if scenario == "ab":
+        seconds = settings.http_seconds
+        metrics = scenarios.with_cpu(
+            processes, lambda: scenarios.ab_new_connections(address, seconds, settings.ab_requests)
+        )
+        return _per_unit(metrics, "cpu_us_per_request", 1e6 / max(1, metrics["complete"]))
+    if scenario == "wrk":
+        metrics = scenarios.with_cpu(processes, lambda: scenarios.wrk_keep_alive(address, settings.http_seconds or 1))
+        return _per_unit(metrics, "cpu_us_per_request", 1e6 / max(1, metrics["requests"]))
+    transfer = scenarios.bulk_upload if scenario == "bulk_up" else scenarios.bulk_download
+    metrics = scenarios.with_cpu(processes, lambda: transfer(address, settings.bulk_bytes))
+    return _per_unit(metrics, "cpu_s_per_gb", 1e9 / settings.bulk_bytes)
+
+
+def _per_unit(metrics: dict[str, Any], name: str, scale: float) -> dict[str, Any]:
+    cpu = [v for k, v in metrics.items() if k.startswith("cpu_s ")]
+    if cpu:
+        metrics[name] = sum(cpu) * scale
+    return metrics
+
+
+def headline(scenario: str, metrics: dict[str, Any]) -> str:
+    """A short progress line for one measurement."""
+    if scenario == "idle":
+        memory = " ".join(f"{v:.1f}" for k, v in metrics.items() if k.startswith("rss_kib_per_conn"))
+        served = f"{metrics['served']}/{metrics['count']} served in {metrics['open_seconds']:.2f}s"
+        return f"{served}, RSS KiB/conn {memory or '-'}"
+    if scenario == "ttfb":
+        return f"median {metrics['p50_ms']:.2f} ms"
+    if scenario in ("ab", "wrk"):
+        return f"{metrics['rps']:.0f} req/s"
+    return f"{metrics['mb_per_s']:.0f} MB/s"
+
+
+def clean(text: str) -> str:
+    """Keep this machine's paths out of the committed report."""
+    return text.replace(sys.executable, "python").replace(str(ROOT), ".")
+
+
+def build_paths(args: argparse.Namespace, settings: Settings) -> list[PathUnderTest]:
+    """The paths asked for on the command line, in order."""
+    kinds = {"direct": "direct", "socat": "socat", "stage_0": "stage 0", "stage_3": "stage 3"}
+    paths = []
+    for kind in args.paths.split(","):
+        if kind not in kinds:
+            sys.exit(f"error: unknown path {kind!r}; choose from {', '.join(kinds)}")
+        paths.append(PathUnderTest(kinds[kind], kind, socat_buffer=settings.socat_buffer))
+    for variant in args.variant:
+        label, _, rest = variant.partition("=")
+        kind, _, directory = rest.partition(":")
+        if kind not in ("stage_0", "stage_3") or not directory or not Path(directory, "__init__.py").is_file():
+            sys.exit(
+                f"error: --variant wants LABEL=stage_0:DIR or LABEL=stage_3:DIR with a stage folder; got {variant!r}"
+            )
+        paths.append(PathUnderTest(label, kind, stage_dir=Path(directory).resolve()))
+    for path in paths:
+        path.profile_dir = args.profile
+    return paths
+
+
+def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """Start the origin, check each path once, then run the interleaved rounds."""
+    raise_fd_limit(settings.idle_connections * 3 + 1024)
+    paths = build_paths(args, settings)
+    chosen = [s for s in args.scenarios.split(",") if s]
+    if unknown := set(chosen) - set(SCENARIOS):
+        sys.exit(f"error: unknown scenario(s) {', '.join(sorted(unknown))}; choose from {', '.join(SCENARIOS)}")
+    info = machine()
+    origin = Process.start(
+        "origin",
+        [sys.executable, "-m", "bench.origin", "--host", HOST, "--port", "0"],
+        Path(tempfile.mkdtemp(prefix="bench-origin-")),
+        ROOT,
+        {**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    records: list[dict[str, Any]] = []
+    available: dict[str, str] = {}
+    try:
+        match = origin.wait_for(r"origin port listening on (\S+):(\d+)")
+        target = (match[1], int(match[2]))
+        for path in paths:  # a path that cannot start is reported, not faked
+            try:
+                path.start(target)
+                available[path.label] = ""
+            except PathUnavailable as exc:
+                available[path.label] = clean(str(exc))
+                print(f"bench: {path.label} is not measured: {available[path.label]}", file=sys.stderr)
+            finally:
+                path.stop()
+        live = [p for p in paths if not available[p.label]]
+        for round_no in range(1, settings.rounds + 1):
+            shift = (round_no - 1) % max(1, len(live))
+            order = live[shift:] + live[:shift]
+            started = []
+            for path in order:
+                try:
+                    path.start(target)
+                    started.append(path)
+                except PathUnavailable as exc:
+                    for scenario in chosen:
+                        records.append(
+                            {"round": round_no, "scenario": scenario, "path": path.label, "error": clean(str(exc))}
+                        )
+            try:
+                for scenario in chosen:
+                    for path in [p for p in order if p in started]:
+                        record: dict[str, Any] = {"round": round_no, "scenario": scenario, "path": path.label}
+                        try:
+                            record["metrics"] = measure(scenario, path, settings)
+                            note = headline(scenario, record["metrics"])
+                        except Exception as exc:  # one failed measurement must not end the run
+                            record["error"] = clean(f"{type(exc).__name__}: {exc}")
+                            note = "FAILED " + record["error"]
+                        records.append(record)
+                        print(f"[{round_no}/{settings.rounds}] {scenario:9} {path.label:12} {note}", file=sys.stderr)
+                        time.sleep(0.2)  # let connections from the last load finish closing
+            finally:
+                for path in started:
+                    path.stop()
+    finally:
+        for path in paths:
+            path.stop()
+        origin.stop()
+        shutil.rmtree(origin.log_path.parent, ignore_errors=True)
+    info["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    labels = [p.label for p in paths if not available.get(p.label, "x")]
+    result: dict[str, Any] = {
+        "machine": info,
+        "settings": {**asdict(settings), "scenarios": chosen},
+        "paths": [
+            {
+                "label": p.label,
+                "kind": p.kind,
+                "variant": p.stage_dir is not None,
+                "available": not available.get(p.label, "x"),
+                "reason": available.get(p.label, ""),
+            }
+            for p in paths
+        ],
+        "measurements": records,
+    }
+    result["summary"] = report.summarize(records, labels)
+    result["goals"] = report.goals(records, result["summary"], result["settings"])
+    return result
+
+
+def main() -> None:
+    """Command line: see --help."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--quick", action="store_const", dest="mode", const="quick", help="2 rounds, small transfers (~1 min)"
+    )
+    size.add_argument(
+        "--smoke", action="store_const", dest="mode", const="smoke", help="1 tiny round (seconds), for the tests"
+    )
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default: 5, --quick 2, --smoke 1)")
+    parser.add_argument(
+        "--paths", default="direct,socat,stage_0,stage_3", help="comma-separated (default: %(default)s)"
+    )
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated (default: %(default)s)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=STAGE:DIR",
+        help="also measure a copy of stage_0 or stage_3 from DIR, e.g. 'stage 0 v2=stage_0:/tmp/stage_0' (repeatable)",
+    )
+    parser.add_argument("--profile", type=Path, metavar="DIR", help="run the stages under cProfile, .prof files in DIR")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        metavar="DIR",
+        help="write latest.md, latest.json, latest.svg here (default: bench/results for a full run, none otherwise)",
+    )
+    args = parser.parse_args()
+    settings = MODES[args.mode or "full"]
+    if args.rounds:
+        settings = Settings(**{**asdict(settings), "rounds": args.rounds})
+    if missing := missing_tools():
+        sys.exit(f"error: {', '.join(missing)} not found; install the tools with: {INSTALL_HINT}")
+    result = run(args, settings)
+    text = report.markdown(result)
+    print(text)
+    output = args.output or (ROOT / "bench" / "results" if settings.mode == "full" else None)
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "latest.md").write_text(text)
+        (output / "latest.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+        (output / "latest.svg").write_text(report.svg_chart(result))
+        print(f"bench: wrote {output / 'latest.md'}, latest.json and latest.svg", file=sys.stderr)
+    failed = [r for r in result["measurements"] if "error" in r]
+    if failed:
+        sys.exit(f"error: {len(failed)} measurement(s) failed; see the report")
+
+
+if __name__ == "__main__":
+    main()

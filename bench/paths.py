@@ -1,0 +1,264 @@
+"""The paths under test, each a set of real processes started from the command line.
+
+- `direct`: no relay at all, the load talks to the origin;
+- `socat`: the reference relay, written in C, one forked process per connection;
+- `stage_0`: `python -m stage_0.client ORIGIN --port 0`;
+- `stage_3`: `python -m stage_3.server` plus `python -m stage_3.client ORIGIN`, the whole tunnel.
+
+Every process runs in its own session with its output in a log file: a busy relay
+logs a line per connection, and a pipe nobody reads would block it. Its ports are
+read from its "<role> port listening on HOST:PORT" lines.
+"""
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("stage_0", "stage_1", "stage_2", "stage_3")
+HOST = "127.0.0.1"
+START_TIMEOUT = 15.0
+LISTENING = r"\b{role} port listening on (\S+):(\d+)"
+SOCAT_LISTENING = r"listening on AF=2 (\S+):(\d+)"
+
+
+class PathUnavailable(Exception):
+    """A path could not be started (e.g. its stage is not written yet); the message says why."""
+
+
+def _default_sigint() -> None:
+    # A process started from a non-interactive shell's background job inherits
+    # SIGINT as "ignored", and Python then never raises KeyboardInterrupt: undo that
+    # so that Ctrl-C (SIGINT) stops a stage cleanly, as it would for a user.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@dataclass
+class Process:
+    """One started program, its log file, and helpers to read its state from /proc."""
+
+    role: str
+    popen: "subprocess.Popen[bytes]"
+    log_path: Path
+
+    @classmethod
+    def start(cls, role: str, argv: list[str], log_dir: Path, cwd: Path, env: dict[str, str]) -> "Process":
+        """Start `argv` in its own session, output to `log_dir/<role>.log`."""
+        log_path = log_dir / f"{role.replace(' ', '-')}.log"
+        with log_path.open("wb") as log_file:
+            popen = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_default_sigint,
+            )
+        return cls(role, popen, log_path)
+
+    def log(self) -> str:
+        """Everything the process printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = START_TIMEOUT) -> re.Match[str]:
+        """Poll the log until a line matches `pattern`; fail with the log's tail otherwise."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if match := regex.search(self.log()):
+                return match
+            if self.popen.poll() is not None:
+                raise PathUnavailable(f"{self.role} exited with code {self.popen.returncode}: {self._tail()}")
+            time.sleep(0.02)
+        raise PathUnavailable(f"{self.role} did not print {pattern!r} within {timeout:.0f}s: {self._tail()}")
+
+    def _tail(self) -> str:
+        lines = self.log().strip().splitlines()
+        return " | ".join(lines[-3:]) or "(no output)"
+
+    def stop(self) -> None:
+        """Ctrl-C the whole session (socat's forked children too), then SIGKILL after a grace period."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGINT)
+            try:
+                self.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(5)
+        # socat's children may outlive their parent for a moment: reap the session.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+
+    def tree(self) -> list[int]:
+        """This process and all its descendants (socat forks one child per connection)."""
+        children: dict[int, list[int]] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+        found, todo = [], [self.popen.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            todo.extend(children.get(pid, []))
+        return found
+
+    def memory_kib(self) -> dict[str, int]:
+        """Resident (VmRSS) and proportional (Pss) memory of the process tree, in KiB."""
+        rss = pss = 0
+        for pid in self.tree():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                rss += _field_kib(Path(f"/proc/{pid}/status").read_text(), "VmRSS:")
+                pss += _field_kib(Path(f"/proc/{pid}/smaps_rollup").read_text(), "Pss:")
+        return {"rss": rss, "pss": pss}
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process and its reaped and living children."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for pid in self.tree():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                # utime, stime, cutime, cstime (fields 14-17 of proc(5), counted after the comm)
+                total += sum(int(value) for value in fields[11:15]) / ticks
+        return total
+
+
+def _field_kib(text: str, name: str) -> int:
+    for line in text.splitlines():
+        if line.startswith(name):
+            return int(line.split()[1])
+    raise ValueError(name)
+
+
+@dataclass
+class PathUnderTest:
+    """One way of reaching the origin; `start()` gives the address the load should use."""
+
+    label: str
+    kind: str  # direct | socat | stage_0 | stage_3
+    stage_dir: Path | None = None  # a copy of the stage to run instead of the repository's
+    address: tuple[str, int] = (HOST, 0)
+    processes: list[Process] = field(default_factory=list)
+    profile_dir: Path | None = None
+    socat_buffer: int = 256 * 1024
+    _work: Path | None = None
+    _starts: int = 0
+
+    def start(self, origin: tuple[str, int]) -> None:
+        """Start the path's programs in front of `origin` and wait until they listen."""
+        self._starts += 1
+        self._work = Path(tempfile.mkdtemp(prefix=f"bench-{self.kind}-"))
+        try:
+            self._start(origin)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, origin: tuple[str, int]) -> None:
+        target = f"{origin[0]}:{origin[1]}"
+        if self.kind == "direct":
+            self.address = origin
+        elif self.kind == "socat":
+            listen = f"TCP-LISTEN:0,bind={HOST},reuseaddr,fork,backlog=1024"
+            argv = ["socat", "-d", "-d", f"-b{self.socat_buffer}", listen, f"TCP:{target}"]
+            relay = self._spawn("", argv)
+            match = relay.wait_for(SOCAT_LISTENING)
+            self.address = (match[1], int(match[2]))
+        elif self.kind == "stage_0":
+            relay = self._spawn("", self._python("stage_0.client", target, "--host", HOST, "--port", "0"))
+            self.address = (HOST, int(relay.wait_for(LISTENING.format(role="proxy"))[2]))
+        elif self.kind == "stage_3":
+            ports = ("--control-port", "0", "--public-port", "0", "--proxy-port", "0")
+            server = self._spawn("server", self._python("stage_3.server", "--host", HOST, *ports))
+            control, public, proxy = (int(server.wait_for(LISTENING.format(role=r))[2]) for r in STAGE_3_ROLES)
+            dial = ("--control-port", str(control), "--proxy-port", str(proxy))
+            self._spawn("client", self._python("stage_3.client", target, HOST, *dial))
+            self.address = (HOST, public)
+        else:
+            raise ValueError(f"unknown path kind {self.kind!r}")
+        wait_until_served(self.address, self.processes)
+
+    def _python(self, module: str, *args: str) -> list[str]:
+        # -S: no site-packages. Stage code needs only the standard library, and an
+        # editable install of this project would otherwise quietly supply any
+        # module missing from a --variant copy with the repository's own.
+        if self.profile_dir is None:
+            return [sys.executable, "-S", "-m", module, *args]
+        self.profile_dir.mkdir(parents=True, exist_ok=True)
+        out = self.profile_dir / f"{self.label.replace(' ', '_')}-{module}-{self._starts}.prof"
+        return [sys.executable, "-S", "-m", "cProfile", "-o", str(out), "-m", module, *args]
+
+    def _spawn(self, part: str, argv: list[str]) -> Process:
+        assert self._work is not None
+        # Stages are imported from a folder of symlinks that is also the working
+        # directory, so a copy given with --variant shadows the repository's stage.
+        links = self._work / "stages"
+        links.mkdir(exist_ok=True)
+        for stage in STAGES:
+            link = links / stage
+            if not link.exists():
+                link.symlink_to(self.stage_dir if stage == self.kind and self.stage_dir else ROOT / stage)
+        env = {**os.environ, "PYTHONPATH": str(links), "PYTHONUNBUFFERED": "1"}
+        role = f"{self.label} {part}" if part else self.label  # e.g. "stage 3 server"
+        process = Process.start(role, argv, self._work, links, env)
+        self.processes.append(process)
+        return process
+
+    def stop(self) -> None:
+        """Stop every program of the path (Ctrl-C first, as a user would)."""
+        for process in reversed(self.processes):
+            process.stop()
+        self.processes = []
+        if self._work is not None:
+            shutil.rmtree(self._work, ignore_errors=True)
+            self._work = None
+
+
+STAGE_3_ROLES = ("control", "public", "proxy")
+
+
+def http_get(address: tuple[str, int], timeout: float = 5.0) -> bytes:
+    """One HTTP/1.0 GET on a new connection; the whole response."""
+    with socket.create_connection(address, timeout=timeout) as sock:
+        sock.sendall(b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def wait_until_served(address: tuple[str, int], processes: list[Process], timeout: float = START_TIMEOUT) -> None:
+    """Retry a GET until the origin's page comes back through the path (a tunnel needs its client connected)."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        for process in processes:
+            if process.popen.poll() is not None:
+                raise PathUnavailable(f"{process.role} exited with code {process.popen.returncode}: {process._tail()}")
+        try:
+            response = http_get(address)
+            if response.startswith(b"HTTP/1.1 200") and response.endswith(b"local app</h1>\n"):
+                return
+            last = response[:60].decode(errors="replace")
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.05)
+    raise PathUnavailable(f"no page from the origin through {address[0]}:{address[1]} in {timeout:.0f}s ({last})")

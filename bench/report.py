@@ -1,0 +1,326 @@
+"""Turn the raw measurements into medians, ratios, goals, and the Markdown, JSON and SVG reports.
+
+Ratios are the median of per-round ratios: within one round the paths ran seconds
+apart, so noise from the rest of the machine hits both sides of a ratio alike.
+"""
+
+import html
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+Record = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One figure of one scenario, e.g. the req/s of the `ab` scenario."""
+
+    scenario: str
+    field: str
+    label: str
+    unit: str
+    higher_is_better: bool
+
+    @property
+    def key(self) -> str:
+        """`scenario.field`, the name used in the JSON summary."""
+        return f"{self.scenario}.{self.field}"
+
+
+METRICS = (
+    Metric("bulk_up", "mb_per_s", "Bulk upload", "MB/s", True),
+    Metric("bulk_down", "mb_per_s", "Bulk download", "MB/s", True),
+    Metric("ab", "rps", "New connection per request (ab -c 50)", "req/s", True),
+    Metric("ab", "p50_ms", "ab: median request time", "ms", False),
+    Metric("wrk", "rps", "Keep-alive requests (wrk -c 50)", "req/s", True),
+    Metric("wrk", "p50_ms", "wrk: p50 latency", "ms", False),
+    Metric("wrk", "p99_ms", "wrk: p99 latency", "ms", False),
+    Metric("ttfb", "p50_ms", "Time to first byte, new connection: median", "ms", False),
+    Metric("ttfb", "p90_ms", "Time to first byte: p90", "ms", False),
+    Metric("idle", "served", "Concurrent connections held open and served", "conns", True),
+    Metric("idle", "open_seconds", "Time to open them all (50 at a time)", "s", False),
+)
+RATIO_METRICS = [m for m in METRICS if m.field in ("mb_per_s", "rps")]
+CPU_ROWS = (
+    ("bulk_up", "cpu_s_per_gb", "CPU per GB uploaded", "s"),
+    ("bulk_down", "cpu_s_per_gb", "CPU per GB downloaded", "s"),
+    ("ab", "cpu_us_per_request", "CPU per request, new connection each", "µs"),
+    ("wrk", "cpu_us_per_request", "CPU per request, keep-alive", "µs"),
+)
+
+
+def values(records: list[Record], scenario: str, field: str, path: str) -> dict[int, float]:
+    """{round: value} of one field of one scenario on one path (failed rounds are absent)."""
+    found = {}
+    for record in records:
+        if record["scenario"] == scenario and record["path"] == path and "metrics" in record:
+            value = record["metrics"].get(field)
+            if isinstance(value, int | float):
+                found[record["round"]] = float(value)
+    return found
+
+
+def summarize(records: list[Record], paths: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """{metric key: {path: {median, min, max, n}}} over the rounds."""
+    fields = {(m.scenario, m.field) for m in METRICS} | {(s, f) for s, f, _, _ in CPU_ROWS}
+    for record in records:
+        if record["scenario"] == "idle" and "metrics" in record:
+            fields |= {("idle", k) for k in record["metrics"] if "_kib_per_conn " in k}
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    for scenario, field in sorted(fields):
+        for path in paths:
+            found = list(values(records, scenario, field, path).values())
+            if found:
+                summary.setdefault(f"{scenario}.{field}", {})[path] = {
+                    "median": statistics.median(found),
+                    "min": min(found),
+                    "max": max(found),
+                    "n": len(found),
+                }
+    return summary
+
+
+def ratio(records: list[Record], metric: Metric, path: str, reference: str) -> float | None:
+    """Median over the rounds of path / reference, each pair taken from the same round."""
+    ours = values(records, metric.scenario, metric.field, path)
+    theirs = values(records, metric.scenario, metric.field, reference)
+    per_round = [ours[r] / theirs[r] for r in ours if r in theirs and theirs[r] > 0]
+    return statistics.median(per_round) if per_round else None
+
+
+def difference(records: list[Record], metric: Metric, path: str, reference: str) -> float | None:
+    """Median over the rounds of path - reference (for latencies)."""
+    ours = values(records, metric.scenario, metric.field, path)
+    theirs = values(records, metric.scenario, metric.field, reference)
+    per_round = [ours[r] - theirs[r] for r in ours if r in theirs]
+    return statistics.median(per_round) if per_round else None
+
+
+def goals(records: list[Record], summary: dict[str, Any], settings: dict[str, Any]) -> list[Record]:
+    """The project's performance goals, each with what was measured and whether it is met."""
+    bulk = [m for m in METRICS if m.field == "mb_per_s"]
+    ab = next(m for m in METRICS if m.key == "ab.rps")
+    ttfb = next(m for m in METRICS if m.key == "ttfb.p50_ms")
+    results: list[Record] = []
+
+    def bulk_goal(path: str, name: str, floor: float) -> None:
+        found = [ratio(records, m, path, "socat") for m in bulk]
+        ok = None if None in found else all(r is not None and r >= floor for r in found)
+        text = ", ".join(f"{m.label.split()[-1]} {_x(r)}" for m, r in zip(bulk, found, strict=True))
+        results.append({"goal": f"{name} bulk ≥ {floor}x one socat relay", "measured": text, "met": ok})
+
+    bulk_goal("stage 0", "stage 0", 0.7)
+    bulk_goal("stage 3", "stage 3 tunnel", 0.6)
+    found = ratio(records, ab, "stage 3", "socat")
+    results.append(
+        {
+            "goal": "stage 3 new-connection req/s ≥ 1.0x one socat relay",
+            "measured": _x(found),
+            "met": None if found is None else found >= 1.0,
+        }
+    )
+    count = settings["idle_connections"]
+    served = summary.get("idle.served", {}).get("stage 3")
+    per_conn = {
+        key.split(" ", 1)[1]: value["median"]
+        for key, paths in summary.items()
+        if key.startswith("idle.rss_kib_per_conn ")
+        for path, value in paths.items()
+        if path == "stage 3"
+    }
+    if served is None or not per_conn:
+        results.append({"goal": f"{count} concurrent connections through stage 3", "measured": "—", "met": None})
+    else:
+        memory = ", ".join(f"{role.removeprefix('stage 3 ')} {kib:.1f} KiB" for role, kib in per_conn.items())
+        ok = served["min"] == count and all(kib < 64 for kib in per_conn.values())
+        results.append(
+            {
+                "goal": f"{count} concurrent connections through stage 3 all served, < 64 KiB each per process",
+                "measured": f"served {served['min']:.0f}/{count} (worst round); RSS per connection: {memory}",
+                "met": ok,
+            }
+        )
+    delta = difference(records, ttfb, "stage 3", "direct")
+    results.append(
+        {
+            "goal": "time to first byte through the tunnel within 2 ms of direct",
+            "measured": "—" if delta is None else f"+{delta:.2f} ms (median)",
+            "met": None if delta is None else delta <= 2.0,
+        }
+    )
+    return results
+
+
+def _x(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}x"
+
+
+def _fmt(value: float) -> str:
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _cell(entry: dict[str, float] | None) -> str:
+    if entry is None:
+        return "—"
+    median = entry["median"]
+    if entry["n"] < 2 or median == 0:
+        return _fmt(median)
+    spread = (entry["max"] - entry["min"]) / 2 / abs(median) * 100
+    return f"{_fmt(median)} ±{spread:.0f}%"
+
+
+def _count(entry: dict[str, float] | None) -> str:
+    return (
+        "—"
+        if entry is None
+        else f"{entry['min']:.0f}" + ("" if entry["min"] == entry["max"] else f" to {entry['max']:.0f}")
+    )
+
+
+def markdown(report: Record) -> str:
+    """The results as Markdown tables (the docs include this file as it is)."""
+    machine, settings = report["machine"], report["settings"]
+    paths = [p["label"] for p in report["paths"] if p["available"]]
+    summary, records = report["summary"], report["measurements"]
+    lines = [
+        f"Measured {machine['date']} at commit `{machine['commit']}` on {machine['cores']} cores "
+        f"({machine['cpu']}), Linux {machine['kernel']}, Python {machine['python']}; "
+        f"{settings['mode']} mode, {settings['rounds']} interleaved round(s), medians "
+        f"(± is half the range between rounds). Load average {machine['load_before']} before, "
+        f"{machine['load_after']} after.",
+        "",
+    ]
+    for path in report["paths"]:
+        if not path["available"]:
+            lines += [f"**{path['label']}: not measured.** {path['reason']}", ""]
+    head = "| | " + " | ".join(paths) + " |"
+    rule = "|---|" + "---:|" * len(paths)
+    lines += ["**Absolute figures**", "", head, rule]
+    for metric in METRICS:
+        entries = summary.get(metric.key, {})
+        if entries:
+            unit = f"of {settings['idle_connections']}" if metric.key == "idle.served" else metric.unit
+            better = "" if metric.key == "idle.served" else (" ↑" if metric.higher_is_better else " ↓")
+            cell = _count if metric.key == "idle.served" else _cell
+            row = [f"{metric.label} ({unit}){better}", *(cell(entries.get(p)) for p in paths)]
+            lines.append("| " + " | ".join(row) + " |")
+    memory_keys = sorted(k for k in summary if k.startswith("idle.rss_kib_per_conn "))
+    for kind in ("rss", "pss"):
+        cells = []
+        for path in paths:
+            parts = [
+                (key.split(" ", 1)[1], summary[key][path]["median"])
+                for key in sorted(k for k in summary if k.startswith(f"idle.{kind}_kib_per_conn "))
+                if path in summary[key]
+            ]
+            if not parts:
+                cells.append("—")
+            elif len(parts) == 1:
+                cells.append(_fmt(parts[0][1]))
+            else:
+                cells.append(", ".join(f"{role.split()[-1]} {_fmt(v)}" for role, v in parts))
+        if memory_keys:
+            lines.append(
+                f"| Memory per held connection, {kind.upper()} (KiB per process) ↓ | " + " | ".join(cells) + " |"
+            )
+    cpu_paths = [p for p in paths if p != "direct"]
+    if any(f"{s}.{f}" in summary for s, f, _, _ in CPU_ROWS):
+        lines += ["", "**CPU time of the path's own processes** (from /proc; the load and the origin excluded)", ""]
+        lines += ["| | " + " | ".join(cpu_paths) + " |", "|---|" + "---:|" * len(cpu_paths)]
+        for scenario, field, label, unit in CPU_ROWS:
+            entries = summary.get(f"{scenario}.{field}", {})
+            if entries:
+                lines.append(f"| {label} ({unit}) | " + " | ".join(_cell(entries.get(p)) for p in cpu_paths) + " |")
+    others = [p for p in paths if p != "direct"]
+    if others and "direct" in paths:
+        columns = [(p, "direct") for p in others] + [(p, "socat") for p in others if p != "socat" and "socat" in paths]
+        lines += ["", "**Ratios** (median of the per-round ratios; ↑ better)", ""]
+        lines += ["| | " + " | ".join(f"{p} ÷ {ref}" for p, ref in columns) + " |", "|---|" + "---:|" * len(columns)]
+        for metric in RATIO_METRICS:
+            found = [ratio(records, metric, p, ref) for p, ref in columns]
+            if any(r is not None for r in found):
+                lines.append(f"| {metric.label} | " + " | ".join(_x(r) for r in found) + " |")
+        ttfb = next(m for m in METRICS if m.key == "ttfb.p50_ms")
+        deltas = [difference(records, ttfb, p, ref) for p, ref in columns]
+        if any(d is not None for d in deltas):
+            cells = ["—" if d is None else f"{d:+.2f} ms" for d in deltas]
+            lines.append("| Time to first byte, median (difference) | " + " | ".join(cells) + " |")
+    lines += ["", "**Goals**", "", "| Goal | Measured | Met |", "|---|---|---|"]
+    for goal in report["goals"]:
+        met = {True: "yes", False: "**no**", None: "not measured"}[goal["met"]]
+        lines.append(f"| {goal['goal']} | {goal['measured']} | {met} |")
+    seconds = settings["http_seconds"]
+    http = f"ab and wrk {seconds} s each" if seconds else f"ab {settings['ab_requests']} requests, wrk 1 s"
+    lines += [
+        "",
+        f"Settings: bulk {settings['bulk_bytes'] // 2**20} MiB each way; {http} with 50 connections; "
+        f"{settings['ttfb_samples']} sequential connections for time to first byte; "
+        f"{settings['idle_connections']} held connections; socat `-b {settings['socat_buffer']}` "
+        "(the stage code's read size), forking a process per connection.",
+    ]
+    failures = [r for r in records if "error" in r]
+    if failures:
+        lines += ["", f"**{len(failures)} measurement(s) failed:**", ""]
+        lines += [f"- round {r['round']} {r['scenario']} {r['path']}: {r['error']}" for r in failures[:10]]
+    return "\n".join(lines) + "\n"
+
+
+COLORS = ("#6b7280", "#2563eb", "#16a34a", "#d97706", "#9333ea", "#dc2626", "#0891b2")
+
+
+def svg_chart(report: Record) -> str:
+    """Small multiples: one panel per figure, one bar per path (stdlib only, no plotting library)."""
+    paths = [p["label"] for p in report["paths"] if p["available"]]
+    summary = report["summary"]
+    panels: list[tuple[str, list[tuple[str, float]]]] = []
+    for key, title in (
+        ("bulk_up.mb_per_s", "Bulk upload, MB/s (higher is better)"),
+        ("bulk_down.mb_per_s", "Bulk download, MB/s (higher is better)"),
+        ("ab.rps", "New connection per request, req/s (higher is better)"),
+        ("wrk.rps", "Keep-alive, req/s (higher is better)"),
+        ("wrk.p99_ms", "Keep-alive p99 latency, ms (lower is better)"),
+        ("ttfb.p50_ms", "Time to first byte, median ms (lower is better)"),
+    ):
+        if key in summary:
+            panels.append((title, [(p, summary[key][p]["median"]) for p in paths if p in summary[key]]))
+    memory = [
+        (key.split(" ", 1)[1], paths_[p]["median"])
+        for key, paths_ in sorted(summary.items())
+        if key.startswith("idle.pss_kib_per_conn ")
+        for p in paths_
+    ]
+    if memory:
+        # PSS, not RSS: socat's forked children share most pages, which RSS counts once per child.
+        panels.append(("Memory per held connection, PSS KiB per process (lower is better)", memory))
+    width, label_w, bar_w, row_h, title_h, gap = 760, 170, 480, 20, 24, 14
+    height = sum(title_h + row_h * len(rows) + gap for _, rows in panels) + 10
+    color = {p: COLORS[i % len(COLORS)] for i, p in enumerate(paths)}
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
+        f'height="{height}" font-family="sans-serif" font-size="12" role="img">',
+        f"<title>Benchmark results, {html.escape(report['machine']['date'])}</title>",
+        f'<rect width="{width}" height="{height}" fill="#ffffff"/>',
+    ]
+    y = 8
+    for title, rows in panels:
+        out.append(f'<text x="4" y="{y + 15}" font-weight="bold" fill="#111827">{html.escape(title)}</text>')
+        y += title_h
+        top = max((v for _, v in rows), default=0) or 1
+        for name, value in rows:
+            owner = max((p for p in paths if name.startswith(p)), key=len, default="")
+            fill = color.get(owner, COLORS[0])
+            length = max(1.0, value / top * bar_w)
+            out.append(
+                f'<text x="{label_w - 6}" y="{y + 14}" text-anchor="end" fill="#374151">{html.escape(name)}</text>'
+            )
+            out.append(f'<rect x="{label_w}" y="{y + 3}" width="{length:.1f}" height="{row_h - 6}" fill="{fill}"/>')
+            out.append(f'<text x="{label_w + length + 5:.1f}" y="{y + 14}" fill="#111827">{_fmt(value)}</text>')
+            y += row_h
+        y += gap
+    out.append("</svg>")
+    return "\n".join(out) + "\n"

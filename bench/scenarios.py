@@ -1,0 +1,200 @@
+"""The load: each scenario drives one path for a bounded time and returns its figures.
+
+Bulk transfers, time to first byte and the idle connections are driven from this
+process with plain sockets (the copy loops run in C inside `sendall`/`recv_into`);
+HTTP load comes from `ab` (a new connection per request) and `wrk` (keep-alive).
+"""
+
+import asyncio
+import re
+import socket
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .paths import Process
+
+Address = tuple[str, int]
+Metrics = dict[str, Any]
+SOCKET_TIMEOUT = 30.0
+BUFFER = 1024 * 1024
+
+
+def bulk_upload(address: Address, size: int) -> Metrics:
+    """Send `size` bytes into the origin's counting sink; time until it confirms the count."""
+    block = memoryview(b"\xa5" * BUFFER)
+    started = time.perf_counter()
+    with socket.create_connection(address, timeout=SOCKET_TIMEOUT) as sock:
+        sock.sendall(b"SINK\n")
+        left = size
+        while left > 0:
+            chunk = block[: min(left, BUFFER)]
+            sock.sendall(chunk)
+            left -= len(chunk)
+        sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        while data := sock.recv(64):
+            reply += data
+    elapsed = time.perf_counter() - started
+    if reply.strip() != str(size).encode():
+        raise RuntimeError(f"the sink counted {reply.strip()!r} bytes, {size} were sent")
+    return {"mb_per_s": size / elapsed / 1e6, "seconds": elapsed}
+
+
+def bulk_download(address: Address, size: int) -> Metrics:
+    """Ask the origin for `size` bytes and count them until EOF."""
+    buffer = bytearray(BUFFER)
+    started = time.perf_counter()
+    received = 0
+    with socket.create_connection(address, timeout=SOCKET_TIMEOUT) as sock:
+        sock.sendall(b"SOURCE %d\n" % size)
+        while count := sock.recv_into(buffer):
+            received += count
+    elapsed = time.perf_counter() - started
+    if received != size:
+        raise RuntimeError(f"received {received} bytes, the origin sent {size}")
+    return {"mb_per_s": size / elapsed / 1e6, "seconds": elapsed}
+
+
+def time_to_first_byte(address: Address, samples: int, warmup: int = 5) -> Metrics:
+    """Sequential new connections: connect, send a GET, wait for the first byte of the answer."""
+    times = []
+    for i in range(warmup + samples):
+        started = time.perf_counter()
+        with socket.create_connection(address, timeout=SOCKET_TIMEOUT) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n")
+            first = sock.recv(1)
+            elapsed = time.perf_counter() - started
+            while sock.recv(65536):
+                pass
+        if first != b"H":
+            raise RuntimeError(f"unexpected first byte {first!r}")
+        if i >= warmup:
+            times.append(elapsed * 1000)
+    times.sort()
+    return {
+        "p50_ms": statistics.median(times),
+        "p90_ms": times[int(len(times) * 0.9) - 1] if len(times) >= 10 else times[-1],
+        "min_ms": times[0],
+    }
+
+
+def _run_tool(argv: list[str], timeout: float) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv[0]} failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-300:]}")
+    return done.stdout
+
+
+def _number(pattern: str, text: str, default: float | None = None) -> float:
+    match = re.search(pattern, text, re.MULTILINE)
+    if match is None:
+        if default is not None:
+            return default
+        raise RuntimeError(f"no {pattern!r} in the tool's output:\n{text[-500:]}")
+    return float(match[1])
+
+
+def ab_new_connections(address: Address, seconds: float, requests: int, concurrency: int = 50) -> Metrics:
+    """`ab -c 50`: HTTP/1.0, a new TCP connection for every request, for `seconds` or `requests`."""
+    url = f"http://{address[0]}:{address[1]}/"
+    argv = ["ab", "-q", "-r", "-s", "10", "-c", str(concurrency)]
+    if seconds:
+        argv += ["-t", str(max(1, round(seconds)))]
+    argv += ["-n", str(requests), url]
+    out = _run_tool(argv, timeout=seconds + 60)
+    return {
+        "rps": _number(r"^Requests per second:\s+([\d.]+)", out),
+        "complete": int(_number(r"^Complete requests:\s+(\d+)", out)),
+        "failed": int(_number(r"^Failed requests:\s+(\d+)", out))
+        + int(_number(r"^Non-2xx responses:\s+(\d+)", out, 0)),
+        "p50_ms": _number(r"^\s+50%\s+(\d+)", out),
+        "p99_ms": _number(r"^\s+99%\s+(\d+)", out),
+    }
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def _latency_ms(label: str, text: str) -> float:
+    match = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s|m)\s*$", text, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"no {label} latency in wrk's output:\n{text[-500:]}")
+    return float(match[1]) * _UNITS[match[2]]
+
+
+def wrk_keep_alive(address: Address, seconds: float, connections: int = 50) -> Metrics:
+    """`wrk -c 50`: HTTP/1.1 keep-alive, requests/s and the latency percentiles."""
+    url = f"http://{address[0]}:{address[1]}/"
+    duration = f"{max(1, round(seconds))}s"
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration}", "--latency", "--timeout", "5s", url]
+    out = _run_tool(argv, timeout=seconds + 60)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {
+        "rps": _number(r"^Requests/sec:\s+([\d.]+)", out),
+        "requests": int(_number(r"^\s+(\d+) requests in", out)),
+        "p50_ms": _latency_ms("50%", out),
+        "p99_ms": _latency_ms("99%", out),
+        "errors": (sum(int(n) for n in errors.groups()) if errors else 0)
+        + int(_number(r"Non-2xx or 3xx responses:\s+(\d+)", out, 0)),
+    }
+
+
+def idle_connections(
+    address: Address, count: int, processes: list[Process], concurrency: int = 50, timeout: float = 60.0
+) -> Metrics:
+    """Hold `count` connections open through the path at once; check each is served; memory per connection."""
+    return asyncio.run(_idle_connections(address, count, processes, concurrency, timeout))
+
+
+async def _idle_connections(
+    address: Address, count: int, processes: list[Process], concurrency: int, timeout: float
+) -> Metrics:
+    before = {p.role: p.memory_kib() for p in processes}
+    streams: dict[int, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
+    gate = asyncio.Semaphore(concurrency)  # a burst of 1000 SYNs would overflow a listen backlog of 100
+
+    async def round_trip(i: int) -> bool:
+        reader, writer = streams[i]
+        writer.write(b"ping %d\n" % i)
+        return await reader.readline() == b"ping %d\n" % i
+
+    async def open_one(i: int) -> bool:
+        async with gate:
+            streams[i] = await asyncio.open_connection(*address)
+            streams[i][1].write(b"ECHO\n")
+            return await round_trip(i)
+
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout):
+            opened = await asyncio.gather(*(open_one(i) for i in range(count)), return_exceptions=True)
+            open_seconds = time.perf_counter() - started
+            await asyncio.sleep(0.2)  # let every relay settle before reading its memory
+            after = {p.role: p.memory_kib() for p in processes}
+            # Every connection is still open: prove that each one still carries bytes.
+            alive = [i for i, ok in enumerate(opened) if ok is True]
+            again = await asyncio.gather(*(round_trip(i) for i in alive), return_exceptions=True)
+    finally:
+        for _, writer in streams.values():
+            writer.close()
+        async with asyncio.timeout(10):
+            await asyncio.gather(*(w.wait_closed() for _, w in streams.values()), return_exceptions=True)
+    served = sum(1 for ok in again if ok is True)
+    errors = [repr(e) for e in [*opened, *again] if isinstance(e, BaseException)][:3]
+    metrics: Metrics = {"count": count, "served": served, "open_seconds": open_seconds, "errors": errors}
+    for role in before:
+        metrics[f"rss_kib_per_conn {role}"] = (after[role]["rss"] - before[role]["rss"]) / count
+        metrics[f"pss_kib_per_conn {role}"] = (after[role]["pss"] - before[role]["pss"]) / count
+    return metrics
+
+
+def with_cpu(processes: list[Process], measure: Callable[[], Metrics]) -> Metrics:
+    """Run `measure` and add the CPU seconds each of the path's processes used meanwhile."""
+    before = {p.role: p.cpu_seconds() for p in processes}
+    metrics = measure()
+    for p in processes:
+        metrics[f"cpu_s {p.role}"] = p.cpu_seconds() - before[p.role]
+    return metrics
