@@ -47,6 +47,7 @@ class Client:
             while (message := await read_message(reader)) is not None:
                 match message:
                     case CreateProxy(conn_id):
+                        log.debug("conn %s: the server asks for a proxy connection", conn_id[:8])
                         # One task per user, so a slow user never holds up the others.
                         task = asyncio.create_task(self._session(conn_id))
                         self._sessions.add(task)  # a strong reference, as the server keeps
@@ -87,7 +88,7 @@ class Client:
             # The first line names the user this connection is for; the server pairs by it.
             await write_message(writer, Proxy(conn_id))
             lines = await echo(reader, writer)
-            log.info("conn %s: session ended, %d lines echoed", short, lines)
+            log.info("conn %s: session ended; lines echoed: %d", short, lines)
         except OSError as exc:
             log.info("conn %s: connection lost (%s)", short, exc)
         finally:
@@ -122,8 +123,20 @@ def main() -> None:
         description="Connect to a stage 2 server and echo back every line its public users send.",
     )
     parser.add_argument("server", nargs="?", default="localhost", help="server host (default: %(default)s)")
-    parser.add_argument("--control-port", type=int, default=CONTROL_PORT, help="default: %(default)s")
-    parser.add_argument("--proxy-port", type=int, default=PROXY_PORT, help="default: %(default)s")
+    parser.add_argument(
+        "--control-port",
+        type=int,
+        default=CONTROL_PORT,
+        metavar="PORT",
+        help="the server's control port (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--proxy-port",
+        type=int,
+        default=PROXY_PORT,
+        metavar="PORT",
+        help="the server's proxy port (default: %(default)s)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()
     logging.basicConfig(

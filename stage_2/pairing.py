@@ -62,6 +62,7 @@ class Pairing:
                     # Hand over the *same* reader: bytes the client sent right after its
                     # `proxy` line may already sit in its buffer, and must not be lost.
                     future.set_result((reader, writer))
+                    log.debug("%s:%d: proxy connection paired with conn %s", host, port, conn_id[:8])
                     return True
                 case None:
                     log.info("%s:%d: proxy connection closed before naming an id", host, port)

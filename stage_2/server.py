@@ -163,6 +163,7 @@ class Server:
             with self._pairing.expect() as (conn_id, proxy):
                 short = conn_id[:8]  # enough to follow a connection in the logs, useless to an attacker
                 await write_message(self._control, CreateProxy(conn_id))
+                log.debug("%s: conn %s: asked the client for a proxy connection", peer, short)
                 try:
                     async with asyncio.timeout(self.proxy_timeout):
                         proxy_reader, proxy_writer = await proxy
@@ -212,10 +213,24 @@ def main() -> None:
         description="Accept users on the public port and pair each one with a proxy connection from the client.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    for role, default in (("control", CONTROL_PORT), ("public", PUBLIC_PORT), ("proxy", PROXY_PORT)):
-        parser.add_argument(f"--{role}-port", type=int, default=default, help="0 = any (default: %(default)s)")
+    for role, default, who in (
+        ("control", CONTROL_PORT, "the client connects"),
+        ("public", PUBLIC_PORT, "users connect"),
+        ("proxy", PROXY_PORT, "the client dials proxy connections"),
+    ):
+        parser.add_argument(
+            f"--{role}-port",
+            type=int,
+            default=default,
+            metavar="PORT",
+            help=f"where {who}; 0 = any (default: %(default)s)",
+        )
     parser.add_argument(
-        "--proxy-timeout", type=float, default=PROXY_TIMEOUT, help="seconds a user waits (default: %(default)s)"
+        "--proxy-timeout",
+        type=float,
+        default=PROXY_TIMEOUT,
+        metavar="SECONDS",
+        help="how long a user waits for its proxy connection (default: %(default)s)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()

@@ -81,18 +81,21 @@ async def read_to_eof(reader: asyncio.StreamReader) -> bytes:
 
 
 class FakeClient:
-    """Plays the client by hand over a raw control connection."""
+    """Plays the client by hand over a raw control connection; closes every connection it made."""
 
-    def __init__(self, ports: Ports, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.ports, self.reader, self.writer = ports, reader, writer
+    def __init__(self, ports: Ports) -> None:
+        self.ports = ports
+        self._writers: list[asyncio.StreamWriter] = []
 
-    @classmethod
-    async def connect(cls, ports: Ports) -> "FakeClient":
-        reader, writer = await open_connection(ports.control)
-        fake = cls(ports, reader, writer)
-        writer.write(b"ping\n")  # the answer proves the server has registered us as its client
-        assert await read_line(reader) == b"pong\n"
-        return fake
+    async def connect(self) -> None:
+        self.reader, self.writer = await self.open(self.ports.control)
+        self.writer.write(b"ping\n")  # the answer proves the server has registered us as its client
+        assert await read_line(self.reader) == b"pong\n"
+
+    async def open(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await open_connection(port)
+        self._writers.append(writer)
+        return reader, writer
 
     async def next_conn_id(self) -> str:
         """Wait for the next `create_proxy <id>` line and return the id."""
@@ -101,18 +104,39 @@ class FakeClient:
         assert match, f"expected create_proxy with a 32-hex-digit id, got {line!r}"
         return match[1].decode()
 
+    async def new_user(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+        """Connect a public user; return its streams and the id the server sent us for it."""
+        reader, writer = await self.open(self.ports.public)
+        return reader, writer, await self.next_conn_id()
+
     async def dial(self, first_bytes: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Open a proxy connection and send `first_bytes` (normally `proxy <id>\\n`) in one write."""
-        reader, writer = await open_connection(self.ports.proxy)
+        reader, writer = await self.open(self.ports.proxy)
         writer.write(first_bytes)
         await writer.drain()
         return reader, writer
 
+    def close(self) -> None:
+        for writer in self._writers:
+            writer.close()
 
-async def new_user(ports: Ports, fake: FakeClient) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
-    """Connect a public user and return its streams and the id the server sent for it."""
-    reader, writer = await open_connection(ports.public)
-    return reader, writer, await fake.next_conn_id()
+
+ConnectFake = Callable[[Ports], Awaitable[FakeClient]]
+
+
+@pytest.fixture
+async def fake_client() -> AsyncIterator[ConnectFake]:
+    """Connect FakeClients to servers; everything they opened is closed at the end."""
+    fakes: list[FakeClient] = []
+
+    async def connect(ports: Ports) -> FakeClient:
+        fakes.append(FakeClient(ports))
+        await fakes[-1].connect()
+        return fakes[-1]
+
+    yield connect
+    for fake in fakes:
+        fake.close()
 
 
 # --- the happy path -------------------------------------------------------------------------
@@ -142,17 +166,17 @@ async def test_the_control_connection_still_answers_ping_with_pong(ports: Ports)
     writer.close()
 
 
-async def test_every_user_gets_a_fresh_unguessable_id(ports: Ports) -> None:
-    fake = await FakeClient.connect(ports)
-    ids = [(await new_user(ports, fake))[2] for _ in range(5)]
+async def test_every_user_gets_a_fresh_unguessable_id(ports: Ports, fake_client: ConnectFake) -> None:
+    fake = await fake_client(ports)
+    ids = [(await fake.new_user())[2] for _ in range(5)]
     assert len(set(ids)) == 5  # and each is 32 hex digits (128 random bits): see next_conn_id
 
 
-async def test_proxy_connections_are_paired_by_id_not_by_arrival_order(ports: Ports) -> None:
+async def test_proxy_connections_are_paired_by_id_not_by_arrival_order(ports: Ports, fake_client: ConnectFake) -> None:
     """The Go original pairs a user with whichever proxy connection comes next; we must not."""
-    fake = await FakeClient.connect(ports)
-    a_reader, a_writer, a_id = await new_user(ports, fake)
-    b_reader, b_writer, b_id = await new_user(ports, fake)
+    fake = await fake_client(ports)
+    a_reader, a_writer, a_id = await fake.new_user()
+    b_reader, b_writer, b_id = await fake.new_user()
     # B's proxy connection arrives first, then A's: arrival order is the opposite of the users'.
     b_proxy_reader, b_proxy_writer = await fake.dial(f"proxy {b_id}\n".encode() + b"for B\n")
     a_proxy_reader, a_proxy_writer = await fake.dial(f"proxy {a_id}\n".encode() + b"for A\n")
@@ -167,10 +191,10 @@ async def test_proxy_connections_are_paired_by_id_not_by_arrival_order(ports: Po
         writer.close()
 
 
-async def test_bytes_sent_right_after_the_proxy_line_reach_the_user(ports: Ports) -> None:
+async def test_bytes_sent_right_after_the_proxy_line_reach_the_user(ports: Ports, fake_client: ConnectFake) -> None:
     """The server reads `proxy <id>` through a buffer; what came with it must not be lost."""
-    fake = await FakeClient.connect(ports)
-    reader, writer, conn_id = await new_user(ports, fake)
+    fake = await fake_client(ports)
+    reader, writer, conn_id = await fake.new_user()
     writer.write(b"early bird\n")  # sent before any proxy connection exists
     proxy_reader, proxy_writer = await fake.dial(f"proxy {conn_id}\nsame packet\n".encode())
     assert await read_line(reader) == b"same packet\n"
@@ -211,9 +235,11 @@ async def test_bad_proxy_connection_is_closed_with_an_error_while_a_user_is_serv
     user_writer.close()
 
 
-async def test_a_reused_id_is_refused_and_the_first_pairing_keeps_working(ports: Ports) -> None:
-    fake = await FakeClient.connect(ports)
-    reader, writer, conn_id = await new_user(ports, fake)
+async def test_a_reused_id_is_refused_and_the_first_pairing_keeps_working(
+    ports: Ports, fake_client: ConnectFake
+) -> None:
+    fake = await fake_client(ports)
+    reader, writer, conn_id = await fake.new_user()
     proxy_reader, proxy_writer = await fake.dial(f"proxy {conn_id}\n".encode())
     replay_reader, replay_writer = await fake.dial(f"proxy {conn_id}\n".encode())
     assert await read_to_eof(replay_reader) == b"error unknown or expired proxy id\n"
@@ -238,11 +264,11 @@ async def test_a_user_is_closed_at_once_when_no_client_is_connected(
 
 
 async def test_a_user_whose_proxy_connection_never_comes_is_closed_after_the_proxy_timeout(
-    start_server: StartServer, caplog: pytest.LogCaptureFixture
+    start_server: StartServer, caplog: pytest.LogCaptureFixture, fake_client: ConnectFake
 ) -> None:
     ports = await start_server(proxy_timeout=0.3)
-    fake = await FakeClient.connect(ports)
-    reader, writer, conn_id = await new_user(ports, fake)  # the fake client never dials
+    fake = await fake_client(ports)
+    reader, writer, conn_id = await fake.new_user()  # the fake client never dials
     assert await read_to_eof(reader) == b""
     writer.close()
     assert f"conn {conn_id[:8]}: no proxy connection within 0.3s; closing" in caplog.text
@@ -259,8 +285,8 @@ async def test_a_second_client_is_refused_while_the_first_keeps_working(client: 
     assert await exchange(client.public, b"still mine\n") == b"still mine\n"
 
 
-async def test_a_new_client_can_connect_once_the_first_one_left(ports: Ports) -> None:
-    fake = await FakeClient.connect(ports)
+async def test_a_new_client_can_connect_once_the_first_one_left(ports: Ports, fake_client: ConnectFake) -> None:
+    fake = await fake_client(ports)
     fake.writer.write_eof()  # the first client leaves...
     assert await read_to_eof(fake.reader) == b""  # ...and the server has let go of it
     fake.writer.close()
@@ -319,7 +345,7 @@ async def test_cli_server_and_client_echo_like_nc_and_stop_on_ctrl_c(cli: CliPro
     await until_echoed(ports.public)
     assert await exchange(ports.public, b"hello\nworld\nstop\nnot echoed\n") == b"hello\nworld\n"
     await server.expect(r"conn [0-9a-f]{8} closed, \d+ bytes up, 12 bytes down")
-    await client.expect(r"conn [0-9a-f]{8}: session ended, 2 lines echoed")
+    await client.expect(r"conn [0-9a-f]{8}: session ended; lines echoed: 2")
     assert await client.interrupt() == 0
     assert await server.interrupt() == 0
     assert "Traceback" not in server.output + client.output
@@ -348,3 +374,12 @@ async def test_cli_second_client_is_one_line_and_exit_1(cli: CliProcess.Factory,
     assert await second.wait() == 1
     assert second.lines[-1] == "error: the server refused: another client is already connected to this server"
     assert "Traceback" not in second.output
+
+
+async def test_cli_proxy_timeout_sets_how_long_a_user_waits(cli: CliProcess.Factory, fake_client: ConnectFake) -> None:
+    server, ports = await start_cli_server(cli, "--proxy-timeout", "0.2")
+    fake = await fake_client(ports)
+    reader, writer, conn_id = await fake.new_user()  # the fake client never dials
+    assert await read_to_eof(reader) == b""
+    writer.close()
+    await server.expect(rf"conn {conn_id[:8]}: no proxy connection within 0.2s; closing")
