@@ -7,6 +7,7 @@ whether and with which id a proxy connection is dialled, speaking the raw protoc
 import asyncio
 import contextlib
 import logging
+import random
 import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -189,6 +190,17 @@ async def test_proxy_connections_are_paired_by_id_not_by_arrival_order(ports: Po
     assert await read_line(b_proxy_reader) == b"from B\n"
     for writer in (a_writer, b_writer, a_proxy_writer, b_proxy_writer):
         writer.close()
+
+
+async def test_fifty_users_whose_proxy_connections_arrive_shuffled_each_get_their_own(
+    ports: Ports, fake_client: ConnectFake
+) -> None:
+    fake = await fake_client(ports)
+    users = [await fake.new_user() for _ in range(50)]  # one at a time: user i got id i
+    order = list(range(50))
+    random.Random(2).shuffle(order)
+    await asyncio.gather(*(fake.dial(f"proxy {users[i][2]}\nyou are {i}\n".encode()) for i in order))
+    assert [await read_line(reader) for reader, _, _ in users] == [f"you are {i}\n".encode() for i in range(50)]
 
 
 async def test_bytes_sent_right_after_the_proxy_line_reach_the_user(ports: Ports, fake_client: ConnectFake) -> None:
