@@ -8,7 +8,6 @@ back in the same instant (the "thundering herd").
 """
 
 import random
-from collections.abc import Iterator
 
 # The first retry waits up to BASE seconds, then 2x, 4x, ... never more than CAP.
 BACKOFF_BASE = 0.5
@@ -21,9 +20,6 @@ def bound(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) ->
     return min(cap, base * 2.0 ** min(attempt, 32))
 
 
-def delays(base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> Iterator[float]:
-    """An endless series of waits: random in [0, bound(attempt)] for attempt 0, 1, 2, ..."""
-    attempt = 0
-    while True:
-        yield random.uniform(0, bound(attempt, base, cap))
-        attempt += 1
+def delay(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
+    """How long to wait before retry number `attempt`: anywhere from 0 to bound(attempt)."""
+    return random.uniform(0, bound(attempt, base, cap))

@@ -156,7 +156,8 @@ def encode(message: Message) -> bytes:
         case Proxy(conn_id):
             return f"proxy {conn_id}\n".encode()
         case LocalError(conn_id, reason):
-            return f"local_error {conn_id} {reason}\n".encode()
+            # The reason comes from the operating system; "replace" keeps the line ascii.
+            return f"local_error {conn_id} {reason}\n".encode("ascii", "replace")
         case Error(reason):
             return f"error {reason}\n".encode()
 

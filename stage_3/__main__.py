@@ -1,0 +1,80 @@
+"""The whole tunnel on one machine: `python -m stage_3` shows it working with zero setup.
+
+It runs three things in one process, all on 127.0.0.1: a demo local app (demo_app.py), the
+server and the client, which share a fresh random secret. Then it prints the public URL: open
+it in a browser or curl it, and the demo app's page comes back through the tunnel. In real use
+the server runs on a machine the internet can reach and the client next to your app: see the
+stage 3 page of the docs.
+"""
+
+import argparse
+import asyncio
+import logging
+import secrets
+import sys
+
+from .client import Client
+from .demo_app import DemoApp
+from .protocol import CONTROL_PORT, NETWORK_TIMEOUT, PROXY_PORT, PUBLIC_PORT, TunnelError
+from .server import Server, listen_error
+
+log = logging.getLogger("stage_3.demo")
+
+HOST = "127.0.0.1"  # the demo never leaves this machine
+
+
+async def run(control_port: int, public_port: int, proxy_port: int, app_port: int) -> None:
+    """Start the demo app, the server and the client; print the public URL; serve until cancelled."""
+    app = DemoApp()
+    try:
+        await app.listen(HOST, app_port)
+    except OSError as exc:
+        raise TunnelError(listen_error(exc, "app", HOST, app_port)) from None
+    secret = secrets.token_hex(16)  # known to the server and the client, and to nobody else
+    server = Server(secret=secret)
+    ports = await server.listen(HOST, control_port, public_port, proxy_port)
+    client = Client(app.address, HOST, ports.control, ports.proxy, secret=secret)
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(app.serve())
+        tasks.create_task(server.serve())
+        tasks.create_task(client.run())
+        async with asyncio.timeout(NETWORK_TIMEOUT):
+            await client.connected.wait()
+        url = f"http://{HOST}:{ports.public}/"
+        print(
+            f"\npublic URL: {url}\n"
+            f"  try it:   curl {url}hello   (or open the URL in a browser)\n"
+            f"  the path: you -> server (public port {ports.public}) -> client -> "
+            f"demo app ({HOST}:{app.address[1]}), and back\n"
+            "  press Ctrl-C to stop\n",
+            flush=True,
+        )
+
+
+def main() -> None:
+    """Command line: python -m stage_3 [--public-port P] [--control-port P] [--proxy-port P] [--app-port P]."""
+    parser = argparse.ArgumentParser(
+        prog="python -m stage_3",
+        description="Run a demo app, the tunnel server and the tunnel client on this machine, and print the URL.",
+    )
+    for role, default in (("public", PUBLIC_PORT), ("control", CONTROL_PORT), ("proxy", PROXY_PORT), ("app", 0)):
+        parser.add_argument(
+            f"--{role}-port", type=int, default=default, metavar="PORT", help="0 = any (default: %(default)s)"
+        )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)-15s %(message)s",  # the name says who speaks: server, client, app
+        datefmt="%H:%M:%S",
+    )
+    try:
+        asyncio.run(run(args.control_port, args.public_port, args.proxy_port, args.app_port))
+    except TunnelError as exc:
+        sys.exit(f"error: {exc}")
+    except KeyboardInterrupt:
+        log.info("stopped")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The server side of the control connection: who holds the tunnel, and is it still alive?
+
+Stage 2 let the first client in and refused the rest for as long as its connection lasted.
+A server on the internet needs more, and it is all here:
+
+- Auth: only a client that knows the secret gets in (the handshake is in auth.py).
+- One tunnel, never locked out: a second client is refused while one is connected, but the
+  *same* client coming back (it presents the session id we gave it) takes over at once. Its
+  old connection may still look alive to us: a laptop whose Wi-Fi dropped sends no FIN.
+- Heartbeats: a control connection silent for longer than the heartbeat timeout is dead.
+  Dropping it frees the tunnel, and the users waiting for it get an error page, not a hang.
+"""
+
+import asyncio
+import logging
+import secrets
+from dataclasses import dataclass
+
+from . import auth
+from .pairing import Pairing, Unavailable
+from .protocol import (
+    HEARTBEAT_TIMEOUT,
+    NETWORK_TIMEOUT,
+    Hello,
+    LocalError,
+    Message,
+    Ping,
+    Pong,
+    ProtocolError,
+    Refused,
+    TunnelError,
+    Welcome,
+    read_message,
+    say_goodbye,
+    write_message,
+)
+
+log = logging.getLogger("stage_3.session")
+
+
+@dataclass
+class Session:
+    """The client that holds the tunnel: its session id, and the control connection it uses now."""
+
+    session_id: str
+    peer: str
+    writer: asyncio.StreamWriter
+    task: asyncio.Task[None]  # the task that reads that control connection
+
+
+class Sessions:
+    """Admits clients on the control port, one session at a time, and drops a session that goes silent."""
+
+    def __init__(
+        self,
+        pairing: Pairing,
+        secret: str | None = None,
+        handshake_timeout: float = NETWORK_TIMEOUT,
+        heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
+    ) -> None:
+        self.secret = secret or None  # an empty secret would be no secret at all
+        self.handshake_timeout = handshake_timeout
+        self.heartbeat_timeout = heartbeat_timeout
+        self.current: Session | None = None
+        self._pairing = pairing
+
+    @property
+    def connected(self) -> bool:
+        """True while a client holds the tunnel."""
+        return self.current is not None
+
+    async def send(self, message: Message) -> None:
+        """Send `message` to the client on its control connection; Unavailable if there is none."""
+        if self.current is None:
+            raise Unavailable("no tunnel client is connected to this server")
+        await write_message(self.current.writer, message)
+
+    async def handle_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One control connection, from handshake to close: the task the control port spawns."""
+        host, port = writer.get_extra_info("peername")[:2]
+        peer, session = f"{host}:{port}", None
+        try:
+            hello = await auth.server_handshake(reader, writer, self.secret, self.handshake_timeout)
+            session = self._admit(hello, peer, writer)
+            await write_message(writer, Welcome(session.session_id))
+            await self._read_heartbeats(reader, writer)
+        except TunnelError as exc:  # a wrong secret, a second client, a protocol error
+            # Tell the peer what went wrong, then hang up: a confused peer must
+            # not be able to keep a connection (and its buffer) alive.
+            log.warning("%s: %s; closing", peer, exc)
+            await say_goodbye(reader, writer, str(exc))
+        except TimeoutError:
+            silence = f"no heartbeat for {self.heartbeat_timeout:g}s" if session else "no handshake in time"
+            log.warning("%s: %s; closing", peer, silence)
+            await say_goodbye(reader, writer, silence)
+        except OSError as exc:
+            log.info("%s: connection lost (%s)", peer, exc)
+        finally:
+            # Free the tunnel, unless a reconnect of the same client took this session over.
+            if session is not None and session.writer is writer:
+                self.current = None
+                self._pairing.fail_all("the tunnel client disconnected")
+                log.info("%s: control connection closed; the tunnel is free", peer)
+            writer.close()
+
+    def _admit(self, hello: Hello, peer: str, writer: asyncio.StreamWriter) -> Session:
+        """Give the tunnel to this connection, or raise Refused if another client holds it."""
+        task = asyncio.current_task()
+        assert task is not None
+        current = self.current
+        if current is None:
+            # 128 random bits: a session id is a key to the tunnel, so it must not be guessable.
+            self.current = Session(secrets.token_hex(16), peer, writer, task)
+            log.info("%s: client connected (session %s)", peer, self.current.session_id[:8])
+            return self.current
+        # compare_digest, as in auth.py: no timing hints about a secret id.
+        if hello.session_id is None or not secrets.compare_digest(hello.session_id, current.session_id):
+            raise Refused("another client is already connected to this server")
+        # The same client is back, so its old connection is dead, whatever TCP thinks:
+        # switch at once instead of making it wait for the heartbeat timeout.
+        log.info(
+            "%s: client resumed session %s; dropping its old connection %s", peer, hello.session_id[:8], current.peer
+        )
+        old_task = current.task
+        current.peer, current.writer, current.task = peer, writer, task
+        old_task.cancel()
+        return current
+
+    async def _read_heartbeats(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer the client's pings and take its reports, until it closes or falls silent."""
+        while True:
+            # The client pings every few seconds: a longer silence (TimeoutError) means it is gone.
+            async with asyncio.timeout(self.heartbeat_timeout):
+                message = await read_message(reader)
+                match message:
+                    case None:
+                        return  # the client closed the connection
+                    case Ping():
+                        await write_message(writer, Pong())
+                    case LocalError(conn_id, reason):
+                        self._pairing.fail(conn_id, f"the tunnel client could not reach its local app: {reason}")
+                    case _:
+                        raise ProtocolError(f"unexpected message from a client: {message}")
