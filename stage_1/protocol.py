@@ -5,6 +5,7 @@ Only `read_message` and `write_message` touch bytes; the server and the client d
 """
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 
 CONTROL_PORT = 60623
@@ -13,6 +14,8 @@ CONTROL_PORT = 60623
 MAX_LINE = 1024
 # How long to wait for a connect or a reply before calling the peer dead.
 NETWORK_TIMEOUT = 5.0
+# How long a closing connection keeps swallowing input so that our last words arrive.
+LINGER = 1.0
 
 
 class TunnelError(Exception):
@@ -91,3 +94,16 @@ async def write_message(writer: asyncio.StreamWriter, message: Message) -> None:
     """Send one message and wait until it is handed to the kernel."""
     writer.write(encode(message))
     await writer.drain()
+
+
+async def say_goodbye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str) -> None:
+    """Send `error <reason>` in a way the peer really gets to read it (the caller then closes)."""
+    # Closing a socket that still has unread input makes the kernel send a reset,
+    # and a reset can destroy our error line before the peer reads it. So we say
+    # "no more from us" (EOF) and swallow what the peer still sends, for a moment.
+    with contextlib.suppress(OSError):  # the peer may be gone already; TimeoutError is an OSError too
+        await write_message(writer, Error(reason))
+        writer.write_eof()
+        async with asyncio.timeout(LINGER):
+            while await reader.read(64 * 1024):
+                pass

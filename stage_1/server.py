@@ -5,7 +5,6 @@ python -m stage_1.server            # then: python -m stage_1.client
 
 import argparse
 import asyncio
-import contextlib
 import errno
 import logging
 import sys
@@ -13,18 +12,15 @@ import sys
 from .protocol import (
     CONTROL_PORT,
     MAX_LINE,
-    Error,
     Ping,
     Pong,
     ProtocolError,
     read_message,
+    say_goodbye,
     write_message,
 )
 
 log = logging.getLogger("stage_1.server")
-
-# How long a closing connection keeps swallowing input so that our last words arrive.
-LINGER = 1.0
 
 
 class Server:
@@ -84,19 +80,6 @@ class Server:
                     await write_message(writer, Pong())
                 case _:
                     raise ProtocolError(f"unexpected message from a client: {message}")
-
-
-async def say_goodbye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str) -> None:
-    """Send `error <reason>` in a way the peer really gets to read it (the caller then closes)."""
-    # Closing a socket that still has unread input makes the kernel send a reset,
-    # and a reset can destroy our error line before the peer reads it. So we say
-    # "no more from us" (EOF) and swallow what the peer still sends, for a moment.
-    with contextlib.suppress(OSError):  # the peer may be gone already; TimeoutError is an OSError too
-        await write_message(writer, Error(reason))
-        writer.write_eof()
-        async with asyncio.timeout(LINGER):
-            while await reader.read(64 * 1024):
-                pass
 
 
 def listen_error(exc: OSError, host: str, port: int) -> str:
