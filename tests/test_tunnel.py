@@ -32,6 +32,21 @@ async def stage_2_tunnel(echo_server: EchoServer) -> AsyncIterator[int]:
         yield ports.public
 
 
+@contextlib.asynccontextmanager
+async def stage_3_tunnel(echo_server: EchoServer) -> AsyncIterator[int]:
+    """A stage 3 server and client in this process, sharing a secret; the local app is the echo server."""
+    from stage_3.client import Client
+    from stage_3.server import Server
+
+    server = Server(secret="common-tests")
+    ports = await server.listen("127.0.0.1", 0, 0, 0)
+    local_app = ("127.0.0.1", echo_server.port)
+    client = Client(local_app, "127.0.0.1", ports.control, ports.proxy, secret="common-tests")
+    async with Background(server.serve()), Background(client.run()):
+        await wait_until_tunnel_works(ports.public)
+        yield ports.public
+
+
 async def wait_until_tunnel_works(public_port: int) -> None:
     """The client connects in the background: poll (bounded) until a line makes the round trip."""
     async with asyncio.timeout(STEP_TIMEOUT):
@@ -41,7 +56,7 @@ async def wait_until_tunnel_works(public_port: int) -> None:
             await asyncio.sleep(0.02)  # not connected yet: the server closed us at once
 
 
-TUNNELS: dict[str, Starter] = {"stage_2": stage_2_tunnel}
+TUNNELS: dict[str, Starter] = {"stage_2": stage_2_tunnel, "stage_3": stage_3_tunnel}
 
 
 @pytest.fixture(params=sorted(TUNNELS))
