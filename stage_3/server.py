@@ -98,12 +98,8 @@ class Server:
         addresses = [listener.sockets[0].getsockname()[:2] for listener in self._listeners]
         for role, (bound_host, bound_port) in zip(("control", "public", "proxy"), addresses, strict=True):
             log.info("%s port listening on %s:%d", role, bound_host, bound_port)
-        if self._sessions.secret is None and not is_loopback(host):
-            log.warning(
-                "WARNING: listening on %r without a secret: anyone who can reach this machine can "
-                "connect as the client and receive your users' traffic. Set NGROK_SECRET or --secret.",
-                host,
-            )
+        if warning := exposure_warning(host, self._sessions.secret):
+            log.warning("%s", warning)
         return Ports(*(int(port) for _, port in addresses))
 
     async def _bind(self, role: str, host: str, port: int, handler: Handler, limit: int = 64 * 1024) -> None:
@@ -196,6 +192,16 @@ def summary(up: Flow, down: Flow) -> str:
     if request is None:
         return "closed"
     return f"{request} -> {pages.status_code(down.head) or 'no response'}"
+
+
+def exposure_warning(host: str, secret: str | None) -> str | None:
+    """A loud warning if the world can reach this server and no secret guards it; else None."""
+    if secret or is_loopback(host):
+        return None
+    return (
+        f"WARNING: listening on {host!r} without a secret: anyone who can reach this machine "
+        "can connect as the client and receive your users' traffic. Set NGROK_SECRET or --secret."
+    )
 
 
 def is_loopback(host: str) -> bool:
