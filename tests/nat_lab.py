@@ -58,6 +58,7 @@ DROP_WAIT = 1.5  # how long a user waits for an answer before calling the attemp
 PARALLEL_USERS = 8
 APP_GREETING = "Hello from the home network"
 
+# --8<-- [start:router-rules]
 # The home router's rules, the way most home routers behave: hide the home network behind the router's
 # public address (masquerade), let the home start any connection, and let in only replies to those.
 # The explicit counted drops let the lab prove that the router, not something else, dropped a packet.
@@ -84,6 +85,7 @@ table ip filter {
     }
 }
 """
+# --8<-- [end:router-rules]
 
 Say = Callable[[str], None]
 
@@ -133,6 +135,12 @@ def pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _hear_ctrl_c() -> None:
+    # A program started from a background shell job inherits "ignore SIGINT", and Python then never
+    # raises KeyboardInterrupt: stop() could not end it politely. Undo that in the child, before exec.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class LabProcess:
     """A program running inside one namespace, its output collected line by line."""
 
@@ -170,17 +178,15 @@ class LabProcess:
                 raise LabError(f"{self.name} did not print {pattern!r} in {timeout}s:\n{self.output}")
 
     async def stop(self) -> int:
-        """Ctrl-C (SIGINT) as a user would press it; SIGKILL if that does not end it in time."""
-        if self.process.returncode is None:
+        """Ctrl-C (SIGINT) as a user would press it; then SIGTERM, then SIGKILL if it does not end in time."""
+        for signum, grace in ((signal.SIGINT, 3.0), (signal.SIGTERM, 1.0), (signal.SIGKILL, STEP_TIMEOUT)):
+            if self.process.returncode is not None:
+                break
             with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGINT)
-            try:
-                async with asyncio.timeout(3):
+                self.process.send_signal(signum)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
                     await self.process.wait()
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.kill()
-                await self.process.wait()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1):
                 await self._reader
@@ -296,6 +302,7 @@ class Lab:
             # Its own session: a Ctrl-C in the terminal reaches only the lab, which then stops
             # everything in order instead of every program dying at once.
             start_new_session=True,
+            preexec_fn=_hear_ctrl_c if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else None,
         )  # fmt: skip
         self.started_pids.append(process.pid)  # `ip netns exec` execs the program: same pid
         lab_process = LabProcess(name, process, helper)
@@ -404,6 +411,8 @@ class Story:
             wrong.append(f"the server did not see the router's address: {self.server_view}")
         if any(HOME_IP in line for line in self.server.lines + self.server_view):
             wrong.append("the server saw the home address")
+        if any("WARNING" in line for line in self.server.lines):
+            wrong.append("the server warned about its exposure")
         if APP_GREETING not in self.page["body"]:
             wrong.append(f"the page did not arrive through the tunnel: {describe(self.page)}")
         for number, result in enumerate(self.parallel, 1):
@@ -467,6 +476,7 @@ async def story(lab: Lab) -> Story:
     server = await lab.start("server", "server", "-m", f"{TUNNEL}.server", "--host", SERVER_IP, *ports, env=env)
     for role in ("control", "public", "proxy"):
         say(f"  server | {await server.expect(rf'{role} port listening on {re.escape(SERVER_IP)}:')}")
+    say("  (it has a secret, so no 'listening without a secret' warning: only a client that knows it gets in)")
 
     say("")
     say("[c] The client at home connects out through the NAT; the server sees the router's address")
@@ -474,7 +484,8 @@ async def story(lab: Lab) -> Story:
     client_ports = ["--control-port", str(CONTROL_PORT), "--proxy-port", str(PROXY_PORT)]
     local = f"127.0.0.1:{APP_PORT}"
     client = await lab.start("home", "client", "-m", f"{TUNNEL}.client", local, SERVER_IP, *client_ports, env=env)
-    peer_line = await server.expect(rf"{re.escape(ROUTER_WAN_IP)}:\d+")
+    say(f"  client | {await client.expect(r'tunnel up')}")
+    peer_line = await server.expect(rf"{re.escape(ROUTER_WAN_IP)}:\d+: client connected")
     say(f"  server | {peer_line}")
     home_view = await lab.connections("home", CONTROL_PORT)
     server_view = await lab.connections("server", CONTROL_PORT)
@@ -485,10 +496,12 @@ async def story(lab: Lab) -> Story:
     say("")
     say("[d] The user fetches the server's public port and gets the home app's page")
     public_url = f"http://{SERVER_IP}:{PUBLIC_PORT}/"
-    seen = len(app.lines)
+    seen_app, seen_server = len(app.lines), len(server.lines)
     [page] = await lab.fetch("user", public_url)
     say(f"  user   GET {public_url} -> {describe(page)}")
-    app_line = await app.expect(r'"GET / ', after=seen)
+    request_log = await server.expect(rf"{re.escape(USER_IP)}:\d+: .*GET / ", after=seen_server)
+    say(f"  server | {request_log}")
+    app_line = await app.expect(r'"GET / ', after=seen_app)
     say(f"  app    | {app_line.strip()}")
     say("         the app sees the request come from the tunnel client at home, not from the user")
     urls = [f"{public_url}user-{number}.txt" for number in range(1, PARALLEL_USERS + 1)]
@@ -611,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.cleanup:
         return cleanup()
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started as a background job: still stop on SIGINT
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     lines: list[str] = []
 
     def say(line: str) -> None:
