@@ -105,7 +105,8 @@ def probe() -> str | None:
     name = f"{PREFIX}probe-{secrets.token_hex(3)}"
     made = _quiet("ip", "netns", "add", name)
     if made.returncode != 0:
-        return f"cannot create a network namespace ({made.stderr.strip() or 'ip netns add failed'}); run as root"
+        why = made.stderr.strip() or "ip netns add failed"
+        return f"cannot create a network namespace ({why}); it needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN)"
     _quiet("ip", "netns", "del", name)
     return None
 
@@ -223,10 +224,11 @@ class Lab:
         self.started_pids: list[int] = []
         self.teardown: Teardown | None = None
         self._made: list[str] = []
-        self._app_dir = Path(tempfile.mkdtemp(prefix="natlab-app-"))
+        self._app_dir: Path | None = None
 
     async def __aenter__(self) -> "Lab":
         try:
+            self._app_dir = Path(tempfile.mkdtemp(prefix="natlab-app-"))
             await self._build()
         except BaseException:
             await self.close()
@@ -246,8 +248,13 @@ class Lab:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        async with asyncio.timeout(STEP_TIMEOUT):
-            out, err = await process.communicate(stdin.encode() if stdin else None)
+        try:
+            async with asyncio.timeout(STEP_TIMEOUT):
+                out, err = await process.communicate(stdin.encode() if stdin else None)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise LabError(f"{' '.join(args)} did not finish in {STEP_TIMEOUT:g}s") from None
         if process.returncode != 0:
             raise LabError(f"{' '.join(args)} failed: {err.decode().strip()}")
         return out.decode()
@@ -340,6 +347,7 @@ class Lab:
 
     def app_dir(self) -> Path:
         """The folder the home app serves."""
+        assert self._app_dir is not None, "use the lab inside `async with`"
         return self._app_dir
 
     async def close(self) -> Teardown:
@@ -361,7 +369,8 @@ class Lab:
                     os.kill(pid, signal.SIGKILL)
         for name in reversed(self._made):
             _quiet("ip", "netns", "del", name)
-        shutil.rmtree(self._app_dir, ignore_errors=True)
+        if self._app_dir is not None:
+            shutil.rmtree(self._app_dir, ignore_errors=True)
         result.namespaces_left = lab_namespaces(self.run_id)
         result.processes_left = [pid for pid in self.started_pids + result.stragglers if pid_alive(pid)]
         result.seconds = time.monotonic() - started
@@ -617,10 +626,15 @@ def main(argv: list[str] | None = None) -> int:
         "while the tunnel works; then remove everything. Needs root.",
     )
     parser.add_argument("--transcript", type=Path, metavar="FILE", help="also write the output to FILE on success")
-    parser.add_argument("--cleanup", action="store_true", help="remove namespaces left by a killed run, and exit")
+    parser.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="remove what a killed (SIGKILL) run left: every lab namespace and the processes in it; "
+        "not while another lab runs",
+    )
     args = parser.parse_args(argv)
     if (reason := probe()) is not None:
-        print(f"error: {reason}, e.g. `sudo make nat-lab`", file=sys.stderr)
+        print(f"error: {reason}: try `sudo make nat-lab`", file=sys.stderr)
         return 1
     if args.cleanup:
         return cleanup()
