@@ -9,12 +9,13 @@
 - The diff is `difflib.unified_diff` of the two stage folders, computed on every build, so "what
   changed" can never drift from the code.
 - A fence that includes a file may say `highlight="text|other text"`: every line containing one of
-  the texts is highlighted (`hl_lines`), and a text that matches no line fails the build, so the
+  the texts is highlighted (`hl_lines`; use highlight='...' for texts with double quotes), and a text that matches no line fails the build, so the
   highlights follow the code as it changes instead of pointing at stale line numbers.
 """
 
 from __future__ import annotations
 
+import ast
 import difflib
 import re
 from pathlib import Path
@@ -37,7 +38,8 @@ SNIPPET_FENCE = re.compile(
     r'^(?P<indent>[ \t]*)(?P<fence>`{3,})(?P<info>[^\n`]*)\n(?P=indent)--8<-- "(?P<spec>[^"]+)"\n(?P=indent)(?P=fence)[ \t]*$',
     re.M,
 )
-HIGHLIGHT = re.compile(r'\bhighlight="([^"]*)"')
+HIGHLIGHT = re.compile(r"""\bhighlight=(?:"([^"]*)"|'([^']*)')""")
+MESSAGES = re.compile(r"^<!-- messages: (stage_\d) -->$", re.M)
 
 
 def on_config(config: Any) -> Any:
@@ -56,7 +58,8 @@ def on_files(files: Files, config: Any) -> Files:
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
-    """Turn `highlight="..."` on snippet fences into the matching `hl_lines`."""
+    """Expand `<!-- messages: stage_N -->` and turn `highlight="..."` on snippet fences into `hl_lines`."""
+    markdown = MESSAGES.sub(lambda m: message_table(m[1], page.file.src_uri), markdown)
     return SNIPPET_FENCE.sub(lambda m: highlight_fence(m, page.file.src_uri), markdown)
 
 
@@ -77,9 +80,10 @@ def stage_page(n: int, readme: str) -> str:
             raise PluginError("stage_0/README.md asks for a diff, but stage 0 has no previous stage")
         return stage_diff(n)
 
-    text = SITE_MARKER.sub(site_part, text)
     text = ALERT.sub(admonition, text)
-    return LINK.sub(lambda m: m[1] + site_link(n, m[2]) + m[3], text)
+    # Links first: they are written for GitHub; the inserted parts are written for the site.
+    text = LINK.sub(lambda m: m[1] + site_link(n, m[2]) + m[3], text)
+    return SITE_MARKER.sub(site_part, text)
 
 
 def admonition(match: re.Match[str]) -> str:
@@ -144,6 +148,34 @@ def read_lines(path: Path) -> list[str]:
     return path.read_text().splitlines(keepends=True) if path.is_file() else []
 
 
+# --- message tables --------------------------------------------------------------------------
+
+
+def message_table(stage: str, page: str) -> str:
+    """A table of a stage's messages, read from the docstrings of the dataclasses in its protocol.py.
+
+    Each docstring reads "<who> -> <whom>[ on <connection>], <when>: `<the line>`", so the
+    reference page shows exactly what the code says, and a new message appears by itself.
+    """
+    source = ROOT / stage / "protocol.py"
+    if not source.is_file():
+        raise PluginError(f"{page}: {stage}/protocol.py does not exist")
+    rows = []
+    for node in ast.parse(source.read_text()).body:
+        doc = ast.get_docstring(node) if isinstance(node, ast.ClassDef) else None
+        if not doc or "->" not in doc and not doc.startswith("Either way"):
+            continue  # errors and helpers, not messages
+        summary, sep, wire = doc.split("\n")[0].partition(": `")
+        if not sep:
+            raise PluginError(f"{stage}/protocol.py: {node.name}'s docstring does not end with the wire form")
+        who, _, when = summary.partition(", ")
+        rows.append(f"| `{wire.rstrip('.')} | {who.replace('->', '→')} | {when} | `{node.name}` |")
+    if not rows:
+        raise PluginError(f"{page}: no messages found in {stage}/protocol.py")
+    head = "| line on the wire | sent | when | in the code |\n| --- | --- | --- | --- |\n"
+    return head + "\n".join(rows) + f"\n\n<small>Generated from the docstrings in `{stage}/protocol.py`.</small>\n"
+
+
 # --- highlighted lines ---------------------------------------------------------------------------
 
 
@@ -155,7 +187,7 @@ def highlight_fence(match: re.Match[str], page: str) -> str:
         return match[0]
     lines = included_lines(match["spec"], page)
     numbers = []
-    for text in wanted[1].split("|"):
+    for text in (wanted[1] if wanted[1] is not None else wanted[2]).split("|"):
         found = [i for i, line in enumerate(lines, start=1) if text in line]
         if not found:
             raise PluginError(f"{page}: highlight {text!r} matches no line of {match['spec']}")
