@@ -44,11 +44,18 @@ class Pairing:
         self.max_waiting = max_waiting  # beyond this many waiting users, new ones are turned away
         # conn_id -> the future through which a waiting public connection gets its proxy streams.
         self._waiting: dict[str, asyncio.Future[Streams]] = {}
+        # conn_id -> the waiting user's reader, to see whether the user is still there.
+        self._users: dict[str, asyncio.StreamReader] = {}
 
-    @property
-    def full(self) -> bool:
-        """True when no more users may wait: see MAX_WAITING."""
-        return len(self._waiting) >= self.max_waiting
+    def has_room(self) -> bool:
+        """True if one more user may wait (see MAX_WAITING); when full, first let go of users who left."""
+        if len(self._waiting) >= self.max_waiting:
+            # A user who connected and hung up without a word (EOF, nothing to
+            # read) waits for nothing: a flood of those must not lock real users out.
+            for conn_id, user in list(self._users.items()):
+                if user.at_eof():
+                    self.fail(conn_id, "the user left")
+        return len(self._waiting) < self.max_waiting
 
     def fail(self, conn_id: str, cause: str) -> None:
         """Tell the user waiting under `conn_id` that no proxy connection will come, and why."""
@@ -62,16 +69,18 @@ class Pairing:
             self.fail(conn_id, cause)
 
     @contextlib.contextmanager
-    def expect(self) -> Iterator[tuple[str, asyncio.Future[Streams]]]:
-        """Register a fresh id and the future its proxy streams will arrive in; on exit, retire both."""
+    def expect(self, user: asyncio.StreamReader) -> Iterator[tuple[str, asyncio.Future[Streams]]]:
+        """Register a fresh id for `user` and the future its proxy streams will arrive in; on exit, retire both."""
         conn_id = new_conn_id()
         future: asyncio.Future[Streams] = asyncio.get_running_loop().create_future()
         self._waiting[conn_id] = future
+        self._users[conn_id] = user
         try:
             yield conn_id, future
         finally:
             # Ids are single-use: whatever happened, this one can never pair again.
             self._waiting.pop(conn_id, None)
+            self._users.pop(conn_id, None)
             # Close the proxy connection if one was handed over: after the relay, but
             # also when it came in just as the timeout fired or the server stopped.
             if future.done() and not future.cancelled() and future.exception() is None:

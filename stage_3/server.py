@@ -138,11 +138,11 @@ class Server:
                 # A page that names the cause tells the user more than a closed connection.
                 await self._refuse(reader, writer, peer, 502, "no tunnel client is connected to this server")
                 return
-            if self._pairing.full:  # bounded: a flood of users must not pile up sockets here
+            if not self._pairing.has_room():  # bounded: a flood of users must not pile up sockets here
                 await self._refuse(reader, writer, peer, 503, "too many users are waiting; try again soon")
                 return
             # Register the id first, then ask: the proxy connection may arrive as soon as we yield.
-            with self._pairing.expect() as (conn_id, proxy):
+            with self._pairing.expect(reader) as (conn_id, proxy):
                 short = conn_id[:8]  # enough to follow a connection in the logs, useless to an attacker
                 who = f"{peer}: conn {short}"
                 try:

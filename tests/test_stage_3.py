@@ -228,6 +228,20 @@ async def test_too_many_waiting_users_get_a_503_page(start_server: StartServer) 
         writer.close()
 
 
+async def test_users_who_already_hung_up_do_not_keep_others_out_of_a_full_waiting_room(
+    start_server: StartServer,
+) -> None:
+    ports = await start_server(max_waiting=2, proxy_timeout=0.5)
+    control, _ = await handshake(ports.control, secret=None)  # it never dials: users pile up
+    for _ in range(2):
+        _, writer = await open_connection(ports.public)
+        writer.close()  # connect and hang up at once, as a flood does
+        assert (await read_line(control[0])).startswith(b"create_proxy ")
+    status, _ = await http(ports.public)
+    assert status == 504  # let in to wait (and then timed out), not turned away with a 503
+    control[1].close()
+
+
 async def test_a_user_who_does_not_speak_http_gets_a_clean_close_not_a_page(start_server: StartServer) -> None:
     ports = await start_server()
     reader, writer = await open_connection(ports.public)

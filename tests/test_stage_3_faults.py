@@ -1,0 +1,248 @@
+"""Stage 3 under faults: killed processes, restarts, garbage and floods on every port.
+
+The server and the client run as real subprocesses, so that a kill is a real kill (the kernel
+closes their sockets) and their open file descriptors and memory can be read from /proc.
+"""
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from stage_3.server import Ports
+from support import PAGE, STEP_TIMEOUT, CliProcess, EchoServer, HttpOrigin, exchange, open_connection
+
+T = TypeVar("T")
+MiB = 1024 * 1024
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc to count fds and memory")
+
+
+ANY_PORTS = Ports(0, 0, 0)
+
+
+async def start_server(cli: CliProcess.Factory, ports: Ports = ANY_PORTS) -> tuple[CliProcess, Ports]:
+    server = await cli(
+        "-m", "stage_3.server", "--control-port", str(ports.control), "--public-port", str(ports.public),
+        "--proxy-port", str(ports.proxy),
+    )  # fmt: skip
+    return server, Ports(*[await server.listening(role) for role in ("control", "public", "proxy")])
+
+
+async def start_client(cli: CliProcess.Factory, local_port: int, ports: Ports, *extra: str) -> CliProcess:
+    client = await cli(
+        "-m", "stage_3.client", f"127.0.0.1:{local_port}", "127.0.0.1",
+        "--control-port", str(ports.control), "--proxy-port", str(ports.proxy), *extra,
+    )  # fmt: skip
+    await client.expect("tunnel up")
+    return client
+
+
+def _get(port: int) -> tuple[int, bytes]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxies
+    with opener.open(f"http://127.0.0.1:{port}/", timeout=STEP_TIMEOUT) as response:
+        return response.status, response.read()
+
+
+async def get(port: int) -> tuple[int, bytes]:
+    """GET / on the public port with a real HTTP client."""
+    return await asyncio.to_thread(_get, port)
+
+
+async def bounded(awaitable: Awaitable[T]) -> T:
+    async with asyncio.timeout(STEP_TIMEOUT):
+        return await awaitable
+
+
+@contextlib.asynccontextmanager
+async def draining(*processes: CliProcess) -> AsyncIterator[None]:
+    """Keep reading the processes' output while a flood makes them log thousands of lines.
+
+    Nobody reading a pipe makes the writer block once the pipe's buffer is full: the
+    server would freeze on its next log line, which is the test's fault, not the server's.
+    """
+    readers = [asyncio.create_task(process.wait(timeout=STEP_TIMEOUT * 30)) for process in processes]
+    try:
+        yield
+    finally:
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def until_at_most(fds: int, pid: int) -> None:
+    """Wait (bounded) until process `pid` has no more than `fds` open: closing takes a moment."""
+    async with asyncio.timeout(STEP_TIMEOUT):
+        while True:
+            if open_fds(pid) <= fds:
+                return
+            await asyncio.sleep(0.05)
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS line")
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports that nothing listens on right now."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+@pytest.mark.slow
+async def test_killing_the_client_mid_transfer_ends_the_user_cleanly_and_a_new_client_takes_over(
+    cli: CliProcess.Factory, http_origin: HttpOrigin
+) -> None:
+    server, ports = await start_server(cli)
+    client = await start_client(cli, http_origin.port, ports)
+    reader, writer = await open_connection(ports.public)
+    writer.write(f"GET /bytes/{50 * MiB} HTTP/1.0\r\n\r\n".encode())
+    async with asyncio.timeout(STEP_TIMEOUT):
+        first = await reader.readexactly(5 * MiB)
+    client.process.kill()  # SIGKILL: no goodbye, the kernel just closes its sockets
+    async with asyncio.timeout(STEP_TIMEOUT):
+        rest = await reader.read()  # EOF (not a hang, not a reset) once what was in flight is delivered
+    assert len(first) + len(rest) < 50 * MiB
+    writer.close()
+    await server.expect("control connection closed; the tunnel is free")
+    assert server.process.returncode is None  # the server shrugged it off
+    await start_client(cli, http_origin.port, ports)
+    assert await get(ports.public) == (200, PAGE)
+
+
+@pytest.mark.slow
+async def test_the_client_reconnects_on_its_own_when_the_server_restarts_on_the_same_ports(
+    cli: CliProcess.Factory, http_origin: HttpOrigin
+) -> None:
+    server, ports = await start_server(cli, Ports(*free_ports(3)))
+    client = await start_client(
+        cli, http_origin.port, ports, "--max-backoff", "0.5", "--heartbeat-interval", "0.2", "--heartbeat-timeout", "1"
+    )
+    assert await get(ports.public) == (200, PAGE)
+    server.process.kill()
+    await client.expect(r"reconnecting in [\d.]+s \(attempt 1\)")
+    await client.expect(r"reconnecting in [\d.]+s \(attempt 4\)")  # the server stays down for a while
+    await start_server(cli, ports)
+    # Retries never wait more than --max-backoff (0.5 s), so this comes soon after the restart.
+    await client.expect("tunnel up", timeout=STEP_TIMEOUT / 2)
+    assert await get(ports.public) == (200, PAGE)
+
+
+async def connect_and_close(port: int, count: int) -> None:
+    """`count` connections that close at once, fifty at a time."""
+
+    async def one() -> None:
+        _, writer = await open_connection(port)
+        writer.close()
+
+    for _ in range(count // 50):
+        await asyncio.gather(*(one() for _ in range(50)))
+
+
+async def send_then_read(port: int, payload: bytes) -> bytes:
+    """Send `payload` and EOF (while reading), return whatever came back; a reset just ends it."""
+    reader, writer = await open_connection(port)
+    received = bytearray()
+
+    async def send() -> None:
+        with contextlib.suppress(OSError):
+            writer.write(payload)
+            await writer.drain()
+            writer.write_eof()
+
+    async def read() -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                received.extend(data)
+
+    async with asyncio.timeout(STEP_TIMEOUT):
+        await asyncio.gather(send(), read())
+    writer.close()
+    return bytes(received)
+
+
+@pytest.mark.slow
+async def test_garbage_long_lines_silence_and_floods_on_every_port_leave_the_server_bounded_and_serving(
+    cli: CliProcess.Factory, echo_server: EchoServer
+) -> None:
+    # The local app is an asyncio echo server: http.server's accept queue of 5 would make
+    # the flood measure the test's local app instead of the tunnel.
+    server, ports = await start_server(cli)
+    client = await start_client(cli, echo_server.port, ports)
+    pid = server.process.pid
+    assert await exchange(ports.public, b"warm-up\n") == b"warm-up\n"  # every lazy allocation done
+    fds_before, rss_before = open_fds(pid), rss_mib(pid)
+
+    # A well-behaved user keeps talking through all of it.
+    served: list[bool] = []
+    done = asyncio.Event()
+
+    async def talk() -> None:
+        while not done.is_set():
+            line = f"request {len(served)}\n".encode()
+            served.append(await exchange(ports.public, line) == line)
+
+    async with draining(server, client):
+        talking = asyncio.create_task(talk())
+        started = time.monotonic()
+        silent = [await open_connection(port) for port in (ports.control, ports.proxy)]
+        for port in (ports.control, ports.proxy, ports.public):
+            await send_then_read(port, os.urandom(4096) + b"\n")  # garbage
+            await send_then_read(port, b"x" * 10 * MiB)  # a 10 MB line without a newline
+            await connect_and_close(port, 1000)
+        # Connections that never say anything are cut off by the server (handshake timeout).
+        for reader, writer in silent:
+            async with asyncio.timeout(STEP_TIMEOUT):
+                assert (await reader.read()).startswith(b"error no ")
+            writer.close()
+        flood_seconds = time.monotonic() - started
+        done.set()
+        await bounded(talking)
+        assert served and all(served), f"{served.count(False)} of {len(served)} exchanges failed during the flood"
+
+        # Every socket the flood made is closed again: the fd count returns to where it was.
+        await until_at_most(fds_before, pid)
+    fds_after, rss_after = open_fds(pid), rss_mib(pid)
+    print(  # figures for the report (pytest -s shows them)
+        f"\nflood: 3 ports x (garbage, 10 MB line, 1000 connect-and-close) + 2 silent, {flood_seconds:.1f}s; "
+        f"{len(served)} good exchanges meanwhile; server fds {fds_before} -> {fds_after}; "
+        f"server RSS {rss_before:.1f} -> {rss_after:.1f} MiB"
+    )
+    assert rss_after - rss_before < 64, "the flood left the server holding tens of megabytes"
+    assert server.process.returncode is None
+    assert await exchange(ports.public, b"still here\n") == b"still here\n"
+
+
+@pytest.mark.slow
+async def test_a_thousand_users_leave_no_fd_behind_in_server_or_client(
+    cli: CliProcess.Factory, echo_server: EchoServer
+) -> None:
+    server, ports = await start_server(cli)
+    client = await start_client(cli, echo_server.port, ports)
+    assert await exchange(ports.public, b"warm-up\n") == b"warm-up\n"
+    pids = (server.process.pid, client.process.pid)
+    before = [open_fds(pid) for pid in pids]
+    async with draining(server, client):
+        for batch in range(20):
+            lines = [f"user {batch}.{n}\n".encode() for n in range(50)]
+            assert await asyncio.gather(*(exchange(ports.public, line) for line in lines)) == lines
+        await until_at_most(before[0], pids[0])
+        await until_at_most(before[1], pids[1])
+    print(f"\n1000 users: fds (server, client) {before} -> {[open_fds(pid) for pid in pids]}")
