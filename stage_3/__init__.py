@@ -13,6 +13,8 @@ Layout:
 - `pages.py`: the 502/503/504 pages an HTTP user gets when the tunnel can't serve them.
 - `server.py`: the control, public and proxy ports; `python -m stage_3.server` runs it.
 - `backoff.py`: how long the client waits between reconnect attempts.
+- `private.py`: the client's side of one user: the private connection to the local app,
+  joined to a proxy connection.
 - `client.py`: keeps the control connection up and relays every user to the local app;
   `python -m stage_3.client LOCAL [SERVER]` runs it.
 - `demo_app.py` and `__main__.py`: `python -m stage_3` runs a demo app, the server and the

@@ -14,6 +14,7 @@ connection gets a different nonce.
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import secrets
 
 from .protocol import (
@@ -105,3 +106,23 @@ async def client_handshake(
         case None:
             raise ProtocolError("the server closed the connection during the handshake")
     raise ProtocolError(f"expected 'welcome', got {reply}")
+
+
+def exposure_warning(host: str, secret: str | None) -> str | None:
+    """A loud warning if the world can reach this server and no secret guards it; else None."""
+    if secret or is_loopback(host):
+        return None
+    return (
+        f"WARNING: listening on {host!r} without a secret: anyone who can reach this machine "
+        "can connect as the client and receive your users' traffic. Set NGROK_SECRET or --secret."
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """True if only this machine can reach `host` (127.0.0.1, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name, or "" for every interface: assume the world can reach it
+        return False

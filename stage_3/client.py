@@ -14,14 +14,11 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import sys
-import time
 
-from . import auth, backoff
+from . import auth, backoff, private
 from .protocol import (
     CONTROL_PORT,
-    DATA_LIMIT,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_TIMEOUT,
     MAX_LINE,
@@ -33,13 +30,11 @@ from .protocol import (
     Message,
     Ping,
     Pong,
-    Proxy,
     Refused,
     TunnelError,
     read_message,
     write_message,
 )
-from .relay import relay
 
 log = logging.getLogger("stage_3.client")
 
@@ -81,7 +76,7 @@ class Client:
         try:
             while True:
                 try:
-                    reader, writer = await self._connect(self.control_port, limit=MAX_LINE)
+                    reader, writer = await self._connect()
                     try:
                         welcome = await auth.client_handshake(reader, writer, self.secret, self.session_id)
                         self.session_id = welcome.session_id
@@ -100,6 +95,14 @@ class Client:
             for task in self._users:
                 task.cancel()
             await asyncio.gather(*self._users, return_exceptions=True)
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open the control connection, or raise TunnelError saying why not."""
+        try:
+            return await private.dial(self.server, self.control_port, limit=MAX_LINE)
+        except OSError as exc:
+            reason = private.why(exc)
+            raise TunnelError(f"cannot reach the server at {self.server}:{self.control_port} ({reason})") from None
 
     async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Send heartbeats and handle the server's messages; raise TunnelError when the connection is lost."""
@@ -135,6 +138,7 @@ class Client:
             self.connected.clear()
             self._control = None
             pinger.cancel()
+            await asyncio.gather(pinger, return_exceptions=True)
 
     async def _send_heartbeats(self, writer: asyncio.StreamWriter) -> None:
         # A ping every interval shows the server that we are alive, and its pongs show us the same.
@@ -143,43 +147,12 @@ class Client:
                 await asyncio.sleep(self.heartbeat_interval)
                 await write_message(writer, Ping())
 
-    async def _connect(self, port: int, limit: int = DATA_LIMIT) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        try:
-            # Every connect gets a deadline: a server behind a firewall that
-            # drops packets would otherwise keep us waiting for minutes.
-            async with asyncio.timeout(NETWORK_TIMEOUT):
-                return await asyncio.open_connection(self.server, port, limit=limit)
-        except OSError as exc:
-            raise TunnelError(f"cannot reach the server at {self.server}:{port} ({why(exc)})") from None
-
     async def _serve_user(self, conn_id: str) -> None:
-        short, started = conn_id[:8], time.monotonic()
         try:
-            # The private connection first: if the local app is down, the server can
-            # show its user an error page at once, instead of after a timeout.
-            async with asyncio.timeout(NETWORK_TIMEOUT):
-                local_reader, local_writer = await asyncio.open_connection(*self.local, limit=DATA_LIMIT)
-        except OSError as exc:
-            reason = f"{why(exc)} at {self.local[0]}:{self.local[1]}"
-            log.warning("conn %s: cannot reach the local app (%s); telling the server", short, reason)
-            await self._report(LocalError(conn_id, reason))
-            return
-        try:
-            proxy_reader, proxy_writer = await self._connect(self.proxy_port)
-            try:
-                # The first line names the user this connection is for; the server pairs by it.
-                await write_message(proxy_writer, Proxy(conn_id))
-                up, down = await relay(proxy_reader, proxy_writer, local_reader, local_writer)
-                elapsed = time.monotonic() - started
-                log.info("conn %s: closed, %d bytes in, %d bytes out, %.3fs", short, up.copied, down.copied, elapsed)
-            finally:
-                proxy_writer.close()
-        except TunnelError as exc:  # this user is lost, the tunnel is not: log and carry on
-            log.warning("conn %s: %s", short, exc)
-        except OSError as exc:
-            log.info("conn %s: connection lost (%s)", short, exc)
-        finally:
-            local_writer.close()
+            await private.serve_user(conn_id, self.local, self.server, self.proxy_port)
+        except private.LocalAppDown as exc:
+            log.warning("conn %s: cannot reach the local app (%s); telling the server", conn_id[:8], exc)
+            await self._report(LocalError(conn_id, str(exc)))
 
     async def _report(self, message: Message) -> None:
         """Tell the server something on the control connection, if there is one right now."""
@@ -188,15 +161,6 @@ class Client:
         with contextlib.suppress(OSError):  # TimeoutError included: a stuck connection is not our problem here
             async with asyncio.timeout(NETWORK_TIMEOUT):
                 await write_message(self._control, message)
-
-
-def why(exc: OSError) -> str:
-    """A short reason for a failed connect, e.g. 'connection refused'."""
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    # asyncio wraps the reason ("[Errno 111] Connect call failed ..."), once per address tried.
-    codes = {exc.errno} if exc.errno else {int(code) for code in re.findall(r"\[Errno (\d+)\]", str(exc))}
-    return os.strerror(codes.pop()).lower() if len(codes) == 1 else str(exc)
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -234,27 +198,14 @@ def main() -> None:
         default=os.environ.get("NGROK_SECRET"),
         help="the server's secret (default: $NGROK_SECRET, which keeps it out of ps)",
     )
-    parser.add_argument(
-        "--heartbeat-interval",
-        type=float,
-        default=HEARTBEAT_INTERVAL,
-        metavar="SECONDS",
-        help="how often to ping the server (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--heartbeat-timeout",
-        type=float,
-        default=HEARTBEAT_TIMEOUT,
-        metavar="SECONDS",
-        help="silence after which the server counts as gone (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-backoff",
-        type=float,
-        default=backoff.BACKOFF_CAP,
-        metavar="SECONDS",
-        help="the longest wait between reconnect attempts (default: %(default)s)",
-    )
+    for flag, seconds, what in (
+        ("heartbeat-interval", HEARTBEAT_INTERVAL, "how often to ping the server"),
+        ("heartbeat-timeout", HEARTBEAT_TIMEOUT, "silence after which the server counts as gone"),
+        ("max-backoff", backoff.BACKOFF_CAP, "the longest wait between two reconnect attempts"),
+    ):
+        parser.add_argument(
+            f"--{flag}", type=float, default=seconds, metavar="SECONDS", help=f"{what} (default: %(default)s)"
+        )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()
     logging.basicConfig(

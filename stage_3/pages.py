@@ -35,6 +35,18 @@ def status_code(head: bytes) -> str | None:
     return match[1].decode() if match else None
 
 
+def summary(up_head: bytes, down_head: bytes) -> str:
+    """For the request log: 'GET /path -> 200' if the user spoke HTTP, else 'closed'.
+
+    Tutorial shortcut: only the first request of a connection is named; a browser
+    that keeps a connection open for more requests gets one line for all of them.
+    """
+    request = request_line(up_head)
+    if request is None:
+        return "closed"
+    return f"{request} -> {status_code(down_head) or 'no response'}"
+
+
 def error_page(status: int, cause: str) -> bytes:
     """A complete HTTP response naming `cause`, which the server closes after sending."""
     title = f"{status} {REASONS.get(status, 'Error')}"

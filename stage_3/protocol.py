@@ -80,7 +80,7 @@ class Challenge:
 
 @dataclass(frozen=True)
 class Auth:
-    """Client -> server, the proof: `auth <hmac>`, the HMAC-SHA256 of the nonce under the secret."""
+    """Client -> server, the answer to a challenge, HMAC-SHA256(secret, nonce) in hex: `auth <hmac>`."""
 
     digest: str
 

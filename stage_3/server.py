@@ -10,7 +10,6 @@ ports, the users, and what a user sees when the tunnel can't serve them (pages.p
 import argparse
 import asyncio
 import errno
-import ipaddress
 import logging
 import os
 import sys
@@ -18,7 +17,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
-from . import pages
+from . import auth, pages
 from .pairing import Pairing, Unavailable
 from .protocol import (
     CONTROL_PORT,
@@ -33,7 +32,7 @@ from .protocol import (
     CreateProxy,
     TunnelError,
 )
-from .relay import Flow, relay
+from .relay import relay
 from .session import Sessions
 
 log = logging.getLogger("stage_3.server")
@@ -98,7 +97,7 @@ class Server:
         addresses = [listener.sockets[0].getsockname()[:2] for listener in self._listeners]
         for role, (bound_host, bound_port) in zip(("control", "public", "proxy"), addresses, strict=True):
             log.info("%s port listening on %s:%d", role, bound_host, bound_port)
-        if warning := exposure_warning(host, self._sessions.secret):
+        if warning := auth.exposure_warning(host, self._sessions.secret):
             log.warning("%s", warning)
         return Ports(*(int(port) for _, port in addresses))
 
@@ -162,9 +161,8 @@ class Server:
                 up, down = await relay(reader, writer, proxy_reader, proxy_writer)
             elapsed = time.monotonic() - started
             # The request log: one line per public connection, like ngrok's list of requests.
-            log.info(
-                "%s %s, %d bytes up, %d bytes down, %.3fs", who, summary(up, down), up.copied, down.copied, elapsed
-            )
+            request = pages.summary(up.head, down.head)
+            log.info("%s %s, %d bytes up, %d bytes down, %.3fs", who, request, up.copied, down.copied, elapsed)
         except OSError as exc:
             log.info("%s: public connection lost (%s)", peer, exc)
         finally:
@@ -180,38 +178,6 @@ class Server:
     ) -> None:
         sent = await pages.refuse(reader, writer, status, cause)
         log.warning("%s: %s; %s", who, cause, f"sent a {status} page" if sent else "closed")
-
-
-def summary(up: Flow, down: Flow) -> str:
-    """'GET /path -> 200' when the user spoke HTTP, else 'closed'.
-
-    Tutorial shortcut: only the first request of a connection is named; a browser
-    that keeps a connection open for more requests gets one line for all of them.
-    """
-    request = pages.request_line(up.head)
-    if request is None:
-        return "closed"
-    return f"{request} -> {pages.status_code(down.head) or 'no response'}"
-
-
-def exposure_warning(host: str, secret: str | None) -> str | None:
-    """A loud warning if the world can reach this server and no secret guards it; else None."""
-    if secret or is_loopback(host):
-        return None
-    return (
-        f"WARNING: listening on {host!r} without a secret: anyone who can reach this machine "
-        "can connect as the client and receive your users' traffic. Set NGROK_SECRET or --secret."
-    )
-
-
-def is_loopback(host: str) -> bool:
-    """True if only this machine can reach `host` (127.0.0.1, ::1, localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name, or "" for every interface: assume the world can reach it
-        return False
 
 
 def peername(writer: asyncio.StreamWriter) -> str:
@@ -255,20 +221,13 @@ def main() -> None:
             metavar="PORT",
             help=f"where {who}; 0 = any (default: %(default)s)",
         )
-    parser.add_argument(
-        "--proxy-timeout",
-        type=float,
-        default=PROXY_TIMEOUT,
-        metavar="SECONDS",
-        help="how long a user waits for its proxy connection (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--heartbeat-timeout",
-        type=float,
-        default=HEARTBEAT_TIMEOUT,
-        metavar="SECONDS",
-        help="silence after which the client counts as gone (default: %(default)s)",
-    )
+    for flag, seconds, what in (
+        ("proxy-timeout", PROXY_TIMEOUT, "how long a user waits for its proxy connection"),
+        ("heartbeat-timeout", HEARTBEAT_TIMEOUT, "silence after which the client counts as gone"),
+    ):
+        parser.add_argument(
+            f"--{flag}", type=float, default=seconds, metavar="SECONDS", help=f"{what} (default: %(default)s)"
+        )
     parser.add_argument(
         "--secret",
         default=os.environ.get("NGROK_SECRET"),

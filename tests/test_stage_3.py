@@ -19,7 +19,7 @@ import pytest
 from stage_3 import auth
 from stage_3.client import Client
 from stage_3.protocol import Refused
-from stage_3.server import Ports, Server, exposure_warning
+from stage_3.server import Ports, Server
 from support import (
     PAGE,
     STEP_TIMEOUT,
@@ -304,11 +304,11 @@ async def test_a_proxy_connection_must_name_an_id_the_server_gave_out(tunnel: Po
 
 
 def test_a_server_open_to_the_world_without_a_secret_is_warned_about() -> None:
-    assert exposure_warning("0.0.0.0", None) is not None
-    assert "without a secret" in (exposure_warning("203.0.113.7", None) or "")
-    assert exposure_warning("0.0.0.0", "s3cret") is None
+    assert auth.exposure_warning("0.0.0.0", None) is not None
+    assert "without a secret" in (auth.exposure_warning("203.0.113.7", None) or "")
+    assert auth.exposure_warning("0.0.0.0", "s3cret") is None
     for loopback in ("127.0.0.1", "::1", "localhost"):
-        assert exposure_warning(loopback, None) is None
+        assert auth.exposure_warning(loopback, None) is None
 
 
 # --- one tunnel, sessions and heartbeats ----------------------------------------------------

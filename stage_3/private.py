@@ -1,0 +1,66 @@
+"""The client's side of one user: the private connection to the local app, joined to a proxy connection.
+
+    user --> server --> proxy connection --> client --> private connection --> local app
+
+The client runs `serve_user` once per `create_proxy <id>`, each in a task of its own, so that a
+slow user never holds up the others. Neither connection depends on the control connection:
+a user stays connected while the client reconnects its control connection.
+"""
+
+import asyncio
+import logging
+import os
+import re
+import time
+
+from .protocol import DATA_LIMIT, NETWORK_TIMEOUT, Proxy, TunnelError, write_message
+from .relay import relay
+
+log = logging.getLogger("stage_3.client")
+
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class LocalAppDown(TunnelError):
+    """The local app refused or did not answer; the message says which, for the user's error page."""
+
+
+async def dial(host: str, port: int, limit: int = DATA_LIMIT) -> Streams:
+    """Connect with a deadline; OSError (TimeoutError included) if that fails."""
+    # A host behind a firewall that drops packets would otherwise keep us waiting for minutes.
+    async with asyncio.timeout(NETWORK_TIMEOUT):
+        return await asyncio.open_connection(host, port, limit=limit)
+
+
+async def serve_user(conn_id: str, local: tuple[str, int], server: str, proxy_port: int) -> None:
+    """Join one user to the local app until both sides are done; LocalAppDown if the app can't be reached."""
+    short, started = conn_id[:8], time.monotonic()
+    # The private connection first: if the local app is down, the server can show
+    # its user an error page at once, instead of after the proxy timeout.
+    try:
+        local_reader, local_writer = await dial(*local)
+    except OSError as exc:
+        raise LocalAppDown(f"{why(exc)} at {local[0]}:{local[1]}") from None
+    try:
+        proxy_reader, proxy_writer = await dial(server, proxy_port)
+        try:
+            # The first line names the user this connection is for; the server pairs by it.
+            await write_message(proxy_writer, Proxy(conn_id))
+            up, down = await relay(proxy_reader, proxy_writer, local_reader, local_writer)
+            elapsed = time.monotonic() - started
+            log.info("conn %s: closed, %d bytes in, %d bytes out, %.3fs", short, up.copied, down.copied, elapsed)
+        finally:
+            proxy_writer.close()
+    except OSError as exc:  # this user is lost, the tunnel is not: log and carry on
+        log.warning("conn %s: proxy connection to %s:%d failed or lost (%s)", short, server, proxy_port, why(exc))
+    finally:
+        local_writer.close()
+
+
+def why(exc: OSError) -> str:
+    """A short reason for a failed connect, e.g. 'connection refused'."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    # asyncio wraps the reason ("[Errno 111] Connect call failed ..."), once per address tried.
+    codes = {exc.errno} if exc.errno else {int(code) for code in re.findall(r"\[Errno (\d+)\]", str(exc))}
+    return os.strerror(codes.pop()).lower() if len(codes) == 1 else str(exc)
