@@ -72,6 +72,7 @@ class Section:
     path: str
     heading: str
     line: int
+    level: int  # 1 for "#", 2 for "##", ...; 0 before the first heading
     commands: list[Command] = field(default_factory=list)
     other_fences: list[tuple[int, str]] = field(default_factory=list)  # (line, language)
     inline_code: list[tuple[int, str]] = field(default_factory=list)
@@ -98,7 +99,7 @@ def has_verify(path: Path) -> bool:
 def parse(path: Path, root: Path = ROOT) -> list[Section]:
     """Split a Markdown file into sections by heading and parse its console blocks."""
     rel = path.relative_to(root).as_posix()
-    sections = [Section(rel, "(top)", 1)]
+    sections = [Section(rel, "(top)", 1, 0)]
     lines = path.read_text().splitlines()
     i = 0
     while i < len(lines):
@@ -115,7 +116,7 @@ def parse(path: Path, root: Path = ROOT) -> list[Section]:
             else:
                 sections[-1].other_fences.append((body_start, m["lang"]))
         elif m := HEADING.match(line):
-            sections.append(Section(rel, m[2], i + 1))
+            sections.append(Section(rel, m[2], i + 1, len(m[1])))
         else:
             sections[-1].inline_code += [(i + 1, code) for code in INLINE_CODE.findall(line)]
         i += 1
@@ -196,6 +197,8 @@ class Terminal:
     def __init__(self, command: Command) -> None:
         self.command = command
         self.lines: list[str] = []
+        self.times: list[float] = []  # when each line arrived (time.monotonic()), for the demo picture
+        self.started = time.monotonic()
         self._changed = threading.Condition()
         self.process = subprocess.Popen(
             ["bash", "-c", command.text],
@@ -213,6 +216,7 @@ class Terminal:
         assert self.process.stdout is not None
         for raw in self.process.stdout:
             with self._changed:
+                self.times.append(time.monotonic())
                 self.lines.append(raw.decode(errors="replace").rstrip("\n"))
                 self._changed.notify_all()
         with self._changed:
