@@ -45,8 +45,8 @@ class Settings:
 
 
 MODES = {
-    "full": Settings("full", 5, 256 * 2**20, 4, 10_000_000, 200, 1000),
-    "quick": Settings("quick", 2, 32 * 2**20, 1, 10_000_000, 50, 1000),
+    "full": Settings("full", 5, 512 * 2**20, 4, 10_000_000, 200, 1000),
+    "quick": Settings("quick", 2, 64 * 2**20, 1, 10_000_000, 50, 1000),
     "smoke": Settings("smoke", 1, 1 * 2**20, 0, 200, 5, 20),
 }
 
@@ -122,9 +122,10 @@ def measure(scenario: str, path: PathUnderTest, settings: Settings) -> dict[str,
 
 
 def _per_unit(metrics: dict[str, Any], name: str, scale: float) -> dict[str, Any]:
-    cpu = [v for k, v in metrics.items() if k.startswith("cpu_s ")]
-    if cpu:
-        metrics[name] = sum(cpu) * scale
+    cpu = sum(v for k, v in metrics.items() if k.startswith("cpu_s "))
+    if cpu > 0:
+        metrics[name] = cpu * scale
+        metrics[f"{name}_kernel_share"] = sum(v for k, v in metrics.items() if k.startswith("cpu_sys_s ")) / cpu
     return metrics
 
 

@@ -129,16 +129,17 @@ class Process:
                 pss += _field_kib(Path(f"/proc/{pid}/smaps_rollup").read_text(), "Pss:")
         return {"rss": rss, "pss": pss}
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the process and its reaped and living children."""
+    def cpu_times(self) -> tuple[float, float]:
+        """(user, system) CPU seconds of the process tree, reaped children included."""
         ticks = os.sysconf("SC_CLK_TCK")
-        total = 0.0
+        user = system = 0.0
         for pid in self.tree():
             with contextlib.suppress(OSError, ValueError, IndexError):
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                # utime, stime, cutime, cstime (fields 14-17 of proc(5), counted after the comm)
-                total += sum(int(value) for value in fields[11:15]) / ticks
-        return total
+                # utime, stime, cutime, cstime: fields 14-17 of proc(5), counted here after the comm
+                user += (int(fields[11]) + int(fields[13])) / ticks
+                system += (int(fields[12]) + int(fields[14])) / ticks
+        return user, system
 
 
 def _field_kib(text: str, name: str) -> int:

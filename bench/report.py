@@ -64,6 +64,7 @@ def values(records: list[Record], scenario: str, field: str, path: str) -> dict[
 def summarize(records: list[Record], paths: list[str]) -> dict[str, dict[str, dict[str, float]]]:
     """{metric key: {path: {median, min, max, n}}} over the rounds."""
     fields = {(m.scenario, m.field) for m in METRICS} | {(s, f) for s, f, _, _ in CPU_ROWS}
+    fields |= {(s, f"{f}_kernel_share") for s, f, _, _ in CPU_ROWS}
     for record in records:
         if record["scenario"] == "idle" and "metrics" in record:
             fields |= {("idle", k) for k in record["metrics"] if "_kib_per_conn " in k}
@@ -230,12 +231,21 @@ def markdown(report: Record) -> str:
             )
     cpu_paths = [p for p in paths if p != "direct"]
     if any(f"{s}.{f}" in summary for s, f, _, _ in CPU_ROWS):
-        lines += ["", "**CPU time of the path's own processes** (from /proc; the load and the origin excluded)", ""]
+        lines += [
+            "",
+            "**CPU time of the path's own processes** (user + kernel, from /proc; the load and the origin "
+            "excluded; in brackets: the kernel's share)",
+            "",
+        ]
         lines += ["| | " + " | ".join(cpu_paths) + " |", "|---|" + "---:|" * len(cpu_paths)]
         for scenario, field, label, unit in CPU_ROWS:
             entries = summary.get(f"{scenario}.{field}", {})
+            shares = summary.get(f"{scenario}.{field}_kernel_share", {})
             if entries:
-                lines.append(f"| {label} ({unit}) | " + " | ".join(_cell(entries.get(p)) for p in cpu_paths) + " |")
+                cells = [
+                    _cell(entries.get(p)) + (f" ({shares[p]['median']:.0%})" if p in shares else "") for p in cpu_paths
+                ]
+                lines.append(f"| {label} ({unit}) | " + " | ".join(cells) + " |")
     others = [p for p in paths if p != "direct"]
     if others and "direct" in paths:
         columns = [(p, "direct") for p in others] + [(p, "socat") for p in others if p != "socat" and "socat" in paths]
@@ -301,8 +311,8 @@ def svg_chart(report: Record) -> str:
     height = sum(title_h + row_h * len(rows) + gap for _, rows in panels) + 10
     color = {p: COLORS[i % len(COLORS)] for i, p in enumerate(paths)}
     out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
-        f'height="{height}" font-family="sans-serif" font-size="12" role="img">',
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+        f'style="width:100%;max-width:{width}px;height:auto" font-family="sans-serif" font-size="12" role="img">',
         f"<title>Benchmark results, {html.escape(report['machine']['date'])}</title>",
         f'<rect width="{width}" height="{height}" fill="#ffffff"/>',
     ]

@@ -192,9 +192,11 @@ async def _idle_connections(
 
 
 def with_cpu(processes: list[Process], measure: Callable[[], Metrics]) -> Metrics:
-    """Run `measure` and add the CPU seconds each of the path's processes used meanwhile."""
-    before = {p.role: p.cpu_seconds() for p in processes}
+    """Run `measure` and add the CPU seconds (all, and in the kernel) each of the path's processes used meanwhile."""
+    before = {p.role: p.cpu_times() for p in processes}
     metrics = measure()
     for p in processes:
-        metrics[f"cpu_s {p.role}"] = p.cpu_seconds() - before[p.role]
+        (user0, system0), (user1, system1) = before[p.role], p.cpu_times()
+        metrics[f"cpu_s {p.role}"] = (user1 - user0) + (system1 - system0)
+        metrics[f"cpu_sys_s {p.role}"] = system1 - system0
     return metrics
