@@ -73,7 +73,10 @@ class Sessions:
         """Send `message` to the client on its control connection; Unavailable if there is none."""
         if self.current is None:
             raise Unavailable("no tunnel client is connected to this server")
-        await write_message(self.current.writer, message)
+        try:
+            await write_message(self.current.writer, message)
+        except OSError as exc:  # the control connection broke; the heartbeat check will clean up
+            raise Unavailable(f"the connection to the tunnel client failed ({exc})") from None
 
     async def handle_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One control connection, from handshake to close: the task the control port spawns."""

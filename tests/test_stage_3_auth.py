@@ -123,6 +123,13 @@ async def test_a_silent_client_times_out(pair: tuple[Streams, Streams]) -> None:
         await bounded(auth.server_handshake(*server, "s3cret", timeout=0.2))
 
 
+async def test_a_silent_server_times_out(pair: tuple[Streams, Streams]) -> None:
+    """A server that accepts and then says nothing (a half-open connection) does not hold the client."""
+    _, client = pair
+    with pytest.raises(TimeoutError):
+        await bounded(auth.client_handshake(*client, "s3cret", timeout=0.2))
+
+
 @pytest.mark.parametrize(
     ("first_line", "error"),
     [(b"ping\n", ProtocolError), (b"GET / HTTP/1.1\n", ProtocolError), (b"auth abc\n", ProtocolError)],
