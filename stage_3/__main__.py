@@ -38,8 +38,11 @@ async def run(control_port: int, public_port: int, proxy_port: int, app_port: in
         tasks.create_task(app.serve())
         tasks.create_task(server.serve())
         tasks.create_task(client.run())
-        async with asyncio.timeout(NETWORK_TIMEOUT):
-            await client.connected.wait()
+        try:
+            async with asyncio.timeout(NETWORK_TIMEOUT):
+                await client.connected.wait()
+        except TimeoutError:
+            raise TunnelError(f"the demo's client did not connect within {NETWORK_TIMEOUT:g}s; try -v") from None
         url = f"http://{HOST}:{ports.public}/"
         print(
             f"\npublic URL: {url}\n"
