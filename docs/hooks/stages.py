@@ -9,8 +9,9 @@
 - The diff is `difflib.unified_diff` of the two stage folders, computed on every build, so "what
   changed" can never drift from the code.
 - A fence that includes a file may say `highlight="text|other text"`: every line containing one of
-  the texts is highlighted (`hl_lines`; use highlight='...' for texts with double quotes), and a text that matches no line fails the build, so the
-  highlights follow the code as it changes instead of pointing at stale line numbers.
+  the texts is highlighted (`hl_lines`; write highlight='...' for texts with double quotes), and a
+  text that matches no line fails the build, so the highlights follow the code as it changes
+  instead of pointing at stale line numbers.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ ALERT_KINDS = {"NOTE": "note", "TIP": "tip", "IMPORTANT": "info", "WARNING": "wa
 LINK = re.compile(r"(\]\()([^)\s]+)(\))")
 # A fence whose whole body is one snippet line, e.g. ```python title="x" highlight="a|b" / --8<-- "f.py" / ```
 SNIPPET_FENCE = re.compile(
-    r'^(?P<indent>[ \t]*)(?P<fence>`{3,})(?P<info>[^\n`]*)\n(?P=indent)--8<-- "(?P<spec>[^"]+)"\n(?P=indent)(?P=fence)[ \t]*$',
+    r"^(?P<indent>[ \t]*)(?P<fence>`{3,})(?P<info>[^\n`]*)\n"
+    r'(?P=indent)--8<-- "(?P<spec>[^"]+)"\n'
+    r"(?P=indent)(?P=fence)[ \t]*$",
     re.M,
 )
 HIGHLIGHT = re.compile(r"""\bhighlight=(?:"([^"]*)"|'([^']*)')""")
@@ -163,7 +166,7 @@ def message_table(stage: str, page: str) -> str:
     rows = []
     for node in ast.parse(source.read_text()).body:
         doc = ast.get_docstring(node) if isinstance(node, ast.ClassDef) else None
-        if not doc or "->" not in doc and not doc.startswith("Either way"):
+        if not doc or ("->" not in doc and not doc.startswith("Either way")):
             continue  # errors and helpers, not messages
         summary, sep, wire = doc.split("\n")[0].partition(": `")
         if not sep:
@@ -194,7 +197,8 @@ def highlight_fence(match: re.Match[str], page: str) -> str:
         numbers += found
     hl = " ".join(str(i) for i in sorted(set(numbers)))
     info = HIGHLIGHT.sub(f'hl_lines="{hl}"', info)
-    return f'{match["indent"]}{match["fence"]}{info}\n{match["indent"]}--8<-- "{match["spec"]}"\n{match["indent"]}{match["fence"]}'
+    indent, fence = match["indent"], match["fence"]
+    return f'{indent}{fence}{info}\n{indent}--8<-- "{match["spec"]}"\n{indent}{fence}'
 
 
 def included_lines(spec: str, page: str) -> list[str]:

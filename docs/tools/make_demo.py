@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from doccommands import ROOT, Command, Terminal, bring_up_loopback  # noqa: E402
+from doccommands import ROOT, Command, Terminal, bring_up_loopback
 
 OUTPUT = ROOT / "docs" / "assets" / "demo.svg"
 DEMO = "python -m stage_3"
