@@ -157,7 +157,12 @@ async def http_request(port: int, request: bytes, host: str = "127.0.0.1") -> tu
 
 
 class CliProcess:
-    """A `python -m ...` subprocess whose combined stdout/stderr is read line by line."""
+    """A `python -m ...` subprocess whose combined stdout/stderr is collected line by line.
+
+    A background task reads the output all the time: a process that logs a lot
+    (a flood test) would otherwise block on a full pipe, which is the test's
+    fault, not the program's.
+    """
 
     Factory = Callable[..., Awaitable["CliProcess"]]
 
@@ -166,6 +171,8 @@ class CliProcess:
         self.args = args
         self.lines: list[str] = []
         self._cursor = 0
+        self._more = asyncio.Event()  # set whenever a line arrives or the output ends
+        self._collector = asyncio.create_task(self._collect())
 
     @classmethod
     async def start(cls, *args: str, cwd: Path, env: dict[str, str] | None = None) -> "CliProcess":
@@ -182,17 +189,17 @@ class CliProcess:
         )
         return cls(process, args)
 
-    async def _next_line(self) -> str | None:
+    async def _collect(self) -> None:
         assert self.process.stdout is not None
-        raw = await self.process.stdout.readline()
-        if not raw:
-            return None
-        line = raw.decode(errors="replace").rstrip("\n")
-        self.lines.append(line)
-        return line
+        try:
+            while raw := await self.process.stdout.readline():
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._more.set()
+        finally:
+            self._more.set()
 
     async def expect(self, pattern: str | re.Pattern[str], timeout: float = STEP_TIMEOUT) -> re.Match[str]:
-        """Wait for the next output line matching `pattern` (lines already seen are searched first)."""
+        """Wait for the next output line matching `pattern` (lines not yet searched are searched first)."""
         regex = re.compile(pattern)
         try:
             async with asyncio.timeout(timeout):
@@ -201,8 +208,10 @@ class CliProcess:
                         self._cursor += 1
                         if match := regex.search(self.lines[self._cursor - 1]):
                             return match
-                    if await self._next_line() is None:
+                    if self._collector.done():
                         raise AssertionError(f"{self.args} exited before printing {regex.pattern!r}:\n{self.output}")
+                    self._more.clear()
+                    await self._more.wait()
         except TimeoutError:
             raise AssertionError(f"{self.args} did not print {regex.pattern!r} in {timeout}s:\n{self.output}") from None
 
@@ -212,10 +221,9 @@ class CliProcess:
         return int(match[2])
 
     async def wait(self, timeout: float = STEP_TIMEOUT) -> int:
-        """Wait for the process to exit, collecting its remaining output; return its exit code."""
+        """Wait for the process to exit and its output to end; return its exit code."""
         async with asyncio.timeout(timeout):
-            while await self._next_line() is not None:
-                pass
+            await asyncio.shield(self._collector)
             return await self.process.wait()
 
     async def interrupt(self) -> int:
@@ -233,6 +241,7 @@ class CliProcess:
             except TimeoutError:
                 self.process.kill()
                 await self.process.wait()
+        await self._collector
 
     @property
     def output(self) -> str:
