@@ -84,8 +84,9 @@ def machine() -> dict[str, Any]:
         platform.processor() or "unknown CPU",
     )
     commit = _command_line("git", "-C", str(ROOT), "rev-parse", "--short", "HEAD") or "unknown"
-    if _command_line("git", "-C", str(ROOT), "status", "--porcelain", "--", *STAGES, "bench"):
-        commit += " + uncommitted changes"
+    status = _command_line("git", "-C", str(ROOT), "status", "--porcelain", "--", *STAGES, "bench", ":!bench/results")
+    if dirty := sorted({line.split(maxsplit=1)[-1].split("/")[0] for line in status.splitlines() if line.strip()}):
+        commit += f" + uncommitted changes in {', '.join(dirty)}"
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": commit,
@@ -274,7 +275,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="LABEL=STAGE:DIR",
-        help="also measure a copy of stage_0 or stage_3 from DIR, e.g. 'stage 0 v2=stage_0:/tmp/stage_0' (repeatable)",
+        help="also measure a copy of stage_0 or stage_3 from DIR, e.g. 'stage 0 v2=stage_0:../my_stage_0' (repeatable)",
     )
     parser.add_argument("--profile", type=Path, metavar="DIR", help="run the stages under cProfile, .prof files in DIR")
     parser.add_argument(
