@@ -28,6 +28,8 @@ from .paths import HOST, ROOT, STAGES, PathUnavailable, PathUnderTest, Process
 TOOLS = {"socat": "socat", "wrk": "wrk", "ab": "apache2-utils"}
 INSTALL_HINT = "apt-get install socat wrk apache2-utils"
 SCENARIOS = ("idle", "ttfb", "ab", "wrk", "bulk_up", "bulk_down")  # idle first: memory is read on fresh processes
+DEFAULT_PATHS = "direct,socat,stage_0,stage_3"
+DEFAULT_SCENARIOS = ",".join(SCENARIOS)
 
 
 @dataclass(frozen=True)
@@ -266,10 +268,8 @@ def main() -> None:
         "--smoke", action="store_const", dest="mode", const="smoke", help="1 tiny round (seconds), for the tests"
     )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default: 5, --quick 2, --smoke 1)")
-    parser.add_argument(
-        "--paths", default="direct,socat,stage_0,stage_3", help="comma-separated (default: %(default)s)"
-    )
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated (default: %(default)s)")
+    parser.add_argument("--paths", default=DEFAULT_PATHS, help="comma-separated (default: %(default)s)")
+    parser.add_argument("--scenarios", default=DEFAULT_SCENARIOS, help="comma-separated (default: %(default)s)")
     parser.add_argument(
         "--variant",
         action="append",
@@ -282,7 +282,8 @@ def main() -> None:
         "--output",
         type=Path,
         metavar="DIR",
-        help="write latest.md, latest.json, latest.svg here (default: bench/results for a full run, none otherwise)",
+        help="write latest.md, latest.json, latest.svg here (default: bench/results for a full run of every "
+        "path and scenario, nothing otherwise)",
     )
     args = parser.parse_args()
     settings = MODES[args.mode or "full"]
@@ -290,10 +291,15 @@ def main() -> None:
         settings = Settings(**{**asdict(settings), "rounds": args.rounds})
     if missing := missing_tools():
         sys.exit(f"error: {', '.join(missing)} not found; install the tools with: {INSTALL_HINT}")
-    result = run(args, settings)
+    try:
+        result = run(args, settings)
+    except KeyboardInterrupt:  # the processes are stopped by then (finally blocks)
+        sys.exit("bench: interrupted; nothing written")
     text = report.markdown(result)
     print(text)
-    output = args.output or (ROOT / "bench" / "results" if settings.mode == "full" else None)
+    # Only the standard comparison replaces the committed results; a partial run is printed.
+    standard = not (args.variant or args.profile) and (args.paths, args.scenarios) == (DEFAULT_PATHS, DEFAULT_SCENARIOS)
+    output = args.output or (ROOT / "bench" / "results" if settings.mode == "full" and standard else None)
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         (output / "latest.md").write_text(text)
