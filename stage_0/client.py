@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 
-from .relay import relay
+from .relay import CHUNK_SIZE, relay
 
 log = logging.getLogger("stage_0")
 
@@ -29,7 +29,10 @@ class Proxy:
 
     async def listen(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> tuple[str, int]:
         """Bind the listening socket (port 0 = any free port) and return its real address."""
-        self._server = await asyncio.start_server(self._accept, host, port)
+        # limit: how much a connection's reader may buffer before asyncio pauses the
+        # socket. The default (64 KiB) is smaller than one relay read, so the socket
+        # would be paused and resumed around every read: match the read size instead.
+        self._server = await asyncio.start_server(self._accept, host, port, limit=CHUNK_SIZE)
         bound_host, bound_port = self._server.sockets[0].getsockname()[:2]
         log.info("proxy port listening on %s:%d", bound_host, bound_port)
         return bound_host, bound_port
@@ -59,7 +62,7 @@ class Proxy:
         try:
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT):
-                    target_reader, target_writer = await asyncio.open_connection(*self.target)
+                    target_reader, target_writer = await asyncio.open_connection(*self.target, limit=CHUNK_SIZE)
             except OSError as exc:  # refused, unreachable, or TimeoutError (an OSError too)
                 log.warning("%s: cannot reach target %s:%d (%s); closing", peer, *self.target, exc or "timed out")
                 return
