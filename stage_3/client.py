@@ -67,6 +67,8 @@ class Client:
         # Given by the server at the first handshake; presenting it again when we
         # reconnect proves that we are the same client, so the server lets us back in.
         self.session_id: str | None = None
+        # Dialled for every user, so the address that worked is remembered (see private.py).
+        self._local_app = private.LocalApp(*local)
         self._control: asyncio.StreamWriter | None = None
         self._users: set[asyncio.Task[None]] = set()
 
@@ -108,6 +110,9 @@ class Client:
         """Send heartbeats and handle the server's messages; raise TunnelError when the connection is lost."""
         log.info("tunnel up: the server at %s:%d sends its users to %s:%d", self.server, self.control_port, *self.local)
         self._control = writer
+        # Proxy connections go to the address this connection reached: the name
+        # (`localhost`, a DNS name) is looked up once per control connection, not once per user.
+        proxy = (writer.get_extra_info("peername")[0], self.proxy_port)
         self.connected.set()
         pinger = asyncio.create_task(self._send_heartbeats(writer))
         try:
@@ -123,7 +128,7 @@ class Client:
                     case CreateProxy(conn_id):
                         log.debug("conn %s: the server asks for a proxy connection", conn_id[:8])
                         # One task per user, so a slow user never holds up the others.
-                        task = asyncio.create_task(self._serve_user(conn_id))
+                        task = asyncio.create_task(self._serve_user(conn_id, proxy))
                         self._users.add(task)  # a strong reference, as the server keeps
                         task.add_done_callback(self._users.discard)
                     case Pong():
@@ -147,9 +152,9 @@ class Client:
                 await asyncio.sleep(self.heartbeat_interval)
                 await write_message(writer, Ping())
 
-    async def _serve_user(self, conn_id: str) -> None:
+    async def _serve_user(self, conn_id: str, proxy: tuple[str, int]) -> None:
         try:
-            await private.serve_user(conn_id, self.local, self.server, self.proxy_port)
+            await private.serve_user(conn_id, self._local_app, proxy)
         except private.LocalAppDown as exc:
             log.warning("conn %s: cannot reach the local app (%s); telling the server", conn_id[:8], exc)
             await self._report(LocalError(conn_id, str(exc)))

@@ -32,17 +32,42 @@ async def dial(host: str, port: int, limit: int = DATA_LIMIT) -> Streams:
         return await asyncio.open_connection(host, port, limit=limit)
 
 
-async def serve_user(conn_id: str, local: tuple[str, int], server: str, proxy_port: int) -> None:
+class LocalApp:
+    """The local app as the user named it (`localhost:8000`), and the address that last worked for it.
+
+    A name costs a lookup per connection: `localhost` means a trip to a worker thread for
+    getaddrinfo, and maybe a refused try at ::1 before 127.0.0.1. Every user pays that
+    again, so we dial the address that worked last time and look the name up only when
+    we have none, or when it stops working (the app restarted on another address).
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.address: tuple[str, int] | None = None
+
+    async def dial(self) -> Streams:
+        """Connect to the local app; LocalAppDown if it can't be reached."""
+        if self.address is not None:
+            try:
+                return await dial(*self.address)
+            except OSError:
+                self.address = None  # it moved, or it is down: the name will tell
+        try:
+            reader, writer = await dial(self.host, self.port)
+        except OSError as exc:
+            raise LocalAppDown(f"{why(exc)} at {self.host}:{self.port}") from None
+        self.address = writer.get_extra_info("peername")[:2]
+        return reader, writer
+
+
+async def serve_user(conn_id: str, local: LocalApp, proxy: tuple[str, int]) -> None:
     """Join one user to the local app until both sides are done; LocalAppDown if the app can't be reached."""
     short, started = conn_id[:8], time.monotonic()
     # The private connection first: if the local app is down, the server can show
     # its user an error page at once, instead of after the proxy timeout.
+    local_reader, local_writer = await local.dial()
     try:
-        local_reader, local_writer = await dial(*local)
-    except OSError as exc:
-        raise LocalAppDown(f"{why(exc)} at {local[0]}:{local[1]}") from None
-    try:
-        proxy_reader, proxy_writer = await dial(server, proxy_port)
+        proxy_reader, proxy_writer = await dial(*proxy)
         try:
             # The first line names the user this connection is for; the server pairs by it.
             await write_message(proxy_writer, Proxy(conn_id))
@@ -52,7 +77,7 @@ async def serve_user(conn_id: str, local: tuple[str, int], server: str, proxy_po
         finally:
             proxy_writer.close()
     except OSError as exc:  # this user is lost, the tunnel is not: log and carry on
-        log.warning("conn %s: proxy connection to %s:%d failed or lost (%s)", short, server, proxy_port, why(exc))
+        log.warning("conn %s: proxy connection to %s:%d failed or lost (%s)", short, *proxy, why(exc))
     finally:
         local_writer.close()
 

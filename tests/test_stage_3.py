@@ -184,6 +184,33 @@ async def test_the_server_logs_one_line_per_request_with_method_path_and_bytes(
     await until_logged(caplog, r"conn [0-9a-f]{8} closed, 16 bytes up, \d+ bytes down")
 
 
+async def test_the_client_looks_names_up_once_not_once_per_user(
+    start_server: StartServer, http_origin: HttpOrigin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given `localhost` for the server and the local app, the client resolves each name once.
+
+    A lookup per user is a trip to a worker thread (and maybe a refused try at ::1) on every
+    new connection; the client dials the addresses it reached instead.
+    """
+    loop = asyncio.get_running_loop()
+    lookups: list[str] = []
+    real_getaddrinfo = loop.getaddrinfo
+
+    async def counting_getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        lookups.append(host)
+        return await real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "getaddrinfo", counting_getaddrinfo)
+    ports = await start_server()
+    client = Client(("localhost", http_origin.port), "localhost", ports.control, ports.proxy, **FAST)
+    async with Background(client.run()):
+        await until(client.connected.wait())
+        for _ in range(5):
+            assert await http(ports.public) == (200, PAGE)
+    # One lookup for the control connection, one for the first user's local app; none per user.
+    assert lookups == ["localhost", "localhost"]
+
+
 # --- error pages ----------------------------------------------------------------------------
 
 
