@@ -1,6 +1,7 @@
 """Stage 0, the client-side proxy: every accepted connection is relayed to the target, both ways."""
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -74,6 +75,40 @@ async def test_half_close_keeps_the_other_direction_flowing() -> None:
             reply = await exchange(port, b"12345")
             assert got_eof.is_set()
             assert reply == b"you sent 5 bytes; " + b"x" * 100_000
+
+
+async def test_backpressure_a_slow_target_holds_the_sender_back_instead_of_filling_memory() -> None:
+    """While the target reads nothing, the proxy stops reading too, so the bytes wait at the sender."""
+    reading, finished = asyncio.Event(), asyncio.Event()
+    received = 0
+
+    async def slow_target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal received
+        await reading.wait()
+        while chunk := await reader.read(1 << 20):
+            received += len(chunk)
+        finished.set()
+        writer.close()
+
+    size = 64 * 1024 * 1024
+    target = await asyncio.start_server(slow_target, "127.0.0.1", 0)
+    async with target:
+        async for port in start_proxy(target.sockets[0].getsockname()[1]):
+            _, writer = await open_connection(port)
+            writer.write(pattern_bytes(size))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await writer.drain()
+            # Kernel buffers and the proxy's own buffers hold a few MB at most; without
+            # backpressure the proxy would swallow all 64 MB into its memory.
+            assert writer.transport.get_write_buffer_size() > size // 2
+            reading.set()
+            async with asyncio.timeout(STEP_TIMEOUT * 3):
+                await writer.drain()
+                writer.write_eof()
+                await finished.wait()
+            writer.close()
+    assert received == size
 
 
 async def test_fifty_concurrent_connections_are_not_mixed_up(echo_proxy: int) -> None:
