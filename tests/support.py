@@ -40,6 +40,15 @@ async def exchange(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
         writer.close()
 
 
+async def free_port() -> int:
+    """A port that nothing listens on (bound, then closed again): a server that is down."""
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port: int = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    return port
+
+
 def sha256(data: bytes) -> str:
     """Hex digest, so that a failing assertion on megabytes prints two short strings."""
     return hashlib.sha256(data).hexdigest()

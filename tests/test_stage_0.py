@@ -15,6 +15,7 @@ from support import (
     EchoServer,
     HttpOrigin,
     exchange,
+    free_port,
     http_request,
     open_connection,
     pattern_bytes,
@@ -120,11 +121,7 @@ async def test_fifty_concurrent_connections_are_not_mixed_up(echo_proxy: int) ->
 async def test_unreachable_target_closes_the_user_and_keeps_serving(
     echo_server: EchoServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Grab a free port, then close it: nothing listens there any more.
-    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-    dead_port = probe.sockets[0].getsockname()[1]
-    probe.close()
-    await probe.wait_closed()
+    dead_port = await free_port()
 
     proxy = Proxy("127.0.0.1", dead_port)
     _, port = await proxy.listen("127.0.0.1", 0)

@@ -9,7 +9,7 @@ import pytest
 from stage_1.client import Client
 from stage_1.protocol import TunnelError
 from stage_1.server import Server
-from support import STEP_TIMEOUT, Background, CliProcess, open_connection
+from support import STEP_TIMEOUT, Background, CliProcess, free_port, open_connection
 
 
 @pytest.fixture
@@ -95,10 +95,7 @@ async def test_silent_close_in_the_middle_of_a_line_is_survived(control_port: in
 
 
 async def test_unreachable_server_is_a_tunnel_error() -> None:
-    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-    dead_port = probe.sockets[0].getsockname()[1]
-    probe.close()
-    await probe.wait_closed()
+    dead_port = await free_port()
     with pytest.raises(TunnelError, match="cannot reach the server"):
         await Client.connect("127.0.0.1", dead_port)
 
@@ -126,10 +123,7 @@ async def test_cli_count_sets_the_number_of_pings(cli: CliProcess.Factory, contr
 
 
 async def test_cli_client_without_server_is_one_line_and_exit_1(cli: CliProcess.Factory) -> None:
-    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-    dead_port = probe.sockets[0].getsockname()[1]
-    probe.close()
-    await probe.wait_closed()
+    dead_port = await free_port()
     client = await cli("-m", "stage_1.client", "127.0.0.1", "--control-port", str(dead_port))
     assert await client.wait() == 1
     assert len(client.lines) == 1

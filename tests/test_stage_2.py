@@ -17,7 +17,7 @@ import pytest
 from stage_2.client import Client
 from stage_2.protocol import TunnelError
 from stage_2.server import Ports, Server
-from support import STEP_TIMEOUT, Background, CliProcess, exchange, open_connection
+from support import STEP_TIMEOUT, Background, CliProcess, exchange, free_port, open_connection
 
 # Short enough to keep the tests fast, long enough for a loaded machine to be on time.
 HANDSHAKE_TIMEOUT = 0.5
@@ -328,15 +328,6 @@ async def test_client_stops_with_a_tunnel_error_when_the_server_goes_away() -> N
 async def test_client_with_no_server_raises_a_tunnel_error() -> None:
     with pytest.raises(TunnelError, match=r"cannot reach the server at 127\.0\.0\.1:\d+"):
         await Client("127.0.0.1", await free_port(), await free_port()).run()
-
-
-async def free_port() -> int:
-    """A port nothing listens on (it was free a moment ago)."""
-    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-    port: int = probe.sockets[0].getsockname()[1]
-    probe.close()
-    await probe.wait_closed()
-    return port
 
 
 # --- the command lines, as the docs show them -----------------------------------------------
