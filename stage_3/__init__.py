@@ -6,7 +6,8 @@ Layout:
   `auth`, `welcome`) and `local_error`; every timeout and limit, in one place.
 - `auth.py`: the control handshake; with a secret, an HMAC challenge-response that proves
   the client knows the secret without sending it.
-- `relay.py`: the byte pump, now also noting how each direction began (for the request log).
+- `relay.py`: the byte pump, rebuilt on Protocols for speed, noting how each direction began
+  (for the request log).
 - `pairing.py`: joins each user to the proxy connection that names its id; reports failures.
 - `session.py`: the server's side of the control connection: one client at a time, a
   reconnecting client resumes its session at once, a silent one is dropped.

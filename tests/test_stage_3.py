@@ -330,6 +330,29 @@ async def test_a_proxy_connection_must_name_an_id_the_server_gave_out(tunnel: Po
     writer.close()
 
 
+async def test_bytes_and_eofs_that_arrive_before_the_pairing_are_relayed(start_server: StartServer) -> None:
+    """The relay takes the sockets over from the streams that read the `proxy` line: nothing may be lost.
+
+    The user's request and EOF reach the server while it still waits for the proxy connection,
+    and the proxy connection's first bytes and EOF come in the same packet as its `proxy` line.
+    """
+    ports = await start_server()
+    (control, control_writer), _ = await handshake(ports.control, secret=None)  # a client played by hand
+    user_reader, user_writer = await open_connection(ports.public)
+    user_writer.write(b"the request")
+    user_writer.write_eof()
+    line = await read_line(control)
+    assert line.startswith(b"create_proxy ")
+    await asyncio.sleep(0.1)  # not an assertion: lets the request and EOF arrive before the pairing
+    proxy_reader, proxy_writer = await open_connection(ports.proxy)
+    proxy_writer.write(b"proxy " + line.split()[1] + b"\nthe answer")
+    proxy_writer.write_eof()
+    assert await read_to_eof(proxy_reader) == b"the request"
+    assert await read_to_eof(user_reader) == b"the answer"
+    for writer in (user_writer, proxy_writer, control_writer):
+        writer.close()
+
+
 def test_a_server_open_to_the_world_without_a_secret_is_warned_about() -> None:
     assert auth.exposure_warning("0.0.0.0", None) is not None
     assert "without a secret" in (auth.exposure_warning("203.0.113.7", None) or "")
