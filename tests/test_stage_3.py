@@ -27,6 +27,7 @@ from support import (
     EchoServer,
     HttpOrigin,
     exchange,
+    free_port,
     open_connection,
     pattern_bytes,
     sha256,
@@ -518,12 +519,3 @@ class Forwarder:
         finally:
             writer.close()
             target_writer.close()
-
-
-async def free_port() -> int:
-    """A port that nothing listens on (bound, then closed again)."""
-    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-    port: int = probe.sockets[0].getsockname()[1]
-    probe.close()
-    await probe.wait_closed()
-    return port

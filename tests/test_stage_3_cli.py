@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from stage_3.server import Ports
-from support import PAGE, STEP_TIMEOUT, CliProcess, HttpOrigin
+from support import PAGE, STEP_TIMEOUT, CliProcess, HttpOrigin, free_port
 
 SECRET_ENV = {"NGROK_SECRET": "cli-tests-secret"}
 
@@ -96,10 +96,7 @@ async def test_cli_second_client_is_one_clear_line_and_exit_1(cli: CliProcess.Fa
 
 
 async def test_cli_client_keeps_retrying_until_ctrl_c_which_stops_it_promptly(cli: CliProcess.Factory) -> None:
-    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-    dead_port = probe.sockets[0].getsockname()[1]
-    probe.close()
-    await probe.wait_closed()
+    dead_port = await free_port()
     ports = Ports(dead_port, 0, dead_port)
     client = await start_client(cli, 9, ports, "--max-backoff", "0.2")
     for attempt in (1, 2, 3):  # one line per attempt
