@@ -60,8 +60,11 @@ def pattern_bytes(size: int, seed: int = 0) -> bytes:
     return (block * (size // len(block) + 1))[:size]
 
 
-class EchoServer:
-    """A TCP server on 127.0.0.1 that echoes every byte and passes EOF back (half-close aware)."""
+class LocalServer:
+    """A TCP server on 127.0.0.1, any free port; `handle` runs once per connection.
+
+    Leaving the `async with` block cancels and awaits every connection's task.
+    """
 
     def __init__(self) -> None:
         self.port = 0
@@ -83,11 +86,19 @@ class EchoServer:
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        task = asyncio.get_running_loop().create_task(self._echo(reader, writer))
+        task = asyncio.get_running_loop().create_task(self.handle(reader, writer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _echo(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one connection (subclasses say how)."""
+        raise NotImplementedError
+
+
+class EchoServer(LocalServer):
+    """A TCP server on 127.0.0.1 that echoes every byte and passes EOF back (half-close aware)."""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(256 * 1024):
                 writer.write(data)

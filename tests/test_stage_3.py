@@ -26,6 +26,7 @@ from support import (
     Background,
     EchoServer,
     HttpOrigin,
+    LocalServer,
     exchange,
     free_port,
     open_connection,
@@ -468,39 +469,20 @@ async def test_user_connections_survive_a_control_reconnect(
             user_writer.close()
 
 
-class Forwarder:
+class Forwarder(LocalServer):
     """A TCP forwarder to a local port whose current connections can be cut silently, like a dead Wi-Fi."""
 
     def __init__(self, target_port: int) -> None:
+        super().__init__()
         self.target_port = target_port
-        self.port = 0
         self._cut: list[asyncio.Event] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> "Forwarder":
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def cut_silently(self) -> None:
         """From now on, drop every byte on the connections open so far (new ones work)."""
         for cut in self._cut:
             cut.set()
 
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.create_task(self._forward(reader, writer))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         cut = asyncio.Event()
         self._cut.append(cut)
         target_reader, target_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
