@@ -101,8 +101,11 @@ class Client:
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Open the control connection, or raise TunnelError saying why not."""
         try:
-            return await private.dial(self.server, self.control_port, limit=MAX_LINE)
-        except OSError as exc:
+            # A server behind a firewall that drops packets would otherwise keep us waiting for minutes.
+            async with asyncio.timeout(NETWORK_TIMEOUT):
+                # Control lines are short, so limit=MAX_LINE caps what the server can make us buffer.
+                return await asyncio.open_connection(self.server, self.control_port, limit=MAX_LINE)
+        except OSError as exc:  # TimeoutError included
             reason = private.why(exc)
             raise TunnelError(f"cannot reach the server at {self.server}:{self.control_port} ({reason})") from None
 

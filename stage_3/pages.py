@@ -10,7 +10,7 @@ import asyncio
 import html
 import re
 
-from .protocol import linger
+from .relay import Half
 
 # How long we wait for a user's first bytes to tell whether they speak HTTP. Browsers
 # and curl send their request at once, so a short wait is enough.
@@ -65,19 +65,16 @@ def error_page(status: int, cause: str) -> bytes:
     return head + body
 
 
-async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int, cause: str) -> bool:
+async def refuse(user: Half, status: int, cause: str) -> bool:
     """Answer an HTTP user with an error page naming `cause`; close anyone else cleanly.
 
-    Returns True if the page was sent. The caller closes `writer` afterwards.
+    Returns True if the page was sent. The connection is closed when this returns.
     """
-    try:
-        async with asyncio.timeout(SNIFF_TIMEOUT):
-            head = await reader.read(4096)
-    except (TimeoutError, OSError):
-        head = b""  # silent or gone: not an HTTP user we could answer
-    is_http = request_line(head) is not None
+    # The user's first bytes, or silence: a Half notes when it heard something (see relay.py).
+    await asyncio.wait({user.heard}, timeout=SNIFF_TIMEOUT)
+    is_http = request_line(user.flow.head) is not None
     if is_http:
-        writer.write(error_page(status, cause))
+        user.transport.write(error_page(status, cause))
     # End our side politely and give the page time to arrive before the close.
-    await linger(reader, writer)
+    await user.linger()
     return is_http

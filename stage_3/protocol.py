@@ -40,9 +40,8 @@ HEARTBEAT_TIMEOUT = 15.0
 MAX_WAITING = 256
 # Ids, nonces and digests are single words of these characters.
 TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
-# Public, proxy and private connections carry bulk data: a reader buffers up to
-# twice this much before it stops reading the socket. 256 KiB, the most the event
-# loop reads in one go, keeps that pause/resume dance rare (see docs: performance).
+# Public, proxy and private connections carry bulk data. Before its two ends are
+# joined, a connection keeps at most about this much of what it receives (see relay.py).
 DATA_LIMIT = 256 * 1024
 # How long a closing connection keeps swallowing input so that our last words arrive.
 LINGER = 1.0
@@ -221,8 +220,13 @@ async def read_message(reader: asyncio.StreamReader) -> Message | None:
         if exc.partial:
             raise ProtocolError("connection closed in the middle of a line") from None
         return None
-    # A reader made with a bigger `limit` (the proxy port's: see server.py) can
-    # hand us a longer line, so the bound is checked here as well.
+    return parse_line(line)
+
+
+def parse_line(line: bytes) -> Message:
+    """Parse one line as read from the wire, newline included; raise ProtocolError if it is not a message."""
+    # A reader with a bigger `limit` can hand us a longer line (and the proxy port
+    # reads its line without a reader: see pairing.py), so the bound is checked here.
     if len(line) > MAX_LINE:
         raise ProtocolError(f"line longer than {MAX_LINE} bytes")
     # Accept "\r\n" too, so that `nc -C` or telnet can speak the protocol.

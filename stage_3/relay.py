@@ -2,16 +2,21 @@
 
 Stage 0's pump is a loop per direction: `await reader.read()`, `writer.write()`, `await
 drain()`. Each chunk then wakes a task, resolves a future and is copied twice (socket ->
-the reader's buffer -> bytes). Here the event loop hands each chunk to a Protocol, and
-`data_received` writes it straight to the other connection: the same copy, with less
+the reader's buffer -> bytes). Here the event loop hands each chunk to a Protocol, a `Half`,
+and `data_received` writes it straight to the other connection: the same copy, with less
 Python around it (see the stage 3 page, "A faster relay", and the performance page).
 
-The connections arrive as streams, because reading the `proxy <id>` line is easiest that way,
-so `relay` first takes their sockets over from the streams (see `Half.take_over`).
+Every data connection of stage 3 is a Half from its first byte: the server's public and proxy
+ports make one for each connection they accept, and the client dials with one. A Half can live
+before its peer exists (the user's proxy connection is still on its way): what arrives until
+`join()` waits inside it, a bounded amount.
 """
 
 import asyncio
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .protocol import DATA_LIMIT, LINGER
 
 # How much of each direction's first bytes to keep for the server's request log:
 # enough for an HTTP request line ("GET /path HTTP/1.1") or status line.
@@ -24,28 +29,50 @@ class Flow:
 
     copied: int = 0
     head: bytes = b""
+    early: list[bytes] = field(default_factory=list)  # received before join(), passed on by it
 
 
 class Half(asyncio.Protocol):
     """One connection of a relay: what it receives, it writes to the other one (its `peer`)."""
 
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
-        self.peer = self  # set by relay() once both halves exist
+    transport: asyncio.Transport  # set by connection_made, before any other call
+
+    def __init__(self, on_connect: Callable[["Half"], None] | None = None) -> None:
+        self.on_connect = on_connect  # the server starts serving a user from here
+        self.peer: Half | None = None  # set by join()
         self.flow = Flow()  # what came in here and went out through the peer
         self.got_eof = False
-        self.closed = asyncio.get_running_loop().create_future()  # set when the connection is gone
+        loop = asyncio.get_running_loop()
+        self.heard = loop.create_future()  # set at the first byte, the EOF or the loss, whichever comes first
+        self.closed = loop.create_future()  # set when the connection is gone
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if self.on_connect is not None:
+            self.on_connect(self)
 
     def data_received(self, data: bytes) -> None:
         if not self.flow.head:
             # We keep a copy of the first bytes for the log and pass them on unchanged.
             self.flow.head = data[:HEAD_SIZE]
+            self._heard()
         self.flow.copied += len(data)
-        self.peer.transport.write(data)
+        if self.peer is not None:
+            self.peer.transport.write(data)
+            return
+        # No peer yet: keep the bytes for join(). Past DATA_LIMIT stop reading, so
+        # that the rest waits in the kernel, not in our memory (flow control, as below).
+        self.flow.early.append(data)
+        if self.flow.copied > DATA_LIMIT:
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self.got_eof = True
-        if self.peer.got_eof:
+        self._heard()
+        if self.peer is None:
+            pass  # join() passes the EOF on
+        elif self.peer.got_eof:
             # Both directions are done: close both (close() still sends what is buffered).
             self.transport.close()
             self.peer.transport.close()
@@ -60,66 +87,62 @@ class Half(asyncio.Protocol):
     # it has drained again: while our peer cannot keep up, we stop reading from the
     # other side, so the difference waits in the kernel instead of in our memory.
     def pause_writing(self) -> None:
-        self.peer.transport.pause_reading()
+        if self.peer is not None:
+            self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.peer.transport.resume_reading()
+        if self.peer is not None:
+            self.peer.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         # Closed, reset or broken: end the other connection too, so that neither
         # side waits forever (close() still sends what is buffered for it).
-        self.peer.transport.close()
+        if self.peer is not None:
+            self.peer.transport.close()
+        self._heard()
         if not self.closed.done():
             self.closed.set_result(None)
 
-    async def take_over(self, reader: asyncio.StreamReader) -> bytes:
-        """Make this Half the socket's protocol instead of `reader`; return the bytes `reader` still held."""
-        # From here on the transport hands new bytes to us, not to the reader.
-        self.transport.set_protocol(self)
-        # The reader may hold bytes it read but nobody asked for yet (a user's request
-        # often arrives with its connection). feed_eof() marks the end of what it will
-        # ever get, so read() returns those bytes at once instead of waiting for more.
-        reader.feed_eof()
-        try:
-            return await reader.read()
-        except OSError:
-            return b""  # the connection failed before we got here; connection_lost follows
+    def _heard(self) -> None:
+        if not self.heard.done():
+            self.heard.set_result(None)
 
-    def start(self, leftover: bytes) -> None:
-        """Pass on what the reader held, then read the socket ourselves."""
-        lost = self.transport.is_closing()  # it failed while the reader owned it
-        if not lost:
-            # Re-arm reading: pause and resume put the socket back in the event loop's
-            # watch list. That also undoes a pause the reader left behind, and shows us
-            # an EOF the reader had already seen (a socket at EOF stays readable).
-            self.transport.pause_reading()
-            self.transport.resume_reading()
-        if leftover:
-            self.data_received(leftover)
-        if lost:
-            self.connection_lost(None)
+    def start(self) -> None:
+        """Joined: pass on what arrived before, then let the bytes flow."""
+        assert self.peer is not None
+        for data in self.flow.early:
+            self.peer.transport.write(data)
+        self.flow.early.clear()
+        if self.closed.done():  # lost while waiting for its peer
+            self.peer.transport.close()
+        elif self.got_eof:  # ended its side while waiting: pass the EOF on now
+            self.eof_received()
+        else:
+            self.transport.resume_reading()  # in case the bytes before the join filled DATA_LIMIT
+
+    async def linger(self) -> None:
+        """For a Half that will never be joined: end our side, let the peer close first, then close.
+
+        As protocol.linger does for streams: closing with unread input makes the kernel send
+        a reset, which can destroy what we sent. Meanwhile what still comes is read and kept
+        (DATA_LIMIT at most), and dropped with the Half.
+        """
+        if not self.transport.is_closing() and self.transport.can_write_eof():
+            self.transport.write_eof()
+        await asyncio.wait({self.closed}, timeout=LINGER)
+        self.transport.close()
 
 
-async def relay(
-    a_reader: asyncio.StreamReader,
-    a_writer: asyncio.StreamWriter,
-    b_reader: asyncio.StreamReader,
-    b_writer: asyncio.StreamWriter,
-) -> tuple[Flow, Flow]:
-    """Join a and b until both directions end; return the flows (a->b, b->a). The caller closes the writers."""
-    a_transport, b_transport = a_writer.transport, b_writer.transport
-    assert isinstance(a_transport, asyncio.Transport) and isinstance(b_transport, asyncio.Transport)
-    a, b = Half(a_transport), Half(b_transport)
+async def join(a: Half, b: Half) -> tuple[Flow, Flow]:
+    """Relay a and b into each other until both directions end; return the flows (a->b, b->a)."""
     a.peer, b.peer = b, a
-    # Neither step waits for the network (the readers have their EOF), so no byte can
-    # slip past the leftovers: both are passed on before the loop reads either socket again.
-    a_leftover = await a.take_over(a_reader)
-    b_leftover = await b.take_over(b_reader)
-    a.start(a_leftover)
-    b.start(b_leftover)
+    a.start()
+    b.start()
     try:
-        await asyncio.gather(a.closed, b.closed)
+        # Both must end; the order they end in does not matter.
+        await a.closed
+        await b.closed
     finally:
-        a_transport.close()  # cancelled (the server is stopping): end both connections
-        b_transport.close()
+        a.transport.close()  # cancelled (the server is stopping): end both connections
+        b.transport.close()
     return a.flow, b.flow

@@ -14,14 +14,13 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 
 from . import auth, pages
-from .pairing import Pairing, Unavailable
+from .pairing import Pairing, ProxyHandshake, Unavailable
 from .protocol import (
     CONTROL_PORT,
-    DATA_LIMIT,
     HEARTBEAT_TIMEOUT,
     MAX_LINE,
     MAX_WAITING,
@@ -32,7 +31,7 @@ from .protocol import (
     CreateProxy,
     TunnelError,
 )
-from .relay import relay
+from .relay import Half, join
 from .session import Sessions
 
 log = logging.getLogger("stage_3.server")
@@ -40,8 +39,6 @@ log = logging.getLogger("stage_3.server")
 # Connections the kernel queues for us before we accept them. asyncio's default
 # of 100 makes a burst of users (200 browser tabs at once) wait for a SYN retry.
 BACKLOG = 1024
-
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[None, None, None]]
 
 
 @dataclass(frozen=True)
@@ -81,14 +78,18 @@ class Server:
         proxy_port: int = PROXY_PORT,
     ) -> Ports:
         """Bind the three ports (0 = any free port) and return the real ones; TunnelError if one is taken."""
+        loop = asyncio.get_running_loop()
         try:
-            # Control lines are short, so limit=MAX_LINE caps what a peer can make us buffer.
-            await self._bind("control", host, control_port, self._sessions.handle_control, limit=MAX_LINE)
-            # Public and proxy connections carry bulk data: a big buffer limit keeps
-            # relay reads large (see DATA_LIMIT). read_message still rejects a proxy
-            # line longer than MAX_LINE, so the buffer is bounded all the same.
-            await self._bind("public", host, public_port, self._handle_public, limit=DATA_LIMIT)
-            await self._bind("proxy", host, proxy_port, self._handle_proxy, limit=DATA_LIMIT)
+            # The control port speaks in lines: streams, as in stage 2. Their limit=MAX_LINE
+            # caps what a peer can make us buffer.
+            control = asyncio.start_server(self._control, host, control_port, limit=MAX_LINE, backlog=BACKLOG)
+            await self._bind("control", host, control_port, control)
+            # Public and proxy connections carry the users' bytes: each is a relay Half
+            # from its first byte (see relay.py), with no stream pair to set up per user.
+            public = loop.create_server(lambda: Half(self._user_connected), host, public_port, backlog=BACKLOG)
+            await self._bind("public", host, public_port, public)
+            proxy = loop.create_server(lambda: ProxyHandshake(self._pairing), host, proxy_port, backlog=BACKLOG)
+            await self._bind("proxy", host, proxy_port, proxy)
         except BaseException:
             for listener in self._listeners:  # don't keep half of the ports open
                 listener.close()
@@ -101,12 +102,10 @@ class Server:
             log.warning("%s", warning)
         return Ports(*(int(port) for _, port in addresses))
 
-    async def _bind(self, role: str, host: str, port: int, handler: Handler, limit: int = 64 * 1024) -> None:
-        """Start one listener (64 KiB is asyncio's own default limit), or raise TunnelError saying why not."""
+    async def _bind(self, role: str, host: str, port: int, starting: Awaitable[asyncio.Server]) -> None:
+        """Wait for one listener to start, or raise TunnelError saying why it could not."""
         try:
-            listener = await asyncio.start_server(
-                lambda r, w: self._spawn(handler(r, w)), host, port, limit=limit, backlog=BACKLOG
-            )
+            listener = await starting
         except OSError as exc:
             raise TunnelError(listen_error(exc, role, host, port)) from None
         self._listeners.append(listener)
@@ -119,6 +118,7 @@ class Server:
         finally:
             for listener in self._listeners:  # stop accepting first, then end the connections in flight
                 listener.close()
+            self._pairing.close()
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -130,18 +130,25 @@ class Server:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _handle_public(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer, started = peername(writer), time.monotonic()
+    def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._spawn(self._sessions.handle_control(reader, writer))
+
+    def _user_connected(self, user: Half) -> None:
+        self._spawn(self._serve_user(user))
+
+    async def _serve_user(self, user: Half) -> None:
+        """One public connection: ask the client for its proxy connection, then relay the two."""
+        peer, started = peername(user.transport), time.monotonic()
         try:
             if not self._sessions.connected:
                 # A page that names the cause tells the user more than a closed connection.
-                await self._refuse(reader, writer, peer, 502, "no tunnel client is connected to this server")
+                await self._refuse(user, peer, 502, "no tunnel client is connected to this server")
                 return
             if not self._pairing.has_room():  # bounded: a flood of users must not pile up sockets here
-                await self._refuse(reader, writer, peer, 503, "too many users are waiting; try again soon")
+                await self._refuse(user, peer, 503, "too many users are waiting; try again soon")
                 return
             # Register the id first, then ask: the proxy connection may arrive as soon as we yield.
-            with self._pairing.expect(reader) as (conn_id, proxy):
+            with self._pairing.expect(user) as (conn_id, proxy):
                 short = conn_id[:8]  # enough to follow a connection in the logs, useless to an attacker
                 who = f"{peer}: conn {short}"
                 try:
@@ -150,39 +157,32 @@ class Server:
                     async with asyncio.timeout(self.proxy_timeout):
                         await self._sessions.send(CreateProxy(conn_id))
                         log.debug("%s: asked the client for a proxy connection", who)
-                        proxy_reader, proxy_writer = await proxy
+                        tunnel = await proxy
                 except TimeoutError:
                     cause = f"the tunnel client did not open a proxy connection within {self.proxy_timeout:g}s"
-                    await self._refuse(reader, writer, who, 504, cause)
+                    await self._refuse(user, who, 504, cause)
                     return
                 except Unavailable as exc:  # the client went away, or its local app refused
-                    await self._refuse(reader, writer, who, 502, str(exc))
+                    await self._refuse(user, who, 502, str(exc))
                     return
-                up, down = await relay(reader, writer, proxy_reader, proxy_writer)
+                # Whatever the user sent while waiting is inside `user`: join() passes it on first.
+                up, down = await join(user, tunnel)
             elapsed = time.monotonic() - started
             # The request log: one line per public connection, like ngrok's list of requests.
             request = pages.summary(up.head, down.head)
             log.info("%s %s, %d bytes up, %d bytes down, %.3fs", who, request, up.copied, down.copied, elapsed)
-        except OSError as exc:
-            log.info("%s: public connection lost (%s)", peer, exc)
         finally:
-            writer.close()
-
-    async def _handle_proxy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not await self._pairing.accept_proxy(reader, writer):
-            writer.close()  # on success the public connection's task owns it instead
+            user.transport.close()
 
     @staticmethod
-    async def _refuse(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, who: str, status: int, cause: str
-    ) -> None:
-        sent = await pages.refuse(reader, writer, status, cause)
+    async def _refuse(user: Half, who: str, status: int, cause: str) -> None:
+        sent = await pages.refuse(user, status, cause)
         log.warning("%s: %s; %s", who, cause, f"sent a {status} page" if sent else "closed")
 
 
-def peername(writer: asyncio.StreamWriter) -> str:
+def peername(transport: asyncio.BaseTransport) -> str:
     """'host:port' of the peer, for log lines."""
-    host, port = writer.get_extra_info("peername")[:2]
+    host, port = transport.get_extra_info("peername")[:2]
     return f"{host}:{port}"
 
 

@@ -185,12 +185,16 @@ async def test_garbage_long_lines_silence_and_floods_on_every_port_leave_the_ser
 
     # A well-behaved user keeps talking through all of it.
     served: list[bool] = []
+    wrong: list[bytes] = []  # what the failed exchanges got instead, for the failure message
     done = asyncio.Event()
 
     async def talk() -> None:
         while not done.is_set():
             line = f"request {len(served)}\n".encode()
-            served.append(await exchange(ports.public, line) == line)
+            answer = await exchange(ports.public, line)
+            served.append(answer == line)
+            if answer != line:
+                wrong.append(answer[:200])
 
     talking = asyncio.create_task(talk())
     started = time.monotonic()
@@ -207,7 +211,7 @@ async def test_garbage_long_lines_silence_and_floods_on_every_port_leave_the_ser
     flood_seconds = time.monotonic() - started
     done.set()
     await bounded(talking)
-    assert served and all(served), f"{served.count(False)} of {len(served)} exchanges failed during the flood"
+    assert served and all(served), f"{len(wrong)} of {len(served)} exchanges failed during the flood: {wrong[:3]}"
 
     # Every socket the flood made is closed again: the fd count returns to where it was.
     await until_at_most(fds_before, pid)
