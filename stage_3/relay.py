@@ -42,6 +42,7 @@ class Half(asyncio.Protocol):
         self.peer: Half | None = None  # set by join()
         self.flow = Flow()  # what came in here and went out through the peer
         self.got_eof = False
+        self.lingering = False  # refused, never to be joined: see linger()
         loop = asyncio.get_running_loop()
         self.heard = loop.create_future()  # set at the first byte, the EOF or the loss, whichever comes first
         self.closed = loop.create_future()  # set when the connection is gone
@@ -61,6 +62,8 @@ class Half(asyncio.Protocol):
         if self.peer is not None:
             self.peer.transport.write(data)
             return
+        if self.lingering:
+            return  # read and dropped: see linger()
         # No peer yet: keep the bytes for join(). Past DATA_LIMIT stop reading, so
         # that the rest waits in the kernel, not in our memory (flow control, as below).
         self.flow.early.append(data)
@@ -71,8 +74,10 @@ class Half(asyncio.Protocol):
         self.got_eof = True
         self._heard()
         if self.peer is None:
-            pass  # join() passes the EOF on
-        elif self.peer.got_eof:
+            # Not joined: join() will pass the EOF on. A lingering Half is done:
+            # returning False lets the transport close.
+            return not self.lingering
+        if self.peer.got_eof:
             # Both directions are done: close both (close() still sends what is buffered).
             self.transport.close()
             self.peer.transport.close()
@@ -121,15 +126,19 @@ class Half(asyncio.Protocol):
             self.transport.resume_reading()  # in case the bytes before the join filled DATA_LIMIT
 
     async def linger(self) -> None:
-        """For a Half that will never be joined: end our side, let the peer close first, then close.
+        """For a Half that will never be joined: end our side, wait (bounded) for the peer's EOF, then close.
 
         As protocol.linger does for streams: closing with unread input makes the kernel send
-        a reset, which can destroy what we sent. Meanwhile what still comes is read and kept
-        (DATA_LIMIT at most), and dropped with the Half.
+        a reset, which can destroy what we sent. So we send EOF first, and read and drop
+        whatever still comes until the peer ends its side too, or LINGER has passed.
         """
+        self.lingering = True
+        self.flow.early.clear()
         if not self.transport.is_closing() and self.transport.can_write_eof():
             self.transport.write_eof()
-        await asyncio.wait({self.closed}, timeout=LINGER)
+        if not self.got_eof:
+            self.transport.resume_reading()  # it may have stopped at DATA_LIMIT
+            await asyncio.wait({self.closed}, timeout=LINGER)
         self.transport.close()
 
 

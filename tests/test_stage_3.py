@@ -333,7 +333,7 @@ async def test_a_proxy_connection_must_name_an_id_the_server_gave_out(tunnel: Po
 
 
 async def test_bytes_and_eofs_that_arrive_before_the_pairing_are_relayed(start_server: StartServer) -> None:
-    """The relay takes the sockets over from the streams that read the `proxy` line: nothing may be lost.
+    """A connection keeps what arrives before it is joined to its peer, and passes it on: nothing is lost.
 
     The user's request and EOF reach the server while it still waits for the proxy connection,
     and the proxy connection's first bytes and EOF come in the same packet as its `proxy` line.
@@ -353,6 +353,68 @@ async def test_bytes_and_eofs_that_arrive_before_the_pairing_are_relayed(start_s
     assert await read_to_eof(user_reader) == b"the answer"
     for writer in (user_writer, proxy_writer, control_writer):
         writer.close()
+
+
+async def test_a_user_who_sends_a_lot_before_the_pairing_waits_in_the_kernel_and_loses_nothing(
+    start_server: StartServer,
+) -> None:
+    """Until its proxy connection comes, the server keeps a bounded part of a user's bytes (DATA_LIMIT).
+
+    The rest must wait at the sender, not in the server's memory, and all of it must arrive after the pairing.
+    """
+    ports = await start_server()
+    (control, control_writer), _ = await handshake(ports.control, secret=None)  # a client played by hand
+    user_reader, user_writer = await open_connection(ports.public)
+    payload = pattern_bytes(32 * 1024 * 1024, seed=5)
+    user_writer.write(payload)
+    user_writer.write_eof()
+    line = await read_line(control)
+    await asyncio.sleep(0.3)  # not an assertion: time for the server to read whatever it would read
+    # The kernel's socket buffers hold a few MB; a server that kept reading would have taken nearly all.
+    assert user_writer.transport.get_write_buffer_size() > len(payload) // 2
+    proxy_reader, proxy_writer = await open_connection(ports.proxy)
+    proxy_writer.write(b"proxy " + line.split()[1] + b"\n")
+    proxy_writer.write_eof()
+    assert sha256(await read_to_eof(proxy_reader)) == sha256(payload)
+    assert await read_to_eof(user_reader) == b""
+    for writer in (user_writer, proxy_writer, control_writer):
+        writer.close()
+
+
+class Greeter(EchoServer):
+    """A local app that speaks first, as an SSH or SMTP server does, then echoes."""
+
+    BANNER = b"SSH-2.0-greeter\r\n"
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(self.BANNER)
+        await super().handle(reader, writer)
+
+
+async def test_a_local_app_that_speaks_first_is_heard_by_the_user(
+    start_server: StartServer, start_client: StartClient
+) -> None:
+    """The client dials the local app before the proxy connection: the greeting waits for the join."""
+    async with Greeter() as app:
+        ports = await start_server()
+        await start_client(app.port, ports.control, ports.proxy)
+        reader, writer = await open_connection(ports.public)
+        assert await until(reader.readexactly(len(Greeter.BANNER))) == Greeter.BANNER
+        writer.write(b"hello\n")
+        writer.write_eof()
+        assert await read_to_eof(reader) == b"hello\n"
+        writer.close()
+
+
+async def test_stopping_the_server_closes_proxy_connections_that_have_not_named_their_id() -> None:
+    """No task reads a proxy connection's first line, so the server must close those itself."""
+    server = Server(handshake_timeout=60.0)  # far beyond this test: only the stop can close it
+    ports = await server.listen("127.0.0.1", 0, 0, 0)
+    async with Background(server.serve()):
+        reader, writer = await open_connection(ports.proxy)
+        await asyncio.sleep(0.1)  # not an assertion: lets the server accept it
+    assert await read_to_eof(reader) == b""
+    writer.close()
 
 
 def test_a_server_open_to_the_world_without_a_secret_is_warned_about() -> None:
