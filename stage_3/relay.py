@@ -81,10 +81,10 @@ class Half(asyncio.Protocol):
             # Both directions are done: close both (close() still sends what is buffered).
             self.transport.close()
             self.peer.transport.close()
-        elif not self.peer.transport.is_closing():
+        elif not self.peer.transport.is_closing() and self.peer.transport.can_write_eof():
             # Half-close: tell the peer "no more data from this side" while the other
             # direction keeps flowing (an HTTP client may shut its write side and
-            # still wait for the whole response).
+            # still wait for the whole response). A TLS transport can't half-close.
             self.peer.transport.write_eof()
         return True  # keep our side open: the peer may still have data for us
 
