@@ -21,10 +21,14 @@ from .server import Server, listen_error
 log = logging.getLogger("stage_3.demo")
 
 HOST = "127.0.0.1"  # the demo never leaves this machine
+DEFAULTS = (CONTROL_PORT, PUBLIC_PORT, PROXY_PORT)
 
 
-async def run(control_port: int, public_port: int, proxy_port: int, app_port: int) -> None:
-    """Start the demo app, the server and the client; print the public URL; serve until cancelled."""
+async def run(control_port: int, public_port: int, proxy_port: int, app_port: int, any_free: bool = False) -> None:
+    """Start the demo app, the server and the client; print the public URL; serve until cancelled.
+
+    any_free: if the tunnel's ports can't all be had, take any free ones instead of failing.
+    """
     app = DemoApp()
     try:
         await app.listen(HOST, app_port)
@@ -32,7 +36,16 @@ async def run(control_port: int, public_port: int, proxy_port: int, app_port: in
         raise TunnelError(listen_error(exc, "app", HOST, app_port)) from None
     secret = secrets.token_hex(16)  # known to the server and the client, and to nobody else
     server = Server(secret=secret)
-    ports = await server.listen(HOST, control_port, public_port, proxy_port)
+    try:
+        ports = await server.listen(HOST, control_port, public_port, proxy_port)
+    except TunnelError as exc:
+        if not any_free:
+            raise
+        # The usual ports are for the story; the demo works on any. A default port may be
+        # held by another program, or for a minute by connections that just closed: the
+        # test suite makes thousands, and each may have used it as its source port.
+        log.warning("%s; the demo takes free ports instead", exc)
+        ports = await server.listen(HOST, 0, 0, 0)
     client = Client(app.address, HOST, ports.control, ports.proxy, secret=secret)
     async with asyncio.TaskGroup() as tasks:
         tasks.create_task(app.serve())
@@ -60,10 +73,14 @@ def main() -> None:
         prog="python -m stage_3",
         description="Run a demo app, the tunnel server and the tunnel client on this machine, and print the URL.",
     )
-    for role, default in (("public", PUBLIC_PORT), ("control", CONTROL_PORT), ("proxy", PROXY_PORT), ("app", 0)):
+    for role, default in (("public", PUBLIC_PORT), ("control", CONTROL_PORT), ("proxy", PROXY_PORT)):
         parser.add_argument(
-            f"--{role}-port", type=int, default=default, metavar="PORT", help="0 = any (default: %(default)s)"
+            f"--{role}-port",
+            type=int,
+            metavar="PORT",
+            help=f"0 = any (default: {default}, or any free port if that one is taken)",
         )
+    parser.add_argument("--app-port", type=int, default=0, metavar="PORT", help="0 = any (default: %(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()
     logging.basicConfig(
@@ -71,8 +88,12 @@ def main() -> None:
         format="%(asctime)s %(name)-15s %(message)s",  # the name says who speaks: server, client, app
         datefmt="%H:%M:%S",
     )
+    # Ports you name are used or refused; the defaults give way if they are taken.
+    named = (args.control_port, args.public_port, args.proxy_port)
+    control, public, proxy = (default if port is None else port for port, default in zip(named, DEFAULTS, strict=True))
+    any_free = named == (None, None, None)
     try:
-        asyncio.run(run(args.control_port, args.public_port, args.proxy_port, args.app_port))
+        asyncio.run(run(control, public, proxy, args.app_port, any_free=any_free))
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:

@@ -5,13 +5,17 @@ and each program's log line "<role> port listening on HOST:PORT" says what it re
 """
 
 import asyncio
+import logging
 import re
+import socket
 import urllib.request
 
 import pytest
 
+from stage_3 import __main__ as demo
+from stage_3.protocol import TunnelError
 from stage_3.server import Ports
-from support import PAGE, STEP_TIMEOUT, CliProcess, HttpOrigin, free_port
+from support import PAGE, STEP_TIMEOUT, Background, CliProcess, HttpOrigin, free_port, http_request
 
 SECRET_ENV = {"NGROK_SECRET": "cli-tests-secret"}
 
@@ -113,6 +117,38 @@ async def test_cli_server_port_in_use_is_one_line_and_exit_1(cli: CliProcess.Fac
         f"error: port {ports.control} on 127.0.0.1 is already in use; stop the other program or pick another "
         "--control-port"
     ]
+
+
+async def test_the_demo_takes_free_ports_when_its_usual_ones_are_taken(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Right after the test suite, a default port may be held for a minute (TIME-WAIT): the demo still starts.
+
+    In-process, since the real defaults (60623-60625) are not ours to take in a test: `any_free`
+    is what `python -m stage_3` passes when no port is named on its command line.
+    """
+    caplog.set_level(logging.WARNING)
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        taken = holder.getsockname()[1]
+        async with Background(demo.run(0, taken, 0, 0, any_free=True)):
+            printed = ""
+            async with asyncio.timeout(STEP_TIMEOUT):
+                while not (match := re.search(r"public URL: http://127\.0\.0\.1:(\d+)/", printed)):
+                    await asyncio.sleep(0.05)
+                    printed += capsys.readouterr().out
+            public = int(match[1])
+            assert public != taken
+            status, _, body = await http_request(public, b"GET /hello HTTP/1.0\r\n\r\n")
+            assert (status, b"hello" in body) == (200, True)
+    assert f"port {taken} on 127.0.0.1 is already in use" in caplog.text
+    assert "the demo takes free ports instead" in caplog.text
+
+
+async def test_ports_named_on_the_demo_command_line_are_used_or_refused() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        taken = holder.getsockname()[1]
+        with pytest.raises(TunnelError, match=f"port {taken} on 127.0.0.1 is already in use"):
+            await asyncio.wait_for(demo.run(0, taken, 0, 0, any_free=False), STEP_TIMEOUT)
 
 
 @pytest.mark.parametrize("local", ["8000", "localhost", "host:port"])
