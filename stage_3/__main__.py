@@ -21,7 +21,6 @@ from .server import Server, listen_error
 log = logging.getLogger("stage_3.demo")
 
 HOST = "127.0.0.1"  # the demo never leaves this machine
-DEFAULTS = (CONTROL_PORT, PUBLIC_PORT, PROXY_PORT)
 
 
 async def run(control_port: int, public_port: int, proxy_port: int, app_port: int, any_free: bool = False) -> None:
@@ -89,9 +88,10 @@ def main() -> None:
         datefmt="%H:%M:%S",
     )
     # Ports you name are used or refused; the defaults give way if they are taken.
-    named = (args.control_port, args.public_port, args.proxy_port)
-    control, public, proxy = (default if port is None else port for port, default in zip(named, DEFAULTS, strict=True))
-    any_free = named == (None, None, None)
+    any_free = args.control_port is None and args.public_port is None and args.proxy_port is None
+    control = CONTROL_PORT if args.control_port is None else args.control_port
+    public = PUBLIC_PORT if args.public_port is None else args.public_port
+    proxy = PROXY_PORT if args.proxy_port is None else args.proxy_port
     try:
         asyncio.run(run(control, public, proxy, args.app_port, any_free=any_free))
     except TunnelError as exc:
