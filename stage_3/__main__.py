@@ -1,7 +1,7 @@
 """The whole tunnel on one machine: `python -m stage_3` shows it working with zero setup.
 
 It runs three things in one process, all on 127.0.0.1: a demo local app (demo_app.py), the
-server and the client, which share a fresh random secret. Then it prints the public URL: open
+server and the client. Then it prints the public URL: open
 it in a browser or curl it, and the demo app's page comes back through the tunnel. In real use
 the server runs on a machine the internet can reach and the client next to your app: see the
 stage 3 page of the docs.
@@ -10,7 +10,6 @@ stage 3 page of the docs.
 import argparse
 import asyncio
 import logging
-import secrets
 import sys
 
 from .client import Client
@@ -33,8 +32,7 @@ async def run(control_port: int, public_port: int, proxy_port: int, app_port: in
         await app.listen(HOST, app_port)
     except OSError as exc:
         raise TunnelError(listen_error(exc, "app", HOST, app_port)) from None
-    secret = secrets.token_hex(16)  # known to the server and the client, and to nobody else
-    server = Server(secret=secret)
+    server = Server()
     try:
         ports = await server.listen(HOST, control_port, public_port, proxy_port)
     except TunnelError as exc:
@@ -45,7 +43,7 @@ async def run(control_port: int, public_port: int, proxy_port: int, app_port: in
         # test suite makes thousands, and each may have used it as its source port.
         log.warning("%s; the demo takes free ports instead", exc)
         ports = await server.listen(HOST, 0, 0, 0)
-    client = Client(app.address, HOST, ports.control, ports.proxy, secret=secret)
+    client = Client(app.address, HOST, ports.control, ports.proxy)
     async with asyncio.TaskGroup() as tasks:
         tasks.create_task(app.serve())
         tasks.create_task(server.serve())

@@ -1,62 +1,34 @@
-"""What a public user sees when the tunnel can't reach the local app: a small HTTP error page.
+"""What a user sees when the local app is down: a 502 page that says so, from the client.
 
-A browser shown a reset connection says only "connection reset"; a 502 page that names the
-cause ("no tunnel client is connected") tells its user what to fix. Users who don't speak
-HTTP get a clean close instead, since an HTTP response would be garbage to them. The server
-also uses `request_line` to write one ngrok-style line per request in its log.
+A browser shown a closed connection says only "the connection was reset"; a page that names
+the cause ("connection refused at localhost:8000") tells its user what is wrong. The client
+writes it into the proxy connection, so the server relays it like any answer: the server
+needs no change for it. Users who don't speak HTTP get a clean close instead, since an HTTP
+response would be garbage to them.
 """
 
 import asyncio
 import html
 import re
 
-from .relay import Half
+from .protocol import linger
 
 # How long we wait for a user's first bytes to tell whether they speak HTTP. Browsers
 # and curl send their request at once, so a short wait is enough.
 SNIFF_TIMEOUT = 2.0
-# The start of a request ("GET /path HTTP/1.1") or of a response ("HTTP/1.1 200 OK").
-REQUEST_LINE = re.compile(rb"([A-Z]{3,10}) (\S{1,2000}) HTTP/\d")
-STATUS_LINE = re.compile(rb"HTTP/\d(?:\.\d)? (\d{3})")
-REASONS = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+# The start of an HTTP request: "GET /path HTTP/1.1".
+REQUEST_LINE = re.compile(rb"[A-Z]{3,10} \S{1,2000} HTTP/\d")
 
 
-def request_line(head: bytes) -> str | None:
-    """'GET /path' if `head` starts like an HTTP request, else None."""
-    if match := REQUEST_LINE.match(head):
-        method, path = (part.decode("ascii", "replace") for part in match.groups())
-        return f"{method} {path}"
-    return None
-
-
-def status_code(head: bytes) -> str | None:
-    """'200' if `head` starts like an HTTP response, else None."""
-    match = STATUS_LINE.match(head)
-    return match[1].decode() if match else None
-
-
-def summary(up_head: bytes, down_head: bytes) -> str:
-    """For the request log: 'GET /path -> 200' if the user spoke HTTP, else 'closed'.
-
-    Tutorial shortcut: only the first request of a connection is named; a browser
-    that keeps a connection open for more requests gets one line for all of them.
-    """
-    request = request_line(up_head)
-    if request is None:
-        return "closed"
-    return f"{request} -> {status_code(down_head) or 'no response'}"
-
-
-def error_page(status: int, cause: str) -> bytes:
-    """A complete HTTP response naming `cause`, which the server closes after sending."""
-    title = f"{status} {REASONS.get(status, 'Error')}"
+def error_page(cause: str) -> bytes:
+    """A complete HTTP 502 response naming `cause`; the connection is closed after it."""
     body = (
-        f"<!doctype html><meta charset=utf-8><title>{title}</title>\n"
-        f"<h1>{title}</h1>\n<p>{html.escape(cause)}</p>\n"
-        "<p><small>ngrok-- tunnel server</small></p>\n"
+        "<!doctype html><meta charset=utf-8><title>502 Bad Gateway</title>\n"
+        f"<h1>502 Bad Gateway</h1>\n<p>{html.escape(cause)}</p>\n"
+        "<p><small>ngrok-- tunnel</small></p>\n"
     ).encode()
     head = (
-        f"HTTP/1.1 {title}\r\n"
+        "HTTP/1.1 502 Bad Gateway\r\n"
         "Content-Type: text/html; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\n"
         "Cache-Control: no-store\r\n"  # the next try may well work: don't let a browser keep this page
@@ -65,16 +37,19 @@ def error_page(status: int, cause: str) -> bytes:
     return head + body
 
 
-async def refuse(user: Half, status: int, cause: str) -> bool:
-    """Answer an HTTP user with an error page naming `cause`; close anyone else cleanly.
+async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cause: str) -> bool:
+    """Answer an HTTP user with a 502 page naming `cause`; close anyone else cleanly.
 
-    Returns True if the page was sent. The connection is closed when this returns.
+    Returns True if the page was sent. The caller closes `writer` afterwards.
     """
-    # The user's first bytes, or silence: a Half notes when it heard something (see relay.py).
-    await asyncio.wait({user.heard}, timeout=SNIFF_TIMEOUT)
-    is_http = request_line(user.flow.head) is not None
+    try:
+        async with asyncio.timeout(SNIFF_TIMEOUT):
+            head = await reader.read(4096)
+    except (TimeoutError, OSError):
+        head = b""  # silent or gone: not an HTTP user we could answer
+    is_http = REQUEST_LINE.match(head) is not None
     if is_http:
-        user.transport.write(error_page(status, cause))
+        writer.write(error_page(cause))
     # End our side politely and give the page time to arrive before the close.
-    await user.linger()
+    await linger(reader, writer)
     return is_http

@@ -1,44 +1,48 @@
-"""Stage 3 server: relay every public connection through the client to the local app.
+"""Stage 3 server: pair every public connection with a proxy connection from the client.
 
-python -m stage_3.server                    # then: python -m stage_3.client localhost:8000
-python -m stage_3.server --host 0.0.0.0     # on a VPS: set NGROK_SECRET on both sides first
+python -m stage_3.server            # then: python -m stage_3.client localhost:8000
+                                    # and browse http://localhost:60624
 
-The control port's side lives in session.py (auth, one tunnel, heartbeats); here are the
-ports, the users, and what a user sees when the tunnel can't serve them (pages.py).
+The server is stage 2's, unchanged: it never knew what sits behind the client. Stage 3's
+news is on the client's side (client.py), which now relays each user to a real local app.
 """
 
 import argparse
 import asyncio
 import errno
 import logging
-import os
 import sys
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
-from . import auth, pages
-from .pairing import Pairing, ProxyHandshake, Unavailable
+from .pairing import Pairing
 from .protocol import (
     CONTROL_PORT,
-    HEARTBEAT_TIMEOUT,
     MAX_LINE,
-    MAX_WAITING,
     NETWORK_TIMEOUT,
     PROXY_PORT,
     PROXY_TIMEOUT,
     PUBLIC_PORT,
     CreateProxy,
+    Ping,
+    Pong,
+    ProtocolError,
     TunnelError,
+    linger,
+    read_message,
+    say_goodbye,
+    write_message,
 )
-from .relay import Half, join
-from .session import Sessions
+from .relay import relay
 
 log = logging.getLogger("stage_3.server")
 
 # Connections the kernel queues for us before we accept them. asyncio's default
 # of 100 makes a burst of users (200 browser tabs at once) wait for a SYN retry.
 BACKLOG = 1024
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[None, None, None]]
 
 
 @dataclass(frozen=True)
@@ -53,22 +57,14 @@ class Ports:
 class Server:
     """The tunnel server: one control connection, many public users, one proxy connection per user."""
 
-    def __init__(
-        self,
-        proxy_timeout: float = PROXY_TIMEOUT,
-        handshake_timeout: float = NETWORK_TIMEOUT,
-        *,
-        secret: str | None = None,
-        heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
-        max_waiting: int = MAX_WAITING,
-    ) -> None:
+    def __init__(self, proxy_timeout: float = PROXY_TIMEOUT, handshake_timeout: float = NETWORK_TIMEOUT) -> None:
         self.proxy_timeout = proxy_timeout  # a user waits this long for its proxy connection
         self._listeners: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        # The client's control connection, or None: this tutorial serves one tunnel at a time.
+        self._control: asyncio.StreamWriter | None = None
         # The public connections waiting for their proxy connection (see pairing.py).
-        self._pairing = Pairing(handshake_timeout, max_waiting)
-        # The client's control session, if one is connected (see session.py).
-        self._sessions = Sessions(self._pairing, secret, handshake_timeout, heartbeat_timeout)
+        self._pairing = Pairing(handshake_timeout)
 
     async def listen(
         self,
@@ -78,35 +74,30 @@ class Server:
         proxy_port: int = PROXY_PORT,
     ) -> Ports:
         """Bind the three ports (0 = any free port) and return the real ones; TunnelError if one is taken."""
-        loop = asyncio.get_running_loop()
         try:
-            # The control port speaks in lines: streams, as in stage 2. Their limit=MAX_LINE
-            # caps what a peer can make us buffer.
-            control = asyncio.start_server(self._control, host, control_port, limit=MAX_LINE, backlog=BACKLOG)
-            await self._bind("control", host, control_port, control)
-            # Public and proxy connections carry the users' bytes: each is a relay Half
-            # from its first byte (see relay.py), with no stream pair to set up per user.
-            public = loop.create_server(lambda: Half(self._user_connected), host, public_port, backlog=BACKLOG)
-            await self._bind("public", host, public_port, public)
-            proxy = loop.create_server(lambda: ProxyHandshake(self._pairing), host, proxy_port, backlog=BACKLOG)
-            await self._bind("proxy", host, proxy_port, proxy)
+            # Control lines are short, so limit=MAX_LINE caps what a peer can make us buffer.
+            await self._bind("control", host, control_port, self._handle_control, limit=MAX_LINE)
+            # Public and proxy connections carry bulk data: keep the default 64 KiB
+            # buffer limit, as a 1 KiB one would make every relay read tiny and slow.
+            # read_message still rejects a proxy line longer than MAX_LINE.
+            await self._bind("public", host, public_port, self._handle_public)
+            await self._bind("proxy", host, proxy_port, self._handle_proxy)
         except BaseException:
             for listener in self._listeners:  # don't keep half of the ports open
                 listener.close()
-            self._listeners.clear()  # so that listen() can be tried again (the demo does)
             raise
         # Log only once all three are bound, so that a failed start prints just its error.
         addresses = [listener.sockets[0].getsockname()[:2] for listener in self._listeners]
         for role, (bound_host, bound_port) in zip(("control", "public", "proxy"), addresses, strict=True):
             log.info("%s port listening on %s:%d", role, bound_host, bound_port)
-        if warning := auth.exposure_warning(host, self._sessions.secret):
-            log.warning("%s", warning)
         return Ports(*(int(port) for _, port in addresses))
 
-    async def _bind(self, role: str, host: str, port: int, starting: Awaitable[asyncio.Server]) -> None:
-        """Wait for one listener to start, or raise TunnelError saying why it could not."""
+    async def _bind(self, role: str, host: str, port: int, handler: Handler, limit: int = 64 * 1024) -> None:
+        """Start one listener (64 KiB is asyncio's own default limit), or raise TunnelError saying why not."""
         try:
-            listener = await starting
+            listener = await asyncio.start_server(
+                lambda r, w: self._spawn(handler(r, w)), host, port, limit=limit, backlog=BACKLOG
+            )
         except OSError as exc:
             raise TunnelError(listen_error(exc, role, host, port)) from None
         self._listeners.append(listener)
@@ -119,7 +110,6 @@ class Server:
         finally:
             for listener in self._listeners:  # stop accepting first, then end the connections in flight
                 listener.close()
-            self._pairing.close()
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -131,59 +121,76 @@ class Server:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._spawn(self._sessions.handle_control(reader, writer))
-
-    def _user_connected(self, user: Half) -> None:
-        self._spawn(self._serve_user(user))
-
-    async def _serve_user(self, user: Half) -> None:
-        """One public connection: ask the client for its proxy connection, then relay the two."""
-        peer, started = peername(user.transport), time.monotonic()
+    async def _handle_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = peername(writer)
         try:
-            if not self._sessions.connected:
-                # A page that names the cause tells the user more than a closed connection.
-                await self._refuse(user, peer, 502, "no tunnel client is connected to this server")
+            if self._control is not None:
+                # Tutorial scope: one client, one tunnel. Stage 4 refines this.
+                log.warning("%s: refused a second client; one is already connected", peer)
+                await say_goodbye(reader, writer, "another client is already connected to this server")
                 return
-            if not self._pairing.has_room():  # bounded: a flood of users must not pile up sockets here
-                await self._refuse(user, peer, 503, "too many users are waiting; try again soon")
+            self._control = writer
+            log.info("%s: control connection opened", peer)
+            await self._answer_pings(reader, writer)
+        except ProtocolError as exc:
+            # Tell the peer what went wrong, then hang up: a confused peer must
+            # not be able to keep a connection (and its buffer) alive.
+            log.warning("%s: %s; closing", peer, exc)
+            await say_goodbye(reader, writer, str(exc))
+        except OSError as exc:
+            log.info("%s: connection lost (%s)", peer, exc)
+        finally:
+            if self._control is writer:
+                self._control = None
+                log.info("%s: control connection closed", peer)
+            writer.close()
+
+    async def _answer_pings(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # The control connection reads only pings in stage 2 (stage 1's vocabulary); the
+        # server's own messages on it, `create_proxy <id>`, are sent by _handle_public.
+        while (message := await read_message(reader)) is not None:
+            match message:
+                case Ping():
+                    await write_message(writer, Pong())
+                case _:
+                    raise ProtocolError(f"unexpected message from a client: {message}")
+
+    async def _handle_public(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer, started = peername(writer), time.monotonic()
+        try:
+            if self._control is None:
+                # Closing at once tells the user "nobody home"; leaving them hanging tells nothing.
+                log.warning("%s: no client connected; closing the public connection", peer)
+                await linger(reader, writer)
                 return
             # Register the id first, then ask: the proxy connection may arrive as soon as we yield.
-            with self._pairing.expect(user) as (conn_id, proxy):
+            with self._pairing.expect() as (conn_id, proxy):
                 short = conn_id[:8]  # enough to follow a connection in the logs, useless to an attacker
-                who = f"{peer}: conn {short}"
+                await write_message(self._control, CreateProxy(conn_id))
+                log.debug("%s: conn %s: asked the client for a proxy connection", peer, short)
                 try:
-                    # One deadline for the request and its answer: a stuck control
-                    # connection can block the request, too.
                     async with asyncio.timeout(self.proxy_timeout):
-                        await self._sessions.send(CreateProxy(conn_id))
-                        log.debug("%s: asked the client for a proxy connection", who)
-                        tunnel = await proxy
+                        proxy_reader, proxy_writer = await proxy
                 except TimeoutError:
-                    cause = f"the tunnel client did not open a proxy connection within {self.proxy_timeout:g}s"
-                    await self._refuse(user, who, 504, cause)
+                    log.warning("%s: conn %s: no proxy connection within %gs; closing", peer, short, self.proxy_timeout)
+                    await linger(reader, writer)
                     return
-                except Unavailable as exc:  # the client went away, or its local app refused
-                    await self._refuse(user, who, 502, str(exc))
-                    return
-                # Whatever the user sent while waiting is inside `user`: join() passes it on first.
-                up, down = await join(user, tunnel)
+                sent, received = await relay(reader, writer, proxy_reader, proxy_writer)
             elapsed = time.monotonic() - started
-            # The request log: one line per public connection, like ngrok's list of requests.
-            request = pages.summary(up.head, down.head)
-            log.info("%s %s, %d bytes up, %d bytes down, %.3fs", who, request, up.copied, down.copied, elapsed)
+            log.info("%s: conn %s closed, %d bytes up, %d bytes down, %.3fs", peer, short, sent, received, elapsed)
+        except OSError as exc:
+            log.info("%s: public connection lost (%s)", peer, exc)
         finally:
-            user.transport.close()
+            writer.close()
 
-    @staticmethod
-    async def _refuse(user: Half, who: str, status: int, cause: str) -> None:
-        sent = await pages.refuse(user, status, cause)
-        log.warning("%s: %s; %s", who, cause, f"sent a {status} page" if sent else "closed")
+    async def _handle_proxy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not await self._pairing.accept_proxy(reader, writer):
+            writer.close()  # on success the public connection's task owns it instead
 
 
-def peername(transport: asyncio.BaseTransport) -> str:
+def peername(writer: asyncio.StreamWriter) -> str:
     """'host:port' of the peer, for log lines."""
-    host, port = transport.get_extra_info("peername")[:2]
+    host, port = writer.get_extra_info("peername")[:2]
     return f"{host}:{port}"
 
 
@@ -196,18 +203,18 @@ def listen_error(exc: OSError, role: str, host: str, port: int) -> str:
     return f"cannot listen on {host}:{port} for the {role} port: {exc.strerror or exc}"
 
 
-async def run(host: str, ports: Ports, proxy_timeout: float, secret: str | None, heartbeat_timeout: float) -> None:
+async def run(host: str, ports: Ports, proxy_timeout: float) -> None:
     """Bind, then serve until cancelled."""
-    server = Server(proxy_timeout, secret=secret, heartbeat_timeout=heartbeat_timeout)
+    server = Server(proxy_timeout)
     await server.listen(host, ports.control, ports.public, ports.proxy)
     await server.serve()
 
 
 def main() -> None:
-    """Command line: python -m stage_3.server [--host H] [--control-port P] [--public-port P] [--proxy-port P] ..."""
+    """Command line: python -m stage_3.server [--host H] [--control-port P] [--public-port P] [--proxy-port P]."""
     parser = argparse.ArgumentParser(
         prog="python -m stage_3.server",
-        description="Relay every user of the public port through the tunnel client to its local app.",
+        description="Accept users on the public port and pair each one with a proxy connection from the client.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     for role, default, who in (
@@ -222,17 +229,12 @@ def main() -> None:
             metavar="PORT",
             help=f"where {who}; 0 = any (default: %(default)s)",
         )
-    for flag, seconds, what in (
-        ("proxy-timeout", PROXY_TIMEOUT, "how long a user waits for its proxy connection"),
-        ("heartbeat-timeout", HEARTBEAT_TIMEOUT, "silence after which the client counts as gone"),
-    ):
-        parser.add_argument(
-            f"--{flag}", type=float, default=seconds, metavar="SECONDS", help=f"{what} (default: %(default)s)"
-        )
     parser.add_argument(
-        "--secret",
-        default=os.environ.get("NGROK_SECRET"),
-        help="a secret the client must prove it knows (default: $NGROK_SECRET, which keeps it out of ps)",
+        "--proxy-timeout",
+        type=float,
+        default=PROXY_TIMEOUT,
+        metavar="SECONDS",
+        help="how long a user waits for its proxy connection (default: %(default)s)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()
@@ -240,8 +242,7 @@ def main() -> None:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
     try:
-        ports = Ports(args.control_port, args.public_port, args.proxy_port)
-        asyncio.run(run(args.host, ports, args.proxy_timeout, args.secret, args.heartbeat_timeout))
+        asyncio.run(run(args.host, Ports(args.control_port, args.public_port, args.proxy_port), args.proxy_timeout))
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:

@@ -1,162 +1,103 @@
-"""Stage 3, the real tunnel: users of the public port reach the local app, and the tunnel holds up.
+"""Stage 3 and later: the private connection. Users of the public port reach a real local app.
 
-In-process tests: a real server and client (or a hand-played one, speaking raw protocol lines)
-in front of a real HTTP server as the local app. The command lines are tested in
-test_stage_3_cli.py, and kills, floods and resource counts in test_stage_3_faults.py.
+Every test here runs against each stage that has the private connection (PRIVATE_STAGES):
+stage 3, where it is the one new idea, and every later stage, which must keep it working.
+A real server and client run in this process in front of a real HTTP server as the local app;
+the command lines run as subprocesses, exactly as the docs tell a learner to run them.
 """
 
 import asyncio
 import contextlib
-import logging
+import importlib
 import re
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
-from stage_3 import auth
-from stage_3.client import Client
-from stage_3.protocol import Refused
-from stage_3.server import Ports, Server
 from support import (
     PAGE,
     STEP_TIMEOUT,
     Background,
+    CliProcess,
     EchoServer,
     HttpOrigin,
-    LocalServer,
     exchange,
     free_port,
+    http_get,
     open_connection,
     pattern_bytes,
     sha256,
 )
 
-SECRET = "stage-3-tests"
-# Short heartbeats keep the tests fast; long enough for a loaded machine to be on time.
-FAST = {"heartbeat_interval": 0.1, "heartbeat_timeout": 1.0}
+# Each stage with a private connection; a new stage joins by being added here.
+PRIVATE_STAGES = ("stage_3", "stage_4")
 
-StartServer = Callable[..., Awaitable[Ports]]
-StartClient = Callable[..., Awaitable[Client]]
-Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+# Starts a tunnel of the stage in front of a local app on the given port; returns the public port.
+StartTunnel = Callable[[int], Awaitable[int]]
 
 
-@pytest.fixture(autouse=True)
-def log_info(caplog: pytest.LogCaptureFixture) -> None:
-    """Several tests check what the server or the client logged at INFO level."""
-    caplog.set_level(logging.INFO)
+@pytest.fixture(params=PRIVATE_STAGES)
+def stage(request: pytest.FixtureRequest) -> str:
+    """The name of the stage under test."""
+    return str(request.param)
 
 
 @pytest.fixture
-async def start_server() -> AsyncIterator[StartServer]:
-    """Start stage 3 servers in this process (Server keyword arguments allowed); all stop at the end."""
+async def start_tunnel(stage: str) -> AsyncIterator[StartTunnel]:
+    """Start the stage's server and client in this process (no secret: loopback); all stop at the end."""
+    # Imported here, so that a learner working on one stage is not stopped by another one.
+    server_module = importlib.import_module(f"{stage}.server")
+    client_module = importlib.import_module(f"{stage}.client")
     async with contextlib.AsyncExitStack() as running:
 
-        async def start(**kwargs: Any) -> Ports:
-            server = Server(**kwargs)
+        async def start(local_port: int) -> int:
+            server: Any = server_module.Server()
             ports = await server.listen("127.0.0.1", 0, 0, 0)
             await running.enter_async_context(Background(server.serve()))
-            return ports
-
-        yield start
-
-
-@pytest.fixture
-async def start_client() -> AsyncIterator[StartClient]:
-    """Start stage 3 clients in this process and wait until each is connected; all stop at the end."""
-    async with contextlib.AsyncExitStack() as running:
-
-        async def start(local_port: int, control_port: int, proxy_port: int, **kwargs: Any) -> Client:
-            client = Client(("127.0.0.1", local_port), "127.0.0.1", control_port, proxy_port, **kwargs)
+            client = client_module.Client(("127.0.0.1", local_port), "127.0.0.1", ports.control, ports.proxy)
             await running.enter_async_context(Background(client.run()))
-            await until(client.connected.wait())
-            return client
+            async with asyncio.timeout(STEP_TIMEOUT):
+                await client.connected.wait()
+            return int(ports.public)
 
         yield start
 
 
 @pytest.fixture
-async def tunnel(start_server: StartServer, start_client: StartClient, http_origin: HttpOrigin) -> Ports:
-    """A server and a client sharing a secret, in front of a real HTTP server as the local app."""
-    ports = await start_server(secret=SECRET)
-    await start_client(http_origin.port, ports.control, ports.proxy, secret=SECRET)
-    return ports
-
-
-T = TypeVar("T")
-
-
-async def until(awaitable: Awaitable[T]) -> T:
-    """Every wait on a peer is bounded: a bug fails the test instead of hanging it."""
-    async with asyncio.timeout(STEP_TIMEOUT):
-        return await awaitable
-
-
-async def until_logged(caplog: pytest.LogCaptureFixture, pattern: str) -> re.Match[str]:
-    """Wait (bounded) for a log line matching `pattern`."""
-    async with asyncio.timeout(STEP_TIMEOUT):
-        while True:
-            if match := re.search(pattern, caplog.text):
-                return match
-            await asyncio.sleep(0.01)
-
-
-def _http(url: str, data: bytes | None) -> tuple[int, bytes]:
-    # A real HTTP client, with proxies from the environment switched off: this is loopback.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, data=data, timeout=STEP_TIMEOUT) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, error.read()
-
-
-async def http(port: int, path: str = "/", data: bytes | None = None) -> tuple[int, bytes]:
-    """GET (or POST `data`) http://127.0.0.1:PORT/PATH with urllib; return (status, body)."""
-    return await asyncio.to_thread(_http, f"http://127.0.0.1:{port}{path}", data)
+async def public_port(start_tunnel: StartTunnel, http_origin: HttpOrigin) -> int:
+    """The public port of a tunnel whose local app is a real HTTP server."""
+    return await start_tunnel(http_origin.port)
 
 
 async def read_to_eof(reader: asyncio.StreamReader) -> bytes:
-    return await until(reader.read())
+    async with asyncio.timeout(STEP_TIMEOUT):
+        return await reader.read()
 
 
-async def read_line(reader: asyncio.StreamReader) -> bytes:
-    return await until(reader.readline())
+# --- the tunnel, in this process --------------------------------------------------------------
 
 
-async def handshake(port: int, secret: str | None = SECRET, session_id: str | None = None) -> tuple[Streams, str]:
-    """Play the client by hand: open a control connection, pass the handshake, return it and the session id."""
-    reader, writer = await open_connection(port)
-    welcome = await until(auth.client_handshake(reader, writer, secret, session_id))
-    return (reader, writer), welcome.session_id
-
-
-# --- the tunnel -----------------------------------------------------------------------------
-
-
-async def test_http_get_through_the_public_port_returns_the_local_apps_page(tunnel: Ports) -> None:
-    assert await http(tunnel.public) == (200, PAGE)
+async def test_http_get_through_the_public_port_returns_the_local_apps_page(public_port: int) -> None:
+    assert await http_get(public_port) == (200, PAGE)
 
 
 @pytest.mark.slow
-async def test_fifty_megabyte_download_arrives_intact(tunnel: Ports) -> None:
+async def test_fifty_megabyte_download_arrives_intact(public_port: int) -> None:
     size = 50 * 1024 * 1024
-    status, body = await http(tunnel.public, f"/bytes/{size}")
+    status, body = await http_get(public_port, f"/bytes/{size}")
     assert status == 200
     assert sha256(body) == sha256(pattern_bytes(size))
 
 
 @pytest.mark.slow
-async def test_fifty_megabyte_upload_arrives_intact(tunnel: Ports) -> None:
+async def test_fifty_megabyte_upload_arrives_intact(public_port: int) -> None:
     payload = pattern_bytes(50 * 1024 * 1024, seed=3)
-    status, body = await http(tunnel.public, "/upload", data=payload)  # the origin answers the body's SHA-256
+    status, body = await http_get(public_port, "/upload", data=payload)  # the origin answers the body's SHA-256
     assert (status, body.decode()) == (200, sha256(payload))
 
 
-async def test_half_close_travels_end_to_end(start_server: StartServer, start_client: StartClient) -> None:
+async def test_half_close_travels_end_to_end(start_tunnel: StartTunnel) -> None:
     """The user shuts its write side; the local app sees EOF and still sends its answer after it."""
 
     async def answer_after_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -167,218 +108,9 @@ async def test_half_close_travels_end_to_end(start_server: StartServer, start_cl
 
     local_app = await asyncio.start_server(answer_after_eof, "127.0.0.1", 0)
     async with local_app:
-        ports = await start_server()
-        await start_client(local_app.sockets[0].getsockname()[1], ports.control, ports.proxy)
-        reply = await exchange(ports.public, b"12345")
+        public = await start_tunnel(local_app.sockets[0].getsockname()[1])
+        reply = await exchange(public, b"12345")
     assert reply == b"got 5 bytes, then EOF; " + b"x" * 300_000
-
-
-async def test_the_server_logs_one_line_per_request_with_method_path_and_bytes(
-    tunnel: Ports, caplog: pytest.LogCaptureFixture
-) -> None:
-    assert (await http(tunnel.public, "/some/page?x=1"))[0] == 200
-    await until_logged(
-        caplog,
-        r"127\.0\.0\.1:\d+: conn [0-9a-f]{8} GET /some/page\?x=1 -> 200, \d+ bytes up, \d+ bytes down, [\d.]+s",
-    )
-    # A user who does not speak HTTP is logged too, without a request line.
-    await exchange(tunnel.public, b"not http at all\n")
-    await until_logged(caplog, r"conn [0-9a-f]{8} closed, 16 bytes up, \d+ bytes down")
-
-
-async def test_the_client_looks_names_up_once_not_once_per_user(
-    start_server: StartServer, http_origin: HttpOrigin, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Given `localhost` for the server and the local app, the client resolves each name once.
-
-    A lookup per user is a trip to a worker thread (and maybe a refused try at ::1) on every
-    new connection; the client dials the addresses it reached instead.
-    """
-    loop = asyncio.get_running_loop()
-    lookups: list[str] = []
-    real_getaddrinfo = loop.getaddrinfo
-
-    async def counting_getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
-        lookups.append(host)
-        return await real_getaddrinfo(host, *args, **kwargs)
-
-    monkeypatch.setattr(loop, "getaddrinfo", counting_getaddrinfo)
-    ports = await start_server()
-    client = Client(("localhost", http_origin.port), "localhost", ports.control, ports.proxy, **FAST)
-    async with Background(client.run()):
-        await until(client.connected.wait())
-        for _ in range(5):
-            assert await http(ports.public) == (200, PAGE)
-    # One lookup for the control connection, one for the first user's local app; none per user.
-    assert lookups == ["localhost", "localhost"]
-
-
-# --- error pages ----------------------------------------------------------------------------
-
-
-async def test_no_client_connected_gives_a_502_page(start_server: StartServer) -> None:
-    ports = await start_server()
-    status, body = await http(ports.public)
-    assert status == 502
-    assert b"no tunnel client is connected to this server" in body
-
-
-async def test_a_proxy_connection_that_never_comes_gives_a_504_page(start_server: StartServer) -> None:
-    ports = await start_server(proxy_timeout=0.3)
-    control, _ = await handshake(ports.control, secret=None)  # a client that ignores create_proxy
-    status, body = await http(ports.public)
-    assert status == 504
-    assert b"the tunnel client did not open a proxy connection within 0.3s" in body
-    control[1].close()
-
-
-async def test_a_local_app_that_refuses_gives_a_502_page_naming_it(
-    start_server: StartServer, start_client: StartClient, caplog: pytest.LogCaptureFixture
-) -> None:
-    dead_port = await free_port()
-    ports = await start_server()
-    await start_client(dead_port, ports.control, ports.proxy)
-    status, body = await http(ports.public)
-    assert status == 502
-    assert f"could not reach its local app: connection refused at 127.0.0.1:{dead_port}".encode() in body
-    assert "cannot reach the local app (connection refused" in caplog.text  # the client says so too
-
-
-async def test_too_many_waiting_users_get_a_503_page(start_server: StartServer) -> None:
-    ports = await start_server(max_waiting=2)
-    control, _ = await handshake(ports.control, secret=None)  # it never dials: users pile up
-    waiting = [await open_connection(ports.public) for _ in range(2)]
-    for _ in range(2):
-        assert (await read_line(control[0])).startswith(b"create_proxy ")
-    status, body = await http(ports.public)
-    assert status == 503
-    assert b"too many users are waiting" in body
-    for _, writer in [*waiting, control]:
-        writer.close()
-
-
-async def test_users_who_already_hung_up_do_not_keep_others_out_of_a_full_waiting_room(
-    start_server: StartServer,
-) -> None:
-    ports = await start_server(max_waiting=2, proxy_timeout=0.5)
-    control, _ = await handshake(ports.control, secret=None)  # it never dials: users pile up
-    for _ in range(2):
-        _, writer = await open_connection(ports.public)
-        writer.close()  # connect and hang up at once, as a flood does
-        assert (await read_line(control[0])).startswith(b"create_proxy ")
-    status, _ = await http(ports.public)
-    assert status == 504  # let in to wait (and then timed out), not turned away with a 503
-    control[1].close()
-
-
-async def test_a_user_who_does_not_speak_http_gets_a_clean_close_not_a_page(start_server: StartServer) -> None:
-    ports = await start_server()
-    reader, writer = await open_connection(ports.public)
-    writer.write(b"SSH-2.0-OpenSSH_9.2\r\n")
-    assert await read_to_eof(reader) == b""  # EOF, not a reset (a reset would raise here) and no page
-    writer.close()
-
-
-# --- auth -----------------------------------------------------------------------------------
-
-
-async def test_a_wrong_secret_is_refused_and_the_client_stops_without_retrying(
-    start_server: StartServer, caplog: pytest.LogCaptureFixture
-) -> None:
-    ports = await start_server(secret=SECRET)
-    client = Client(("127.0.0.1", 9), "127.0.0.1", ports.control, ports.proxy, secret="wrong")
-    with pytest.raises(Refused, match="wrong secret"):
-        await until(client.run())
-    assert "reconnecting" not in caplog.text
-
-
-async def test_a_client_without_the_secret_is_told_it_needs_one(start_server: StartServer) -> None:
-    ports = await start_server(secret=SECRET)
-    with pytest.raises(Refused, match="the server requires a secret; pass --secret or set NGROK_SECRET"):
-        await until(Client(("127.0.0.1", 9), "127.0.0.1", ports.control, ports.proxy).run())
-
-
-async def test_a_captured_answer_replayed_on_a_new_connection_is_refused(start_server: StartServer) -> None:
-    ports = await start_server(secret=SECRET)
-    # An eavesdropper records a real client's handshake...
-    reader, writer = await open_connection(ports.control)
-    writer.write(b"hello\n")
-    nonce = (await read_line(reader)).split()[1].decode()
-    captured = auth.answer(SECRET, nonce)
-    writer.write(f"auth {captured}\n".encode())
-    assert (await read_line(reader)).startswith(b"welcome ")
-    writer.close()
-    # ...and replays the answer on a connection of its own: the server asks a new question.
-    reader, writer = await open_connection(ports.control)
-    writer.write(b"hello\n")
-    assert (await read_line(reader)).split()[1].decode() != nonce
-    writer.write(f"auth {captured}\n".encode())
-    assert await read_to_eof(reader) == b"error wrong secret; check --secret or NGROK_SECRET on both sides\n"
-    writer.close()
-
-
-async def test_no_secret_on_either_side_still_works_on_loopback(
-    start_server: StartServer, start_client: StartClient, http_origin: HttpOrigin
-) -> None:
-    ports = await start_server()
-    await start_client(http_origin.port, ports.control, ports.proxy)
-    assert await http(ports.public) == (200, PAGE)
-
-
-async def test_a_proxy_connection_must_name_an_id_the_server_gave_out(tunnel: Ports) -> None:
-    reader, writer = await open_connection(tunnel.proxy)
-    writer.write(b"proxy 0123456789abcdef0123456789abcdef\n")  # a guess: ids go only to the client
-    assert await read_to_eof(reader) == b"error unknown or expired proxy id\n"
-    writer.close()
-
-
-async def test_bytes_and_eofs_that_arrive_before_the_pairing_are_relayed(start_server: StartServer) -> None:
-    """A connection keeps what arrives before it is joined to its peer, and passes it on: nothing is lost.
-
-    The user's request and EOF reach the server while it still waits for the proxy connection,
-    and the proxy connection's first bytes and EOF come in the same packet as its `proxy` line.
-    """
-    ports = await start_server()
-    (control, control_writer), _ = await handshake(ports.control, secret=None)  # a client played by hand
-    user_reader, user_writer = await open_connection(ports.public)
-    user_writer.write(b"the request")
-    user_writer.write_eof()
-    line = await read_line(control)
-    assert line.startswith(b"create_proxy ")
-    await asyncio.sleep(0.1)  # not an assertion: lets the request and EOF arrive before the pairing
-    proxy_reader, proxy_writer = await open_connection(ports.proxy)
-    proxy_writer.write(b"proxy " + line.split()[1] + b"\nthe answer")
-    proxy_writer.write_eof()
-    assert await read_to_eof(proxy_reader) == b"the request"
-    assert await read_to_eof(user_reader) == b"the answer"
-    for writer in (user_writer, proxy_writer, control_writer):
-        writer.close()
-
-
-async def test_a_user_who_sends_a_lot_before_the_pairing_waits_in_the_kernel_and_loses_nothing(
-    start_server: StartServer,
-) -> None:
-    """Until its proxy connection comes, the server keeps a bounded part of a user's bytes (DATA_LIMIT).
-
-    The rest must wait at the sender, not in the server's memory, and all of it must arrive after the pairing.
-    """
-    ports = await start_server()
-    (control, control_writer), _ = await handshake(ports.control, secret=None)  # a client played by hand
-    user_reader, user_writer = await open_connection(ports.public)
-    payload = pattern_bytes(32 * 1024 * 1024, seed=5)
-    user_writer.write(payload)
-    user_writer.write_eof()
-    line = await read_line(control)
-    await asyncio.sleep(0.3)  # not an assertion: time for the server to read whatever it would read
-    # The kernel's socket buffers hold a few MB; a server that kept reading would have taken nearly all.
-    assert user_writer.transport.get_write_buffer_size() > len(payload) // 2
-    proxy_reader, proxy_writer = await open_connection(ports.proxy)
-    proxy_writer.write(b"proxy " + line.split()[1] + b"\n")
-    proxy_writer.write_eof()
-    assert sha256(await read_to_eof(proxy_reader)) == sha256(payload)
-    assert await read_to_eof(user_reader) == b""
-    for writer in (user_writer, proxy_writer, control_writer):
-        writer.close()
 
 
 class Greeter(EchoServer):
@@ -391,175 +123,74 @@ class Greeter(EchoServer):
         await super().handle(reader, writer)
 
 
-async def test_a_local_app_that_speaks_first_is_heard_by_the_user(
-    start_server: StartServer, start_client: StartClient
-) -> None:
+async def test_a_local_app_that_speaks_first_is_heard_by_the_user(start_tunnel: StartTunnel) -> None:
     """The client dials the local app before the proxy connection: the greeting waits for the join."""
     async with Greeter() as app:
-        ports = await start_server()
-        await start_client(app.port, ports.control, ports.proxy)
-        reader, writer = await open_connection(ports.public)
-        assert await until(reader.readexactly(len(Greeter.BANNER))) == Greeter.BANNER
+        public = await start_tunnel(app.port)
+        reader, writer = await open_connection(public)
+        async with asyncio.timeout(STEP_TIMEOUT):
+            assert await reader.readexactly(len(Greeter.BANNER)) == Greeter.BANNER
         writer.write(b"hello\n")
         writer.write_eof()
         assert await read_to_eof(reader) == b"hello\n"
         writer.close()
 
 
-async def test_stopping_the_server_closes_proxy_connections_that_have_not_named_their_id() -> None:
-    """No task reads a proxy connection's first line, so the server must close those itself."""
-    server = Server(handshake_timeout=60.0)  # far beyond this test: only the stop can close it
-    ports = await server.listen("127.0.0.1", 0, 0, 0)
-    async with Background(server.serve()):
-        reader, writer = await open_connection(ports.proxy)
-        await asyncio.sleep(0.1)  # not an assertion: lets the server accept it
-    assert await read_to_eof(reader) == b""
+async def test_a_local_app_that_is_down_gives_a_502_page_naming_it(start_tunnel: StartTunnel) -> None:
+    dead_port = await free_port()
+    public = await start_tunnel(dead_port)
+    status, body = await http_get(public)
+    assert status == 502
+    assert b"connection refused" in body
+    assert f"127.0.0.1:{dead_port}".encode() in body
+
+
+async def test_a_user_who_does_not_speak_http_gets_a_clean_close_when_the_app_is_down(
+    start_tunnel: StartTunnel,
+) -> None:
+    public = await start_tunnel(await free_port())
+    reader, writer = await open_connection(public)
+    writer.write(b"SSH-2.0-OpenSSH_9.2\r\n")
+    assert await read_to_eof(reader) == b""  # EOF, not a reset (a reset would raise here) and no page
     writer.close()
 
 
-def test_a_server_open_to_the_world_without_a_secret_is_warned_about() -> None:
-    assert auth.exposure_warning("0.0.0.0", None) is not None
-    assert "without a secret" in (auth.exposure_warning("203.0.113.7", None) or "")
-    assert auth.exposure_warning("0.0.0.0", "s3cret") is None
-    for loopback in ("127.0.0.1", "::1", "localhost"):
-        assert auth.exposure_warning(loopback, None) is None
+# --- the command lines --------------------------------------------------------------------------
 
 
-# --- one tunnel, sessions and heartbeats ----------------------------------------------------
-
-
-async def test_a_second_client_is_refused_while_the_first_keeps_serving(tunnel: Ports) -> None:
-    second = Client(("127.0.0.1", 9), "127.0.0.1", tunnel.control, tunnel.proxy, secret=SECRET)
-    with pytest.raises(Refused, match="another client is already connected"):
-        await until(second.run())
-    assert await http(tunnel.public) == (200, PAGE)
-
-
-async def test_a_client_that_comes_back_with_its_session_id_is_let_in_at_once(
-    start_server: StartServer, caplog: pytest.LogCaptureFixture
+async def test_cli_server_and_client_serve_the_local_app_and_stop_on_ctrl_c(
+    cli: CliProcess.Factory, http_origin: HttpOrigin, stage: str
 ) -> None:
-    """Its old control connection is half-open (no FIN came): the server must not wait for the heartbeat timeout."""
-    ports = await start_server(secret=SECRET, heartbeat_timeout=STEP_TIMEOUT * 6)  # longer than this test may take
-    (old_reader, old_writer), session_id = await handshake(ports.control)
-    (_, new_writer), resumed = await handshake(ports.control, session_id=session_id)
-    assert resumed == session_id
-    assert await read_to_eof(old_reader) == b""  # the server dropped the stale connection
-    assert f"client resumed session {session_id[:8]}" in caplog.text
-    # A stranger cannot do the same without the id.
-    with pytest.raises(Refused, match="another client is already connected"):
-        await handshake(ports.control)
-    for writer in (old_writer, new_writer):
-        writer.close()
+    """The stage page's recipe: a server, a client in front of the local app, a browser."""
+    server = await cli("-m", f"{stage}.server", "--control-port", "0", "--public-port", "0", "--proxy-port", "0")
+    control, public, proxy = [await server.listening(role) for role in ("control", "public", "proxy")]
+    client = await cli(
+        "-m", f"{stage}.client", f"localhost:{http_origin.port}", "127.0.0.1",
+        "--control-port", str(control), "--proxy-port", str(proxy),
+    )  # fmt: skip
+    await client.expect("tunnel up")
+    assert await http_get(public, "/docs") == (200, PAGE)
+    assert await client.interrupt() == 0
+    assert await server.interrupt() == 0
+    assert "Traceback" not in server.output + client.output
 
 
-async def test_a_client_that_stops_sending_heartbeats_is_dropped_and_the_tunnel_freed(
-    start_server: StartServer, caplog: pytest.LogCaptureFixture
-) -> None:
-    ports = await start_server(heartbeat_timeout=0.5)
-    (reader, writer), _ = await handshake(ports.control, secret=None)  # then silence
-    assert await read_to_eof(reader) == b"error no heartbeat for 0.5s\n"
-    writer.close()
-    assert "no heartbeat for 0.5s; closing" in caplog.text
-    await handshake(ports.control, secret=None)  # anyone may take the free tunnel now
+async def test_cli_demo_prints_a_public_url_that_serves_the_demo_page(cli: CliProcess.Factory, stage: str) -> None:
+    """`python -m stage_N`: zero setup, one command (ports 0 here, so that tests never collide)."""
+    demo = await cli("-m", stage, "--public-port", "0", "--control-port", "0", "--proxy-port", "0")
+    url = (await demo.expect(r"public URL: (http://127\.0\.0\.1:(\d+)/)"))[1]
+    await demo.expect(rf"curl {re.escape(url)}hello")
+    status, body = await http_get(int(url.rsplit(":", 1)[1].strip("/")), "/hello/tunnel")
+    assert status == 200
+    assert b"Hello through the tunnel!" in body
+    assert b"GET /hello/tunnel" in body
+    assert await demo.interrupt() == 0
+    assert "Traceback" not in demo.output
 
 
-async def test_the_client_notices_a_server_that_goes_silent_and_reconnects(caplog: pytest.LogCaptureFixture) -> None:
-    """A fake server welcomes the client, then never says another word (a half-open connection)."""
-    connections: list[Streams] = []
-    second_connection = asyncio.Event()
-
-    async def silent_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connections.append((reader, writer))
-        if len(connections) == 2:
-            second_connection.set()
-        await reader.readline()
-        writer.write(b"welcome s1\n")
-
-    fake = await asyncio.start_server(silent_server, "127.0.0.1", 0)
-    async with fake:
-        port = fake.sockets[0].getsockname()[1]
-        client = Client(("127.0.0.1", 9), "127.0.0.1", port, port, heartbeat_interval=0.1, heartbeat_timeout=0.5)
-        async with Background(client.run()):
-            await until_logged(caplog, r"no word from the server for 0\.5s; reconnecting in [\d.]+s \(attempt 1\)")
-            await until(second_connection.wait())
-        for _, writer in connections:
-            writer.close()
-
-
-async def test_the_client_retries_with_backoff_until_the_server_comes(
-    caplog: pytest.LogCaptureFixture, http_origin: HttpOrigin
-) -> None:
-    control_port = await free_port()
-    client = Client(("127.0.0.1", http_origin.port), "127.0.0.1", control_port, 9, max_backoff=0.2)
-    async with Background(client.run()):
-        await until_logged(
-            caplog,
-            r"cannot reach the server at 127\.0\.0\.1:\d+ \(connection refused\); "
-            r"reconnecting in [\d.]+s \(attempt 3\)",
-        )
-        server = Server()
-        ports = await server.listen("127.0.0.1", control_port, 0, 0)
-        client.proxy_port = ports.proxy
-        async with Background(server.serve()):
-            await until(client.connected.wait())
-            assert await http(ports.public) == (200, PAGE)
-
-
-async def test_user_connections_survive_a_control_reconnect(
-    start_server: StartServer, caplog: pytest.LogCaptureFixture, echo_server: EchoServer
-) -> None:
-    """The network under the control connection dies silently; the client notices, comes back with its session
-    id and is let in at once (the server's own heartbeat timeout is far away), and a user mid-conversation
-    never notices."""
-    ports = await start_server(heartbeat_timeout=STEP_TIMEOUT * 6)
-    async with Forwarder(ports.control) as path:  # the client's control connection goes through this
-        client = Client(("127.0.0.1", echo_server.port), "127.0.0.1", path.port, ports.proxy, **FAST)
-        async with Background(client.run()):
-            await until(client.connected.wait())
-            user_reader, user_writer = await open_connection(ports.public)
-            user_writer.write(b"before\n")
-            assert await read_line(user_reader) == b"before\n"
-
-            path.cut_silently()  # no FIN, no RST: bytes just stop arriving, both ways
-            await until_logged(caplog, r"no word from the server for 1s; reconnecting")
-            await until_logged(caplog, r"client resumed session [0-9a-f]{8}; dropping its old connection")
-            await until(client.connected.wait())
-
-            user_writer.write(b"after\n")
-            assert await read_line(user_reader) == b"after\n"
-            assert await exchange(ports.public, b"new user\n") == b"new user\n"
-            user_writer.close()
-
-
-class Forwarder(LocalServer):
-    """A TCP forwarder to a local port whose current connections can be cut silently, like a dead Wi-Fi."""
-
-    def __init__(self, target_port: int) -> None:
-        super().__init__()
-        self.target_port = target_port
-        self._cut: list[asyncio.Event] = []
-
-    def cut_silently(self) -> None:
-        """From now on, drop every byte on the connections open so far (new ones work)."""
-        for cut in self._cut:
-            cut.set()
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        cut = asyncio.Event()
-        self._cut.append(cut)
-        target_reader, target_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            while data := await src.read(65536):
-                if not cut.is_set():
-                    dst.write(data)
-            if not cut.is_set():  # a dead path delivers no FIN either: the far end stays half-open
-                dst.close()
-
-        try:
-            await asyncio.gather(pump(reader, target_writer), pump(target_reader, writer))
-        except OSError:
-            pass
-        finally:
-            writer.close()
-            target_writer.close()
+@pytest.mark.parametrize("local", ["8000", "localhost", "host:port", "localhost:99999"])
+async def test_cli_client_bad_local_address_is_a_usage_error(cli: CliProcess.Factory, stage: str, local: str) -> None:
+    client = await cli("-m", f"{stage}.client", local)
+    assert await client.wait() == 2
+    assert "expected host:port" in client.output
+    assert "Traceback" not in client.output

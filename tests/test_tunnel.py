@@ -7,6 +7,7 @@ To cover a new stage, add a starter for it to TUNNELS.
 
 import asyncio
 import contextlib
+import importlib
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -32,19 +33,22 @@ async def stage_2_tunnel(echo_server: EchoServer) -> AsyncIterator[int]:
         yield ports.public
 
 
-@contextlib.asynccontextmanager
-async def stage_3_tunnel(echo_server: EchoServer) -> AsyncIterator[int]:
-    """A stage 3 server and client in this process, sharing a secret; the local app is the echo server."""
-    from stage_3.client import Client
-    from stage_3.server import Server
+def private_tunnel(stage: str, **secret: str) -> Starter:
+    """A starter for a stage with a private connection (3 and later): its local app is the echo server."""
 
-    server = Server(secret="common-tests")
-    ports = await server.listen("127.0.0.1", 0, 0, 0)
-    local_app = ("127.0.0.1", echo_server.port)
-    client = Client(local_app, "127.0.0.1", ports.control, ports.proxy, secret="common-tests")
-    async with Background(server.serve()), Background(client.run()):
-        await wait_until_tunnel_works(ports.public)
-        yield ports.public
+    @contextlib.asynccontextmanager
+    async def start(echo_server: EchoServer) -> AsyncIterator[int]:
+        server_module = importlib.import_module(f"{stage}.server")
+        client_module = importlib.import_module(f"{stage}.client")
+        server = server_module.Server(**secret)
+        ports = await server.listen("127.0.0.1", 0, 0, 0)
+        local_app = ("127.0.0.1", echo_server.port)
+        client = client_module.Client(local_app, "127.0.0.1", ports.control, ports.proxy, **secret)
+        async with Background(server.serve()), Background(client.run()):
+            await wait_until_tunnel_works(ports.public)
+            yield ports.public
+
+    return start
 
 
 async def wait_until_tunnel_works(public_port: int) -> None:
@@ -56,7 +60,11 @@ async def wait_until_tunnel_works(public_port: int) -> None:
             await asyncio.sleep(0.02)  # not connected yet: the server closed us at once
 
 
-TUNNELS: dict[str, Starter] = {"stage_2": stage_2_tunnel, "stage_3": stage_3_tunnel}
+TUNNELS: dict[str, Starter] = {
+    "stage_2": stage_2_tunnel,
+    "stage_3": private_tunnel("stage_3"),
+    "stage_4": private_tunnel("stage_4", secret="common-tests"),  # with auth on: the path a real server takes
+}
 
 
 @pytest.fixture(params=sorted(TUNNELS))

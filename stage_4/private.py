@@ -13,23 +13,23 @@ import os
 import re
 import time
 
-from .protocol import NETWORK_TIMEOUT, Proxy, TunnelError, encode
-from .relay import Half, join
+from .protocol import DATA_LIMIT, NETWORK_TIMEOUT, Proxy, TunnelError, write_message
+from .relay import relay
 
-log = logging.getLogger("stage_3.client")
+log = logging.getLogger("stage_4.client")
+
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 class LocalAppDown(TunnelError):
     """The local app refused or did not answer; the message says which, for the user's error page."""
 
 
-async def connect(host: str, port: int) -> Half:
-    """Dial a data connection, with a deadline; OSError (TimeoutError included) if that fails."""
+async def dial(host: str, port: int, limit: int = DATA_LIMIT) -> Streams:
+    """Connect with a deadline; OSError (TimeoutError included) if that fails."""
     # A host behind a firewall that drops packets would otherwise keep us waiting for minutes.
     async with asyncio.timeout(NETWORK_TIMEOUT):
-        # A Half from the start: no stream pair to set up and take apart again (see relay.py).
-        _, half = await asyncio.get_running_loop().create_connection(Half, host, port)
-    return half
+        return await asyncio.open_connection(host, port, limit=limit)
 
 
 class LocalApp:
@@ -45,40 +45,41 @@ class LocalApp:
         self.host, self.port = host, port
         self.address: tuple[str, int] | None = None
 
-    async def connect(self) -> Half:
+    async def dial(self) -> Streams:
         """Connect to the local app; LocalAppDown if it can't be reached."""
         if self.address is not None:
             try:
-                return await connect(*self.address)
+                return await dial(*self.address)
             except OSError:
                 self.address = None  # it moved, or it is down: the name will tell
         try:
-            half = await connect(self.host, self.port)
+            reader, writer = await dial(self.host, self.port)
         except OSError as exc:
             raise LocalAppDown(f"{why(exc)} at {self.host}:{self.port}") from None
-        self.address = half.transport.get_extra_info("peername")[:2]
-        return half
+        self.address = writer.get_extra_info("peername")[:2]
+        return reader, writer
 
 
 async def serve_user(conn_id: str, local: LocalApp, proxy: tuple[str, int]) -> None:
     """Join one user to the local app until both sides are done; LocalAppDown if the app can't be reached."""
     short, started = conn_id[:8], time.monotonic()
     # The private connection first: if the local app is down, the server can show
-    # its user an error page at once, instead of after the proxy timeout. (An app
-    # that speaks first, like an SSH server, waits inside the Half until the join.)
-    private = await local.connect()
+    # its user an error page at once, instead of after the proxy timeout.
+    local_reader, local_writer = await local.dial()
     try:
-        tunnel = await connect(*proxy)
-        # The first line names the user this connection is for; the server pairs by it.
-        # A new connection's send buffer is empty, so this write goes out at once.
-        tunnel.transport.write(encode(Proxy(conn_id)))
-        up, down = await join(tunnel, private)
-        elapsed = time.monotonic() - started
-        log.info("conn %s: closed, %d bytes in, %d bytes out, %.3fs", short, up.copied, down.copied, elapsed)
+        proxy_reader, proxy_writer = await dial(*proxy)
+        try:
+            # The first line names the user this connection is for; the server pairs by it.
+            await write_message(proxy_writer, Proxy(conn_id))
+            up, down = await relay(proxy_reader, proxy_writer, local_reader, local_writer)
+            elapsed = time.monotonic() - started
+            log.info("conn %s: closed, %d bytes in, %d bytes out, %.3fs", short, up.copied, down.copied, elapsed)
+        finally:
+            proxy_writer.close()
     except OSError as exc:  # this user is lost, the tunnel is not: log and carry on
         log.warning("conn %s: proxy connection to %s:%d failed or lost (%s)", short, *proxy, why(exc))
     finally:
-        private.transport.close()
+        local_writer.close()
 
 
 def why(exc: OSError) -> str:

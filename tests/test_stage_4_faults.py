@@ -1,4 +1,4 @@
-"""Stage 3 under faults: killed processes, restarts, garbage and floods on every port.
+"""Stage 4 under faults: killed processes, restarts, garbage and floods on every port.
 
 The server and the client run as real subprocesses, so that a kill is a real kill (the kernel
 closes their sockets) and their open file descriptors and memory can be read from /proc.
@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import pytest
 
-from stage_3.server import Ports
+from stage_4.server import Ports
 from support import PAGE, STEP_TIMEOUT, CliProcess, EchoServer, HttpOrigin, exchange, open_connection
 
 T = TypeVar("T")
@@ -30,7 +30,7 @@ ANY_PORTS = Ports(0, 0, 0)
 
 async def start_server(cli: CliProcess.Factory, ports: Ports = ANY_PORTS) -> tuple[CliProcess, Ports]:
     server = await cli(
-        "-m", "stage_3.server", "--control-port", str(ports.control), "--public-port", str(ports.public),
+        "-m", "stage_4.server", "--control-port", str(ports.control), "--public-port", str(ports.public),
         "--proxy-port", str(ports.proxy),
     )  # fmt: skip
     return server, Ports(*[await server.listening(role) for role in ("control", "public", "proxy")])
@@ -38,7 +38,7 @@ async def start_server(cli: CliProcess.Factory, ports: Ports = ANY_PORTS) -> tup
 
 async def start_client(cli: CliProcess.Factory, local_port: int, ports: Ports, *extra: str) -> CliProcess:
     client = await cli(
-        "-m", "stage_3.client", f"127.0.0.1:{local_port}", "127.0.0.1",
+        "-m", "stage_4.client", f"127.0.0.1:{local_port}", "127.0.0.1",
         "--control-port", str(ports.control), "--proxy-port", str(ports.proxy), *extra,
     )  # fmt: skip
     await client.expect("tunnel up")

@@ -1,4 +1,4 @@
-"""Stage 3 wire format: every message survives a round trip, and no input breaks the parser.
+"""Stage 4 wire format: every message survives a round trip, and no input breaks the parser.
 
 The parser faces the internet (anyone can connect to the control and proxy ports), so it is
 fuzzed: whatever the bytes, it returns a message or raises the documented ProtocolError,
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stage_3 import backoff, pages
-from stage_3.protocol import (
+from stage_4 import backoff, pages
+from stage_4.protocol import (
     MAX_LINE,
     Auth,
     Challenge,

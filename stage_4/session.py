@@ -35,7 +35,7 @@ from .protocol import (
     write_message,
 )
 
-log = logging.getLogger("stage_3.session")
+log = logging.getLogger("stage_4.session")
 
 
 @dataclass

@@ -1,8 +1,8 @@
-"""Stage 3 authentication: an HMAC challenge-response proves the secret without sending it.
+"""Stage 4 authentication: an HMAC challenge-response proves the secret without sending it.
 
 These tests run the handshake over a `socket.socketpair()`, with no server involved; the
 end-to-end cases (wrong secret through the real CLIs, replay against a real server) are in
-test_stage_3.py.
+test_stage_4.py.
 """
 
 import asyncio
@@ -12,8 +12,8 @@ from typing import TypeVar
 
 import pytest
 
-from stage_3 import auth
-from stage_3.protocol import AuthError, Hello, ProtocolError, Refused, Welcome, encode
+from stage_4 import auth
+from stage_4.protocol import AuthError, Hello, ProtocolError, Refused, Welcome, encode
 from support import STEP_TIMEOUT
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
