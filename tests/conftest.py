@@ -5,7 +5,10 @@ Workshop mode points the tests at a learner's own copy of a stage:
     pytest tests/test_stage_1.py --stage-dir stage_1=../my_stage_1
     STAGE_DIRS=stage_1=../my_stage_1 make test
 
-The copy is imported as `stage_1` by the in-process tests and by every subprocess.
+The copy is imported as `stage_1` by the in-process tests and by every subprocess: the CLI
+tests run `python -P -m ...` and the documented commands run with PYTHONSAFEPATH=1, because
+`-m` would otherwise put the repository (their working directory) ahead of the copy on sys.path.
+tests/test_workshop.py proves it.
 """
 
 import asyncio
@@ -21,7 +24,8 @@ import pytest
 from support import CliProcess, EchoServer, HttpOrigin
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("stage_0", "stage_1", "stage_2", "stage_3")
+# Every stage folder in the repository: a new stage joins workshop mode just by existing.
+STAGES = tuple(sorted(p.name for p in ROOT.glob("stage_[0-9]*") if p.is_dir()))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

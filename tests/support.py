@@ -176,6 +176,14 @@ async def http_request(port: int, request: bytes, host: str = "127.0.0.1") -> tu
     return status, head, body
 
 
+def hear_ctrl_c() -> None:
+    """In a child before it starts: let SIGINT stop it again (see CliProcess.start)."""
+    # A test run started as a background job from a script (`make test &`) inherits SIGINT as
+    # "ignored", and so would every program it starts: Python then never raises
+    # KeyboardInterrupt, and a test's Ctrl-C would not stop the stage. Undo that in the child.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class CliProcess:
     """A `python -m ...` subprocess whose combined stdout/stderr is collected line by line.
 
@@ -196,16 +204,22 @@ class CliProcess:
 
     @classmethod
     async def start(cls, *args: str, cwd: Path, env: dict[str, str] | None = None) -> "CliProcess":
-        """Run `python -u ARGS` in `cwd`, with the parent's environment plus `env`."""
+        """Run `python -u -P ARGS` in `cwd`, with the parent's environment plus `env`.
+
+        `-m` would put `cwd` first on the child's sys.path, ahead of PYTHONPATH: the child would
+        import the repository's stage, not a workshop copy (see conftest.py). `-P` leaves it out.
+        """
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-u",
+            "-P",
             *args,
             cwd=cwd,
             env={**os.environ, **(env or {})},
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
+            preexec_fn=hear_ctrl_c if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else None,
         )
         return cls(process, args)
 

@@ -188,7 +188,19 @@ def command_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and k != "NGROK_SECRET"}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", ""), "/usr/sbin", "/sbin"])
     env["PYTHONUNBUFFERED"] = "1"
+    # `python -m stage_1.server` run here would put the working directory (this repository) first
+    # on sys.path, ahead of PYTHONPATH, where the tests' workshop mode names a learner's copy of a
+    # stage (tests/conftest.py). PYTHONSAFEPATH=1 leaves it out; the repository comes last instead.
+    env["PYTHONSAFEPATH"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(ROOT)]))
     return env
+
+
+def hear_ctrl_c() -> None:
+    """In a command's process before it starts: let SIGINT stop it again."""
+    # Started as a background job from a script (`make test &`), we inherit SIGINT as "ignored",
+    # and so would the commands: a server would then never stop on the Ctrl-C the docs show.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class Terminal:
@@ -208,6 +220,7 @@ class Terminal:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, as a terminal's foreground job
+            preexec_fn=hear_ctrl_c if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else None,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
