@@ -1,7 +1,7 @@
-"""python -m bench [--quick | --smoke]: direct vs socat vs stage 0 vs the stage 3 tunnel, in one interleaved run.
+"""python -m bench [--quick | --smoke]: direct vs socat vs stage 0 vs the stage 3 and 4 tunnels, interleaved.
 
 Each round starts every path afresh, then runs each scenario on every path in
-turn (A B C D), rotating which path goes first from round to round; the report
+turn (A B C D E), rotating which path goes first from round to round; the report
 gives medians over the rounds and ratios taken within each round.
 """
 
@@ -23,12 +23,12 @@ from typing import Any
 from stage_0.relay import CHUNK_SIZE
 
 from . import report, scenarios
-from .paths import HOST, ROOT, STAGES, PathUnavailable, PathUnderTest, Process
+from .paths import HOST, ROOT, STAGES, TUNNELS, PathUnavailable, PathUnderTest, Process
 
 TOOLS = {"socat": "socat", "wrk": "wrk", "ab": "apache2-utils"}
 INSTALL_HINT = "apt-get install socat wrk apache2-utils"
 SCENARIOS = ("idle", "ttfb", "ab", "wrk", "bulk_up", "bulk_down")  # idle first: memory is read on fresh processes
-DEFAULT_PATHS = "direct,socat,stage_0,stage_3"
+DEFAULT_PATHS = ",".join(("direct", "socat", "stage_0", *TUNNELS))
 DEFAULT_SCENARIOS = ",".join(SCENARIOS)
 
 
@@ -152,7 +152,8 @@ def clean(text: str) -> str:
 
 def build_paths(args: argparse.Namespace, settings: Settings) -> list[PathUnderTest]:
     """The paths asked for on the command line, in order."""
-    kinds = {"direct": "direct", "socat": "socat", "stage_0": "stage 0", "stage_3": "stage 3"}
+    stages = ("stage_0", *TUNNELS)
+    kinds = {"direct": "direct", "socat": "socat", **{stage: stage.replace("_", " ") for stage in stages}}
     paths = []
     for kind in args.paths.split(","):
         if kind not in kinds:
@@ -161,9 +162,10 @@ def build_paths(args: argparse.Namespace, settings: Settings) -> list[PathUnderT
     for variant in args.variant:
         label, _, rest = variant.partition("=")
         kind, _, directory = rest.partition(":")
-        if kind not in ("stage_0", "stage_3") or not directory or not Path(directory, "__init__.py").is_file():
+        if kind not in stages or not directory or not Path(directory, "__init__.py").is_file():
             sys.exit(
-                f"error: --variant wants LABEL=stage_0:DIR or LABEL=stage_3:DIR with a stage folder; got {variant!r}"
+                f"error: --variant wants LABEL=STAGE:DIR with STAGE one of {', '.join(stages)} and DIR a stage "
+                f"folder; got {variant!r}"
             )
         paths.append(PathUnderTest(label, kind, stage_dir=Path(directory).resolve()))
     for path in paths:
@@ -253,7 +255,6 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         "measurements": records,
     }
     result["summary"] = report.summarize(records, labels)
-    result["goals"] = report.goals(records, result["summary"], result["settings"])
     return result
 
 
@@ -261,7 +262,7 @@ def main() -> None:
     """Command line: see --help."""
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Compare direct, socat, stage 0 and the stage 3 tunnel on 127.0.0.1, in one interleaved run.",
+        description="Compare direct, socat, stage 0 and the stage 3 and 4 tunnels on 127.0.0.1, interleaved.",
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument(
@@ -278,7 +279,8 @@ def main() -> None:
         action="append",
         default=[],
         metavar="LABEL=STAGE:DIR",
-        help="also measure a copy of stage_0 or stage_3 from DIR, e.g. 'stage 0 v2=stage_0:../my_stage_0' (repeatable)",
+        help=f"also measure a copy of {', '.join(('stage_0', *TUNNELS))} from DIR, "
+        "e.g. 'stage 0 v2=stage_0:../my_stage_0' (repeatable)",
     )
     parser.add_argument("--profile", type=Path, metavar="DIR", help="run the stages under cProfile, .prof files in DIR")
     parser.add_argument(

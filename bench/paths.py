@@ -3,7 +3,9 @@
 - `direct`: no relay at all, the load talks to the origin;
 - `socat`: the reference relay, written in C, one forked process per connection;
 - `stage_0`: `python -m stage_0.client ORIGIN --port 0`;
-- `stage_3`: `python -m stage_3.server` plus `python -m stage_3.client ORIGIN`, the whole tunnel.
+- `stage_3`: `python -m stage_3.server` plus `python -m stage_3.client ORIGIN`, the whole tunnel;
+- `stage_4`: the same two programs of stage 4 (the tunnel you can leave running), with a
+  secret on both sides as its README recommends (in NGROK_SECRET, out of the command line).
 
 Every process runs in its own session with its output in a log file: a busy relay
 logs a line per connection, and a pipe nobody reads would block it. Its ports are
@@ -24,7 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("stage_0", "stage_1", "stage_2", "stage_3")
+STAGES = ("stage_0", "stage_1", "stage_2", "stage_3", "stage_4")
+TUNNELS = ("stage_3", "stage_4")  # stages measured as a whole tunnel: server + client
+TUNNEL_ROLES = ("control", "public", "proxy")
+SECRETS = {"stage_4": "bench-secret-not-for-real-use"}  # stages with auth run with a secret, as users should
 HOST = "127.0.0.1"
 START_TIMEOUT = 15.0
 LISTENING = r"\b{role} port listening on (\S+):(\d+)"
@@ -154,7 +159,7 @@ class PathUnderTest:
     """One way of reaching the origin; `start()` gives the address the load should use."""
 
     label: str
-    kind: str  # direct | socat | stage_0 | stage_3
+    kind: str  # direct | socat | stage_0 | one of TUNNELS
     stage_dir: Path | None = None  # a copy of the stage to run instead of the repository's
     address: tuple[str, int] = (HOST, 0)
     processes: list[Process] = field(default_factory=list)
@@ -186,12 +191,12 @@ class PathUnderTest:
         elif self.kind == "stage_0":
             relay = self._spawn("", self._python("stage_0.client", target, "--host", HOST, "--port", "0"))
             self.address = (HOST, int(relay.wait_for(LISTENING.format(role="proxy"))[2]))
-        elif self.kind == "stage_3":
+        elif self.kind in TUNNELS:
             ports = ("--control-port", "0", "--public-port", "0", "--proxy-port", "0")
-            server = self._spawn("server", self._python("stage_3.server", "--host", HOST, *ports))
-            control, public, proxy = (int(server.wait_for(LISTENING.format(role=r))[2]) for r in STAGE_3_ROLES)
+            server = self._spawn("server", self._python(f"{self.kind}.server", "--host", HOST, *ports))
+            control, public, proxy = (int(server.wait_for(LISTENING.format(role=r))[2]) for r in TUNNEL_ROLES)
             dial = ("--control-port", str(control), "--proxy-port", str(proxy))
-            self._spawn("client", self._python("stage_3.client", target, HOST, *dial))
+            self._spawn("client", self._python(f"{self.kind}.client", target, HOST, *dial))
             self.address = (HOST, public)
         else:
             raise ValueError(f"unknown path kind {self.kind!r}")
@@ -218,6 +223,9 @@ class PathUnderTest:
             if not link.exists():
                 link.symlink_to(self.stage_dir if stage == self.kind and self.stage_dir else ROOT / stage)
         env = {**os.environ, "PYTHONPATH": str(links), "PYTHONUNBUFFERED": "1"}
+        env.pop("NGROK_SECRET", None)  # a secret set in the shell must not change what is measured
+        if secret := SECRETS.get(self.kind):
+            env["NGROK_SECRET"] = secret
         role = f"{self.label} {part}" if part else self.label  # e.g. "stage 3 server"
         process = Process.start(role, argv, self._work, links, env)
         self.processes.append(process)
@@ -231,9 +239,6 @@ class PathUnderTest:
         if self._work is not None:
             shutil.rmtree(self._work, ignore_errors=True)
             self._work = None
-
-
-STAGE_3_ROLES = ("control", "public", "proxy")
 
 
 def http_get(address: tuple[str, int], timeout: float = 5.0) -> bytes:
