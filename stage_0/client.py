@@ -64,7 +64,7 @@ class Proxy:
                 async with asyncio.timeout(CONNECT_TIMEOUT):
                     target_reader, target_writer = await asyncio.open_connection(*self.target, limit=CHUNK_SIZE)
             except OSError as exc:  # refused, unreachable, or TimeoutError (an OSError too)
-                log.warning("%s: cannot reach target %s:%d (%s); closing", peer, *self.target, exc or "timed out")
+                log.warning("%s: cannot reach target %s:%d (%s); closing", peer, *self.target, why(exc))
                 return
             try:
                 sent, received = await relay(user_reader, user_writer, target_reader, target_writer)
@@ -76,12 +76,29 @@ class Proxy:
             user_writer.close()
 
 
+def why(exc: OSError) -> str:
+    """The reason a connect failed, in a few words."""
+    # A TimeoutError has no text of its own (str() of it is empty), and an OSError that sums up
+    # several failed addresses has no strerror: say something in both cases.
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return exc.strerror or str(exc)
+
+
 def parse_address(text: str) -> tuple[str, int]:
     """Turn 'host:port' (or '[::1]:port') into a (host, port) pair for argparse."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"expected host:port, got {text!r}")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected host:port with a port from 1 to 65535, got {text!r}")
     return host.strip("[]"), int(port)
+
+
+def listen_port(text: str) -> int:
+    """argparse type for a port to listen on: 0 (any free port) to 65535."""
+    # Checked here, not left to the socket: 99999 would end in an OverflowError traceback.
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}")
+    return int(text)
 
 
 def listen_error(exc: OSError, host: str, port: int) -> str:
@@ -113,7 +130,7 @@ def main() -> None:
     parser.add_argument("target", type=parse_address, metavar="TARGET", help="where to relay, as host:port")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help="port to listen on, 0 = any (default: %(default)s)"
+        "--port", type=listen_port, default=DEFAULT_PORT, help="port to listen on, 0 = any (default: %(default)s)"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()

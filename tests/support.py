@@ -7,12 +7,16 @@ import http.server
 import os
 import re
 import signal
+import socket
+import struct
 import sys
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+import pytest
 
 # Every await in a test that depends on a peer gets this bound, so a bug
 # fails the test quickly instead of hanging it until the global timeout.
@@ -47,6 +51,49 @@ async def free_port() -> int:
     probe.close()
     await probe.wait_closed()
     return port
+
+
+@contextlib.contextmanager
+def unanswering_port() -> Iterator[int]:
+    """A port on 127.0.0.1 where a connect hangs, as it does to a host whose firewall drops packets.
+
+    A listener that never accepts, its queue filled: the kernel then drops every further SYN.
+    (Loopback only: the tests send nothing beyond 127.0.0.0/8.)
+    """
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    queued: list[socket.socket] = []
+    try:
+        for _ in range(16):  # Linux queues backlog + 1 connections; the first that hangs shows it is full
+            probe = socket.socket()
+            probe.settimeout(0.5)
+            try:
+                probe.connect(listener.getsockname())
+            except TimeoutError:
+                probe.close()
+                break
+            queued.append(probe)
+        else:
+            raise RuntimeError("could not fill a listener's queue: connects to it never hang here")
+        yield listener.getsockname()[1]
+    finally:
+        for sock in [*queued, listener]:
+            sock.close()
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close a connection with a TCP reset (RST) instead of a clean FIN, as a crashed peer does."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # linger on, 0 s: reset
+    writer.transport.abort()
+
+
+async def until_logged(caplog: pytest.LogCaptureFixture, pattern: str) -> re.Match[str]:
+    """Wait (bounded) until a captured log line matches `pattern`; return the match."""
+    async with asyncio.timeout(STEP_TIMEOUT):
+        while True:
+            if match := re.search(pattern, caplog.text):
+                return match
+            await asyncio.sleep(0.01)  # caplog has no event to wait on
 
 
 def sha256(data: bytes) -> str:
@@ -281,6 +328,14 @@ class CliProcess:
     def output(self) -> str:
         """Everything the process printed so far."""
         return "\n".join(self.lines)
+
+
+async def usage_error(cli: CliProcess.Factory, *args: str) -> str:
+    """Run a program that must refuse its command line: exit 2, no traceback; return argparse's error line."""
+    process = await cli(*args)
+    assert await process.wait() == 2, process.output
+    assert "Traceback" not in process.output
+    return process.lines[-1]
 
 
 class Background:

@@ -2,10 +2,13 @@
 
 import asyncio
 import contextlib
+import logging
+import re
 from collections.abc import AsyncIterator
 
 import pytest
 
+import stage_0.client
 from stage_0.client import Proxy
 from support import (
     PAGE,
@@ -19,7 +22,11 @@ from support import (
     http_request,
     open_connection,
     pattern_bytes,
+    reset,
     sha256,
+    unanswering_port,
+    until_logged,
+    usage_error,
 )
 
 
@@ -112,6 +119,68 @@ async def test_backpressure_a_slow_target_holds_the_sender_back_instead_of_filli
     assert received == size
 
 
+async def test_the_close_log_counts_the_bytes_each_way(caplog: pytest.LogCaptureFixture) -> None:
+    """One line per connection: bytes up (user to target) and down, each more than one read's worth."""
+    caplog.set_level(logging.INFO)
+    up, down = 700_001, 1_300_003
+
+    async def answer_with_down_bytes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # everything up to the user's EOF
+        writer.write(pattern_bytes(down))
+        await writer.drain()
+        writer.close()
+
+    target = await asyncio.start_server(answer_with_down_bytes, "127.0.0.1", 0)
+    async with target:
+        async for port in start_proxy(target.sockets[0].getsockname()[1]):
+            assert len(await exchange(port, pattern_bytes(up))) == down
+            await until_logged(caplog, rf": closed, {up} bytes up, {down} bytes down, [\d.]+s")
+
+
+@pytest.mark.parametrize("who_resets", ["target", "user"])
+async def test_a_reset_on_one_side_closes_the_other_side(who_resets: str) -> None:
+    """A peer that vanishes with a reset must not leave the other one connected to nothing, forever."""
+    target_writers: list[asyncio.StreamWriter] = []
+    target_got_hello, target_ended = asyncio.Event(), asyncio.Event()
+
+    async def target_side(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        target_writers.append(writer)
+        with contextlib.suppress(OSError):
+            await reader.readline()
+            target_got_hello.set()
+            await reader.read()  # returns at EOF; raises on a reset
+        target_ended.set()
+        writer.close()
+
+    target = await asyncio.start_server(target_side, "127.0.0.1", 0)
+    async with target:
+        async for port in start_proxy(target.sockets[0].getsockname()[1]):
+            reader, writer = await open_connection(port)
+            writer.write(b"hello\n")
+            async with asyncio.timeout(STEP_TIMEOUT):
+                await target_got_hello.wait()
+                if who_resets == "target":
+                    reset(target_writers[0])
+                    with contextlib.suppress(ConnectionResetError):
+                        assert await reader.read() == b""  # the proxy closed the user's side too
+                else:
+                    reset(writer)
+                    await target_ended.wait()  # the proxy closed the target's side too
+            writer.close()
+
+
+async def test_a_target_that_never_answers_is_given_up_after_the_connect_timeout(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A target behind a firewall that drops packets: the user is closed after CONNECT_TIMEOUT, with the reason."""
+    monkeypatch.setattr(stage_0.client, "CONNECT_TIMEOUT", 0.5)  # a test need not wait the real 5 s
+    with unanswering_port() as silent_port:
+        async for port in start_proxy(silent_port):
+            async with asyncio.timeout(STEP_TIMEOUT):  # without a connect timeout: about two minutes
+                assert await exchange(port, b"anyone there?") == b""
+    assert f"cannot reach target 127.0.0.1:{silent_port} (timed out); closing" in caplog.text
+
+
 async def test_fifty_concurrent_connections_are_not_mixed_up(echo_proxy: int) -> None:
     payloads = [pattern_bytes(64 * 1024 + i, seed=i) for i in range(50)]
     replies = await asyncio.gather(*(exchange(echo_proxy, p) for p in payloads))
@@ -127,7 +196,7 @@ async def test_unreachable_target_closes_the_user_and_keeps_serving(
     _, port = await proxy.listen("127.0.0.1", 0)
     async with Background(proxy.serve()):
         assert await exchange(port, b"anyone there?") == b""
-        assert "cannot reach target" in caplog.text
+        assert re.search(rf"cannot reach target 127\.0\.0\.1:{dead_port} \(\S.*\); closing", caplog.text)  # and why
         # Still serving: point the same proxy at a live target and it works.
         proxy.target = ("127.0.0.1", echo_server.port)
         assert await exchange(port, b"still here") == b"still here"
@@ -167,3 +236,20 @@ async def test_cli_bad_target_is_a_usage_error(cli: CliProcess.Factory, target: 
     assert await proxy.wait() == 2
     assert "expected host:port" in proxy.output
     assert "Traceback" not in proxy.output
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["localhost:8000", "--port", "99999"], "--port"),
+        (["localhost:8000", "--port", "-5"], "--port"),
+        (["localhost:0"], "TARGET"),
+        (["localhost:65536"], "TARGET"),
+    ],
+)
+async def test_cli_out_of_range_numbers_are_a_one_line_usage_error(
+    cli: CliProcess.Factory, args: list[str], option: str
+) -> None:
+    """Not an OverflowError traceback, and not a port silently wrapped around to another one."""
+    error = await usage_error(cli, "-m", "stage_0.client", *args)
+    assert f"error: argument {option}: " in error and repr(args[-1]) in error
