@@ -16,6 +16,8 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
+import time
+from collections import OrderedDict
 
 from .protocol import (
     NETWORK_TIMEOUT,
@@ -30,6 +32,17 @@ from .protocol import (
     read_message,
     write_message,
 )
+
+# A secret shorter than this can be guessed; the server says so when it starts.
+MIN_SECRET_LENGTH = 16
+# After this many wrong answers from one address within THROTTLE_WINDOW seconds, that
+# address is refused until the window has passed: an online guesser gets a handful of
+# tries a minute instead of the ~1300 a second an unthrottled server answers.
+MAX_FAILURES = 5
+THROTTLE_WINDOW = 60.0
+# At most this many addresses are remembered (the oldest are forgotten first), so an
+# attacker with many addresses can't make the table itself eat our memory.
+THROTTLE_TABLE_SIZE = 4096
 
 
 def new_nonce() -> str:
@@ -106,6 +119,43 @@ async def client_handshake(
         case None:
             raise ProtocolError("the server closed the connection during the handshake")
     raise ProtocolError(f"expected 'welcome', got {reply}")
+
+
+class Throttle:
+    """Counts wrong answers per source address, and refuses an address that has had too many lately."""
+
+    def __init__(
+        self, max_failures: int = MAX_FAILURES, window: float = THROTTLE_WINDOW, size: int = THROTTLE_TABLE_SIZE
+    ) -> None:
+        self.max_failures, self.window, self.size = max_failures, window, size
+        # address -> (wrong answers, when the first of them came), oldest entry first
+        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
+
+    def check(self, address: str) -> None:
+        """Raise Refused if `address` has given too many wrong answers within the window."""
+        count, since = self._failures.get(address, (0, 0.0))
+        wait = since + self.window - time.monotonic()
+        if wait <= 0:
+            self._failures.pop(address, None)  # the window has passed: a clean slate
+        elif count >= self.max_failures:
+            raise Refused(f"too many wrong secrets from {address}; try again in {wait:.0f}s")
+
+    def failed(self, address: str) -> None:
+        """Count one wrong answer from `address`."""
+        count, since = self._failures.pop(address, (0, time.monotonic()))
+        self._failures[address] = (count + 1, since)  # (re)inserted last: the newest entry
+        if len(self._failures) > self.size:
+            self._failures.popitem(last=False)
+
+
+def strength_warning(secret: str | None) -> str | None:
+    """A warning if the secret is short enough to guess; else None."""
+    if not secret or len(secret) >= MIN_SECRET_LENGTH:
+        return None
+    return (
+        f"WARNING: the secret is only {len(secret)} characters long; use at least {MIN_SECRET_LENGTH}. "
+        "Make a strong one with: python3 -c 'import secrets; print(secrets.token_urlsafe(24))'"
+    )
 
 
 def exposure_warning(host: str, secret: str | None) -> str | None:

@@ -19,8 +19,10 @@ import sys
 from . import auth, backoff, private
 from .protocol import (
     CONTROL_PORT,
+    HALF_CLOSED_TIMEOUT,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_TIMEOUT,
+    IDLE_TIMEOUT,
     MAX_LINE,
     NETWORK_TIMEOUT,
     PROXY_PORT,
@@ -30,11 +32,13 @@ from .protocol import (
     Message,
     Ping,
     Pong,
+    ProxyError,
     Refused,
     TunnelError,
     read_message,
     write_message,
 )
+from .relay import Timeouts
 
 log = logging.getLogger("stage_4.client")
 
@@ -53,6 +57,8 @@ class Client:
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         max_backoff: float = backoff.BACKOFF_CAP,
+        idle_timeout: float = IDLE_TIMEOUT,
+        half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
     ) -> None:
         self.local = local
         self.server = server
@@ -62,6 +68,7 @@ class Client:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.max_backoff = max_backoff
+        self.timeouts = Timeouts(idle_timeout, half_closed_timeout)  # for silent relays: see relay.py
         # Set while the server has us as its client; the demo and the tests wait for it.
         self.connected = asyncio.Event()
         # Given by the server at the first handshake; presenting it again when we
@@ -154,10 +161,14 @@ class Client:
 
     async def _serve_user(self, conn_id: str, proxy: tuple[str, int]) -> None:
         try:
-            await private.serve_user(conn_id, self._local_app, proxy)
+            await private.serve_user(conn_id, self._local_app, proxy, self.timeouts)
         except private.LocalAppDown as exc:
             log.warning("conn %s: cannot reach the local app (%s); telling the server", conn_id[:8], exc)
             await self._report(LocalError(conn_id, str(exc)))
+        except private.ProxyFailed as exc:
+            # Tell the server now: its user gets a 502 naming the cause, not a 504 after the proxy timeout.
+            log.warning("conn %s: cannot open the proxy connection (%s); telling the server", conn_id[:8], exc)
+            await self._report(ProxyError(conn_id, str(exc)))
 
     async def _report(self, message: Message) -> None:
         """Tell the server something on the control connection, if there is one right now."""
@@ -207,6 +218,8 @@ def main() -> None:
         ("heartbeat-interval", HEARTBEAT_INTERVAL, "how often to ping the server"),
         ("heartbeat-timeout", HEARTBEAT_TIMEOUT, "silence after which the server counts as gone"),
         ("max-backoff", backoff.BACKOFF_CAP, "the longest wait between two reconnect attempts"),
+        ("idle-timeout", IDLE_TIMEOUT, "close a user's relay after this long with no byte either way"),
+        ("half-closed-timeout", HALF_CLOSED_TIMEOUT, "close a half-closed relay after this long silent"),
     ):
         parser.add_argument(
             f"--{flag}", type=float, default=seconds, metavar="SECONDS", help=f"{what} (default: %(default)s)"
@@ -225,6 +238,8 @@ def main() -> None:
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
         max_backoff=args.max_backoff,
+        idle_timeout=args.idle_timeout,
+        half_closed_timeout=args.half_closed_timeout,
     )
     try:
         asyncio.run(client.run())

@@ -22,11 +22,21 @@ REASONS = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout
 
 
 def request_line(head: bytes) -> str | None:
-    """'GET /path' if `head` starts like an HTTP request, else None."""
+    """'GET /path' if `head` starts like an HTTP request, else None; unprintable bytes come out escaped."""
     if match := REQUEST_LINE.match(head):
-        method, path = (part.decode("ascii", "replace") for part in match.groups())
+        method, path = (printable(part) for part in match.groups())
         return f"{method} {path}"
     return None
+
+
+def printable(data: bytes) -> str:
+    """`data` as text fit for a log line: every byte that is not printable ASCII becomes \\xNN.
+
+    A path comes from anyone on the internet. Written raw, an ESC byte would start a
+    terminal escape sequence in the terminal that shows the log, a BEL would ring it and
+    a NUL would cut the line short for some tools.
+    """
+    return "".join(chr(byte) if 0x20 <= byte < 0x7F else f"\\x{byte:02x}" for byte in data)
 
 
 def status_code(head: bytes) -> str | None:

@@ -14,17 +14,20 @@ so a proxy connection that names one is bound to that client: nobody else can at
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Iterator
 
 from .protocol import (
     MAX_WAITING,
     NETWORK_TIMEOUT,
+    Ok,
     ProtocolError,
     Proxy,
     TunnelError,
     new_conn_id,
     read_message,
     say_goodbye,
+    write_message,
 )
 
 log = logging.getLogger("stage_4.pairing")
@@ -44,16 +47,16 @@ class Pairing:
         self.max_waiting = max_waiting  # beyond this many waiting users, new ones are turned away
         # conn_id -> the future through which a waiting public connection gets its proxy streams.
         self._waiting: dict[str, asyncio.Future[Streams]] = {}
-        # conn_id -> the waiting user's reader, to see whether the user is still there.
-        self._users: dict[str, asyncio.StreamReader] = {}
+        # conn_id -> the waiting user's connection, to see whether the user is still there.
+        self._users: dict[str, asyncio.StreamWriter] = {}
 
     def has_room(self) -> bool:
         """True if one more user may wait (see MAX_WAITING); when full, first let go of users who left."""
         if len(self._waiting) >= self.max_waiting:
-            # A user who connected and hung up without a word (EOF, nothing to
-            # read) waits for nothing: a flood of those must not lock real users out.
+            # A user who connected and hung up without a word waits for nothing:
+            # a flood of those must not lock real users out.
             for conn_id, user in list(self._users.items()):
-                if user.at_eof():
+                if hung_up(user):
                     self.fail(conn_id, "the user left")
         return len(self._waiting) < self.max_waiting
 
@@ -69,7 +72,7 @@ class Pairing:
             self.fail(conn_id, cause)
 
     @contextlib.contextmanager
-    def expect(self, user: asyncio.StreamReader) -> Iterator[tuple[str, asyncio.Future[Streams]]]:
+    def expect(self, user: asyncio.StreamWriter) -> Iterator[tuple[str, asyncio.Future[Streams]]]:
         """Register a fresh id for `user` and the future its proxy streams will arrive in; on exit, retire both."""
         conn_id = new_conn_id()
         future: asyncio.Future[Streams] = asyncio.get_running_loop().create_future()
@@ -103,6 +106,9 @@ class Pairing:
                     future = self._waiting.pop(conn_id, None)
                     if future is None or future.done():  # done: the user gave up waiting
                         raise ProtocolError("unknown or expired proxy id")
+                    # Confirm first: the client relays nothing to its local app before this
+                    # line, so that an error line from us can never reach the app as data.
+                    await write_message(writer, Ok())
                     # Hand over the *same* reader: bytes the client sent right after its
                     # `proxy` line may already sit in its buffer, and must not be lost.
                     future.set_result((reader, writer))
@@ -121,3 +127,23 @@ class Pairing:
         except OSError as exc:
             log.info("%s:%d: proxy connection lost (%s)", host, port, exc)
         return False
+
+
+def hung_up(user: asyncio.StreamWriter) -> bool:
+    """True if a waiting user has closed its connection without sending a byte.
+
+    The server does not read a waiting user (its bytes wait in the kernel: see server.py), so
+    asyncio can't tell us that it left. The kernel can: a *peek* (MSG_PEEK) looks at the
+    socket's queue without taking anything from it, and an empty answer means EOF.
+    """
+    if user.is_closing():
+        return True
+    probe = socket.socket(fileno=user.get_extra_info("socket").fileno())
+    try:
+        return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False  # nothing to read yet: the user is still there
+    except OSError:
+        return True  # reset: gone
+    finally:
+        probe.detach()  # the socket still belongs to its transport: don't close it

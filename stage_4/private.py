@@ -13,8 +13,17 @@ import os
 import re
 import time
 
-from .protocol import DATA_LIMIT, NETWORK_TIMEOUT, Proxy, TunnelError, write_message
-from .relay import relay
+from .protocol import (
+    DATA_LIMIT,
+    NETWORK_TIMEOUT,
+    Ok,
+    ProtocolError,
+    Proxy,
+    TunnelError,
+    read_message,
+    write_message,
+)
+from .relay import Timeouts, relay
 
 log = logging.getLogger("stage_4.client")
 
@@ -23,6 +32,10 @@ Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 class LocalAppDown(TunnelError):
     """The local app refused or did not answer; the message says which, for the user's error page."""
+
+
+class ProxyFailed(TunnelError):
+    """The proxy connection could not be opened (the server refused it, we are out of files...)."""
 
 
 async def dial(host: str, port: int, limit: int = DATA_LIMIT) -> Streams:
@@ -60,24 +73,41 @@ class LocalApp:
         return reader, writer
 
 
-async def serve_user(conn_id: str, local: LocalApp, proxy: tuple[str, int]) -> None:
-    """Join one user to the local app until both sides are done; LocalAppDown if the app can't be reached."""
+async def serve_user(conn_id: str, local: LocalApp, proxy: tuple[str, int], timeouts: Timeouts) -> None:
+    """Join one user to the local app until both sides are done.
+
+    Raises LocalAppDown if the app can't be reached and ProxyFailed if the proxy connection
+    can't be opened: the client tells the server either at once, and the user gets a 502 page.
+    """
     short, started = conn_id[:8], time.monotonic()
     # The private connection first: if the local app is down, the server can show
     # its user an error page at once, instead of after the proxy timeout.
     local_reader, local_writer = await local.dial()
     try:
-        proxy_reader, proxy_writer = await dial(*proxy)
+        try:
+            proxy_reader, proxy_writer = await dial(*proxy)
+        except OSError as exc:
+            raise ProxyFailed(f"{why(exc)} at {proxy[0]}:{proxy[1]}") from None
         try:
             # The first line names the user this connection is for; the server pairs by it.
             await write_message(proxy_writer, Proxy(conn_id))
-            up, down = await relay(proxy_reader, proxy_writer, local_reader, local_writer)
+            # Relay nothing before the server confirms: its refusal (`error unknown or
+            # expired proxy id`, when we were too slow) must never reach the app as data.
+            async with asyncio.timeout(NETWORK_TIMEOUT):
+                answer = await read_message(proxy_reader)
+            if not isinstance(answer, Ok):
+                log.warning("conn %s: the server did not pair the proxy connection (%s)", short, answer)
+                return
+            up, down, activity = await relay(proxy_reader, proxy_writer, local_reader, local_writer, timeouts)
             elapsed = time.monotonic() - started
-            log.info("conn %s: closed, %d bytes in, %d bytes out, %.3fs", short, up.copied, down.copied, elapsed)
+            ended = f" (closed: {activity.expired})" if activity.expired else ""
+            log.info(
+                "conn %s: closed, %d bytes in, %d bytes out, %.3fs%s", short, up.copied, down.copied, elapsed, ended
+            )
         finally:
             proxy_writer.close()
-    except OSError as exc:  # this user is lost, the tunnel is not: log and carry on
-        log.warning("conn %s: proxy connection to %s:%d failed or lost (%s)", short, *proxy, why(exc))
+    except (OSError, ProtocolError) as exc:  # TimeoutError included: this user is lost, the tunnel is not
+        log.warning("conn %s: proxy connection to %s:%d failed or lost (%s)", short, *proxy, str(exc) or "timed out")
     finally:
         local_writer.close()
 

@@ -2,7 +2,9 @@
 
 Text lines keep the protocol readable: you can speak it by hand with `nc localhost 60623`.
 Only `read_message` and `write_message` touch bytes; the server and the client deal in messages.
-A proxy connection carries exactly one message, its first line; after it come the user's bytes.
+A proxy connection starts with one message each way, `proxy <id>` from the client and `ok` (or
+`error <reason>`) from the server; after them come the user's bytes. The client relays nothing
+before the `ok`, so that nothing the server says can ever reach the local app as a user's bytes.
 
 A control connection starts with a handshake, then carries heartbeats and requests:
 
@@ -35,9 +37,14 @@ PROXY_TIMEOUT = 10.0
 # to sleep or a NAT that forgot the connection never sends a FIN.
 HEARTBEAT_INTERVAL = 5.0
 HEARTBEAT_TIMEOUT = 15.0
-# At most this many public connections may wait for their proxy connection at
-# once; more would let a flood of users pile up sockets and memory on the server.
-MAX_WAITING = 256
+# At most this many public connections may wait for their proxy connection at once.
+# A waiting user costs a socket and a few KiB (its bytes wait in the kernel: see
+# server.py), so this bounds memory; the descriptors are bounded too (see limits.py).
+MAX_WAITING = 4096
+# A relay with no byte either way for this long is closed (nginx's stream proxy waits
+# 10 minutes too); so is a half-closed one whose other direction is silent this long.
+IDLE_TIMEOUT = 600.0
+HALF_CLOSED_TIMEOUT = 30.0
 # Ids, nonces and digests are single words of these characters.
 TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # Public, proxy and private connections carry bulk data: a reader buffers up to
@@ -117,8 +124,21 @@ class Proxy:
 
 
 @dataclass(frozen=True)
+class Ok:
+    """Server -> client on a new proxy connection, the pairing is made: `ok` (what follows is the user's)."""
+
+
+@dataclass(frozen=True)
 class LocalError:
     """Client -> server on control, the local app refused a user: `local_error <conn_id> <reason>`."""
+
+    conn_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ProxyError:
+    """Client -> server on control, a user's proxy connection failed: `proxy_error <conn_id> <reason>`."""
 
     conn_id: str
     reason: str
@@ -131,7 +151,7 @@ class Error:
     reason: str
 
 
-Message = Hello | Challenge | Auth | Welcome | Ping | Pong | CreateProxy | Proxy | LocalError | Error
+Message = Hello | Challenge | Auth | Welcome | Ping | Pong | CreateProxy | Proxy | Ok | LocalError | ProxyError | Error
 
 
 def encode(message: Message) -> bytes:
@@ -155,9 +175,13 @@ def encode(message: Message) -> bytes:
             return f"create_proxy {conn_id}\n".encode()
         case Proxy(conn_id):
             return f"proxy {conn_id}\n".encode()
+        case Ok():
+            return b"ok\n"
         case LocalError(conn_id, reason):
             # The reason comes from the operating system; "replace" keeps the line ascii.
             return f"local_error {conn_id} {reason}\n".encode("ascii", "replace")
+        case ProxyError(conn_id, reason):
+            return f"proxy_error {conn_id} {reason}\n".encode("ascii", "replace")
         case Error(reason):
             return f"error {reason}\n".encode()
 
@@ -192,10 +216,12 @@ def decode(line: bytes) -> Message:
             return CreateProxy(conn_id)
         case "proxy", conn_id if is_token(conn_id):
             return Proxy(conn_id)
-        case "local_error", _:
+        case "ok", "":
+            return Ok()
+        case ("local_error" | "proxy_error") as kind, _:
             conn_id, _, reason = rest.partition(" ")
             if is_token(conn_id) and reason:
-                return LocalError(conn_id, reason)
+                return LocalError(conn_id, reason) if kind == "local_error" else ProxyError(conn_id, reason)
         case "error", reason if reason:
             return Error(reason)
     raise ProtocolError(f"unknown command {word[:32]!r}")

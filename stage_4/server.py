@@ -14,15 +14,19 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
-from . import auth, pages
-from .pairing import Pairing, Unavailable
+from . import auth, limits, pages
+from .limits import Listener
+from .pairing import Pairing, Unavailable, hung_up
 from .protocol import (
     CONTROL_PORT,
     DATA_LIMIT,
+    HALF_CLOSED_TIMEOUT,
     HEARTBEAT_TIMEOUT,
+    IDLE_TIMEOUT,
     MAX_LINE,
     MAX_WAITING,
     NETWORK_TIMEOUT,
@@ -32,7 +36,7 @@ from .protocol import (
     CreateProxy,
     TunnelError,
 )
-from .relay import relay
+from .relay import Timeouts, relay
 from .session import Sessions
 
 log = logging.getLogger("stage_4.server")
@@ -40,8 +44,6 @@ log = logging.getLogger("stage_4.server")
 # Connections the kernel queues for us before we accept them. asyncio's default
 # of 100 makes a burst of users (200 browser tabs at once) wait for a SYN retry.
 BACKLOG = 1024
-
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[None, None, None]]
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,12 @@ class Server:
         secret: str | None = None,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         max_waiting: int = MAX_WAITING,
+        idle_timeout: float = IDLE_TIMEOUT,
+        half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
     ) -> None:
         self.proxy_timeout = proxy_timeout  # a user waits this long for its proxy connection
-        self._listeners: list[asyncio.Server] = []
+        self.timeouts = Timeouts(idle_timeout, half_closed_timeout)  # for silent relays: see relay.py
+        self._listeners: list[Listener] = []
         self._tasks: set[asyncio.Task[None]] = set()
         # The public connections waiting for their proxy connection (see pairing.py).
         self._pairing = Pairing(handshake_timeout, max_waiting)
@@ -81,48 +86,58 @@ class Server:
         proxy_port: int = PROXY_PORT,
     ) -> Ports:
         """Bind the three ports (0 = any free port) and return the real ones; TunnelError if one is taken."""
-        try:
+        fd_limit = limits.raise_fd_limit()
+        slots = limits.slots_for(fd_limit)
+        roles = (
             # Control lines are short, so limit=MAX_LINE caps what a peer can make us buffer.
-            await self._bind("control", host, control_port, self._sessions.handle_control, limit=MAX_LINE)
+            ("control", control_port, self._sessions.handle_control, MAX_LINE),
             # Public and proxy connections carry bulk data: a big buffer limit keeps
             # relay reads large (see DATA_LIMIT). read_message still rejects a proxy
             # line longer than MAX_LINE, so the buffer is bounded all the same.
-            await self._bind("public", host, public_port, self._handle_public, limit=DATA_LIMIT)
-            await self._bind("proxy", host, proxy_port, self._handle_proxy, limit=DATA_LIMIT)
+            ("public", public_port, self._handle_public, DATA_LIMIT),
+            ("proxy", proxy_port, self._handle_proxy, DATA_LIMIT),
+        )
+        try:
+            for role, port, handler, limit in roles:
+                try:
+                    sock = limits.bind(host, port, BACKLOG)
+                except OSError as exc:
+                    raise TunnelError(listen_error(exc, role, host, port)) from None
+                self._listeners.append(Listener(role, sock, slots[role], handler, limit))
         except BaseException:
             for listener in self._listeners:  # don't keep half of the ports open
-                listener.close()
+                listener.sock.close()
             self._listeners.clear()  # so that listen() can be tried again (the demo does)
             raise
         # Log only once all three are bound, so that a failed start prints just its error.
-        addresses = [listener.sockets[0].getsockname()[:2] for listener in self._listeners]
-        for role, (bound_host, bound_port) in zip(("control", "public", "proxy"), addresses, strict=True):
-            log.info("%s port listening on %s:%d", role, bound_host, bound_port)
-        if warning := auth.exposure_warning(host, self._sessions.secret):
-            log.warning("%s", warning)
-        return Ports(*(int(port) for _, port in addresses))
-
-    async def _bind(self, role: str, host: str, port: int, handler: Handler, limit: int = 64 * 1024) -> None:
-        """Start one listener (64 KiB is asyncio's own default limit), or raise TunnelError saying why not."""
-        try:
-            listener = await asyncio.start_server(
-                lambda r, w: self._spawn(handler(r, w)), host, port, limit=limit, backlog=BACKLOG
-            )
-        except OSError as exc:
-            raise TunnelError(listen_error(exc, role, host, port)) from None
-        self._listeners.append(listener)
+        for listener in self._listeners:
+            bound_host, bound_port = listener.sock.getsockname()[:2]
+            log.info("%s port listening on %s:%d", listener.role, bound_host, bound_port)
+        log.info(
+            "open files limit: %d (connection slots: %s)", fd_limit, ", ".join(f"{k} {v}" for k, v in slots.items())
+        )
+        for warning in (
+            auth.exposure_warning(host, self._sessions.secret),
+            auth.strength_warning(self._sessions.secret),
+        ):
+            if warning:
+                log.warning("%s", warning)
+        return Ports(*(int(listener.sock.getsockname()[1]) for listener in self._listeners))
 
     async def serve(self) -> None:
         """Serve until cancelled (Ctrl-C, a test); then close every connection and return."""
         assert self._listeners, "call listen() first"
+        accepting = [asyncio.create_task(listener.serve(self._spawn)) for listener in self._listeners]
         try:
-            await asyncio.Event().wait()  # the listeners accept on their own; we just wait
+            await asyncio.gather(*accepting)  # they accept until cancelled
         finally:
-            for listener in self._listeners:  # stop accepting first, then end the connections in flight
-                listener.close()
+            for task in accepting:  # stop accepting first, then end the connections in flight
+                task.cancel()
+            for listener in self._listeners:
+                listener.sock.close()
             for task in self._tasks:
                 task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*accepting, *self._tasks, return_exceptions=True)
 
     def _spawn(self, coro: Coroutine[None, None, None]) -> None:
         # Keep a strong reference to every task: the event loop holds only a weak
@@ -132,42 +147,51 @@ class Server:
         task.add_done_callback(self._tasks.discard)
 
     async def _handle_public(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer, started = peername(writer), time.monotonic()
         try:
-            if not self._sessions.connected:
-                # A page that names the cause tells the user more than a closed connection.
-                await self._refuse(reader, writer, peer, 502, "no tunnel client is connected to this server")
-                return
-            if not self._pairing.has_room():  # bounded: a flood of users must not pile up sockets here
-                await self._refuse(reader, writer, peer, 503, "too many users are waiting; try again soon")
-                return
-            # Register the id first, then ask: the proxy connection may arrive as soon as we yield.
-            with self._pairing.expect(reader) as (conn_id, proxy):
-                short = conn_id[:8]  # enough to follow a connection in the logs, useless to an attacker
-                who = f"{peer}: conn {short}"
-                try:
-                    # One deadline for the request and its answer: a stuck control
-                    # connection can block the request, too.
-                    async with asyncio.timeout(self.proxy_timeout):
-                        await self._sessions.send(CreateProxy(conn_id))
-                        log.debug("%s: asked the client for a proxy connection", who)
-                        proxy_reader, proxy_writer = await proxy
-                except TimeoutError:
-                    cause = f"the tunnel client did not open a proxy connection within {self.proxy_timeout:g}s"
-                    await self._refuse(reader, writer, who, 504, cause)
-                    return
-                except Unavailable as exc:  # the client went away, or its local app refused
-                    await self._refuse(reader, writer, who, 502, str(exc))
-                    return
-                up, down = await relay(reader, writer, proxy_reader, proxy_writer)
-            elapsed = time.monotonic() - started
-            # The request log: one line per public connection, like ngrok's list of requests.
-            request = pages.summary(up.head, down.head)
-            log.info("%s %s, %d bytes up, %d bytes down, %.3fs", who, request, up.copied, down.copied, elapsed)
-        except OSError as exc:
-            log.info("%s: public connection lost (%s)", peer, exc)
+            await self._serve_user(reader, writer)
         finally:
             writer.close()
+
+    async def _serve_user(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One public connection: ask the client for its proxy connection, then relay the two."""
+        peer, started = peername(writer), time.monotonic()
+        # Until its proxy connection comes, a user's bytes wait in the kernel, not here: a
+        # waiting user costs us a socket, never a buffer, however much it sends meanwhile.
+        reading(writer, False)
+        if hung_up(writer):
+            return  # gone before we got to it (a flood, or a queue at the fd limit): nothing to serve
+        if not self._sessions.connected:
+            # A page that names the cause tells the user more than a closed connection.
+            await self._refuse(reader, writer, peer, 502, "no tunnel client is connected to this server")
+            return
+        if not self._pairing.has_room():  # bounded: a flood of users must not pile up sockets here
+            await self._refuse(reader, writer, peer, 503, "too many users are waiting; try again soon")
+            return
+        # Register the id first, then ask: the proxy connection may arrive as soon as we yield.
+        with self._pairing.expect(writer) as (conn_id, proxy):
+            short = conn_id[:8]  # enough to follow a connection in the logs, useless to an attacker
+            who = f"{peer}: conn {short}"
+            try:
+                # One deadline for the request and its answer: a stuck control
+                # connection can block the request, too.
+                async with asyncio.timeout(self.proxy_timeout):
+                    await self._sessions.send(CreateProxy(conn_id))
+                    log.debug("%s: asked the client for a proxy connection", who)
+                    proxy_reader, proxy_writer = await proxy
+            except TimeoutError:
+                cause = f"the tunnel client did not open a proxy connection within {self.proxy_timeout:g}s"
+                await self._refuse(reader, writer, who, 504, cause)
+                return
+            except Unavailable as exc:  # the client went away, or could not serve this user
+                await self._refuse(reader, writer, who, 502, str(exc))
+                return
+            reading(writer, True)  # paired: now the user's bytes may flow
+            up, down, activity = await relay(reader, writer, proxy_reader, proxy_writer, self.timeouts)
+        elapsed = time.monotonic() - started
+        # The request log: one line per public connection, like ngrok's list of requests.
+        request = pages.summary(up.head, down.head)
+        ended = f" (closed: {activity.expired})" if activity.expired else ""
+        log.info("%s %s, %d bytes up, %d bytes down, %.3fs%s", who, request, up.copied, down.copied, elapsed, ended)
 
     async def _handle_proxy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         handed_over = False
@@ -181,8 +205,19 @@ class Server:
     async def _refuse(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, who: str, status: int, cause: str
     ) -> None:
+        reading(writer, True)  # the page depends on what the user sends: read it
         sent = await pages.refuse(reader, writer, status, cause)
         log.warning("%s: %s; %s", who, cause, f"sent a {status} page" if sent else "closed")
+
+
+def reading(writer: asyncio.StreamWriter, on: bool) -> None:
+    """Resume (on) or pause reading a connection: while paused, what the peer sends waits in the kernel."""
+    transport = writer.transport
+    assert isinstance(transport, asyncio.Transport)  # a TCP connection's transport reads too
+    if on:
+        transport.resume_reading()
+    else:
+        transport.pause_reading()
 
 
 def peername(writer: asyncio.StreamWriter) -> str:
@@ -200,9 +235,9 @@ def listen_error(exc: OSError, role: str, host: str, port: int) -> str:
     return f"cannot listen on {host}:{port} for the {role} port: {exc.strerror or exc}"
 
 
-async def run(host: str, ports: Ports, proxy_timeout: float, secret: str | None, heartbeat_timeout: float) -> None:
-    """Bind, then serve until cancelled."""
-    server = Server(proxy_timeout, secret=secret, heartbeat_timeout=heartbeat_timeout)
+async def run(host: str, ports: Ports, **options: Any) -> None:
+    """Bind, then serve until cancelled; `options` are Server's keyword arguments."""
+    server = Server(**options)
     await server.listen(host, ports.control, ports.public, ports.proxy)
     await server.serve()
 
@@ -229,6 +264,8 @@ def main() -> None:
     for flag, seconds, what in (
         ("proxy-timeout", PROXY_TIMEOUT, "how long a user waits for its proxy connection"),
         ("heartbeat-timeout", HEARTBEAT_TIMEOUT, "silence after which the client counts as gone"),
+        ("idle-timeout", IDLE_TIMEOUT, "close a user's relay after this long with no byte either way"),
+        ("half-closed-timeout", HALF_CLOSED_TIMEOUT, "close a half-closed relay after this long silent"),
     ):
         parser.add_argument(
             f"--{flag}", type=float, default=seconds, metavar="SECONDS", help=f"{what} (default: %(default)s)"
@@ -245,7 +282,14 @@ def main() -> None:
     )
     try:
         ports = Ports(args.control_port, args.public_port, args.proxy_port)
-        asyncio.run(run(args.host, ports, args.proxy_timeout, args.secret, args.heartbeat_timeout))
+        options = {
+            "proxy_timeout": args.proxy_timeout,
+            "secret": args.secret,
+            "heartbeat_timeout": args.heartbeat_timeout,
+            "idle_timeout": args.idle_timeout,
+            "half_closed_timeout": args.half_closed_timeout,
+        }
+        asyncio.run(run(args.host, ports, **options))
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:

@@ -21,12 +21,14 @@ from .pairing import Pairing, Unavailable
 from .protocol import (
     HEARTBEAT_TIMEOUT,
     NETWORK_TIMEOUT,
+    AuthError,
     Hello,
     LocalError,
     Message,
     Ping,
     Pong,
     ProtocolError,
+    ProxyError,
     Refused,
     TunnelError,
     Welcome,
@@ -62,6 +64,7 @@ class Sessions:
         self.handshake_timeout = handshake_timeout
         self.heartbeat_timeout = heartbeat_timeout
         self.current: Session | None = None
+        self.throttle = auth.Throttle()  # slows down anyone guessing the secret
         self._pairing = pairing
 
     @property
@@ -83,11 +86,14 @@ class Sessions:
         host, port = writer.get_extra_info("peername")[:2]
         peer, session = f"{host}:{port}", None
         try:
+            self.throttle.check(host)  # an address that guessed wrong too often is not even challenged
             hello = await auth.server_handshake(reader, writer, self.secret, self.handshake_timeout)
             session = self._admit(hello, peer, writer)
             await write_message(writer, Welcome(session.session_id))
             await self._read_heartbeats(reader, writer)
         except TunnelError as exc:  # a wrong secret, a second client, a protocol error
+            if isinstance(exc, AuthError):
+                self.throttle.failed(host)
             # Tell the peer what went wrong, then hang up: a confused peer must
             # not be able to keep a connection (and its buffer) alive.
             log.warning("%s: %s; closing", peer, exc)
@@ -142,5 +148,7 @@ class Sessions:
                         await write_message(writer, Pong())
                     case LocalError(conn_id, reason):
                         self._pairing.fail(conn_id, f"the tunnel client could not reach its local app: {reason}")
+                    case ProxyError(conn_id, reason):
+                        self._pairing.fail(conn_id, f"the tunnel client could not open a proxy connection: {reason}")
                     case _:
                         raise ProtocolError(f"unexpected message from a client: {message}")

@@ -296,7 +296,7 @@ async def test_bytes_and_eofs_that_arrive_before_the_pairing_are_relayed(start_s
     proxy_reader, proxy_writer = await open_connection(ports.proxy)
     proxy_writer.write(b"proxy " + line.split()[1] + b"\nthe answer")
     proxy_writer.write_eof()
-    assert await read_to_eof(proxy_reader) == b"the request"
+    assert await read_to_eof(proxy_reader) == b"ok\nthe request"  # the server confirms the pairing first
     assert await read_to_eof(user_reader) == b"the answer"
     for writer in (user_writer, proxy_writer, control_writer):
         writer.close()
@@ -322,6 +322,7 @@ async def test_a_user_who_sends_a_lot_before_the_pairing_waits_in_the_kernel_and
     proxy_reader, proxy_writer = await open_connection(ports.proxy)
     proxy_writer.write(b"proxy " + line.split()[1] + b"\n")
     proxy_writer.write_eof()
+    assert await read_line(proxy_reader) == b"ok\n"  # the server confirms the pairing first
     assert sha256(await read_to_eof(proxy_reader)) == sha256(payload)
     assert await read_to_eof(user_reader) == b""
     for writer in (user_writer, proxy_writer, control_writer):

@@ -1,0 +1,120 @@
+"""Descriptors: the limit every server meets first, and how to live at it without spinning.
+
+Every connection costs a file descriptor, and a process may hold only so many: the soft
+RLIMIT_NOFILE, often 1024, far below what the system allows (the hard limit). At the limit,
+accept() fails with EMFILE. CPython 3.11's own accept loop (under asyncio.start_server) then
+logs a traceback and retries at once, up to `backlog` times per wake-up: a server holding
+600 idle connections of an attacker burns most of a core and writes megabytes of log while
+its real users time out.
+
+So this stage does two things. It raises the soft limit to the hard one at start. And it
+accepts connections itself, one at a time, each taking a *slot*: a semaphore sized below the
+limit. When a port's slots run out, it stops calling accept(); new connections wait in the
+kernel's queue (the backlog) until a connection closes and gives its slot back.
+"""
+
+import asyncio
+import contextlib
+import errno
+import logging
+import resource
+import socket
+from collections.abc import Callable, Coroutine
+
+log = logging.getLogger("stage_4.server")
+
+# Descriptors kept back for what is not an accepted connection: stdio, the listening
+# sockets, the log file, a DNS lookup's socket.
+RESERVE = 32
+# The control port needs few slots: one client, plus handshakes that time out quickly.
+CONTROL_SLOTS = 16
+# accept() errors that mean "out of resources", not "this one connection failed".
+EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# How long to wait before accepting again after such an error (not a spin: a pause).
+RETRY_DELAY = 0.5
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[None, None, None]]
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard limit, if we may; return the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft >= hard:
+        return soft
+    with contextlib.suppress(ValueError, OSError):  # a sandbox may refuse: live with the soft limit
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def slots_for(fd_limit: int) -> dict[str, int]:
+    """Share the descriptors between the three ports.
+
+    Public and proxy get the same number: every user that is let in needs one proxy
+    connection, so users can never take the descriptors their own proxy connections need.
+    """
+    usable = max(fd_limit - RESERVE, 3 * 4)
+    control = min(CONTROL_SLOTS, usable // 4)
+    data = (usable - control) // 2
+    return {"control": control, "public": data, "proxy": data}
+
+
+class Listener:
+    """One listening port: accepts connections while it has free slots, and runs `handler` on each."""
+
+    def __init__(self, role: str, sock: socket.socket, slots: int, handler: Handler, limit: int) -> None:
+        self.role = role
+        self.sock = sock
+        self.slots = slots
+        self._free = asyncio.Semaphore(slots)
+        self._handler = handler
+        self._limit = limit  # the StreamReader's buffer limit for this port's connections
+
+    async def serve(self, spawn: Callable[[Coroutine[None, None, None]], None]) -> None:
+        """Accept until cancelled; each connection runs in a task made by `spawn`."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._free.locked():
+                log.warning(
+                    "%s port: all %d connection slots are in use; new connections wait in the kernel's queue",
+                    self.role,
+                    self.slots,
+                )
+                await self._free.acquire()
+                log.info("%s port: a slot is free again; accepting", self.role)
+            else:
+                await self._free.acquire()
+            try:
+                conn, _ = await loop.sock_accept(self.sock)
+            except OSError as exc:
+                self._free.release()
+                if exc.errno not in EXHAUSTED:
+                    continue  # that one connection failed (it was reset in the queue): take the next
+                log.warning("%s port: cannot accept (%s); pausing %gs", self.role, exc.strerror, RETRY_DELAY)
+                await asyncio.sleep(RETRY_DELAY)
+                continue
+            spawn(self._serve_one(conn))
+
+    async def _serve_one(self, conn: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn, limit=self._limit)
+        except OSError:
+            conn.close()
+            self._free.release()
+            return
+        try:
+            await self._handler(reader, writer)
+            # A handler may hand its connection on (a proxy connection goes to its user's
+            # relay): the descriptor, and so the slot, is free only once it is closed.
+            await writer.wait_closed()
+        except OSError as exc:  # one connection's trouble is logged here and never reaches the others
+            log.info("%s connection lost (%s)", self.role, exc)
+        finally:
+            self._free.release()
+
+
+def bind(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening socket on host:port (0 = any free port); OSError if it can't be had."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=backlog)
+    sock.setblocking(False)  # the event loop waits for connections; accept() must never block it
+    return sock
