@@ -7,7 +7,9 @@ python -m stage_1.client my.server --count 3
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import math
 import statistics
 import sys
 import time
@@ -44,7 +46,9 @@ class Client:
             async with asyncio.timeout(NETWORK_TIMEOUT):
                 reader, writer = await asyncio.open_connection(server, control_port, limit=MAX_LINE)
         except OSError as exc:
-            reason = exc.strerror or "timed out"
+            # A TimeoutError has no text of its own, and an OSError that sums up several
+            # failed addresses has no strerror: say something in both cases.
+            reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
             raise TunnelError(
                 f"cannot reach the server at {server}:{control_port} ({reason}); is it running?"
             ) from None
@@ -104,21 +108,64 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m stage_1.client", description="Ping a stage 1 server over the control connection."
     )
-    parser.add_argument("server", nargs="?", default="localhost", help="server host (default: %(default)s)")
-    parser.add_argument("--control-port", type=int, default=CONTROL_PORT, help="default: %(default)s")
+    parser.add_argument(
+        "server",
+        nargs="?",
+        type=parse_server,
+        default="localhost",
+        metavar="SERVER",
+        help="host or host:port (default: localhost)",
+    )
+    parser.add_argument("--control-port", type=port, help=f"the server's control port (default: {CONTROL_PORT})")
     parser.add_argument("--count", type=positive_int, default=10, help="pings to send (default: %(default)s)")
-    parser.add_argument("--interval", type=float, default=1.0, help="seconds between pings (default: %(default)s)")
+    parser.add_argument("--interval", type=seconds, default=1.0, help="seconds between pings (default: %(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()
+    server, server_port = args.server
+    if server_port and args.control_port:
+        parser.error("give the control port once: in SERVER (host:port) or with --control-port")
+    control_port = server_port or args.control_port or CONTROL_PORT
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
     try:
-        asyncio.run(run(args.server, args.control_port, args.count, args.interval))
+        asyncio.run(run(server, control_port, args.count, args.interval))
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:
         pass
+
+
+def parse_server(text: str) -> tuple[str, int | None]:
+    """argparse type for SERVER: 'host' or 'host:port'; an IPv6 address alone or as '[::1]:port'."""
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.IPv6Address(text.strip("[]"))), None  # its colons are not a port
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        return text, None
+    if not host or (":" in host and not host.startswith("[")) or not port_text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected host or host:port, got {text!r}")
+    # The port given here is the control port, as if given with --control-port.
+    return host.strip("[]"), port(port_text)
+
+
+def port(text: str) -> int:
+    """argparse type for a port to connect to: 1 to 65535."""
+    # Checked here: the socket would wrap 99999 around to another port without a word.
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
+    return int(text)
+
+
+def seconds(text: str) -> float:
+    """argparse type for a pause: a finite number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan  # not a number: refused just below
+    if not 0 <= value < math.inf:  # false for nan too
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, 0 or more, got {text!r}")
+    return value
 
 
 def positive_int(text: str) -> int:

@@ -91,6 +91,14 @@ def listen_error(exc: OSError, host: str, port: int) -> str:
     return f"error: cannot listen on {host}:{port}: {exc.strerror or exc}"
 
 
+def listen_port(text: str) -> int:
+    """argparse type for a port to listen on: 0 (any free port) to 65535."""
+    # Checked here, not left to the socket: 99999 would end in an OverflowError traceback.
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}")
+    return int(text)
+
+
 async def run(host: str, control_port: int) -> None:
     """Bind, then serve until cancelled."""
     server = Server()
@@ -108,7 +116,7 @@ def main() -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument(
-        "--control-port", type=int, default=CONTROL_PORT, help="control port, 0 = any (default: %(default)s)"
+        "--control-port", type=listen_port, default=CONTROL_PORT, help="control port, 0 = any (default: %(default)s)"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()

@@ -6,10 +6,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+import stage_1.client
 from stage_1.client import Client
 from stage_1.protocol import TunnelError
 from stage_1.server import Server
-from support import STEP_TIMEOUT, Background, CliProcess, free_port, open_connection
+from support import STEP_TIMEOUT, Background, CliProcess, free_port, open_connection, usage_error
 
 
 @pytest.fixture
@@ -68,8 +69,11 @@ async def test_concurrent_clients_each_get_their_own_pongs(control_port: int) ->
         (b"create_proxy\n", b"error unknown command 'create_proxy'\n"),
         (b"pong\n", b"error unexpected message from a client: Pong()\n"),
         (b"x" * 1024 * 1024, b"error line longer than 1024 bytes\n"),
+        # Sent once and the connection kept open: an error now shows the server buffered no more
+        # than its line bound (with asyncio's default 64 KiB limit it would still be waiting).
+        (b"x" * 2000, b"error line longer than 1024 bytes\n"),
     ],
-    ids=["garbage", "unknown-command", "wrong-direction", "1MB-line-without-newline"],
+    ids=["garbage", "unknown-command", "wrong-direction", "1MB-line-without-newline", "2KB-line-without-newline"],
 )
 async def test_bad_input_gets_an_error_line_and_a_close_while_others_are_served(
     control_port: int, bad_input: bytes, reason: bytes
@@ -92,6 +96,28 @@ async def test_silent_close_in_the_middle_of_a_line_is_survived(control_port: in
     writer.write(b"pi")
     writer.close()
     await assert_still_serving(control_port)
+
+
+async def test_a_client_that_is_done_gets_its_connection_closed(control_port: int) -> None:
+    """The client says it is done (EOF); the server answers what it got, then closes its side too."""
+    reader, writer = await open_connection(control_port)
+    writer.write(b"ping\n")
+    writer.write_eof()
+    async with asyncio.timeout(STEP_TIMEOUT):
+        assert await reader.read() == b"pong\n"  # read() returns at the server's EOF
+    writer.close()
+
+
+async def test_client_gives_up_on_a_server_that_never_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that accepts and then says nothing: the wait for a pong is bounded by NETWORK_TIMEOUT."""
+    monkeypatch.setattr(stage_1.client, "NETWORK_TIMEOUT", 0.5)  # a test need not wait the real 5 s
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    async with silent:
+        client = await Client.connect("127.0.0.1", silent.sockets[0].getsockname()[1])
+        with pytest.raises(TunnelError, match="no pong within"):
+            async with asyncio.timeout(STEP_TIMEOUT):
+                await client.ping()
+        await client.close()
 
 
 async def test_unreachable_server_is_a_tunnel_error() -> None:
@@ -135,3 +161,39 @@ async def test_cli_server_port_in_use_is_one_line_and_exit_1(cli: CliProcess.Fac
     assert await server.wait() == 1
     assert len(server.lines) == 1
     assert "already in use" in server.lines[0]
+
+
+async def test_cli_client_takes_the_control_port_in_server_as_host_port(
+    cli: CliProcess.Factory, control_port: int
+) -> None:
+    client = await cli("-m", "stage_1.client", f"127.0.0.1:{control_port}", "--count", "2", "--interval", "0")
+    assert await client.wait() == 0
+    assert f"PING 127.0.0.1:{control_port} over the control connection" in client.output
+    assert "2 pings sent, 2 pongs received" in client.output
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["localhost:60623:60623"], "argument SERVER: "),
+        (["localhost:99999"], "argument SERVER: "),
+        (["localhost:60623", "--control-port", "60623"], "give the control port once"),
+        (["--control-port", "0"], "argument --control-port: "),
+        (["--control-port", "99999"], "argument --control-port: "),
+        (["--count", "0"], "argument --count: "),
+        (["--count", "-5"], "argument --count: "),
+        (["--interval", "-1"], "argument --interval: "),
+        (["--interval", "nan"], "argument --interval: "),
+    ],
+)
+async def test_cli_client_bad_numbers_are_a_one_line_usage_error(
+    cli: CliProcess.Factory, args: list[str], error: str
+) -> None:
+    """Said before anything is sent: not a lookup of 'localhost:60623:60623', not a port wrapped around."""
+    assert error in await usage_error(cli, "-m", "stage_1.client", *args)
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "-5"])
+async def test_cli_server_out_of_range_port_is_a_one_line_usage_error(cli: CliProcess.Factory, port: str) -> None:
+    error = await usage_error(cli, "-m", "stage_1.server", "--control-port", port)
+    assert "error: argument --control-port: " in error and repr(port) in error
