@@ -6,6 +6,8 @@ python -m stage_2.client my.server --control-port 60623 --proxy-port 60625
 
 import argparse
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import sys
 
@@ -74,7 +76,9 @@ class Client:
             async with asyncio.timeout(NETWORK_TIMEOUT):
                 return await asyncio.open_connection(self.server, port, limit=limit)
         except OSError as exc:
-            reason = exc.strerror or "timed out"
+            # A TimeoutError has no text of its own, and an OSError that sums up several
+            # failed addresses has no strerror: say something in both cases.
+            reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
             raise TunnelError(f"cannot reach the server at {self.server}:{port} ({reason}); is it running?") from None
 
     async def _session(self, conn_id: str) -> None:
@@ -122,32 +126,60 @@ def main() -> None:
         prog="python -m stage_2.client",
         description="Connect to a stage 2 server and echo back every line its public users send.",
     )
-    parser.add_argument("server", nargs="?", default="localhost", help="server host (default: %(default)s)")
     parser.add_argument(
-        "--control-port",
-        type=int,
-        default=CONTROL_PORT,
-        metavar="PORT",
-        help="the server's control port (default: %(default)s)",
+        "server",
+        nargs="?",
+        type=parse_server,
+        default="localhost",
+        metavar="SERVER",
+        help="host or host:port (default: localhost)",
+    )
+    parser.add_argument(
+        "--control-port", type=port, metavar="PORT", help=f"the server's control port (default: {CONTROL_PORT})"
     )
     parser.add_argument(
         "--proxy-port",
-        type=int,
+        type=port,
         default=PROXY_PORT,
         metavar="PORT",
         help="the server's proxy port (default: %(default)s)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()
+    server, server_port = args.server
+    if server_port and args.control_port:
+        parser.error("give the control port once: in SERVER (host:port) or with --control-port")
+    control_port = server_port or args.control_port or CONTROL_PORT
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
     try:
-        asyncio.run(Client(args.server, args.control_port, args.proxy_port).run())
+        asyncio.run(Client(server, control_port, args.proxy_port).run())
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:
         pass
+
+
+def parse_server(text: str) -> tuple[str, int | None]:
+    """argparse type for SERVER: 'host' or 'host:port'; an IPv6 address alone or as '[::1]:port'."""
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.IPv6Address(text.strip("[]"))), None  # its colons are not a port
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        return text, None
+    if not host or (":" in host and not host.startswith("[")) or not port_text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected host or host:port, got {text!r}")
+    # The port given here is the control port, as if given with --control-port.
+    return host.strip("[]"), port(port_text)
+
+
+def port(text: str) -> int:
+    """argparse type for a port to connect to: 1 to 65535."""
+    # Checked here: the socket would wrap 99999 around to another port without a word.
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
+    return int(text)
 
 
 if __name__ == "__main__":

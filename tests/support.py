@@ -80,6 +80,20 @@ def unanswering_port() -> Iterator[int]:
             sock.close()
 
 
+async def send_until_stuck(writer: asyncio.StreamWriter, chunk: bytes, limit: int, stuck_after: float = 2.0) -> int:
+    """Write `chunk` again and again until the peer takes no more, or `limit` bytes went out; return the bytes sent."""
+    sent = 0
+    while sent < limit:
+        writer.write(chunk)
+        try:  # stuck: the drain does not finish in `stuck_after` seconds, as with a peer that reads nothing
+            async with asyncio.timeout(stuck_after):
+                await writer.drain()
+        except TimeoutError:
+            break
+        sent += len(chunk)
+    return sent
+
+
 def reset(writer: asyncio.StreamWriter) -> None:
     """Close a connection with a TCP reset (RST) instead of a clean FIN, as a crashed peer does."""
     sock = writer.get_extra_info("socket")

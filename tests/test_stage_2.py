@@ -17,7 +17,17 @@ import pytest
 from stage_2.client import Client
 from stage_2.protocol import TunnelError
 from stage_2.server import Ports, Server
-from support import STEP_TIMEOUT, Background, CliProcess, exchange, free_port, open_connection
+from support import (
+    STEP_TIMEOUT,
+    Background,
+    CliProcess,
+    exchange,
+    free_port,
+    open_connection,
+    send_until_stuck,
+    until_logged,
+    usage_error,
+)
 
 # Short enough to keep the tests fast, long enough for a loaded machine to be on time.
 HANDSHAKE_TIMEOUT = 0.5
@@ -60,15 +70,6 @@ async def until_echoed(public_port: int) -> None:
             if await exchange(public_port, b"ready?\n") == b"ready?\n":
                 return
             await asyncio.sleep(0.02)
-
-
-async def until_logged(caplog: pytest.LogCaptureFixture, pattern: str) -> None:
-    """Wait (bounded) until a log line matches: the server logs a connection when both sides ended."""
-    async with asyncio.timeout(STEP_TIMEOUT):
-        while True:
-            if re.search(pattern, caplog.text):
-                return
-            await asyncio.sleep(0.01)
 
 
 async def read_line(reader: asyncio.StreamReader) -> bytes:
@@ -168,9 +169,13 @@ async def test_the_control_connection_still_answers_ping_with_pong(ports: Ports)
 
 
 async def test_every_user_gets_a_fresh_unguessable_id(ports: Ports, fake_client: ConnectFake) -> None:
+    """Random, not a counter or a clock: whoever saw some ids must not be able to guess the next."""
     fake = await fake_client(ports)
-    ids = [(await fake.new_user())[2] for _ in range(5)]
-    assert len(set(ids)) == 5  # and each is 32 hex digits (128 random bits): see next_conn_id
+    ids = [(await fake.new_user())[2] for _ in range(20)]  # each 32 hex digits: see next_conn_id
+    # A counter or a timestamp keeps its high digits; random ids differ in (nearly) every digit
+    # position (a UUID4 has two fixed ones). A position would stay the same by chance once in 16**19.
+    assert sum(len({conn_id[i] for conn_id in ids}) > 1 for i in range(32)) >= 30, ids
+    assert len({conn_id[:8] for conn_id in ids}) == 20, ids  # so no two share the prefix the logs show
 
 
 async def test_proxy_connections_are_paired_by_id_not_by_arrival_order(ports: Ports, fake_client: ConnectFake) -> None:
@@ -218,7 +223,8 @@ async def test_bytes_sent_right_after_the_proxy_line_reach_the_user(ports: Ports
 # --- bad input and timeouts -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
+# A proxy connection that names no waiting user, and the error line it gets before the server closes it.
+BAD_PROXY_CONNECTIONS = pytest.mark.parametrize(
     ("first_bytes", "reply"),
     [
         (f"proxy {secrets.token_hex(16)}\n".encode(), b"error unknown or expired proxy id\n"),
@@ -230,6 +236,9 @@ async def test_bytes_sent_right_after_the_proxy_line_reach_the_user(ports: Ports
     ],
     ids=["unknown-id", "garbage", "wrong-message", "2KB-line", "1MB-without-newline", "nothing"],
 )
+
+
+@BAD_PROXY_CONNECTIONS
 async def test_bad_proxy_connection_is_closed_with_an_error_while_a_user_is_served(
     client: Ports, first_bytes: bytes, reply: bytes
 ) -> None:
@@ -245,6 +254,31 @@ async def test_bad_proxy_connection_is_closed_with_an_error_while_a_user_is_serv
     user_writer.write(b"after\n")
     assert await read_line(user_reader) == b"after\n"
     user_writer.close()
+
+
+@BAD_PROXY_CONNECTIONS
+async def test_a_bad_proxy_connection_never_gets_a_waiting_users_bytes(
+    ports: Ports, fake_client: ConnectFake, first_bytes: bytes, reply: bytes
+) -> None:
+    """Dialling the proxy port is not enough to get the next waiting user, as it is in the Go original."""
+    fake = await fake_client(ports)
+    _, user_writer, conn_id = await fake.new_user()  # waiting: the fake client has not dialled
+    user_writer.write(b"my password\n")
+    reader, _ = await fake.dial(first_bytes)
+    assert await read_to_eof(reader) == reply  # the error line, and not one byte of the user's
+    # The user was left waiting for its own proxy connection, which still gets it.
+    proxy_reader, _ = await fake.dial(f"proxy {conn_id}\n".encode())
+    assert await read_line(proxy_reader) == b"my password\n"
+
+
+async def test_the_echo_client_stops_reading_a_user_that_never_reads(client: Ports) -> None:
+    """Backpressure: the client echoes no faster than the user reads, instead of buffering the difference."""
+    _, writer = await open_connection(client.public)
+    limit = 128 * 1024 * 1024
+    sent = await send_until_stuck(writer, (b"y" * 1023 + b"\n") * 1024, limit)
+    # Socket buffers along the way hold some MB; a client without backpressure takes it all.
+    assert sent < limit
+    writer.close()
 
 
 async def test_a_reused_id_is_refused_and_the_first_pairing_keeps_working(
@@ -386,3 +420,45 @@ async def test_cli_proxy_timeout_sets_how_long_a_user_waits(cli: CliProcess.Fact
     assert await read_to_eof(reader) == b""
     writer.close()
     await server.expect(rf"conn {conn_id[:8]}: no proxy connection within 0.2s; closing")
+
+
+async def test_cli_client_takes_the_control_port_in_server_as_host_port(cli: CliProcess.Factory, ports: Ports) -> None:
+    client = await cli("-m", "stage_2.client", f"127.0.0.1:{ports.control}", "--proxy-port", str(ports.proxy))
+    await client.expect(f"connected to the server at 127.0.0.1:{ports.control}")
+    await until_echoed(ports.public)
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["localhost:60623:60623"], "argument SERVER: "),
+        (["localhost:99999"], "argument SERVER: "),
+        (["localhost:60623", "--control-port", "60623"], "give the control port once"),
+        (["--control-port", "0"], "argument --control-port: "),
+        (["--proxy-port", "99999"], "argument --proxy-port: "),
+        (["--proxy-port", "-5"], "argument --proxy-port: "),
+    ],
+)
+async def test_cli_client_bad_numbers_are_a_one_line_usage_error(
+    cli: CliProcess.Factory, args: list[str], error: str
+) -> None:
+    assert error in await usage_error(cli, "-m", "stage_2.client", *args)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--control-port", "99999"),
+        ("--public-port", "-5"),
+        ("--proxy-port", "65536"),
+        ("--proxy-timeout", "0"),
+        ("--proxy-timeout", "-1"),
+        ("--proxy-timeout", "nan"),
+    ],
+)
+async def test_cli_server_out_of_range_numbers_are_a_one_line_usage_error(
+    cli: CliProcess.Factory, option: str, value: str
+) -> None:
+    """Not an OverflowError traceback, and not a user who times out before waiting at all."""
+    error = await usage_error(cli, "-m", "stage_2.server", option, value)
+    assert f"error: argument {option}: " in error and repr(value) in error
