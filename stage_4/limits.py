@@ -61,8 +61,11 @@ def slots_for(fd_limit: int) -> dict[str, int]:
 class Listener:
     """One listening port: accepts connections while it has free slots, and runs `handler` on each."""
 
-    def __init__(self, role: str, sock: socket.socket, slots: int, handler: Handler, limit: int) -> None:
+    def __init__(
+        self, role: str, sock: socket.socket, slots: int, handler: Handler, limit: int, paused: bool = False
+    ) -> None:
         self.role = role
+        self.paused = paused  # True: nothing is read from a new connection until its handler resumes it
         self.sock = sock
         self.slots = slots
         self._free = asyncio.Semaphore(slots)
@@ -96,7 +99,7 @@ class Listener:
 
     async def _serve_one(self, conn: socket.socket) -> None:
         try:
-            reader, writer = await asyncio.open_connection(sock=conn, limit=self._limit)
+            reader, writer = await streams(conn, self._limit, paused=self.paused)
         except OSError:
             conn.close()
             self._free.release()
@@ -110,6 +113,35 @@ class Listener:
             log.info("%s connection lost (%s)", self.role, exc)
         finally:
             self._free.release()
+
+
+class _Protocol(asyncio.StreamReaderProtocol):
+    """A stream's protocol that can start with reading paused (see `streams`)."""
+
+    def __init__(self, reader: asyncio.StreamReader, paused: bool) -> None:
+        super().__init__(reader)
+        self._start_paused = paused
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._start_paused:
+            assert isinstance(transport, asyncio.Transport)
+            # Before the event loop's first read: not one byte is taken from the kernel.
+            transport.pause_reading()
+
+
+async def streams(conn: socket.socket, limit: int, paused: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Wrap an accepted socket in a reader and a writer, as asyncio.open_connection(sock=...) does.
+
+    With `paused`, the connection is not read until someone calls resume_reading(): what the
+    peer sends stays in the kernel, where it costs us no memory and where a peek can see it
+    (see pairing.hung_up). open_connection starts reading at once, before we could pause it.
+    """
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=limit)
+    protocol = _Protocol(reader, paused)
+    transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn)
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
 def bind(host: str, port: int, backlog: int) -> socket.socket:

@@ -90,20 +90,21 @@ class Server:
         slots = limits.slots_for(fd_limit)
         roles = (
             # Control lines are short, so limit=MAX_LINE caps what a peer can make us buffer.
-            ("control", control_port, self._sessions.handle_control, MAX_LINE),
+            ("control", control_port, self._sessions.handle_control, MAX_LINE, False),
             # Public and proxy connections carry bulk data: a big buffer limit keeps
             # relay reads large (see DATA_LIMIT). read_message still rejects a proxy
             # line longer than MAX_LINE, so the buffer is bounded all the same.
-            ("public", public_port, self._handle_public, DATA_LIMIT),
-            ("proxy", proxy_port, self._handle_proxy, DATA_LIMIT),
+            # A user is not read until paired (paused=True): see _serve_user.
+            ("public", public_port, self._handle_public, DATA_LIMIT, True),
+            ("proxy", proxy_port, self._handle_proxy, DATA_LIMIT, False),
         )
         try:
-            for role, port, handler, limit in roles:
+            for role, port, handler, limit, paused in roles:
                 try:
                     sock = limits.bind(host, port, BACKLOG)
                 except OSError as exc:
                     raise TunnelError(listen_error(exc, role, host, port)) from None
-                self._listeners.append(Listener(role, sock, slots[role], handler, limit))
+                self._listeners.append(Listener(role, sock, slots[role], handler, limit, paused))
         except BaseException:
             for listener in self._listeners:  # don't keep half of the ports open
                 listener.sock.close()
@@ -155,9 +156,9 @@ class Server:
     async def _serve_user(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One public connection: ask the client for its proxy connection, then relay the two."""
         peer, started = peername(writer), time.monotonic()
-        # Until its proxy connection comes, a user's bytes wait in the kernel, not here: a
-        # waiting user costs us a socket, never a buffer, however much it sends meanwhile.
-        reading(writer, False)
+        # Until its proxy connection comes, a user's bytes wait in the kernel, not here (the
+        # public port starts its connections paused): a waiting user costs us a socket,
+        # never a buffer, however much it sends meanwhile.
         if hung_up(writer):
             return  # gone before we got to it (a flood, or a queue at the fd limit): nothing to serve
         if not self._sessions.connected:
@@ -185,7 +186,7 @@ class Server:
             except Unavailable as exc:  # the client went away, or could not serve this user
                 await self._refuse(reader, writer, who, 502, str(exc))
                 return
-            reading(writer, True)  # paired: now the user's bytes may flow
+            start_reading(writer)  # paired: now the user's bytes may flow
             up, down, activity = await relay(reader, writer, proxy_reader, proxy_writer, self.timeouts)
         elapsed = time.monotonic() - started
         # The request log: one line per public connection, like ngrok's list of requests.
@@ -205,19 +206,16 @@ class Server:
     async def _refuse(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, who: str, status: int, cause: str
     ) -> None:
-        reading(writer, True)  # the page depends on what the user sends: read it
+        start_reading(writer)  # the page depends on what the user sends: read it
         sent = await pages.refuse(reader, writer, status, cause)
         log.warning("%s: %s; %s", who, cause, f"sent a {status} page" if sent else "closed")
 
 
-def reading(writer: asyncio.StreamWriter, on: bool) -> None:
-    """Resume (on) or pause reading a connection: while paused, what the peer sends waits in the kernel."""
+def start_reading(writer: asyncio.StreamWriter) -> None:
+    """Start reading a public connection (it was accepted paused: see limits.streams)."""
     transport = writer.transport
     assert isinstance(transport, asyncio.Transport)  # a TCP connection's transport reads too
-    if on:
-        transport.resume_reading()
-    else:
-        transport.pause_reading()
+    transport.resume_reading()
 
 
 def peername(writer: asyncio.StreamWriter) -> str:

@@ -11,6 +11,8 @@ import socket
 import struct
 import sys
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -134,7 +136,8 @@ class LocalServer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> Self:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        # A deep accept queue, like a real server's: tests send a thousand users at once.
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0, backlog=2048)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -235,6 +238,22 @@ async def http_request(port: int, request: bytes, host: str = "127.0.0.1") -> tu
     head, _, body = response.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
     return status, head, body
+
+
+def _urlopen(url: str, data: bytes | None) -> tuple[int, bytes]:
+    # A real HTTP client, with proxies from the environment switched off: this is loopback.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, data=data, timeout=STEP_TIMEOUT) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.read()
+
+
+async def http_get(port: int, path: str = "/", data: bytes | None = None) -> tuple[int, bytes]:
+    """GET (or POST `data`) http://127.0.0.1:PORT/PATH with urllib in a thread; return (status, body)."""
+    return await asyncio.to_thread(_urlopen, f"http://127.0.0.1:{port}{path}", data)
 
 
 def hear_ctrl_c() -> None:

@@ -7,16 +7,19 @@ test_stage_4_cli.py, and kills, floods and resource counts in test_stage_4_fault
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
 
-from stage_4 import auth
+from stage_4 import auth, pages, private
 from stage_4.client import Client
 from stage_4.protocol import Refused
+from stage_4.relay import Timeouts
 from stage_4.server import Ports, Server
 from support import (
     PAGE,
@@ -33,7 +36,7 @@ from support import (
     sha256,
 )
 
-SECRET = "stage-4-tests"
+SECRET = "stage-4-tests-secret"
 # Short heartbeats keep the tests fast; long enough for a loaded machine to be on time.
 FAST = {"heartbeat_interval": 0.1, "heartbeat_timeout": 1.0}
 
@@ -486,3 +489,227 @@ class Forwarder(LocalServer):
         finally:
             writer.close()
             target_writer.close()
+
+
+# --- liveness: heartbeats and backoff -------------------------------------------------------------
+
+
+async def test_the_client_sends_a_ping_every_heartbeat_interval() -> None:
+    """Without pings, a server would drop a healthy but quiet client after its heartbeat timeout."""
+    pings = 0
+    three_pings = asyncio.Event()
+
+    async def fake_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal pings
+        await reader.readline()  # hello
+        writer.write(b"welcome s1\n")
+        while line := await reader.readline():
+            if line == b"ping\n":
+                pings += 1
+                writer.write(b"pong\n")
+                if pings == 3:
+                    three_pings.set()
+
+    fake = await asyncio.start_server(fake_server, "127.0.0.1", 0)
+    async with fake:
+        port = fake.sockets[0].getsockname()[1]
+        client = Client(("127.0.0.1", 9), "127.0.0.1", port, port, heartbeat_interval=0.1, heartbeat_timeout=5.0)
+        async with Background(client.run()):
+            await until(three_pings.wait())
+
+
+async def test_reconnect_attempts_wait_longer_and_longer() -> None:
+    """A client whose server is down must not hammer it: a tight reconnect loop makes thousands of tries."""
+    attempts = 0
+
+    async def count_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal attempts
+        attempts += 1
+        writer.close()  # a server that hangs up at once: every attempt fails fast
+
+    flaky = await asyncio.start_server(count_and_close, "127.0.0.1", 0)
+    async with flaky:
+        port = flaky.sockets[0].getsockname()[1]
+        async with Background(Client(("127.0.0.1", 9), "127.0.0.1", port, port, max_backoff=30).run()):
+            await asyncio.sleep(2.0)
+    # Full jitter waits up to 0.5, 1, 2 s...: a handful of tries in 2 s (a tight loop makes thousands).
+    assert 1 <= attempts <= 12, attempts
+
+
+async def test_the_backoff_starts_again_from_the_first_step_after_a_good_connection(
+    caplog: pytest.LogCaptureFixture, echo_server: EchoServer
+) -> None:
+    control_port = await free_port()
+    client = Client(("127.0.0.1", echo_server.port), "127.0.0.1", control_port, 9, max_backoff=0.2)
+    async with Background(client.run()):
+        await until_logged(caplog, r"reconnecting in [\d.]+s \(attempt 3\)")
+        server = Server()
+        await server.listen("127.0.0.1", control_port, 0, 0)
+        async with Background(server.serve()):
+            await until(client.connected.wait())
+        caplog.clear()  # the server is gone again: the next failure is attempt 1, not attempt 4 or later
+        await until_logged(caplog, r"reconnecting in [\d.]+s \(attempt \d+\)")
+        assert re.search(r"\(attempt 1\)", caplog.text), caplog.text
+
+
+# --- ids nobody can guess --------------------------------------------------------------------------
+
+
+def assert_look_random(ids: list[str]) -> None:
+    """128-bit random hex ids: all distinct, no shared 8-digit prefix, no two consecutive numbers."""
+    assert all(re.fullmatch(r"[0-9a-f]{32}", conn_id) for conn_id in ids), ids
+    assert len({conn_id[:8] for conn_id in ids}) == len(ids), "ids share a prefix: they look counted, not random"
+    numbers = sorted(int(conn_id, 16) for conn_id in ids)
+    assert all(b - a > 2**64 for a, b in itertools.pairwise(numbers)), "ids are close together"
+    # Every hex digit shows up about equally often (a counter's high digits are all zeros).
+    assert max(Counter("".join(ids)).values()) < len(ids) * 32 / 16 * 2
+
+
+async def test_proxy_ids_are_unpredictable(start_server: StartServer) -> None:
+    ports = await start_server()
+    (control, control_writer), _ = await handshake(ports.control, secret=None)  # a client played by hand
+    users = [await open_connection(ports.public) for _ in range(40)]
+    ids = [(await read_line(control)).split()[1].decode() for _ in users]
+    assert_look_random(ids)
+    for _, writer in [*users, (control, control_writer)]:
+        writer.close()
+
+
+async def test_session_ids_are_unpredictable(start_server: StartServer) -> None:
+    ports = await start_server()
+    ids = []
+    for _ in range(20):
+        (_, writer), session_id = await handshake(ports.control, secret=None)
+        ids.append(session_id)
+        writer.close()
+        await until_free(ports.control)
+    assert_look_random(ids)
+
+
+async def until_free(control_port: int) -> None:
+    """Wait until the server has let go of the last client (a new hello is welcomed)."""
+    async with asyncio.timeout(STEP_TIMEOUT):
+        while True:
+            try:
+                (_, writer), _ = await handshake(control_port, secret=None)
+            except Refused:
+                await asyncio.sleep(0.01)
+                continue
+            writer.close()
+            await asyncio.sleep(0.05)  # not an assertion: lets the server see this one go too
+            return
+
+
+# --- what a stranger on a port can do ---------------------------------------------------------------
+
+
+async def test_a_proxy_connection_that_never_names_its_id_is_closed(start_server: StartServer) -> None:
+    ports = await start_server(handshake_timeout=0.3)
+    reader, writer = await open_connection(ports.proxy)
+    assert await read_to_eof(reader) == b"error no proxy line within 0.3s\n"
+    writer.close()
+
+
+async def test_a_server_open_to_the_world_without_a_secret_warns_when_it_starts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = Server()
+    await server.listen("0.0.0.0", 0, 0, 0)  # all interfaces: nothing connects, we only read the log
+    async with Background(server.serve()):
+        assert "WARNING: listening on '0.0.0.0' without a secret" in caplog.text
+
+
+async def test_a_short_secret_gets_a_warning_with_a_way_to_make_a_strong_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = Server(secret="hunter2")
+    await server.listen("127.0.0.1", 0, 0, 0)
+    async with Background(server.serve()):
+        assert "the secret is only 7 characters long" in caplog.text
+        assert "secrets.token_urlsafe" in caplog.text
+    assert auth.strength_warning(SECRET) is None
+
+
+async def test_guessing_the_secret_is_throttled_per_address(start_server: StartServer) -> None:
+    """After a few wrong answers, even the right one is refused for a while: guessing online is hopeless."""
+    ports = await start_server(secret=SECRET)
+    for _ in range(auth.MAX_FAILURES):
+        with pytest.raises(Refused, match="wrong secret"):
+            await handshake(ports.control, secret="a-wrong-guess-of-the-secret")
+    with pytest.raises(Refused, match=r"too many wrong secrets from 127\.0\.0\.1; try again in"):
+        await handshake(ports.control, secret=SECRET)
+
+
+def test_the_throttle_forgets_the_oldest_addresses_first_and_stays_bounded() -> None:
+    throttle = auth.Throttle(max_failures=1, window=60.0, size=3)
+    for n in range(10):
+        throttle.failed(f"198.51.100.{n}")
+    throttle.check("198.51.100.0")  # forgotten: the table holds only the last three
+    with pytest.raises(Refused):
+        throttle.check("198.51.100.9")
+
+
+async def test_the_request_log_escapes_bytes_that_would_drive_a_terminal(
+    start_server: StartServer, start_client: StartClient, echo_server: EchoServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    ports = await start_server()
+    await start_client(echo_server.port, ports.control, ports.proxy)
+    await exchange(ports.public, b"GET /\x1b[2J\x07\x00x HTTP/1.0\r\n\r\n")
+    line = (await until_logged(caplog, r"GET /\S+ -> no response"))[0]
+    assert line == r"GET /\x1b[2J\x07\x00x -> no response"
+    assert not any(char in caplog.text for char in "\x1b\x07\x00")
+    assert pages.printable(b"ok /path?q=1") == "ok /path?q=1"
+
+
+# --- the proxy connection, from the client's side ---------------------------------------------------
+
+
+async def test_a_refusal_on_the_proxy_connection_never_reaches_the_local_app(start_server: StartServer) -> None:
+    """A client too slow for the proxy timeout gets `error unknown or expired proxy id`: not the app's business."""
+    ports = await start_server()
+    received = bytearray()
+    ended = asyncio.Event()
+
+    async def local_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            received.extend(data)
+        ended.set()
+        writer.close()
+
+    app = await asyncio.start_server(local_app, "127.0.0.1", 0)
+    async with app:
+        local = private.LocalApp("127.0.0.1", app.sockets[0].getsockname()[1])
+        stale_id = "0123456789abcdef0123456789abcdef"  # an id the server never gave out (or forgot)
+        await until(private.serve_user(stale_id, local, ("127.0.0.1", ports.proxy), Timeouts(60, 60)))
+        await until(ended.wait())
+    assert bytes(received) == b""
+
+
+async def test_a_proxy_connection_the_client_cannot_open_gives_a_502_at_once(
+    start_server: StartServer, echo_server: EchoServer
+) -> None:
+    """The client knows at once that its proxy connection failed: the user must not wait for a 504."""
+    ports = await start_server(proxy_timeout=STEP_TIMEOUT * 2)  # a 504 would come too late for this test
+    client = Client(("127.0.0.1", echo_server.port), "127.0.0.1", ports.control, await free_port(), **FAST)
+    async with Background(client.run()):
+        await until(client.connected.wait())
+        status, body = await http_get(ports.public)
+    assert status == 502
+    assert b"the tunnel client could not open a proxy connection: connection refused" in body
+
+
+# --- many users at once ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_thousand_users_arriving_at_once_are_all_served(
+    start_server: StartServer, start_client: StartClient, echo_server: EchoServer
+) -> None:
+    """Waiting users cost a socket, not a buffer: the waiting room is bounded by memory and descriptors,
+    so a burst of a thousand is let in (a room of 256 turned 44 of 300 away with a 503)."""
+    ports = await start_server()
+    await start_client(echo_server.port, ports.control, ports.proxy)
+    payloads = [f"user {n}\n".encode() for n in range(1000)]
+    async with asyncio.timeout(STEP_TIMEOUT * 5):
+        replies = await asyncio.gather(*(exchange(ports.public, payload) for payload in payloads))
+    assert replies == payloads
