@@ -266,7 +266,7 @@ def main() -> None:
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument(
-        "--quick", action="store_const", dest="mode", const="quick", help="2 rounds, small transfers (~30 s)"
+        "--quick", action="store_const", dest="mode", const="quick", help="2 rounds, small transfers (~45 s)"
     )
     size.add_argument(
         "--smoke", action="store_const", dest="mode", const="smoke", help="1 tiny round (seconds), for the tests"
