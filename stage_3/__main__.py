@@ -15,7 +15,7 @@ import sys
 from .client import Client
 from .demo_app import DemoApp
 from .protocol import CONTROL_PORT, NETWORK_TIMEOUT, PROXY_PORT, PUBLIC_PORT, TunnelError
-from .server import Server, listen_error
+from .server import Server, listen_error, listen_port
 
 log = logging.getLogger("stage_3.demo")
 
@@ -73,11 +73,13 @@ def main() -> None:
     for role, default in (("public", PUBLIC_PORT), ("control", CONTROL_PORT), ("proxy", PROXY_PORT)):
         parser.add_argument(
             f"--{role}-port",
-            type=int,
+            type=listen_port,
             metavar="PORT",
             help=f"0 = any (default: {default}, or any free port if that one is taken)",
         )
-    parser.add_argument("--app-port", type=int, default=0, metavar="PORT", help="0 = any (default: %(default)s)")
+    parser.add_argument(
+        "--app-port", type=listen_port, default=0, metavar="PORT", help="0 = any (default: %(default)s)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()
     logging.basicConfig(

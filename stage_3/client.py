@@ -9,6 +9,8 @@ Stage 2's client echoed each user itself. This one dials the app you want to sho
 
 import argparse
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import os
 import sys
@@ -137,10 +139,31 @@ def why(exc: OSError) -> str:
 
 def parse_address(text: str) -> tuple[str, int]:
     """Turn 'host:port' (or '[::1]:port') into a (host, port) pair for argparse."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise argparse.ArgumentTypeError(f"expected host:port, got {text!r}")
-    return host.strip("[]"), int(port)
+    return host.strip("[]"), int(port_text)
+
+
+def parse_server(text: str) -> tuple[str, int | None]:
+    """argparse type for SERVER: 'host' or 'host:port'; an IPv6 address alone or as '[::1]:port'."""
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.IPv6Address(text.strip("[]"))), None  # its colons are not a port
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        return text, None
+    if not host or (":" in host and not host.startswith("[")) or not port_text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected host or host:port, got {text!r}")
+    # The port given here is the control port, as if given with --control-port.
+    return host.strip("[]"), port(port_text)
+
+
+def port(text: str) -> int:
+    """argparse type for a port to connect to: 1 to 65535."""
+    # Checked here: the socket would wrap 99999 around to another port without a word.
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
+    return int(text)
 
 
 def main() -> None:
@@ -150,28 +173,35 @@ def main() -> None:
         description="Open a tunnel from a stage 3 server to LOCAL, the app on this machine that users should reach.",
     )
     parser.add_argument("local", type=parse_address, metavar="LOCAL", help="the local app, as host:port")
-    parser.add_argument("server", nargs="?", default="localhost", help="server host (default: %(default)s)")
     parser.add_argument(
-        "--control-port",
-        type=int,
-        default=CONTROL_PORT,
-        metavar="PORT",
-        help="the server's control port (default: %(default)s)",
+        "server",
+        nargs="?",
+        type=parse_server,
+        default="localhost",
+        metavar="SERVER",
+        help="host or host:port (default: localhost)",
+    )
+    parser.add_argument(
+        "--control-port", type=port, metavar="PORT", help=f"the server's control port (default: {CONTROL_PORT})"
     )
     parser.add_argument(
         "--proxy-port",
-        type=int,
+        type=port,
         default=PROXY_PORT,
         metavar="PORT",
         help="the server's proxy port (default: %(default)s)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()
+    server, server_port = args.server
+    if server_port and args.control_port:
+        parser.error("give the control port once: in SERVER (host:port) or with --control-port")
+    control_port = server_port or args.control_port or CONTROL_PORT
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
     try:
-        asyncio.run(Client(args.local, args.server, args.control_port, args.proxy_port).run())
+        asyncio.run(Client(args.local, server, control_port, args.proxy_port).run())
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:

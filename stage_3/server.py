@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import errno
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -203,6 +204,25 @@ def listen_error(exc: OSError, role: str, host: str, port: int) -> str:
     return f"cannot listen on {host}:{port} for the {role} port: {exc.strerror or exc}"
 
 
+def listen_port(text: str) -> int:
+    """argparse type for a port to listen on: 0 (any free port) to 65535."""
+    # Checked here, not left to the socket: 99999 would end in an OverflowError traceback.
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}")
+    return int(text)
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type for a timeout: a finite number of seconds, more than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan  # not a number: refused just below
+    if not 0 < value < math.inf:  # false for nan too
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
 async def run(host: str, ports: Ports, proxy_timeout: float) -> None:
     """Bind, then serve until cancelled."""
     server = Server(proxy_timeout)
@@ -224,14 +244,14 @@ def main() -> None:
     ):
         parser.add_argument(
             f"--{role}-port",
-            type=int,
+            type=listen_port,
             default=default,
             metavar="PORT",
             help=f"where {who}; 0 = any (default: %(default)s)",
         )
     parser.add_argument(
         "--proxy-timeout",
-        type=float,
+        type=positive_seconds,
         default=PROXY_TIMEOUT,
         metavar="SECONDS",
         help="how long a user waits for its proxy connection (default: %(default)s)",

@@ -17,6 +17,7 @@ import os
 import sys
 
 from . import auth, backoff, private
+from .cli import parse_address, parse_server, port, positive_seconds
 from .protocol import (
     CONTROL_PORT,
     HALF_CLOSED_TIMEOUT,
@@ -179,14 +180,6 @@ class Client:
                 await write_message(self._control, message)
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """Turn 'host:port' (or '[::1]:port') into a (host, port) pair for argparse."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"expected host:port, got {text!r}")
-    return host.strip("[]"), int(port)
-
-
 def main() -> None:
     """Command line: python -m stage_4.client LOCAL [SERVER] [--control-port P] [--proxy-port P] [--secret S] ..."""
     parser = argparse.ArgumentParser(
@@ -194,17 +187,20 @@ def main() -> None:
         description="Open a tunnel from a stage 4 server to LOCAL, the app on this machine that users should reach.",
     )
     parser.add_argument("local", type=parse_address, metavar="LOCAL", help="the local app, as host:port")
-    parser.add_argument("server", nargs="?", default="localhost", help="server host (default: %(default)s)")
     parser.add_argument(
-        "--control-port",
-        type=int,
-        default=CONTROL_PORT,
-        metavar="PORT",
-        help="the server's control port (default: %(default)s)",
+        "server",
+        nargs="?",
+        type=parse_server,
+        default="localhost",
+        metavar="SERVER",
+        help="host or host:port (default: localhost)",
+    )
+    parser.add_argument(
+        "--control-port", type=port, metavar="PORT", help=f"the server's control port (default: {CONTROL_PORT})"
     )
     parser.add_argument(
         "--proxy-port",
-        type=int,
+        type=port,
         default=PROXY_PORT,
         metavar="PORT",
         help="the server's proxy port (default: %(default)s)",
@@ -222,17 +218,24 @@ def main() -> None:
         ("half-closed-timeout", HALF_CLOSED_TIMEOUT, "close a half-closed relay after this long silent"),
     ):
         parser.add_argument(
-            f"--{flag}", type=float, default=seconds, metavar="SECONDS", help=f"{what} (default: %(default)s)"
+            f"--{flag}",
+            type=positive_seconds,
+            default=seconds,
+            metavar="SECONDS",
+            help=f"{what} (default: %(default)s)",
         )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()
+    server, server_port = args.server
+    if server_port and args.control_port:
+        parser.error("give the control port once: in SERVER (host:port) or with --control-port")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
     client = Client(
         args.local,
-        args.server,
-        args.control_port,
+        server,
+        server_port or args.control_port or CONTROL_PORT,
         args.proxy_port,
         secret=args.secret,
         heartbeat_interval=args.heartbeat_interval,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import auth, limits, pages
+from .cli import listen_port, positive_seconds
 from .limits import Listener
 from .pairing import Pairing, Unavailable, hung_up
 from .protocol import (
@@ -254,7 +255,7 @@ def main() -> None:
     ):
         parser.add_argument(
             f"--{role}-port",
-            type=int,
+            type=listen_port,
             default=default,
             metavar="PORT",
             help=f"where {who}; 0 = any (default: %(default)s)",
@@ -266,7 +267,11 @@ def main() -> None:
         ("half-closed-timeout", HALF_CLOSED_TIMEOUT, "close a half-closed relay after this long silent"),
     ):
         parser.add_argument(
-            f"--{flag}", type=float, default=seconds, metavar="SECONDS", help=f"{what} (default: %(default)s)"
+            f"--{flag}",
+            type=positive_seconds,
+            default=seconds,
+            metavar="SECONDS",
+            help=f"{what} (default: %(default)s)",
         )
     parser.add_argument(
         "--secret",

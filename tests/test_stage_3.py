@@ -194,3 +194,38 @@ async def test_cli_client_bad_local_address_is_a_usage_error(cli: CliProcess.Fac
     assert await client.wait() == 2
     assert "expected host:port" in client.output
     assert "Traceback" not in client.output
+
+
+@pytest.mark.parametrize(
+    ("program", "args"),
+    [
+        ("server", ["--public-port", "99999"]),
+        ("server", ["--control-port", "-5"]),
+        ("server", ["--proxy-timeout", "0"]),
+        ("client", ["localhost:8000", "--proxy-port", "70000"]),
+        ("client", ["localhost:8000", "--control-port", "0"]),
+        ("client", ["localhost:8000", "localhost:99999"]),
+        ("", ["--app-port", "-1"]),  # the demo
+        ("", ["--public-port", "65536"]),
+    ],
+)
+async def test_cli_out_of_range_numbers_are_one_line_usage_errors(
+    cli: CliProcess.Factory, stage: str, program: str, args: list[str]
+) -> None:
+    """A port of 99999 must not end in an OverflowError traceback, nor wrap around to another port."""
+    process = await cli("-m", f"{stage}.{program}".rstrip("."), *args)
+    assert await process.wait() == 2
+    assert re.search(r"error: argument [-\w]+: expected a (port|number of seconds)", process.output), process.output
+    assert "Traceback" not in process.output
+
+
+async def test_cli_client_takes_the_control_port_in_server_as_host_port(
+    cli: CliProcess.Factory, http_origin: HttpOrigin, stage: str
+) -> None:
+    server = await cli("-m", f"{stage}.server", "--control-port", "0", "--public-port", "0", "--proxy-port", "0")
+    control, public, proxy = [await server.listening(role) for role in ("control", "public", "proxy")]
+    client = await cli(
+        "-m", f"{stage}.client", f"localhost:{http_origin.port}", f"127.0.0.1:{control}", "--proxy-port", str(proxy)
+    )
+    await client.expect("tunnel up")
+    assert await http_get(public) == (200, PAGE)

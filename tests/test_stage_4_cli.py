@@ -149,3 +149,26 @@ async def test_ports_named_on_the_demo_command_line_are_used_or_refused() -> Non
         taken = holder.getsockname()[1]
         with pytest.raises(TunnelError, match=f"port {taken} on 127.0.0.1 is already in use"):
             await asyncio.wait_for(demo.run(0, taken, 0, 0, any_free=False), STEP_TIMEOUT)
+
+
+@pytest.mark.parametrize(
+    ("program", "flag"),
+    [
+        ("server", "--heartbeat-timeout"),
+        ("server", "--idle-timeout"),
+        ("server", "--half-closed-timeout"),
+        ("client", "--heartbeat-interval"),
+        ("client", "--heartbeat-timeout"),
+        ("client", "--max-backoff"),
+        ("client", "--idle-timeout"),
+        ("client", "--half-closed-timeout"),
+    ],
+)
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+async def test_cli_timeouts_must_be_positive(cli: CliProcess.Factory, program: str, flag: str, value: str) -> None:
+    """A heartbeat interval of 0 would ping in a tight loop; a max backoff of 0 would reconnect in one."""
+    local = ["localhost:8000"] if program == "client" else []
+    process = await cli("-m", f"stage_4.{program}", *local, f"{flag}={value}")
+    assert await process.wait() == 2
+    assert f"argument {flag}: expected a number of seconds above 0" in process.output
+    assert "Traceback" not in process.output
