@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
 
 # The tunnel under test: `<TUNNEL>.server` runs on the server host, `<TUNNEL>.client` at home.
-TUNNEL = "stage_3"
+TUNNEL = "stage_4"
 
 PREFIX = "natlab-"
 ROLES = ("home", "router", "internet", "server", "user")
@@ -94,15 +94,20 @@ class LabError(Exception):
     """A lab command failed or a step did not happen in time."""
 
 
-def probe() -> str | None:
-    """None if this process can build the lab, else the reason it cannot (for a skip or an error line)."""
+def probe(
+    tools: tuple[tuple[str, str], ...] = (("ip", "iproute2"), ("nft", "nftables")), prefix: str = PREFIX
+) -> str | None:
+    """None if this process can build a lab, else the reason it cannot (for a skip or an error line).
+
+    `tools` are the (command, Debian package) pairs the lab runs; the NAT lab's by default.
+    """
     if not sys.platform.startswith("linux"):
-        return "the NAT lab needs Linux network namespaces"
-    for tool, package in (("ip", "iproute2"), ("nft", "nftables")):
+        return "the lab needs Linux network namespaces"
+    for tool, package in tools:
         if shutil.which(tool) is None:
             return f"`{tool}` not found (install {package})"
     # Really try: a uid check alone would pass for a root without CAP_SYS_ADMIN (a container).
-    name = f"{PREFIX}probe-{secrets.token_hex(3)}"
+    name = f"{prefix}probe-{secrets.token_hex(3)}"
     made = _quiet("ip", "netns", "add", name)
     if made.returncode != 0:
         why = made.stderr.strip() or "ip netns add failed"
@@ -115,11 +120,11 @@ def _quiet(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=STEP_TIMEOUT, check=False)
 
 
-def lab_namespaces(run_id: str = "") -> list[str]:
+def lab_namespaces(run_id: str = "", prefix: str = PREFIX) -> list[str]:
     """The lab namespaces that exist now (of one run, or of every run)."""
     listing = _quiet("ip", "netns", "list").stdout
     names = [line.split()[0] for line in listing.splitlines() if line.strip()]
-    return [name for name in names if name.startswith(f"{PREFIX}{run_id}")]
+    return [name for name in names if name.startswith(f"{prefix}{run_id}")]
 
 
 def namespace_pids(name: str) -> list[int]:
@@ -212,14 +217,21 @@ class Teardown:
 
 
 class Lab:
-    """The five namespaces, wired and firewalled; `async with Lab() as lab:` builds it and always removes it."""
+    """The five namespaces, wired and firewalled; `async with Lab() as lab:` builds it and always removes it.
+
+    Another lab reuses the machinery (start programs inside, stop them, delete the namespaces, check
+    that nothing is left) by setting `prefix` and `roles` and overriding `_build`.
+    """
+
+    prefix = PREFIX
+    roles = ROLES
 
     def __init__(self, say: Say = print) -> None:
         self.say = say
         self.run_id = secrets.token_hex(3)
         # Namespace names are global on the machine, so each run gets its own; interface names live
         # inside the namespaces (all created here, fresh), so they can be the readable eth0, lan0, wan0.
-        self.ns = {role: f"{PREFIX}{self.run_id}-{role}" for role in ROLES}
+        self.ns = {role: f"{self.prefix}{self.run_id}-{role}" for role in self.roles}
         self.processes: list[LabProcess] = []
         self.started_pids: list[int] = []
         self.teardown: Teardown | None = None
@@ -228,7 +240,6 @@ class Lab:
 
     async def __aenter__(self) -> "Lab":
         try:
-            self._app_dir = Path(tempfile.mkdtemp(prefix="natlab-app-"))
             await self._build()
         except BaseException:
             await self.close()
@@ -260,6 +271,7 @@ class Lab:
         return out.decode()
 
     async def _build(self) -> None:
+        self._app_dir = Path(tempfile.mkdtemp(prefix="natlab-app-"))
         ns = self.ns
         for name in ns.values():
             await self.run("ip", "netns", "add", name)
@@ -371,7 +383,7 @@ class Lab:
             _quiet("ip", "netns", "del", name)
         if self._app_dir is not None:
             shutil.rmtree(self._app_dir, ignore_errors=True)
-        result.namespaces_left = lab_namespaces(self.run_id)
+        result.namespaces_left = lab_namespaces(self.run_id, self.prefix)
         result.processes_left = [pid for pid in self.started_pids + result.stragglers if pid_alive(pid)]
         result.seconds = time.monotonic() - started
         return result

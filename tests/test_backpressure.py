@@ -1,0 +1,255 @@
+"""Backpressure holds from a user's first byte: the tunnel's memory stays bounded, whatever the peers' speeds.
+
+In one process, deterministic: the stage's Server and Client, a user and a local app on raw
+sockets (so the test's own side buffers nothing), and Python's allocations traced (tracemalloc).
+Between the client and the server's proxy port runs a narrow pipe: sockets with 16 KiB buffers,
+as a slow link would have, where loopback would absorb a megabyte per connection and hide a
+sender that outruns its peer. The same bug on a real shaped link: test_real_links.py.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import socket
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from hardening import HARDENED, MiB, stage_module
+
+from support import STEP_TIMEOUT, Background, LocalServer, pattern_bytes
+
+SECRET = "backpressure-tests"
+SMALL = 16 * 1024  # the socket buffers of the narrow pipe and of the local app
+MSS = 1448  # TCP's segment size on an Ethernet link
+UPLOAD = 256 * MiB
+LIMIT = 32 * MiB  # what the tunnel (server and client together) may hold for one stalled user
+STALLED = 1.0  # a sender that got nothing out for this long is held back
+CHUNK = 64 * 1024
+BLOCK = memoryview(pattern_bytes(1024 * 1024 - 3, seed=7))
+
+
+@pytest.fixture(params=HARDENED)
+def stage(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def traced() -> Iterator[None]:
+    """Trace Python's allocations during the test (tracemalloc): the tunnel's buffers are Python objects."""
+    tracemalloc.start()
+    try:
+        yield
+    finally:
+        tracemalloc.stop()
+
+
+def small_buffers(sock: socket.socket) -> None:
+    # Set before listen/connect: the receive buffer also sets the window TCP offers the peer, and
+    # the segment size (an Ethernet's, not loopback's 64 KiB) sets how fast the peer's kernel
+    # lets its send buffer grow: like a real network, it takes ~100 KB at first, not a megabyte.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, MSS)
+
+
+class NarrowPipe(LocalServer):
+    """Forwards every connection to `target` through sockets with 16 KiB buffers: a slow link, in one process."""
+
+    def __init__(self, target: int) -> None:
+        super().__init__()
+        self.target = target
+
+    async def __aenter__(self) -> "NarrowPipe":
+        listener = socket.create_server(("127.0.0.1", 0))
+        small_buffers(listener)  # accepted sockets inherit them
+        self._server = await asyncio.start_server(self._accept, sock=listener, limit=SMALL)
+        self.port = listener.getsockname()[1]
+        return self
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        small_buffers(sock)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", self.target))
+            out_reader, out_writer = await asyncio.open_connection(sock=sock, limit=SMALL)
+        except OSError:
+            sock.close()
+            writer.close()
+            return
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._pump(reader, out_writer))
+            group.create_task(self._pump(out_reader, writer))
+
+    @staticmethod
+    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(SMALL):
+                writer.write(data)
+                await writer.drain()
+            writer.write_eof()
+        except OSError:
+            writer.close()
+
+
+async def start_tunnel(stage: str, local_port: int, running: contextlib.AsyncExitStack, **server: float) -> int:
+    """The stage's server and client in this process, the client's proxy connections through a NarrowPipe.
+
+    Returns the public port.
+    """
+    server_module, client_module = stage_module(stage, "server"), stage_module(stage, "client")
+    tunnel_server = server_module.Server(secret=SECRET, **server)
+    ports = await tunnel_server.listen("127.0.0.1", 0, 0, 0)
+    await running.enter_async_context(Background(tunnel_server.serve()))
+    pipe = await running.enter_async_context(NarrowPipe(ports.proxy))
+    client = client_module.Client(("127.0.0.1", local_port), "127.0.0.1", ports.control, pipe.port, secret=SECRET)
+    await running.enter_async_context(Background(client.run()))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        await client.connected.wait()
+    return int(ports.public)
+
+
+@dataclass
+class Sender:
+    """Sends `size` pattern bytes on a raw socket from its first moment; counts and hashes what went out."""
+
+    sock: socket.socket
+    size: int
+    sent: int = 0
+    last_progress: float = field(default_factory=time.monotonic)
+
+    async def run(self) -> str:
+        loop = asyncio.get_running_loop()
+        digest = hashlib.sha256()
+        self.last_progress = time.monotonic()
+        while self.sent < self.size:
+            offset = self.sent % len(BLOCK)
+            chunk = BLOCK[offset : offset + min(CHUNK, self.size - self.sent)]
+            await loop.sock_sendall(self.sock, chunk)  # no copy: the test holds no buffer of its own
+            digest.update(chunk)
+            self.sent += len(chunk)
+            self.last_progress = time.monotonic()
+        self.sock.shutdown(socket.SHUT_WR)
+        return digest.hexdigest()
+
+    def stalled(self) -> bool:
+        return time.monotonic() - self.last_progress > STALLED
+
+
+async def connect_raw(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setblocking(False)
+    async with asyncio.timeout(STEP_TIMEOUT):
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return sock
+
+
+async def until_stalled(senders: list[Sender], tasks: list["asyncio.Task[str]"], within: float) -> None:
+    """Wait until every sender is held back (or done), up to `within` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if all(sender.stalled() or task.done() for sender, task in zip(senders, tasks, strict=True)):
+            return
+        await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def stalled_app() -> AsyncIterator[tuple[int, asyncio.Event, "asyncio.Future[tuple[int, str]]"]]:
+    """A local app with 16 KiB socket buffers that reads nothing until `go` is set, then reads to EOF.
+
+    Yields (port, go, result): result is (bytes, SHA-256) of what it read.
+    """
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server(("127.0.0.1", 0))
+    small_buffers(listener)
+    listener.setblocking(False)
+    go = asyncio.Event()
+
+    async def serve() -> tuple[int, str]:
+        sock, _ = await loop.sock_accept(listener)
+        with sock:
+            await go.wait()
+            digest, received = hashlib.sha256(), 0
+            while data := await loop.sock_recv(sock, 256 * 1024):
+                digest.update(data)
+                received += len(data)
+            return received, digest.hexdigest()
+
+    task = asyncio.create_task(serve())
+    try:
+        yield listener.getsockname()[1], go, task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        listener.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_a_user_who_uploads_from_the_first_byte_to_an_app_that_does_not_read_is_held_back(
+    stage: str, traced: None
+) -> None:
+    # Issue 12, item 1: the bytes a user sent before its proxy connection arrived are written out
+    # at the join; they overflow the narrow proxy connection, and the pause that follows must hold.
+    async with contextlib.AsyncExitStack() as running, stalled_app() as (app_port, go, app):
+        public = await start_tunnel(stage, app_port, running)
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        user = Sender(await connect_raw(public), UPLOAD)
+        running.callback(user.sock.close)
+        upload = asyncio.create_task(user.run())
+        await until_stalled([user], [upload], within=30.0)
+        held = tracemalloc.get_traced_memory()[1] - before
+        stalled_at = time.monotonic()
+        figures = (
+            f"the user sent {user.sent / MiB:.1f} MiB; the tunnel's allocations peaked {held / MiB:.1f} MiB higher"
+        )
+        print(f"\nstalled app: {figures}")
+        assert not upload.done(), f"nothing held the user back: {figures}"
+        assert held < LIMIT, figures
+
+        go.set()  # the app reads now: everything arrives, intact
+        async with asyncio.timeout(60):
+            sent_digest = await upload
+            received, received_digest = await app
+        print(f"the app read {received / MiB:.0f} MiB in {time.monotonic() - stalled_at:.1f} s")
+        assert (received, received_digest) == (UPLOAD, sent_digest)
+        assert tracemalloc.get_traced_memory()[1] - before < LIMIT
+
+
+async def test_users_waiting_for_a_stalled_client_each_hold_a_bounded_amount(stage: str, traced: None) -> None:
+    # Issue 12, item 1 (the pre-join bound): a client that never opens proxy connections; each user
+    # sends from its first byte. What a waiting user may make the server hold is DATA_LIMIT, checked
+    # before the bytes are kept, not after (today: DATA_LIMIT plus one full read).
+    users = 16
+    data_limit = int(getattr(stage_module(stage, "protocol"), "DATA_LIMIT", 256 * 1024))
+    bound = data_limit + 64 * 1024  # plus what a connection costs: a transport, a task, the protocol objects
+    auth = stage_module(stage, "auth")
+    async with contextlib.AsyncExitStack() as running:
+        tunnel_server = stage_module(stage, "server").Server(secret=SECRET, proxy_timeout=60.0)
+        ports = await tunnel_server.listen("127.0.0.1", 0, 0, 0)
+        await running.enter_async_context(Background(tunnel_server.serve()))
+        reader, writer = await asyncio.open_connection("127.0.0.1", ports.control)
+        running.callback(writer.close)
+        async with asyncio.timeout(STEP_TIMEOUT):
+            await auth.client_handshake(reader, writer, SECRET, None)  # then silence: a stalled client
+        await asyncio.sleep(0.2)
+        before = tracemalloc.get_traced_memory()[0]
+        senders = [Sender(await connect_raw(ports.public), 8 * MiB) for _ in range(users)]
+        for sender in senders:
+            running.callback(sender.sock.close)
+        tasks = [asyncio.create_task(sender.run()) for sender in senders]
+        try:
+            await until_stalled(senders, tasks, within=20.0)
+            held = (tracemalloc.get_traced_memory()[0] - before) / users
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    print(f"\n{users} waiting users: {held / 1024:.0f} KiB held per user (bound {bound / 1024:.0f} KiB)")
+    assert held <= bound, f"each waiting user made the server hold {held / 1024:.0f} KiB; bound {bound / 1024:.0f}"
