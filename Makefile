@@ -2,15 +2,15 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAGES := stage_0 stage_1 stage_2 stage_3
+STAGES := stage_0 stage_1 stage_2 stage_3 stage_4
 
 .PHONY: help demo test lint pytest docs serve-docs bench nat-lab clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-demo:  ## the stage 3 tunnel, all on this machine (needs only Python 3.11+)
-	$(PYTHON) -m stage_3
+demo:  ## the stage 4 tunnel (the most complete stage), all on this machine (needs only Python 3.11+)
+	$(PYTHON) -m stage_4
 
 # The virtualenv is (re)built from pyproject.toml's extras whenever that file changes.
 $(VENV)/.installed: pyproject.toml
@@ -35,7 +35,7 @@ docs: $(VENV)/.installed  ## build the docs site into site/ (strict: a warning f
 serve-docs: $(VENV)/.installed  ## serve the docs with live reload on http://127.0.0.1:8000
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
-bench: $(VENV)/.installed  ## benchmarks: direct vs socat vs stage 0 vs stage 3 (see bench/README.md)
+bench: $(VENV)/.installed  ## benchmarks: direct vs socat vs stage 0 vs stages 3 and 4 (see bench/README.md)
 	$(BIN)/python -m bench
 
 nat-lab:  ## the NAT lab story on real network namespaces (needs root)

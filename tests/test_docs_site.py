@@ -25,7 +25,9 @@ from mkdocs.config import load_config
 from mkdocs.exceptions import PluginError
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = ["", "stage-0/", "stage-1/", "stage-2/", "stage-3/", "protocol/", "differences/", "instructor/"]
+# Every stage_N folder has a page; the site's hook finds them the same way (docs/hooks/stages.py).
+STAGES = sorted(int(p.name.removeprefix("stage_")) for p in ROOT.glob("stage_*") if re.fullmatch(r"stage_\d+", p.name))
+PAGES = ["", *(f"stage-{n}/" for n in STAGES), "protocol/", "differences/", "instructor/"]
 PAGES += ["troubleshooting/", "real-tunnels/"]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -54,7 +56,21 @@ def test_every_page_is_built(site: Path) -> None:
         assert (site / page / "index.html").is_file(), page
 
 
-@pytest.mark.parametrize("n", range(4))
+def test_every_stage_is_on_the_site() -> None:
+    """The hook makes a page for every stage folder there is, and mkdocs.yml lists and watches each."""
+    sys.path.insert(0, str(ROOT / "docs" / "hooks"))
+    try:
+        import stages
+    finally:
+        sys.path.pop(0)
+    assert list(stages.STAGES) == STAGES == list(range(len(STAGES))), (stages.STAGES, STAGES)
+    nav = (ROOT / "mkdocs.yml").read_text()
+    for n in STAGES:
+        assert f": stage-{n}.md" in nav, f"mkdocs.yml's nav has no stage-{n}.md"
+        assert f"  - stage_{n}\n" in nav, f"mkdocs.yml does not watch stage_{n}"
+
+
+@pytest.mark.parametrize("n", STAGES)
 def test_stage_page_is_made_from_its_readme(site: Path, n: int) -> None:
     """One source: every heading and every command of stage_N/README.md is on the stage page."""
     readme = (ROOT / f"stage_{n}" / "README.md").read_text()
@@ -66,7 +82,7 @@ def test_stage_page_is_made_from_its_readme(site: Path, n: int) -> None:
     assert "github-only" not in text and "site: code" not in text
 
 
-@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("n", STAGES[1:])
 def test_stage_diff_is_generated_from_the_code(site: Path, n: int) -> None:
     """Every line the code's diff adds to server.py is on the page, in a diff block."""
     old = (ROOT / f"stage_{n - 1}" / "server.py").read_text().splitlines() if n > 1 else []

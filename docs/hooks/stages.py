@@ -26,8 +26,9 @@ from mkdocs.exceptions import PluginError
 from mkdocs.structure.files import File, Files
 from pymdownx.snippets import SnippetPreprocessor
 
-STAGES = range(4)
 ROOT = Path(__file__).resolve().parents[2]  # docs/hooks/stages.py -> the repository root
+# Every stage_N folder there is, in order: a new stage gets its page by existing.
+STAGES = sorted(int(p.name.removeprefix("stage_")) for p in ROOT.glob("stage_*") if re.fullmatch(r"stage_\d+", p.name))
 
 GITHUB_ONLY = re.compile(r"<!-- github-only -->.*?<!-- /github-only -->\n?", re.S)
 SITE_MARKER = re.compile(r"^<!-- site: (code|diff) -->$", re.M)
@@ -105,9 +106,9 @@ def site_link(n: int, target: str) -> str:
         return "index.md" + anchor
     if m := re.fullmatch(r"\.\./docs/(.+)", path):
         return m[1] + anchor
-    if m := re.fullmatch(r"\.\./stage_(\d)/(?:README\.md)?", path):
+    if m := re.fullmatch(r"\.\./stage_(\d+)/(?:README\.md)?", path):
         return f"stage-{m[1]}.md{anchor}"
-    if m := re.fullmatch(r"(?:\.\./stage_(\d)/)?(\w+\.py)", path):
+    if m := re.fullmatch(r"(?:\.\./stage_(\d+)/)?(\w+\.py)", path):
         # A stage file: its listing on that stage's page (the heading ids in docs/includes/).
         return f"stage-{m[1] or n}.md#{code_anchor(m[2])}"
     raise PluginError(f"stage_{n}/README.md links to {target!r}, which has no page on the site; link a stage or docs/")
