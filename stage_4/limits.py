@@ -19,6 +19,7 @@ import errno
 import logging
 import resource
 import socket
+import time
 from collections.abc import Callable, Coroutine
 
 log = logging.getLogger("stage_4.server")
@@ -32,18 +33,20 @@ CONTROL_SLOTS = 16
 EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # How long to wait before accepting again after such an error (not a spin: a pause).
 RETRY_DELAY = 0.5
+# At the limit, say so at most this often (seconds).
+REPORT_EVERY = 60.0
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[None, None, None]]
 
 
-def raise_fd_limit() -> int:
-    """Raise the soft limit on open files to the hard limit, if we may; return the limit now in force."""
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard limit, if we may; return the limit (before, now)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft >= hard:
-        return soft
+        return soft, soft
     with contextlib.suppress(ValueError, OSError):  # a sandbox may refuse: live with the soft limit
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def slots_for(fd_limit: int) -> dict[str, int]:
@@ -71,31 +74,41 @@ class Listener:
         self._free = asyncio.Semaphore(slots)
         self._handler = handler
         self._limit = limit  # the StreamReader's buffer limit for this port's connections
+        self._last_report, self._full_count = -REPORT_EVERY, 0  # see _report_full
 
     async def serve(self, spawn: Callable[[Coroutine[None, None, None]], None]) -> None:
         """Accept until cancelled; each connection runs in a task made by `spawn`."""
         loop = asyncio.get_running_loop()
         while True:
             if self._free.locked():
-                log.warning(
-                    "%s port: all %d connection slots are in use; new connections wait in the kernel's queue",
-                    self.role,
-                    self.slots,
-                )
-                await self._free.acquire()
-                log.info("%s port: a slot is free again; accepting", self.role)
-            else:
-                await self._free.acquire()
+                self._report_full()
+            await self._free.acquire()  # waits, without a single syscall, while every slot is taken
             try:
                 conn, _ = await loop.sock_accept(self.sock)
             except OSError as exc:
                 self._free.release()
                 if exc.errno not in EXHAUSTED:
                     continue  # that one connection failed (it was reset in the queue): take the next
-                log.warning("%s port: cannot accept (%s); pausing %gs", self.role, exc.strerror, RETRY_DELAY)
+                self._report_full()
+                log.debug("%s port: cannot accept (%s); pausing %gs", self.role, exc.strerror, RETRY_DELAY)
                 await asyncio.sleep(RETRY_DELAY)
                 continue
             spawn(self._serve_one(conn))
+
+    def _report_full(self) -> None:
+        # Once per REPORT_EVERY seconds at most: at the limit, slots free and fill again
+        # many times a second, and one line each time would flood the log.
+        self._full_count += 1
+        now = time.monotonic()
+        if now - self._last_report >= REPORT_EVERY:
+            log.warning(
+                "%s port: all %d connection slots are in use (the file descriptor limit is near); "
+                "new connections wait in the kernel's queue (%d times since the last report)",
+                self.role,
+                self.slots,
+                self._full_count,
+            )
+            self._last_report, self._full_count = now, 0
 
     async def _serve_one(self, conn: socket.socket) -> None:
         try:

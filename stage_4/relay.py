@@ -84,7 +84,9 @@ async def watchdog(
             for writer in writers:  # both pipes then see the end of their connection and stop
                 writer.close()
             return
-        await asyncio.sleep(remaining)  # then look again: bytes may have moved meanwhile
+        # Then look again: bytes may have moved meanwhile, or one direction ended, which
+        # brings the (shorter) half-closed limit into play: so never sleep past it.
+        await asyncio.sleep(min(remaining, timeouts.half_closed))
 
 
 async def relay(

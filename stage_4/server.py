@@ -87,7 +87,7 @@ class Server:
         proxy_port: int = PROXY_PORT,
     ) -> Ports:
         """Bind the three ports (0 = any free port) and return the real ones; TunnelError if one is taken."""
-        fd_limit = limits.raise_fd_limit()
+        before, fd_limit = limits.raise_fd_limit()
         slots = limits.slots_for(fd_limit)
         roles = (
             # Control lines are short, so limit=MAX_LINE caps what a peer can make us buffer.
@@ -115,9 +115,9 @@ class Server:
         for listener in self._listeners:
             bound_host, bound_port = listener.sock.getsockname()[:2]
             log.info("%s port listening on %s:%d", listener.role, bound_host, bound_port)
-        log.info(
-            "open files limit: %d (connection slots: %s)", fd_limit, ", ".join(f"{k} {v}" for k, v in slots.items())
-        )
+        raised = f" (raised from {before})" if fd_limit > before else ""
+        shares = ", ".join(f"{role} {count}" for role, count in slots.items())
+        log.info("file descriptor limit: %d%s; connection slots: %s", fd_limit, raised, shares)
         for warning in (
             auth.exposure_warning(host, self._sessions.secret),
             auth.strength_warning(self._sessions.secret),
