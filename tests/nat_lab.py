@@ -311,10 +311,14 @@ class Lab:
         self, role: str, name: str, *args: str, env: dict[str, str] | None = None, helper: bool = False
     ) -> LabProcess:
         """Start `python -u ARGS` inside the namespace of `role`; its output is collected."""
+        # -P: the working directory (the repository) is not put first on sys.path, so that in
+        # workshop mode (--stage-dir) the stage comes from PYTHONPATH, the learner's copy; the
+        # repository goes last there, for the lab's own helpers and a run outside pytest.
+        path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))
         process = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", self.ns[role], sys.executable, "-u", *args,
+            "ip", "netns", "exec", self.ns[role], sys.executable, "-u", "-P", *args,
             cwd=ROOT,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, "PYTHONPATH": path, **(env or {})},
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
