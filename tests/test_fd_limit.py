@@ -27,9 +27,9 @@ ATTACKERS = 600
 CPU_SHARE = 0.10  # of one core, while the attackers hold their connections
 MEASURE = 3.0  # seconds of CPU time measured
 LOG_LIMIT = 20_000  # bytes of log for the whole attack
-RECOVERY = (
-    5.0  # seconds for a normal user once the attackers are gone (issue: "within a second"; a loaded CI is slower)
-)
+# Seconds for a normal user once the attackers are gone, as issue 12 asks; measured 0.06-0.10 s
+# on a loaded 2-core machine (the closed attackers still queued are let go by a peek, unserved).
+RECOVERY = 1.0
 # How a log line may name the condition: "file descriptors", "too many open files", EMFILE.
 CONDITION = re.compile(r"(?i)descriptor|too many open files|emfile")
 
