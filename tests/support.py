@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import hashlib
 import http.server
+import importlib
 import os
 import re
 import signal
@@ -16,7 +17,7 @@ import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import pytest
 
@@ -392,3 +393,39 @@ class Background:
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
+
+
+# --- what differs between the stages' ports -----------------------------------------------------
+# Up to stage 4 the server has a proxy port (one proxy connection per user); from stage 5 on the
+# client's one connection carries every user, so there is none. Tests that run against several
+# stages ask these helpers instead of spelling out the ports.
+
+
+def has_proxy_port(stage: str) -> bool:
+    """True if the stage's server listens on a proxy port (stages 2 to 4)."""
+    return hasattr(importlib.import_module(f"{stage}.protocol"), "PROXY_PORT")
+
+
+def port_roles(stage: str) -> tuple[str, ...]:
+    """The roles of the ports the stage's server binds, in the order its `listen()` takes them."""
+    return ("control", "public", "proxy") if has_proxy_port(stage) else ("control", "public")
+
+
+def any_ports(stage: str) -> list[int]:
+    """Port 0 (any free port) for each port the stage's server binds: `server.listen(host, *any_ports(stage))`."""
+    return [0] * len(port_roles(stage))
+
+
+def client_ports(ports: Any) -> tuple[int, ...]:
+    """The ports a stage's Client takes after the server's host: the control port, and the proxy port if any."""
+    return (ports.control, ports.proxy) if hasattr(ports, "proxy") else (ports.control,)
+
+
+def server_port_flags(stage: str) -> list[str]:
+    """`--control-port 0 --public-port 0 [--proxy-port 0]` for the stage's server command line."""
+    return [flag for role in port_roles(stage) for flag in (f"--{role}-port", "0")]
+
+
+def client_port_flags(ports: dict[str, int]) -> list[str]:
+    """`--control-port N [--proxy-port M]` for a client of a server whose ports are `ports` (role -> port)."""
+    return [flag for role in ("control", "proxy") if role in ports for flag in (f"--{role}-port", str(ports[role]))]

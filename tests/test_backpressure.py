@@ -2,7 +2,8 @@
 
 In one process, deterministic: the stage's Server and Client, a user and a local app on raw
 sockets (so the test's own side buffers nothing), and Python's allocations traced (tracemalloc).
-Between the client and the server's proxy port runs a narrow pipe: sockets with 16 KiB buffers,
+Between the client and the server's proxy port (stage 5: its control port, which carries every
+user's bytes) runs a narrow pipe: sockets with 16 KiB buffers,
 as a slow link would have, where loopback would absorb a megabyte per connection and hide a
 sender that outruns its peer. The same bug on a real shaped link: test_real_links.py.
 """
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 from hardening import HARDENED, MiB, stage_module
 
-from support import STEP_TIMEOUT, Background, LocalServer, pattern_bytes
+from support import STEP_TIMEOUT, Background, LocalServer, any_ports, client_ports, pattern_bytes
 
 SECRET = "backpressure-tests"
 SMALL = 16 * 1024  # the socket buffers of the narrow pipe and of the local app
@@ -97,16 +98,19 @@ class NarrowPipe(LocalServer):
 
 
 async def start_tunnel(stage: str, local_port: int, running: contextlib.AsyncExitStack, **server: float) -> int:
-    """The stage's server and client in this process, the client's proxy connections through a NarrowPipe.
+    """The stage's server and client in this process, the connections that carry users' bytes through a NarrowPipe.
 
+    Those are the proxy connections up to stage 4, the client's one connection from stage 5 on.
     Returns the public port.
     """
     server_module, client_module = stage_module(stage, "server"), stage_module(stage, "client")
     tunnel_server = server_module.Server(secret=SECRET, **server)
-    ports = await tunnel_server.listen("127.0.0.1", 0, 0, 0)
+    ports = await tunnel_server.listen("127.0.0.1", *any_ports(stage))
     await running.enter_async_context(Background(tunnel_server.serve()))
-    pipe = await running.enter_async_context(NarrowPipe(ports.proxy))
-    client = client_module.Client(("127.0.0.1", local_port), "127.0.0.1", ports.control, pipe.port, secret=SECRET)
+    *control, data_port = client_ports(ports)  # the last port the client takes carries the users' bytes
+    pipe = await running.enter_async_context(NarrowPipe(data_port))
+    local = ("127.0.0.1", local_port)
+    client = client_module.Client(local, "127.0.0.1", *control, pipe.port, secret=SECRET)
     await running.enter_async_context(Background(client.run()))
     async with asyncio.timeout(STEP_TIMEOUT):
         await client.connected.wait()
@@ -232,7 +236,7 @@ async def test_users_waiting_for_a_stalled_client_each_hold_a_bounded_amount(sta
     auth = stage_module(stage, "auth")
     async with contextlib.AsyncExitStack() as running:
         tunnel_server = stage_module(stage, "server").Server(secret=SECRET, proxy_timeout=60.0)
-        ports = await tunnel_server.listen("127.0.0.1", 0, 0, 0)
+        ports = await tunnel_server.listen("127.0.0.1", *any_ports(stage))
         await running.enter_async_context(Background(tunnel_server.serve()))
         reader, writer = await asyncio.open_connection("127.0.0.1", ports.control)
         running.callback(writer.close)

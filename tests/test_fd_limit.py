@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from hardening import HARDENED, cpu_seconds, has_proc
 
-from support import STEP_TIMEOUT, CliProcess, EchoServer, exchange
+from support import STEP_TIMEOUT, CliProcess, EchoServer, client_port_flags, exchange, port_roles, server_port_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "fd-limit-tests-secret"
@@ -86,10 +86,8 @@ def soft_nofile(pid: int) -> int:
 
 
 async def start_server(start: CliProcess.Factory, stage: str, nofile: str) -> tuple[CliProcess, dict[str, int]]:
-    server = await start(
-        nofile, "-m", f"{stage}.server", "--control-port", "0", "--public-port", "0", "--proxy-port", "0"
-    )
-    return server, {role: await server.listening(role) for role in ("control", "public", "proxy")}
+    server = await start(nofile, "-m", f"{stage}.server", *server_port_flags(stage))
+    return server, {role: await server.listening(role) for role in port_roles(stage)}
 
 
 def log_size(process: CliProcess) -> int:
@@ -135,7 +133,7 @@ async def test_at_its_descriptor_limit_the_server_does_not_spin_and_recovers(
     server, ports = await start_server(under_limit, stage, f"{LIMIT}:{LIMIT}")
     client = await cli(
         "-m", f"{stage}.client", f"127.0.0.1:{echo_server.port}", "127.0.0.1",
-        "--control-port", str(ports["control"]), "--proxy-port", str(ports["proxy"]), env={"NGROK_SECRET": SECRET},
+        *client_port_flags(ports), env={"NGROK_SECRET": SECRET},
     )  # fmt: skip
     await client.expect("tunnel up")
     assert await exchange(ports["public"], b"before") == b"before"

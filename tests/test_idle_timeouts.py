@@ -14,7 +14,16 @@ from typing import Any
 import pytest
 from hardening import HARDENED, stage_module
 
-from support import STEP_TIMEOUT, Background, CliProcess, EchoServer, LocalServer, open_connection
+from support import (
+    STEP_TIMEOUT,
+    Background,
+    CliProcess,
+    EchoServer,
+    LocalServer,
+    any_ports,
+    client_ports,
+    open_connection,
+)
 
 SECRET = "idle-timeout-tests"
 TIMEOUT = 1.0  # the small value the tests set
@@ -38,10 +47,10 @@ async def tunnel(stage: str) -> AsyncIterator[Tunnel]:
 
         async def start(local_port: int, server: dict[str, Any], client: dict[str, Any]) -> int:
             tunnel_server = stage_module(stage, "server").Server(secret=SECRET, **server)
-            ports = await tunnel_server.listen("127.0.0.1", 0, 0, 0)
+            ports = await tunnel_server.listen("127.0.0.1", *any_ports(stage))
             await running.enter_async_context(Background(tunnel_server.serve()))
             tunnel_client = stage_module(stage, "client").Client(
-                ("127.0.0.1", local_port), "127.0.0.1", ports.control, ports.proxy, secret=SECRET, **client
+                ("127.0.0.1", local_port), "127.0.0.1", *client_ports(ports), secret=SECRET, **client
             )
             await running.enter_async_context(Background(tunnel_client.run()))
             async with asyncio.timeout(STEP_TIMEOUT):

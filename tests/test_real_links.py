@@ -21,6 +21,7 @@ from hardening import HARDENED, MiB, RssWatch, has_proc
 from link_lab import RATE, SERVER_IP, START_BURST, START_RATE, LinkLab
 
 from nat_lab import APP_PORT, CONTROL_PORT, PROXY_PORT, PUBLIC_PORT, LabProcess
+from support import client_port_flags, port_roles
 
 REASON = link_lab.probe() if has_proc() else "needs Linux /proc to read the processes' memory"
 
@@ -63,13 +64,18 @@ class Transfer:
 async def start_tunnel(lab: LinkLab, stage: str) -> tuple[LabProcess, LabProcess]:
     """The stage's server on the server host and its client at home, sharing a secret; wait until the tunnel is up."""
     env = {"NGROK_SECRET": secrets.token_urlsafe(16)}
-    ports = ["--control-port", str(CONTROL_PORT), "--public-port", str(PUBLIC_PORT), "--proxy-port", str(PROXY_PORT)]
-    server = await lab.start("server", "server", "-m", f"{stage}.server", "--host", SERVER_IP, *ports, env=env)
-    await server.expect(rf"proxy port listening on {re.escape(SERVER_IP)}:{PROXY_PORT}")
+    # The users' bytes cross the link on the proxy connections (stage 5: on the client's one connection).
+    ports = {"control": CONTROL_PORT, "public": PUBLIC_PORT, "proxy": PROXY_PORT}
+    ports = {role: ports[role] for role in port_roles(stage)}
+    flags = [flag for role, port in ports.items() for flag in (f"--{role}-port", str(port))]
+    server = await lab.start("server", "server", "-m", f"{stage}.server", "--host", SERVER_IP, *flags, env=env)
+    for role, port in ports.items():
+        await server.expect(rf"{role} port listening on {re.escape(SERVER_IP)}:{port}")
+    del ports["public"]
+    local = f"127.0.0.1:{APP_PORT}"
     client = await lab.start(
-        "home", "client", "-m", f"{stage}.client", f"127.0.0.1:{APP_PORT}", SERVER_IP,
-        "--control-port", str(CONTROL_PORT), "--proxy-port", str(PROXY_PORT), env=env,
-    )  # fmt: skip
+        "home", "client", "-m", f"{stage}.client", local, SERVER_IP, *client_port_flags(ports), env=env
+    )
     await client.expect(r"tunnel up")
     return server, client
 

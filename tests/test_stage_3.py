@@ -22,16 +22,22 @@ from support import (
     CliProcess,
     EchoServer,
     HttpOrigin,
+    any_ports,
+    client_port_flags,
+    client_ports,
     exchange,
     free_port,
+    has_proxy_port,
     http_get,
     open_connection,
     pattern_bytes,
+    port_roles,
+    server_port_flags,
     sha256,
 )
 
 # Each stage with a private connection; a new stage joins by being added here.
-PRIVATE_STAGES = ("stage_3", "stage_4")
+PRIVATE_STAGES = ("stage_3", "stage_4", "stage_5")
 
 # Starts a tunnel of the stage in front of a local app on the given port; returns the public port.
 StartTunnel = Callable[[int], Awaitable[int]]
@@ -53,9 +59,9 @@ async def start_tunnel(stage: str) -> AsyncIterator[StartTunnel]:
 
         async def start(local_port: int) -> int:
             server: Any = server_module.Server()
-            ports = await server.listen("127.0.0.1", 0, 0, 0)
+            ports = await server.listen("127.0.0.1", *any_ports(stage))
             await running.enter_async_context(Background(server.serve()))
-            client = client_module.Client(("127.0.0.1", local_port), "127.0.0.1", ports.control, ports.proxy)
+            client = client_module.Client(("127.0.0.1", local_port), "127.0.0.1", *client_ports(ports))
             await running.enter_async_context(Background(client.run()))
             async with asyncio.timeout(STEP_TIMEOUT):
                 await client.connected.wait()
@@ -162,12 +168,10 @@ async def test_cli_server_and_client_serve_the_local_app_and_stop_on_ctrl_c(
     cli: CliProcess.Factory, http_origin: HttpOrigin, stage: str
 ) -> None:
     """The stage page's recipe: a server, a client in front of the local app, a browser."""
-    server = await cli("-m", f"{stage}.server", "--control-port", "0", "--public-port", "0", "--proxy-port", "0")
-    control, public, proxy = [await server.listening(role) for role in ("control", "public", "proxy")]
-    client = await cli(
-        "-m", f"{stage}.client", f"localhost:{http_origin.port}", "127.0.0.1",
-        "--control-port", str(control), "--proxy-port", str(proxy),
-    )  # fmt: skip
+    server = await cli("-m", f"{stage}.server", *server_port_flags(stage))
+    ports = {role: await server.listening(role) for role in port_roles(stage)}
+    client = await cli("-m", f"{stage}.client", f"localhost:{http_origin.port}", "127.0.0.1", *client_port_flags(ports))
+    public = ports["public"]
     await client.expect("tunnel up")
     assert await http_get(public, "/docs") == (200, PAGE)
     assert await client.interrupt() == 0
@@ -177,7 +181,7 @@ async def test_cli_server_and_client_serve_the_local_app_and_stop_on_ctrl_c(
 
 async def test_cli_demo_prints_a_public_url_that_serves_the_demo_page(cli: CliProcess.Factory, stage: str) -> None:
     """`python -m stage_N`: zero setup, one command (ports 0 here, so that tests never collide)."""
-    demo = await cli("-m", stage, "--public-port", "0", "--control-port", "0", "--proxy-port", "0")
+    demo = await cli("-m", stage, *server_port_flags(stage))
     url = (await demo.expect(r"public URL: (http://127\.0\.0\.1:(\d+)/)"))[1]
     await demo.expect(rf"curl {re.escape(url)}hello")
     status, body = await http_get(int(url.rsplit(":", 1)[1].strip("/")), "/hello/tunnel")
@@ -213,6 +217,8 @@ async def test_cli_out_of_range_numbers_are_one_line_usage_errors(
     cli: CliProcess.Factory, stage: str, program: str, args: list[str]
 ) -> None:
     """A port of 99999 must not end in an OverflowError traceback, nor wrap around to another port."""
+    if "--proxy-port" in args and not has_proxy_port(stage):
+        pytest.skip(f"{stage} has no proxy port")
     process = await cli("-m", f"{stage}.{program}".rstrip("."), *args)
     assert await process.wait() == 2
     assert re.search(r"error: argument [-\w]+: expected a (port|number of seconds)", process.output), process.output
@@ -222,10 +228,11 @@ async def test_cli_out_of_range_numbers_are_one_line_usage_errors(
 async def test_cli_client_takes_the_control_port_in_server_as_host_port(
     cli: CliProcess.Factory, http_origin: HttpOrigin, stage: str
 ) -> None:
-    server = await cli("-m", f"{stage}.server", "--control-port", "0", "--public-port", "0", "--proxy-port", "0")
-    control, public, proxy = [await server.listening(role) for role in ("control", "public", "proxy")]
+    server = await cli("-m", f"{stage}.server", *server_port_flags(stage))
+    ports = {role: await server.listening(role) for role in port_roles(stage)}
+    control, public = ports.pop("control"), ports["public"]
     client = await cli(
-        "-m", f"{stage}.client", f"localhost:{http_origin.port}", f"127.0.0.1:{control}", "--proxy-port", str(proxy)
+        "-m", f"{stage}.client", f"localhost:{http_origin.port}", f"127.0.0.1:{control}", *client_port_flags(ports)
     )
     await client.expect("tunnel up")
     assert await http_get(public) == (200, PAGE)

@@ -14,7 +14,7 @@ from contextlib import AbstractAsyncContextManager
 
 import pytest
 
-from support import STEP_TIMEOUT, Background, EchoServer, exchange, open_connection
+from support import STEP_TIMEOUT, Background, EchoServer, any_ports, client_ports, exchange, open_connection
 
 Starter = Callable[[EchoServer], AbstractAsyncContextManager[int]]
 
@@ -41,9 +41,9 @@ def private_tunnel(stage: str, **secret: str) -> Starter:
         server_module = importlib.import_module(f"{stage}.server")
         client_module = importlib.import_module(f"{stage}.client")
         server = server_module.Server(**secret)
-        ports = await server.listen("127.0.0.1", 0, 0, 0)
+        ports = await server.listen("127.0.0.1", *any_ports(stage))
         local_app = ("127.0.0.1", echo_server.port)
-        client = client_module.Client(local_app, "127.0.0.1", ports.control, ports.proxy, **secret)
+        client = client_module.Client(local_app, "127.0.0.1", *client_ports(ports), **secret)
         async with Background(server.serve()), Background(client.run()):
             await wait_until_tunnel_works(ports.public)
             yield ports.public
@@ -64,6 +64,7 @@ TUNNELS: dict[str, Starter] = {
     "stage_2": stage_2_tunnel,
     "stage_3": private_tunnel("stage_3"),
     "stage_4": private_tunnel("stage_4", secret="common-tests"),  # with auth on: the path a real server takes
+    "stage_5": private_tunnel("stage_5", secret="common-tests"),
 }
 
 

@@ -1,0 +1,242 @@
+"""The multiplexer: many streams over one TCP connection, taking turns fairly, each with its own window.
+
+Both sides run one `Mux` on the tunnel connection once the handshake is done. It reads frames
+(frames.Parser) and hands each to its stream (relay.Stream); it writes the streams' frames in turns.
+
+- **Stream ids.** Only the server opens streams, one per user, numbered 1, 2, 3... in order, so
+  that an id the server never used can be told from one that is merely closed: a frame for the
+  first is a broken peer (the connection ends), a frame for the second was on its way when we
+  closed the stream (it is dropped).
+- **Head-of-line blocking.** One TCP connection delivers bytes in order: if the server stopped
+  reading it because one user's app is slow, every other user would wait too. So we never stop
+  reading it. Per-stream windows make that safe: a peer may send a stream only what its receiver
+  granted, so a slow stream holds at most one window, and stalls only itself.
+- **Fairness.** Streams with bytes to send wait in a round-robin queue, and each turn sends one
+  frame of at most MAX_FRAME bytes: a bulk download and a small page alternate frame by frame.
+  Frames go to the transport only while its buffer is below WRITE_HIGH; the rest wait in their
+  streams (whose TCP connections are then no longer read). Control frames (window updates,
+  pings, opens, resets) skip the queue: a window update stuck behind data could stall everyone.
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+
+from . import frames
+from .frames import ACK, DATA, FIN, GO_AWAY, MAX_FRAME, PING, RST, SYN, WINDOW_UPDATE, Frame, encode
+from .pages import printable
+from .protocol import LINGER, MAX_LINE, MAX_STREAMS, ProtocolError, TunnelError
+from .relay import Stream
+
+log = logging.getLogger("stage_5.mux")
+
+READ_SIZE = 256 * 1024  # the most the event loop reads from a socket in one go anyway
+# Data frames are written while the connection's send buffer holds less than this.
+WRITE_HIGH = 128 * 1024
+# Control frames are always written; a peer that lets this much pile up reads nothing at all.
+CONTROL_LIMIT = 4 * 1024 * 1024
+
+
+class Mux:
+    """One tunnel connection: the streams on it, its frames both ways, and its heartbeats."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        peer: str,
+        heartbeat_timeout: float,
+        heartbeat_interval: float | None = None,
+        on_open: Callable[[int], Stream] | None = None,
+        max_streams: int = MAX_STREAMS,
+    ) -> None:
+        self.peer = peer  # "the server" or "the client", for messages
+        self._reader, self._writer = reader, writer
+        self._transport = writer.transport
+        self._transport.set_write_buffer_limits(high=WRITE_HIGH)
+        self.heartbeat_timeout, self.heartbeat_interval = heartbeat_timeout, heartbeat_interval
+        self._on_open = on_open  # makes the stream for a SYN; None: the peer may not open streams
+        self.max_streams = max_streams
+        self.streams: dict[int, Stream] = {}
+        self.last_id = 0  # the highest stream id opened so far on this connection
+        self._ready: deque[Stream] = deque()  # streams with a frame to send, in turn
+        self._scheduled: set[int] = set()
+        self._blocked = False  # the transport's buffer is full: data frames wait
+        self._drainer: asyncio.Task[None] | None = None
+        self._parser = frames.Parser()
+        self._last_heard = time.monotonic()
+        self._timers: list[asyncio.TimerHandle] = []
+        self.failure: Exception | None = None  # why we ended the connection ourselves
+
+    # --- streams ------------------------------------------------------------------------------
+
+    def open(self, stream: Stream) -> int:
+        """Open a stream for a user (server side): SYN goes out now, the user's bytes follow."""
+        self.last_id += 1
+        self._register(stream, self.last_id)
+        self._send(encode(DATA, SYN, stream.stream_id))
+        self.schedule(stream)  # bytes that came before: optimistically, within the first window
+        return stream.stream_id
+
+    def accept(self, stream: Stream) -> None:
+        """Accept a stream the peer opened (client side: the local app answered)."""
+        self._send(encode(DATA, ACK, stream.stream_id))
+        stream.on_answer(None)
+
+    def grant(self, stream: Stream, increment: int) -> None:
+        """Let the peer send `increment` more bytes on `stream`."""
+        self._send(frames.window_update(stream.stream_id, increment))
+
+    def forget(self, stream: Stream, reset: str | None) -> None:
+        """The stream is over; with `reset`, tell the peer it was reset and why."""
+        if self.streams.pop(stream.stream_id, None) is not None and reset is not None:
+            self._send(encode(DATA, RST, stream.stream_id, reset.encode("ascii", "replace")[:MAX_LINE]))
+
+    def schedule(self, stream: Stream) -> None:
+        """`stream` may have a frame to send: queue it for its turn, and send what can go now."""
+        if stream.stream_id and stream.stream_id not in self._scheduled:
+            self._scheduled.add(stream.stream_id)
+            self._ready.append(stream)
+        self._flush()
+
+    def _register(self, stream: Stream, stream_id: int) -> None:
+        stream.mux, stream.stream_id = self, stream_id
+        self.streams[stream_id] = stream
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        """Send one frame per ready stream in turn, until none is ready or the buffer is full."""
+        while self._ready and not self._blocked and not self._transport.is_closing():
+            stream = self._ready.popleft()
+            self._scheduled.discard(stream.stream_id)
+            if self.streams.get(stream.stream_id) is not stream:
+                continue  # reset meanwhile
+            frame = stream.take(MAX_FRAME)
+            if frame is None:
+                continue
+            payload, fin = frame
+            self._transport.write(encode(DATA, FIN if fin else 0, stream.stream_id, payload))
+            if fin:
+                stream.after_fin_sent()
+            if stream.has_more():  # back of the queue: the others take their turn first
+                self._scheduled.add(stream.stream_id)
+                self._ready.append(stream)
+            if self._transport.get_write_buffer_size() > WRITE_HIGH:
+                self._blocked = True
+                self._drainer = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        with contextlib.suppress(OSError):  # lost: run() notices
+            await self._writer.drain()
+        self._blocked = False
+        self._flush()
+
+    def _send(self, frame: bytes) -> None:
+        """Write a control frame now, ahead of the queued data."""
+        if self._transport.is_closing():
+            return
+        self._transport.write(frame)
+        if self._transport.get_write_buffer_size() > CONTROL_LIMIT:
+            self._fail(TunnelError(f"{self.peer} reads nothing: {CONTROL_LIMIT} bytes of frames wait for it"))
+
+    def _fail(self, exc: Exception) -> None:
+        if self.failure is None:
+            self.failure = exc
+        self._transport.abort()  # run() sees the end of the connection and raises `exc`
+
+    # --- reading ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Relay frames until the peer closes (return), or raise: ProtocolError, TimeoutError, TunnelError."""
+        loop = asyncio.get_running_loop()
+        self._timers.append(loop.call_later(self.heartbeat_timeout, self._check_heartbeat))
+        if self.heartbeat_interval is not None:
+            self._timers.append(loop.call_later(self.heartbeat_interval, self._ping))
+        try:
+            while data := await self._reader.read(READ_SIZE):
+                self._last_heard = time.monotonic()  # any frame shows the peer is alive
+                for frame in self._parser.feed(data):
+                    self._dispatch(frame)
+            if self.failure is not None:
+                raise self.failure
+            if self._parser.pending:
+                raise ProtocolError("connection closed in the middle of a frame")
+        finally:
+            self.close(f"the connection to {self.peer} was lost")
+
+    def _dispatch(self, frame: Frame) -> None:
+        kind, flags, stream_id, payload = frame
+        if kind == PING:
+            if not flags & ACK:
+                self._send(encode(PING, ACK, 0, payload))  # the answer: the same 8 bytes
+            return
+        if kind == GO_AWAY:
+            raise TunnelError(f"{self.peer} closed the tunnel: {printable(payload)}")
+        stream = self.streams.get(stream_id)
+        if flags & SYN:
+            if self._on_open is None:
+                raise ProtocolError(f"{self.peer} may not open streams (SYN on stream {stream_id})")
+            if stream_id <= self.last_id:
+                raise ProtocolError(f"stream {stream_id} opened out of order (after {self.last_id})")
+            self.last_id = stream_id
+            if len(self.streams) >= self.max_streams:
+                self._send(encode(DATA, RST, stream_id, b"too many streams at once"))
+                return
+            stream = self._on_open(stream_id)  # the client dials its local app for it
+            self._register(stream, stream_id)
+        elif stream is None:
+            if stream_id > self.last_id:
+                raise ProtocolError(f"{frame} for a stream that was never opened")
+            return  # a stream we closed: the frame was on its way before the peer knew
+        if kind == WINDOW_UPDATE:
+            stream.on_window(int.from_bytes(payload, "big"))
+        elif flags & RST:
+            stream.reset(printable(payload), notify=False)
+        else:
+            if flags & ACK:
+                stream.on_answer(None)
+            if payload or flags & FIN:
+                stream.on_data(payload, bool(flags & FIN))
+
+    # --- heartbeats and the end -------------------------------------------------------------------
+
+    def _check_heartbeat(self) -> None:
+        silent = time.monotonic() - self._last_heard
+        if silent >= self.heartbeat_timeout:
+            self._fail(TimeoutError(f"no word from {self.peer} for {self.heartbeat_timeout:g}s"))
+            return
+        delay = self.heartbeat_timeout - silent
+        self._timers.append(asyncio.get_running_loop().call_later(delay, self._check_heartbeat))
+
+    def _ping(self) -> None:
+        # The peer echoes it; reading anything at all resets our deadline (_check_heartbeat).
+        self._send(encode(PING, 0, 0, time.monotonic_ns().to_bytes(8, "big")))
+        assert self.heartbeat_interval is not None
+        self._timers.append(asyncio.get_running_loop().call_later(self.heartbeat_interval, self._ping))
+
+    async def goodbye(self, reason: str) -> None:
+        """Tell the peer why we end the connection (GO_AWAY), give it a moment to read it; the caller closes."""
+        self._send(encode(GO_AWAY, 0, 0, reason.encode("ascii", "replace")[:MAX_LINE]))
+        with contextlib.suppress(OSError):  # as protocol.linger: our EOF first, then swallow input
+            if self._writer.can_write_eof() and not self._transport.is_closing():
+                self._writer.write_eof()
+            async with asyncio.timeout(LINGER):
+                while await self._reader.read(READ_SIZE):
+                    pass
+
+    def close(self, reason: str) -> None:
+        """End every stream (their connections are reset) and stop the timers."""
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        for stream in list(self.streams.values()):
+            stream.reset(reason, notify=False)  # a relayed user or app sees its connection reset
+        self._ready.clear()
+        self._scheduled.clear()
+        if self._drainer is not None:
+            self._drainer.cancel()
