@@ -56,7 +56,9 @@ class Mux:
     ) -> None:
         self.peer = peer  # "the server" or "the client", for messages
         self._reader, self._writer = reader, writer
-        self._transport = writer.transport
+        transport = writer.transport
+        assert isinstance(transport, asyncio.Transport)  # a TCP connection: it reads and writes
+        self._transport = transport
         self._transport.set_write_buffer_limits(high=WRITE_HIGH)
         self.heartbeat_timeout, self.heartbeat_interval = heartbeat_timeout, heartbeat_interval
         self._on_open = on_open  # makes the stream for a SYN; None: the peer may not open streams
@@ -147,7 +149,11 @@ class Mux:
     def _fail(self, exc: Exception) -> None:
         if self.failure is None:
             self.failure = exc
-        self._transport.abort()  # run() sees the end of the connection and raises `exc`
+        # Stop reading and end the reader as if the peer had closed: run() then raises `exc`, and
+        # the transport stays open for a GO_AWAY saying why (see goodbye).
+        self._transport.pause_reading()
+        if not self._reader.at_eof():
+            self._reader.feed_eof()
 
     # --- reading ------------------------------------------------------------------------------
 

@@ -1,0 +1,171 @@
+"""Stage 5's frame format and multiplexer, without a tunnel: encode, parse, fuzz, and fair turns.
+
+The parser is the only code that turns a peer's bytes into frames, so Hypothesis throws bytes at it:
+it returns frames or raises ProtocolError, never anything else, and never holds more than one frame.
+"""
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stage_5 import frames
+from stage_5.frames import ACK, DATA, FIN, GO_AWAY, MAX_FRAME, PING, RST, SYN, WINDOW, WINDOW_UPDATE, Frame, Parser
+from stage_5.mux import Mux
+from stage_5.protocol import ProtocolError
+from stage_5.relay import Stream, Timeouts
+from support import STEP_TIMEOUT
+
+VALID = [
+    Frame(DATA, SYN, 1, b""),
+    Frame(DATA, ACK, 1, b""),
+    Frame(DATA, 0, 7, b"GET / HTTP/1.1\r\n\r\n"),
+    Frame(DATA, FIN, 7, b""),
+    Frame(DATA, RST, 3, b"connection refused"),
+    Frame(DATA, 0, 2**31 - 1, b"x" * MAX_FRAME),
+    Frame(WINDOW_UPDATE, 0, 1, (65536).to_bytes(4, "big")),
+    Frame(PING, 0, 0, b"12345678"),
+    Frame(PING, ACK, 0, b"12345678"),
+    Frame(GO_AWAY, 0, 0, b"bye"),
+]
+
+
+def wire(frame: Frame) -> bytes:
+    return frames.encode(frame.kind, frame.flags, frame.stream_id, frame.payload)
+
+
+def test_the_header_is_ten_bytes_type_flags_stream_id_length_big_endian() -> None:
+    assert frames.encode(DATA, SYN | FIN, 258, b"hi") == bytes([0, 5, 0, 0, 1, 2, 0, 0, 0, 2]) + b"hi"
+    assert frames.window_update(1, 65536) == bytes([1, 0, 0, 0, 0, 1, 0, 0, 0, 4, 0, 1, 0, 0])
+
+
+@pytest.mark.parametrize("frame", VALID, ids=str)
+def test_every_valid_frame_survives_encode_then_parse(frame: Frame) -> None:
+    assert Parser().feed(wire(frame)) == [frame]
+
+
+@given(st.lists(st.sampled_from(VALID), max_size=8), st.data())
+def test_frames_arrive_whole_however_the_bytes_are_split(sent: list[Frame], data: st.DataObject) -> None:
+    stream = b"".join(wire(frame) for frame in sent)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    parser, got = Parser(), []
+    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        got += parser.feed(stream[start:end])
+    assert got == sent
+    assert parser.pending == 0
+
+
+BAD = {
+    "unknown type": frames.HEADER.pack(9, 0, 1, 0),
+    "flag not allowed": frames.HEADER.pack(WINDOW_UPDATE, SYN, 1, 4) + b"\0\0\0\1",
+    "too large": frames.HEADER.pack(DATA, 0, 1, MAX_FRAME + 1),
+    "data on stream 0": frames.HEADER.pack(DATA, 0, 0, 1) + b"x",
+    "ping on a stream": frames.HEADER.pack(PING, 0, 1, 8) + b"12345678",
+    "window of 3 bytes": frames.HEADER.pack(WINDOW_UPDATE, 0, 1, 3) + b"\0\0\1",
+    "window of 0": frames.HEADER.pack(WINDOW_UPDATE, 0, 1, 4) + b"\0\0\0\0",
+    "ping of 4 bytes": frames.HEADER.pack(PING, 0, 0, 4) + b"1234",
+    "stream id over 31 bits": frames.HEADER.pack(DATA, 0, 2**31, 0),
+    "long reason": frames.HEADER.pack(DATA, RST, 1, 5000),
+}
+
+
+@pytest.mark.parametrize("data", BAD.values(), ids=BAD.keys())
+def test_a_bad_frame_is_a_protocol_error_as_soon_as_its_header_shows_it(data: bytes) -> None:
+    # The header alone is enough for all but the zero window: a huge length is refused before its payload.
+    with pytest.raises(ProtocolError):
+        Parser().feed(data)
+
+
+@given(st.binary(max_size=2000))
+def test_the_parser_returns_frames_or_raises_protocol_error_on_any_bytes(data: bytes) -> None:
+    parser = Parser()
+    try:
+        parser.feed(data)
+    except ProtocolError:
+        return
+    assert parser.pending < frames.HEADER_SIZE + MAX_FRAME
+
+
+@given(st.lists(st.sampled_from(VALID), max_size=4), st.integers(0, 255), st.integers(0, 255), st.binary(max_size=64))
+def test_near_miss_frames_never_raise_anything_else(sent: list[Frame], kind: int, flags: int, tail: bytes) -> None:
+    """Valid frames, then a header with any type and flags, then any bytes."""
+    data = b"".join(wire(frame) for frame in sent) + frames.HEADER.pack(kind, flags, 1, len(tail)) + tail
+    try:
+        got = Parser().feed(data)
+    except ProtocolError:
+        return
+    assert got[: len(sent)] == sent
+
+
+# --- fair turns on the shared connection ------------------------------------------------------------
+
+
+@pytest.fixture
+async def mux_and_peer() -> AsyncIterator[tuple[Mux, socket.socket]]:
+    """A Mux on one end of a socket pair (with small buffers); the test reads the other end raw."""
+    ours, theirs = socket.socketpair()
+    for sock in (ours, theirs):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    reader, writer = await asyncio.open_connection(sock=ours)
+    mux = Mux(reader, writer, peer="the test", heartbeat_timeout=60.0)
+    yield mux, theirs
+    writer.close()
+    theirs.close()
+
+
+async def read_frames(
+    sock: socket.socket, done: Callable[[list[Frame]], bool], timeout: float = STEP_TIMEOUT
+) -> list[Frame]:
+    """Read frames from `sock` until `done(frames so far)`, or until `timeout` has passed."""
+    loop, parser, got = asyncio.get_running_loop(), Parser(), []
+    sock.setblocking(False)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            while not done(got):
+                got += parser.feed(await loop.sock_recv(sock, 65536))
+    return got
+
+
+def data_on(stream_id: int) -> Callable[[list[Frame]], bool]:
+    return lambda got: any(frame.stream_id == stream_id and frame.payload for frame in got)
+
+
+async def test_a_small_stream_gets_its_turn_while_a_bulk_stream_has_megabytes_queued(
+    mux_and_peer: tuple[Mux, socket.socket],
+) -> None:
+    mux, peer = mux_and_peer
+    timeouts = Timeouts(60.0, 60.0)
+    bulk, small = Stream(timeouts), Stream(timeouts)
+    mux.open(bulk)
+    bulk.on_window(64 * WINDOW)  # the peer granted plenty: only the shared connection holds it back
+    for _ in range(32):
+        bulk.data_received(b"b" * 256 * 1024)  # 8 MiB: far more than the connection's buffers take
+    mux.open(small)
+    small.data_received(b"GET / HTTP/1.1\r\n\r\n")
+    got = await read_frames(peer, data_on(small.stream_id))
+    bulk_bytes = sum(len(frame.payload) for frame in got if frame.stream_id == bulk.stream_id)
+    # The small stream waited for what was already in the buffers, and at most one more bulk frame.
+    assert bulk_bytes < 2 * 1024 * 1024, f"{bulk_bytes} bytes of the bulk stream went first"
+    assert got[-1] == Frame(DATA, 0, small.stream_id, b"GET / HTTP/1.1\r\n\r\n")
+
+
+async def test_a_stream_sends_no_more_than_its_window_until_the_peer_grants_more(
+    mux_and_peer: tuple[Mux, socket.socket],
+) -> None:
+    mux, peer = mux_and_peer
+    stream = Stream(Timeouts(60.0, 60.0))
+    mux.open(stream)
+    for _ in range(4):
+        stream.data_received(b"x" * 256 * 1024)
+    # Read for half a second: a stream that ignored its window would send its whole megabyte by then.
+    got = await read_frames(peer, lambda got: False, timeout=0.5)
+    assert sum(len(frame.payload) for frame in got) == WINDOW
+    assert stream.queued == 3 * 256 * 1024  # waiting in the stream for a grant
+    stream.on_window(WINDOW)
+    got = await read_frames(peer, lambda got: sum(len(frame.payload) for frame in got) >= WINDOW)
+    assert stream.queued == 2 * 256 * 1024
