@@ -32,8 +32,8 @@ pytest: $(VENV)/.installed  ## the test suite (pytest exits non-zero when it col
 docs: $(VENV)/.installed  ## build the docs site into site/ (strict: a warning fails)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-serve-docs: $(VENV)/.installed  ## serve the docs with live reload on http://127.0.0.1:8000
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+serve-docs: $(VENV)/.installed  ## serve the docs with live reload on http://127.0.0.1:8001 (8000 is the pages' local app)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8001
 
 bench: $(VENV)/.installed  ## benchmarks: direct vs socat vs stage 0 vs stages 3 and 4 (see bench/README.md)
 	$(BIN)/python -m bench

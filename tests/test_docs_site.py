@@ -27,8 +27,9 @@ from mkdocs.exceptions import PluginError
 ROOT = Path(__file__).resolve().parent.parent
 # Every stage_N folder has a page; the site's hook finds them the same way (docs/hooks/stages.py).
 STAGES = sorted(int(p.name.removeprefix("stage_")) for p in ROOT.glob("stage_*") if re.fullmatch(r"stage_\d+", p.name))
-PAGES = ["", *(f"stage-{n}/" for n in STAGES), "protocol/", "differences/", "instructor/"]
-PAGES += ["troubleshooting/", "real-tunnels/"]
+# The site is built for reading from disk too (Material's offline plugin): a page is NAME.html.
+PAGES = ["index", *(f"stage-{n}" for n in STAGES), "protocol", "differences", "instructor"]
+PAGES += ["troubleshooting", "real-tunnels"]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
@@ -48,12 +49,12 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def page_text(site: Path, page: str) -> str:
-    return html.unescape(re.sub(r"<[^>]+>", "", (site / page / "index.html").read_text()))
+    return html.unescape(re.sub(r"<[^>]+>", "", (site / f"{page}.html").read_text()))
 
 
 def test_every_page_is_built(site: Path) -> None:
     for page in PAGES:
-        assert (site / page / "index.html").is_file(), page
+        assert (site / f"{page}.html").is_file(), page
 
 
 def test_every_stage_is_on_the_site() -> None:
@@ -88,7 +89,7 @@ def test_stage_diff_is_generated_from_the_code(site: Path, n: int) -> None:
     old = (ROOT / f"stage_{n - 1}" / "server.py").read_text().splitlines() if n > 1 else []
     new = (ROOT / f"stage_{n}" / "server.py").read_text().splitlines()
     added = [line[1:] for line in difflib.unified_diff(old, new, lineterm="") if line.startswith("+")][1:]
-    built = (site / f"stage-{n}" / "index.html").read_text()
+    built = (site / f"stage-{n}.html").read_text()
     assert "language-diff" in built
     text = page_text(site, f"stage-{n}")
     missing = [line for line in added if line.strip() and line.strip() not in text]
@@ -197,8 +198,8 @@ def test_pages_render_in_chromium_with_no_network(site: Path, served: str, tmp_p
             page.on("pageerror", lambda exc: errors.append(f"{page.url}: {exc}"))
             page.on("console", lambda msg: errors.append(f"{page.url}: {msg.text}") if msg.type == "error" else None)
             for path in built_pages(site):
-                check_page(page, served + path, (site / path / "index.html").read_text(), path)
-                page.screenshot(path=str(tmp_path / f"{path.strip('/') or 'home'}.png"))
+                check_page(page, f"{served}{path}.html", (site / f"{path}.html").read_text(), path)
+                page.screenshot(path=str(tmp_path / f"{path}.png"))
         finally:
             browser.close()
     assert not outside, f"requests left 127.0.0.1: {outside}"
@@ -207,10 +208,10 @@ def test_pages_render_in_chromium_with_no_network(site: Path, served: str, tmp_p
 
 def built_pages(site: Path) -> list[str]:
     """Every page of the built site (other helpers' pages included), as paths below the root."""
-    pages = sorted(p.parent.relative_to(site).as_posix() + "/" for p in site.glob("**/index.html"))
-    pages = [p.removeprefix("./") if p != "./" else "" for p in pages]
+    pages = sorted(p.relative_to(site).with_suffix("").as_posix() for p in site.glob("**/*.html"))
+    pages = [p for p in pages if not p.startswith(("assets/", "search/")) and p != "404"]
     assert set(PAGES) <= set(pages), set(PAGES) - set(pages)
-    return [p for p in pages if not p.startswith(("assets/", "search/"))]
+    return pages
 
 
 def check_page(page: "object", url: str, built: str, path: str) -> None:
@@ -233,5 +234,5 @@ def check_page(page: "object", url: str, built: str, path: str) -> None:
         assert diagrams >= 1, f"{path} has no diagram"
         assert page.locator(".highlight code").count() >= 2, path  # type: ignore[attr-defined]
         assert page.locator(".highlight .hll").count() >= 1, f"{path}: no highlighted lines"  # type: ignore[attr-defined]
-        if path != "stage-0/":
+        if path != "stage-0":
             assert page.locator("code.language-diff, .language-diff").count() >= 1, f"{path}: no diff"  # type: ignore[attr-defined]

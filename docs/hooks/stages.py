@@ -7,7 +7,7 @@
   `<!-- site: code -->`, inserts the diff from the previous stage where it says `<!-- site: diff -->`,
   turns GitHub alerts (`> [!NOTE]`) into admonitions and maps README links to site pages.
 - The diff is `difflib.unified_diff` of the two stage folders, computed on every build, so "what
-  changed" can never drift from the code.
+  changed" can never drift from the code. It is kept out of the search index (`data-search-exclude`).
 - A fence that includes a file may say `highlight="text|other text"`: every line containing one of
   the texts is highlighted (`hl_lines`; write highlight='...' for texts with double quotes), and a
   text that matches no line fails the build, so the highlights follow the code as it changes
@@ -141,10 +141,22 @@ def stage_diff(n: int) -> str:
             summary, opener = f"{added} lines added, {removed} removed", "???+"
         rows.append(f"| `{name}` | {summary} |")
         body = "".join(f"    {line}" if line.endswith("\n") else f"    {line}\n" for line in diff)
-        blocks.append(f'{opener} abstract "{name}: {summary}"\n\n    ````diff\n{body}    ````\n')
+        # The name as code: a bare `__init__.py` in a title is Markdown for bold "init.py".
+        blocks.append(f'{opener} abstract "`{name}`: {summary}"\n\n    ````diff\n{body}    ````\n')
     table = "| file | change |\n| --- | --- |\n" + "\n".join(rows) + "\n"
     intro = f"Generated from the code when this site was built: `diff -u stage_{n - 1}/FILE stage_{n}/FILE`.\n\n"
-    return intro + table + "\n" + "\n".join(blocks)
+    # Out of the search index: a search for "half-close" should find the pages that teach it, not
+    # every diff line that mentions it. Material's search skips an element marked
+    # data-search-exclude until an element *of the same tag* closes, so the wrapper is a <section>:
+    # a <div> would end the exclusion at the first inner </div>.
+    return (
+        '<section class="stage-diff" data-search-exclude="" markdown>\n\n'
+        + intro
+        + table
+        + "\n"
+        + "\n".join(blocks)
+        + "\n</section>\n"
+    )
 
 
 def read_lines(path: Path) -> list[str]:
