@@ -1,4 +1,4 @@
-"""python -m bench [--quick | --smoke]: direct vs socat vs stage 0 vs the stage 3 and 4 tunnels, interleaved.
+"""python -m bench [--quick | --smoke]: direct, socat, ssh -R, stage 0 and the tunnel stages, interleaved.
 
 Each round starts every path afresh, then runs each scenario on every path in
 turn (A B C D E), rotating which path goes first from round to round; the report
@@ -23,12 +23,14 @@ from typing import Any
 from stage_0.relay import CHUNK_SIZE
 
 from . import report, scenarios
-from .paths import HOST, ROOT, STAGES, TUNNELS, PathUnavailable, PathUnderTest, Process
+from .paths import HOST, LINKED, ROOT, STAGES, TUNNELS, PathUnavailable, PathUnderTest, Process
 
 TOOLS = {"socat": "socat", "wrk": "wrk", "ab": "apache2-utils"}
 INSTALL_HINT = "apt-get install socat wrk apache2-utils"
-SCENARIOS = ("idle", "ttfb", "ab", "wrk", "bulk_up", "bulk_down")  # idle first: memory is read on fresh processes
-DEFAULT_PATHS = ",".join(("direct", "socat", "stage_0", *TUNNELS))
+# idle first: memory is read on fresh processes
+SCENARIOS = ("idle", "ttfb", "ab", "wrk", "bulk_up", "bulk_down", "ttfb_slow", "fairness")
+DEFAULT_PATHS = ",".join(("direct", "socat", "ssh", "stage_0", *TUNNELS))
+LINK_DELAY = 0.025  # the slow link of ttfb_slow: seconds added each way between a tunnel's client and server
 DEFAULT_SCENARIOS = ",".join(SCENARIOS)
 
 
@@ -43,13 +45,15 @@ class Settings:
     ab_requests: int
     ttfb_samples: int
     idle_connections: int
+    slow_ttfb_samples: int  # new connections timed over the 25 ms link
+    fairness_seconds: float  # probing time, idle and then again during the bulk transfer
     socat_buffer: int = CHUNK_SIZE
 
 
 MODES = {
-    "full": Settings("full", 5, 512 * 2**20, 4, 10_000_000, 200, 1000),
-    "quick": Settings("quick", 2, 64 * 2**20, 1, 10_000_000, 50, 1000),
-    "smoke": Settings("smoke", 1, 1 * 2**20, 0, 200, 5, 20),
+    "full": Settings("full", 5, 512 * 2**20, 4, 10_000_000, 200, 1000, 30, 3.0),
+    "quick": Settings("quick", 2, 64 * 2**20, 1, 10_000_000, 50, 1000, 10, 1.5),
+    "smoke": Settings("smoke", 1, 1 * 2**20, 0, 200, 5, 20, 3, 0.5),
 }
 
 
@@ -99,13 +103,29 @@ def machine() -> dict[str, Any]:
         "socat": _command_line("socat", "-V").splitlines()[1:2],
         "wrk": _command_line("wrk", "--version").splitlines()[:1],
         "ab": _command_line("ab", "-V").splitlines()[:1],
+        "ssh": _command_line("ssh", "-V").splitlines()[:1],
         "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
 
-def measure(scenario: str, path: PathUnderTest, settings: Settings) -> dict[str, Any]:
-    """Run one scenario on one started path; CPU time of its processes is added to the figures."""
+def measure(scenario: str, path: PathUnderTest, settings: Settings) -> dict[str, Any] | None:
+    """Run one scenario on one started path; CPU time of its processes is added to the figures.
+
+    None: the scenario does not apply to this path (a slow link needs a client and a server).
+    """
     address, processes = path.address, path.processes
+    if scenario == "ttfb_slow":
+        if path.kind not in LINKED:
+            return None
+        # A fresh copy of the path with the slow link between its client and its server.
+        slow = PathUnderTest(f"{path.label} (slow link)", path.kind, stage_dir=path.stage_dir, link_delay=LINK_DELAY)
+        try:
+            slow.start(path.origin)
+            return scenarios.time_to_first_byte(slow.address, settings.slow_ttfb_samples, warmup=2)
+        finally:
+            slow.stop()
+    if scenario == "fairness":
+        return scenarios.fairness(address, settings.fairness_seconds)
     if scenario == "idle":
         return scenarios.idle_connections(address, settings.idle_connections, processes)
     if scenario == "ttfb":
@@ -138,8 +158,13 @@ def headline(scenario: str, metrics: dict[str, Any]) -> str:
         memory = " ".join(f"{v:.1f}" for k, v in metrics.items() if k.startswith("rss_kib_per_conn"))
         served = f"{metrics['served']}/{metrics['count']} served in {metrics['open_seconds']:.2f}s"
         return f"{served}, RSS KiB/conn {memory or '-'}"
-    if scenario == "ttfb":
+    if scenario in ("ttfb", "ttfb_slow"):
         return f"median {metrics['p50_ms']:.2f} ms"
+    if scenario == "fairness":
+        return (
+            f"p99 {metrics['idle_p99_ms']:.1f} ms idle, {metrics['busy_p99_ms']:.1f} ms beside a slow "
+            f"download ({metrics['p99_ratio']:.2f}x), {metrics['failed']} failed"
+        )
     if scenario in ("ab", "wrk"):
         return f"{metrics['rps']:.0f} req/s"
     return f"{metrics['mb_per_s']:.0f} MB/s"
@@ -153,7 +178,7 @@ def clean(text: str) -> str:
 def build_paths(args: argparse.Namespace, settings: Settings) -> list[PathUnderTest]:
     """The paths asked for on the command line, in order."""
     stages = ("stage_0", *TUNNELS)
-    kinds = {"direct": "direct", "socat": "socat", **{stage: stage.replace("_", " ") for stage in stages}}
+    kinds = {"direct": "direct", "socat": "socat", "ssh": "ssh -R", **{s: s.replace("_", " ") for s in stages}}
     paths = []
     for kind in args.paths.split(","):
         if kind not in kinds:
@@ -221,8 +246,11 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
                     for path in [p for p in order if p in started]:
                         record: dict[str, Any] = {"round": round_no, "scenario": scenario, "path": path.label}
                         try:
-                            record["metrics"] = measure(scenario, path, settings)
-                            note = headline(scenario, record["metrics"])
+                            metrics = measure(scenario, path, settings)
+                            if metrics is None:
+                                continue  # does not apply to this path
+                            record["metrics"] = metrics
+                            note = headline(scenario, metrics)
                         except Exception as exc:  # one failed measurement must not end the run
                             record["error"] = clean(f"{type(exc).__name__}: {exc}")
                             note = "FAILED " + record["error"]
@@ -255,6 +283,7 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         "measurements": records,
     }
     result["summary"] = report.summarize(records, labels)
+    result["goals"] = report.goals(result)
     return result
 
 
@@ -262,14 +291,14 @@ def main() -> None:
     """Command line: see --help."""
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Compare direct, socat, stage 0 and the stage 3 and 4 tunnels on 127.0.0.1, interleaved.",
+        description="Compare direct, socat, ssh -R, stage 0 and the tunnel stages on 127.0.0.1, interleaved.",
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument(
-        "--quick", action="store_const", dest="mode", const="quick", help="2 rounds, small transfers (~45 s)"
+        "--quick", action="store_const", dest="mode", const="quick", help="2 rounds, small transfers (~3 min)"
     )
     size.add_argument(
-        "--smoke", action="store_const", dest="mode", const="smoke", help="1 tiny round (seconds), for the tests"
+        "--smoke", action="store_const", dest="mode", const="smoke", help="1 tiny round (under a minute), for the tests"
     )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default: 5, --quick 2, --smoke 1)")
     parser.add_argument("--paths", default=DEFAULT_PATHS, help="comma-separated (default: %(default)s)")

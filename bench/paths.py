@@ -5,7 +5,15 @@
 - `stage_0`: `python -m stage_0.client ORIGIN --port 0`;
 - `stage_3`: `python -m stage_3.server` plus `python -m stage_3.client ORIGIN`, the whole tunnel;
 - `stage_4`: the same two programs of stage 4 (the tunnel you can leave running), with a
-  secret on both sides as its README recommends (in NGROK_SECRET, out of the command line).
+  secret on both sides as its README recommends (in NGROK_SECRET, out of the command line);
+- `stage_5`: stage 5's server and client (every user over the client's one connection, no
+  proxy port), with a secret too; "not present" while the repository has no stage_5/;
+- `ssh`: OpenSSH's remote forward, the tunnel most developers already have: a throwaway
+  `sshd` on a loopback port (host key, user key and config in a temp dir, no PAM, forwarding
+  only) and `ssh -N -R 0:ORIGIN` as the client; skipped, with the reason, where it is missing.
+
+A path can be started with a slow link between its client and its server (`link_delay`): the
+client then dials `bench.link`, which delays every chunk each way (this kernel has no netem).
 
 Every process runs in its own session with its output in a log file: a busy relay
 logs a line per connection, and a pipe nobody reads would block it. Its ports are
@@ -13,6 +21,7 @@ read from its "<role> port listening on HOST:PORT" lines.
 """
 
 import contextlib
+import getpass
 import os
 import re
 import shutil
@@ -26,14 +35,45 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("stage_0", "stage_1", "stage_2", "stage_3", "stage_4")
-TUNNELS = ("stage_3", "stage_4")  # stages measured as a whole tunnel: server + client
-TUNNEL_ROLES = ("control", "public", "proxy")
-SECRETS = {"stage_4": "bench-secret-not-for-real-use"}  # stages with auth run with a secret, as users should
+STAGES = ("stage_0", "stage_1", "stage_2", "stage_3", "stage_4", "stage_5")
+TUNNELS = ("stage_3", "stage_4", "stage_5")  # stages measured as a whole tunnel: server + client
+TUNNEL_ROLES = {"stage_5": ("control", "public")}  # stage 5 has no proxy port
+DEFAULT_ROLES = ("control", "public", "proxy")
+SECRET = "bench-secret-not-for-real-use"
+SECRETS = {"stage_4": SECRET, "stage_5": SECRET}  # stages with auth run with a secret, as users should
+LINKED = (*TUNNELS, "ssh")  # paths with a client-server link that can be slowed down
 HOST = "127.0.0.1"
 START_TIMEOUT = 15.0
 LISTENING = r"\b{role} port listening on (\S+):(\d+)"
 SOCAT_LISTENING = r"listening on AF=2 (\S+):(\d+)"
+LINK_LISTENING = r"link to \S+:{port} listening on (\S+):(\d+)"
+SSHD_LISTENING = r"Server listening on 127\.0\.0\.1 port (\d+)"
+SSH_ALLOCATED = r"Allocated port (\d+) for remote forward"
+SSH_INSTALL = "apt-get install openssh-server openssh-client"
+# sshd for the bench: key auth only, no PAM, no shell, remote forwards to loopback only.
+SSHD_CONFIG = """\
+ListenAddress 127.0.0.1
+Port {port}
+HostKey {work}/host_ed25519
+AuthorizedKeysFile {work}/authorized_keys
+PidFile none
+UsePAM no
+StrictModes no
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+AllowUsers {user}
+AllowTcpForwarding remote
+GatewayPorts no
+AllowAgentForwarding no
+AllowStreamLocalForwarding no
+X11Forwarding no
+PermitTTY no
+PermitUserRC no
+ForceCommand /bin/false
+LogLevel INFO
+"""
 
 
 class PathUnavailable(Exception):
@@ -93,7 +133,12 @@ class Process:
         return " | ".join(lines[-3:]) or "(no output)"
 
     def stop(self) -> None:
-        """Ctrl-C the whole session (socat's forked children too), then SIGKILL after a grace period."""
+        """Ctrl-C the whole session (socat's forked children too), then SIGKILL after a grace period.
+
+        Descendants that left the session (sshd's per-connection children call setsid) are
+        found beforehand by their parent links and killed by PID, if still the same process.
+        """
+        strays = [(pid, _start_time(pid)) for pid in self.tree()[1:]] if self.popen.poll() is None else []
         if self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, signal.SIGINT)
@@ -106,6 +151,10 @@ class Process:
         # socat's children may outlive their parent for a moment: reap the session.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, signal.SIGKILL)
+        for pid, started in strays:
+            if started is not None and _start_time(pid) == started:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
 
     def tree(self) -> list[int]:
         """This process and all its descendants (socat forks one child per connection)."""
@@ -147,6 +196,14 @@ class Process:
         return user, system
 
 
+def _start_time(pid: int) -> int | None:
+    """When the process started (clock ticks since boot), or None if it is gone: tells a PID reused."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _field_kib(text: str, name: str) -> int:
     for line in text.splitlines():
         if line.startswith(name):
@@ -159,18 +216,22 @@ class PathUnderTest:
     """One way of reaching the origin; `start()` gives the address the load should use."""
 
     label: str
-    kind: str  # direct | socat | stage_0 | one of TUNNELS
+    kind: str  # direct | socat | ssh | stage_0 | one of TUNNELS
     stage_dir: Path | None = None  # a copy of the stage to run instead of the repository's
     address: tuple[str, int] = (HOST, 0)
     processes: list[Process] = field(default_factory=list)
     profile_dir: Path | None = None
     socat_buffer: int = 256 * 1024
+    link_delay: float = 0.0  # seconds added each way between the client and the server (bench.link)
+    origin: tuple[str, int] = (HOST, 0)  # where the path leads, once started
+    helpers: list[Process] = field(default_factory=list)  # the slow link: not part of the path's cost
     _work: Path | None = None
     _starts: int = 0
 
     def start(self, origin: tuple[str, int]) -> None:
         """Start the path's programs in front of `origin` and wait until they listen."""
         self._starts += 1
+        self.origin = origin
         self._work = Path(tempfile.mkdtemp(prefix=f"bench-{self.kind}-"))
         try:
             self._start(origin)
@@ -192,15 +253,79 @@ class PathUnderTest:
             relay = self._spawn("", self._python("stage_0.client", target, "--host", HOST, "--port", "0"))
             self.address = (HOST, int(relay.wait_for(LISTENING.format(role="proxy"))[2]))
         elif self.kind in TUNNELS:
-            ports = ("--control-port", "0", "--public-port", "0", "--proxy-port", "0")
+            if self.stage_dir is None and not (ROOT / self.kind / "__init__.py").is_file():
+                raise PathUnavailable(f"not present: the repository has no {self.kind}/ yet")
+            roles = TUNNEL_ROLES.get(self.kind, DEFAULT_ROLES)
+            ports = [arg for role in roles for arg in (f"--{role}-port", "0")]
             server = self._spawn("server", self._python(f"{self.kind}.server", "--host", HOST, *ports))
-            control, public, proxy = (int(server.wait_for(LISTENING.format(role=r))[2]) for r in TUNNEL_ROLES)
-            dial = ("--control-port", str(control), "--proxy-port", str(proxy))
-            self._spawn("client", self._python(f"{self.kind}.client", target, HOST, *dial))
-            self.address = (HOST, public)
+            bound = {role: int(server.wait_for(LISTENING.format(role=role))[2]) for role in roles}
+            dialled = [role for role in roles if role != "public"]
+            dial = zip(dialled, self._through_link([bound[role] for role in dialled]), strict=True)
+            flags = [arg for role, port in dial for arg in (f"--{role}-port", str(port))]
+            self._spawn("client", self._python(f"{self.kind}.client", target, HOST, *flags))
+            self.address = (HOST, bound["public"])
+        elif self.kind == "ssh":
+            self._start_ssh(origin)
         else:
             raise ValueError(f"unknown path kind {self.kind!r}")
         wait_until_served(self.address, self.processes)
+
+    def _through_link(self, ports: list[int]) -> list[int]:
+        """The ports the client should dial to reach `ports`: the slow link's, when the path has one."""
+        if not self.link_delay:
+            return ports
+        assert self._work is not None
+        argv = [sys.executable, "-m", "bench.link", "--delay", str(self.link_delay)]
+        argv += [arg for port in ports for arg in ("--to", f"{HOST}:{port}")]
+        link = Process.start("link", argv, self._work, ROOT, {**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.helpers.append(link)
+        return [int(link.wait_for(LINK_LISTENING.format(port=port))[2]) for port in ports]
+
+    def _start_ssh(self, origin: tuple[str, int]) -> None:
+        """A throwaway sshd on a loopback port, and `ssh -N -R` to it: OpenSSH's remote forward."""
+        assert self._work is not None
+        sshd = shutil.which("sshd") or shutil.which("sshd", path="/usr/sbin:/usr/local/sbin")
+        missing = [name for name, found in (("sshd", sshd), ("ssh", shutil.which("ssh"))) if not found]
+        if not shutil.which("ssh-keygen"):
+            missing.append("ssh-keygen")
+        if missing or sshd is None:
+            raise PathUnavailable(f"not installed: {', '.join(missing)} ({SSH_INSTALL})")
+        if os.geteuid() == 0 and not Path("/run/sshd").is_dir():
+            # Run as root, sshd wants its (empty) privilege separation directory; the service would make it.
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        for key in ("host_ed25519", "user_ed25519"):
+            done = subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f", str(self._work / key)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            if done.returncode != 0:
+                raise PathUnavailable(f"ssh-keygen failed: {done.stderr.strip()[-200:]}")
+        (self._work / "authorized_keys").write_text((self._work / "user_ed25519.pub").read_text())
+        user = getpass.getuser()
+        server = None
+        for attempt in range(3):  # sshd cannot report an ephemeral port: pick a free one, retry if taken
+            port = _free_port()
+            config = self._work / "sshd_config"
+            config.write_text(SSHD_CONFIG.format(port=port, work=self._work, user=user))
+            server = self._spawn(f"sshd {attempt}" if attempt else "sshd", [sshd, "-D", "-e", "-f", str(config)])
+            try:
+                server.wait_for(SSHD_LISTENING)
+                break
+            except PathUnavailable:
+                if "Address already in use" not in server.log() or attempt == 2:
+                    raise
+                server.stop()
+                self.processes.remove(server)
+        assert server is not None
+        (ssh_port,) = self._through_link([port])
+        argv = ["ssh", "-N", "-T", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"]
+        argv += ["-o", "UserKnownHostsFile=/dev/null", "-o", "ExitOnForwardFailure=yes", "-o", "IdentitiesOnly=yes"]
+        argv += ["-i", str(self._work / "user_ed25519"), "-p", str(ssh_port), "-R", f"0:{origin[0]}:{origin[1]}"]
+        client = self._spawn("client", [*argv, f"{user}@{HOST}"])
+        self.address = (HOST, int(client.wait_for(SSH_ALLOCATED)[1]))
 
     def _python(self, module: str, *args: str) -> list[str]:
         # -S: no site-packages. Stage code needs only the standard library, and an
@@ -220,8 +345,9 @@ class PathUnderTest:
         links.mkdir(exist_ok=True)
         for stage in STAGES:
             link = links / stage
-            if not link.exists():
-                link.symlink_to(self.stage_dir if stage == self.kind and self.stage_dir else ROOT / stage)
+            source = self.stage_dir if stage == self.kind and self.stage_dir else ROOT / stage
+            if not link.is_symlink() and source.is_dir():
+                link.symlink_to(source)
         env = {**os.environ, "PYTHONPATH": str(links), "PYTHONUNBUFFERED": "1"}
         env.pop("NGROK_SECRET", None)  # a secret set in the shell must not change what is measured
         if secret := SECRETS.get(self.kind):
@@ -232,13 +358,21 @@ class PathUnderTest:
         return process
 
     def stop(self) -> None:
-        """Stop every program of the path (Ctrl-C first, as a user would)."""
-        for process in reversed(self.processes):
+        """Stop every program of the path (Ctrl-C first, as a user would), then its slow link."""
+        for process in [*reversed(self.processes), *self.helpers]:
             process.stop()
         self.processes = []
+        self.helpers = []
         if self._work is not None:
             shutil.rmtree(self._work, ignore_errors=True)
             self._work = None
+
+
+def _free_port() -> int:
+    """A loopback port free right now (for programs that cannot listen on port 0 and say which)."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
 
 
 def http_get(address: tuple[str, int], timeout: float = 5.0) -> bytes:

@@ -38,10 +38,18 @@ METRICS = (
     Metric("wrk", "p99_ms", "wrk: p99 latency", "ms", False),
     Metric("ttfb", "p50_ms", "Time to first byte, new connection: median", "ms", False),
     Metric("ttfb", "p90_ms", "Time to first byte: p90", "ms", False),
+    Metric("ttfb_slow", "p50_ms", "Time to first byte over a 25 ms link (each way): median", "ms", False),
+    Metric("fairness", "idle_p99_ms", "Small requests, p99, path otherwise idle", "ms", False),
+    Metric("fairness", "busy_p99_ms", "Small requests, p99, beside a download to a slow reader", "ms", False),
+    Metric("fairness", "p99_ratio", "Fairness: p99 beside the download ÷ idle p99", "x", False),
+    Metric("fairness", "bulk_mb_per_s", "The slow reader's download meanwhile", "MB/s", True),
     Metric("idle", "served", "Concurrent connections held open and served", "conns", True),
     Metric("idle", "open_seconds", "Time to open them all (50 at a time)", "s", False),
 )
 RATIO_METRICS = [m for m in METRICS if m.field in ("mb_per_s", "rps")]
+SSH = "ssh -R"
+STAGE_5 = "stage 5"
+TUNNEL_LABELS = ("stage 3", "stage 4", STAGE_5)  # compared with ssh -R too
 CPU_ROWS = (
     ("bulk_up", "cpu_s_per_gb", "CPU per GB uploaded", "s"),
     ("bulk_down", "cpu_s_per_gb", "CPU per GB downloaded", "s"),
@@ -194,6 +202,7 @@ def markdown(report: Record) -> str:
     others = [p for p in paths if p != "direct"]
     if others and "direct" in paths:
         columns = [(p, "direct") for p in others] + [(p, "socat") for p in others if p != "socat" and "socat" in paths]
+        columns += [(p, SSH) for p in others if p in TUNNEL_LABELS and SSH in paths]
         lines += ["", "**Ratios** (median of the per-round ratios; ↑ better)", ""]
         lines += ["| | " + " | ".join(f"{p} ÷ {ref}" for p, ref in columns) + " |", "|---|" + "---:|" * len(columns)]
         for metric in RATIO_METRICS:
@@ -205,7 +214,27 @@ def markdown(report: Record) -> str:
         if any(d is not None for d in deltas):
             cells = ["—" if d is None else f"{d:+.2f} ms" for d in deltas]
             lines.append("| Time to first byte, median (difference) | " + " | ".join(cells) + " |")
-    lines += ["", "**Goals**", "", GOALS_NOTE]
+    slow = [p for p in paths if p in summary.get("ttfb_slow.p50_ms", {})]
+    if "stage 4" in slow:
+        ttfb_slow = next(m for m in METRICS if m.key == "ttfb_slow.p50_ms")
+        deltas = [(p, difference(records, ttfb_slow, "stage 4", p)) for p in slow if p != "stage 4"]
+        if deltas:
+            lines += [
+                "",
+                "**Time to first byte over the 25 ms link, saved against stage 4** "
+                "(median of per-round differences; ↑ better)",
+                "",
+            ]
+            lines += ["| " + " | ".join(f"{p}" for p, _ in deltas) + " |", "|" + "---:|" * len(deltas)]
+            lines.append("| " + " | ".join("—" if d is None else f"{d:.1f} ms" for _, d in deltas) + " |")
+    lines += ["", "**Goals** (stage 5's, from issue 17; a benchmark, not a test: each is met or not on this run)", ""]
+    lines += ["| Goal | measured | |", "|---|---:|---|"]
+    for goal in report.get("goals", []):
+        lines.append(
+            f"| {goal['goal']} | {goal['measured']} | {goal['status']}{goal['note'] and ': ' + goal['note']} |"
+        )
+    if settings["mode"] != "full":
+        lines += ["", f"A {settings['mode']} run: the goals above are indicative only; the full run decides them."]
     seconds = settings["http_seconds"]
     http = f"ab and wrk {seconds} s each" if seconds else f"ab {settings['ab_requests']} requests, wrk 1 s"
     lines += [
@@ -213,7 +242,13 @@ def markdown(report: Record) -> str:
         f"Settings: bulk {settings['bulk_bytes'] // 2**20} MiB each way; {http} with 50 connections; "
         f"{settings['ttfb_samples']} sequential connections for time to first byte; "
         f"{settings['idle_connections']} held connections; socat `-b {settings['socat_buffer']}` "
-        "(the stage code's read size), forking a process per connection.",
+        "(the stage code's read size), forking a process per connection; ssh -R with OpenSSH's defaults "
+        "(it encrypts). Slow link: `bench.link` between a tunnel's client and its server, 25 ms each "
+        "way and one round trip per new TCP connection (this kernel has no netem), "
+        f"{settings['slow_ttfb_samples']} sequential connections; paths without a client-server link: —. "
+        f"Fairness: small requests at 200/s for {settings['fairness_seconds']:g} s with the path idle and "
+        f"{settings['fairness_seconds']:g} s while one user downloads a 1 GiB file and reads it at 10 MB/s, "
+        "in alternating windows of about 0.5 s (each download bounded by its window).",
     ]
     failures = [r for r in records if "error" in r]
     if failures:
@@ -222,11 +257,79 @@ def markdown(report: Record) -> str:
     return "\n".join(lines) + "\n"
 
 
-GOALS_NOTE = (
-    "None for the paths measured here. The speed goals belong to stage 5, the stage whose lesson is "
-    "speed (one connection for everything, and the fast relay); stages 0, 3 and 4 are kept simple "
-    "rather than fast, so they are measured and reported without a goal."
-)
+def _metric(key: str) -> Metric:
+    return next(m for m in METRICS if m.key == key)
+
+
+def goals(report: Record) -> list[dict[str, str]]:
+    """Stage 5's goals (issue 17), each met, not met, or not measured (and why) on this run.
+
+    Ratios and differences are medians of per-round figures, as in the tables. The other paths
+    (stages 0, 3 and 4) are kept simple rather than fast and have no goal.
+    """
+    records, summary, settings = report["measurements"], report["summary"], report["settings"]
+    available = {p["label"]: p for p in report["paths"]}
+    out: list[dict[str, str]] = []
+
+    def add(goal: str, value: float | None, met: bool | None, shown: str, missing: str) -> None:
+        if value is None or met is None:
+            out.append({"goal": goal, "measured": "—", "status": "not measured", "note": missing})
+        else:
+            out.append({"goal": goal, "measured": shown, "status": "met" if met else "not met", "note": ""})
+
+    def absent(*labels: str) -> str:
+        reasons = []
+        for label in labels:
+            path = available.get(label)
+            if path is None:
+                reasons.append(f"{label} was not in this run")
+            elif not path["available"]:
+                reasons.append(f"{label}: {path['reason']}")
+        return "; ".join(reasons)
+
+    def against(scenario: str, field: str, reference: str, least: float, goal: str) -> None:
+        why = absent(STAGE_5, reference)
+        value = None if why else ratio(records, _metric(f"{scenario}.{field}"), STAGE_5, reference)
+        why = why or f"no {scenario} figures for both"
+        add(goal, value, None if value is None else value >= least, f"{value or 0:.2f}x", why)
+
+    against("ab", "rps", SSH, 1.0, "stage 5 new connections/s ≥ 1.0x ssh -R")
+    against("bulk_up", "mb_per_s", "socat", 0.8, "stage 5 bulk upload ≥ 0.8x socat")
+    against("bulk_down", "mb_per_s", "socat", 0.8, "stage 5 bulk download ≥ 0.8x socat")
+    against("wrk", "rps", SSH, 1.5, "stage 5 keep-alive requests/s ≥ 1.5x ssh -R")
+
+    goal = "stage 5 memory per held connection ≤ 10 KiB per process, 1000 held (RSS)"
+    why = absent(STAGE_5)
+    held = settings["idle_connections"]
+    if not why and held < 1000:
+        why = f"this run held {held} connections; the goal is for 1000"
+    served = values(records, "idle", "served", STAGE_5)
+    if not why and (not served or min(served.values()) < held):
+        why = "not every held connection was served" if served else "no idle figures"
+    memory = {
+        key.split(" ", 1)[1]: entries[STAGE_5]["median"]
+        for key, entries in summary.items()
+        if key.startswith("idle.rss_kib_per_conn ") and STAGE_5 in entries
+    }
+    worst = None if why or not memory else max(memory.values())
+    shown = ", ".join(f"{role.split()[-1]} {kib:.1f} KiB" for role, kib in sorted(memory.items()))
+    add(goal, worst, None if worst is None else worst <= 10, shown, why or "no memory figures")
+
+    goal = "stage 5 time to first byte over the 25 ms link ≥ 45 ms below stage 4"
+    why = absent(STAGE_5, "stage 4")
+    saved = None if why else difference(records, _metric("ttfb_slow.p50_ms"), "stage 4", STAGE_5)
+    add(
+        goal, saved, None if saved is None else saved >= 45, f"{saved or 0:.1f} ms below", why or "no ttfb_slow figures"
+    )
+
+    goal = "stage 5 p99 of small requests beside a bulk transfer ≤ 2x the idle p99"
+    why = absent(STAGE_5)
+    found = list(values(records, "fairness", "p99_ratio", STAGE_5).values())
+    fair = statistics.median(found) if found and not why else None
+    add(goal, fair, None if fair is None else fair <= 2, f"{fair or 0:.2f}x", why or "no fairness figures")
+    return out
+
+
 COLORS = ("#6b7280", "#2563eb", "#16a34a", "#d97706", "#9333ea", "#dc2626", "#0891b2")
 
 
@@ -242,6 +345,8 @@ def svg_chart(report: Record) -> str:
         ("wrk.rps", "Keep-alive, req/s (higher is better)"),
         ("wrk.p99_ms", "Keep-alive p99 latency, ms (lower is better)"),
         ("ttfb.p50_ms", "Time to first byte, median ms (lower is better)"),
+        ("ttfb_slow.p50_ms", "Time to first byte over a 25 ms link, median ms (lower is better)"),
+        ("fairness.busy_p99_ms", "Small requests' p99 beside a slow download, ms (lower is better)"),
     ):
         if key in summary:
             panels.append((title, [(p, summary[key][p]["median"]) for p in paths if p in summary[key]]))

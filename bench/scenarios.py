@@ -6,6 +6,8 @@ HTTP load comes from `ab` (a new connection per request) and `wrk` (keep-alive).
 """
 
 import asyncio
+import contextlib
+import math
 import re
 import socket
 import statistics
@@ -200,3 +202,138 @@ def with_cpu(processes: list[Process], measure: Callable[[], Metrics]) -> Metric
         metrics[f"cpu_s {p.role}"] = (user1 - user0) + (system1 - system0)
         metrics[f"cpu_sys_s {p.role}"] = system1 - system0
     return metrics
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of `values` (not empty)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def fairness(
+    address: Address,
+    seconds: float,
+    bulk_size: int = 2**30,
+    reader_rate: float = 10e6,
+    probe_rate: float = 200.0,
+    window: float = 0.5,
+) -> Metrics:
+    """p99 of small requests while one user streams `bulk_size` bytes to a slow reader, vs the idle p99.
+
+    Small requests (HTTP/1.0, a new connection each, as `ab` sends them) are started on a fixed
+    schedule, `probe_rate` a second, whatever the answers' pace (a stalled path cannot slow the
+    probe down and so hide its stall); each latency counts from the request's scheduled start.
+    The probe runs `seconds` with nothing else on the path and `seconds` beside a download, in
+    alternating windows of about `window` seconds, so that a burst of load from the rest of the
+    machine hits both alike. For each busy window one user asks for `bulk_size` bytes and reads
+    them at `reader_rate` bytes/s, slower than any path sends: the path's buffers for that user
+    fill up and stay full. The download ends with its window (it is bounded by time; the rate it
+    moved at is reported).
+    """
+    return asyncio.run(_fairness(address, seconds, bulk_size, reader_rate, probe_rate, window))
+
+
+async def _probe(address: Address, seconds: float, rate: float) -> tuple[list[float], int]:
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    failed = 0
+    gate = asyncio.Semaphore(64)  # bounded in-flight; waiting for a slot counts in the latency
+
+    async def one(due: float) -> None:
+        nonlocal failed
+        await asyncio.sleep(max(0.0, due - loop.time()))
+        try:
+            async with gate, asyncio.timeout(10):
+                reader, writer = await asyncio.open_connection(*address)
+                try:
+                    writer.write(b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n")
+                    answer = await reader.read()
+                finally:
+                    writer.close()
+            if not answer.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(answer[:40])
+            latencies.append((loop.time() - due) * 1000)
+        except (OSError, RuntimeError, TimeoutError):
+            failed += 1
+
+    start = loop.time() + 0.01
+    count = max(1, round(seconds * rate))
+    async with asyncio.TaskGroup() as group:
+        for i in range(count):
+            group.create_task(one(start + i / rate))
+    return latencies, failed
+
+
+async def _fairness(
+    address: Address, seconds: float, bulk_size: int, reader_rate: float, probe_rate: float, window: float
+) -> Metrics:
+    windows = max(1, round(seconds / window))
+    idle: list[float] = []
+    busy: list[float] = []
+    failed = moved = 0
+    busy_seconds = 0.0
+    for _ in range(windows):
+        latencies, lost = await _probe(address, seconds / windows, probe_rate)
+        idle += latencies
+        failed += lost
+        latencies, lost, bulk_bytes, elapsed = await _beside_download(
+            address, seconds / windows, bulk_size, reader_rate, probe_rate
+        )
+        busy += latencies
+        failed += lost
+        moved += bulk_bytes
+        busy_seconds += elapsed
+        await asyncio.sleep(0.1)  # the download's connection is closed: let the path finish with it
+    if not idle or not busy:
+        raise RuntimeError(f"no small request was answered ({failed} failed)")
+    if moved == 0:
+        raise RuntimeError("the bulk transfer did not move during the probe")
+    idle_p99, busy_p99 = percentile(idle, 0.99), percentile(busy, 0.99)
+    return {
+        "idle_p50_ms": percentile(idle, 0.5),
+        "idle_p99_ms": idle_p99,
+        "busy_p50_ms": percentile(busy, 0.5),
+        "busy_p99_ms": busy_p99,
+        "p99_ratio": busy_p99 / idle_p99,
+        "requests": len(idle) + len(busy),
+        "failed": failed,
+        "bulk_mb_per_s": moved / busy_seconds / 1e6,
+    }
+
+
+async def _beside_download(
+    address: Address, seconds: float, bulk_size: int, reader_rate: float, probe_rate: float
+) -> tuple[list[float], int, int, float]:
+    """Probe for `seconds` while one slow reader downloads; (latencies, failed, bytes it moved, time)."""
+    received = 0
+    reader, writer = await asyncio.open_connection(*address, limit=65536)
+    stop, flowing = asyncio.Event(), asyncio.Event()
+
+    async def slow_reader() -> None:
+        nonlocal received
+        loop = asyncio.get_running_loop()
+        writer.write(b"SOURCE %d\n" % bulk_size)
+        started = loop.time()
+        while not stop.is_set() and received < bulk_size:
+            data = await reader.read(65536)
+            if not data:
+                break
+            received += len(data)
+            if received >= 1 << 20:
+                flowing.set()
+            await asyncio.sleep(max(0.0, started + received / reader_rate - loop.time()))
+
+    try:
+        async with asyncio.timeout(seconds * 4 + 30), asyncio.TaskGroup() as group:
+            streaming = group.create_task(slow_reader())
+            with contextlib.suppress(TimeoutError):  # the download is under way, the path's buffers full
+                async with asyncio.timeout(5):
+                    await flowing.wait()
+            before, started = received, time.perf_counter()
+            latencies, failed = await _probe(address, seconds, probe_rate)
+            elapsed, moved = time.perf_counter() - started, received - before
+            stop.set()
+            streaming.cancel()  # it may be waiting for bytes
+    finally:
+        writer.close()
+    return latencies, failed, moved, elapsed

@@ -1,13 +1,19 @@
 """The benchmark still runs: its smallest mode end to end, so the bench code cannot rot.
 
-No figure is asserted (a test cannot know how fast this machine is); what is checked
-is that every path and scenario produced numbers and that the reports are written.
+No speed is asserted (a test cannot know how fast this machine is); what is checked is
+that every path and scenario produced numbers, that stage 5's goals are each reported as
+met, not met or not measured, that the slow link really adds its delay (a lower bound
+that holds on any machine), that the reports are written, and that an interrupted run
+leaves no process behind.
 """
 
+import asyncio
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -15,8 +21,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MISSING = [tool for tool in ("socat", "wrk", "ab") if shutil.which(tool) is None]
+HAS_SSH = bool(shutil.which("ssh") and (shutil.which("sshd") or shutil.which("sshd", path="/usr/sbin")))
+HAS_STAGE_5 = (ROOT / "stage_5" / "__init__.py").is_file()
+LINKED = {"ssh -R", "stage 3", "stage 4", "stage 5"}  # paths with a client-server link to slow down
+GOAL_STATES = {"met", "not met", "not measured"}
 
-pytestmark = pytest.mark.skipif(
+needs_tools = pytest.mark.skipif(
     bool(MISSING), reason=f"{', '.join(MISSING)} not installed (apt-get install socat wrk apache2-utils)"
 )
 
@@ -27,44 +37,69 @@ def run_bench(*args: str, output: Path) -> tuple[subprocess.CompletedProcess[str
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=100,
+        timeout=200,
         check=False,
     )
     report = json.loads((output / "latest.json").read_text()) if (output / "latest.json").exists() else {}
     return done, report
 
 
+@needs_tools
 @pytest.mark.slow
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_smallest_run_measures_every_path_and_writes_the_reports(tmp_path: Path) -> None:
     done, report = run_bench(output=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     paths = report["paths"]
     assert isinstance(paths, list)
-    # Every stage the bench knows is in the repository, so every path must start:
-    # a stage that fails to start fails this test instead of quietly dropping out.
+    assert [p["label"] for p in paths] == ["direct", "socat", "ssh -R", "stage 0", "stage 3", "stage 4", "stage 5"]
+    # A path may be skipped only for a reason outside the repository, named in the report;
+    # a stage of the repository that fails to start fails this test instead of dropping out.
     reasons = {p["label"]: p["reason"] for p in paths if not p["available"]}
-    assert reasons == {}
-    available = [p["label"] for p in paths]
-    assert available == ["direct", "socat", "stage 0", "stage 3", "stage 4"]
+    expected = {}
+    if not HAS_SSH:
+        expected["ssh -R"] = "not installed: "
+    if not HAS_STAGE_5:
+        expected["stage 5"] = "not present: "
+    assert {label: reason[: len(expected.get(label, ""))] for label, reason in reasons.items()} == expected
+    available = [p["label"] for p in paths if p["available"]]
     measurements = report["measurements"]
     assert isinstance(measurements, list)
     measured = {(m["scenario"], m["path"]) for m in measurements if "metrics" in m}
-    scenarios = {"idle", "ttfb", "ab", "wrk", "bulk_up", "bulk_down"}
-    assert measured == {(s, p) for s in scenarios for p in available}
+    scenarios = {"idle", "ttfb", "ab", "wrk", "bulk_up", "bulk_down", "fairness"}
+    wanted = {(s, p) for s in scenarios for p in available} | {("ttfb_slow", p) for p in available if p in LINKED}
+    assert measured == wanted
     for m in measurements:
+        metrics = m["metrics"]
         if m["scenario"] == "idle":
-            assert m["metrics"]["served"] == m["metrics"]["count"], m
+            assert metrics["served"] == metrics["count"], m
+        if m["scenario"] == "ttfb_slow":
+            # 25 ms each way: no path can answer a new user in less than one round trip, and
+            # stages 3 and 4 need three (create_proxy, the proxy connection's handshake, its line).
+            assert metrics["min_ms"] >= (140 if m["path"] in ("stage 3", "stage 4") else 50), m
+        if m["scenario"] == "fairness":
+            assert metrics["failed"] == 0 and metrics["requests"] > 0, m
+            assert metrics["idle_p99_ms"] > 0 and metrics["busy_p99_ms"] > 0, m
+            assert metrics["bulk_mb_per_s"] > 0, m  # the slow download really ran beside the probe
     markdown = (tmp_path / "latest.md").read_text()
     assert "| Bulk upload (MB/s)" in markdown
-    assert "| | socat ÷ direct | stage 0 ÷ direct | stage 3 ÷ direct | stage 4 ÷ direct |" in markdown
-    # The speed goals belong to stage 5: stages 0, 3 and 4 are reported without one.
-    assert "goals" not in report
-    assert "**Goals**\n\nNone for the paths measured here. The speed goals belong to stage 5" in markdown
-    assert "| Goal |" not in markdown
+    assert "| Time to first byte over a 25 ms link (each way): median (ms) ↓" in markdown
+    assert "| Fairness: p99 beside the download ÷ idle p99 (x) ↓" in markdown
+    if HAS_SSH:
+        assert "stage 4 ÷ ssh -R" in markdown
+    # Stage 5's goals: each one met, not met or not measured, never silently absent.
+    goals = report["goals"]
+    assert isinstance(goals, list) and len(goals) == 7
+    assert {g["status"] for g in goals} <= GOAL_STATES
+    assert "| Goal | measured | |" in markdown
+    memory = next(g for g in goals if "memory" in g["goal"])
+    assert memory["status"] == "not measured" and "held 20" in memory["note"]  # smoke holds 20, the goal 1000
+    if not HAS_STAGE_5:
+        assert all(g["status"] == "not measured" and "not present" in g["note"] for g in goals)
     assert ET.fromstring((tmp_path / "latest.svg").read_text()).tag.endswith("svg")
 
 
+@needs_tools
 @pytest.mark.timeout(60)
 def test_a_path_that_cannot_start_is_reported_not_measured(tmp_path: Path) -> None:
     broken = tmp_path / "broken_stage"
@@ -77,5 +112,133 @@ def test_a_path_that_cannot_start_is_reported_not_measured(tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr[-2000:]
     entry = next(p for p in report["paths"] if p["label"] == "broken")
     assert entry["available"] is False and "stage_0.client" in entry["reason"]
-    assert "**broken: not measured.**" in (out / "latest.md").read_text()
+    markdown = (out / "latest.md").read_text()
+    assert "**broken: not measured.**" in markdown
     assert all(m["path"] == "direct" for m in report["measurements"])
+    # A goal whose path did not run is "not measured", with the reason, never met or not met.
+    assert all(g["status"] == "not measured" and "stage 5 was not in this run" in g["note"] for g in report["goals"])
+    assert "| not measured: stage 5 was not in this run" in markdown
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """{pid: start time} of every process below `root`, by parent links (sessions do not matter)."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+            starts[int(entry.name)] = fields[19]
+    found, todo = {}, list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        found[pid] = starts[pid]
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _alive(pid: int, start: str) -> bool:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)
+    except OSError:
+        return False
+    state, start_now = fields[1].split()[0], fields[1].split()[19]
+    return start_now == start and state != "Z"
+
+
+@needs_tools
+@pytest.mark.timeout(90)
+def test_ctrl_c_leaves_no_process_behind(tmp_path: Path) -> None:
+    # ssh -R when installed: sshd's per-connection children leave its session (setsid) and must
+    # still be stopped; stage 4 over the slow link adds the link process.
+    paths = "ssh,stage_4" if HAS_SSH else "stage_4"
+    log = tmp_path / "bench.log"
+    with log.open("w") as err:
+        bench = subprocess.Popen(
+            [sys.executable, "-m", "bench", "--smoke", "--paths", paths, "--scenarios", "idle,ttfb_slow,ttfb"],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            preexec_fn=_default_sigint,
+        )
+    try:
+        seen: dict[int, str] = {}
+        deadline = time.monotonic() + 60
+        # Interrupt while a slow-link copy runs beside the paths: the most processes are up then.
+        while not any(b"bench.link" in _cmdline(pid) for pid in seen) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            seen.update(_descendants(bench.pid))
+        assert bench.poll() is None, log.read_text()[-2000:]
+        assert len(seen) >= 4, seen  # the origin, the paths' programs, at least
+        bench.send_signal(signal.SIGINT)
+        assert bench.wait(30) == 1
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    assert "bench: interrupted; nothing written" in log.read_text()
+    time.sleep(0.3)
+    left = {pid: _cmdline(pid) for pid, start in seen.items() if _alive(pid, start)}
+    assert left == {}
+
+
+def _default_sigint() -> None:
+    # A test run from a background job inherits SIGINT ignored; the bench must get it as Ctrl-C would.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+async def test_the_slow_link_delays_each_way_and_the_handshake_and_keeps_half_close() -> None:
+    delay = 0.05
+    echo = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    host, port = echo.sockets[0].getsockname()[:2]
+    relay = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.link", "--delay", str(delay), "--to", f"{host}:{port}",
+        cwd=ROOT,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert relay.stderr is not None
+        line = (await asyncio.wait_for(relay.stderr.readline(), 10)).decode()
+        assert f"link to {host}:{port} listening on 127.0.0.1:" in line, line
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(line.rsplit(":", 1)[1]))
+        writer.write(b"hello\n")
+        assert await asyncio.wait_for(reader.readline(), 5) == b"hello\n"
+        first = loop.time() - started  # the handshake (1 round trip), then the line there and back (1)
+        started = loop.time()
+        writer.write(b"again\n")
+        assert await asyncio.wait_for(reader.readline(), 5) == b"again\n"
+        second = loop.time() - started  # one round trip
+        writer.write(b"x" * 300_000)
+        writer.write_eof()  # half-close: the echo still answers everything, then closes
+        echoed = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    finally:
+        relay.send_signal(signal.SIGINT)
+        try:
+            await asyncio.wait_for(relay.wait(), 5)
+        except TimeoutError:
+            relay.kill()
+            await relay.wait()
+        echo.close()
+    assert 4 * delay <= first < 4 * delay + 0.5
+    assert 2 * delay <= second < 2 * delay + 0.5
+    assert echoed == b"x" * 300_000
