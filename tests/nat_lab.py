@@ -313,8 +313,9 @@ class Lab:
         """Start `python -u ARGS` inside the namespace of `role`; its output is collected."""
         # -P: the working directory (the repository) is not put first on sys.path, so that in
         # workshop mode (--stage-dir) the stage comes from PYTHONPATH, the learner's copy; the
-        # repository goes last there, for the lab's own helpers and a run outside pytest.
-        path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))
+        # repository and tests/ go last there, for the labs' own helper programs (run as
+        # scripts, which -P no longer lets import their neighbours) and a run outside pytest.
+        path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT), str(HERE.parent)]))
         process = await asyncio.create_subprocess_exec(
             "ip", "netns", "exec", self.ns[role], sys.executable, "-u", "-P", *args,
             cwd=ROOT,
