@@ -1,0 +1,169 @@
+"""The docs site as a reader meets it: what issue 13 found wrong must stay fixed.
+
+Each test guards one class of defect that a change to the theme, the CSS, the hook or mermaid can
+bring back: diff titles mangled by Markdown, stage code that scrolls sideways on a laptop screen,
+sequence-diagram arrowheads invisible in dark mode, generated diffs crowding the search, and a
+built site that does not work opened from disk. The browser tests use the site built (strict) by
+tests/test_docs_site.py's fixtures, in headless Chromium that may not leave 127.0.0.1.
+"""
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import test_docs_site
+from test_docs_site import CHROMIUM, OPEN_SHADOW_ROOTS, STAGES
+
+# The same fixtures: the site built strict into a temporary folder, and served on 127.0.0.1.
+site = test_docs_site.site
+served = test_docs_site.served
+
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    "--allow-file-access-from-files",
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium (the Debian package), driven by Playwright."""
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"needs Chromium at {CHROMIUM} (Debian package `chromium`; .ci/run installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs the `playwright` package (test extra)")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+# --- without a browser ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", STAGES[1:])
+def test_diff_titles_name_each_file_as_written(site: Path, n: int) -> None:
+    """`__init__.py` in an admonition title is Markdown for a bold "init.py": the titles show code."""
+    built = (site / f"stage-{n}.html").read_text()
+    titles = re.findall(r"<summary>(.*?)</summary>", built, re.S)
+    changed = [t for t in titles if re.search(r"lines added|new file|removed", t)]
+    assert changed, f"stage-{n}: no diff titles found"
+    for title in changed:
+        assert re.match(r"<code>[\w.]+\.py</code>: ", title), title
+        assert "<strong>" not in title and "<em>" not in title, title
+    assert any("<code>__init__.py</code>" in t for t in changed), changed
+
+
+def test_generated_diffs_are_not_in_the_search_index(site: Path) -> None:
+    """Search finds the pages that teach a word, not every diff line that contains it."""
+    index = json.loads((site / "search" / "search_index.json").read_text())["docs"]
+    diffs = [d["location"] for d in index if re.search(r"^(?:\+\+\+|---) stage_\d/", d["text"], re.M)]
+    diffs += [d["location"] for d in index if "Generated from the code when this site was built" in d["text"]]
+    assert not diffs, diffs
+    # ... while the teaching prose around them stays searchable.
+    assert any(d["location"].startswith("stage-0.html#") and "half-close" in d["text"].lower() for d in index)
+
+
+# --- in a real browser ------------------------------------------------------------------------------
+
+
+def test_stage_code_fits_a_1280_px_screen(site: Path, served: str, browser: Any) -> None:
+    """Stage code is 120 columns (ruff's line length): at 1280 px no listing or diff scrolls sideways."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    too_wide: list[str] = []
+    for n in STAGES:
+        page.goto(f"{served}stage-{n}.html", wait_until="load")
+        # Folded listings and diffs are measured too: open them all.
+        page.evaluate("document.querySelectorAll('details').forEach(d => d.open = true)")
+        found = page.evaluate(
+            """() => [...document.querySelectorAll('.md-typeset pre > code')]
+                   .filter(c => c.scrollWidth > c.clientWidth + 1)
+                   .map(c => (c.closest('.highlight')?.querySelector('.filename')?.textContent
+                              || c.textContent.split('\\n')[0]).slice(0, 60)
+                             + ` (${c.scrollWidth} > ${c.clientWidth} px)`)"""
+        )
+        too_wide += [f"stage-{n}: {what}" for what in found]
+        blocks = page.locator(".md-typeset pre > code").count()
+        assert blocks >= 3, f"stage-{n}: only {blocks} code blocks"
+    context.close()
+    assert not too_wide, "\n".join(too_wide)
+
+
+def luminance(css_color: str) -> float:
+    """Relative luminance (WCAG) of an `rgb(...)`/`rgba(...)` computed colour."""
+    r, g, b = (int(float(v)) for v in re.findall(r"[\d.]+", css_color)[:3])
+
+    def channel(v: int) -> float:
+        c = v / 255
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+
+    return 0.2126 * channel(r) + 0.7152 * channel(g) + 0.0722 * channel(b)
+
+
+def contrast(a: str, b: str) -> float:
+    hi, lo = sorted((luminance(a), luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+@pytest.mark.parametrize("path", ["index", "stage-2", "protocol"])
+def test_sequence_arrowheads_are_visible_in_dark_mode(served: str, browser: Any, path: str) -> None:
+    """Which way each connection is opened is the point of the diagrams: arrowheads stand out in dark mode."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, color_scheme="dark")
+    context.add_init_script(OPEN_SHADOW_ROOTS)  # test-only: Material draws diagrams in closed shadow roots
+    page = context.new_page()
+    page.goto(f"{served}{path}.html", wait_until="load")
+    page.wait_for_function("document.querySelector('div.mermaid')?.shadowRoot?.querySelector('marker')", timeout=15_000)
+    background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert luminance(background) < 0.05, f"not dark mode: {background}"
+    heads = page.evaluate(
+        """() => [...document.querySelectorAll('div.mermaid')].flatMap(d =>
+               [...d.shadowRoot.querySelectorAll('marker[id$="-arrowhead"] path')]
+                 .map(p => [d.shadowRoot.querySelector('marker').id, getComputedStyle(p).fill]))"""
+    )
+    context.close()
+    assert heads, f"{path}: no sequence-diagram arrowheads found"
+    faint = [(marker, fill) for marker, fill in heads if contrast(fill, background) < 3]
+    assert not faint, f"{path}: arrowheads hard to see on {background}: {faint}"
+
+
+def test_the_built_site_works_opened_from_disk(site: Path, browser: Any) -> None:
+    """site/ opened with file://: links lead to pages (not folder listings), diagrams draw, search answers."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    outside: list[str] = []
+    context.on("request", lambda r: None if r.url.startswith(("file:", "data:", "blob:")) else outside.append(r.url))
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto((site / "index.html").as_uri(), wait_until="load")
+    links = page.evaluate(
+        """() => [...document.querySelectorAll('a[href]')].map(a => a.href)
+                 .filter(h => h.startsWith('file:')).map(h => h.split('#')[0])"""
+    )
+    assert links
+    for link in set(links):
+        assert link.endswith((".html", ".txt", ".svg")), f"a link to a folder, shown from disk as a listing: {link}"
+        assert Path(link.removeprefix("file://")).is_file(), link
+    page.click("nav.md-nav--primary a[href='stage-0.html']")
+    page.wait_for_url("**/stage-0.html")
+    assert "Stage 0" in page.locator("h1").first.inner_text()
+    page.wait_for_function("document.querySelector('div.mermaid')", timeout=15_000)
+    page.click("label.md-search__icon, input.md-search__input")
+    page.keyboard.type("half-close", delay=20)
+    page.wait_for_function("document.querySelectorAll('.md-search-result__item').length > 0", timeout=15_000)
+    hits = page.evaluate("[...document.querySelectorAll('.md-search-result__link')].map(a => a.href)")
+    context.close()
+    assert any("stage-0.html" in h for h in hits), hits
+    assert not outside, f"requests left the disk: {outside}"
+    assert not errors, errors
