@@ -1,22 +1,37 @@
-"""Stage 4 authentication: an HMAC challenge-response proves the secret without sending it.
+"""Stage 4 and later, authentication: an HMAC challenge-response proves the secret without sending it.
 
-These tests run the handshake over a `socket.socketpair()`, with no server involved; the
-end-to-end cases (wrong secret through the real CLIs, replay against a real server) are in
-test_stage_4.py.
+These tests run the handshake over a `socket.socketpair()`, with no server involved, against every
+stage that has it (AUTH_STAGES); the end-to-end cases (wrong secret through the real CLIs, replay
+against a real server) are in test_stage_4.py and test_stage_5.py.
 """
 
 import asyncio
+import importlib
 import socket
 from collections.abc import AsyncIterator, Awaitable
+from types import ModuleType
 from typing import TypeVar
 
 import pytest
 
-from stage_4 import auth
-from stage_4.protocol import AuthError, Hello, ProtocolError, Refused, Welcome, encode
 from support import STEP_TIMEOUT
 
+# Every stage with the HMAC handshake; a new stage joins by being added here.
+AUTH_STAGES = ("stage_4", "stage_5")
+
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@pytest.fixture(params=AUTH_STAGES)
+def auth(request: pytest.FixtureRequest) -> ModuleType:
+    """The stage's auth module (imported here, so a learner working on one stage is not stopped by another)."""
+    return importlib.import_module(f"{request.param}.auth")
+
+
+@pytest.fixture
+def proto(auth: ModuleType) -> ModuleType:
+    """The same stage's protocol module: its messages and errors."""
+    return importlib.import_module(auth.__name__.replace(".auth", ".protocol"))
 
 
 @pytest.fixture
@@ -38,7 +53,7 @@ async def bounded(awaitable: Awaitable[T]) -> T:
         return await awaitable
 
 
-def test_answer_is_hmac_sha256_of_the_nonce_keyed_by_the_secret() -> None:
+def test_answer_is_hmac_sha256_of_the_nonce_keyed_by_the_secret(auth: ModuleType, proto: ModuleType) -> None:
     # RFC 4231, test case 2: key "Jefe", data "what do ya want for nothing?".
     expected = "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
     assert auth.answer("Jefe", "what do ya want for nothing?") == expected
@@ -46,51 +61,63 @@ def test_answer_is_hmac_sha256_of_the_nonce_keyed_by_the_secret() -> None:
     assert not auth.is_valid("jefe", "what do ya want for nothing?", expected)
 
 
-def test_nonces_are_fresh_and_unpredictable() -> None:
+def test_nonces_are_fresh_and_unpredictable(auth: ModuleType, proto: ModuleType) -> None:
     nonces = {auth.new_nonce() for _ in range(1000)}
     assert len(nonces) == 1000
     assert all(len(n) == 32 for n in nonces)  # 128 bits
 
 
-async def welcome_after(server_side: Streams, secret: str | None) -> Hello:
+async def welcome_after(auth: ModuleType, proto: ModuleType, server_side: Streams, secret: str | None) -> object:
     """The server's half: handshake, then send a welcome as session.py does."""
     hello = await auth.server_handshake(*server_side, secret)
-    server_side[1].write(encode(Welcome("s1")))
+    server_side[1].write(proto.encode(proto.Welcome("s1")))
     return hello
 
 
-async def test_right_secret_is_welcomed(pair: tuple[Streams, Streams]) -> None:
+async def test_right_secret_is_welcomed(pair: tuple[Streams, Streams], auth: ModuleType, proto: ModuleType) -> None:
     server, client = pair
     hello, welcome = await bounded(
-        asyncio.gather(welcome_after(server, "s3cret"), auth.client_handshake(*client, "s3cret", "old-session"))
+        asyncio.gather(
+            welcome_after(auth, proto, server, "s3cret"), auth.client_handshake(*client, "s3cret", "old-session")
+        )
     )
-    assert hello == Hello("old-session")  # a reconnecting client names its session
-    assert welcome == Welcome("s1")
+    assert hello == proto.Hello("old-session")  # a reconnecting client names its session
+    assert welcome == proto.Welcome("s1")
 
 
-async def test_no_secret_on_either_side_skips_the_challenge(pair: tuple[Streams, Streams]) -> None:
+async def test_no_secret_on_either_side_skips_the_challenge(
+    pair: tuple[Streams, Streams], auth: ModuleType, proto: ModuleType
+) -> None:
     server, client = pair
-    hello, welcome = await bounded(asyncio.gather(welcome_after(server, None), auth.client_handshake(*client, None)))
-    assert (hello, welcome) == (Hello(None), Welcome("s1"))
+    hello, welcome = await bounded(
+        asyncio.gather(welcome_after(auth, proto, server, None), auth.client_handshake(*client, None))
+    )
+    assert (hello, welcome) == (proto.Hello(None), proto.Welcome("s1"))
 
 
-async def test_wrong_secret_is_refused_by_the_server(pair: tuple[Streams, Streams]) -> None:
+async def test_wrong_secret_is_refused_by_the_server(
+    pair: tuple[Streams, Streams], auth: ModuleType, proto: ModuleType
+) -> None:
     server, client = pair
     client_task = asyncio.ensure_future(auth.client_handshake(*client, "guess"))
-    with pytest.raises(AuthError, match="wrong secret"):
+    with pytest.raises(proto.AuthError, match="wrong secret"):
         await bounded(auth.server_handshake(*server, "s3cret"))
     client_task.cancel()
 
 
-async def test_client_without_secret_stops_at_the_challenge(pair: tuple[Streams, Streams]) -> None:
+async def test_client_without_secret_stops_at_the_challenge(
+    pair: tuple[Streams, Streams], auth: ModuleType, proto: ModuleType
+) -> None:
     server, client = pair
     server_task = asyncio.ensure_future(auth.server_handshake(*server, "s3cret"))
-    with pytest.raises(AuthError, match="requires a secret"):
+    with pytest.raises(proto.AuthError, match="requires a secret"):
         await bounded(auth.client_handshake(*client, None))
     server_task.cancel()
 
 
-async def test_the_secret_never_crosses_the_wire(pair: tuple[Streams, Streams]) -> None:
+async def test_the_secret_never_crosses_the_wire(
+    pair: tuple[Streams, Streams], auth: ModuleType, proto: ModuleType
+) -> None:
     """Play the server by hand and look at every byte the client sends."""
     (reader, writer), client = pair
     secret = "correct horse battery staple"
@@ -99,13 +126,15 @@ async def test_the_secret_never_crosses_the_wire(pair: tuple[Streams, Streams]) 
     writer.write(b"challenge 00112233445566778899aabbccddeeff\n")
     proof = await bounded(reader.readline())
     writer.write(b"welcome s1\n")
-    assert await bounded(client_task) == Welcome("s1")
+    assert await bounded(client_task) == proto.Welcome("s1")
     sent = hello + proof
     assert secret.encode() not in sent
     assert proof == f"auth {auth.answer(secret, '00112233445566778899aabbccddeeff')}\n".encode()
 
 
-async def test_a_replayed_answer_fails_against_a_new_nonce(pair: tuple[Streams, Streams]) -> None:
+async def test_a_replayed_answer_fails_against_a_new_nonce(
+    pair: tuple[Streams, Streams], auth: ModuleType, proto: ModuleType
+) -> None:
     """An eavesdropper who recorded one good answer can't reuse it: every handshake has a new nonce."""
     server, (reader, writer) = pair
     recorded = auth.answer("s3cret", auth.new_nonce())  # a valid answer to some earlier challenge
@@ -113,17 +142,17 @@ async def test_a_replayed_answer_fails_against_a_new_nonce(pair: tuple[Streams, 
     writer.write(b"hello\n")
     assert (await bounded(reader.readline())).startswith(b"challenge ")
     writer.write(f"auth {recorded}\n".encode())
-    with pytest.raises(AuthError):
+    with pytest.raises(proto.AuthError):
         await bounded(server_task)
 
 
-async def test_a_silent_client_times_out(pair: tuple[Streams, Streams]) -> None:
+async def test_a_silent_client_times_out(pair: tuple[Streams, Streams], auth: ModuleType, proto: ModuleType) -> None:
     server, _ = pair
     with pytest.raises(TimeoutError):
         await bounded(auth.server_handshake(*server, "s3cret", timeout=0.2))
 
 
-async def test_a_silent_server_times_out(pair: tuple[Streams, Streams]) -> None:
+async def test_a_silent_server_times_out(pair: tuple[Streams, Streams], auth: ModuleType, proto: ModuleType) -> None:
     """A server that accepts and then says nothing (a half-open connection) does not hold the client."""
     _, client = pair
     with pytest.raises(TimeoutError):
@@ -132,21 +161,23 @@ async def test_a_silent_server_times_out(pair: tuple[Streams, Streams]) -> None:
 
 @pytest.mark.parametrize(
     ("first_line", "error"),
-    [(b"ping\n", ProtocolError), (b"GET / HTTP/1.1\n", ProtocolError), (b"auth abc\n", ProtocolError)],
+    [(b"ping\n", "ProtocolError"), (b"GET / HTTP/1.1\n", "ProtocolError"), (b"auth abc\n", "ProtocolError")],
 )
 async def test_anything_but_hello_first_is_a_protocol_error(
-    pair: tuple[Streams, Streams], first_line: bytes, error: type[Exception]
+    pair: tuple[Streams, Streams], first_line: bytes, error: str, auth: ModuleType, proto: ModuleType
 ) -> None:
     server, (_, writer) = pair
     writer.write(first_line)
-    with pytest.raises(error):
+    with pytest.raises(getattr(proto, error)):
         await bounded(auth.server_handshake(*server, "s3cret"))
 
 
-async def test_a_server_error_line_is_a_refusal(pair: tuple[Streams, Streams]) -> None:
+async def test_a_server_error_line_is_a_refusal(
+    pair: tuple[Streams, Streams], auth: ModuleType, proto: ModuleType
+) -> None:
     (reader, writer), client = pair
     client_task = asyncio.ensure_future(auth.client_handshake(*client, None))
     await bounded(reader.readline())
     writer.write(b"error another client is already connected to this server\n")
-    with pytest.raises(Refused, match="another client is already connected"):
+    with pytest.raises(proto.Refused, match="another client is already connected"):
         await bounded(client_task)
