@@ -2,8 +2,9 @@
 
 For every user the server makes a fresh, unguessable id and sends `create_proxy <id>` on the
 control connection; the client's proxy connection starts with `proxy <id>`. Matching by that id,
-never by "whichever proxy connection arrives next" (the Go original's race), is what keeps
-many users at once from receiving each other's bytes.
+never by "whichever proxy connection arrives next" (the Go original's way), is what keeps a
+stranger who dials the proxy port from being handed the next waiting user's traffic, and one
+lost line from jamming every pairing after it.
 
 Stage 4 adds the ways a pairing can fail early, each turned into an error page for the user:
 the client reports that its local app refused (`fail`), or the client goes away (`fail_all`).
