@@ -40,8 +40,14 @@ WRITE_HIGH = 128 * 1024
 CONTROL_LIMIT = 4 * 1024 * 1024
 
 
-class Mux:
-    """One tunnel connection: the streams on it, its frames both ways, and its heartbeats."""
+class Mux(asyncio.Protocol):
+    """One tunnel connection: the streams on it, its frames both ways, and its heartbeats.
+
+    The handshake reads lines with a StreamReader; once `run` starts, the Mux is the connection's
+    Protocol: the event loop hands it each chunk read (`data_received`), and it parses the frames
+    in place. Everything else (EOF, loss, the write buffer's pause and resume) still goes to the
+    handshake's protocol, so the StreamReader sees the end and `drain`/`wait_closed` keep working.
+    """
 
     def __init__(
         self,
@@ -60,6 +66,9 @@ class Mux:
         assert isinstance(transport, asyncio.Transport)  # a TCP connection: it reads and writes
         self._transport = transport
         self._transport.set_write_buffer_limits(high=WRITE_HIGH)
+        handshake = transport.get_protocol()  # the StreamReader's protocol (see run)
+        assert isinstance(handshake, asyncio.Protocol)
+        self._handshake = handshake
         self.heartbeat_timeout, self.heartbeat_interval = heartbeat_timeout, heartbeat_interval
         self._on_open = on_open  # makes the stream for a SYN; None: the peer may not open streams
         self.max_streams = max_streams
@@ -164,16 +173,45 @@ class Mux:
         if self.heartbeat_interval is not None:
             self._timers.append(loop.call_later(self.heartbeat_interval, self._ping))
         try:
+            # WHY a Protocol: a StreamReader copies every chunk into its buffer, copies it out again
+            # for read(), and wakes this task once per read; with frames at hundreds of MB/s that
+            # was a quarter of the server's CPU. From here on the chunks come to data_received.
+            self._transport.set_protocol(self)
+            # What the handshake's reader already holds (frames that came with the welcome line)
+            # goes first; after it, the reader gets no more bytes: read() returns at EOF, or raises
+            # if the connection breaks (its protocol still hears of both).
             while data := await self._reader.read(READ_SIZE):
-                self._last_heard = time.monotonic()  # any frame shows the peer is alive
-                for frame in self._parser.feed(data):
-                    self._dispatch(frame)
+                self.data_received(data)
             if self.failure is not None:
                 raise self.failure
             if self._parser.pending:
                 raise ProtocolError("connection closed in the middle of a frame")
         finally:
             self.close(f"the connection to {self.peer} was lost")
+
+    # The event loop calls these once `run` made the Mux the connection's protocol.
+
+    def data_received(self, data: bytes) -> None:
+        if self.failure is not None:
+            return  # ending: what the peer still sends is dropped
+        self._last_heard = time.monotonic()  # any frame shows the peer is alive
+        try:
+            for frame in self._parser.feed(data):
+                self._dispatch(frame)
+        except TunnelError as exc:  # a bad frame (ProtocolError), or GO_AWAY: run() raises it
+            self._fail(exc)
+
+    def eof_received(self) -> bool | None:
+        return self._handshake.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._handshake.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._handshake.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._handshake.resume_writing()
 
     def _dispatch(self, frame: Frame) -> None:
         kind, flags, stream_id, payload = frame
@@ -182,7 +220,7 @@ class Mux:
                 self._send(encode(PING, ACK, 0, payload))  # the answer: the same 8 bytes
             return
         if kind == GO_AWAY:
-            raise TunnelError(f"{self.peer} closed the tunnel: {printable(payload)}")
+            raise TunnelError(f"{self.peer} closed the tunnel: {printable(bytes(payload))}")
         stream = self.streams.get(stream_id)
         if flags & SYN:
             if self._on_open is None:
@@ -202,7 +240,7 @@ class Mux:
         if kind == WINDOW_UPDATE:
             stream.on_window(int.from_bytes(payload, "big"))
         elif flags & RST:
-            stream.reset(printable(payload), notify=False)
+            stream.reset(printable(bytes(payload)), notify=False)
         else:
             if flags & ACK:
                 stream.on_answer(None)

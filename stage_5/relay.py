@@ -182,7 +182,7 @@ class Stream(asyncio.Protocol):
         """True if take() would return a frame now."""
         return bool(self._outbox and self.send_window > 0) or (self.fin_pending and not self.fin_sent)
 
-    def on_data(self, payload: bytes, fin: bool) -> None:
+    def on_data(self, payload: bytes | memoryview, fin: bool) -> None:
         """Bytes (and maybe the end) of the peer's direction; ProtocolError if it overran its window."""
         if self.got_fin:
             raise ProtocolError(f"DATA on stream {self.stream_id} after its FIN")
@@ -193,10 +193,10 @@ class Stream(asyncio.Protocol):
         self._last = time.monotonic()
         if payload:
             if not self.received.head:
-                self.received.head = payload[:HEAD_SIZE]
+                self.received.head = bytes(payload[:HEAD_SIZE])  # a copy: payload is a view (frames.Parser)
             self.received.copied += len(payload)
             if self.transport is None:
-                self._early.append(payload)  # counted in recv_window: bounded by WINDOW
+                self._early.append(bytes(payload))  # counted in recv_window: bounded by WINDOW
             else:
                 self._write(payload)
         if fin:
@@ -235,7 +235,7 @@ class Stream(asyncio.Protocol):
 
     # --- inside ------------------------------------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
         assert self.transport is not None
         self.transport.write(data)
         if self._writing_paused:
