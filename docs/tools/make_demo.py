@@ -1,7 +1,7 @@
-"""Record a real run of the stage 4 demo and draw it as an animated SVG: docs/assets/demo.svg.
+"""Record a real run of the most complete stage's demo (stage 5) and draw it as an animated SVG: docs/assets/demo.svg.
 
-It runs `python -m stage_4` in one "terminal" and a user's `curl` commands in another, exactly as
-the stage 4 page shows, captures what each printed and when, and draws two terminal windows whose
+It runs `python -m stage_5` in one "terminal" and a user's `curl` commands in another, exactly as
+the stage 5 page shows, captures what each printed and when, and draws two terminal windows whose
 lines appear at the pace they really did (CSS animation, plays once; the last frame stays).
 Run it from the repository root to refresh the picture after the demo's output changes:
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from doccommands import ROOT, Command, Terminal, bring_up_loopback
 
 OUTPUT = ROOT / "docs" / "assets" / "demo.svg"
-DEMO = "python -m stage_4"
+DEMO = "python -m stage_5"
 USER_COMMANDS = [
     "curl -s http://127.0.0.1:60624/hello",
     "curl -s http://127.0.0.1:60624/hello/world | grep '<p>You'",
@@ -109,7 +109,7 @@ def draw(demo: list[tuple[float, str]], user: list[tuple[float, str]]) -> str:
         [
             f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}"'
             f' viewBox="0 0 {WIDTH} {height}" role="img">',
-            "<title>python -m stage_4 in one terminal, curl through the tunnel in another (a real recording)</title>",
+            "<title>python -m stage_5 in one terminal, curl through the tunnel in another (a real recording)</title>",
             f"<style>{style}</style>",
             *top,
             *bottom,
