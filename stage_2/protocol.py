@@ -33,6 +33,7 @@ class ProtocolError(TunnelError):
     """The peer sent something that breaks the protocol."""
 
 
+# --8<-- [start:messages]
 @dataclass(frozen=True)
 class Ping:
     """Client -> server, asks for a reply: `ping`."""
@@ -80,8 +81,10 @@ def encode(message: Message) -> bytes:
             return f"proxy {conn_id}\n".encode()
         case Error(reason):
             return f"error {reason}\n".encode()
+    # --8<-- [end:messages]
 
 
+# --8<-- [start:decode]
 def decode(line: bytes) -> Message:
     """Parse one line (newline already stripped); raise ProtocolError if it is not a message."""
     try:
@@ -101,6 +104,7 @@ def decode(line: bytes) -> Message:
         case "error", reason if reason:
             return Error(reason)
     raise ProtocolError(f"unknown command {word[:32]!r}")
+    # --8<-- [end:decode]
 
 
 def new_conn_id() -> str:
