@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # only for the type checker: mux.py imports this module
 # How much of each direction's first bytes to keep for the server's request log:
 # enough for an HTTP request line ("GET /path HTTP/1.1") or status line.
 HEAD_SIZE = 1024
-# Grant the peer more window once this much has been consumed: one WINDOW frame per 64 KiB,
+# Grant the peer more window once this much has been consumed: one WINDOW frame per 256 KiB,
 # not one per chunk, while the sender still has 3/4 of its window to keep the pipe full.
 GRANT_EVERY = WINDOW // 4
 

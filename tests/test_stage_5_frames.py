@@ -161,11 +161,11 @@ async def test_a_stream_sends_no_more_than_its_window_until_the_peer_grants_more
     stream = Stream(Timeouts(60.0, 60.0))
     mux.open(stream)
     for _ in range(4):
-        stream.data_received(b"x" * 256 * 1024)
-    # Read for half a second: a stream that ignored its window would send its whole megabyte by then.
+        stream.data_received(b"x" * WINDOW)
+    # Read for half a second: a stream that ignored its window would send all four windows by then.
     got = await read_frames(peer, lambda got: False, timeout=0.5)
     assert sum(len(frame.payload) for frame in got) == WINDOW
-    assert stream.queued == 3 * 256 * 1024  # waiting in the stream for a grant
+    assert stream.queued == 3 * WINDOW  # waiting in the stream for a grant
     stream.on_window(WINDOW)
     got = await read_frames(peer, lambda got: sum(len(frame.payload) for frame in got) >= WINDOW)
-    assert stream.queued == 2 * 256 * 1024
+    assert stream.queued == 2 * WINDOW
