@@ -109,6 +109,7 @@ class Pong:
     """Server -> client, the reply to a ping: `pong`."""
 
 
+# --8<-- [start:proxy_messages]
 @dataclass(frozen=True)
 class CreateProxy:
     """Server -> client on control, a user is waiting: `create_proxy <conn_id>`."""
@@ -121,6 +122,7 @@ class Proxy:
     """Client -> server, the first line of a new proxy connection: `proxy <conn_id>`."""
 
     conn_id: str
+    # --8<-- [end:proxy_messages]
 
 
 @dataclass(frozen=True)
@@ -232,9 +234,11 @@ def is_token(text: str) -> bool:
     return TOKEN.fullmatch(text) is not None
 
 
+# --8<-- [start:new_conn_id]
 def new_conn_id() -> str:
     """A fresh id for one public connection: 128 random bits, so nobody can guess one."""
     return secrets.token_hex(16)
+    # --8<-- [end:new_conn_id]
 
 
 async def read_message(reader: asyncio.StreamReader) -> Message | None:
