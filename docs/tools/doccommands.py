@@ -287,6 +287,11 @@ def run_scenario(section: Section) -> Result:
                 break
     finally:
         for terminal in reversed(servers):
+            # A server logs what the foreground commands made it do (a request, a refusal) a moment
+            # after they finish: give each expected line its moment before pressing Ctrl-C.
+            for line in terminal.command.expected:
+                if line.strip() != "..." and not terminal.wait_for(line, SETTLE):
+                    break
             code = terminal.interrupt()
             cmd = terminal.command
             result.transcript += [f"$ {cmd.text}", *terminal.lines, "^C"]
