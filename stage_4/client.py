@@ -82,6 +82,7 @@ class Client:
 
     async def run(self) -> None:
         """Keep the tunnel up until cancelled; raise Refused if the server says no (a wrong secret)."""
+        # --8<-- [start:reconnect]
         attempt = 0
         try:
             while True:
@@ -101,6 +102,7 @@ class Client:
                     attempt += 1
                     log.warning("%s; reconnecting in %.1fs (attempt %d)", str(exc) or "timed out", wait, attempt)
                     await asyncio.sleep(wait)
+                    # --8<-- [end:reconnect]
         finally:
             for task in self._users:
                 task.cancel()
@@ -122,6 +124,7 @@ class Client:
         # (`localhost`, a DNS name) is looked up once per control connection, not once per user.
         proxy = (writer.get_extra_info("peername")[0], self.proxy_port)
         self.connected.set()
+        # --8<-- [start:heartbeat_deadline]
         pinger = asyncio.create_task(self._send_heartbeats(writer))
         try:
             while True:
@@ -132,6 +135,7 @@ class Client:
                         message = await read_message(reader)
                 except TimeoutError:
                     raise TunnelError(f"no word from the server for {self.heartbeat_timeout:g}s") from None
+                    # --8<-- [end:heartbeat_deadline]
                 match message:
                     case CreateProxy(conn_id):
                         log.debug("conn %s: the server asks for a proxy connection", conn_id[:8])
@@ -153,12 +157,14 @@ class Client:
             pinger.cancel()
             await asyncio.gather(pinger, return_exceptions=True)
 
+    # --8<-- [start:send_heartbeats]
     async def _send_heartbeats(self, writer: asyncio.StreamWriter) -> None:
         # A ping every interval shows the server that we are alive, and its pongs show us the same.
         with contextlib.suppress(OSError):  # a dead connection: the reading side will notice
             while True:
                 await asyncio.sleep(self.heartbeat_interval)
                 await write_message(writer, Ping())
+                # --8<-- [end:send_heartbeats]
 
     async def _serve_user(self, conn_id: str, proxy: tuple[str, int]) -> None:
         try:

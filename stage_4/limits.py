@@ -79,6 +79,7 @@ class Listener:
     async def serve(self, spawn: Callable[[Coroutine[None, None, None]], None]) -> None:
         """Accept until cancelled; each connection runs in a task made by `spawn`."""
         loop = asyncio.get_running_loop()
+        # --8<-- [start:slots]
         while True:
             if self._free.locked():
                 self._report_full()
@@ -93,6 +94,7 @@ class Listener:
                 log.debug("%s port: cannot accept (%s); pausing %gs", self.role, exc.strerror, RETRY_DELAY)
                 await asyncio.sleep(RETRY_DELAY)
                 continue
+                # --8<-- [end:slots]
             # Nagle's algorithm off, as asyncio does for the connections it opens itself: it would
             # hold a small write back until the previous one is acknowledged, and the peer may delay
             # that ACK by 40 ms. asyncio sets TCP_NODELAY only on sockets made with proto=IPPROTO_TCP,

@@ -75,6 +75,7 @@ def error_page(status: int, cause: str) -> bytes:
     return head + body
 
 
+# --8<-- [start:refuse]
 async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int, cause: str) -> bool:
     """Answer an HTTP user with an error page naming `cause`; close anyone else cleanly.
 
@@ -91,3 +92,4 @@ async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sta
     # End our side politely and give the page time to arrive before the close.
     await linger(reader, writer)
     return is_http
+    # --8<-- [end:refuse]

@@ -130,6 +130,7 @@ class Pairing:
         return False
 
 
+# --8<-- [start:hung_up]
 def hung_up(user: asyncio.StreamWriter) -> bool:
     """True if a waiting user has closed its connection without sending a byte.
 
@@ -148,3 +149,4 @@ def hung_up(user: asyncio.StreamWriter) -> bool:
         return True  # reset: gone
     finally:
         probe.detach()  # the socket still belongs to its transport: don't close it
+        # --8<-- [end:hung_up]

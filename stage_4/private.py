@@ -89,6 +89,7 @@ async def serve_user(conn_id: str, local: LocalApp, proxy: tuple[str, int], time
         except OSError as exc:
             raise ProxyFailed(f"{why(exc)} at {proxy[0]}:{proxy[1]}") from None
         try:
+            # --8<-- [start:ok]
             # The first line names the user this connection is for; the server pairs by it.
             await write_message(proxy_writer, Proxy(conn_id))
             # Relay nothing before the server confirms: its refusal (`error unknown or
@@ -98,6 +99,7 @@ async def serve_user(conn_id: str, local: LocalApp, proxy: tuple[str, int], time
             if not isinstance(answer, Ok):
                 log.warning("conn %s: the server did not pair the proxy connection (%s)", short, answer)
                 return
+                # --8<-- [end:ok]
             up, down, activity = await relay(proxy_reader, proxy_writer, local_reader, local_writer, timeouts)
             elapsed = time.monotonic() - started
             ended = f" (closed: {activity.expired})" if activity.expired else ""

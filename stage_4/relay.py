@@ -71,6 +71,7 @@ async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, flow: Flow,
     activity.last = time.monotonic()  # a half-closed relay's clock starts now
 
 
+# --8<-- [start:watchdog]
 async def watchdog(
     activity: Activity, flows: tuple[Flow, Flow], timeouts: Timeouts, writers: tuple[asyncio.StreamWriter, ...]
 ) -> None:
@@ -87,6 +88,7 @@ async def watchdog(
         # Then look again: bytes may have moved meanwhile, or one direction ended, which
         # brings the (shorter) half-closed limit into play: so never sleep past it.
         await asyncio.sleep(min(remaining, timeouts.half_closed))
+        # --8<-- [end:watchdog]
 
 
 async def relay(

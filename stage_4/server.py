@@ -162,6 +162,7 @@ class Server:
         # never a buffer, however much it sends meanwhile.
         if hung_up(writer):
             return  # gone before we got to it (a flood, or a queue at the fd limit): nothing to serve
+        # --8<-- [start:refusals]
         if not self._sessions.connected:
             # A page that names the cause tells the user more than a closed connection.
             await self._refuse(reader, writer, peer, 502, "no tunnel client is connected to this server")
@@ -187,13 +188,16 @@ class Server:
             except Unavailable as exc:  # the client went away, or could not serve this user
                 await self._refuse(reader, writer, who, 502, str(exc))
                 return
+                # --8<-- [end:refusals]
             start_reading(writer)  # paired: now the user's bytes may flow
             up, down, activity = await relay(reader, writer, proxy_reader, proxy_writer, self.timeouts)
+        # --8<-- [start:request_log]
         elapsed = time.monotonic() - started
         # The request log: one line per public connection, like ngrok's list of requests.
         request = pages.summary(up.head, down.head)
         ended = f" (closed: {activity.expired})" if activity.expired else ""
         log.info("%s %s, %d bytes up, %d bytes down, %.3fs%s", who, request, up.copied, down.copied, elapsed, ended)
+        # --8<-- [end:request_log]
 
     async def _handle_proxy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         handed_over = False

@@ -85,11 +85,13 @@ class Sessions:
         """One control connection, from handshake to close: the task the control port spawns."""
         host, port = writer.get_extra_info("peername")[:2]
         peer, session = f"{host}:{port}", None
+        # --8<-- [start:handshake]
         try:
             self.throttle.check(host)  # an address that guessed wrong too often is not even challenged
             hello = await auth.server_handshake(reader, writer, self.secret, self.handshake_timeout)
             session = self._admit(hello, peer, writer)
             await write_message(writer, Welcome(session.session_id))
+            # --8<-- [end:handshake]
             await self._read_heartbeats(reader, writer)
         except TunnelError as exc:  # a wrong secret, a second client, a protocol error
             if isinstance(exc, AuthError):
@@ -112,6 +114,7 @@ class Sessions:
                 log.info("%s: control connection closed; the tunnel is free", peer)
             writer.close()
 
+    # --8<-- [start:admit]
     def _admit(self, hello: Hello, peer: str, writer: asyncio.StreamWriter) -> Session:
         """Give the tunnel to this connection, or raise Refused if another client holds it."""
         task = asyncio.current_task()
@@ -134,7 +137,9 @@ class Sessions:
         current.peer, current.writer, current.task = peer, writer, task
         old_task.cancel()
         return current
+        # --8<-- [end:admit]
 
+    # --8<-- [start:read_heartbeats]
     async def _read_heartbeats(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer the client's pings and take its reports, until it closes or falls silent."""
         while True:
@@ -152,3 +157,4 @@ class Sessions:
                         self._pairing.fail(conn_id, f"the tunnel client could not open a proxy connection: {reason}")
                     case _:
                         raise ProtocolError(f"unexpected message from a client: {message}")
+                        # --8<-- [end:read_heartbeats]

@@ -70,6 +70,7 @@ class Sessions:
         """One control connection, from handshake to close: the task the control port spawns."""
         host, port = writer.get_extra_info("peername")[:2]
         peer, session, mux = f"{host}:{port}", None, None
+        # --8<-- [start:handshake]
         try:
             self.throttle.check(host)  # an address that guessed wrong too often is not even challenged
             hello = await auth.server_handshake(reader, writer, self.secret, self.handshake_timeout)
@@ -77,6 +78,7 @@ class Sessions:
             # The welcome is the last line: from here on, both sides speak frames (frames.py).
             mux = Mux(reader, writer, peer="the client", heartbeat_timeout=self.heartbeat_timeout)
             await write_message(writer, Welcome(session.session_id))
+            # --8<-- [end:handshake]
             session.mux = mux
             await mux.run()  # until the client leaves, falls silent or breaks the protocol
         except TunnelError as exc:  # a wrong secret, a second client, a bad frame
@@ -101,6 +103,7 @@ class Sessions:
                 log.info("%s: tunnel connection closed; the tunnel is free", peer)
             writer.close()
 
+    # --8<-- [start:admit]
     def _admit(self, hello: Hello, peer: str, writer: asyncio.StreamWriter) -> Session:
         """Give the tunnel to this connection, or raise Refused if another client holds it."""
         task = asyncio.current_task()
@@ -123,6 +126,7 @@ class Sessions:
         current.peer, current.writer, current.task, current.mux = peer, writer, task, None
         old_task.cancel()  # its users' streams end with it: they ran on the old connection
         return current
+        # --8<-- [end:admit]
 
     @staticmethod
     async def _goodbye(
