@@ -22,17 +22,8 @@ from test_docs_site import CHROMIUM, OPEN_SHADOW_ROOTS, STAGES
 site = test_docs_site.site
 served = test_docs_site.served
 
-BROWSER_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-    "--allow-file-access-from-files",
-]
+# The docs site test's browser, which may also read the built site from disk (file://).
+BROWSER_ARGS = [*test_docs_site.BROWSER_ARGS, "--allow-file-access-from-files"]
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,17 @@ STAGES = sorted(int(p.name.removeprefix("stage_")) for p in ROOT.glob("stage_*")
 PAGES = ["index", *(f"stage-{n}" for n in STAGES), "protocol", "differences", "instructor"]
 PAGES += ["troubleshooting", "real-tunnels"]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Headless Chromium as root, talking to nothing but loopback (see FACTS: every flag is needed here).
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -174,16 +185,7 @@ def test_pages_render_in_chromium_with_no_network(site: Path, served: str, tmp_p
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-            ],
+            args=BROWSER_ARGS,
         )
         try:
             context = browser.new_context(viewport={"width": 1280, "height": 900})
