@@ -372,6 +372,12 @@ async def usage_error(cli: CliProcess.Factory, *args: str) -> str:
     return process.lines[-1]
 
 
+async def accepted(cli: CliProcess.Factory, *args: str) -> None:
+    """A command line the program must accept: with --help after it, argparse checks it all, then exits 0."""
+    process = await cli(*args, "--help")
+    assert await process.wait() == 0, process.output
+
+
 class Background:
     """Run a server's `serve()` coroutine as a task; cancel and await it on exit."""
 

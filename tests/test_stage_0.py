@@ -17,6 +17,7 @@ from support import (
     CliProcess,
     EchoServer,
     HttpOrigin,
+    accepted,
     exchange,
     free_port,
     http_request,
@@ -253,3 +254,9 @@ async def test_cli_out_of_range_numbers_are_a_one_line_usage_error(
     """Not an OverflowError traceback, and not a port silently wrapped around to another one."""
     error = await usage_error(cli, "-m", "stage_0.client", *args)
     assert f"error: argument {option}: " in error and repr(args[-1]) in error
+
+
+@pytest.mark.parametrize("args", [["localhost:1", "--port", "65535"], ["localhost:65535", "--port", "0"]])
+async def test_cli_the_edges_of_each_range_are_accepted(cli: CliProcess.Factory, args: list[str]) -> None:
+    """Range checks must not be off by one: port 1 and port 65535 are real ports (0: any free one)."""
+    await accepted(cli, "-m", "stage_0.client", *args)

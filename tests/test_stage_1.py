@@ -10,7 +10,7 @@ import stage_1.client
 from stage_1.client import Client
 from stage_1.protocol import TunnelError
 from stage_1.server import Server
-from support import STEP_TIMEOUT, Background, CliProcess, free_port, open_connection, usage_error
+from support import STEP_TIMEOUT, Background, CliProcess, accepted, free_port, open_connection, usage_error
 
 
 @pytest.fixture
@@ -186,6 +186,7 @@ async def test_cli_client_takes_the_control_port_in_server_as_host_port(
         (["--count", "-5"], "argument --count: "),
         (["--interval", "-1"], "argument --interval: "),
         (["--interval", "nan"], "argument --interval: "),
+        (["--interval", "inf"], "argument --interval: "),
     ],
 )
 async def test_cli_client_bad_numbers_are_a_one_line_usage_error(
@@ -199,3 +200,12 @@ async def test_cli_client_bad_numbers_are_a_one_line_usage_error(
 async def test_cli_server_out_of_range_port_is_a_one_line_usage_error(cli: CliProcess.Factory, port: str) -> None:
     error = await usage_error(cli, "-m", "stage_1.server", "--control-port", port)
     assert "error: argument --control-port: " in error and repr(port) in error
+
+
+@pytest.mark.parametrize(
+    ("program", "args"),
+    [("server", ["--control-port", "65535"]), ("client", ["localhost:65535", "--count", "1", "--interval", "0"])],
+)
+async def test_cli_the_edges_of_each_range_are_accepted(cli: CliProcess.Factory, program: str, args: list[str]) -> None:
+    """Range checks must not be off by one: port 65535 is a real port, an interval of 0 means "no pause"."""
+    await accepted(cli, "-m", f"stage_1.{program}", *args)

@@ -21,6 +21,7 @@ from support import (
     STEP_TIMEOUT,
     Background,
     CliProcess,
+    accepted,
     exchange,
     free_port,
     open_connection,
@@ -462,3 +463,12 @@ async def test_cli_server_out_of_range_numbers_are_a_one_line_usage_error(
     """Not an OverflowError traceback, and not a user who times out before waiting at all."""
     error = await usage_error(cli, "-m", "stage_2.server", option, value)
     assert f"error: argument {option}: " in error and repr(value) in error
+
+
+@pytest.mark.parametrize(
+    ("program", "args"),
+    [("server", ["--public-port", "65535", "--proxy-port", "0"]), ("client", ["localhost:1", "--proxy-port", "65535"])],
+)
+async def test_cli_the_edges_of_each_range_are_accepted(cli: CliProcess.Factory, program: str, args: list[str]) -> None:
+    """Range checks must not be off by one: port 1 and port 65535 are real ports (0: any free one)."""
+    await accepted(cli, "-m", f"stage_2.{program}", *args)
