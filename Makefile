@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAGES := stage_0 stage_1 stage_2 stage_3 stage_4 stage_5
+STAGES := stage_0 stage_1 stage_2 stage_3 stage_4 stage_5 stage_6
 
 .PHONY: help demo test lint pytest docs serve-docs bench nat-lab clean
 

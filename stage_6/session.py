@@ -1,0 +1,144 @@
+"""The server's side of the tunnel connections: who may hold a tunnel, and is its client still alive?
+
+Stage 5's session module kept one client. Now every client that connects gets a session of its
+own, and with it one tunnel (tunnels.py): the name or TCP port it asked for, if nobody holds it.
+
+- Auth: only a client that knows the secret gets in (the handshake is in auth.py), inside TLS.
+- Never locked out: a client coming back (it presents the session id and the tunnel we gave it)
+  takes its session over at once, even if its old connection still looks alive to us: a laptop
+  whose Wi-Fi dropped sends no FIN.
+- Kept for a while: when a client's connection ends, its tunnel stays reserved for the resume
+  window. Its users get a 502 page meanwhile; after the window, the name is anyone's again.
+- Heartbeats: a tunnel connection silent for longer than the heartbeat timeout is dead. Users
+  whose streams ran on it lose their connections, as in stage 5.
+"""
+
+import asyncio
+import logging
+import secrets
+
+from . import auth
+from .mux import Mux
+from .protocol import (
+    HEARTBEAT_TIMEOUT,
+    NETWORK_TIMEOUT,
+    RESUME_WINDOW,
+    AuthError,
+    Hello,
+    TunnelError,
+    Welcome,
+    say_goodbye,
+    write_message,
+)
+from .tunnels import Session, Tunnels
+
+log = logging.getLogger("stage_6.session")
+
+
+class Sessions:
+    """Admits clients on the control port, one session each, and keeps a lost client's tunnel for a while."""
+
+    def __init__(
+        self,
+        tunnels: Tunnels,
+        secret: str | None = None,
+        handshake_timeout: float = NETWORK_TIMEOUT,
+        heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
+        resume_window: float = RESUME_WINDOW,
+    ) -> None:
+        self.tunnels = tunnels
+        self.secret = secret or None  # an empty secret would be no secret at all
+        self.handshake_timeout = handshake_timeout
+        self.heartbeat_timeout = heartbeat_timeout
+        self.resume_window = resume_window
+        self.by_id: dict[str, Session] = {}
+        self.throttle = auth.Throttle()  # slows down anyone guessing the secret
+
+    async def handle_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One control connection, from handshake to close: the task the control port spawns."""
+        host, port = writer.get_extra_info("peername")[:2]
+        peer, session, mux = f"{host}:{port}", None, None
+        # --8<-- [start:handshake]
+        try:
+            self.throttle.check(host)  # an address that guessed wrong too often is not even challenged
+            hello = await auth.server_handshake(reader, writer, self.secret, self.handshake_timeout)
+            session = self._admit(hello, peer, writer)
+            # The welcome is the last line: from here on, both sides speak frames (frames.py).
+            mux = Mux(reader, writer, peer="the client", heartbeat_timeout=self.heartbeat_timeout)
+            await write_message(writer, Welcome(session.session_id, session.tunnel, session.url))
+            # --8<-- [end:handshake]
+            session.mux = mux
+            await mux.run()  # until the client leaves, falls silent or breaks the protocol
+        except TunnelError as exc:  # a wrong secret, a taken name, a bad frame
+            if isinstance(exc, AuthError):
+                self.throttle.failed(host)
+            # Tell the peer what went wrong, then hang up: a confused peer must
+            # not be able to keep a connection (and its buffer) alive.
+            log.warning("%s: %s; closing", peer, exc)
+            await self._goodbye(reader, writer, mux, str(exc))
+        except TimeoutError:
+            silence = f"no heartbeat for {self.heartbeat_timeout:g}s" if mux else "no handshake in time"
+            log.warning("%s: %s; closing", peer, silence)
+            await self._goodbye(reader, writer, mux, silence)
+        except OSError as exc:
+            log.info("%s: connection lost (%s)", peer, exc)
+        finally:
+            if mux is not None:
+                mux.close("the tunnel client disconnected")  # its users get a page or a reset
+            # Keep the tunnel for its client, unless a reconnect of the same client took it over.
+            if session is not None and session.writer is writer:
+                self._keep(session)
+            writer.close()
+
+    # --8<-- [start:admit]
+    def _admit(self, hello: Hello, peer: str, writer: asyncio.StreamWriter) -> Session:
+        """Give this connection its session: the one it resumes, or a new one with the tunnel it asks for."""
+        task = asyncio.current_task()
+        assert task is not None
+        known = self.by_id.get(hello.session_id) if hello.session_id else None
+        # The session id is a key to the tunnel (128 random bits), and must go with the same tunnel.
+        if known is not None and (known.kind, known.tunnel) == (hello.kind, hello.tunnel):
+            # The same client is back, so its old connection is dead, whatever TCP thinks:
+            # switch at once instead of making it wait for the heartbeat timeout.
+            log.info("%s: client resumed session %s (%s)", peer, known.session_id[:8], known.url)
+            if known.expiry is not None:
+                known.expiry.cancel()
+            if known.task is not None:
+                known.task.cancel()  # its users' streams end with it: they ran on the old connection
+            known.peer, known.writer, known.task, known.mux, known.expiry = peer, writer, task, None, None
+            return known
+        session = Session(secrets.token_hex(16), hello.kind, peer=peer, writer=writer, task=task)
+        self.tunnels.claim(hello, session)  # Refused if its name or port is someone else's
+        self.by_id[session.session_id] = session
+        log.info("%s: client connected (session %s): %s", peer, session.session_id[:8], session.url)
+        return session
+        # --8<-- [end:admit]
+
+    def _keep(self, session: Session) -> None:
+        """The session's connection ended: keep its tunnel for the resume window, then free it."""
+        session.writer, session.task, session.mux = None, None, None
+        kept = f"{session.url} is kept {self.resume_window:g}s for its client"
+        log.info("%s: tunnel connection closed; %s", session.peer, kept)
+        session.expiry = asyncio.get_running_loop().call_later(self.resume_window, self._expire, session)
+
+    def _expire(self, session: Session) -> None:
+        self.by_id.pop(session.session_id, None)
+        self.tunnels.release(session)
+        log.info("session %s ended: %s is free", session.session_id[:8], session.url)
+
+    def close(self) -> None:
+        """The server stops: end every session now (their connections are closed by the server)."""
+        for session in list(self.by_id.values()):
+            if session.expiry is not None:
+                session.expiry.cancel()
+            self._expire(session)
+
+    @staticmethod
+    async def _goodbye(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, mux: Mux | None, reason: str
+    ) -> None:
+        # Before the welcome, a peer reads lines (`error <reason>`); after it, frames (GO_AWAY).
+        if mux is None:
+            await say_goodbye(reader, writer, reason)
+        else:
+            await mux.goodbye(reason)
