@@ -8,6 +8,11 @@
   secret on both sides as its README recommends (in NGROK_SECRET, out of the command line);
 - `stage_5`: stage 5's server and client (every user over the client's one connection, no
   proxy port), with a secret too; "not present" while the repository has no stage_5/;
+- `stage_6`: stage 6's server and client with TLS on the client's connection (a private CA and
+  a server certificate made for each start by `stage_6.certs`, in the path's temp dir) and a
+  secret; the client asks for a TCP tunnel (`--tcp`), a public port of its own, read from the
+  server's "tcp port listening on" line: a TCP forward, as `ssh -R` is, that any load tool
+  reaches without a Host header;
 - `ssh`: OpenSSH's remote forward, the tunnel most developers already have: a throwaway
   `sshd` on a loopback port (host key, user key and config in a temp dir, no PAM, forwarding
   only) and `ssh -N -R 0:ORIGIN` as the client; skipped, with the reason, where it is missing.
@@ -35,12 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("stage_0", "stage_1", "stage_2", "stage_3", "stage_4", "stage_5")
-TUNNELS = ("stage_3", "stage_4", "stage_5")  # stages measured as a whole tunnel: server + client
-TUNNEL_ROLES = {"stage_5": ("control", "public")}  # stage 5 has no proxy port
+STAGES = ("stage_0", "stage_1", "stage_2", "stage_3", "stage_4", "stage_5", "stage_6")
+TUNNELS = ("stage_3", "stage_4", "stage_5", "stage_6")  # stages measured as a whole tunnel: server + client
+TUNNEL_ROLES = {"stage_5": ("control", "public"), "stage_6": ("control", "public")}  # no proxy port from 5 on
 DEFAULT_ROLES = ("control", "public", "proxy")
+TLS = ("stage_6",)  # TLS on the client's link: certificates made per start, a TCP tunnel's own port
 SECRET = "bench-secret-not-for-real-use"
-SECRETS = {"stage_4": SECRET, "stage_5": SECRET}  # stages with auth run with a secret, as users should
+SECRETS = {"stage_4": SECRET, "stage_5": SECRET, "stage_6": SECRET}  # stages with auth run with a secret
 LINKED = (*TUNNELS, "ssh")  # paths with a client-server link that can be slowed down
 HOST = "127.0.0.1"
 START_TIMEOUT = 15.0
@@ -257,18 +263,36 @@ class PathUnderTest:
                 raise PathUnavailable(f"not present: the repository has no {self.kind}/ yet")
             roles = TUNNEL_ROLES.get(self.kind, DEFAULT_ROLES)
             ports = [arg for role in roles for arg in (f"--{role}-port", "0")]
-            server = self._spawn("server", self._python(f"{self.kind}.server", "--host", HOST, *ports))
+            server_tls, client_tls = self._certificates() if self.kind in TLS else ([], [])
+            server = self._spawn("server", self._python(f"{self.kind}.server", "--host", HOST, *ports, *server_tls))
             bound = {role: int(server.wait_for(LISTENING.format(role=role))[2]) for role in roles}
             dialled = [role for role in roles if role != "public"]
             dial = zip(dialled, self._through_link([bound[role] for role in dialled]), strict=True)
             flags = [arg for role, port in dial for arg in (f"--{role}-port", str(port))]
-            self._spawn("client", self._python(f"{self.kind}.client", target, HOST, *flags))
+            self._spawn("client", self._python(f"{self.kind}.client", target, HOST, *flags, *client_tls))
+            if self.kind in TLS:  # the TCP tunnel's port, bound once the client is in
+                bound["public"] = int(server.wait_for(LISTENING.format(role="tcp"))[2])
             self.address = (HOST, bound["public"])
         elif self.kind == "ssh":
             self._start_ssh(origin)
         else:
             raise ValueError(f"unknown path kind {self.kind!r}")
         wait_until_served(self.address, self.processes)
+
+    def _certificates(self) -> tuple[list[str], list[str]]:
+        """A private CA and a server certificate for 127.0.0.1, made by the stage's certs module; the flags."""
+        assert self._work is not None
+        if not shutil.which("openssl"):
+            raise PathUnavailable("not installed: openssl, which makes the certificates (apt-get install openssl)")
+        certs = self._work / "certs"  # removed with the rest of the temp dir at stop
+        argv = [sys.executable, "-S", "-m", f"{self.kind}.certs", str(certs), HOST]
+        done = subprocess.run(
+            argv, cwd=self._links(), env=self._env(), capture_output=True, text=True, timeout=30, check=False
+        )
+        if done.returncode != 0:
+            raise PathUnavailable(f"{self.kind}.certs failed: {(done.stderr or done.stdout).strip()[-200:]}")
+        server = ["--cert", str(certs / "server.pem"), "--key", str(certs / "server.key")]
+        return server, ["--ca", str(certs / "ca.pem"), "--tcp"]
 
     def _through_link(self, ports: list[int]) -> list[int]:
         """The ports the client should dial to reach `ports`: the slow link's, when the path has one."""
@@ -337,10 +361,12 @@ class PathUnderTest:
         out = self.profile_dir / f"{self.label.replace(' ', '_')}-{module}-{self._starts}.prof"
         return [sys.executable, "-S", "-m", "cProfile", "-o", str(out), "-m", module, *args]
 
-    def _spawn(self, part: str, argv: list[str]) -> Process:
+    def _links(self) -> Path:
+        """The folder of symlinks the stages are imported from, also the working directory.
+
+        A copy given with --variant shadows the repository's stage there.
+        """
         assert self._work is not None
-        # Stages are imported from a folder of symlinks that is also the working
-        # directory, so a copy given with --variant shadows the repository's stage.
         links = self._work / "stages"
         links.mkdir(exist_ok=True)
         for stage in STAGES:
@@ -348,12 +374,19 @@ class PathUnderTest:
             source = self.stage_dir if stage == self.kind and self.stage_dir else ROOT / stage
             if not link.is_symlink() and source.is_dir():
                 link.symlink_to(source)
-        env = {**os.environ, "PYTHONPATH": str(links), "PYTHONUNBUFFERED": "1"}
+        return links
+
+    def _env(self) -> dict[str, str]:
+        env = {**os.environ, "PYTHONPATH": str(self._links()), "PYTHONUNBUFFERED": "1"}
         env.pop("NGROK_SECRET", None)  # a secret set in the shell must not change what is measured
         if secret := SECRETS.get(self.kind):
             env["NGROK_SECRET"] = secret
+        return env
+
+    def _spawn(self, part: str, argv: list[str]) -> Process:
+        assert self._work is not None
         role = f"{self.label} {part}" if part else self.label  # e.g. "stage 3 server"
-        process = Process.start(role, argv, self._work, links, env)
+        process = Process.start(role, argv, self._work, self._links(), self._env())
         self.processes.append(process)
         return process
 

@@ -49,7 +49,8 @@ METRICS = (
 RATIO_METRICS = [m for m in METRICS if m.field in ("mb_per_s", "rps")]
 SSH = "ssh -R"
 STAGE_5 = "stage 5"
-TUNNEL_LABELS = ("stage 3", "stage 4", STAGE_5)  # compared with ssh -R too
+STAGE_6 = "stage 6"
+TUNNEL_LABELS = ("stage 3", "stage 4", STAGE_5, STAGE_6)  # compared with ssh -R too
 CPU_ROWS = (
     ("bulk_up", "cpu_s_per_gb", "CPU per GB uploaded", "s"),
     ("bulk_down", "cpu_s_per_gb", "CPU per GB downloaded", "s"),
@@ -200,9 +201,10 @@ def markdown(report: Record) -> str:
                 ]
                 lines.append(f"| {label} ({unit}) | " + " | ".join(cells) + " |")
     others = [p for p in paths if p != "direct"]
-    if others and "direct" in paths:
-        columns = [(p, "direct") for p in others] + [(p, "socat") for p in others if p != "socat" and "socat" in paths]
-        columns += [(p, SSH) for p in others if p in TUNNEL_LABELS and SSH in paths]
+    columns = [(p, "direct") for p in others if "direct" in paths]
+    columns += [(p, "socat") for p in others if p != "socat" and "socat" in paths]
+    columns += [(p, SSH) for p in others if p in TUNNEL_LABELS and SSH in paths]
+    if columns:
         lines += ["", "**Ratios** (median of the per-round ratios; ↑ better)", ""]
         lines += ["| | " + " | ".join(f"{p} ÷ {ref}" for p, ref in columns) + " |", "|---|" + "---:|" * len(columns)]
         for metric in RATIO_METRICS:
@@ -217,17 +219,22 @@ def markdown(report: Record) -> str:
     slow = [p for p in paths if p in summary.get("ttfb_slow.p50_ms", {})]
     if "stage 4" in slow:
         ttfb_slow = next(m for m in METRICS if m.key == "ttfb_slow.p50_ms")
-        deltas = [(p, difference(records, ttfb_slow, "stage 4", p)) for p in slow if p != "stage 4"]
-        if deltas:
+        saved = [(p, difference(records, ttfb_slow, "stage 4", p)) for p in slow if p != "stage 4"]
+        if saved:
             lines += [
                 "",
                 "**Time to first byte over the 25 ms link, saved against stage 4** "
                 "(median of per-round differences; ↑ better)",
                 "",
             ]
-            lines += ["| " + " | ".join(f"{p}" for p, _ in deltas) + " |", "|" + "---:|" * len(deltas)]
-            lines.append("| " + " | ".join("—" if d is None else f"{d:.1f} ms" for _, d in deltas) + " |")
-    lines += ["", "**Goals** (stage 5's, from issue 17; a benchmark, not a test: each is met or not on this run)", ""]
+            lines += ["| " + " | ".join(f"{p}" for p, _ in saved) + " |", "|" + "---:|" * len(saved)]
+            lines.append("| " + " | ".join("—" if d is None else f"{d:.1f} ms" for _, d in saved) + " |")
+    lines += [
+        "",
+        "**Goals** (stage 5's from issue 17, stage 6's with TLS on the client link from issue 14; a benchmark, "
+        "not a test: each is met or not on this run)",
+        "",
+    ]
     lines += ["| Goal | measured | |", "|---|---:|---|"]
     for goal in report.get("goals", []):
         lines.append(
@@ -262,10 +269,11 @@ def _metric(key: str) -> Metric:
 
 
 def goals(report: Record) -> list[dict[str, str]]:
-    """Stage 5's goals (issue 17), each met, not met, or not measured (and why) on this run.
+    """Stage 5's goals (issue 17) and stage 6's (issue 14), each met, not met, or not measured (and why).
 
     Ratios and differences are medians of per-round figures, as in the tables. The other paths
-    (stages 0, 3 and 4) are kept simple rather than fast and have no goal.
+    (stages 0, 3 and 4) are kept simple rather than fast and have no goal. Stage 6's are against
+    ssh -R, which encrypts its link as stage 6 does.
     """
     records, summary, settings = report["measurements"], report["summary"], report["settings"]
     available = {p["label"]: p for p in report["paths"]}
@@ -287,9 +295,9 @@ def goals(report: Record) -> list[dict[str, str]]:
                 reasons.append(f"{label}: {path['reason']}")
         return "; ".join(reasons)
 
-    def against(scenario: str, field: str, reference: str, least: float, goal: str) -> None:
-        why = absent(STAGE_5, reference)
-        value = None if why else ratio(records, _metric(f"{scenario}.{field}"), STAGE_5, reference)
+    def against(scenario: str, field: str, reference: str, least: float, goal: str, path: str = STAGE_5) -> None:
+        why = absent(path, reference)
+        value = None if why else ratio(records, _metric(f"{scenario}.{field}"), path, reference)
         why = why or f"no {scenario} figures for both"
         add(goal, value, None if value is None else value >= least, f"{value or 0:.2f}x", why)
 
@@ -327,10 +335,15 @@ def goals(report: Record) -> list[dict[str, str]]:
     found = list(values(records, "fairness", "p99_ratio", STAGE_5).values())
     fair = statistics.median(found) if found and not why else None
     add(goal, fair, None if fair is None else fair <= 2, f"{fair or 0:.2f}x", why or "no fairness figures")
+
+    tls = "(TLS on the client link; ssh -R encrypts too)"
+    against("bulk_up", "mb_per_s", SSH, 1.0, f"stage 6 bulk upload ≥ 1.0x ssh -R {tls}", STAGE_6)
+    against("bulk_down", "mb_per_s", SSH, 1.0, f"stage 6 bulk download ≥ 1.0x ssh -R {tls}", STAGE_6)
+    against("ab", "rps", SSH, 1.0, f"stage 6 new connections/s ≥ 1.0x ssh -R {tls}", STAGE_6)
     return out
 
 
-COLORS = ("#6b7280", "#2563eb", "#16a34a", "#d97706", "#9333ea", "#dc2626", "#0891b2")
+COLORS = ("#6b7280", "#2563eb", "#16a34a", "#d97706", "#9333ea", "#dc2626", "#0891b2", "#be185d")
 
 
 def svg_chart(report: Record) -> str:

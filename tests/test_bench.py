@@ -1,8 +1,8 @@
 """The benchmark still runs: its smallest mode end to end, so the bench code cannot rot.
 
 No speed is asserted (a test cannot know how fast this machine is); what is checked is
-that every path and scenario produced numbers, that stage 5's goals are each reported as
-met, not met or not measured, that the slow link really adds its delay (a lower bound
+that every path and scenario produced numbers, that stage 5's and stage 6's goals are each
+reported as met, not met or not measured, that the slow link really adds its delay (a lower bound
 that holds on any machine), that the reports are written, and that an interrupted run
 leaves no process behind.
 """
@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MISSING = [tool for tool in ("socat", "wrk", "ab") if shutil.which(tool) is None]
 HAS_SSH = bool(shutil.which("ssh") and (shutil.which("sshd") or shutil.which("sshd", path="/usr/sbin")))
 HAS_STAGE_5 = (ROOT / "stage_5" / "__init__.py").is_file()
-LINKED = {"ssh -R", "stage 3", "stage 4", "stage 5"}  # paths with a client-server link to slow down
+HAS_STAGE_6 = (ROOT / "stage_6" / "__init__.py").is_file()
+HAS_OPENSSL = bool(shutil.which("openssl"))  # stage 6's certificates are made with it
+LINKED = {"ssh -R", "stage 3", "stage 4", "stage 5", "stage 6"}  # paths with a client-server link to slow down
 GOAL_STATES = {"met", "not met", "not measured"}
 
 needs_tools = pytest.mark.skipif(
@@ -52,7 +54,8 @@ def test_smallest_run_measures_every_path_and_writes_the_reports(tmp_path: Path)
     assert done.returncode == 0, done.stderr[-2000:]
     paths = report["paths"]
     assert isinstance(paths, list)
-    assert [p["label"] for p in paths] == ["direct", "socat", "ssh -R", "stage 0", "stage 3", "stage 4", "stage 5"]
+    labels = ["direct", "socat", "ssh -R", "stage 0", "stage 3", "stage 4", "stage 5", "stage 6"]
+    assert [p["label"] for p in paths] == labels
     # A path may be skipped only for a reason outside the repository, named in the report;
     # a stage of the repository that fails to start fails this test instead of dropping out.
     reasons = {p["label"]: p["reason"] for p in paths if not p["available"]}
@@ -61,6 +64,10 @@ def test_smallest_run_measures_every_path_and_writes_the_reports(tmp_path: Path)
         expected["ssh -R"] = "not installed: "
     if not HAS_STAGE_5:
         expected["stage 5"] = "not present: "
+    if not HAS_STAGE_6:
+        expected["stage 6"] = "not present: "
+    elif not HAS_OPENSSL:
+        expected["stage 6"] = "not installed: openssl"
     assert {label: reason[: len(expected.get(label, ""))] for label, reason in reasons.items()} == expected
     available = [p["label"] for p in paths if p["available"]]
     measurements = report["measurements"]
@@ -87,15 +94,23 @@ def test_smallest_run_measures_every_path_and_writes_the_reports(tmp_path: Path)
     assert "| Fairness: p99 beside the download ÷ idle p99 (x) ↓" in markdown
     if HAS_SSH:
         assert "stage 4 ÷ ssh -R" in markdown
-    # Stage 5's goals: each one met, not met or not measured, never silently absent.
+        assert ("stage 6 ÷ ssh -R" in markdown) == ("stage 6" in available)
+    # Stage 5's goals and stage 6's (TLS, against ssh -R): each one met, not met or not measured,
+    # never silently absent; stage 6's are measured whenever stage 6 and ssh -R both ran.
     goals = report["goals"]
-    assert isinstance(goals, list) and len(goals) == 7
+    assert isinstance(goals, list) and len(goals) == 10
+    tls_goals = [g for g in goals if g["goal"].startswith("stage 6 ")]
+    assert len(tls_goals) == 3
+    if {"stage 6", "ssh -R"} <= set(available):
+        assert all(g["status"] in ("met", "not met") for g in tls_goals), tls_goals
     assert {g["status"] for g in goals} <= GOAL_STATES
     assert "| Goal | measured | |" in markdown
     memory = next(g for g in goals if "memory" in g["goal"])
     assert memory["status"] == "not measured" and "held 20" in memory["note"]  # smoke holds 20, the goal 1000
-    if not HAS_STAGE_5:
-        assert all(g["status"] == "not measured" and "not present" in g["note"] for g in goals)
+    for stage, present in (("stage 5", HAS_STAGE_5), ("stage 6", HAS_STAGE_6)):
+        if not present:
+            mine = [g for g in goals if g["goal"].startswith(stage + " ")]
+            assert all(g["status"] == "not measured" and "not present" in g["note"] for g in mine)
     assert ET.fromstring((tmp_path / "latest.svg").read_text()).tag.endswith("svg")
 
 
@@ -116,8 +131,11 @@ def test_a_path_that_cannot_start_is_reported_not_measured(tmp_path: Path) -> No
     assert "**broken: not measured.**" in markdown
     assert all(m["path"] == "direct" for m in report["measurements"])
     # A goal whose path did not run is "not measured", with the reason, never met or not met.
-    assert all(g["status"] == "not measured" and "stage 5 was not in this run" in g["note"] for g in report["goals"])
+    for goal in report["goals"]:
+        stage = goal["goal"][: len("stage 5")]  # each goal names its stage first
+        assert goal["status"] == "not measured" and f"{stage} was not in this run" in goal["note"], goal
     assert "| not measured: stage 5 was not in this run" in markdown
+    assert "| not measured: stage 6 was not in this run" in markdown
 
 
 def _descendants(root: int) -> dict[int, str]:
