@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import http.server
 import importlib
+import importlib.util
 import os
 import re
 import signal
@@ -20,6 +21,8 @@ from types import TracebackType
 from typing import Any, Self
 
 import pytest
+
+import tls_certs
 
 # Every await in a test that depends on a peer gets this bound, so a bug
 # fails the test quickly instead of hanging it until the global timeout.
@@ -241,20 +244,24 @@ async def http_request(port: int, request: bytes, host: str = "127.0.0.1") -> tu
     return status, head, body
 
 
-def _urlopen(url: str, data: bytes | None) -> tuple[int, bytes]:
+def _urlopen(url: str, data: bytes | None, host: str | None) -> tuple[int, bytes]:
     # A real HTTP client, with proxies from the environment switched off: this is loopback.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url, data=data, headers={"Host": host} if host else {})
     try:
-        with opener.open(url, data=data, timeout=STEP_TIMEOUT) as response:
+        with opener.open(request, timeout=STEP_TIMEOUT) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         with error:
             return error.code, error.read()
 
 
-async def http_get(port: int, path: str = "/", data: bytes | None = None) -> tuple[int, bytes]:
-    """GET (or POST `data`) http://127.0.0.1:PORT/PATH with urllib in a thread; return (status, body)."""
-    return await asyncio.to_thread(_urlopen, f"http://127.0.0.1:{port}{path}", data)
+async def http_get(port: int, path: str = "/", data: bytes | None = None, host: str | None = None) -> tuple[int, bytes]:
+    """GET (or POST `data`) http://127.0.0.1:PORT/PATH with urllib in a thread; return (status, body).
+
+    `host`: the Host header to send instead (`myapp.localhost:PORT`: a stage 6 tunnel's name).
+    """
+    return await asyncio.to_thread(_urlopen, f"http://127.0.0.1:{port}{path}", data, host)
 
 
 def hear_ctrl_c() -> None:
@@ -435,3 +442,69 @@ def server_port_flags(stage: str) -> list[str]:
 def client_port_flags(ports: dict[str, int]) -> list[str]:
     """`--control-port N [--proxy-port M]` for a client of a server whose ports are `ports` (role -> port)."""
     return [flag for role in ("control", "proxy") if role in ports for flag in (f"--{role}-port", str(ports[role]))]
+
+
+# --- what differs from stage 6 on: TLS on the client's connection, and a tunnel per client ------
+# The shared tests relay raw bytes, so from stage 6 on they ask for a TCP tunnel: the port the
+# server opens for it carries users' bytes as the public port of stages 2 to 5 did (the HTTP
+# port would want a Host header first; tests/test_stage_6.py tests it). The server's certificate
+# and the CA the client trusts are the test session's (tls_certs.py).
+
+
+def has_tls(stage: str) -> bool:
+    """True if the stage's client connects over TLS and asks for a tunnel of its own (stage 6 on)."""
+    return importlib.util.find_spec(f"{stage}.tls") is not None
+
+
+def server_options(stage: str) -> dict[str, Any]:
+    """Keyword arguments the stage's Server needs besides its timeouts: the certificate, from stage 6 on."""
+    return {"tls": tls_certs.server_context()} if has_tls(stage) else {}
+
+
+def client_options(stage: str) -> dict[str, Any]:
+    """Keyword arguments the stage's Client needs: the CA it trusts and a TCP tunnel, from stage 6 on."""
+    return {"tls": tls_certs.client_context(), "tcp": True} if has_tls(stage) else {}
+
+
+async def users_port(ports: Any, client: Any) -> int:
+    """The port users connect to: the server's public port, or the TCP tunnel's port `client` got (stage 6 on)."""
+    if getattr(client, "kind", None) != "tcp":
+        return int(ports.public)
+    async with asyncio.timeout(STEP_TIMEOUT):
+        await client.connected.wait()
+    return int(client.tunnel)
+
+
+def server_flags(stage: str) -> list[str]:
+    """The server's command line: every port 0, and from stage 6 on the certificate and key."""
+    return server_port_flags(stage) + tls_flags(stage)
+
+
+def tls_flags(stage: str) -> list[str]:
+    """`--cert FILE --key FILE` for the server of stage 6 on; nothing before."""
+    files = tls_certs.certs()
+    return ["--cert", str(files.cert), "--key", str(files.key)] if has_tls(stage) else []
+
+
+def client_flags(stage: str, ports: dict[str, int]) -> list[str]:
+    """The client's command line for a server whose ports are `ports`; from stage 6 on the CA and a TCP tunnel."""
+    return client_port_flags(ports) + (["--ca", str(tls_certs.certs().ca), "--tcp"] if has_tls(stage) else [])
+
+
+async def cli_users_port(stage: str, server: CliProcess, ports: dict[str, int]) -> int:
+    """The port users connect to, from the server's log: the public port, or the TCP tunnel's (stage 6 on)."""
+    return await server.listening("tcp") if has_tls(stage) else ports["public"]
+
+
+async def control_connection(stage: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw connection to the control port, as the stage's client opens it: over TLS from stage 6 on."""
+    async with asyncio.timeout(STEP_TIMEOUT):
+        if has_tls(stage):
+            return await asyncio.open_connection("127.0.0.1", port, ssl=tls_certs.client_context())
+        return await asyncio.open_connection("127.0.0.1", port)
+
+
+def hello(stage: str) -> Any:
+    """What `auth.client_handshake` takes after the secret: a session id (None here), or a Hello from stage 6 on."""
+    protocol = importlib.import_module(f"{stage}.protocol")
+    return protocol.Hello("tcp") if has_tls(stage) else None

@@ -20,7 +20,20 @@ from dataclasses import dataclass, field
 import pytest
 from hardening import HARDENED, MiB, stage_module
 
-from support import STEP_TIMEOUT, Background, LocalServer, any_ports, client_ports, pattern_bytes
+from support import (
+    STEP_TIMEOUT,
+    Background,
+    LocalServer,
+    any_ports,
+    client_options,
+    client_ports,
+    control_connection,
+    has_tls,
+    hello,
+    pattern_bytes,
+    server_options,
+    users_port,
+)
 
 SECRET = "backpressure-tests"
 SMALL = 16 * 1024  # the socket buffers of the narrow pipe and of the local app
@@ -104,17 +117,17 @@ async def start_tunnel(stage: str, local_port: int, running: contextlib.AsyncExi
     Returns the public port.
     """
     server_module, client_module = stage_module(stage, "server"), stage_module(stage, "client")
-    tunnel_server = server_module.Server(secret=SECRET, **server)
+    tunnel_server = server_module.Server(secret=SECRET, **server, **server_options(stage))
     ports = await tunnel_server.listen("127.0.0.1", *any_ports(stage))
     await running.enter_async_context(Background(tunnel_server.serve()))
     *control, data_port = client_ports(ports)  # the last port the client takes carries the users' bytes
     pipe = await running.enter_async_context(NarrowPipe(data_port))
     local = ("127.0.0.1", local_port)
-    client = client_module.Client(local, "127.0.0.1", *control, pipe.port, secret=SECRET)
+    client = client_module.Client(local, "127.0.0.1", *control, pipe.port, secret=SECRET, **client_options(stage))
     await running.enter_async_context(Background(client.run()))
     async with asyncio.timeout(STEP_TIMEOUT):
         await client.connected.wait()
-    return int(ports.public)
+    return await users_port(ports, client)
 
 
 @dataclass
@@ -235,16 +248,17 @@ async def test_users_waiting_for_a_stalled_client_each_hold_a_bounded_amount(sta
     bound = data_limit + 64 * 1024  # plus what a connection costs: a transport, a task, the protocol objects
     auth = stage_module(stage, "auth")
     async with contextlib.AsyncExitStack() as running:
-        tunnel_server = stage_module(stage, "server").Server(secret=SECRET, proxy_timeout=60.0)
+        tunnel_server = stage_module(stage, "server").Server(secret=SECRET, proxy_timeout=60.0, **server_options(stage))
         ports = await tunnel_server.listen("127.0.0.1", *any_ports(stage))
         await running.enter_async_context(Background(tunnel_server.serve()))
-        reader, writer = await asyncio.open_connection("127.0.0.1", ports.control)
+        reader, writer = await control_connection(stage, ports.control)
         running.callback(writer.close)
         async with asyncio.timeout(STEP_TIMEOUT):
-            await auth.client_handshake(reader, writer, SECRET, None)  # then silence: a stalled client
+            welcome = await auth.client_handshake(reader, writer, SECRET, hello(stage))  # then silence: stalled
         await asyncio.sleep(0.2)
         before = tracemalloc.get_traced_memory()[0]
-        senders = [Sender(await connect_raw(ports.public), 8 * MiB) for _ in range(users)]
+        public = int(welcome.tunnel) if has_tls(stage) else ports.public  # from stage 6 on: its TCP tunnel
+        senders = [Sender(await connect_raw(public), 8 * MiB) for _ in range(users)]
         for sender in senders:
             running.callback(sender.sock.close)
         tasks = [asyncio.create_task(sender.run()) for sender in senders]

@@ -18,7 +18,16 @@ from pathlib import Path
 import pytest
 from hardening import HARDENED, cpu_seconds, has_proc
 
-from support import STEP_TIMEOUT, CliProcess, EchoServer, client_port_flags, exchange, port_roles, server_port_flags
+from support import (
+    STEP_TIMEOUT,
+    CliProcess,
+    EchoServer,
+    cli_users_port,
+    client_flags,
+    exchange,
+    port_roles,
+    server_flags,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "fd-limit-tests-secret"
@@ -86,7 +95,7 @@ def soft_nofile(pid: int) -> int:
 
 
 async def start_server(start: CliProcess.Factory, stage: str, nofile: str) -> tuple[CliProcess, dict[str, int]]:
-    server = await start(nofile, "-m", f"{stage}.server", *server_port_flags(stage))
+    server = await start(nofile, "-m", f"{stage}.server", *server_flags(stage))
     return server, {role: await server.listening(role) for role in port_roles(stage)}
 
 
@@ -133,13 +142,14 @@ async def test_at_its_descriptor_limit_the_server_does_not_spin_and_recovers(
     server, ports = await start_server(under_limit, stage, f"{LIMIT}:{LIMIT}")
     client = await cli(
         "-m", f"{stage}.client", f"127.0.0.1:{echo_server.port}", "127.0.0.1",
-        *client_port_flags(ports), env={"NGROK_SECRET": SECRET},
+        *client_flags(stage, ports), env={"NGROK_SECRET": SECRET},
     )  # fmt: skip
     await client.expect("tunnel up")
-    assert await exchange(ports["public"], b"before") == b"before"
+    public = await cli_users_port(stage, server, ports)  # from stage 6 on, the client's TCP tunnel
+    assert await exchange(public, b"before") == b"before"
     logged_before = log_size(server)
 
-    attackers = await hold(ports["public"], ATTACKERS)
+    attackers = await hold(public, ATTACKERS)
     try:
         await asyncio.sleep(1.0)  # let the server accept what it can and reach its limit
         pid = server.process.pid
@@ -155,7 +165,7 @@ async def test_at_its_descriptor_limit_the_server_does_not_spin_and_recovers(
 
     recovered_at = time.monotonic()
     async with asyncio.timeout(RECOVERY):
-        answer = await exchange(ports["public"], b"after")
+        answer = await exchange(public, b"after")
     recovery = time.monotonic() - recovered_at
     print(f"a normal user was served {recovery:.2f} s after the attackers left")
     tail = "\n".join(server.lines[-20:])

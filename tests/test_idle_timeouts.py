@@ -21,8 +21,12 @@ from support import (
     EchoServer,
     LocalServer,
     any_ports,
+    client_options,
     client_ports,
     open_connection,
+    server_flags,
+    server_options,
+    users_port,
 )
 
 SECRET = "idle-timeout-tests"
@@ -46,16 +50,17 @@ async def tunnel(stage: str) -> AsyncIterator[Tunnel]:
     async with contextlib.AsyncExitStack() as running:
 
         async def start(local_port: int, server: dict[str, Any], client: dict[str, Any]) -> int:
-            tunnel_server = stage_module(stage, "server").Server(secret=SECRET, **server)
+            tunnel_server = stage_module(stage, "server").Server(secret=SECRET, **server, **server_options(stage))
             ports = await tunnel_server.listen("127.0.0.1", *any_ports(stage))
             await running.enter_async_context(Background(tunnel_server.serve()))
+            local, options = ("127.0.0.1", local_port), client_options(stage)
             tunnel_client = stage_module(stage, "client").Client(
-                ("127.0.0.1", local_port), "127.0.0.1", *client_ports(ports), secret=SECRET, **client
+                local, "127.0.0.1", *client_ports(ports), secret=SECRET, **client, **options
             )
             await running.enter_async_context(Background(tunnel_client.run()))
             async with asyncio.timeout(STEP_TIMEOUT):
                 await tunnel_client.connected.wait()
-            return int(ports.public)
+            return await users_port(ports, tunnel_client)
 
         yield start
 
@@ -138,7 +143,8 @@ async def test_a_half_closed_relay_whose_other_direction_stays_silent_is_closed(
 async def test_both_timeouts_are_command_line_options_checked_for_range(
     cli: CliProcess.Factory, stage: str, program: str
 ) -> None:
-    local = [] if program == "server" else ["127.0.0.1:8000"]
+    # A whole command line, so that only the flag under test can make it fail (stage 6's server needs a certificate).
+    local = server_flags(stage) if program == "server" else ["127.0.0.1:8000"]
     shown = await cli("-m", f"{stage}.{program}", *local, "--help")
     assert await shown.wait() == 0, shown.output
     for flag in ("--idle-timeout", "--half-closed-timeout"):

@@ -21,7 +21,7 @@ from hardening import HARDENED, MiB, RssWatch, has_proc
 from link_lab import RATE, SERVER_IP, START_BURST, START_RATE, LinkLab
 
 from nat_lab import APP_PORT, CONTROL_PORT, PROXY_PORT, PUBLIC_PORT, LabProcess
-from support import client_port_flags, port_roles
+from support import client_flags, has_tls, port_roles, tls_flags
 
 REASON = link_lab.probe() if has_proc() else "needs Linux /proc to read the processes' memory"
 
@@ -34,6 +34,8 @@ ALARM = 4 * RSS_LIMIT
 # 36 s of link time (1 GiB at ~236 Mbit/s of payload), the stall and the start-up, with room for a
 # loaded machine.
 RUN_TIMEOUT = 150.0
+# From stage 6 on, users reach the client's TCP tunnel, on a port the server picks and logs.
+TCP_TUNNEL = r"tcp port listening on \S+:(\d+)"
 
 pytestmark = [
     pytest.mark.slow,
@@ -61,23 +63,30 @@ class Transfer:
         )
 
 
-async def start_tunnel(lab: LinkLab, stage: str) -> tuple[LabProcess, LabProcess]:
-    """The stage's server on the server host and its client at home, sharing a secret; wait until the tunnel is up."""
+async def start_tunnel(lab: LinkLab, stage: str) -> tuple[LabProcess, LabProcess, int]:
+    """The stage's server on the server host and its client at home, sharing a secret; wait until the tunnel is up.
+
+    Returns them and the port users connect to: the public port, or from stage 6 on the client's TCP tunnel's.
+    """
     env = {"NGROK_SECRET": secrets.token_urlsafe(16)}
     # The users' bytes cross the link on the proxy connections (stage 5: on the client's one connection).
     ports = {"control": CONTROL_PORT, "public": PUBLIC_PORT, "proxy": PROXY_PORT}
     ports = {role: ports[role] for role in port_roles(stage)}
-    flags = [flag for role, port in ports.items() for flag in (f"--{role}-port", str(port))]
+    flags = [flag for role, port in ports.items() for flag in (f"--{role}-port", str(port))] + tls_flags(stage)
     server = await lab.start("server", "server", "-m", f"{stage}.server", "--host", SERVER_IP, *flags, env=env)
     for role, port in ports.items():
         await server.expect(rf"{role} port listening on {re.escape(SERVER_IP)}:{port}")
     del ports["public"]
     local = f"127.0.0.1:{APP_PORT}"
     client = await lab.start(
-        "home", "client", "-m", f"{stage}.client", local, SERVER_IP, *client_port_flags(ports), env=env
+        "home", "client", "-m", f"{stage}.client", local, SERVER_IP, *client_flags(stage, ports), env=env
     )
     await client.expect(r"tunnel up")
-    return server, client
+    if not has_tls(stage):
+        return server, client, PUBLIC_PORT
+    match = re.search(TCP_TUNNEL, await server.expect(TCP_TUNNEL))  # expect() returns the line
+    assert match is not None
+    return server, client, int(match[1])
 
 
 async def transfer(stage: str, upload: bool) -> Transfer:
@@ -91,12 +100,12 @@ async def transfer(stage: str, upload: bool) -> Transfer:
         receive = ["--receive", "--stall", str(STALL)]
         app = await lab.peer("home", "app", "--listen", f"127.0.0.1:{APP_PORT}", *(receive if upload else send))
         await app.expect("listening")
-        server, client = await start_tunnel(lab, stage)
+        server, client, users_port = await start_tunnel(lab, stage)
         pids = {"server": server.process.pid, "client": client.process.pid}
         async with RssWatch(pids, alarm=ALARM) as watch:
             started = time.monotonic()
             # The user sends from its first byte: the bytes arrive before its proxy connection does.
-            public = f"{SERVER_IP}:{PUBLIC_PORT}"
+            public = f"{SERVER_IP}:{users_port}"
             user = await lab.peer("server", "user", "--connect", public, *(send if upload else receive))
             ended = asyncio.ensure_future(asyncio.gather(user.process.wait(), app.process.wait()))
             alarm = asyncio.ensure_future(watch.alarm.wait())

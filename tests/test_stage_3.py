@@ -23,21 +23,27 @@ from support import (
     EchoServer,
     HttpOrigin,
     any_ports,
-    client_port_flags,
+    cli_users_port,
+    client_flags,
+    client_options,
     client_ports,
     exchange,
     free_port,
     has_proxy_port,
+    has_tls,
     http_get,
     open_connection,
     pattern_bytes,
     port_roles,
+    server_flags,
+    server_options,
     server_port_flags,
     sha256,
+    users_port,
 )
 
 # Each stage with a private connection; a new stage joins by being added here.
-PRIVATE_STAGES = ("stage_3", "stage_4", "stage_5")
+PRIVATE_STAGES = ("stage_3", "stage_4", "stage_5", "stage_6")
 
 # Starts a tunnel of the stage in front of a local app on the given port; returns the public port.
 StartTunnel = Callable[[int], Awaitable[int]]
@@ -58,14 +64,15 @@ async def start_tunnel(stage: str) -> AsyncIterator[StartTunnel]:
     async with contextlib.AsyncExitStack() as running:
 
         async def start(local_port: int) -> int:
-            server: Any = server_module.Server()
+            server: Any = server_module.Server(**server_options(stage))
             ports = await server.listen("127.0.0.1", *any_ports(stage))
             await running.enter_async_context(Background(server.serve()))
-            client = client_module.Client(("127.0.0.1", local_port), "127.0.0.1", *client_ports(ports))
+            local = ("127.0.0.1", local_port)
+            client = client_module.Client(local, "127.0.0.1", *client_ports(ports), **client_options(stage))
             await running.enter_async_context(Background(client.run()))
             async with asyncio.timeout(STEP_TIMEOUT):
                 await client.connected.wait()
-            return int(ports.public)
+            return await users_port(ports, client)
 
         yield start
 
@@ -168,10 +175,12 @@ async def test_cli_server_and_client_serve_the_local_app_and_stop_on_ctrl_c(
     cli: CliProcess.Factory, http_origin: HttpOrigin, stage: str
 ) -> None:
     """The stage page's recipe: a server, a client in front of the local app, a browser."""
-    server = await cli("-m", f"{stage}.server", *server_port_flags(stage))
+    server = await cli("-m", f"{stage}.server", *server_flags(stage))
     ports = {role: await server.listening(role) for role in port_roles(stage)}
-    client = await cli("-m", f"{stage}.client", f"localhost:{http_origin.port}", "127.0.0.1", *client_port_flags(ports))
-    public = ports["public"]
+    client = await cli(
+        "-m", f"{stage}.client", f"localhost:{http_origin.port}", "127.0.0.1", *client_flags(stage, ports)
+    )
+    public = await cli_users_port(stage, server, ports)
     await client.expect("tunnel up")
     assert await http_get(public, "/docs") == (200, PAGE)
     assert await client.interrupt() == 0
@@ -182,11 +191,13 @@ async def test_cli_server_and_client_serve_the_local_app_and_stop_on_ctrl_c(
 async def test_cli_demo_prints_a_public_url_that_serves_the_demo_page(cli: CliProcess.Factory, stage: str) -> None:
     """`python -m stage_N`: zero setup, one command (ports 0 here, so that tests never collide)."""
     demo = await cli("-m", stage, *server_port_flags(stage))
-    url = (await demo.expect(r"public URL: (http://127\.0\.0\.1:(\d+)/)"))[1]
-    await demo.expect(rf"curl {re.escape(url)}hello")
-    status, body = await http_get(int(url.rsplit(":", 1)[1].strip("/")), "/hello/tunnel")
+    # From stage 6 on, the demo's tunnels have names: its first URL is http://hello.localhost:PORT/.
+    host = r"hello\.localhost" if has_tls(stage) else r"127\.0\.0\.1"
+    url, named, port = (await demo.expect(rf"(http://({host}):(\d+)/)")).groups()
+    await demo.expect(rf"curl {re.escape(url)}")
+    status, body = await http_get(int(port), "/hello/tunnel", host=f"{named}:{port}")
     assert status == 200
-    assert b"Hello through the tunnel!" in body
+    assert re.search(rb"<h1>Hello .*through the tunnel!</h1>", body), body
     assert b"GET /hello/tunnel" in body
     assert await demo.interrupt() == 0
     assert "Traceback" not in demo.output
@@ -217,22 +228,24 @@ async def test_cli_out_of_range_numbers_are_one_line_usage_errors(
     cli: CliProcess.Factory, stage: str, program: str, args: list[str]
 ) -> None:
     """A port of 99999 must not end in an OverflowError traceback, nor wrap around to another port."""
-    if "--proxy-port" in args and not has_proxy_port(stage):
-        pytest.skip(f"{stage} has no proxy port")
     process = await cli("-m", f"{stage}.{program}".rstrip("."), *args)
     assert await process.wait() == 2
-    assert re.search(r"error: argument [-\w]+: expected a (port|number of seconds)", process.output), process.output
+    if "--proxy-port" in args and not has_proxy_port(stage):  # from stage 5 on there is none: an unknown flag
+        assert "unrecognized arguments: --proxy-port 70000" in process.output, process.output
+    else:
+        assert re.search(r"error: argument [-\w]+: expected a (port|number of seconds)", process.output), process.output
     assert "Traceback" not in process.output
 
 
 async def test_cli_client_takes_the_control_port_in_server_as_host_port(
     cli: CliProcess.Factory, http_origin: HttpOrigin, stage: str
 ) -> None:
-    server = await cli("-m", f"{stage}.server", *server_port_flags(stage))
+    server = await cli("-m", f"{stage}.server", *server_flags(stage))
     ports = {role: await server.listening(role) for role in port_roles(stage)}
-    control, public = ports.pop("control"), ports["public"]
+    control = ports.pop("control")
     client = await cli(
-        "-m", f"{stage}.client", f"localhost:{http_origin.port}", f"127.0.0.1:{control}", *client_port_flags(ports)
+        "-m", f"{stage}.client", f"localhost:{http_origin.port}", f"127.0.0.1:{control}", *client_flags(stage, ports)
     )
+    public = await cli_users_port(stage, server, ports)
     await client.expect("tunnel up")
     assert await http_get(public) == (200, PAGE)

@@ -14,7 +14,18 @@ from contextlib import AbstractAsyncContextManager
 
 import pytest
 
-from support import STEP_TIMEOUT, Background, EchoServer, any_ports, client_ports, exchange, open_connection
+from support import (
+    STEP_TIMEOUT,
+    Background,
+    EchoServer,
+    any_ports,
+    client_options,
+    client_ports,
+    exchange,
+    open_connection,
+    server_options,
+    users_port,
+)
 
 Starter = Callable[[EchoServer], AbstractAsyncContextManager[int]]
 
@@ -40,13 +51,14 @@ def private_tunnel(stage: str, **secret: str) -> Starter:
     async def start(echo_server: EchoServer) -> AsyncIterator[int]:
         server_module = importlib.import_module(f"{stage}.server")
         client_module = importlib.import_module(f"{stage}.client")
-        server = server_module.Server(**secret)
+        server = server_module.Server(**secret, **server_options(stage))
         ports = await server.listen("127.0.0.1", *any_ports(stage))
         local_app = ("127.0.0.1", echo_server.port)
-        client = client_module.Client(local_app, "127.0.0.1", *client_ports(ports), **secret)
+        client = client_module.Client(local_app, "127.0.0.1", *client_ports(ports), **secret, **client_options(stage))
         async with Background(server.serve()), Background(client.run()):
-            await wait_until_tunnel_works(ports.public)
-            yield ports.public
+            public_port = await users_port(ports, client)
+            await wait_until_tunnel_works(public_port)
+            yield public_port
 
     return start
 
@@ -65,6 +77,7 @@ TUNNELS: dict[str, Starter] = {
     "stage_3": private_tunnel("stage_3"),
     "stage_4": private_tunnel("stage_4", secret="common-tests"),  # with auth on: the path a real server takes
     "stage_5": private_tunnel("stage_5", secret="common-tests"),
+    "stage_6": private_tunnel("stage_6", secret="common-tests"),  # a TCP tunnel, over TLS
 }
 
 
