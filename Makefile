@@ -9,8 +9,8 @@ STAGES := stage_0 stage_1 stage_2 stage_3 stage_4 stage_5 stage_6
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-demo:  ## the stage 5 tunnel (the most complete stage), all on this machine (needs only Python 3.11+)
-	$(PYTHON) -m stage_5
+demo:  ## the stage 6 tunnels (the most complete stage), all on this machine (needs Python 3.11+ and openssl)
+	$(PYTHON) -m stage_6
 
 # The virtualenv is (re)built from pyproject.toml's extras whenever that file changes.
 $(VENV)/.installed: pyproject.toml

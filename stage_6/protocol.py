@@ -58,6 +58,10 @@ LINGER = 1.0
 # A tunnel whose client's connection ended stays reserved this long, so that the client
 # can come back (a Wi-Fi hiccup, a laptop lid) and keep its name; then the name is free.
 RESUME_WINDOW = 30.0
+# At most this many tunnels at once, held or kept for a client to resume. Each TCP tunnel holds
+# a listening socket, and a client that connects and leaves in a loop would otherwise pile up
+# kept tunnels (one per RESUME_WINDOW) until the server ran out of descriptors.
+MAX_TUNNELS = 1024
 # A tunnel name is one DNS label in lower case: it becomes NAME.<domain> in the users' URL.
 NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 # The two kinds of tunnel: HTTP users routed by name, or a TCP port of the tunnel's own.

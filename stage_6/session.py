@@ -21,10 +21,12 @@ from . import auth
 from .mux import Mux
 from .protocol import (
     HEARTBEAT_TIMEOUT,
+    MAX_TUNNELS,
     NETWORK_TIMEOUT,
     RESUME_WINDOW,
     AuthError,
     Hello,
+    Refused,
     TunnelError,
     Welcome,
     say_goodbye,
@@ -107,6 +109,8 @@ class Sessions:
                 known.task.cancel()  # its users' streams end with it: they ran on the old connection
             known.peer, known.writer, known.task, known.mux, known.expiry = peer, writer, task, None, None
             return known
+        if len(self.by_id) >= MAX_TUNNELS:
+            raise Refused(f"this server holds {MAX_TUNNELS} tunnels, its most; try again later")
         session = Session(secrets.token_hex(16), hello.kind, peer=peer, writer=writer, task=task)
         self.tunnels.claim(hello, session)  # Refused if its name or port is someone else's
         self.by_id[session.session_id] = session
