@@ -121,6 +121,8 @@ class Sessions:
     def _keep(self, session: Session) -> None:
         """The session's connection ended: keep its tunnel for the resume window, then free it."""
         session.writer, session.task, session.mux = None, None, None
+        if self.by_id.get(session.session_id) is not session:
+            return  # ended already: the server is stopping (close)
         kept = f"{session.url} is kept {self.resume_window:g}s for its client"
         log.info("%s: tunnel connection closed; %s", session.peer, kept)
         session.expiry = asyncio.get_running_loop().call_later(self.resume_window, self._expire, session)
