@@ -305,7 +305,7 @@ def main() -> None:
         "--tcp-ports",
         type=port_range,
         metavar="LOW-HIGH",
-        help="the ports TCP tunnels get, e.g. 61000-61099 (default: any free port)",
+        help="the ports TCP tunnels get, e.g. 61000-61099; 0 = any free port (the default)",
     )
     for flag, seconds, what in (
         ("proxy-timeout", PROXY_TIMEOUT, "how long a user waits for the client to accept its stream"),
