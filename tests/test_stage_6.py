@@ -22,7 +22,7 @@ from typing import Any, Self
 import pytest
 
 import tls_certs
-from stage_6 import auth, frames
+from stage_6 import auth, frames, session
 from stage_6.client import Client
 from stage_6.protocol import Refused, TunnelError
 from stage_6.server import Ports, Server
@@ -903,3 +903,41 @@ async def test_cli_the_server_accepts_a_good_command_line(cli: CliProcess.Factor
 
 async def test_cli_the_client_takes_a_name_or_tcp_not_both(cli: CliProcess.Factory) -> None:
     await usage_error(cli, "-m", "stage_6.client", "127.0.0.1:8000", "--name", "myapp", "--tcp")
+
+
+async def test_cli_a_plain_tcp_peer_on_the_tls_port_is_closed_with_one_log_line(
+    cli: CliProcess.Factory, echo_server: EchoServer
+) -> None:
+    """A client of an older stage (or `nc`) speaks its hello in clear: it gets a clean close, the log one line."""
+    server, control, _ = await start_cli_server(cli)
+    reader, writer = await open_connection(control)
+    writer.write(b"hello http myapp\n")
+    answer = await closed_by_peer(reader)  # bounded: closed, not kept waiting for a TLS hello
+    writer.close()
+    assert b"welcome" not in answer and b"challenge" not in answer
+    await server.expect(r"127\.0\.0\.1:\d+: TLS handshake failed \(.+\); closed")
+    # The server serves on: a real client gets its tunnel, and the failed peer left exactly one line.
+    files = tls_certs.certs()
+    client = await cli(
+        "-m", "stage_6.client", f"127.0.0.1:{echo_server.port}", "127.0.0.1", "--control-port", str(control),
+        "--ca", str(files.ca), "--tcp",
+    )  # fmt: skip
+    await client.expect("tunnel up")
+    about_the_peer = [line for line in server.lines if "TLS handshake failed" in line or "Traceback" in line]
+    assert len(about_the_peer) == 1, server.output
+
+
+async def test_a_server_holds_at_most_max_tunnels_and_says_so(
+    start_server: StartServer, start_client: StartClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each tunnel costs the server memory, and a TCP tunnel a listening socket: their number is bounded."""
+    monkeypatch.setattr(session, "MAX_TUNNELS", 2)
+    async with App(b"first") as app:
+        _, ports = await start_server(resume_window=60.0)
+        await start_client(app.port, ports.control, name="one")
+        await start_client(app.port, ports.control, tcp=True)
+        third = new_client(app.port, ports.control, name="three")
+        with pytest.raises(Refused, match=r"holds 2 tunnels, its most"):
+            async with asyncio.timeout(STEP_TIMEOUT):  # refused, not retried
+                await third.run()
+        assert await visit(ports.public, "one") == (200, b"first")  # the others serve on
