@@ -46,8 +46,9 @@ class Mux(asyncio.BufferedProtocol):
 
     The handshake reads lines with a StreamReader; once `run` starts, the Mux is the connection's
     Protocol: the event loop (or TLS, decrypting) reads into a buffer the Mux hands out
-    (`get_buffer`), and the Mux parses the frames in place (`buffer_updated`). Everything else (EOF, loss, the write buffer's pause and resume) still goes to the
-    handshake's protocol, so the StreamReader sees the end and `drain`/`wait_closed` keep working.
+    (`get_buffer`), and the Mux parses the frames in place (`buffer_updated`). Everything else
+    (EOF, loss, the write buffer's pause and resume) still goes to the handshake's protocol, so the
+    StreamReader sees the end and `drain`/`wait_closed` keep working.
     """
 
     def __init__(
