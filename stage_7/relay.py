@@ -1,0 +1,305 @@
+"""One stream: a TCP connection (a user, or the local app) joined to one stream of the tunnel connection.
+
+Stage 4's pump was a task per direction: `await read()`, `write()`, `await drain()`. Here the
+event loop hands each chunk to a Protocol, a `Stream`, and its `data_received` passes it on at
+once: no task, no future, no wake-up per chunk (the performance page measures the difference).
+
+Each direction has its own flow control, as SSH channels, yamux and HTTP/2 do:
+
+- Sending (TCP -> tunnel): we may send at most `send_window` bytes that the peer has not yet
+  granted back. While our bytes wait for the window, or for the shared connection, we stop reading
+  the TCP connection: the rest waits in the kernel, and we hold at most one read of it.
+- Receiving (tunnel -> TCP): once the bytes we received have left for the kernel (our transport's
+  buffer is empty again), we grant the peer that many more with a WINDOW frame. A TCP peer that
+  reads slowly gets no grants, and so the sender of its stream stalls: only that stream.
+
+Reading is on exactly while `_should_read()` holds, recomputed after every change. Stage 3's
+Protocol relay instead resumed reading at moments of its own choosing, and lost a pause for good
+(issue 12): asyncio says "pause" once, and only once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .frames import MAX_WINDOW, WINDOW
+from .protocol import ProtocolError
+
+if TYPE_CHECKING:  # only for the type checker: mux.py imports this module
+    from .mux import Mux
+
+# How much of each direction's first bytes to keep for the server's request log:
+# enough for an HTTP request line ("GET /path HTTP/1.1") or status line.
+HEAD_SIZE = 1024
+# Grant the peer more window once this much has been consumed: one WINDOW frame per 256 KiB,
+# not one per chunk, while the sender still has 3/4 of its window to keep the pipe full.
+GRANT_EVERY = WINDOW // 4
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long a relay may stay silent: both ways open, and after one direction has ended."""
+
+    idle: float
+    half_closed: float
+
+
+@dataclass
+class Flow:
+    """One direction of a relay: how many bytes it carried, how they began, and whether it ended."""
+
+    copied: int = 0
+    head: bytes = b""
+    done: bool = False
+
+
+class Stream(asyncio.Protocol):
+    """A TCP connection relayed through one stream of a Mux, with flow control both ways."""
+
+    transport: asyncio.Transport | None = None
+
+    def __init__(self, timeouts: Timeouts) -> None:
+        loop = asyncio.get_running_loop()
+        self.timeouts = timeouts
+        self.mux: Mux | None = None  # set by Mux.open / Mux.attach
+        self.stream_id = 0
+        self.sent, self.received = Flow(), Flow()  # TCP -> tunnel, tunnel -> TCP
+        self.expired = ""  # why the watchdog ended the stream, if it did
+        self.refusing = False  # the server is refusing this user (pages.refuse): what it sends is dropped
+        self.reset_reason = ""  # why the stream was reset (by either side), if it was
+        # Sending: bytes read from TCP, not yet framed; the peer's grant; the EOF still to send.
+        self._outbox: deque[memoryview] = deque()
+        self.queued = 0
+        self.send_window = WINDOW
+        self.fin_pending = self.fin_sent = False
+        # Receiving: what the peer may still send; consumed bytes not yet granted back; bytes
+        # that came before the TCP connection (the client dials the app while the first arrive).
+        self.recv_window = WINDOW
+        self._consumed = 0
+        self._unwritten = 0  # written to the transport, still in its buffer
+        self._writing_paused = False
+        self._early: list[bytes] = []
+        self.got_fin = False
+        # answered: None when the peer accepted the stream, a reason if it refused it (server side).
+        self.answered: asyncio.Future[str | None] = loop.create_future()
+        self.heard = loop.create_future()  # the first byte, EOF or loss of the TCP connection
+        self.ended = loop.create_future()  # EOF or loss of the TCP connection
+        self.closed = loop.create_future()  # the TCP connection is gone
+        self._last = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
+
+    # --- the TCP side ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        # Told "pause" whenever a write leaves bytes behind, "resume" when they are all gone:
+        # that is when received bytes count as consumed (see _write).
+        transport.set_write_buffer_limits(high=0)
+        self._watch()
+        if self.reset_reason:  # reset while the client was still dialing the app
+            transport.abort()
+            return
+        if self.mux is not None:  # the client's side: the local app answered; accept the stream
+            self.mux.accept(self)
+        early, self._early = self._early, []
+        for data in early:
+            self._write(data)
+        if self.got_fin:
+            self._write_eof()
+        self._update_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self._last = time.monotonic()
+        if not self.sent.head:
+            # We keep a copy of the first bytes for the log and pass them on unchanged.
+            self.sent.head = data[:HEAD_SIZE]
+            self._heard()
+        self.sent.copied += len(data)
+        if self.reset_reason or self.refusing:
+            return  # no stream to carry it (see pages.refuse): read and dropped
+        self._outbox.append(memoryview(data))
+        self.queued += len(data)
+        if self.mux is not None:  # else it waits for Mux.open, with reading paused
+            self.mux.schedule(self)
+        self._update_reading()
+
+    def eof_received(self) -> bool:
+        self._heard()
+        self._ended()
+        if not (self.reset_reason or self.refusing):
+            self.fin_pending = True  # sent after the bytes still queued (see take)
+            if self.mux is not None:
+                self.mux.schedule(self)
+        return True  # keep our side open: the other direction may still flow
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._heard()
+        self._ended()
+        if self._timer is not None:
+            self._timer.cancel()
+        if not (self.fin_sent and self.got_fin):  # lost before both directions ended cleanly
+            self.reset(f"the connection was {'reset' if exc else 'closed'}")
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        consumed, self._unwritten = self._unwritten, 0
+        self._grant(consumed)
+
+    # --- the tunnel side (called by the Mux) ---------------------------------------------------
+
+    def take(self, limit: int) -> tuple[bytes | memoryview, bool] | None:
+        """The next frame's payload (at most `limit` bytes and the window) and whether FIN goes with it."""
+        payload: bytes | memoryview = b""
+        if self._outbox and self.send_window > 0:
+            size = min(limit, self.send_window)
+            chunk = self._outbox[0]
+            if len(chunk) <= size:
+                payload = self._outbox.popleft()
+            else:
+                payload, self._outbox[0] = chunk[:size], chunk[size:]  # views: no copy
+            self.queued -= len(payload)
+            self.send_window -= len(payload)
+        fin = self.fin_pending and not self._outbox and not self.fin_sent
+        if not payload and not fin:
+            return None
+        if fin:
+            self.fin_sent = self.sent.done = True
+            self._last = time.monotonic()  # a half-closed stream's clock starts now
+        self._update_reading()
+        return payload, fin
+
+    def has_more(self) -> bool:
+        """True if take() would return a frame now."""
+        return bool(self._outbox and self.send_window > 0) or (self.fin_pending and not self.fin_sent)
+
+    def on_data(self, payload: bytes | memoryview, fin: bool) -> None:
+        """Bytes (and maybe the end) of the peer's direction; ProtocolError if it overran its window."""
+        if self.got_fin:
+            raise ProtocolError(f"DATA on stream {self.stream_id} after its FIN")
+        if len(payload) > self.recv_window:
+            overflow = f"{len(payload)} bytes overflow its window ({self.recv_window})"
+            raise ProtocolError(f"stream {self.stream_id}: {overflow}")
+        self.recv_window -= len(payload)
+        self._last = time.monotonic()
+        if payload:
+            if not self.received.head:
+                self.received.head = bytes(payload[:HEAD_SIZE])  # a copy: payload is a view (frames.Parser)
+            self.received.copied += len(payload)
+            if self.transport is None:
+                self._early.append(bytes(payload))  # counted in recv_window: bounded by WINDOW
+            else:
+                self._write(payload)
+        if fin:
+            self.got_fin = self.received.done = True
+            if self.transport is not None:
+                self._write_eof()
+        self._maybe_finish()
+
+    def on_window(self, increment: int) -> None:
+        """The peer granted `increment` more bytes; ProtocolError if the window would pass MAX_WINDOW."""
+        if self.send_window + increment > MAX_WINDOW:
+            raise ProtocolError(f"stream {self.stream_id}: a window update overflows {MAX_WINDOW}")
+        self.send_window += increment
+        if self.mux is not None and self.has_more():
+            self.mux.schedule(self)
+        self._update_reading()
+
+    def on_answer(self, refusal: str | None) -> None:
+        """The peer accepted the stream (None) or refused it (a reason)."""
+        if not self.answered.done():
+            self.answered.set_result(refusal)
+
+    def reset(self, reason: str, notify: bool = True) -> None:
+        """End the stream at once (both directions); tell the peer why unless it told us (`notify`)."""
+        if self.reset_reason or (self.fin_sent and self.got_fin):
+            return
+        self.reset_reason = reason
+        self._outbox.clear()
+        self.queued = 0
+        if self.mux is not None:
+            self.mux.forget(self, reason if notify else None)
+        self.on_answer(reason)  # a user still waiting for an answer gets this one (a 502 page)
+        if self.transport is not None and self.answered.result() is None:
+            self.transport.abort()  # a relayed connection: a reset ends it at once, as it would without us
+        self._update_reading()
+
+    # --- inside ------------------------------------------------------------------------------
+
+    def _write(self, data: bytes | memoryview) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+        if self._writing_paused:
+            self._unwritten += len(data)  # still in our buffer: granted when it leaves (resume_writing)
+        else:
+            self._grant(len(data))  # all of it went to the kernel at once
+
+    def _write_eof(self) -> None:
+        assert self.transport is not None
+        if not self.transport.is_closing() and self.transport.can_write_eof():
+            # Half-close: tell the TCP peer "no more data from this side" while the other
+            # direction keeps flowing (an HTTP client may shut its write side and still wait).
+            self.transport.write_eof()
+
+    def _grant(self, consumed: int) -> None:
+        self._consumed += consumed
+        if self._consumed >= GRANT_EVERY and self.mux is not None and not self.got_fin and not self.reset_reason:
+            self.recv_window += self._consumed
+            self.mux.grant(self, self._consumed)
+            self._consumed = 0
+
+    def _should_read(self) -> bool:
+        # Read only while nothing we read waits to be framed: we hold at most one read.
+        # A stream that is reset or refused reads on, and drops what it reads.
+        return bool(self.reset_reason or self.refusing) or not self.queued
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._should_read() != transport.is_reading():
+            (transport.resume_reading if self._should_read() else transport.pause_reading)()
+
+    def _maybe_finish(self) -> None:
+        if self.fin_sent and self.got_fin and not self.reset_reason:
+            if self.mux is not None:
+                self.mux.forget(self, None)
+            if self.transport is not None:
+                self.transport.close()  # both directions ended: close, after the buffered bytes leave
+
+    def after_fin_sent(self) -> None:
+        """Called by the Mux once our FIN is on its way."""
+        self._maybe_finish()
+
+    def _heard(self) -> None:
+        if not self.heard.done():
+            self.heard.set_result(None)
+
+    def _ended(self) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+    def _watch(self) -> None:
+        # The watchdog: a timer, not a task. Silent both ways for `idle`, or half-closed and
+        # silent for `half_closed`, and the stream is reset and its connection closed.
+        half_closed = self.fin_sent or self.got_fin
+        limit = self.timeouts.half_closed if half_closed else self.timeouts.idle
+        remaining = self._last + limit - time.monotonic()
+        if remaining <= 0:
+            self.expired = f"{'half-closed' if half_closed else 'idle'} for {limit:g}s"
+            self.reset(self.expired)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        # Never sleep past the half-closed limit: a direction may end meanwhile.
+        delay = min(remaining, self.timeouts.half_closed)
+        self._timer = asyncio.get_running_loop().call_later(delay, self._watch)
