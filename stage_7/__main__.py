@@ -16,6 +16,7 @@ import sys
 from .cli import listen_port
 from .client import Client
 from .demo_app import DemoApp
+from .inspector import INSPECT_PORT, Inspector
 from .protocol import CONTROL_PORT, NETWORK_TIMEOUT, PUBLIC_PORT, TunnelError
 from .server import Server, listen_error
 
@@ -46,11 +47,19 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         # test suite makes thousands, and each may have used it as its source port.
         log.warning("%s; the demo takes free ports instead", exc)
         ports = await server.listen(HOST, 0, 0)
-    client = Client(app.address, HOST, ports.control, secret=secret)
+    inspector = Inspector(app.address, HOST, INSPECT_PORT)
+    try:
+        await inspector.listen()
+    except TunnelError as exc:  # as for the tunnel's ports: another one will do
+        log.warning("%s; the inspector takes a free port instead", exc)
+        inspector.port = 0
+        await inspector.listen()
+    client = Client(app.address, HOST, ports.control, secret=secret, inspector=inspector)
     async with asyncio.TaskGroup() as tasks:
         tasks.create_task(app.serve())
         tasks.create_task(server.serve())
         tasks.create_task(client.run())
+        tasks.create_task(inspector.serve())
         try:
             async with asyncio.timeout(NETWORK_TIMEOUT):
                 await client.connected.wait()
@@ -62,6 +71,7 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
             f"  try it:   curl {url}hello   (or open the URL in a browser)\n"
             f"  the path: you -> server (public port {ports.public}) -> client -> "
             f"demo app ({HOST}:{app.address[1]}), and back\n"
+            f"  inspect:  http://{HOST}:{inspector.port}/   (every request, live, with replay)\n"
             "  press Ctrl-C to stop\n",
             flush=True,
         )

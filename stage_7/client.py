@@ -8,6 +8,9 @@ One connection to the server carries everything. The server opens a stream on it
 into it. Heartbeats show that the server is still there; when the connection is lost, the
 client reconnects with backoff and resumes its session. The users' streams end with the lost
 connection: they ran inside it (in stage 4 each user had a proxy connection of its own).
+
+Stage 7: the client also records every HTTP exchange it relays, for the inspector's page at
+http://127.0.0.1:4040 (inspector.py; `--no-inspect` turns it off).
 """
 
 import argparse
@@ -17,7 +20,8 @@ import os
 import sys
 
 from . import auth, backoff, private
-from .cli import parse_address, parse_server, port, positive_seconds
+from .cli import listen_port, parse_address, parse_server, port, positive_seconds
+from .inspector import INSPECT_PORT, Inspector
 from .mux import Mux
 from .protocol import (
     CONTROL_PORT,
@@ -49,8 +53,10 @@ class Client:
         max_backoff: float = backoff.BACKOFF_CAP,
         idle_timeout: float = IDLE_TIMEOUT,
         half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
+        inspector: Inspector | None = None,
     ) -> None:
         self.local = local
+        self.inspector = inspector  # records every HTTP exchange for its web page (None: --no-inspect)
         self.server = server
         self.control_port = control_port
         self.secret = secret or None  # an empty secret would be no secret at all
@@ -124,15 +130,27 @@ class Client:
         finally:
             self.connected.clear()
 
-    def _open(self, stream_id: int) -> Stream:
-        """The server opened a stream for a user: dial the local app for it, in a task of its own."""
-        stream = Stream(self.timeouts)
+    def _open(self, stream_id: int, user: str) -> Stream:
+        """The server opened a stream for `user` (its address): dial the local app for it, in a task of its own."""
+        stream = self.inspector.stream(self.timeouts, user) if self.inspector else Stream(self.timeouts)
         log.debug("stream %d: the server opened it", stream_id)
         # One task per user, so a slow local app never holds up the others.
         task = asyncio.create_task(private.serve_user(stream, self._local_app))
         self._users.add(task)  # a strong reference, as the server keeps
         task.add_done_callback(self._users.discard)
         return stream
+
+
+async def run(client: Client) -> None:
+    """Run the client, and its inspector's page while it runs (TunnelError if the page's port is taken)."""
+    if client.inspector is None:
+        await client.run()
+        return
+    await client.inspector.listen()
+    try:
+        await client.run()
+    finally:
+        await client.inspector.close()
 
 
 def main() -> None:
@@ -172,6 +190,17 @@ def main() -> None:
             metavar="SECONDS",
             help=f"{what} (default: %(default)s)",
         )
+    parser.add_argument(
+        "--inspect-port",
+        type=listen_port,
+        default=INSPECT_PORT,
+        metavar="PORT",
+        help="the inspector's web page, a list of every request; 0 = any (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--inspect-host", default="127.0.0.1", help="address of the inspector's page (default: %(default)s)"
+    )
+    parser.add_argument("--no-inspect", action="store_true", help="no inspector: record nothing, serve no page")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()
     server, server_port = args.server
@@ -190,9 +219,10 @@ def main() -> None:
         max_backoff=args.max_backoff,
         idle_timeout=args.idle_timeout,
         half_closed_timeout=args.half_closed_timeout,
+        inspector=None if args.no_inspect else Inspector(args.local, args.inspect_host, args.inspect_port),
     )
     try:
-        asyncio.run(client.run())
+        asyncio.run(run(client))
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:

@@ -57,7 +57,7 @@ class Mux(asyncio.Protocol):
         peer: str,
         heartbeat_timeout: float,
         heartbeat_interval: float | None = None,
-        on_open: Callable[[int], Stream] | None = None,
+        on_open: Callable[[int, str], Stream] | None = None,
         max_streams: int = MAX_STREAMS,
     ) -> None:
         self.peer = peer  # "the server" or "the client", for messages
@@ -88,11 +88,11 @@ class Mux(asyncio.Protocol):
 
     # --- streams ------------------------------------------------------------------------------
 
-    def open(self, stream: Stream) -> int:
-        """Open a stream for a user (server side): SYN goes out now, the user's bytes follow."""
+    def open(self, stream: Stream, user: str = "") -> int:
+        """Open a stream for a user (server side): SYN, with the user's address, goes out now; its bytes follow."""
         self.last_id += 1
         self._register(stream, self.last_id)
-        self._send(encode(DATA, SYN, stream.stream_id))
+        self._send(encode(DATA, SYN, stream.stream_id, user.encode("ascii", "replace")[:MAX_LINE]))
         self.schedule(stream)  # bytes that came before: optimistically, within the first window
         return stream.stream_id
 
@@ -260,8 +260,10 @@ class Mux(asyncio.Protocol):
             if len(self.streams) >= self.max_streams:
                 self._send(encode(DATA, RST, stream_id, b"too many streams at once"))
                 return
-            stream = self._on_open(stream_id)  # the client dials its local app for it
+            # The client dials its local app for it; the SYN's payload names the user, for the inspector.
+            stream = self._on_open(stream_id, printable(bytes(payload)))
             self._register(stream, stream_id)
+            payload = b""  # an address, not the stream's first bytes
         elif stream is None:
             if stream_id > self.last_id:
                 raise ProtocolError(f"{frame} for a stream that was never opened")

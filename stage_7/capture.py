@@ -1,0 +1,177 @@
+"""What the inspector keeps: a bounded ring of exchanges, the streams that feed it, and replay.
+
+- `ObservedStream` is the client's relay (relay.Stream) with one addition: after passing each
+  chunk on, it hands a copy to an Observer (observe.py). The relay never waits for it.
+- `Store` keeps the last `limit` exchanges, and at most `byte_limit` bytes of their heads and
+  bodies: the oldest go first. A tunnel left running for a week serves millions of requests;
+  the inspector must not grow with them. It also tells the page's live feeds what changed.
+- `replay` sends a captured request again, to the local app and nowhere else, and captures the
+  answer as a new exchange beside the old one.
+"""
+
+import asyncio
+from collections import OrderedDict
+
+from .observe import PENDING, UPGRADED, Exchange, Observer
+from .protocol import NETWORK_TIMEOUT
+from .relay import Stream, Timeouts
+
+# The ring: how many exchanges, and how many bytes of heads and bodies, the inspector keeps.
+LIMIT = 500
+BYTE_LIMIT = 32 * 1024 * 1024
+# What an exchange costs besides its heads and bodies: the Python objects that hold them (two
+# Messages, the Exchange, their lists and strings), measured with sys.getsizeof: about 1.4 KiB.
+ENTRY_OVERHEAD = 1536
+# A replayed request waits this long for the local app's whole response.
+REPLAY_TIMEOUT = 30.0
+
+
+class ReplayError(Exception):
+    """A request that can't be replayed, or a local app that can't be reached; the message says which."""
+
+
+class ObservedStream(Stream):
+    """A stream whose bytes, both ways, are also shown to an Observer: the client's side of a user."""
+
+    def __init__(self, timeouts: Timeouts, observer: Observer) -> None:
+        super().__init__(timeouts)
+        self.observer = observer
+
+    def on_data(self, payload: bytes | memoryview, fin: bool) -> None:
+        super().on_data(payload, fin)  # first the relay: it never waits for the observer
+        if payload:
+            self.observer.request_bytes(payload)  # from the user, on its way to the app
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self.observer.response_bytes(data)  # from the app, on its way to the user
+
+    def reset(self, reason: str, notify: bool = True) -> None:
+        super().reset(reason, notify)
+        self.observer.close(reason)  # a stream reset before the app answered: its entry says why
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.observer.close()
+
+
+class Watcher:
+    """One live feed (a page open on the inspector): the ids of the exchanges changed since its last read."""
+
+    def __init__(self) -> None:
+        self.changed: dict[int, None] = {}  # an ordered set: the oldest change first
+        self.wake = asyncio.Event()
+
+
+class Store:
+    """The last `limit` exchanges, holding at most `byte_limit` bytes: a ring (an observe.Sink)."""
+
+    def __init__(self, limit: int = LIMIT, byte_limit: int = BYTE_LIMIT) -> None:
+        self.limit, self.byte_limit = limit, byte_limit
+        self.entries: OrderedDict[int, Exchange] = OrderedDict()  # oldest first
+        self.bytes = 0  # what the entries hold, as `size` counts it
+        self._sizes: dict[int, int] = {}
+        self._next_id = 1
+        self.watchers: set[Watcher] = set()
+
+    @staticmethod
+    def size(exchange: Exchange) -> int:
+        """The bytes an exchange holds: its heads, trailers and kept bodies, and its objects."""
+        return ENTRY_OVERHEAD + sum(
+            len(m.head) + len(m.trailers) + len(m.body) for m in (exchange.request, exchange.response)
+        )
+
+    def opened(self, exchange: Exchange) -> None:
+        exchange.id, self._next_id = self._next_id, self._next_id + 1
+        self.entries[exchange.id] = exchange
+        self._account(exchange)
+        self._notify(exchange)
+
+    def kept(self, exchange: Exchange, size: int) -> None:
+        self._account(exchange)  # no notice: a download would send one per chunk
+
+    def changed(self, exchange: Exchange) -> None:
+        self._account(exchange)
+        self._notify(exchange)
+
+    def _account(self, exchange: Exchange) -> None:
+        if exchange.id not in self.entries:
+            return  # dropped already: it keeps nothing more (see _evict)
+        size = self.size(exchange)
+        self.bytes += size - self._sizes.get(exchange.id, 0)
+        self._sizes[exchange.id] = size
+        while len(self.entries) > self.limit or self.bytes > self.byte_limit:
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop the oldest exchange. If it is still going on, its observer keeps counting, not keeping."""
+        exchange_id, exchange = self.entries.popitem(last=False)
+        self.bytes -= self._sizes.pop(exchange_id)
+        exchange.keep_limit = 0
+        exchange.request.body = bytearray()
+        exchange.response.body = bytearray()
+
+    def _notify(self, exchange: Exchange) -> None:
+        for watcher in self.watchers:
+            watcher.changed[exchange.id] = None
+            if len(watcher.changed) > self.limit:  # a feed that reads slowly: forget what was dropped
+                watcher.changed = {i: None for i in watcher.changed if i in self.entries}
+            watcher.wake.set()
+
+
+def replayable(exchange: Exchange) -> str | None:
+    """None if the exchange's request can be sent again as it was; else why not."""
+    request = exchange.request
+    if exchange.state == UPGRADED:
+        return "it switched protocols (a WebSocket): replaying its first request would not replay the rest"
+    if not exchange.method or not request.done:
+        return "its request was not captured whole"
+    if len(request.body) < request.body_size:
+        return f"its request body ({request.body_size} bytes) was only kept in part"
+    return None
+
+
+def request_bytes(exchange: Exchange) -> bytes:
+    """The request again, as the app got it: its head as it came, then its body (chunked if it was)."""
+    request = exchange.request
+    if not request.chunked:
+        return request.head + request.body
+    chunk = b"%x\r\n%s\r\n" % (len(request.body), request.body) if request.body else b""
+    return request.head + chunk + b"0\r\n" + request.trailers + b"\r\n"
+
+
+async def replay(store: Store, local: tuple[str, int], exchange_id: int) -> Exchange:
+    """Send a captured request to the local app again; return the new exchange, with its response.
+
+    The address is the client's local app, fixed when the client started: a replay can never be
+    aimed anywhere else (the page sends only an id).
+    """
+    original = store.entries.get(exchange_id)
+    if original is None:
+        raise ReplayError(f"no request {exchange_id} (the inspector keeps the last {store.limit})")
+    if why := replayable(original):
+        raise ReplayError(f"request {exchange_id} can't be replayed: {why}")
+    observer = Observer(store, "replay", replay_of=exchange_id)
+    try:
+        async with asyncio.timeout(NETWORK_TIMEOUT):
+            reader, writer = await asyncio.open_connection(*local)
+    except OSError as exc:
+        raise ReplayError(f"the local app at {local[0]}:{local[1]} can't be reached ({exc})") from None
+    try:
+        data = request_bytes(original)
+        writer.write(data)
+        observer.request_bytes(data)
+        exchange = observer.latest
+        assert exchange is not None  # the head parsed once already
+        try:  # a slow or broken answer is shown as it is, marked incomplete
+            async with asyncio.timeout(REPLAY_TIMEOUT):
+                while exchange.state == PENDING and (chunk := await reader.read(256 * 1024)):
+                    observer.response_bytes(chunk)
+        except TimeoutError:
+            observer.close(f"no whole response from the local app within {REPLAY_TIMEOUT:g}s")
+        except OSError as exc:
+            observer.close(f"the connection to the local app failed ({exc})")
+        observer.close()  # a response that lasts until the close ends here
+        return exchange
+    finally:
+        writer.close()
