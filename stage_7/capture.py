@@ -77,29 +77,33 @@ class Store:
     @staticmethod
     def size(exchange: Exchange) -> int:
         """The bytes an exchange holds: its heads, trailers and kept bodies, and its objects."""
-        return ENTRY_OVERHEAD + sum(
-            len(m.head) + len(m.trailers) + len(m.body) for m in (exchange.request, exchange.response)
-        )
+        request, response = exchange.request, exchange.response
+        kept = len(request.head) + len(request.trailers) + len(request.body)
+        return ENTRY_OVERHEAD + kept + len(response.head) + len(response.trailers) + len(response.body)
 
     def opened(self, exchange: Exchange) -> None:
         exchange.id, self._next_id = self._next_id, self._next_id + 1
         self.entries[exchange.id] = exchange
-        self._account(exchange)
-        self._notify(exchange)
+        self._sizes[exchange.id] = size = self.size(exchange)
+        self.bytes += size
+        if len(self.entries) > self.limit or self.bytes > self.byte_limit:
+            self._evict_over_limits()
+        if self.watchers:
+            self._notify(exchange)
 
-    def kept(self, exchange: Exchange, size: int) -> None:
-        self._account(exchange)  # no notice: a download would send one per chunk
+    def grew(self, exchange: Exchange, size: int) -> None:
+        # Counted as it grows, never recomputed: this runs for every piece of every body kept.
+        if exchange.id in self._sizes:  # else dropped already: it keeps no body any more (see _evict)
+            self._sizes[exchange.id] += size
+            self.bytes += size
+            if self.bytes > self.byte_limit:
+                self._evict_over_limits()
 
     def changed(self, exchange: Exchange) -> None:
-        self._account(exchange)
-        self._notify(exchange)
+        if self.watchers:
+            self._notify(exchange)
 
-    def _account(self, exchange: Exchange) -> None:
-        if exchange.id not in self.entries:
-            return  # dropped already: it keeps nothing more (see _evict)
-        size = self.size(exchange)
-        self.bytes += size - self._sizes.get(exchange.id, 0)
-        self._sizes[exchange.id] = size
+    def _evict_over_limits(self) -> None:
         while len(self.entries) > self.limit or self.bytes > self.byte_limit:
             self._evict()
 

@@ -44,7 +44,17 @@ TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # RFC 9110 5.6.2: what a method or a fie
 REQUEST_LINE = re.compile(rf"({TOKEN}) (\S+) HTTP/(\d\.\d)")
 STATUS_LINE = re.compile(r"HTTP/(\d\.\d) ([1-9]\d\d)(?: ([^\x00\r\n]*))?")
 FIELD_LINE = re.compile(rf"({TOKEN}):[ \t]*([^\x00\r\n]*?)[ \t]*")
-HEAD_END = re.compile(rb"\r?\n\r?\n")  # the empty line; a bare LF is tolerated (RFC 9112 2.2)
+# The empty line after the last field; a bare LF is tolerated (RFC 9112 2.2). WHY it starts at the
+# previous line's \n: a pattern that begins with a fixed byte is searched for with memchr, 10x
+# faster than one that begins with an optional \r (measured: 0.2 against 2.3 us for a small head).
+HEAD_END = re.compile(rb"\n\r?\n")
+# A whole head, checked in one pass of the regex engine (in C): a start line, then field lines
+# `name: value` (no space before the colon: request smuggling's favourite trick), each maybe
+# folded onto more lines that start with a space (obsolete, but allowed), then the empty line.
+_FIELD = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\x00]*\r?\n(?:[ \t][^\r\n\x00]*\r?\n)*"
+WELL_FORMED = re.compile(rb"[^\r\n]+\r?\n(?:%s)*\r?\n" % _FIELD)
+# The only fields that decide where a message ends (and whether the connection stays HTTP).
+FRAMING_FIELDS = re.compile(rb"\n(content-length|transfer-encoding|connection|upgrade):([^\r\n]*)", re.I)
 LINE_END = re.compile(rb"\n")
 HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 FIRST_BYTES = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz\r\n")
@@ -54,7 +64,7 @@ class NotHttp(Exception):
     """The bytes break HTTP/1.1 framing; the message says where."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Message:
     """One request or response: its head as it came, its body (the first BODY_LIMIT bytes) and its size."""
 
@@ -74,7 +84,7 @@ class Message:
         return len(kept)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Exchange:
     """A request and its response: one line of the inspector's list."""
 
@@ -102,8 +112,8 @@ class Sink(Protocol):
     def opened(self, exchange: Exchange) -> None:
         """A new exchange: its request head has arrived (or bytes that are not HTTP)."""
 
-    def kept(self, exchange: Exchange, size: int) -> None:
-        """`size` more bytes of body are kept in `exchange` (the store counts its memory)."""
+    def grew(self, exchange: Exchange, size: int) -> None:
+        """`exchange` holds `size` more bytes: a head, trailers, body kept (the store counts its memory)."""
 
     def changed(self, exchange: Exchange) -> None:
         """The response head came, the exchange ended, or parsing stopped."""
@@ -129,19 +139,40 @@ def parse_head(head: bytes) -> tuple[str, list[tuple[str, str]]]:
     return lines[0].removesuffix("\r"), fields
 
 
+def read_head(head: bytes) -> tuple[str, dict[bytes, bytes]]:
+    """The start line of a head, and its framing fields (lowercased name: values); NotHttp if it is malformed.
+
+    WHY not parse_head: this runs for every message through the tunnel. Checking the head with
+    one regex and picking out four fields costs a fraction of making a string of every field; the
+    page parses a head fully (parse_head) only when someone looks at it.
+    """
+    if WELL_FORMED.fullmatch(head) is None:
+        raise NotHttp(f"a malformed head: {head[:80]!r}")
+    framing: dict[bytes, bytes] = {}
+    for name, value in FRAMING_FIELDS.findall(head):
+        name = name.lower()
+        framing[name] = framing[name] + b"," + value if name in framing else value  # one field, as RFC 9110 5.3
+    return head[: head.index(b"\n")].decode("latin-1").removesuffix("\r"), framing
+
+
+def values(framing: dict[bytes, bytes], name: bytes) -> list[bytes]:
+    """The comma-separated values of a framing field, lowercased: b"gzip, chunked" -> [b"gzip", b"chunked"]."""
+    return [v.strip().lower() for v in framing[name].split(b",") if v.strip()] if name in framing else []
+
+
 def field_values(fields: list[tuple[str, str]], name: str) -> list[str]:
     """Every comma-separated value of the fields named `name` (case-insensitive), lowercased."""
     return [v.strip().lower() for n, value in fields if n.lower() == name for v in value.split(",") if v.strip()]
 
 
-def body_length(fields: list[tuple[str, str]]) -> int | None:
+def body_length(framing: dict[bytes, bytes]) -> int | None:
     """The Content-Length, None without one; NotHttp if it is invalid or given twice differently."""
-    values = set(field_values(fields, "content-length"))
-    if not values:
+    if b"content-length" not in framing:
         return None
-    if len(values) > 1 or not all(v.isdigit() and len(v) <= 18 for v in values):
-        raise NotHttp(f"an invalid Content-Length: {', '.join(sorted(values))[:80]}")
-    return int(values.pop())
+    lengths = set(values(framing, b"content-length"))  # "5, 5" is allowed; "5, 6" is an attack
+    if len(lengths) != 1 or not all(v.isdigit() and len(v) <= 18 for v in lengths):
+        raise NotHttp(f"an invalid Content-Length: {framing[b'content-length'][:80]!r}")
+    return int(lengths.pop())
 
 
 # How a body is delimited, as the head says (Framing.begin_body).
@@ -387,7 +418,7 @@ class Observer:
             if self._through is not None:
                 self._through.request.wire += self._up.wire
                 self._through.response.wire += self._down.wire
-                self._changed(self._through)
+                self._sink.changed(self._through)
             elif self._up.buffer and self._up.state == NO_BODY and not self._waiting:
                 self._stop(self._up, NotHttp("the connection closed in the middle of a request head"))
             cut = reason or "the connection closed before the exchange was over"
@@ -395,12 +426,12 @@ class Observer:
                 if exchange.state == PENDING:
                     exchange.state, exchange.note = INCOMPLETE, cut
                     exchange.duration = time.monotonic() - exchange.began
-                    self._changed(exchange)
+                    self._sink.changed(exchange)
 
     # --- requests -----------------------------------------------------------------------------
 
     def _request_head(self, head: bytes) -> tuple[int, int]:
-        start, fields = parse_head(head)
+        start, framing = read_head(head)
         match = REQUEST_LINE.fullmatch(start)
         if match is None:
             raise NotHttp(f"not a request line: {start[:80]!r}")
@@ -414,15 +445,15 @@ class Observer:
         self._sink.opened(exchange)
         # An upgrade (a WebSocket) or a CONNECT: once the server agrees, the bytes are no longer HTTP.
         exchange.upgrade = method == "CONNECT" or (
-            "upgrade" in field_values(fields, "connection") and bool(field_values(fields, "upgrade"))
+            b"upgrade" in framing and b"upgrade" in values(framing, b"connection")
         )
-        codings = field_values(fields, "transfer-encoding")
+        codings = values(framing, b"transfer-encoding")
         if codings and version != "1.0":  # RFC 9112 6.1: chunked wins over Content-Length
-            if codings[-1] != "chunked":
-                raise NotHttp(f"a request body in {codings[-1]}, not chunked: its length is unknown")
+            if codings[-1] != b"chunked":
+                raise NotHttp(f"a request body in {codings[-1]!r}, not chunked: its length is unknown")
             exchange.request.chunked = True
             return CHUNKED, 0
-        length = body_length(fields)
+        length = body_length(framing)
         return (LENGTH, length) if length else (NO_BODY, 0)  # no length: no body, for a request
 
     def _request_body(self, piece: memoryview) -> None:
@@ -433,16 +464,19 @@ class Observer:
         exchange, self._sending = self._sending, None
         assert exchange is not None
         exchange.request.wire += wire
-        exchange.request.trailers = trailers
         exchange.request.done = True
+        if trailers:
+            exchange.request.trailers = trailers
+            self._sink.grew(exchange, len(trailers))
         if exchange.upgrade and exchange.status is None:
             self._up.hold()  # until the server says whether the protocol switches
-        self._maybe_complete(exchange)
+        if exchange.response.done:  # an early response (a 413, say) came before the request's end
+            self._complete(exchange)
 
     # --- responses ----------------------------------------------------------------------------
 
     def _response_head(self, head: bytes) -> tuple[int, int]:
-        start, fields = parse_head(head)
+        start, framing = read_head(head)
         match = STATUS_LINE.fullmatch(start)
         if match is None:
             raise NotHttp(f"not a status line: {start[:80]!r}")
@@ -455,7 +489,8 @@ class Observer:
             return INTERIM, 0
         exchange.status = status
         exchange.response.head = head
-        self._changed(exchange)
+        self._sink.grew(exchange, len(head))
+        self._sink.changed(exchange)
         switched = status == 101 or (exchange.method == "CONNECT" and 200 <= status < 300)
         if switched:
             if not exchange.upgrade:
@@ -466,11 +501,11 @@ class Observer:
             self._up.resume()  # refused: what the user sent meanwhile is HTTP again
         if exchange.method == "HEAD" or status in (204, 304):
             return NO_BODY, 0  # whatever Content-Length says: it describes the GET's body
-        codings = field_values(fields, "transfer-encoding")
+        codings = values(framing, b"transfer-encoding")
         if codings and match[1] != "1.0":
-            exchange.response.chunked = codings[-1] == "chunked"
+            exchange.response.chunked = codings[-1] == b"chunked"
             return (CHUNKED, 0) if exchange.response.chunked else (UNTIL_CLOSE, 0)
-        length = body_length(fields)
+        length = body_length(framing)
         return (UNTIL_CLOSE, 0) if length is None else (LENGTH, length)
 
     def _switch(self, exchange: Exchange) -> None:
@@ -489,27 +524,29 @@ class Observer:
         if self._through is not None:  # the 101 itself: the exchange is over, its bytes are counted on
             self._through.response.wire += wire
             self._through.response.done = True
-            self._changed(self._through)
+            self._sink.changed(self._through)
             return
         exchange = self._waiting.popleft()
         exchange.response.wire += wire
-        exchange.response.trailers = trailers
         exchange.response.done = True
+        if trailers:
+            exchange.response.trailers = trailers
+            self._sink.grew(exchange, len(trailers))
         exchange.duration = time.monotonic() - exchange.began
-        self._maybe_complete(exchange)
+        if exchange.request.done:
+            self._complete(exchange)
+        else:
+            self._sink.changed(exchange)
 
     # --- both -----------------------------------------------------------------------------------
 
     def _keep(self, exchange: Exchange, message: Message, piece: memoryview) -> None:
         if kept := message.keep(piece, exchange.keep_limit):
-            self._sink.kept(exchange, kept)
+            self._sink.grew(exchange, kept)
 
-    def _maybe_complete(self, exchange: Exchange) -> None:
-        if exchange.request.done and exchange.response.done and exchange.state == PENDING:
+    def _complete(self, exchange: Exchange) -> None:
+        if exchange.state == PENDING:
             exchange.state = COMPLETE
-        self._changed(exchange)
-
-    def _changed(self, exchange: Exchange) -> None:
         self._sink.changed(exchange)
 
     def _stop(self, framing: Framing, exc: Exception) -> None:
@@ -525,9 +562,9 @@ class Observer:
             for other in [*self._waiting, self._sending]:
                 if other is not None and other is not broken and other.state == PENDING:
                     other.state, other.note = INCOMPLETE, f"not observed to the end: {note}"
-                    self._changed(other)
+                    self._sink.changed(other)
             self._through = broken
-            self._changed(broken)
+            self._sink.changed(broken)
         finally:
             for side in (self._up, self._down):
                 side.tunnel()  # count, never parse again: this connection speaks something else

@@ -1,0 +1,84 @@
+"""What the inspector costs: keep-alive requests/s through stage 7 with it on, and with --no-inspect.
+
+    python -m bench.inspector                  # 5 rounds of `wrk -c 50 -d 5s`, interleaved
+    python -m bench.inspector --rounds 9 --seconds 10
+
+Each round starts both tunnels afresh (server + client, a secret on both sides, the inspector on
+port 0 or off) in front of the same origin, measures one then the other (the order alternates),
+and stops them. The ratio is taken within each round, so that load from the rest of the machine
+hits both alike; the medians are printed. Nothing has the inspector's page open: this is the cost
+of observing and storing every exchange, not of a browser reading the feed.
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from .paths import HOST, LISTENING, ROOT, SECRET, Process, wait_until_served
+from .scenarios import wrk_keep_alive
+
+STAGE = "stage_7"
+VARIANTS = {"inspector on": ["--inspect-port", "0"], "--no-inspect": ["--no-inspect"]}
+
+
+def start_tunnel(origin: tuple[str, int], client_flags: list[str], work: Path) -> tuple[list[Process], int]:
+    """Stage 7's server and client in front of `origin`; the processes and the public port."""
+    env = {**os.environ, "NGROK_SECRET": SECRET, "PYTHONUNBUFFERED": "1"}
+    ports = ["--control-port", "0", "--public-port", "0"]
+    server = Process.start("server", [sys.executable, "-S", "-m", f"{STAGE}.server", *ports], work, ROOT, env)
+    control = int(server.wait_for(LISTENING.format(role="control"))[2])
+    public = int(server.wait_for(LISTENING.format(role="public"))[2])
+    argv = [sys.executable, "-S", "-m", f"{STAGE}.client", f"{origin[0]}:{origin[1]}", HOST, "--control-port"]
+    client = Process.start("client", [*argv, str(control), *client_flags], work, ROOT, env)
+    processes = [server, client]
+    wait_until_served((HOST, public), processes)
+    return processes, public
+
+
+def main() -> None:
+    """Command line: python -m bench.inspector [--rounds N] [--seconds S] [--connections C]."""
+    parser = argparse.ArgumentParser(prog="python -m bench.inspector", description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--connections", type=int, default=50)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("error: needs wrk (apt-get install wrk)")
+    work = Path(tempfile.mkdtemp(prefix="bench-inspector-"))
+    origin_argv = [sys.executable, "-m", "bench.origin", "--host", HOST, "--port", "0"]
+    origin = Process.start("origin", origin_argv, work, ROOT, dict(os.environ))
+    results: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    ratios = []
+    try:
+        match = origin.wait_for(r"origin port listening on (\S+):(\d+)")
+        address = (match[1], int(match[2]))
+        print(f"load average before: {os.getloadavg()[0]:.2f}")
+        for round_number in range(args.rounds):
+            names = list(VARIANTS) if round_number % 2 == 0 else list(reversed(VARIANTS))
+            got = {}
+            for name in names:
+                processes, public = start_tunnel(address, VARIANTS[name], work)
+                try:
+                    got[name] = wrk_keep_alive((HOST, public), args.seconds, args.connections)["rps"]
+                finally:
+                    for process in reversed(processes):
+                        process.stop()
+                results[name].append(got[name])
+            ratios.append(got["inspector on"] / got["--no-inspect"])
+            shown = ", ".join(f"{name} {got[name]:,.0f} req/s" for name in VARIANTS)
+            print(f"round {round_number + 1}: {shown}; ratio {ratios[-1]:.2f}", flush=True)
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+        for name, values in results.items():
+            print(f"{name}: median {statistics.median(values):,.0f} req/s")
+        print(f"inspector on / --no-inspect: median ratio {statistics.median(ratios):.2f} (goal >= 0.8)")
+    finally:
+        origin.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
