@@ -43,6 +43,9 @@ PENDING, COMPLETE, INCOMPLETE, UPGRADED, NOT_HTTP = "pending", "complete", "inco
 TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # RFC 9110 5.6.2: what a method or a field name is made of
 REQUEST_LINE = re.compile(rf"({TOKEN}) (\S+) HTTP/(\d\.\d)")
 STATUS_LINE = re.compile(r"HTTP/(\d\.\d) ([1-9]\d\d)(?: ([^\x00\r\n]*))?")
+# The same, on bytes: to refuse a peer that is not speaking HTTP at its first line, not its last.
+REQUEST_START = re.compile(REQUEST_LINE.pattern.encode() + rb"\r?")
+STATUS_START = re.compile(STATUS_LINE.pattern.encode() + rb"\r?")
 FIELD_LINE = re.compile(rf"({TOKEN}):[ \t]*([^\x00\r\n]*?)[ \t]*")
 # The empty line after the last field; a bare LF is tolerated (RFC 9112 2.2). WHY it starts at the
 # previous line's \n: a pattern that begins with a fixed byte is searched for with memchr, 10x
@@ -188,10 +191,12 @@ class Framing:
 
     def __init__(
         self,
+        start_line: re.Pattern[bytes],
         on_head: Callable[[bytes], tuple[int, int]],
         on_body: Callable[[memoryview], None],
         on_end: Callable[[int, bytes], None],
     ) -> None:
+        self._start_line = start_line  # what a request line (or a status line) looks like
         self._on_head, self._on_body, self._on_end = on_head, on_body, on_end
         self.state = NO_BODY  # between messages: the next bytes are a head
         self.left = 0  # bytes left in a Content-Length body or in a chunk
@@ -275,12 +280,15 @@ class Framing:
         head, self.buffer = bytes(self.buffer[: end.end()]), bytearray()
         return self._begin(head, view[used:])
 
-    @staticmethod
-    def _check_incomplete(data: bytes | bytearray | memoryview) -> None:
+    def _check_incomplete(self, data: bytes | bytearray | memoryview) -> None:
+        """A head still incomplete: is it HTTP so far? (A whole head is checked by on_head.)"""
         if len(data) >= HEAD_LIMIT:
             raise NotHttp(f"no end of the head within {HEAD_LIMIT} bytes")
-        if len(data) > LINE_LIMIT and LINE_END.search(data, 0, LINE_LIMIT) is None:
+        end = LINE_END.search(data, 0, LINE_LIMIT)
+        if end is None and len(data) > LINE_LIMIT:
             raise NotHttp(f"no line end within {LINE_LIMIT} bytes")
+        if end is not None and not self._start_line.fullmatch(data[: end.start()]):
+            raise NotHttp(f"not an HTTP start line: {bytes(data[: min(end.start(), 80)])!r}")
 
     def _begin(self, head: bytes, rest: memoryview) -> memoryview:
         mode, self.left = self._on_head(head)
@@ -382,8 +390,8 @@ class Observer:
     def __init__(self, sink: Sink, user: str, replay_of: int | None = None) -> None:
         self._sink = sink
         self.user, self.replay_of = user, replay_of
-        self._up = Framing(self._request_head, self._request_body, self._request_end)
-        self._down = Framing(self._response_head, self._response_body, self._response_end)
+        self._up = Framing(REQUEST_START, self._request_head, self._request_body, self._request_end)
+        self._down = Framing(STATUS_START, self._response_head, self._response_body, self._response_end)
         self._sending: Exchange | None = None  # the request whose bytes are arriving
         self._waiting: deque[Exchange] = deque()  # requests sent, whose response is not over yet, in order
         self._through: Exchange | None = None  # upgraded or not HTTP: bytes are counted in it, not parsed
@@ -406,7 +414,8 @@ class Observer:
         # WHY catch everything: this runs inside the relay's data_received. Whatever goes wrong here,
         # malformed bytes (NotHttp) or a bug of ours, must cost the entry, never the user's bytes.
         except Exception as exc:
-            self._stop(framing, exc)
+            with contextlib.suppress(Exception):  # telling the sink may fail too (it may be what failed)
+                self._stop(framing, exc)
 
     def close(self, reason: str = "") -> None:
         """The connection is over: end what it ended, and mark what it cut short; never raises."""
