@@ -1,0 +1,311 @@
+"""Stage 7's inspector, end to end: a real server and client in this process, a real local app, real sockets.
+
+Requests go through the tunnel's public port; what the inspector shows is read from its own HTTP
+API (JSON and server-sent events), as the page reads it. The command-line tests run the client as a
+learner would.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import re
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from stage_7.capture import BYTE_LIMIT, LIMIT, Store
+from stage_7.client import Client
+from stage_7.inspector import Inspector
+from stage_7.observe import BODY_LIMIT
+from stage_7.server import Ports, Server
+from support import STEP_TIMEOUT, Background, CliProcess, HttpOrigin, LocalServer, http_get, open_connection
+
+SECRET = "stage-7-tests-secret"
+
+
+class Tunnel:
+    """A stage 7 server and client, the client with an inspector on any free port."""
+
+    def __init__(self, server: Server, ports: Ports, client: Client, inspector: Inspector) -> None:
+        self.server, self.ports, self.client, self.inspector = server, ports, client, inspector
+
+    async def api(self, path: str, data: bytes | None = None) -> tuple[int, Any]:
+        status, body = await http_get(self.inspector.port, path, data)
+        return status, json.loads(body) if body.startswith((b"{", b"[")) else body
+
+
+Start = Callable[..., Awaitable[Tunnel]]
+
+
+@pytest.fixture
+async def start_tunnel() -> AsyncIterator[Start]:
+    async with contextlib.AsyncExitStack() as running:
+
+        async def start(local_port: int, **ring: int) -> Tunnel:
+            server = Server(secret=SECRET)
+            ports = await server.listen("127.0.0.1", 0, 0)
+            await running.enter_async_context(Background(server.serve()))
+            inspector = Inspector(("127.0.0.1", local_port), "127.0.0.1", 0, **ring)
+            await inspector.listen()
+            running.push_async_callback(inspector.close)
+            client = Client(("127.0.0.1", local_port), "127.0.0.1", ports.control, secret=SECRET, inspector=inspector)
+            await running.enter_async_context(Background(client.run()))
+            async with asyncio.timeout(STEP_TIMEOUT):
+                await client.connected.wait()
+            return Tunnel(server, ports, client, inspector)
+
+        yield start
+
+
+async def raw_request(port: int, request: bytes) -> tuple[str, bytes]:
+    """Send `request` on a new connection, read to EOF; return our address (host:port) and the response."""
+    reader, writer = await open_connection(port)
+    host, source = writer.get_extra_info("sockname")[:2]
+    writer.write(request)
+    await writer.drain()
+    async with asyncio.timeout(STEP_TIMEOUT):
+        response = await reader.read()
+    writer.close()
+    return f"{host}:{source}", response
+
+
+async def until(check: Callable[[], Awaitable[Any]]) -> Any:
+    """Poll `check` (bounded) until it returns something true: the observer sees a request as it ends."""
+    async with asyncio.timeout(STEP_TIMEOUT):
+        while not (result := await check()):
+            await asyncio.sleep(0.02)
+        return result
+
+
+async def test_requests_show_up_with_method_path_status_bytes_and_the_users_address(
+    start_tunnel: Start, http_origin: HttpOrigin
+) -> None:
+    tunnel = await start_tunnel(http_origin.port)
+    get = b"GET /first?x=1 HTTP/1.0\r\nHost: t\r\n\r\n"
+    post = b"POST /second HTTP/1.0\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello"
+    user, got = await raw_request(tunnel.ports.public, get)
+    _, posted = await raw_request(tunnel.ports.public, post)
+
+    async def both() -> list[dict[str, Any]]:
+        listed = (await tunnel.api("/api/requests"))[1]
+        return listed if len(listed) == 2 and all(e["state"] == "complete" for e in listed) else []
+
+    second, first = await until(both)  # newest first
+    assert (first["method"], first["path"], first["status"]) == ("GET", "/first?x=1", 200)
+    assert (first["up"], first["down"]) == (len(get), len(got))
+    assert first["user"] == user  # the address the server saw, carried in the SYN frame
+    assert (second["method"], second["path"], second["status"], second["up"]) == ("POST", "/second", 200, len(post))
+    assert second["down"] == len(posted)
+    status, detail = await tunnel.api(f"/api/requests/{second['id']}")
+    assert status == 200
+    assert detail["request"]["body"] == {"size": 5, "kept": 5, "truncated": False, "kind": "text", "text": "hello"}
+    assert detail["response"]["body"]["text"] == hashlib.sha256(b"hello").hexdigest()
+
+
+async def test_the_event_feed_shows_each_request_live(start_tunnel: Start, http_origin: HttpOrigin) -> None:
+    tunnel = await start_tunnel(http_origin.port)
+    reader, writer = await open_connection(tunnel.inspector.port)
+    writer.write(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % tunnel.inspector.port)
+    async with asyncio.timeout(STEP_TIMEOUT):
+        assert b"text/event-stream" in await reader.readuntil(b"\r\n\r\n")
+        await raw_request(tunnel.ports.public, b"GET /live HTTP/1.0\r\n\r\n")
+        while True:  # the request's events come without asking: opened, then complete
+            line = await reader.readline()
+            if line.startswith(b"data: ") and (event := json.loads(line[6:]))["state"] == "complete":
+                break
+    assert (event["path"], event["status"]) == ("/live", 200)
+    writer.close()
+
+
+async def test_replay_goes_to_the_local_app_and_returns_the_new_response(
+    start_tunnel: Start, http_origin: HttpOrigin
+) -> None:
+    tunnel = await start_tunnel(http_origin.port)
+    await raw_request(tunnel.ports.public, b"POST /again HTTP/1.0\r\nContent-Length: 4\r\n\r\nbody")
+    [original] = await until(lambda: _listed(tunnel))
+    mux = tunnel.server._sessions.mux
+    assert mux is not None
+    streams_before = mux.last_id
+    # Without the header a cross-site form can't send, nothing is replayed.
+    status, _ = await tunnel.api(f"/api/requests/{original['id']}/replay", data=b"")
+    assert status == 403
+    status, replayed = await post_replay(tunnel, original["id"])
+    assert status == 200, replayed
+    assert (replayed["replay_of"], replayed["status"], replayed["state"]) == (original["id"], 200, "complete")
+    assert replayed["response"]["body"]["text"] == hashlib.sha256(b"body").hexdigest()
+    assert mux.last_id == streams_before  # no stream opened: the replay never went through the tunnel
+    listed = (await tunnel.api("/api/requests"))[1]
+    assert [e["id"] for e in listed] == [replayed["id"], original["id"]]  # and it is listed, newest first
+
+
+async def _listed(tunnel: Tunnel) -> list[dict[str, Any]]:
+    listed: list[dict[str, Any]] = (await tunnel.api("/api/requests"))[1]
+    return listed if listed and all(e["state"] == "complete" for e in listed) else []
+
+
+async def post_replay(tunnel: Tunnel, exchange_id: int) -> tuple[int, Any]:
+    reader, writer = await open_connection(tunnel.inspector.port)
+    port = tunnel.inspector.port
+    writer.write(f"POST /api/requests/{exchange_id}/replay HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode())
+    writer.write(b"X-Inspector: replay\r\nContent-Length: 0\r\n\r\n")
+    async with asyncio.timeout(STEP_TIMEOUT):
+        response = await reader.read()
+    writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+async def test_a_replay_of_an_unknown_request_is_refused(start_tunnel: Start, http_origin: HttpOrigin) -> None:
+    tunnel = await start_tunnel(http_origin.port)
+    status, answer = await post_replay(tunnel, 999)
+    assert status == 409 and "no request 999" in answer["error"]
+
+
+async def test_a_foreign_host_name_is_refused(start_tunnel: Start, http_origin: HttpOrigin) -> None:
+    """DNS rebinding: a web site's name pointed at 127.0.0.1 still sends its name in Host."""
+    tunnel = await start_tunnel(http_origin.port)
+    _, response = await raw_request(tunnel.inspector.port, b"GET /api/requests HTTP/1.1\r\nHost: evil.test\r\n\r\n")
+    assert response.startswith(b"HTTP/1.1 421 ")
+
+
+class KeepAliveApp(LocalServer):
+    """A local app that answers every request on a connection (pipelined or not) with a small page."""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                size = int(m[1]) if (m := re.search(rb"(?i)\r\ncontent-length: (\d+)", head)) else 0
+                await reader.readexactly(size)
+                body = b"page for " + head.split(b" ")[1]
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        writer.close()
+
+
+async def pipeline(port: int, requests: list[bytes], depth: int = 50) -> None:
+    """Send `requests` on one connection, `depth` at a time (pipelined), reading their responses in between."""
+    reader, writer = await open_connection(port)
+    async with asyncio.timeout(STEP_TIMEOUT * 3):
+        for start in range(0, len(requests), depth):
+            batch = requests[start : start + depth]
+            writer.write(b"".join(batch))
+            got = b""
+            while got.count(b"HTTP/1.1 200") < len(batch):
+                got += await reader.read(1 << 20)
+    writer.close()
+
+
+def accounted(store: Store) -> int:
+    return sum(Store.size(e) for e in store.entries.values())
+
+
+@pytest.mark.slow
+async def test_ten_thousand_requests_leave_the_store_bounded(start_tunnel: Start) -> None:
+    async with KeepAliveApp() as app:
+        tunnel = await start_tunnel(app.port)
+        batches = [[b"GET /n/%d-%d HTTP/1.1\r\nHost: t\r\n\r\n" % (c, i) for i in range(500)] for c in range(20)]
+        await asyncio.gather(*(pipeline(tunnel.ports.public, batch) for batch in batches))
+        store = tunnel.inspector.store
+        await until(lambda: asyncio.sleep(0, store._next_id > 10_000))
+        assert len(store.entries) == LIMIT  # the last 500 of 10,000
+        assert store.bytes == accounted(store) <= BYTE_LIMIT
+        assert all(e.state == "complete" for e in store.entries.values())
+
+
+@pytest.mark.slow
+async def test_big_bodies_are_bounded_by_the_bytes_of_the_ring(start_tunnel: Start) -> None:
+    async with KeepAliveApp() as app:
+        tunnel = await start_tunnel(app.port, byte_limit=1024 * 1024)
+        body = b"b" * (BODY_LIMIT + 1000)
+        post = b"POST /up HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        await pipeline(tunnel.ports.public, [post] * 100)
+        store = tunnel.inspector.store
+        await until(lambda: asyncio.sleep(0, store._next_id > 100))
+        assert store.bytes == accounted(store) <= 1024 * 1024  # 100 x 64 KiB kept would be 6.4 MiB
+        assert 10 <= len(store.entries) < 20
+
+
+class Download(LocalServer):
+    """A local app that sends a body of the size asked for (GET /N), with Content-Length, in big writes."""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            head = await reader.readuntil(b"\r\n\r\n")
+            size = int(head.split(b" ")[1][1:])
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % size)
+            block = bytes(range(256)) * 4096  # 1 MiB
+            while size > 0:
+                writer.write(block[:size])
+                await writer.drain()
+                size -= len(block)
+        writer.close()
+
+
+BIG = 1024 * 1024 * 1024  # 1 GiB: about 3 s through the tunnel on loopback here
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_a_big_download_is_kept_only_up_to_the_bound_and_arrives_intact(start_tunnel: Start) -> None:
+    async with Download() as app:
+        tunnel = await start_tunnel(app.port)
+        reader, writer = await open_connection(tunnel.ports.public)
+        writer.write(b"GET /%d HTTP/1.1\r\nHost: t\r\n\r\n" % BIG)
+        head = await reader.readuntil(b"\r\n\r\n")
+        digest, received = hashlib.sha256(), 0
+        async with asyncio.timeout(100):
+            while chunk := await reader.read(1 << 20):
+                digest.update(chunk)
+                received += len(chunk)
+        writer.close()
+        expected = hashlib.sha256()
+        block = bytes(range(256)) * 4096
+        for _ in range(BIG // len(block)):
+            expected.update(block)
+        assert (received, digest.hexdigest()) == (BIG, expected.hexdigest())
+        [exchange] = await until(lambda: asyncio.sleep(0, [e for e in tunnel.inspector.store.entries.values()]))
+        await until(lambda: asyncio.sleep(0, exchange.state == "complete"))
+        assert (exchange.response.body_size, len(exchange.response.body)) == (BIG, BODY_LIMIT)
+        assert exchange.response.wire == len(head) + BIG
+        assert tunnel.inspector.store.bytes < 2 * BODY_LIMIT
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+async def start_server_cli(cli: CliProcess.Factory) -> int:
+    server = await cli(
+        "-m", "stage_7.server", "--control-port", "0", "--public-port", "0", env={"NGROK_SECRET": SECRET}
+    )
+    return await server.listening("control")
+
+
+async def test_the_client_serves_the_inspector_on_loopback(cli: CliProcess.Factory) -> None:
+    control = await start_server_cli(cli)
+    args = ("-m", "stage_7.client", "127.0.0.1:1", "127.0.0.1", "--control-port", str(control), "--inspect-port", "0")
+    client = await cli(*args, env={"NGROK_SECRET": SECRET})
+    match = await client.expect(r"inspector port listening on (\S+):(\d+)")
+    assert match[1] == "127.0.0.1"
+    status, page = await http_get(int(match[2]), "/")
+    assert status == 200 and b"<title>ngrok-- inspector</title>" in page
+
+
+async def test_no_inspect_serves_no_port(cli: CliProcess.Factory) -> None:
+    control = await start_server_cli(cli)
+    args = ("-m", "stage_7.client", "127.0.0.1:1", "127.0.0.1", "--control-port", str(control), "--no-inspect")
+    client = await cli(*args, env={"NGROK_SECRET": SECRET})
+    await client.expect(r"tunnel up")
+    assert "inspector" not in client.output
+
+
+async def test_an_inspect_port_in_use_is_a_one_line_error(cli: CliProcess.Factory) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        client = await cli("-m", "stage_7.client", "127.0.0.1:1", "127.0.0.1:1", "--inspect-port", str(port))
+        assert await client.wait() == 1
+    assert "Traceback" not in client.output
+    assert client.lines[-1] == (
+        f"error: port {port} on 127.0.0.1 is already in use; stop the other program or pick another --inspect-port"
+    )
