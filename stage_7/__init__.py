@@ -1,22 +1,24 @@
-"""Stage 7: the private connection to the local app: the real tunnel, hardened for a real server.
+"""Stage 7: the inspector: every request through the tunnel, live in a local web page, with replay.
 
-Layout:
+Stage 6's tunnel (many tunnels on one server, by name or TCP port, over TLS), and in the client an
+observer of the HTTP it relays. Layout (new in stage 7: observe.py, capture.py, inspector.py,
+inspector.html; the SYN frame now names the user's address):
 
-- `protocol.py`: the wire format: stage 2's messages plus the handshake (`hello`, `challenge`,
-  `auth`, `welcome`) and `local_error`; every timeout and limit, in one place.
-- `auth.py`: the control handshake; with a secret, an HMAC challenge-response that proves
-  the client knows the secret without sending it.
-- `relay.py`: the byte pump, now also noting how each direction began (for the request log).
-- `pairing.py`: joins each user to the proxy connection that names its id; reports failures.
-- `session.py`: the server's side of the control connection: one client at a time, a
-  reconnecting client resumes its session at once, a silent one is dropped.
-- `pages.py`: the 502/503/504 pages an HTTP user gets when the tunnel can't serve them.
-- `server.py`: the control, public and proxy ports; `python -m stage_7.server` runs it.
-- `backoff.py`: how long the client waits between reconnect attempts.
-- `private.py`: the client's side of one user: the private connection to the local app,
-  joined to a proxy connection.
-- `client.py`: keeps the control connection up and relays every user to the local app;
-  `python -m stage_7.client LOCAL [SERVER]` runs it.
-- `demo_app.py` and `__main__.py`: `python -m stage_7` runs a demo app, the server and the
-  client on this machine and prints the public URL.
+- `protocol.py`: the handshake's text lines (`hello http myapp`, `welcome ...`); every timeout and limit.
+- `tls.py`: the TLS contexts: the server's certificate, and what the client trusts (always checked).
+- `certs.py`: `python -m stage_7.certs DIR` makes a private CA and a server certificate (with openssl).
+- `auth.py`: the HMAC challenge-response that proves the client knows the secret, inside TLS.
+- `frames.py`, `mux.py`: stage 5's frames and multiplexer: every user a stream in the client's connection.
+- `relay.py`: one user's TCP connection joined to its stream, with flow control.
+- `tunnels.py`: who holds which name and which TCP port; the TCP tunnels' ports.
+- `session.py`: the server's side of each client's connection: admit, resume, keep for a while, expire.
+- `routing.py`: reads an HTTP user's request head and finds the tunnel its Host header names.
+- `pages.py`: the 400/404/408/431/502/503/504 pages, and the request log's summary.
+- `limits.py`: the descriptor limit, and accept loops with slots.
+- `server.py`: the control port, the public port (HTTP or HTTPS), the TCP tunnels' users; `python -m stage_7.server`.
+- `backoff.py`, `private.py`, `client.py`: the client; `python -m stage_7.client LOCAL [SERVER] --name NAME`.
+- `observe.py`: HTTP/1.1 parsed by hand from a copy of the relayed bytes, never in their way.
+- `capture.py`: the ring of the last exchanges (bounded in count and bytes), and replay to the local app.
+- `inspector.py`, `inspector.html`: the page at http://127.0.0.1:4040: the list, live (server-sent events).
+- `demo_app.py` and `__main__.py`: `python -m stage_7` runs a named tunnel and its inspector on this machine.
 """

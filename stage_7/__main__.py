@@ -1,10 +1,11 @@
-"""The whole tunnel on one machine: `python -m stage_7` shows it working with zero setup.
+"""The tunnel and its inspector on one machine: `python -m stage_7` shows every request, live, with zero setup.
 
-It runs three things in one process, all on 127.0.0.1: a demo local app (demo_app.py), the
-server and the client, which share a fresh random secret. Then it prints the public URL: open
-it in a browser or curl it, and the demo app's page comes back through the tunnel. In real use
-the server runs on a machine the internet can reach and the client next to your app: see the
-stage 4 page of the docs.
+It makes a private CA and a certificate for localhost (certs.py, with the openssl command) in a
+temporary folder, then runs four things in one process, all on 127.0.0.1: a demo local app
+(demo_app.py), the server, a client named `hello` (a fresh random secret, trusting only that CA)
+and the client's inspector. Then it prints the tunnel's URL, http://hello.localhost:60624/, and
+the inspector's, http://127.0.0.1:4040/: open the second, curl the first, and watch each request
+appear; click one to see its headers and bodies, and replay it.
 """
 
 import argparse
@@ -12,7 +13,10 @@ import asyncio
 import logging
 import secrets
 import sys
+import tempfile
+from pathlib import Path
 
+from . import certs, tls
 from .cli import listen_port
 from .client import Client
 from .demo_app import DemoApp
@@ -25,18 +29,27 @@ log = logging.getLogger("stage_7.demo")
 HOST = "127.0.0.1"  # the demo never leaves this machine
 
 
-async def run(control_port: int, public_port: int, app_port: int, any_free: bool = False) -> None:
-    """Start the demo app, the server and the client; print the public URL; serve until cancelled.
+NAME = "hello"  # the demo's tunnel
 
-    any_free: if the tunnel's ports can't all be had, take any free ones instead of failing.
+
+async def run(control_port: int, public_port: int, app_port: int, any_free: bool = False) -> None:
+    """Start the demo app, the server, the client and its inspector; print the URLs; serve until cancelled.
+
+    any_free: if the tunnel's ports (or the inspector's) can't all be had, take any free ones instead of failing.
     """
-    app = DemoApp()
+    app = DemoApp(NAME)
     try:
         await app.listen(HOST, app_port)
     except OSError as exc:
         raise TunnelError(listen_error(exc, "app", HOST, app_port)) from None
+    with tempfile.TemporaryDirectory(prefix="ngrok-demo-") as folder:
+        try:
+            ca, cert, key = certs.make(Path(folder))
+        except certs.CertError as exc:
+            raise TunnelError(str(exc)) from None
+        server_tls, client_tls = tls.server_context(str(cert), str(key)), tls.client_context(str(ca))
     secret = secrets.token_hex(16)  # known to the server and the client, and to nobody else
-    server = Server(secret=secret)
+    server = Server(tls=server_tls, secret=secret)
     try:
         ports = await server.listen(HOST, control_port, public_port)
     except TunnelError as exc:
@@ -54,24 +67,24 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         log.warning("%s; the inspector takes a free port instead", exc)
         inspector.port = 0
         await inspector.listen()
-    client = Client(app.address, HOST, ports.control, secret=secret, inspector=inspector)
+    # "localhost", not 127.0.0.1: the name the certificate holds, and the client checks.
+    client = Client(
+        app.address, "localhost", ports.control, tls=client_tls, name=NAME, secret=secret, inspector=inspector
+    )
     async with asyncio.TaskGroup() as tasks:
-        tasks.create_task(app.serve())
-        tasks.create_task(server.serve())
-        tasks.create_task(client.run())
-        tasks.create_task(inspector.serve())
+        for task in (app.serve(), server.serve(), client.run(), inspector.serve()):
+            tasks.create_task(task)
         try:
             async with asyncio.timeout(NETWORK_TIMEOUT):
                 await client.connected.wait()
         except TimeoutError:
             raise TunnelError(f"the demo's client did not connect within {NETWORK_TIMEOUT:g}s; try -v") from None
-        url = f"http://{HOST}:{ports.public}/"
         print(
-            f"\npublic URL: {url}\n"
-            f"  try it:   curl {url}hello   (or open the URL in a browser)\n"
-            f"  the path: you -> server (public port {ports.public}) -> client -> "
-            f"demo app ({HOST}:{app.address[1]}), and back\n"
+            f"\npublic URL: {client.url}\n"
+            f"  try it:   curl {client.url}   (or open it in a browser)\n"
             f"  inspect:  http://{HOST}:{inspector.port}/   (every request, live, with replay)\n"
+            f"  the path: you -> server (public port {ports.public}, reads the Host header) -> "
+            f"the client named {NAME}, over TLS -> demo app ({HOST}:{app.address[1]}), and back\n"
             "  press Ctrl-C to stop\n",
             flush=True,
         )
@@ -81,7 +94,7 @@ def main() -> None:
     """Command line: python -m stage_7 [--public-port P] [--control-port P] [--app-port P]."""
     parser = argparse.ArgumentParser(
         prog="python -m stage_7",
-        description="Run a demo app, the tunnel server and the tunnel client on this machine, and print the URL.",
+        description="Run a demo app, the tunnel server, a named client and its inspector here; print the URLs.",
     )
     for role, default in (("public", PUBLIC_PORT), ("control", CONTROL_PORT)):
         parser.add_argument(
@@ -91,7 +104,11 @@ def main() -> None:
             help=f"0 = any (default: {default}, or any free port if that one is taken)",
         )
     parser.add_argument(
-        "--app-port", type=listen_port, default=0, metavar="PORT", help="0 = any (default: %(default)s)"
+        "--app-port",
+        type=listen_port,
+        default=0,
+        metavar="PORT",
+        help="the demo app's port; 0 = any (default: %(default)s)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()

@@ -19,16 +19,20 @@ import errno
 import logging
 import resource
 import socket
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 
 log = logging.getLogger("stage_7.server")
 
+# Connections the kernel queues for us before we accept them. asyncio's default
+# of 100 makes a burst of users (200 browser tabs at once) wait for a SYN retry.
+BACKLOG = 1024
 # Descriptors kept back for what is not an accepted connection: stdio, the listening
 # sockets, the log file, a DNS lookup's socket.
 RESERVE = 32
-# The control port needs few slots: one client, plus handshakes that time out quickly.
-CONTROL_SLOTS = 16
+# The control port's share of the descriptors: one in CONTROL_SHARE (see slots_for).
+CONTROL_SHARE = 8
 # accept() errors that mean "out of resources", not "this one connection failed".
 EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # How long to wait before accepting again after such an error (not a spin: a pause).
@@ -51,24 +55,34 @@ def raise_fd_limit() -> tuple[int, int]:
 
 
 def slots_for(fd_limit: int) -> dict[str, int]:
-    """Share the descriptors between the two ports.
+    """Share the descriptors between the control port and the users.
 
-    Stage 4 kept half of them for proxy connections, one per user. Stage 5 has none: a user
-    costs the server one descriptor, so the public port gets all the rest.
+    Stage 5 had one client, so the control port needed a handful of slots. Now every client holds
+    one control connection: an eighth of the descriptors goes to them, the rest to the users of
+    the public port and of the TCP tunnels' ports (see Slots).
     """
-    usable = max(fd_limit - RESERVE, 2 * 4)
-    control = min(CONTROL_SLOTS, usable // 4)
+    usable = max(fd_limit - RESERVE, 2 * CONTROL_SHARE)
+    control = usable // CONTROL_SHARE
     return {"control": control, "public": usable - control}
 
 
-class Listener:
-    """One listening port: accepts connections while it has free slots, and runs `handler` on each."""
+class Slots:
+    """A share of the descriptors: one slot per connection. The public port and every TCP tunnel's
+    port draw on the same share: a thousand users of one TCP tunnel count as much as of the HTTP port."""
 
-    def __init__(self, role: str, sock: socket.socket, slots: int, handler: Handler) -> None:
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.free = asyncio.Semaphore(count)
+
+
+class Listener:
+    """One listening port: accepts connections while its share has free slots, and runs `handler` on each."""
+
+    def __init__(self, role: str, sock: socket.socket, slots: Slots, handler: Handler) -> None:
         self.role = role
         self.sock = sock
         self.slots = slots
-        self._free = asyncio.Semaphore(slots)
+        self._free = slots.free
         self._handler = handler
         self._last_report, self._full_count = -REPORT_EVERY, 0  # see _report_full
 
@@ -109,7 +123,7 @@ class Listener:
                 "%s port: all %d connection slots are in use (the file descriptor limit is near); "
                 "new connections wait in the kernel's queue (%d times since the last report)",
                 self.role,
-                self.slots,
+                self.slots.count,
                 self._full_count,
             )
             self._last_report, self._full_count = now, 0
@@ -124,12 +138,19 @@ class Listener:
             self._free.release()
 
 
-async def streams(conn: socket.socket, limit: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Wrap an accepted socket in a reader and a writer, as asyncio.open_connection(sock=...) does."""
+async def streams(
+    conn: socket.socket, limit: int, tls: ssl.SSLContext, handshake_timeout: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Wrap an accepted socket in TLS, and in a reader and a writer, as asyncio.open_connection(sock=...) does.
+
+    OSError (ssl.SSLError, ConnectionAbortedError after `handshake_timeout`) if the TLS handshake fails.
+    """
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=limit)
     protocol = asyncio.StreamReaderProtocol(reader)
-    transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn)
+    transport, _ = await loop.connect_accepted_socket(
+        lambda: protocol, conn, ssl=tls, ssl_handshake_timeout=handshake_timeout
+    )
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 

@@ -135,7 +135,9 @@ class Stream(asyncio.Protocol):
             self.fin_pending = True  # sent after the bytes still queued (see take)
             if self.mux is not None:
                 self.mux.schedule(self)
-        return True  # keep our side open: the other direction may still flow
+        # Keep our side open: the other direction may still flow. Not over TLS (an HTTPS user):
+        # TLS has no half-close, its end closes both directions.
+        return self.transport is not None and self.transport.can_write_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._heard()

@@ -1,27 +1,32 @@
-"""Stage 7 server: relay every public connection through the client to the local app, as a stream.
+"""Stage 7 server: stage 6's (many clients, each with a tunnel of its own), and each SYN names its user.
 
-python -m stage_7.server                    # then: python -m stage_7.client localhost:8000
-python -m stage_7.server --host 0.0.0.0     # on a VPS: set NGROK_SECRET on both sides first
+python -m stage_7.certs certs/              # a private CA and a certificate for localhost (once)
+python -m stage_7.server --cert certs/server.pem --key certs/server.key
+python -m stage_7.client localhost:8000 --ca certs/ca.pem --name myapp    # then: curl http://myapp.localhost:60624/
 
-The client's one connection lives in session.py (auth, one tunnel, heartbeats) and mux.py (its
-streams); here are the ports, the users, and what a user sees when the tunnel can't serve them.
+Each client's one connection lives in session.py (auth, heartbeats, resume) and mux.py (its
+streams); who holds which tunnel is in tunnels.py, and how an HTTP user's Host header picks one
+in routing.py. Here are the ports, the users, and what a user sees when no tunnel can serve them.
 """
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from . import auth, limits, pages
-from .cli import listen_port, positive_seconds
-from .limits import Listener
+from . import auth, limits, pages, routing, tls
+from .cli import domain, listen_port, port_range, positive_seconds
+from .limits import Listener, Slots
+from .mux import Mux
 from .protocol import (
     CONTROL_PORT,
     DATA_LIMIT,
@@ -32,16 +37,15 @@ from .protocol import (
     NETWORK_TIMEOUT,
     PROXY_TIMEOUT,
     PUBLIC_PORT,
+    RESUME_WINDOW,
     TunnelError,
 )
 from .relay import Stream, Timeouts
+from .routing import BadRequest
 from .session import Sessions
+from .tunnels import Public, Session, Tunnels
 
 log = logging.getLogger("stage_7.server")
-
-# Connections the kernel queues for us before we accept them. asyncio's default
-# of 100 makes a burst of users (200 browser tabs at once) wait for a SYN retry.
-BACKLOG = 1024
 
 
 @dataclass(frozen=True)
@@ -53,27 +57,36 @@ class Ports:
 
 
 class Server:
-    """The tunnel server: one tunnel connection from the client, many public users, one stream per user."""
+    """The tunnel server: many clients, each holding one tunnel; many users, one stream per user."""
 
     def __init__(
         self,
         proxy_timeout: float = PROXY_TIMEOUT,
         handshake_timeout: float = NETWORK_TIMEOUT,
         *,
+        tls: ssl.SSLContext,
         secret: str | None = None,
+        domain: str = "localhost",
+        https: ssl.SSLContext | None = None,
+        tcp_ports: tuple[int, int] | None = None,
+        resume_window: float = RESUME_WINDOW,
+        head_timeout: float = routing.HEAD_TIMEOUT,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         max_waiting: int = MAX_WAITING,
         idle_timeout: float = IDLE_TIMEOUT,
         half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
     ) -> None:
         self.proxy_timeout = proxy_timeout  # a user waits this long for the client to accept its stream
+        self.handshake_timeout = handshake_timeout  # for TLS handshakes too: one that never ends is let go
+        self.head_timeout = head_timeout  # an HTTP user sends its request's head within this (routing.py)
         self.timeouts = Timeouts(idle_timeout, half_closed_timeout)  # for silent streams: see relay.py
+        self.tls, self.https, self.domain = tls, https, domain.lower()
         self.max_waiting = max_waiting
         self.waiting = 0  # users whose stream the client has not accepted yet
         self._listeners: list[Listener] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        # The client's session, if one is connected (see session.py).
-        self._sessions = Sessions(secret, handshake_timeout, heartbeat_timeout)
+        self._tunnels = Tunnels(tcp_ports, self._spawn, self._handle_tcp)
+        self._sessions = Sessions(self._tunnels, secret, handshake_timeout, heartbeat_timeout, resume_window)
 
     async def listen(
         self,
@@ -83,12 +96,12 @@ class Server:
     ) -> Ports:
         """Bind the two ports (0 = any free port) and return the real ones; TunnelError if one is taken."""
         before, fd_limit = limits.raise_fd_limit()
-        slots = limits.slots_for(fd_limit)
-        roles = (("control", control_port, self._handle_control), ("public", public_port, self._handle_public))
+        slots = {role: Slots(count) for role, count in limits.slots_for(fd_limit).items()}
+        roles = (("control", control_port, self._handle_control), ("public", public_port, self._handle_http))
         try:
             for role, port, handler in roles:
                 try:
-                    sock = limits.bind(host, port, BACKLOG)
+                    sock = limits.bind(host, port, limits.BACKLOG)
                 except OSError as exc:
                     raise TunnelError(listen_error(exc, role, host, port)) from None
                 self._listeners.append(Listener(role, sock, slots[role], handler))
@@ -102,7 +115,7 @@ class Server:
             bound_host, bound_port = listener.sock.getsockname()[:2]
             log.info("%s port listening on %s:%d", listener.role, bound_host, bound_port)
         raised = f" (raised from {before})" if fd_limit > before else ""
-        shares = ", ".join(f"{role} {count}" for role, count in slots.items())
+        shares = ", ".join(f"{role} {share.count}" for role, share in slots.items())
         log.info("file descriptor limit: %d%s; connection slots: %s", fd_limit, raised, shares)
         for warning in (
             auth.exposure_warning(host, self._sessions.secret),
@@ -110,7 +123,15 @@ class Server:
         ):
             if warning:
                 log.warning("%s", warning)
-        return Ports(*(int(listener.sock.getsockname()[1]) for listener in self._listeners))
+        ports = Ports(*(int(listener.sock.getsockname()[1]) for listener in self._listeners))
+        # TCP tunnels listen where the public port does, and draw on its share of descriptors.
+        public = Public(self.domain, "https" if self.https else "http", ports.public)
+        self._tunnels.open(host, slots["public"], public)
+        return ports
+
+    def tunnels(self) -> dict[str, str]:
+        """Each tunnel held now ('myapp', or a TCP port) and its URL."""
+        return {session.tunnel: session.url for session in self._sessions.by_id.values()}
 
     async def serve(self) -> None:
         """Serve until cancelled (Ctrl-C, a test); then close every connection and return."""
@@ -123,6 +144,7 @@ class Server:
                 task.cancel()
             for listener in self._listeners:
                 listener.sock.close()
+            self._sessions.close()  # and the TCP tunnels' ports
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*accepting, *self._tasks, return_exceptions=True)
@@ -135,33 +157,60 @@ class Server:
         task.add_done_callback(self._tasks.discard)
 
     async def _handle_control(self, conn: socket.socket) -> None:
-        # The tunnel connection carries frames after the handshake: a big buffer limit keeps reads
-        # large (DATA_LIMIT). read_message still refuses a handshake line over MAX_LINE.
-        reader, writer = await limits.streams(conn, DATA_LIMIT)
+        # TLS first: a peer that doesn't speak it (or never finishes its handshake) fails here with an
+        # OSError, which the listener logs in one line. The tunnel connection carries frames after the
+        # handshake: a big buffer limit keeps reads large (DATA_LIMIT); read_message still refuses a
+        # handshake line over MAX_LINE.
+        reader, writer = await limits.streams(conn, DATA_LIMIT, self.tls, self.handshake_timeout)
         try:
             await self._sessions.handle_control(reader, writer)
         finally:
             writer.close()
-            await writer.wait_closed()
+            with contextlib.suppress(OSError):  # a TLS peer that vanished can't say goodbye
+                await writer.wait_closed()
 
-    async def _handle_public(self, conn: socket.socket) -> None:
+    # --8<-- [start:http]
+    async def _handle_http(self, conn: socket.socket) -> None:
+        """A user of the public port: read its request's head, find the tunnel its Host names, relay."""
+        stream = Stream(self.timeouts)
+        data, ended = await routing.read_head(conn, stream, self.https, self.head_timeout)  # OSError: it left
+        peer = peername(stream)
+        try:
+            name = routing.tunnel_name(routing.check(data, ended), self.domain)
+            session = self._tunnels.find(name)
+            if session is None:
+                raise BadRequest(404, f"no tunnel is named {name!r} on this server")
+            await self._serve_user(stream, peer, session)
+        except BadRequest as exc:
+            await self._refuse(stream, peer, exc.status, exc.cause, http=True)
+        finally:
+            await self._close(stream)
+
+    # --8<-- [end:http]
+
+    async def _handle_tcp(self, session: Session, conn: socket.socket) -> None:
+        """A user of a TCP tunnel's port: no head to read, the port says whose it is."""
         stream = Stream(self.timeouts)
         await asyncio.get_running_loop().connect_accepted_socket(lambda: stream, conn)
         try:
-            await self._serve_user(stream)
+            await self._serve_user(stream, peername(stream), session)
         finally:
-            if stream.transport is not None:
-                stream.transport.close()  # sends what is still buffered first
-            await stream.closed  # the slot is free once the descriptor is
+            await self._close(stream)
 
-    async def _serve_user(self, stream: Stream) -> None:
-        """One public connection: open a stream for it on the client's connection, and log it when it ends."""
-        assert stream.transport is not None
-        peer, started = peername(stream.transport), time.monotonic()
-        mux = self._sessions.mux
+    @staticmethod
+    async def _close(stream: Stream) -> None:
+        if stream.transport is not None:
+            stream.transport.close()  # sends what is still buffered first
+        await stream.closed  # the slot is free once the descriptor is
+
+    async def _serve_user(self, stream: Stream, peer: str, session: Session) -> None:
+        """One user: open a stream for it on its tunnel's client connection, and log it when it ends."""
+        started = time.monotonic()
+        mux: Mux | None = session.mux
         if mux is None:
             # A page that names the cause tells the user more than a closed connection.
-            await self._refuse(stream, peer, 502, "no tunnel client is connected to this server")
+            cause = f"the tunnel client of {session.url} is not connected; it may be reconnecting"
+            await self._refuse(stream, peer, 502, cause)
             return
         if self.waiting >= self.max_waiting:  # bounded: a flood of users must not pile up here
             await self._refuse(stream, peer, 503, "too many users are waiting; try again soon")
@@ -196,14 +245,15 @@ class Server:
         log.info("%s %s, %d bytes up, %d bytes down, %.3fs%s", who, request, up, down, elapsed, ended)
 
     @staticmethod
-    async def _refuse(stream: Stream, who: str, status: int, cause: str) -> None:
-        sent = await pages.refuse(stream, status, cause)
+    async def _refuse(stream: Stream, who: str, status: int, cause: str, http: bool = False) -> None:
+        sent = await pages.refuse(stream, status, cause, http)
         log.warning("%s: %s; %s", who, pages.printable(cause.encode()), f"sent a {status} page" if sent else "closed")
 
 
-def peername(transport: asyncio.BaseTransport) -> str:
-    """'host:port' of the peer, for log lines."""
-    host, port = transport.get_extra_info("peername")[:2]
+def peername(stream: Stream) -> str:
+    """'host:port' of the user, for log lines."""
+    assert stream.transport is not None
+    host, port = stream.transport.get_extra_info("peername")[:2]
     return f"{host}:{port}"
 
 
@@ -224,15 +274,15 @@ async def run(host: str, ports: Ports, **options: Any) -> None:
 
 
 def main() -> None:
-    """Command line: python -m stage_7.server [--host H] [--control-port P] [--public-port P] ..."""
+    """Command line: python -m stage_7.server --cert FILE --key FILE [--host H] [--domain D] ..."""
     parser = argparse.ArgumentParser(
         prog="python -m stage_7.server",
-        description="Relay every user of the public port through the tunnel client to its local app, as a stream.",
+        description="Serve many tunnels: HTTP users by the name in their Host header, TCP users by port.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     for role, default, who in (
-        ("control", CONTROL_PORT, "the client connects"),
-        ("public", PUBLIC_PORT, "users connect"),
+        ("control", CONTROL_PORT, "the clients connect, over TLS"),
+        ("public", PUBLIC_PORT, "HTTP users connect"),
     ):
         parser.add_argument(
             f"--{role}-port",
@@ -241,9 +291,26 @@ def main() -> None:
             metavar="PORT",
             help=f"where {who}; 0 = any (default: %(default)s)",
         )
+    parser.add_argument("--cert", required=True, metavar="FILE", help="the control port's certificate chain (PEM)")
+    parser.add_argument("--key", required=True, metavar="FILE", help="its private key (PEM)")
+    parser.add_argument(
+        "--domain",
+        type=domain,
+        default="localhost",
+        help="HTTP tunnels are NAME.DOMAIN; point *.DOMAIN's DNS at this server (default: %(default)s)",
+    )
+    parser.add_argument("--https-cert", metavar="FILE", help="a certificate for *.DOMAIN: the public port speaks HTTPS")
+    parser.add_argument("--https-key", metavar="FILE", help="its private key")
+    parser.add_argument(
+        "--tcp-ports",
+        type=port_range,
+        metavar="LOW-HIGH",
+        help="the ports TCP tunnels get, e.g. 61000-61099 (default: any free port)",
+    )
     for flag, seconds, what in (
         ("proxy-timeout", PROXY_TIMEOUT, "how long a user waits for the client to accept its stream"),
-        ("heartbeat-timeout", HEARTBEAT_TIMEOUT, "silence after which the client counts as gone"),
+        ("heartbeat-timeout", HEARTBEAT_TIMEOUT, "silence after which a client counts as gone"),
+        ("resume-window", RESUME_WINDOW, "how long a gone client's tunnel is kept for it"),
         ("idle-timeout", IDLE_TIMEOUT, "close a user's stream after this long with no byte either way"),
         ("half-closed-timeout", HALF_CLOSED_TIMEOUT, "close a half-closed stream after this long silent"),
     ):
@@ -257,19 +324,26 @@ def main() -> None:
     parser.add_argument(
         "--secret",
         default=os.environ.get("NGROK_SECRET"),
-        help="a secret the client must prove it knows (default: $NGROK_SECRET, which keeps it out of ps)",
+        help="a secret the clients must prove they know (default: $NGROK_SECRET, which keeps it out of ps)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()
+    if (args.https_cert is None) != (args.https_key is None):
+        parser.error("give --https-cert and --https-key together")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
     try:
         ports = Ports(args.control_port, args.public_port)
         options = {
+            "tls": contexts("certificate", args.cert, args.key),
+            "https": args.https_cert and contexts("HTTPS certificate", args.https_cert, args.https_key),
+            "domain": args.domain,
+            "tcp_ports": args.tcp_ports,
             "proxy_timeout": args.proxy_timeout,
             "secret": args.secret,
             "heartbeat_timeout": args.heartbeat_timeout,
+            "resume_window": args.resume_window,
             "idle_timeout": args.idle_timeout,
             "half_closed_timeout": args.half_closed_timeout,
         }
@@ -278,6 +352,14 @@ def main() -> None:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:
         log.info("stopped")
+
+
+def contexts(what: str, cert: str, key: str) -> ssl.SSLContext:
+    """A server's TLS context from its certificate and key files; TunnelError if they can't be used."""
+    try:
+        return tls.server_context(cert, key)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise TunnelError(tls.load_error(f"{what} {cert} or its key {key}", exc)) from None
 
 
 if __name__ == "__main__":

@@ -1,28 +1,29 @@
-"""The server side of the tunnel connection: who holds the tunnel, and is it still alive?
+"""The server's side of the tunnel connections: who may hold a tunnel, and is its client still alive?
 
-Stage 4's control connection, which now carries everything: after the handshake, this module
-runs a Mux on it (mux.py), and the server opens a stream on it for each user.
+Stage 5's session module kept one client. Now every client that connects gets a session of its
+own, and with it one tunnel (tunnels.py): the name or TCP port it asked for, if nobody holds it.
 
-- Auth: only a client that knows the secret gets in (the handshake is in auth.py).
-- One tunnel, never locked out: a second client is refused while one is connected, but the
-  *same* client coming back (it presents the session id we gave it) takes over at once. Its
-  old connection may still look alive to us: a laptop whose Wi-Fi dropped sends no FIN.
-- Heartbeats: a tunnel connection silent for longer than the heartbeat timeout is dead.
-  Dropping it frees the tunnel, and the users waiting for it get an error page, not a hang.
-  Users whose streams ran on it lose their connections: with one connection for everything,
-  nothing of a user survives that connection (stage 4's proxy connections did).
+- Auth: only a client that knows the secret gets in (the handshake is in auth.py), inside TLS.
+- Never locked out: a client coming back (it presents the session id and the tunnel we gave it)
+  takes its session over at once, even if its old connection still looks alive to us: a laptop
+  whose Wi-Fi dropped sends no FIN.
+- Kept for a while: when a client's connection ends, its tunnel stays reserved for the resume
+  window. Its users get a 502 page meanwhile; after the window, the name is anyone's again.
+- Heartbeats: a tunnel connection silent for longer than the heartbeat timeout is dead. Users
+  whose streams ran on it lose their connections, as in stage 5.
 """
 
 import asyncio
 import logging
 import secrets
-from dataclasses import dataclass
 
 from . import auth
 from .mux import Mux
 from .protocol import (
     HEARTBEAT_TIMEOUT,
+    MAX_TUNNELS,
     NETWORK_TIMEOUT,
+    RESUME_WINDOW,
     AuthError,
     Hello,
     Refused,
@@ -31,40 +32,29 @@ from .protocol import (
     say_goodbye,
     write_message,
 )
+from .tunnels import Session, Tunnels
 
 log = logging.getLogger("stage_7.session")
 
 
-@dataclass
-class Session:
-    """The client that holds the tunnel: its session id, and the tunnel connection it uses now."""
-
-    session_id: str
-    peer: str
-    writer: asyncio.StreamWriter
-    task: asyncio.Task[None]  # the task that reads that connection
-    mux: Mux | None = None  # its streams, once the handshake is done
-
-
 class Sessions:
-    """Admits clients on the control port, one session at a time, and drops a session that goes silent."""
+    """Admits clients on the control port, one session each, and keeps a lost client's tunnel for a while."""
 
     def __init__(
         self,
+        tunnels: Tunnels,
         secret: str | None = None,
         handshake_timeout: float = NETWORK_TIMEOUT,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
+        resume_window: float = RESUME_WINDOW,
     ) -> None:
+        self.tunnels = tunnels
         self.secret = secret or None  # an empty secret would be no secret at all
         self.handshake_timeout = handshake_timeout
         self.heartbeat_timeout = heartbeat_timeout
-        self.current: Session | None = None
+        self.resume_window = resume_window
+        self.by_id: dict[str, Session] = {}
         self.throttle = auth.Throttle()  # slows down anyone guessing the secret
-
-    @property
-    def mux(self) -> Mux | None:
-        """The current client's connection, to open users' streams on; None while no client holds the tunnel."""
-        return self.current.mux if self.current is not None else None
 
     async def handle_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One control connection, from handshake to close: the task the control port spawns."""
@@ -77,11 +67,11 @@ class Sessions:
             session = self._admit(hello, peer, writer)
             # The welcome is the last line: from here on, both sides speak frames (frames.py).
             mux = Mux(reader, writer, peer="the client", heartbeat_timeout=self.heartbeat_timeout)
-            await write_message(writer, Welcome(session.session_id))
+            await write_message(writer, Welcome(session.session_id, session.tunnel, session.url))
             # --8<-- [end:handshake]
             session.mux = mux
             await mux.run()  # until the client leaves, falls silent or breaks the protocol
-        except TunnelError as exc:  # a wrong secret, a second client, a bad frame
+        except TunnelError as exc:  # a wrong secret, a taken name, a bad frame
             if isinstance(exc, AuthError):
                 self.throttle.failed(host)
             # Tell the peer what went wrong, then hang up: a confused peer must
@@ -97,36 +87,57 @@ class Sessions:
         finally:
             if mux is not None:
                 mux.close("the tunnel client disconnected")  # its users get a page or a reset
-            # Free the tunnel, unless a reconnect of the same client took this session over.
+            # Keep the tunnel for its client, unless a reconnect of the same client took it over.
             if session is not None and session.writer is writer:
-                self.current = None
-                log.info("%s: tunnel connection closed; the tunnel is free", peer)
+                self._keep(session)
             writer.close()
 
     # --8<-- [start:admit]
     def _admit(self, hello: Hello, peer: str, writer: asyncio.StreamWriter) -> Session:
-        """Give the tunnel to this connection, or raise Refused if another client holds it."""
+        """Give this connection its session: the one it resumes, or a new one with the tunnel it asks for."""
         task = asyncio.current_task()
         assert task is not None
-        current = self.current
-        if current is None:
-            # 128 random bits: a session id is a key to the tunnel, so it must not be guessable.
-            self.current = Session(secrets.token_hex(16), peer, writer, task)
-            log.info("%s: client connected (session %s)", peer, self.current.session_id[:8])
-            return self.current
-        # compare_digest, as in auth.py: no timing hints about a secret id.
-        if hello.session_id is None or not secrets.compare_digest(hello.session_id, current.session_id):
-            raise Refused("another client is already connected to this server")
-        # The same client is back, so its old connection is dead, whatever TCP thinks:
-        # switch at once instead of making it wait for the heartbeat timeout.
-        log.info(
-            "%s: client resumed session %s; dropping its old connection %s", peer, hello.session_id[:8], current.peer
-        )
-        old_task = current.task
-        current.peer, current.writer, current.task, current.mux = peer, writer, task, None
-        old_task.cancel()  # its users' streams end with it: they ran on the old connection
-        return current
+        known = self.by_id.get(hello.session_id) if hello.session_id else None
+        # The session id is a key to the tunnel (128 random bits), and must go with the same tunnel.
+        if known is not None and (known.kind, known.tunnel) == (hello.kind, hello.tunnel):
+            # The same client is back, so its old connection is dead, whatever TCP thinks:
+            # switch at once instead of making it wait for the heartbeat timeout.
+            log.info("%s: client resumed session %s (%s)", peer, known.session_id[:8], known.url)
+            if known.expiry is not None:
+                known.expiry.cancel()
+            if known.task is not None:
+                known.task.cancel()  # its users' streams end with it: they ran on the old connection
+            known.peer, known.writer, known.task, known.mux, known.expiry = peer, writer, task, None, None
+            return known
+        if len(self.by_id) >= MAX_TUNNELS:
+            raise Refused(f"this server holds {MAX_TUNNELS} tunnels, its most; try again later")
+        session = Session(secrets.token_hex(16), hello.kind, peer=peer, writer=writer, task=task)
+        self.tunnels.claim(hello, session)  # Refused if its name or port is someone else's
+        self.by_id[session.session_id] = session
+        log.info("%s: client connected (session %s): %s", peer, session.session_id[:8], session.url)
+        return session
         # --8<-- [end:admit]
+
+    def _keep(self, session: Session) -> None:
+        """The session's connection ended: keep its tunnel for the resume window, then free it."""
+        session.writer, session.task, session.mux = None, None, None
+        if self.by_id.get(session.session_id) is not session:
+            return  # ended already: the server is stopping (close)
+        kept = f"{session.url} is kept {self.resume_window:g}s for its client"
+        log.info("%s: tunnel connection closed; %s", session.peer, kept)
+        session.expiry = asyncio.get_running_loop().call_later(self.resume_window, self._expire, session)
+
+    def _expire(self, session: Session) -> None:
+        self.by_id.pop(session.session_id, None)
+        self.tunnels.release(session)
+        log.info("session %s ended: %s is free", session.session_id[:8], session.url)
+
+    def close(self) -> None:
+        """The server stops: end every session now (their connections are closed by the server)."""
+        for session in list(self.by_id.values()):
+            if session.expiry is not None:
+                session.expiry.cancel()
+            self._expire(session)
 
     @staticmethod
     async def _goodbye(
