@@ -1,7 +1,9 @@
 """Stage 7's inspector page in a real browser: live rows, a detail, replay, and traffic shown as text.
 
-The tunnel runs as a learner runs it (`python -m stage_7.server`, `python -m stage_7.client`), the
-requests come from curl, and headless Chromium (the docs tests' browser, which may not leave
+The tunnel runs as a learner runs it (`python -m stage_7.server --cert .. --key ..`,
+`python -m stage_7.client .. --ca .. --name shop`: the test certificates of tls_certs.py), the
+requests come from curl to `http://shop.localhost:PORT/` (curl resolves *.localhost to loopback by
+itself), and headless Chromium (the docs tests' browser, which may not leave
 127.0.0.1) shows the page. Playwright's sync API can't run inside an asyncio test: this module is
 synchronous, and the programs are plain subprocesses.
 """
@@ -22,11 +24,15 @@ from typing import Any
 import pytest
 from test_docs_site import BROWSER_ARGS, CHROMIUM
 
+from support import tls_flags
+from tls_certs import certs
+
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "docs" / "assets" / "stage-7-inspector.png"
 SECRET = "stage-7-browser-secret"
 XSS_PATH = "/<script>alert(1)</script>"
 XSS_HEADER = "<img src=x onerror=alert(2)>"
+NAME = "shop"  # the tunnel's name: its users ask for shop.localhost
 
 
 class _App(http.server.BaseHTTPRequestHandler):
@@ -89,14 +95,15 @@ def tunnel(tmp_path: Path) -> Iterator[tuple[int, int]]:
     """The public port and the inspector's port of a stage 7 tunnel in front of _App."""
     app = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _App)
     threading.Thread(target=app.serve_forever, daemon=True).start()
-    server = Program(tmp_path, "server", "-m", "stage_7.server", "--control-port", "0", "--public-port", "0")
+    args = ("-m", "stage_7.server", "--control-port", "0", "--public-port", "0", *tls_flags("stage_7"))
+    server = Program(tmp_path, "server", *args)
     programs = [server]
     try:
         control, public = server.port("control"), server.port("public")
         local = f"127.0.0.1:{app.server_address[1]}"
         # Any port for the inspector: the default 4040 may be taken on a shared machine.
         args = ("-m", "stage_7.client", local, "127.0.0.1", "--control-port", str(control), "--inspect-port", "0")
-        client = Program(tmp_path, "client", *args)
+        client = Program(tmp_path, "client", *args, "--ca", str(certs().ca), "--name", NAME)
         programs.append(client)
         yield public, client.port("inspector")
     finally:
@@ -122,7 +129,8 @@ def browser() -> Iterator[Any]:
 
 
 def curl(public: int, path: str, *args: str) -> None:
-    subprocess.run(["curl", "-s", "-o", "/dev/null", *args, f"http://127.0.0.1:{public}{path}"], check=True, timeout=10)
+    url = f"http://{NAME}.localhost:{public}{path}"  # the Host header names the tunnel
+    subprocess.run(["curl", "-s", "-o", "/dev/null", *args, url], check=True, timeout=10)
 
 
 def test_the_page_shows_requests_live_opens_one_replays_it_and_shows_traffic_as_text(

@@ -1,8 +1,9 @@
 """Stage 7's inspector, end to end: a real server and client in this process, a real local app, real sockets.
 
-Requests go through the tunnel's public port; what the inspector shows is read from its own HTTP
-API (JSON and server-sent events), as the page reads it. The command-line tests run the client as a
-learner would.
+Requests go through the server's public port to a named HTTP tunnel (`Host: t.localhost`: the
+server reads the head to route it, then relays it unchanged), over the client's TLS connection; what
+the inspector shows is read from its own HTTP API (JSON and server-sent events), as the page reads
+it. The command-line tests run the server and the client as a learner would.
 """
 
 import asyncio
@@ -21,13 +22,26 @@ from stage_7.client import Client
 from stage_7.inspector import Inspector
 from stage_7.observe import BODY_LIMIT
 from stage_7.server import Ports, Server
-from support import STEP_TIMEOUT, Background, CliProcess, HttpOrigin, LocalServer, http_get, open_connection
+from support import (
+    STEP_TIMEOUT,
+    Background,
+    CliProcess,
+    HttpOrigin,
+    LocalServer,
+    client_options,
+    http_get,
+    open_connection,
+    server_options,
+    tls_flags,
+)
+from tls_certs import certs
 
 SECRET = "stage-7-tests-secret"
+NAME = "t"  # the tests' tunnel: users reach it with `Host: t.localhost`
 
 
 class Tunnel:
-    """A stage 7 server and client, the client with an inspector on any free port."""
+    """A stage 7 server and a client holding the HTTP tunnel NAME, the client with an inspector on any free port."""
 
     def __init__(self, server: Server, ports: Ports, client: Client, inspector: Inspector) -> None:
         self.server, self.ports, self.client, self.inspector = server, ports, client, inspector
@@ -45,13 +59,15 @@ async def start_tunnel() -> AsyncIterator[Start]:
     async with contextlib.AsyncExitStack() as running:
 
         async def start(local_port: int, **ring: int) -> Tunnel:
-            server = Server(secret=SECRET)
+            server = Server(secret=SECRET, **server_options("stage_7"))
             ports = await server.listen("127.0.0.1", 0, 0)
             await running.enter_async_context(Background(server.serve()))
             inspector = Inspector(("127.0.0.1", local_port), "127.0.0.1", 0, **ring)
             await inspector.listen()
             running.push_async_callback(inspector.close)
-            client = Client(("127.0.0.1", local_port), "127.0.0.1", ports.control, secret=SECRET, inspector=inspector)
+            tls = client_options("stage_7")["tls"]  # the test CA; an HTTP tunnel by name, not the shared tests' TCP one
+            local = ("127.0.0.1", local_port)
+            client = Client(local, "127.0.0.1", ports.control, tls=tls, name=NAME, secret=SECRET, inspector=inspector)
             await running.enter_async_context(Background(client.run()))
             async with asyncio.timeout(STEP_TIMEOUT):
                 await client.connected.wait()
@@ -84,8 +100,8 @@ async def test_requests_show_up_with_method_path_status_bytes_and_the_users_addr
     start_tunnel: Start, http_origin: HttpOrigin
 ) -> None:
     tunnel = await start_tunnel(http_origin.port)
-    get = b"GET /first?x=1 HTTP/1.0\r\nHost: t\r\n\r\n"
-    post = b"POST /second HTTP/1.0\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello"
+    get = b"GET /first?x=1 HTTP/1.0\r\nHost: t.localhost\r\n\r\n"
+    post = b"POST /second HTTP/1.0\r\nHost: t.localhost\r\nContent-Length: 5\r\n\r\nhello"
     user, got = await raw_request(tunnel.ports.public, get)
     _, posted = await raw_request(tunnel.ports.public, post)
 
@@ -111,7 +127,7 @@ async def test_the_event_feed_shows_each_request_live(start_tunnel: Start, http_
     writer.write(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % tunnel.inspector.port)
     async with asyncio.timeout(STEP_TIMEOUT):
         assert b"text/event-stream" in await reader.readuntil(b"\r\n\r\n")
-        await raw_request(tunnel.ports.public, b"GET /live HTTP/1.0\r\n\r\n")
+        await raw_request(tunnel.ports.public, b"GET /live HTTP/1.0\r\nHost: t.localhost\r\n\r\n")
         while True:  # the request's events come without asking: opened, then complete
             line = await reader.readline()
             if line.startswith(b"data: ") and (event := json.loads(line[6:]))["state"] == "complete":
@@ -124,9 +140,13 @@ async def test_replay_goes_to_the_local_app_and_returns_the_new_response(
     start_tunnel: Start, http_origin: HttpOrigin
 ) -> None:
     tunnel = await start_tunnel(http_origin.port)
-    await raw_request(tunnel.ports.public, b"POST /again HTTP/1.0\r\nContent-Length: 4\r\n\r\nbody")
+    await raw_request(
+        tunnel.ports.public, b"POST /again HTTP/1.0\r\nHost: t.localhost\r\nContent-Length: 4\r\n\r\nbody"
+    )
     [original] = await until(lambda: _listed(tunnel))
-    mux = tunnel.server._sessions.mux
+    session = tunnel.server._tunnels.find(NAME)
+    assert session is not None
+    mux = session.mux
     assert mux is not None
     streams_before = mux.last_id
     # Without the header a cross-site form can't send, nothing is replayed.
@@ -205,7 +225,9 @@ def accounted(store: Store) -> int:
 async def test_ten_thousand_requests_leave_the_store_bounded(start_tunnel: Start) -> None:
     async with KeepAliveApp() as app:
         tunnel = await start_tunnel(app.port)
-        batches = [[b"GET /n/%d-%d HTTP/1.1\r\nHost: t\r\n\r\n" % (c, i) for i in range(500)] for c in range(20)]
+        batches = [
+            [b"GET /n/%d-%d HTTP/1.1\r\nHost: t.localhost\r\n\r\n" % (c, i) for i in range(500)] for c in range(20)
+        ]
         await asyncio.gather(*(pipeline(tunnel.ports.public, batch) for batch in batches))
         store = tunnel.inspector.store
         await until(lambda: asyncio.sleep(0, store._next_id > 10_000))
@@ -219,7 +241,7 @@ async def test_big_bodies_are_bounded_by_the_bytes_of_the_ring(start_tunnel: Sta
     async with KeepAliveApp() as app:
         tunnel = await start_tunnel(app.port, byte_limit=1024 * 1024)
         body = b"b" * (BODY_LIMIT + 1000)
-        post = b"POST /up HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        post = b"POST /up HTTP/1.1\r\nHost: t.localhost\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
         await pipeline(tunnel.ports.public, [post] * 100)
         store = tunnel.inspector.store
         await until(lambda: asyncio.sleep(0, store._next_id > 100))
@@ -252,7 +274,7 @@ async def test_a_big_download_is_kept_only_up_to_the_bound_and_arrives_intact(st
     async with Download() as app:
         tunnel = await start_tunnel(app.port)
         reader, writer = await open_connection(tunnel.ports.public)
-        writer.write(b"GET /%d HTTP/1.1\r\nHost: t\r\n\r\n" % BIG)
+        writer.write(b"GET /%d HTTP/1.1\r\nHost: t.localhost\r\n\r\n" % BIG)
         head = await reader.readuntil(b"\r\n\r\n")
         digest, received = hashlib.sha256(), 0
         async with asyncio.timeout(100):
@@ -276,16 +298,29 @@ async def test_a_big_download_is_kept_only_up_to_the_bound_and_arrives_intact(st
 
 
 async def start_server_cli(cli: CliProcess.Factory) -> int:
-    server = await cli(
-        "-m", "stage_7.server", "--control-port", "0", "--public-port", "0", env={"NGROK_SECRET": SECRET}
-    )
+    args = ("-m", "stage_7.server", "--control-port", "0", "--public-port", "0", *tls_flags("stage_7"))
+    server = await cli(*args, env={"NGROK_SECRET": SECRET})
     return await server.listening("control")
+
+
+def client_args(control: int, *flags: str) -> tuple[str, ...]:
+    """A CLI client of the server on `control` (trusting the test CA), its local app nowhere: 127.0.0.1:1."""
+    return (
+        "-m",
+        "stage_7.client",
+        "127.0.0.1:1",
+        "127.0.0.1",
+        "--control-port",
+        str(control),
+        "--ca",
+        str(certs().ca),
+        *flags,
+    )
 
 
 async def test_the_client_serves_the_inspector_on_loopback(cli: CliProcess.Factory) -> None:
     control = await start_server_cli(cli)
-    args = ("-m", "stage_7.client", "127.0.0.1:1", "127.0.0.1", "--control-port", str(control), "--inspect-port", "0")
-    client = await cli(*args, env={"NGROK_SECRET": SECRET})
+    client = await cli(*client_args(control, "--inspect-port", "0"), env={"NGROK_SECRET": SECRET})
     match = await client.expect(r"inspector port listening on (\S+):(\d+)")
     assert match[1] == "127.0.0.1"
     status, page = await http_get(int(match[2]), "/")
@@ -294,8 +329,7 @@ async def test_the_client_serves_the_inspector_on_loopback(cli: CliProcess.Facto
 
 async def test_no_inspect_serves_no_port(cli: CliProcess.Factory) -> None:
     control = await start_server_cli(cli)
-    args = ("-m", "stage_7.client", "127.0.0.1:1", "127.0.0.1", "--control-port", str(control), "--no-inspect")
-    client = await cli(*args, env={"NGROK_SECRET": SECRET})
+    client = await cli(*client_args(control, "--no-inspect"), env={"NGROK_SECRET": SECRET})
     await client.expect(r"tunnel up")
     assert "inspector" not in client.output
 
