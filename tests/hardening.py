@@ -15,11 +15,12 @@ from types import ModuleType
 from typing import Self
 
 # The stages that carry the hardened tunnel (heartbeats, auth, bounds and timeouts): stage 4 since
-# the ladder moved it there; stage 5, which carries every user over the client's one connection; and stage 6,
-# whose users here are a TCP tunnel's, over TLS (support.py: what differs from stage 6 on).
+# the ladder moved it there; stage 5, which carries every user over the client's one connection; stage 6,
+# whose users here are a TCP tunnel's, over TLS (support.py: what differs from stage 6 on); and stage 7,
+# stage 6 with the inspector observing every stream.
 # (Issue 12 measured stage 3's Protocol relay before the move; set this to a stage's name to run
 # these tests against it.)
-HARDENED = ("stage_4", "stage_5", "stage_6")
+HARDENED = ("stage_4", "stage_5", "stage_6", "stage_7")
 
 MiB = 1024 * 1024
 

@@ -462,8 +462,16 @@ def server_options(stage: str) -> dict[str, Any]:
 
 
 def client_options(stage: str) -> dict[str, Any]:
-    """Keyword arguments the stage's Client needs: the CA it trusts and a TCP tunnel, from stage 6 on."""
-    return {"tls": tls_certs.client_context(), "tcp": True} if has_tls(stage) else {}
+    """Keyword arguments the stage's Client needs: the CA it trusts and a TCP tunnel, from stage 6 on.
+
+    From stage 7 on, an inspector too, as the command line has one by default: every stream goes
+    through its observer (here the users' bytes are not HTTP, which it must only count). Its page
+    is not served (no port taken), and nothing is replayed, so its local app is never dialled.
+    """
+    options: dict[str, Any] = {"tls": tls_certs.client_context(), "tcp": True} if has_tls(stage) else {}
+    if has_inspector(stage):
+        options["inspector"] = importlib.import_module(f"{stage}.inspector").Inspector(("127.0.0.1", 9))
+    return options
 
 
 async def users_port(ports: Any, client: Any) -> int:
@@ -487,8 +495,18 @@ def tls_flags(stage: str) -> list[str]:
 
 
 def client_flags(stage: str, ports: dict[str, int]) -> list[str]:
-    """The client's command line for a server whose ports are `ports`; from stage 6 on the CA and a TCP tunnel."""
-    return client_port_flags(ports) + (["--ca", str(tls_certs.certs().ca), "--tcp"] if has_tls(stage) else [])
+    """The client's command line for a server whose ports are `ports`; from stage 6 on the CA and a TCP tunnel.
+
+    From stage 7 on, the client's inspector takes any free port: its default, 4040, is one port for
+    the whole machine, and CLI tests running at once (or a learner's own client) would fight for it.
+    """
+    tls = ["--ca", str(tls_certs.certs().ca), "--tcp"] if has_tls(stage) else []
+    return client_port_flags(ports) + tls + (["--inspect-port", "0"] if has_inspector(stage) else [])
+
+
+def has_inspector(stage: str) -> bool:
+    """True if the stage's client serves an inspector page (stage 7 on)."""
+    return importlib.util.find_spec(f"{stage}.inspector") is not None
 
 
 async def cli_users_port(stage: str, server: CliProcess, ports: dict[str, int]) -> int:

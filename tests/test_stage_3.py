@@ -43,7 +43,7 @@ from support import (
 )
 
 # Each stage with a private connection; a new stage joins by being added here.
-PRIVATE_STAGES = ("stage_3", "stage_4", "stage_5", "stage_6")
+PRIVATE_STAGES = ("stage_3", "stage_4", "stage_5", "stage_6", "stage_7")
 
 # Starts a tunnel of the stage in front of a local app on the given port; returns the public port.
 StartTunnel = Callable[[int], Awaitable[int]]

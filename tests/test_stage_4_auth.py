@@ -18,7 +18,7 @@ import pytest
 from support import STEP_TIMEOUT
 
 # Every stage with the HMAC handshake; a new stage joins by being added here.
-AUTH_STAGES = ("stage_4", "stage_5", "stage_6")
+AUTH_STAGES = ("stage_4", "stage_5", "stage_6", "stage_7")
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 

@@ -78,6 +78,7 @@ TUNNELS: dict[str, Starter] = {
     "stage_4": private_tunnel("stage_4", secret="common-tests"),  # with auth on: the path a real server takes
     "stage_5": private_tunnel("stage_5", secret="common-tests"),
     "stage_6": private_tunnel("stage_6", secret="common-tests"),  # a TCP tunnel, over TLS
+    "stage_7": private_tunnel("stage_7", secret="common-tests"),  # as stage 6 (in-process: no inspector)
 }
 
 
