@@ -3,17 +3,21 @@
     python -m bench.inspector                  # 5 rounds of `wrk -c 50 -d 5s`, interleaved
     python -m bench.inspector --rounds 9 --seconds 10
 
-Each round starts both tunnels afresh (server + client, a secret on both sides, the inspector on
-port 0 or off) in front of the same origin, measures one then the other (the order alternates),
-and stops them. The ratio is taken within each round, so that load from the rest of the machine
-hits both alike; the medians are printed. Nothing has the inspector's page open: this is the cost
-of observing and storing every exchange, not of a browser reading the feed.
+Each round starts both tunnels afresh in front of the same origin, as stage 6's bench path does
+(bench/paths.py): a server with a certificate made by `stage_7.certs` (once per run), a client
+trusting that CA over TLS, a secret on both sides, a TCP tunnel (its own port, so wrk needs no
+Host header; the client's observer sees the same HTTP either way), and the inspector on port 0 or
+off. It measures one then the other (the order alternates), and stops them. The ratio is taken
+within each round, so that load from the rest of the machine hits both alike; the medians are
+printed. Nothing has the inspector's page open: this is the cost of observing and storing every
+exchange, not of a browser reading the feed.
 """
 
 import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -25,18 +29,30 @@ STAGE = "stage_7"
 VARIANTS = {"inspector on": ["--inspect-port", "0"], "--no-inspect": ["--no-inspect"]}
 
 
-def start_tunnel(origin: tuple[str, int], client_flags: list[str], work: Path) -> tuple[list[Process], int]:
-    """Stage 7's server and client in front of `origin`; the processes and the public port."""
+def certificates(work: Path) -> tuple[list[str], list[str]]:
+    """A CA and a server certificate for 127.0.0.1 (stage_7.certs, with openssl); the server's and client's flags."""
+    certs = work / "certs"
+    argv = [sys.executable, "-S", "-m", f"{STAGE}.certs", str(certs), HOST]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=30, check=False)
+    if done.returncode != 0:
+        sys.exit(f"error: {STAGE}.certs failed: {(done.stderr or done.stdout).strip()[-200:]}")
+    return ["--cert", str(certs / "server.pem"), "--key", str(certs / "server.key")], ["--ca", str(certs / "ca.pem")]
+
+
+def start_tunnel(
+    origin: tuple[str, int], client_flags: list[str], work: Path, tls: tuple[list[str], list[str]]
+) -> tuple[list[Process], int]:
+    """Stage 7's server and client (a TCP tunnel, over TLS) in front of `origin`; the processes and its port."""
     env = {**os.environ, "NGROK_SECRET": SECRET, "PYTHONUNBUFFERED": "1"}
-    ports = ["--control-port", "0", "--public-port", "0"]
+    ports = ["--control-port", "0", "--public-port", "0", *tls[0]]
     server = Process.start("server", [sys.executable, "-S", "-m", f"{STAGE}.server", *ports], work, ROOT, env)
     control = int(server.wait_for(LISTENING.format(role="control"))[2])
-    public = int(server.wait_for(LISTENING.format(role="public"))[2])
     argv = [sys.executable, "-S", "-m", f"{STAGE}.client", f"{origin[0]}:{origin[1]}", HOST, "--control-port"]
-    client = Process.start("client", [*argv, str(control), *client_flags], work, ROOT, env)
+    client = Process.start("client", [*argv, str(control), *tls[1], "--tcp", *client_flags], work, ROOT, env)
     processes = [server, client]
-    wait_until_served((HOST, public), processes)
-    return processes, public
+    tunnel = int(server.wait_for(LISTENING.format(role="tcp"))[2])  # bound once the client is in
+    wait_until_served((HOST, tunnel), processes)
+    return processes, tunnel
 
 
 def main() -> None:
@@ -48,7 +64,10 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("error: needs wrk (apt-get install wrk)")
+    if shutil.which("openssl") is None:
+        sys.exit("error: needs openssl, which makes the certificates (apt-get install openssl)")
     work = Path(tempfile.mkdtemp(prefix="bench-inspector-"))
+    tls = certificates(work)
     origin_argv = [sys.executable, "-m", "bench.origin", "--host", HOST, "--port", "0"]
     origin = Process.start("origin", origin_argv, work, ROOT, dict(os.environ))
     results: dict[str, list[float]] = {name: [] for name in VARIANTS}
@@ -61,7 +80,7 @@ def main() -> None:
             names = list(VARIANTS) if round_number % 2 == 0 else list(reversed(VARIANTS))
             got = {}
             for name in names:
-                processes, public = start_tunnel(address, VARIANTS[name], work)
+                processes, public = start_tunnel(address, VARIANTS[name], work, tls)
                 try:
                     got[name] = wrk_keep_alive((HOST, public), args.seconds, args.connections)["rps"]
                 finally:
