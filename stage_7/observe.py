@@ -41,11 +41,14 @@ MAX_WAITING = 64  # pipelined requests waiting for their responses on one connec
 PENDING, COMPLETE, INCOMPLETE, UPGRADED, NOT_HTTP = "pending", "complete", "incomplete", "upgraded", "not HTTP"
 
 TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # RFC 9110 5.6.2: what a method or a field name is made of
-REQUEST_LINE = re.compile(rf"({TOKEN}) (\S+) HTTP/(\d\.\d)")
-STATUS_LINE = re.compile(r"HTTP/(\d\.\d) ([1-9]\d\d)(?: ([^\x00\r\n]*))?")
-# The same, on bytes: to refuse a peer that is not speaking HTTP at its first line, not its last.
-REQUEST_START = re.compile(REQUEST_LINE.pattern.encode() + rb"\r?")
-STATUS_START = re.compile(STATUS_LINE.pattern.encode() + rb"\r?")
+# A request line and a status line, on bytes: the hot path never decodes a head, only the two or
+# three words it needs from its start line.
+REQUEST_LINE = rf"({TOKEN}) (\S+) HTTP/(\d\.\d)\r?".encode()
+STATUS_LINE = rb"HTTP/(\d\.\d) ([1-9]\d\d)(?: ([^\x00\r\n]*))?\r?"
+# The first line of a whole head (matched at its start)...
+REQUEST_HEAD, STATUS_HEAD = re.compile(REQUEST_LINE + rb"\n"), re.compile(STATUS_LINE + rb"\n")
+# ... and of a head still incomplete: to refuse a peer that is not speaking HTTP at its first line, not its last.
+REQUEST_START, STATUS_START = re.compile(REQUEST_LINE), re.compile(STATUS_LINE)
 FIELD_LINE = re.compile(rf"({TOKEN}):[ \t]*([^\x00\r\n]*?)[ \t]*")
 # The empty line after the last field; a bare LF is tolerated (RFC 9112 2.2). WHY it starts at the
 # previous line's \n: a pattern that begins with a fixed byte is searched for with memchr, 10x
@@ -78,13 +81,6 @@ class Message:
     wire: int = 0  # bytes on the wire: the head, the body, the chunks' framing
     chunked: bool = False
     done: bool = False
-
-    def keep(self, data: memoryview, limit: int) -> int:
-        """Count `data` as body; keep it while the body kept is under `limit`; return how many bytes were kept."""
-        self.body_size += len(data)
-        kept = data[: max(0, limit - len(self.body))]
-        self.body += kept
-        return len(kept)
 
 
 @dataclass(eq=False, slots=True)
@@ -142,8 +138,8 @@ def parse_head(head: bytes) -> tuple[str, list[tuple[str, str]]]:
     return lines[0].removesuffix("\r"), fields
 
 
-def read_head(head: bytes) -> tuple[str, dict[bytes, bytes]]:
-    """The start line of a head, and its framing fields (lowercased name: values); NotHttp if it is malformed.
+def read_head(head: bytes) -> dict[bytes, bytes]:
+    """The framing fields of a head (lowercased name: values); NotHttp if the head is malformed.
 
     WHY not parse_head: this runs for every message through the tunnel. Checking the head with
     one regex and picking out four fields costs a fraction of making a string of every field; the
@@ -152,10 +148,15 @@ def read_head(head: bytes) -> tuple[str, dict[bytes, bytes]]:
     if WELL_FORMED.fullmatch(head) is None:
         raise NotHttp(f"a malformed head: {head[:80]!r}")
     framing: dict[bytes, bytes] = {}
-    for name, value in FRAMING_FIELDS.findall(head):
+    for name, value in FRAMING_FIELDS.findall(head):  # most heads have one of them, or none
         name = name.lower()
         framing[name] = framing[name] + b"," + value if name in framing else value  # one field, as RFC 9110 5.3
-    return head[: head.index(b"\n")].decode("latin-1").removesuffix("\r"), framing
+    return framing
+
+
+def first_line(head: bytes) -> str:
+    """A head's first line, for a message that says why it is not HTTP."""
+    return head.split(b"\n", 1)[0].decode("latin-1").removesuffix("\r")[:80]
 
 
 def values(framing: dict[bytes, bytes], name: bytes) -> list[bytes]:
@@ -170,8 +171,10 @@ def field_values(fields: list[tuple[str, str]], name: str) -> list[str]:
 
 def body_length(framing: dict[bytes, bytes]) -> int | None:
     """The Content-Length, None without one; NotHttp if it is invalid or given twice differently."""
-    if b"content-length" not in framing:
+    if (given := framing.get(b"content-length")) is None:
         return None
+    if (length := given.strip()).isdigit() and len(length) <= 18:  # the usual case, one plain number: no list, no set
+        return int(length)
     lengths = set(values(framing, b"content-length"))  # "5, 5" is allowed; "5, 6" is an attack
     if len(lengths) != 1 or not all(v.isdigit() and len(v) <= 18 for v in lengths):
         raise NotHttp(f"an invalid Content-Length: {framing[b'content-length'][:80]!r}")
@@ -230,7 +233,9 @@ class Framing:
             if self._ended:  # after counting: the message's last bytes belong to it
                 self._ended = False
                 wire, self.wire = self.wire, 0
-                trailers, self._trailers = bytes(self._trailers), bytearray()
+                trailers = b""
+                if self._trailers:  # rare: no new buffer for the others
+                    trailers, self._trailers = bytes(self._trailers), bytearray()
                 self._on_end(wire, trailers)
 
     def finish(self) -> None:
@@ -294,7 +299,12 @@ class Framing:
         mode, self.left = self._on_head(head)
         if mode == INTERIM:  # a 1xx: the same response goes on with another head
             return rest
-        if mode == NO_BODY or (mode == LENGTH and not self.left):
+        if mode == LENGTH and len(rest) >= self.left:  # the usual small message: its whole body is here
+            if self.left:
+                self._on_body(rest[: self.left])
+            self._ended = True
+            return rest[self.left :]
+        if mode == NO_BODY:
             self._ended = True
         elif mode == TUNNEL:
             self._ended = True  # the message (a 101) is over; what follows is another protocol
@@ -440,13 +450,13 @@ class Observer:
     # --- requests -----------------------------------------------------------------------------
 
     def _request_head(self, head: bytes) -> tuple[int, int]:
-        start, framing = read_head(head)
-        match = REQUEST_LINE.fullmatch(start)
+        framing = read_head(head)
+        match = REQUEST_HEAD.match(head)
         if match is None:
-            raise NotHttp(f"not a request line: {start[:80]!r}")
+            raise NotHttp(f"not a request line: {first_line(head)!r}")
         if len(self._waiting) >= MAX_WAITING:
             raise NotHttp(f"more than {MAX_WAITING} pipelined requests wait for their responses")
-        method, target, version = match.groups()
+        method, target, version = match[1].decode("ascii"), match[2].decode("latin-1"), match[3]
         exchange = Exchange(self.user, method, target, replay_of=self.replay_of)
         exchange.request.head = head
         self._sending = self.latest = exchange
@@ -456,8 +466,8 @@ class Observer:
         exchange.upgrade = method == "CONNECT" or (
             b"upgrade" in framing and b"upgrade" in values(framing, b"connection")
         )
-        codings = values(framing, b"transfer-encoding")
-        if codings and version != "1.0":  # RFC 9112 6.1: chunked wins over Content-Length
+        codings = values(framing, b"transfer-encoding") if b"transfer-encoding" in framing else None
+        if codings and version != b"1.0":  # RFC 9112 6.1: chunked wins over Content-Length
             if codings[-1] != b"chunked":
                 raise NotHttp(f"a request body in {codings[-1]!r}, not chunked: its length is unknown")
             exchange.request.chunked = True
@@ -485,10 +495,10 @@ class Observer:
     # --- responses ----------------------------------------------------------------------------
 
     def _response_head(self, head: bytes) -> tuple[int, int]:
-        start, framing = read_head(head)
-        match = STATUS_LINE.fullmatch(start)
+        framing = read_head(head)
+        match = STATUS_HEAD.match(head)
         if match is None:
-            raise NotHttp(f"not a status line: {start[:80]!r}")
+            raise NotHttp(f"not a status line: {first_line(head)!r}")
         if not self._waiting:
             raise NotHttp("a response to no request")
         exchange = self._waiting[0]
@@ -510,8 +520,8 @@ class Observer:
             self._up.resume()  # refused: what the user sent meanwhile is HTTP again
         if exchange.method == "HEAD" or status in (204, 304):
             return NO_BODY, 0  # whatever Content-Length says: it describes the GET's body
-        codings = values(framing, b"transfer-encoding")
-        if codings and match[1] != "1.0":
+        codings = values(framing, b"transfer-encoding") if b"transfer-encoding" in framing else None
+        if codings and match[1] != b"1.0":
             exchange.response.chunked = codings[-1] == b"chunked"
             return (CHUNKED, 0) if exchange.response.chunked else (UNTIL_CLOSE, 0)
         length = body_length(framing)
@@ -550,8 +560,13 @@ class Observer:
     # --- both -----------------------------------------------------------------------------------
 
     def _keep(self, exchange: Exchange, message: Message, piece: memoryview) -> None:
-        if kept := message.keep(piece, exchange.keep_limit):
-            self._sink.grew(exchange, kept)
+        """Count `piece` as body; keep it while the body kept is under the exchange's limit."""
+        message.body_size += len(piece)  # one function, no helper: this runs for every piece of every body
+        room = exchange.keep_limit - len(message.body)
+        if room > 0:
+            kept = piece[:room]
+            message.body += kept
+            self._sink.grew(exchange, len(kept))
 
     def _complete(self, exchange: Exchange) -> None:
         if exchange.state == PENDING:
