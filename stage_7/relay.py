@@ -247,10 +247,16 @@ class Stream(asyncio.Protocol):
 
     def _write_eof(self) -> None:
         assert self.transport is not None
-        if not self.transport.is_closing() and self.transport.can_write_eof():
+        if self.transport.is_closing():
+            return
+        if self.transport.can_write_eof():
             # Half-close: tell the TCP peer "no more data from this side" while the other
             # direction keeps flowing (an HTTP client may shut its write side and still wait).
             self.transport.write_eof()
+        else:
+            # TLS (an HTTPS user) has no half-close: the end of this direction is the end of the
+            # connection, after the bytes still buffered (an answer that ends with the app's close).
+            self.transport.close()
 
     def _grant(self, consumed: int) -> None:
         self._consumed += consumed

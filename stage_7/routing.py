@@ -92,7 +92,7 @@ async def read_head(
     )
     try:
         async with asyncio.timeout(timeout):
-            await head.done
+            await asyncio.shield(head.done)  # shielded: a timeout must not mark it done (cancelled)
     except TimeoutError:
         pass  # judged below, with what did arrive
     if head.lost:
@@ -111,7 +111,7 @@ def check(data: bytes, ended: bool) -> bytes:
     end = data.find(b"\r\n\r\n")
     if not could_be_request(data):
         raise BadRequest(400, "this is an HTTP port, and that was not an HTTP request")
-    if end < 0 and len(data) > MAX_HEAD:
+    if (end < 0 and len(data) > MAX_HEAD) or end + 4 > MAX_HEAD:  # unfinished, or finished too late
         raise BadRequest(431, f"the request's head is longer than {MAX_HEAD} bytes")
     if end < 0:
         raise BadRequest(400 if ended else 408, "the request's head never ended")

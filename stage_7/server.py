@@ -157,11 +157,16 @@ class Server:
         task.add_done_callback(self._tasks.discard)
 
     async def _handle_control(self, conn: socket.socket) -> None:
-        # TLS first: a peer that doesn't speak it (or never finishes its handshake) fails here with an
-        # OSError, which the listener logs in one line. The tunnel connection carries frames after the
+        # TLS first: a peer that doesn't speak it (or never finishes its handshake) fails here, with one
+        # line in the log; the listener closes its socket. The tunnel connection carries frames after the
         # handshake: a big buffer limit keeps reads large (DATA_LIMIT); read_message still refuses a
         # handshake line over MAX_LINE.
-        reader, writer = await limits.streams(conn, DATA_LIMIT, self.tls, self.handshake_timeout)
+        peer = "{}:{}".format(*conn.getpeername()[:2])
+        try:
+            reader, writer = await limits.streams(conn, DATA_LIMIT, self.tls, self.handshake_timeout)
+        except OSError as exc:  # ssl.SSLError: not TLS (e.g. a plain "hello" line), or a failed handshake
+            log.warning("%s: TLS handshake failed (%s); closed", peer, getattr(exc, "reason", None) or exc)
+            return
         try:
             await self._sessions.handle_control(reader, writer)
         finally:
@@ -305,7 +310,7 @@ def main() -> None:
         "--tcp-ports",
         type=port_range,
         metavar="LOW-HIGH",
-        help="the ports TCP tunnels get, e.g. 61000-61099 (default: any free port)",
+        help="the ports TCP tunnels get, e.g. 61000-61099; 0 = any free port (the default)",
     )
     for flag, seconds, what in (
         ("proxy-timeout", PROXY_TIMEOUT, "how long a user waits for the client to accept its stream"),

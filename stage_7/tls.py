@@ -18,8 +18,9 @@ import ssl
 
 # TLS 1.0 and 1.1 have known weaknesses and are disabled by browsers since 2020.
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
-# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH: the certificate is fine, but for another name.
-HOSTNAME_MISMATCH = 62
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH: the certificate is
+# fine, but for another name (or address) than the one the client dialled.
+NAME_MISMATCH = {62, 64}
 
 
 def server_context(certfile: str, keyfile: str) -> ssl.SSLContext:
@@ -51,6 +52,6 @@ def load_error(what: str, exc: Exception) -> str:
 def verify_error(exc: ssl.SSLCertVerificationError, host: str) -> str:
     """A one-line reason why the client refuses the server's certificate, and what to do about it."""
     detail = exc.verify_message or exc.reason or str(exc)
-    if exc.verify_code == HOSTNAME_MISMATCH:
+    if exc.verify_code in NAME_MISMATCH:
         return f"the server's certificate is not valid for {host} ({detail}); connect with a name it holds"
     return f"the server's certificate is not trusted ({detail}); for a private CA, pass --ca FILE"
