@@ -28,6 +28,8 @@ from support import tls_flags
 from tls_certs import certs
 
 ROOT = Path(__file__).resolve().parent.parent
+# The stage page's picture: a run rewrites it only when asked (UPDATE_SCREENSHOTS=1), so that
+# running the tests never changes a file of the repository.
 SCREENSHOT = ROOT / "docs" / "assets" / "stage-7-inspector.png"
 SECRET = "stage-7-browser-secret"
 XSS_PATH = "/<script>alert(1)</script>"
@@ -134,7 +136,7 @@ def curl(public: int, path: str, *args: str) -> None:
 
 
 def test_the_page_shows_requests_live_opens_one_replays_it_and_shows_traffic_as_text(
-    tunnel: tuple[int, int], browser: Any
+    tunnel: tuple[int, int], browser: Any, tmp_path: Path
 ) -> None:
     public, inspector = tunnel
     # bypass_csp: the page's policy forbids eval, which Playwright's waits use. It also means that
@@ -190,7 +192,9 @@ def test_the_page_shows_requests_live_opens_one_replays_it_and_shows_traffic_as_
     page.click("#detail button")
     page.wait_for_selector("#detail .pair > section:nth-child(2)")
     page.wait_for_function("document.querySelectorAll('#rows tr').length === 7")
-    page.screenshot(path=str(SCREENSHOT))
+    picture = SCREENSHOT if os.environ.get("UPDATE_SCREENSHOTS") == "1" else tmp_path / SCREENSHOT.name
+    page.screenshot(path=str(picture))
+    assert picture.stat().st_size > 10_000  # a real picture of the page, not an empty one
     context.close()
     assert not dialogs, dialogs
     assert not errors, errors
