@@ -2,15 +2,15 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAGES := stage_0 stage_1 stage_2 stage_3 stage_4 stage_5 stage_6
+STAGES := stage_0 stage_1 stage_2 stage_3 stage_4 stage_5 stage_6 stage_7
 
 .PHONY: help demo test lint pytest docs serve-docs bench nat-lab clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-demo:  ## the stage 6 tunnels (the most complete stage), all on this machine (needs Python 3.11+ and openssl)
-	$(PYTHON) -m stage_6
+demo:  ## the stage 7 tunnel and its inspector (the most complete stage), all on this machine (needs Python 3.11+ and openssl)
+	$(PYTHON) -m stage_7
 
 # The virtualenv is (re)built from pyproject.toml's extras whenever that file changes.
 $(VENV)/.installed: pyproject.toml
@@ -35,7 +35,7 @@ docs: $(VENV)/.installed  ## build the docs site into site/ (strict: a warning f
 serve-docs: $(VENV)/.installed  ## serve the docs with live reload on http://127.0.0.1:8001 (8000 is the pages' local app)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8001
 
-bench: $(VENV)/.installed  ## benchmarks: direct, socat, ssh -R, stages 0, 3, 4 and 5 (see bench/README.md)
+bench: $(VENV)/.installed  ## benchmarks: direct, socat, ssh -R, stages 0 and 3-6 (see bench/README.md; stage 7: python -m bench.inspector)
 	$(BIN)/python -m bench
 
 nat-lab:  ## the NAT lab story on real network namespaces (needs root)
