@@ -377,16 +377,36 @@ async def test_a_name_is_free_again_once_its_client_is_gone_past_the_resume_wind
 ) -> None:
     async with App(b"the first") as first_app, App(b"the second") as second_app:
         server, ports = await start_server(resume_window=0.5)
-        first = new_client(first_app.port, ports.control, name="myapp")
-        async with Background(first.run()):
-            assert (await connected(first)).tunnel == "myapp"
-        await until_logged(caplog, r"session [0-9a-f]{8} ended")
+        async with Forwarder(ports.control) as link:
+            first = new_client(first_app.port, link.port, name="myapp")
+            async with Background(first.run()):
+                assert (await connected(first)).tunnel == "myapp"
+                await link.pause()
+                link.cut()  # lost, not stopped: the name is kept for the window, then freed
+                await until_logged(caplog, r"myapp\.localhost:\d+/ is kept 0\.5s for its client")
+                await until_logged(caplog, r"session [0-9a-f]{8} ended")
 
         async def name_is_free() -> bool:
             return "myapp" not in server.tunnels()
 
         await until(name_is_free)
         assert await status_of(ports.public, "myapp") == 404  # no tunnel by that name any more
+        second = await start_client(second_app.port, ports.control, name="myapp")
+        assert second.tunnel == "myapp"
+        assert await visit(ports.public, "myapp") == (200, b"the second")
+
+
+async def test_a_client_that_stops_says_goodbye_and_its_name_is_free_at_once(
+    start_server: StartServer, start_client: StartClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ctrl-C, then the same command again: it must not find its own name taken for the resume window."""
+    async with App(b"the first") as first_app, App(b"the second") as second_app:
+        server, ports = await start_server(resume_window=60.0)
+        first = new_client(first_app.port, ports.control, name="myapp")
+        async with Background(first.run()):
+            await connected(first)
+        await until_logged(caplog, r"the client closed the tunnel: the client stopped")
+        assert "myapp" not in server.tunnels()  # freed at once, not kept for 60 s
         second = await start_client(second_app.port, ports.control, name="myapp")
         assert second.tunnel == "myapp"
         assert await visit(ports.public, "myapp") == (200, b"the second")
@@ -484,6 +504,17 @@ async def test_a_tcp_port_that_is_held_is_refused_to_another_client(
     writer.close()
     assert refused[:1] == ["error"], refused
     assert await exchange(int(client.tunnel or 0), b"still mine\n") == b"still mine\n"
+
+
+@pytest.mark.parametrize("wanted", ["25", "80", "1023"])
+async def test_without_a_range_a_client_may_not_ask_for_a_privileged_port(
+    start_server: StartServer, wanted: str
+) -> None:
+    """A server run as root would bind port 25 or 80 for any client that asked, in front of the machine's own."""
+    _, ports = await start_server()  # no tcp_ports: any free port, but only from 1024 up
+    refused, (_, writer) = await handshake(ports.control, f"hello tcp {wanted}")
+    writer.close()
+    assert refused[:1] == ["error"] and "outside this server's TCP tunnel ports 1024-65535" in " ".join(refused)
 
 
 # --- TLS on the client's link ------------------------------------------------------------------------------
