@@ -153,6 +153,11 @@ class Client:
         try:
             await mux.run()
             raise TunnelError("the server closed the connection")
+        except asyncio.CancelledError:
+            # Stopped (Ctrl-C): say goodbye, so that the server frees our name at once instead of
+            # keeping it for the resume window (a client started again would find it taken).
+            await mux.goodbye("the client stopped")
+            raise
         finally:
             self.connected.clear()
 

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from . import frames
 from .frames import ACK, DATA, FIN, GO_AWAY, HEADER, MAX_FRAME, PING, RST, SYN, WINDOW_UPDATE, Frame, encode
 from .pages import printable
-from .protocol import LINGER, MAX_LINE, MAX_STREAMS, ProtocolError, TunnelError
+from .protocol import LINGER, MAX_LINE, MAX_STREAMS, GoneAway, ProtocolError, TunnelError
 from .relay import Stream
 
 log = logging.getLogger("stage_7.mux")
@@ -268,7 +268,7 @@ class Mux(asyncio.BufferedProtocol):
                 self._send(encode(PING, ACK, 0, payload))  # the answer: the same 8 bytes
             return
         if kind == GO_AWAY:
-            raise TunnelError(f"{self.peer} closed the tunnel: {printable(bytes(payload))}")
+            raise GoneAway(f"{self.peer} closed the tunnel: {printable(bytes(payload))}")
         stream = self.streams.get(stream_id)
         if flags & SYN:
             if self._on_open is None:

@@ -76,6 +76,10 @@ class ProtocolError(TunnelError):
     """The peer sent something that breaks the protocol."""
 
 
+class GoneAway(TunnelError):
+    """The peer said goodbye (a GO_AWAY frame): it ends the connection on purpose, e.g. a client stopped."""
+
+
 class Refused(TunnelError):
     """The server said no during the handshake (e.g. another client is connected): retrying won't help."""
 

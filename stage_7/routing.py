@@ -135,7 +135,7 @@ def tunnel_name(head: bytes, domain: str) -> str:
         host = hosts[0].decode("ascii").strip().lower()
     except UnicodeDecodeError:
         raise BadRequest(400, "the Host header is not ASCII") from None
-    name, colon, port = host.partition(":")  # an IPv6 literal ("[::1]:80") is no tunnel: 404 below
+    name, colon, port = host.partition(":")  # an IPv6 literal ("[::1]:80") names no tunnel: a 400 below
     name = name.removesuffix(".")  # "myapp.localhost." is the same host
     if (colon and not port.isdigit()) or not HOST_NAME.fullmatch(name):
         raise BadRequest(400, f"the Host header is malformed: {host[:100]!r}")

@@ -165,7 +165,8 @@ class Server:
         try:
             reader, writer = await limits.streams(conn, DATA_LIMIT, self.tls, self.handshake_timeout)
         except OSError as exc:  # ssl.SSLError: not TLS (e.g. a plain "hello" line), or a failed handshake
-            log.warning("%s: TLS handshake failed (%s); closed", peer, getattr(exc, "reason", None) or exc)
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__  # some have no text
+            log.warning("%s: TLS handshake failed (%s); closed", peer, reason)
             return
         try:
             await self._sessions.handle_control(reader, writer)

@@ -7,8 +7,9 @@ own, and with it one tunnel (tunnels.py): the name or TCP port it asked for, if 
 - Never locked out: a client coming back (it presents the session id and the tunnel we gave it)
   takes its session over at once, even if its old connection still looks alive to us: a laptop
   whose Wi-Fi dropped sends no FIN.
-- Kept for a while: when a client's connection ends, its tunnel stays reserved for the resume
-  window. Its users get a 502 page meanwhile; after the window, the name is anyone's again.
+- Kept for a while: when a client's connection is lost, its tunnel stays reserved for the resume
+  window. Its users get a 502 page meanwhile; after the window, the name is anyone's again. A
+  client that stops on purpose says goodbye (GO_AWAY), and its name is free at once.
 - Heartbeats: a tunnel connection silent for longer than the heartbeat timeout is dead. Users
   whose streams ran on it lose their connections, as in stage 5.
 """
@@ -25,6 +26,7 @@ from .protocol import (
     NETWORK_TIMEOUT,
     RESUME_WINDOW,
     AuthError,
+    GoneAway,
     Hello,
     Refused,
     TunnelError,
@@ -59,7 +61,7 @@ class Sessions:
     async def handle_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One control connection, from handshake to close: the task the control port spawns."""
         host, port = writer.get_extra_info("peername")[:2]
-        peer, session, mux = f"{host}:{port}", None, None
+        peer, session, mux, stopped = f"{host}:{port}", None, None, False
         # --8<-- [start:handshake]
         try:
             self.throttle.check(host)  # an address that guessed wrong too often is not even challenged
@@ -71,6 +73,9 @@ class Sessions:
             # --8<-- [end:handshake]
             session.mux = mux
             await mux.run()  # until the client leaves, falls silent or breaks the protocol
+        except GoneAway as exc:  # the client stopped (Ctrl-C) and said so: it won't come back for its tunnel
+            log.info("%s: %s", peer, exc)
+            stopped = True
         except TunnelError as exc:  # a wrong secret, a taken name, a bad frame
             if isinstance(exc, AuthError):
                 self.throttle.failed(host)
@@ -87,9 +92,13 @@ class Sessions:
         finally:
             if mux is not None:
                 mux.close("the tunnel client disconnected")  # its users get a page or a reset
-            # Keep the tunnel for its client, unless a reconnect of the same client took it over.
+            # Keep the tunnel for its client, unless a reconnect of the same client took it over,
+            # or the client said goodbye: then its name is free at once.
             if session is not None and session.writer is writer:
-                self._keep(session)
+                if stopped:
+                    self._expire(session)
+                else:
+                    self._keep(session)
             writer.close()
 
     # --8<-- [start:admit]

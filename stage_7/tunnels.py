@@ -26,6 +26,8 @@ from .protocol import Hello, Refused
 
 log = logging.getLogger("stage_7.server")
 
+# The ports a client may ask for when the server has no --tcp-ports range (bore's default too).
+UNPRIVILEGED = (1024, 65535)
 # How many random names to try before giving up (with 8 hex digits, a clash is already rare).
 NAME_TRIES = 16
 
@@ -128,8 +130,11 @@ class Tunnels:
     def _bind(self, session: Session, wanted: int | None) -> int:
         """Listen on a TCP port for the session: `wanted`, or the first free one of the range."""
         if wanted is not None:
-            if self.tcp_ports and not self.tcp_ports[0] <= wanted <= self.tcp_ports[1]:
-                raise Refused(f"port {wanted} is outside this server's TCP tunnel ports {range_text(self.tcp_ports)}")
+            # Without a range, a client may still not ask for a privileged port (25, 80, 443...):
+            # a server run as root would bind it for them, in front of whatever the machine serves.
+            low, high = self.tcp_ports or UNPRIVILEGED
+            if not low <= wanted <= high:
+                raise Refused(f"port {wanted} is outside this server's TCP tunnel ports {range_text((low, high))}")
             candidates = [] if wanted in self.ports else [wanted]
         elif self.tcp_ports is None:
             candidates = [0]  # the system picks a free port
