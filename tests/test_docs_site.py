@@ -49,7 +49,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The site, built with `mkdocs build --strict` into a temporary folder (a warning fails it)."""
     out = tmp_path_factory.mktemp("site")
     done = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-f", str(ROOT / "mkdocs.yml"), "-d", str(out)],
+        # No -q: it hides the warnings, and --strict then has none to fail on (an anchor that is missing passed).
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"), "-d", str(out)],
         capture_output=True,
         text=True,
         timeout=120,
