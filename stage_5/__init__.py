@@ -1,21 +1,24 @@
-"""Stage 5: the private connection to the local app: the real tunnel, hardened for a real server.
+"""Stage 5: one connection for everything: every user a framed stream in the client's one connection.
 
-Layout:
+Layout (new in stage 5: frames.py, mux.py; gone: stage 4's pairing.py and its proxy port):
 
-- `protocol.py`: the wire format: stage 2's messages plus the handshake (`hello`, `challenge`,
-  `auth`, `welcome`) and `local_error`; every timeout and limit, in one place.
-- `auth.py`: the control handshake; with a secret, an HMAC challenge-response that proves
-  the client knows the secret without sending it.
-- `relay.py`: the byte pump, now also noting how each direction began (for the request log).
-- `pairing.py`: joins each user to the proxy connection that names its id; reports failures.
-- `session.py`: the server's side of the control connection: one client at a time, a
-  reconnecting client resumes its session at once, a silent one is dropped.
+- `protocol.py`: the handshake's text lines (`hello`, `challenge`, `auth`, `welcome`); every
+  timeout and limit, in one place.
+- `auth.py`: with a secret, an HMAC challenge-response that proves the client knows the secret
+  without sending it.
+- `frames.py`: after the handshake, binary frames with a 10-byte header (DATA with SYN/ACK/FIN/RST,
+  WINDOW, PING, GO_AWAY), and `Parser`, the only code that turns bytes into frames.
+- `mux.py`: the multiplexer: many streams over one connection, sent in turns, each with its window.
+- `relay.py`: `Stream`, one user's TCP connection (or the local app's) joined to one stream,
+  with flow control both ways and the idle and half-closed timeouts.
+- `session.py`: the server's side of the tunnel connection: one client at a time, a reconnecting
+  client resumes its session at once, a silent one is dropped.
 - `pages.py`: the 502/503/504 pages an HTTP user gets when the tunnel can't serve them.
-- `server.py`: the control, public and proxy ports; `python -m stage_5.server` runs it.
-- `backoff.py`: how long the client waits between reconnect attempts.
-- `private.py`: the client's side of one user: the private connection to the local app,
-  joined to a proxy connection.
-- `client.py`: keeps the control connection up and relays every user to the local app;
+- `limits.py`: the descriptor limit, and accept loops with slots.
+- `server.py`: the control and public ports; `python -m stage_5.server` runs it.
+- `backoff.py`, `cli.py`: the wait between reconnect attempts; the command lines' argument types.
+- `private.py`: the client's side of one user: the private connection to the local app.
+- `client.py`: keeps the tunnel connection up and relays every stream to the local app;
   `python -m stage_5.client LOCAL [SERVER]` runs it.
 - `demo_app.py` and `__main__.py`: `python -m stage_5` runs a demo app, the server and the
   client on this machine and prints the public URL.
