@@ -10,7 +10,16 @@ The convention (tests/test_docs_commands.py enforces it and runs every session):
   non-zero if its output shows an `error: ...` or `curl: (N) ...` line).
 - The console blocks under one heading form one scenario, run top to bottom. Expected output is
   matched line by line, in order, ignoring lines the docs leave out: digits (times, ports, byte
-  counts) and hex ids match any, and `...` matches anything.
+  counts) and hex ids match any, month and weekday names match any (a transcript shows the day it
+  was made), and `...` matches anything.
+- A server's startup lines are waited for before the next command runs, as a learner waits for
+  the banner: its first line (up to 15 s), then every line stamped with the same time as that line
+  (`10:40:00 ...`) and the unstamped lines among them (up to 15 s each), skipping `...`. Lines
+  stamped later are what the later commands make it print; they are checked when it stops. A
+  server whose first line has no time stamp has no such story to tell: its lines are waited for
+  while they keep coming (1 s each), up to its first `...`.
+- Paths under `/tmp/` are the scenario's own: the runner gives each scenario a fresh folder for
+  them and removes it afterwards, so runs side by side share nothing and leave nothing behind.
 
 Fixed ports (54286, 60623, ...) are what the docs show, so the test runs each scenario in a private
 network namespace (`unshare --net`) where nothing else can hold them.
@@ -22,6 +31,7 @@ network namespace (`unshare --net`) where nothing else can hold them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -29,9 +39,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +54,19 @@ START_TIMEOUT = 15.0  # a background command must print its first expected line 
 SETTLE = 1.0  # ... and each further startup line within this of the previous one
 RUN_TIMEOUT = 30.0  # a foreground command must finish within this
 STOP_TIMEOUT = 10.0  # a background command must exit within this after Ctrl-C
+
+# Log lines start with the time of day; the startup lines of a server share its first line's.
+STAMP = re.compile(r"^(\d\d:\d\d:\d\d) ")
+# Names the C locale's and http.server's dates are made of: any month matches any month, and so on.
+MONTHS = "January February March April May June July August September October November December".split()  # noqa: SIM905
+DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()  # noqa: SIM905
+CALENDAR_NAMES = {name: names for names in (MONTHS, DAYS) for name in names} | {
+    name[:3]: [n[:3] for n in names] for names in (MONTHS, DAYS) for name in names
+}
+# A name counts as a date's only beside a number ("25/Nov/2026", "Wed, 25 Nov"), not in prose ("May I").
+_NAME = "(?:" + "|".join(sorted(CALENDAR_NAMES, key=len, reverse=True)) + ")"
+DATE_NAME = rf"(?<=\d[ /-]){_NAME}\b|\b{_NAME}(?=,?[ /-]\d)"
+TOKEN = re.compile(rf"(\.\.\.|\b[0-9a-f]*\d[0-9a-f]*\b|\d+|{DATE_NAME})")
 
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})\s*\{?\s*\.?(?P<lang>[\w+-]*)(?P<rest>.*)$")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*(?:\{.*\})?\s*$")
@@ -153,11 +177,15 @@ def scenarios(root: Path = ROOT) -> list[Section]:
 
 
 def line_pattern(expected: str) -> re.Pattern[str]:
-    """A doc line as a regex: `...` is anything, hex ids and digit runs are any such run."""
+    """A doc line as a regex: `...` is anything, hex ids and digit runs are any such run, and a
+    month or weekday name is any month or weekday name (so a transcript made in November still
+    matches in December)."""
     parts = []
-    for piece in re.split(r"(\.\.\.|\b[0-9a-f]*\d[0-9a-f]*\b|\d+)", expected.strip()):
+    for piece in TOKEN.split(expected.strip()):
         if piece == "...":
             parts.append(".*")
+        elif piece in CALENDAR_NAMES:
+            parts.append("(?:" + "|".join(CALENDAR_NAMES[piece]) + ")")
         elif re.fullmatch(r"[0-9a-f]*\d[0-9a-f]*", piece):
             parts.append("[0-9a-f]+" if re.search("[a-f]", piece) or len(piece) >= 8 else r"\d+")
         else:
@@ -222,6 +250,7 @@ class Terminal:
             start_new_session=True,  # its own process group, as a terminal's foreground job
             preexec_fn=hear_ctrl_c if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else None,
         )
+        RUNNING.add(self)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -250,18 +279,36 @@ class Terminal:
     def interrupt(self) -> int | None:
         """Press Ctrl-C: SIGINT to its process group; the exit code, or None if it would not stop."""
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGINT)
+            self.kill(signal.SIGINT)
         return self.finish(STOP_TIMEOUT)
 
     def finish(self, timeout: float) -> int | None:
         try:
             code = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            self.kill(signal.SIGKILL)
             self.process.wait()
             code = None
+        RUNNING.discard(self)
         self._reader.join(5)
         return code
+
+    def kill(self, signum: int) -> None:
+        """Send `signum` to the command's whole process group (a pipeline, a server's children)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signum)
+
+
+# Every command started and not yet finished: what a SIGTERM to the runner must stop too.
+RUNNING: set[Terminal] = set()
+
+
+def stop_on_signal(signum: int, frame: object) -> None:
+    """SIGTERM or SIGHUP (a cancelled job, a timeout): stop every command started, then exit."""
+    # The commands run in process groups of their own, so no signal reaches them but this one.
+    for terminal in list(RUNNING):
+        terminal.kill(signal.SIGTERM)
+    sys.exit(128 + signum)
 
 
 @dataclass
@@ -277,8 +324,9 @@ def run_scenario(section: Section) -> Result:
     """Run a section's commands as the docs say, in the current network namespace."""
     result = Result(section.name)
     servers: list[Terminal] = []
+    scratch = Path(tempfile.mkdtemp(prefix="doccommands-"))
     try:
-        for command in section.commands:
+        for command in (own_tmp(c, scratch) for c in section.commands):
             if command.background:
                 servers.append(start_background(command, result))
             else:
@@ -287,20 +335,40 @@ def run_scenario(section: Section) -> Result:
                 break
     finally:
         for terminal in reversed(servers):
-            # A server logs what the foreground commands made it do (a request, a refusal) a moment
-            # after they finish: give each expected line its moment before pressing Ctrl-C.
-            for line in terminal.command.expected:
-                if line.strip() != "..." and not terminal.wait_for(line, SETTLE):
-                    break
-            code = terminal.interrupt()
-            cmd = terminal.command
-            result.transcript += [f"$ {cmd.text}", *terminal.lines, "^C"]
-            if code != 0 and not result.problems:
-                result.problems.append(f"line {cmd.line}: `{cmd.text}` exited with {code} after Ctrl-C, not 0")
-            missing = first_missing(cmd.expected + (cmd.on_interrupt or []), terminal.lines)
-            if missing is not None and not result.problems:
-                result.problems.append(f"line {cmd.line}: `{cmd.text}` never printed {missing!r}")
+            stop_background(terminal, result)
+        shutil.rmtree(scratch, ignore_errors=True)
     return result
+
+
+def own_tmp(command: Command, scratch: Path) -> Command:
+    """The command with its `/tmp/` paths moved into this scenario's own folder."""
+
+    def move(text: str) -> str:
+        return re.sub(r"(?<![\w.])/tmp/", f"{scratch}/", text)
+
+    return replace(
+        command,
+        text=move(command.text),
+        expected=[move(line) for line in command.expected],
+        on_interrupt=None if command.on_interrupt is None else [move(line) for line in command.on_interrupt],
+    )
+
+
+def stop_background(terminal: Terminal, result: Result) -> None:
+    """Press Ctrl-C on a server once the commands are done, and check all it printed."""
+    # A server logs what the foreground commands made it do (a request, a refusal) a moment after
+    # they finish: give each expected line its moment before pressing Ctrl-C.
+    for line in terminal.command.expected:
+        if line.strip() != "..." and not terminal.wait_for(line, SETTLE):
+            break
+    code = terminal.interrupt()
+    cmd = terminal.command
+    result.transcript += [f"$ {cmd.text}", *terminal.lines, "^C"]
+    if code != 0 and not result.problems:
+        result.problems.append(f"line {cmd.line}: `{cmd.text}` exited with {code} after Ctrl-C, not 0")
+    missing = first_missing(cmd.expected + (cmd.on_interrupt or []), terminal.lines)
+    if missing is not None and not result.problems:
+        result.problems.append(f"line {cmd.line}: `{cmd.text}` never printed {missing!r}")
 
 
 def start_background(command: Command, result: Result) -> Terminal:
@@ -310,10 +378,28 @@ def start_background(command: Command, result: Result) -> Terminal:
     elif not terminal.wait_for(command.expected[0], START_TIMEOUT):
         result.problems.append(f"line {command.line}: `{command.text}` did not print {command.expected[0]!r}")
     else:
-        for line in command.expected[1:]:  # its other startup lines, while they keep coming
-            if line.strip() == "..." or not terminal.wait_for(line, SETTLE):
-                break
+        wait_for_startup(terminal, command.expected)
     return terminal
+
+
+def wait_for_startup(terminal: Terminal, expected: list[str]) -> None:
+    """Wait for a server's startup lines after its first (see the module's docstring)."""
+    first = STAMP.match(expected[0])
+    for line in expected[1:]:
+        if line.strip() == "...":
+            if first is None:
+                break  # no time stamps: only the lines before the first gap are its startup
+            continue
+        if first is None:
+            if not terminal.wait_for(line, SETTLE):
+                break
+            continue
+        stamp = STAMP.match(line)
+        if stamp is not None and stamp[1] != first[1]:
+            break  # stamped later: a later command makes it print this line
+        # A startup line that does not come in time is reported when the server stops.
+        if not terminal.wait_for(line, START_TIMEOUT):
+            break
 
 
 def run_foreground(command: Command, result: Result) -> None:
@@ -340,18 +426,21 @@ def main() -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="list the scenarios and their commands")
     run = sub.add_parser("run", help="run one scenario in this network namespace")
-    run.add_argument("path", help="the Markdown file, relative to the repository root")
+    run.add_argument("path", help="the Markdown file, relative to the repository root (or absolute)")
     run.add_argument("index", type=int, help="which scenario of that file, from 0 (see `list`)")
     run.add_argument("--netns", action="store_true", help="bring up lo first (inside `unshare --net`)")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop_on_signal)
     if args.action == "list":
         for s in scenarios():
             print(s.name)
             for c in s.commands:
                 print(f"    $ {c.text}" + ("    (stopped with ^C)" if c.background else ""))
         return
-    section = [s for s in parse(ROOT / args.path) if s.commands][args.index]
+    page = (ROOT / args.path).resolve()  # a page of the docs, or any Markdown file (the runner's own tests)
+    section = [s for s in parse(page, ROOT if page.is_relative_to(ROOT) else page.parent) if s.commands][args.index]
     if args.netns:
         bring_up_loopback()
     result = run_scenario(section)
