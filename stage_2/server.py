@@ -82,6 +82,7 @@ class Server:
         except BaseException:
             for listener in self._listeners:  # don't keep half of the ports open
                 listener.close()
+            self._listeners.clear()  # so that listen() can be tried again, on other ports
             raise
         # Log only once all three are bound, so that a failed start prints just its error.
         addresses = [listener.sockets[0].getsockname()[:2] for listener in self._listeners]

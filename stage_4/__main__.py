@@ -11,7 +11,9 @@ import argparse
 import asyncio
 import logging
 import secrets
+import signal
 import sys
+from collections.abc import Coroutine
 
 from .cli import listen_port
 from .client import Client
@@ -67,6 +69,19 @@ async def run(control_port: int, public_port: int, proxy_port: int, app_port: in
         )
 
 
+async def until_stopped(demo: Coroutine[None, None, None]) -> None:
+    """Run the demo until Ctrl-C or SIGTERM (`kill`, `timeout`, a service manager, a cancelled CI job).
+
+    asyncio.run turns Ctrl-C into a cancel of this task; SIGTERM, unhandled, would end the process
+    on the spot, with no `finally` run. Cancelling on SIGTERM too makes both stop the same way:
+    every `finally` of the demo runs, so each connection is closed and each task ended.
+    """
+    this = asyncio.current_task()
+    assert this is not None  # asyncio.run runs us as a task
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, this.cancel)
+    await demo
+
+
 def main() -> None:
     """Command line: python -m stage_4 [--public-port P] [--control-port P] [--proxy-port P] [--app-port P]."""
     parser = argparse.ArgumentParser(
@@ -96,10 +111,10 @@ def main() -> None:
     public = PUBLIC_PORT if args.public_port is None else args.public_port
     proxy = PROXY_PORT if args.proxy_port is None else args.proxy_port
     try:
-        asyncio.run(run(control, public, proxy, args.app_port, any_free=any_free))
+        asyncio.run(until_stopped(run(control, public, proxy, args.app_port, any_free=any_free)))
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, or SIGTERM: see until_stopped
         log.info("stopped")
 
 

@@ -12,8 +12,10 @@ import argparse
 import asyncio
 import logging
 import secrets
+import signal
 import sys
 import tempfile
+from collections.abc import Coroutine
 from pathlib import Path
 
 from . import certs, tls
@@ -90,6 +92,19 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         )
 
 
+async def until_stopped(demo: Coroutine[None, None, None]) -> None:
+    """Run the demo until Ctrl-C or SIGTERM (`kill`, `timeout`, a service manager, a cancelled CI job).
+
+    asyncio.run turns Ctrl-C into a cancel of this task; SIGTERM, unhandled, would end the process
+    on the spot, with no `finally` run. Cancelling on SIGTERM too makes both stop the same way:
+    every `finally` of the demo runs, so each connection is closed and each task ended.
+    """
+    this = asyncio.current_task()
+    assert this is not None  # asyncio.run runs us as a task
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, this.cancel)
+    await demo
+
+
 def main() -> None:
     """Command line: python -m stage_7 [--public-port P] [--control-port P] [--app-port P]."""
     parser = argparse.ArgumentParser(
@@ -122,10 +137,10 @@ def main() -> None:
     control = CONTROL_PORT if args.control_port is None else args.control_port
     public = PUBLIC_PORT if args.public_port is None else args.public_port
     try:
-        asyncio.run(run(control, public, args.app_port, any_free=any_free))
+        asyncio.run(until_stopped(run(control, public, args.app_port, any_free=any_free)))
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, or SIGTERM: see until_stopped
         log.info("stopped")
 
 
