@@ -23,7 +23,18 @@ from typing import Any
 from stage_0.relay import CHUNK_SIZE
 
 from . import report, scenarios
-from .paths import HOST, LINKED, ROOT, STAGES, TUNNELS, PathUnavailable, PathUnderTest, Process
+from .paths import (
+    HOST,
+    LINKED,
+    ROOT,
+    STAGES,
+    TUNNELS,
+    PathUnavailable,
+    PathUnderTest,
+    Process,
+    Stopped,
+    stop_on_termination,
+)
 
 TOOLS = {"socat": "socat", "wrk": "wrk", "ab": "apache2-utils"}
 INSTALL_HINT = "apt-get install socat wrk apache2-utils"
@@ -325,8 +336,12 @@ def main() -> None:
         settings = Settings(**{**asdict(settings), "rounds": args.rounds})
     if missing := missing_tools():
         sys.exit(f"error: {', '.join(missing)} not found; install the tools with: {INSTALL_HINT}")
+    stop_on_termination()
     try:
         result = run(args, settings)
+    except Stopped as stopped:  # SIGTERM or SIGHUP; the processes are stopped by then (finally blocks)
+        print(f"bench: stopped by {stopped.signal.name}; nothing written", file=sys.stderr)
+        sys.exit(128 + stopped.signal)  # what a shell reports for a program the signal ended
     except KeyboardInterrupt:  # the processes are stopped by then (finally blocks)
         sys.exit("bench: interrupted; nothing written")
     text = report.markdown(result)

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .paths import HOST, LISTENING, ROOT, SECRET, Process, wait_until_served
+from .paths import HOST, LISTENING, ROOT, SECRET, Process, Stopped, stop_on_termination, wait_until_served
 from .scenarios import wrk_keep_alive
 
 STAGE = "stage_7"
@@ -45,13 +45,21 @@ def start_tunnel(
     """Stage 7's server and client (a TCP tunnel, over TLS) in front of `origin`; the processes and its port."""
     env = {**os.environ, "NGROK_SECRET": SECRET, "PYTHONUNBUFFERED": "1"}
     ports = ["--control-port", "0", "--public-port", "0", *tls[0]]
-    server = Process.start("server", [sys.executable, "-S", "-m", f"{STAGE}.server", *ports], work, ROOT, env)
-    control = int(server.wait_for(LISTENING.format(role="control"))[2])
-    argv = [sys.executable, "-S", "-m", f"{STAGE}.client", f"{origin[0]}:{origin[1]}", HOST, "--control-port"]
-    client = Process.start("client", [*argv, str(control), *tls[1], "--tcp", *client_flags], work, ROOT, env)
-    processes = [server, client]
-    tunnel = int(server.wait_for(LISTENING.format(role="tcp"))[2])  # bound once the client is in
-    wait_until_served((HOST, tunnel), processes)
+    processes = []
+    try:
+        server = Process.start("server", [sys.executable, "-S", "-m", f"{STAGE}.server", *ports], work, ROOT, env)
+        processes.append(server)
+        control = int(server.wait_for(LISTENING.format(role="control"))[2])
+        argv = [sys.executable, "-S", "-m", f"{STAGE}.client", f"{origin[0]}:{origin[1]}", HOST, "--control-port"]
+        processes.append(
+            Process.start("client", [*argv, str(control), *tls[1], "--tcp", *client_flags], work, ROOT, env)
+        )
+        tunnel = int(server.wait_for(LISTENING.format(role="tcp"))[2])  # bound once the client is in
+        wait_until_served((HOST, tunnel), processes)
+    except BaseException:  # it did not start, or Ctrl-C or SIGTERM came meanwhile: stop what did start
+        for process in reversed(processes):
+            process.stop()
+        raise
     return processes, tunnel
 
 
@@ -67,12 +75,14 @@ def main() -> None:
     if shutil.which("openssl") is None:
         sys.exit("error: needs openssl, which makes the certificates (apt-get install openssl)")
     work = Path(tempfile.mkdtemp(prefix="bench-inspector-"))
-    tls = certificates(work)
-    origin_argv = [sys.executable, "-m", "bench.origin", "--host", HOST, "--port", "0"]
-    origin = Process.start("origin", origin_argv, work, ROOT, dict(os.environ))
+    origin: Process | None = None
     results: dict[str, list[float]] = {name: [] for name in VARIANTS}
     ratios = []
+    stop_on_termination()
     try:
+        tls = certificates(work)
+        origin_argv = [sys.executable, "-m", "bench.origin", "--host", HOST, "--port", "0"]
+        origin = Process.start("origin", origin_argv, work, ROOT, dict(os.environ))
         match = origin.wait_for(r"origin port listening on (\S+):(\d+)")
         address = (match[1], int(match[2]))
         print(f"load average before: {os.getloadavg()[0]:.2f}")
@@ -94,8 +104,12 @@ def main() -> None:
         for name, values in results.items():
             print(f"{name}: median {statistics.median(values):,.0f} req/s")
         print(f"inspector on / --no-inspect: median ratio {statistics.median(ratios):.2f} (goal >= 0.8)")
+    except Stopped as stopped:  # SIGTERM or SIGHUP: the `finally` blocks stop every process, as on Ctrl-C
+        print(f"bench.inspector: stopped by {stopped.signal.name}", file=sys.stderr)
+        sys.exit(128 + stopped.signal)  # what a shell reports for a program the signal ended
     finally:
-        origin.stop()
+        if origin is not None:
+            origin.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 

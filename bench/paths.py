@@ -86,6 +86,34 @@ class PathUnavailable(Exception):
     """A path could not be started (e.g. its stage is not written yet); the message says why."""
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived (`kill`, `timeout`, a cancelled CI job, a closed terminal): stop as on Ctrl-C.
+
+    A KeyboardInterrupt, so that it unwinds exactly as Ctrl-C does: past every `except Exception`
+    (one failed measurement must not end a run, a stop must), through asyncio's event loop and
+    `subprocess.run` (which kills its child on the way out), running every `finally` that stops a
+    path's processes. Left unhandled, these signals end the bench at once and nothing stops them.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signal = signal.Signals(signum)
+
+
+def stop_on_termination() -> None:
+    """From now on, SIGTERM and SIGHUP raise Stopped in the main thread, wherever it is."""
+
+    def stop(signum: int, frame: object) -> None:
+        # Once: a second one (a CI runner's repeated TERM) must not cut short the clean-up.
+        for name in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(name, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    for name in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(name) is not signal.SIG_IGN:  # `nohup python -m bench`: SIGHUP stays ignored
+            signal.signal(name, stop)
+
+
 def _default_sigint() -> None:
     # A process started from a non-interactive shell's background job inherits
     # SIGINT as "ignored", and Python then never raises KeyboardInterrupt: undo that

@@ -3,12 +3,14 @@
 No speed is asserted (a test cannot know how fast this machine is); what is checked is
 that every path and scenario produced numbers, that stage 5's and stage 6's goals are each
 reported as met, not met or not measured, that the slow link really adds its delay (a lower bound
-that holds on any machine), that the reports are written, and that an interrupted run
-leaves no process behind.
+that holds on any machine), that the reports are written, and that a run stopped midway (Ctrl-C,
+SIGTERM, SIGHUP) leaves no process behind.
 """
 
 import asyncio
+import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -167,9 +169,8 @@ def _alive(pid: int, start: str) -> bool:
     return start_now == start and state != "Z"
 
 
-@needs_tools
-@pytest.mark.timeout(90)
-def test_ctrl_c_leaves_no_process_behind(tmp_path: Path) -> None:
+def _stop_bench_midway(tmp_path: Path, stop: signal.Signals) -> tuple[int, str, dict[int, bytes]]:
+    """Start a small bench, send it `stop` once the most processes are up; (exit code, its stderr, processes left)."""
     # ssh -R when installed: sshd's per-connection children leave its session (setsid) and must
     # still be stopped; stage 4 over the slow link adds the link process.
     paths = "ssh,stage_4" if HAS_SSH else "stage_4"
@@ -185,21 +186,44 @@ def test_ctrl_c_leaves_no_process_behind(tmp_path: Path) -> None:
     try:
         seen: dict[int, str] = {}
         deadline = time.monotonic() + 60
-        # Interrupt while a slow-link copy runs beside the paths: the most processes are up then.
+        # Stop it while a slow-link copy runs beside the paths: the most processes are up then.
         while not any(b"bench.link" in _cmdline(pid) for pid in seen) and time.monotonic() < deadline:
             time.sleep(0.05)
             seen.update(_descendants(bench.pid))
         assert bench.poll() is None, log.read_text()[-2000:]
         assert len(seen) >= 4, seen  # the origin, the paths' programs, at least
-        bench.send_signal(signal.SIGINT)
-        assert bench.wait(30) == 1
+        bench.send_signal(stop)
+        code = bench.wait(30)
     finally:
         if bench.poll() is None:
             bench.kill()
             bench.wait()
-    assert "bench: interrupted; nothing written" in log.read_text()
     time.sleep(0.3)
     left = {pid: _cmdline(pid) for pid, start in seen.items() if _alive(pid, start)}
+    for pid in left:  # started by this test's bench: stopped by PID, so that a failure leaks nothing
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return code, log.read_text(), left
+
+
+@needs_tools
+@pytest.mark.timeout(90)
+def test_ctrl_c_leaves_no_process_behind(tmp_path: Path) -> None:
+    code, log, left = _stop_bench_midway(tmp_path, signal.SIGINT)
+    assert code == 1, log[-2000:]
+    assert "bench: interrupted; nothing written" in log
+    assert left == {}
+
+
+@needs_tools
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_stop_it_as_ctrl_c_does(tmp_path: Path, stop: signal.Signals) -> None:
+    """`kill PID`, `timeout 25 python -m bench`, a cancelled CI job, a closed terminal: all it started stops."""
+    code, log, left = _stop_bench_midway(tmp_path, stop)
+    assert code == 128 + stop, log[-2000:]  # what a shell shows for a program the signal ended
+    assert f"bench: stopped by {stop.name}; nothing written" in log
+    assert "Traceback" not in log
     assert left == {}
 
 
