@@ -26,8 +26,10 @@ lint: $(VENV)/.installed  ## ruff (lint + format) and mypy --strict over the sta
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict $(STAGES)
 
-pytest: $(VENV)/.installed  ## the test suite (pytest exits non-zero when it collects no tests)
-	$(BIN)/pytest
+# -n auto: one worker per core; worksteal: a worker that runs out takes tests from a busy one, so the
+# minute-long tests don't leave the end of the run to one worker.
+pytest: $(VENV)/.installed  ## the test suite on every core (pytest exits non-zero when it collects no tests)
+	$(BIN)/pytest -n auto --dist worksteal
 
 docs: $(VENV)/.installed  ## build the docs site into site/ (strict: a warning fails)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
