@@ -31,6 +31,9 @@ lint: $(VENV)/.installed  ## ruff (lint + format) and mypy --strict over the sta
 pytest: $(VENV)/.installed  ## the test suite on every core (pytest exits non-zero when it collects no tests)
 	$(BIN)/pytest -n auto --dist worksteal
 
+check: $(VENV)/.installed  ## check your copy of a stage with every test of that stage: make check STAGE=3 DIR=../my_stage_3
+	$(BIN)/python -m tests.check $(STAGE) $(DIR)
+
 docs: $(VENV)/.installed  ## build the docs site into site/ (strict: a warning fails)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
