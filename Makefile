@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAGES := stage_0 stage_1 stage_2 stage_3 stage_4 stage_5 stage_6 stage_7
 
-.PHONY: help demo test lint pytest docs serve-docs bench nat-lab clean
+.PHONY: help demo test lint pytest check docs serve-docs bench nat-lab clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'

@@ -139,6 +139,17 @@ def test_runner_accepts_other_numbers_and_elided_lines(tmp_path: Path) -> None:
     assert result.problems == []
 
 
+def test_lines_stamped_with_the_same_time_may_come_in_any_order() -> None:
+    """Two parts of one program that log at once (a demo's server and client) finish in either order."""
+    expected = ["10:40:00 start", "...", "10:40:05 server: GET / -> 200", "10:40:05 client: closed", "10:40:09 stopped"]
+    printed = ["09:00:00 start", "09:00:05 client: closed", "09:00:05 server: GET / -> 200", "09:00:09 stopped"]
+    assert doccommands.first_missing(expected, printed) is None
+    # Only among themselves: a line stamped later still comes after them, and each line needs its own match.
+    assert doccommands.first_missing(expected, [printed[0], printed[3], *printed[1:3]]) == "10:40:09 stopped"
+    assert doccommands.first_missing(expected, printed[:2] + printed[3:]) == "10:40:05 server: GET / -> 200"
+    assert doccommands.first_missing(["10:40:05 a", "10:40:05 a"], ["10:40:05 a"]) == "10:40:05 a"
+
+
 def test_runner_fails_when_a_command_fails(tmp_path: Path) -> None:
     result = run_markdown(tmp_path, "```console\n$ false\n```\n")
     assert result.problems and "exited with 1" in result.problems[0]

@@ -11,13 +11,17 @@ The convention (tests/test_docs_commands.py enforces it and runs every session):
 - The console blocks under one heading form one scenario, run top to bottom. Expected output is
   matched line by line, in order, ignoring lines the docs leave out: digits (times, ports, byte
   counts) and hex ids match any, month and weekday names match any (a transcript shows the day it
-  was made), and `...` matches anything.
+  was made), and `...` matches anything. Consecutive lines stamped with the same time (`10:40:05 ...`)
+  may come in any order among themselves: a server and a client log in whichever order they finish.
 - A server's startup lines are waited for before the next command runs, as a learner waits for
   the banner: its first line (up to 15 s), then every line stamped with the same time as that line
   (`10:40:00 ...`) and the unstamped lines among them (up to 15 s each), skipping `...`. Lines
   stamped later are what the later commands make it print; they are checked when it stops. A
   server whose first line has no time stamp has no such story to tell: its lines are waited for
   while they keep coming (1 s each), up to its first `...`.
+- After each command, the servers' logs settle (0.5 s without a new line, at most 3 s) before the
+  next command runs, as a learner reads them; at the end every server gets its expected lines'
+  moment, then each is stopped with Ctrl-C, the last started first.
 - Paths under `/tmp/` are the scenario's own: the runner gives each scenario a fresh folder for
   them and removes it afterwards, so runs side by side share nothing and leave nothing behind.
 
@@ -54,6 +58,7 @@ START_TIMEOUT = 15.0  # a background command must print its first expected line 
 SETTLE = 1.0  # ... and each further startup line within this of the previous one
 RUN_TIMEOUT = 30.0  # a foreground command must finish within this
 STOP_TIMEOUT = 10.0  # a background command must exit within this after Ctrl-C
+QUIET, QUIET_MAX = 0.5, 3.0  # after a command, the servers' logs settle: quiet this long (at most QUIET_MAX)
 
 # Log lines start with the time of day; the startup lines of a server share its first line's.
 STAMP = re.compile(r"^(\d\d:\d\d:\d\d) ")
@@ -194,18 +199,39 @@ def line_pattern(expected: str) -> re.Pattern[str]:
 
 
 def first_missing(expected: list[str], actual: list[str]) -> str | None:
-    """The first expected line not found, in order, among the actual lines (None: all found)."""
+    """The first expected line not found, in order, among the actual lines (None: all found).
+
+    Lines the docs stamp with the same time may come in any order among themselves: parts of a
+    program that run at once (a server and a client in one demo) log in whichever order they finish.
+    """
     position = 0
+    for group in same_time_groups(expected):
+        found = []
+        for line in group:
+            pattern = line_pattern(line)
+            at = next((i for i in range(position, len(actual)) if i not in found and pattern.search(actual[i])), None)
+            if at is None:
+                return line
+            found.append(at)
+        position = max(found) + 1
+    return None
+
+
+def same_time_groups(expected: list[str]) -> list[list[str]]:
+    """The expected lines as runs of lines stamped with the same time (an unstamped line is a run of its own)."""
+    groups: list[list[str]] = []
+    previous = None
     for line in expected:
         if line.strip() == "...":
+            previous = None
             continue
-        pattern = line_pattern(line)
-        while position < len(actual) and not pattern.search(actual[position]):
-            position += 1
-        if position == len(actual):
-            return line
-        position += 1
-    return None
+        stamp = STAMP.match(line)
+        if stamp is not None and previous is not None and stamp[1] == previous:
+            groups[-1].append(line)
+        else:
+            groups.append([line])
+        previous = stamp[1] if stamp else None
+    return groups
 
 
 # --- running ----------------------------------------------------------------------------------
@@ -331,13 +357,39 @@ def run_scenario(section: Section) -> Result:
                 servers.append(start_background(command, result))
             else:
                 run_foreground(command, result)
+                let_logs_settle(servers)
             if result.problems:
                 break
     finally:
+        # Like a learner: read every terminal, then press Ctrl-C in each, the last started first.
+        for terminal in servers:
+            wait_for_expected(terminal)
         for terminal in reversed(servers):
             stop_background(terminal, result)
         shutil.rmtree(scratch, ignore_errors=True)
     return result
+
+
+def let_logs_settle(servers: list[Terminal]) -> None:
+    """After a command, wait until the servers have been quiet for QUIET (at most QUIET_MAX).
+
+    A learner reads what the servers logged before typing the next command; without this pause a
+    server's line about one command (a request it logs when the relay ends) could come after a line
+    about the next one, in the other order than the docs show.
+    """
+    deadline = time.monotonic() + QUIET_MAX
+    while (now := time.monotonic()) < deadline:
+        last = max((t.times[-1] for t in servers if t.times), default=0.0)
+        if now - last >= QUIET:
+            return
+        time.sleep(min(QUIET - (now - last), deadline - now))
+
+
+def wait_for_expected(terminal: Terminal) -> None:
+    """Give each line a server should have printed by now its moment (SETTLE) to arrive."""
+    for line in terminal.command.expected:
+        if line.strip() != "..." and not terminal.wait_for(line, SETTLE):
+            break
 
 
 def own_tmp(command: Command, scratch: Path) -> Command:
@@ -356,11 +408,6 @@ def own_tmp(command: Command, scratch: Path) -> Command:
 
 def stop_background(terminal: Terminal, result: Result) -> None:
     """Press Ctrl-C on a server once the commands are done, and check all it printed."""
-    # A server logs what the foreground commands made it do (a request, a refusal) a moment after
-    # they finish: give each expected line its moment before pressing Ctrl-C.
-    for line in terminal.command.expected:
-        if line.strip() != "..." and not terminal.wait_for(line, SETTLE):
-            break
     code = terminal.interrupt()
     cmd = terminal.command
     result.transcript += [f"$ {cmd.text}", *terminal.lines, "^C"]
