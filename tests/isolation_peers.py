@@ -68,7 +68,7 @@ class App(LocalServer):
         self.acted = asyncio.Event()  # ... and has done what it was waiting to do
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Serve one connection as its first line says.
+        """Serve one connection as its first line says (or the path of its `GET /PATH HTTP/1.1`).
 
         - `echo`: echo every line, and the EOF.
         - `late`: answer LATE seconds after the request, then close LATE seconds later.
@@ -79,7 +79,10 @@ class App(LocalServer):
         - `close-at-eof`: read to EOF; then, once told to `go`, close.
         """
         try:
-            command, _, argument = (await reader.readline()).strip().partition(b" ")
+            line = (await reader.readline()).strip()
+            if line.startswith(b"GET /"):  # a user of the HTTP port, routed by its Host header: the path says
+                line = line.split(b" ")[1][1:]
+            command, _, argument = line.partition(b" ")
             if command == b"echo":
                 while line := await reader.readline():
                     writer.write(line)

@@ -34,6 +34,7 @@ from isolation_peers import App, read_to_end, reset
 from link_lab import SERVER_IP, LinkLab
 from test_real_links import start_tunnel
 
+import tls_certs
 from nat_lab import APP_PORT, LabProcess
 from support import (
     STEP_TIMEOUT,
@@ -272,6 +273,32 @@ async def test_an_apps_reset_reaches_its_user_as_a_reset(stage: str) -> None:
         _, ended = await read_to_end(reader)
         writer.close()
         assert ended == "reset"
+
+
+async def test_an_apps_reset_reaches_an_https_user_as_a_reset(stage: str) -> None:
+    # From stage 6 on, users may come over HTTPS: the reset must end the TCP connection under the TLS.
+    if not has_tls(stage):
+        pytest.skip("HTTPS users come with stage 6")
+    server = importlib.import_module(f"{stage}.server").Server(
+        secret=SECRET, domain=tls_certs.DOMAIN, https=tls_certs.server_context(), **server_options(stage)
+    )
+    ports = await server.listen("127.0.0.1", *any_ports(stage))
+    async with App() as app, Background(server.serve()):
+        options = {**client_options(stage), "tcp": False, "name": "app", "secret": SECRET}
+        client = importlib.import_module(f"{stage}.client").Client(
+            ("127.0.0.1", app.port), "127.0.0.1", ports.control, **options
+        )
+        async with Background(client.run()):
+            async with asyncio.timeout(STEP_TIMEOUT):
+                await client.connected.wait()
+                host = f"app.{tls_certs.DOMAIN}"
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", ports.public, ssl=tls_certs.client_context(), server_hostname=host
+                )
+            writer.write(f"GET /reset HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            _, ended = await read_to_end(reader)
+            writer.close()
+            assert ended == "reset"
 
 
 async def test_a_users_reset_reaches_the_app_as_a_reset(stage: str) -> None:
