@@ -272,9 +272,10 @@ class Stream(asyncio.Protocol):
         # WHY a linger of 0: abort() alone closes the socket, and the kernel then ends the
         # connection with a FIN. The user (or the app) would read a clean end where the far side
         # reset or the tunnel was lost: a cut download would look complete, a cut upload too.
-        sock = self.transport.get_extra_info("socket")
-        with contextlib.suppress(OSError):  # already closed: nothing is left to reset
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock = self.transport.get_extra_info("socket")  # None once a TLS connection is gone
+        if sock is not None:
+            with contextlib.suppress(OSError):  # closed already: nothing is left to reset
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.transport.abort()
 
     def _grant(self, consumed: int) -> None:

@@ -275,8 +275,9 @@ async def test_an_apps_reset_reaches_its_user_as_a_reset(stage: str) -> None:
         assert ended == "reset"
 
 
-async def test_an_apps_reset_reaches_an_https_user_as_a_reset(stage: str) -> None:
-    # From stage 6 on, users may come over HTTPS: the reset must end the TCP connection under the TLS.
+@contextlib.asynccontextmanager
+async def https_user(stage: str, path: str) -> AsyncIterator[tuple[App, asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A server whose public port speaks HTTPS, an HTTP tunnel to an App, and a user who asked it for `path`."""
     if not has_tls(stage):
         pytest.skip("HTTPS users come with stage 6")
     server = importlib.import_module(f"{stage}.server").Server(
@@ -289,16 +290,39 @@ async def test_an_apps_reset_reaches_an_https_user_as_a_reset(stage: str) -> Non
             ("127.0.0.1", app.port), "127.0.0.1", ports.control, **options
         )
         async with Background(client.run()):
+            host = f"app.{tls_certs.DOMAIN}"
             async with asyncio.timeout(STEP_TIMEOUT):
                 await client.connected.wait()
-                host = f"app.{tls_certs.DOMAIN}"
                 reader, writer = await asyncio.open_connection(
                     "127.0.0.1", ports.public, ssl=tls_certs.client_context(), server_hostname=host
                 )
-            writer.write(f"GET /reset HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-            _, ended = await read_to_end(reader)
-            writer.close()
-            assert ended == "reset"
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            try:
+                yield app, reader, writer
+            finally:
+                writer.close()
+
+
+async def test_an_apps_reset_reaches_an_https_user_as_a_reset(stage: str) -> None:
+    # From stage 6 on, users may come over HTTPS: the reset must end the TCP connection under the TLS.
+    async with https_user(stage, "/reset") as (_, reader, _):
+        assert (await read_to_end(reader))[1] == "reset"
+
+
+async def test_an_https_user_who_closes_ends_its_stream_and_the_app_reads_an_end(
+    stage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # TLS has no half-close: the user's close ends its connection both ways, cleanly. Its stream
+    # ends, its connection slot is freed, and the app reads an end (EOF), not a reset. (Resetting
+    # the TLS connection that was already gone raised in connection_lost: the stream never ended.)
+    async with https_user(stage, "/upload") as (app, reader, writer):
+        async with asyncio.timeout(STEP_TIMEOUT):
+            assert await reader.readline() == b"ready\n"
+        writer.close()
+        await stream_ended(caplog, local_port(writer))
+        async with asyncio.timeout(STEP_TIMEOUT):
+            assert await app.ended.get() == "eof"
+    assert "Traceback" not in caplog.text, caplog.text[-3000:]
 
 
 async def test_a_users_reset_reaches_the_app_as_a_reset(stage: str) -> None:
