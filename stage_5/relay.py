@@ -21,6 +21,9 @@ Protocol relay instead resumed reading at moments of its own choosing, and lost 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -102,7 +105,7 @@ class Stream(asyncio.Protocol):
         transport.set_write_buffer_limits(high=0)
         self._watch()
         if self.reset_reason:  # reset while the client was still dialing the app
-            transport.abort()
+            self._abort()
             return
         if self.mux is not None:  # the client's side: the local app answered; accept the stream
             self.mux.accept(self)
@@ -230,13 +233,18 @@ class Stream(asyncio.Protocol):
             self.mux.forget(self, reason if notify else None)
         self.on_answer(reason)  # a user still waiting for an answer gets this one (a 502 page)
         if self.transport is not None and self.answered.result() is None:
-            self.transport.abort()  # a relayed connection: a reset ends it at once, as it would without us
+            self._abort()  # a relayed connection: a reset ends it at once, as it would without us
         self._update_reading()
 
     # --- inside ------------------------------------------------------------------------------
 
     def _write(self, data: bytes | memoryview) -> None:
         assert self.transport is not None
+        if self.transport.is_closing():
+            # Lost (a send failed: the peer reset it) and not yet told to us (connection_lost comes on
+            # the next turn): the rest of this read's frames for it go nowhere. asyncio would count
+            # each write, and log "socket.send() raised exception." for every one from the fifth on.
+            return
         self.transport.write(data)
         if self._writing_paused:
             self._unwritten += len(data)  # still in our buffer: granted when it leaves (resume_writing)
@@ -248,7 +256,27 @@ class Stream(asyncio.Protocol):
         if not self.transport.is_closing() and self.transport.can_write_eof():
             # Half-close: tell the TCP peer "no more data from this side" while the other
             # direction keeps flowing (an HTTP client may shut its write side and still wait).
-            self.transport.write_eof()
+            try:
+                self.transport.write_eof()
+            except OSError:
+                # The peer reset the connection after its own EOF (an impatient user who closed
+                # before the answer, whose kernel answered the answer with a reset): asyncio stops
+                # reading at EOF, so nobody saw the reset, and shutdown() fails with ENOTCONN, here,
+                # inside the Mux's handling of a FIN frame. It ends this stream, never the tunnel
+                # connection that carries everyone else's.
+                self.reset("the connection was reset")
+
+    def _abort(self) -> None:
+        """End the TCP connection with a reset (RST), as its far end's ended or as a lost tunnel must show."""
+        assert self.transport is not None
+        # WHY a linger of 0: abort() alone closes the socket, and the kernel then ends the
+        # connection with a FIN. The user (or the app) would read a clean end where the far side
+        # reset or the tunnel was lost: a cut download would look complete, a cut upload too.
+        sock = self.transport.get_extra_info("socket")  # None once a TLS connection is gone
+        if sock is not None:
+            with contextlib.suppress(OSError):  # closed already: nothing is left to reset
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
     def _grant(self, consumed: int) -> None:
         self._consumed += consumed

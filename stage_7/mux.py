@@ -294,6 +294,11 @@ class Mux(asyncio.BufferedProtocol):
         else:
             if flags & ACK:
                 stream.on_answer(None)
+            elif self._on_open is None and not stream.answered.done() and (payload or flags & FIN):
+                # We opened it (the server): the client's first word on a stream is ACK or RST. Bytes
+                # or an end before ACK would reach a user who may yet be refused with an error page,
+                # written after them (a RST before ACK is a refusal): only a broken client sends that.
+                raise ProtocolError(f"DATA on stream {stream_id} before its ACK")
             if payload or flags & FIN:
                 stream.on_data(payload, bool(flags & FIN))
 
