@@ -302,8 +302,9 @@ class Run:
         counts = ", ".join(
             f"{n} {what}" for n, what in ((failed, "failed"), (passed, "passed"), (skipped, "skipped")) if n
         )
-        lines += ["", f"{self.stage} in {self.shown_dir}: {verdict} ({counts or 'no tests'} in {seconds:.0f} s)"]
         lines = [cut(line) for line in lines]
+        # The verdict is never cut: a long folder name must not hide it.
+        lines += ["", f"{self.stage} in {self.shown_dir}: {verdict} ({counts or 'no tests'} in {seconds:.0f} s)"]
         if broken:  # a command to copy: never cut
             first = next(iter(broken[0].failures))
             lines.append(f"One test in full: .venv/bin/pytest '{first}' --stage-dir {self.stage}={self.shown_dir}")
