@@ -214,11 +214,20 @@ class _OriginHandler(http.server.BaseHTTPRequestHandler):
         pass  # keep the test output quiet
 
 
+class HttpServer(http.server.ThreadingHTTPServer):
+    """`http.server`'s threaded server with a real listen backlog."""
+
+    # socketserver's default backlog is 5: a browser (or a burst of users) opens more connections at
+    # once, and on a busy machine the server thread accepts them late. The kernel then drops the
+    # surplus SYNs and the client retries after 1 s, 3 s, 7 s...: a page load took over 30 s.
+    request_queue_size = 128
+
+
 class HttpOrigin:
     """A real threaded `http.server` on 127.0.0.1, the 'local app' of the tests."""
 
     def __init__(self) -> None:
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OriginHandler)
+        self._httpd = HttpServer(("127.0.0.1", 0), _OriginHandler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)

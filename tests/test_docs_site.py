@@ -24,6 +24,8 @@ import pytest
 from mkdocs.config import load_config
 from mkdocs.exceptions import PluginError
 
+from support import HttpServer
+
 ROOT = Path(__file__).resolve().parent.parent
 # Every stage_N folder has a page; the site's hook finds them the same way (docs/hooks/stages.py).
 STAGES = sorted(int(p.name.removeprefix("stage_")) for p in ROOT.glob("stage_*") if re.fullmatch(r"stage_\d+", p.name))
@@ -164,7 +166,7 @@ Element.prototype.attachShadow = function (init) { return attach.call(this, { ..
 def served(site: Path) -> Iterator[str]:
     """The built site on http://127.0.0.1:<free port>/."""
     handler = functools.partial(QuietHandler, directory=str(site))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd = HttpServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}/"

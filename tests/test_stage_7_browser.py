@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from test_docs_site import BROWSER_ARGS, CHROMIUM
 
-from support import tls_flags
+from support import HttpServer, tls_flags
 from tls_certs import certs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +95,7 @@ class Program:
 @pytest.fixture
 def tunnel(tmp_path: Path) -> Iterator[tuple[int, int]]:
     """The public port and the inspector's port of a stage 7 tunnel in front of _App."""
-    app = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _App)
+    app = HttpServer(("127.0.0.1", 0), _App)
     threading.Thread(target=app.serve_forever, daemon=True).start()
     args = ("-m", "stage_7.server", "--control-port", "0", "--public-port", "0", *tls_flags("stage_7"))
     server = Program(tmp_path, "server", *args)
