@@ -6,7 +6,8 @@ connection did, with a handshake in text lines, readable and speakable with `nc`
     client: hello [<session_id>]      (the session id only when reconnecting)
     server: challenge <nonce>         (only if the server has a secret; see auth.py)
     client: auth <hmac>
-    server: welcome <session_id>      (or `error <reason>`, then the server hangs up)
+    server: welcome <session_id>      (or `error <reason>`, then the server hangs up; or
+                                      `busy <reason>`: not now, try again later)
 
 After `welcome`, both sides speak binary frames on the same connection (frames.py): the
 heartbeats, and every user's bytes as a stream of its own. Nothing follows `auth` until
@@ -68,6 +69,10 @@ class AuthError(Refused):
     """The secrets don't match, or one side has none: fix the secret, retrying won't help."""
 
 
+class TryLater(TunnelError):
+    """The server said not now (a stranger guessed wrong from our address lately): retrying later will help."""
+
+
 @dataclass(frozen=True)
 class Hello:
     """Client -> server, the first line of a control connection: `hello` or `hello <session_id>`."""
@@ -97,13 +102,24 @@ class Welcome:
 
 
 @dataclass(frozen=True)
+class Busy:
+    """Server -> client instead of `welcome`, "not now, try again later": `busy <reason>`.
+
+    Where `error` means "this will never work" (a wrong secret), `busy` means the answer may change:
+    a client that gets it keeps retrying with its backoff instead of giving up.
+    """
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Error:
     """Either way, sent just before closing: `error <reason>`."""
 
     reason: str
 
 
-Message = Hello | Challenge | Auth | Welcome | Error
+Message = Hello | Challenge | Auth | Welcome | Busy | Error
 
 
 def encode(message: Message) -> bytes:
@@ -119,6 +135,8 @@ def encode(message: Message) -> bytes:
             return f"auth {digest}\n".encode()
         case Welcome(session_id):
             return f"welcome {session_id}\n".encode()
+        case Busy(reason):
+            return f"busy {reason}\n".encode()
         case Error(reason):
             return f"error {reason}\n".encode()
 
@@ -145,6 +163,8 @@ def decode(line: bytes) -> Message:
             return Auth(digest)
         case "welcome", session_id if is_token(session_id):
             return Welcome(session_id)
+        case "busy", reason if reason:
+            return Busy(reason)
         case "error", reason if reason:
             return Error(reason)
     raise ProtocolError(f"unknown command {word[:32]!r}")
@@ -179,10 +199,12 @@ async def write_message(writer: asyncio.StreamWriter, message: Message) -> None:
     await writer.drain()
 
 
-async def say_goodbye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str) -> None:
-    """Send `error <reason>` in a way the peer really gets to read it (the caller then closes)."""
+async def say_goodbye(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str, later: bool = False
+) -> None:
+    """Send `error <reason>` (`busy <reason>` if `later`) so that the peer gets to read it (the caller then closes)."""
     with contextlib.suppress(OSError):  # the peer may be gone already
-        await write_message(writer, Error(reason))
+        await write_message(writer, Busy(reason) if later else Error(reason))
     await linger(reader, writer)
 
 

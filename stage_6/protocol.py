@@ -9,6 +9,7 @@ with a handshake in text lines; the hello now says which tunnel the client wants
     client: auth <hmac>
     server: welcome <session_id> <tunnel> <url>   (tunnel: the name or the port it got)
             or `error <reason>`, then the server hangs up
+            or `busy <reason>`: not now, try again later
 
 Without a name or port, the server picks one. A reconnecting client names the tunnel it had
 and its session id: that proves it is the same client, so it gets its tunnel back.
@@ -88,6 +89,10 @@ class AuthError(Refused):
     """The secrets don't match, or one side has none: fix the secret, retrying won't help."""
 
 
+class TryLater(TunnelError):
+    """The server said not now (a stranger guessed wrong from our address lately): retrying later will help."""
+
+
 @dataclass(frozen=True)
 class Hello:
     """Client -> server, the first line: `hello <kind> [<tunnel> [<session_id>]]`."""
@@ -121,13 +126,24 @@ class Welcome:
 
 
 @dataclass(frozen=True)
+class Busy:
+    """Server -> client instead of `welcome`, "not now, try again later": `busy <reason>`.
+
+    Where `error` means "this will never work" (a wrong secret), `busy` means the answer may change:
+    a client that gets it keeps retrying with its backoff instead of giving up.
+    """
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Error:
     """Either way, sent just before closing: `error <reason>`."""
 
     reason: str
 
 
-Message = Hello | Challenge | Auth | Welcome | Error
+Message = Hello | Challenge | Auth | Welcome | Busy | Error
 
 
 def encode(message: Message) -> bytes:
@@ -141,6 +157,8 @@ def encode(message: Message) -> bytes:
             return f"auth {digest}\n".encode()
         case Welcome(session_id, tunnel, url):
             return f"welcome {session_id} {tunnel} {url}\n".encode()
+        case Busy(reason):
+            return f"busy {reason}\n".encode()
         case Error(reason):
             return f"error {reason}\n".encode()
 
@@ -171,6 +189,8 @@ def decode(line: bytes) -> Message:
             return Auth(digest)
         case "welcome", [session_id, tunnel, url] if is_token(session_id) and is_token(tunnel):
             return Welcome(session_id, tunnel, url)
+        case "busy", _ if rest:
+            return Busy(rest)
         case "error", _ if rest:
             return Error(rest)
     raise ProtocolError(f"unknown command {word[:32]!r}")
@@ -217,10 +237,12 @@ async def write_message(writer: asyncio.StreamWriter, message: Message) -> None:
     await writer.drain()
 
 
-async def say_goodbye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str) -> None:
-    """Send `error <reason>` in a way the peer really gets to read it (the caller then closes)."""
+async def say_goodbye(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str, later: bool = False
+) -> None:
+    """Send `error <reason>` (`busy <reason>` if `later`) so that the peer gets to read it (the caller then closes)."""
     with contextlib.suppress(OSError):  # the peer may be gone already
-        await write_message(writer, Error(reason))
+        await write_message(writer, Busy(reason) if later else Error(reason))
     await linger(reader, writer)
 
 

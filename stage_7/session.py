@@ -4,6 +4,8 @@ Stage 5's session module kept one client. Now every client that connects gets a 
 own, and with it one tunnel (tunnels.py): the name or TCP port it asked for, if nobody holds it.
 
 - Auth: only a client that knows the secret gets in (the handshake is in auth.py), inside TLS.
+  An address that guessed wrong too often is told `busy`, unless its hello brings the id of a
+  session we hold: a stranger behind a client's NAT must not keep that client out.
 - Never locked out: a client coming back (it presents the session id and the tunnel we gave it)
   takes its session over at once, even if its old connection still looks alive to us: a laptop
   whose Wi-Fi dropped sends no FIN.
@@ -15,6 +17,7 @@ own, and with it one tunnel (tunnels.py): the name or TCP port it asked for, if 
 """
 
 import asyncio
+import functools
 import logging
 import secrets
 
@@ -29,6 +32,7 @@ from .protocol import (
     GoneAway,
     Hello,
     Refused,
+    TryLater,
     TunnelError,
     Welcome,
     say_goodbye,
@@ -64,8 +68,8 @@ class Sessions:
         peer, session, mux, stopped = f"{host}:{port}", None, None, False
         # --8<-- [start:handshake]
         try:
-            self.throttle.check(host)  # an address that guessed wrong too often is not even challenged
-            hello = await auth.server_handshake(reader, writer, self.secret, self.handshake_timeout)
+            screen = functools.partial(self._screen, host)  # the throttle, once the hello is read
+            hello = await auth.server_handshake(reader, writer, self.secret, self.handshake_timeout, screen)
             session = self._admit(hello, peer, writer)
             # The welcome is the last line: from here on, both sides speak frames (frames.py).
             mux = Mux(reader, writer, peer="the client", heartbeat_timeout=self.heartbeat_timeout)
@@ -76,6 +80,9 @@ class Sessions:
         except GoneAway as exc:  # the client stopped (Ctrl-C) and said so: it won't come back for its tunnel
             log.info("%s: %s", peer, exc)
             stopped = True
+        except TryLater as exc:  # a throttled address: not now, which is not never (see _screen)
+            log.warning("%s: %s; told to try later", peer, exc)
+            await say_goodbye(reader, writer, str(exc), later=True)
         except TunnelError as exc:  # a wrong secret, a taken name, a bad frame
             if isinstance(exc, AuthError):
                 self.throttle.failed(host)
@@ -100,6 +107,16 @@ class Sessions:
                 else:
                     self._keep(session)
             writer.close()
+
+    # --8<-- [start:screen]
+    def _screen(self, host: str, hello: Hello) -> None:
+        """Before the challenge: turn away (TryLater) an address that guessed wrong too often."""
+        # ...unless the hello brings the id of a session we hold: its client knew the secret (and
+        # 128 random bits can't be guessed), and must get back in whatever a stranger behind the
+        # same address (a NAT) has tried.
+        if hello.session_id not in self.by_id:
+            self.throttle.check(host)
+            # --8<-- [end:screen]
 
     # --8<-- [start:admit]
     def _admit(self, hello: Hello, peer: str, writer: asyncio.StreamWriter) -> Session:
