@@ -40,10 +40,20 @@ HEARTBEAT_TIMEOUT = 15.0
 # of bytes (WINDOW in frames.py) each way, so these bound memory; see limits.py for descriptors.
 MAX_WAITING = 4096
 MAX_STREAMS = 4096
+# One source address (an IPv6 /64) holds at most this many of a tunnel's streams at once: one
+# source opened 4200 kept-alive connections in 2.3 s, and every later user got a 502 (issue 23).
+# A browser opens at most 6 connections to a host, so 256 is some 40 busy browsers behind one
+# NAT, and 16 sources are needed to fill a tunnel; a crowd behind one NAT (a conference's Wi-Fi
+# on a demo) can raise it with --max-streams-per-address.
+MAX_STREAMS_PER_ADDRESS = 256
 # A relay with no byte either way for this long is closed (nginx's stream proxy waits
 # 10 minutes too); so is a half-closed one whose other direction is silent this long.
 IDLE_TIMEOUT = 600.0
 HALF_CLOSED_TIMEOUT = 30.0
+# ...and users of the public port who got their answer and say nothing more, after this long: a kept-alive
+# connection waiting for a next request. nginx's keepalive_timeout is 75 s too; a user still
+# waiting for its answer (a long poll) keeps IDLE_TIMEOUT.
+KEEPALIVE_TIMEOUT = 75.0
 # Ids, nonces and digests are single words of these characters.
 TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # The most a stream holds in memory each way: one window (frames.WINDOW) of bytes,

@@ -12,6 +12,8 @@ own, and with it one tunnel (tunnels.py): the name or TCP port it asked for, if 
 - Kept for a while: when a client's connection is lost, its tunnel stays reserved for the resume
   window. Its users get a 502 page meanwhile; after the window, the name is anyone's again. A
   client that stops on purpose says goodbye (GO_AWAY), and its name is free at once.
+- Shared fairly: one source address holds at most `max_per_address` tunnels, kept ones included,
+  so that nobody, with the secret or (on a trusted network) without, can take every name.
 - Heartbeats: a tunnel connection silent for longer than the heartbeat timeout is dead. Users
   whose streams ran on it lose their connections, as in stage 5.
 """
@@ -26,6 +28,7 @@ from .mux import Mux
 from .protocol import (
     HEARTBEAT_TIMEOUT,
     MAX_TUNNELS,
+    MAX_TUNNELS_PER_ADDRESS,
     NETWORK_TIMEOUT,
     RESUME_WINDOW,
     AuthError,
@@ -53,12 +56,14 @@ class Sessions:
         handshake_timeout: float = NETWORK_TIMEOUT,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         resume_window: float = RESUME_WINDOW,
+        max_per_address: int = MAX_TUNNELS_PER_ADDRESS,
     ) -> None:
         self.tunnels = tunnels
         self.secret = secret or None  # an empty secret would be no secret at all
         self.handshake_timeout = handshake_timeout
         self.heartbeat_timeout = heartbeat_timeout
         self.resume_window = resume_window
+        self.max_per_address = max_per_address
         self.by_id: dict[str, Session] = {}
         self.throttle = auth.Throttle()  # slows down anyone guessing the secret
 
@@ -137,7 +142,12 @@ class Sessions:
             return known
         if len(self.by_id) >= MAX_TUNNELS:
             raise Refused(f"this server holds {MAX_TUNNELS} tunnels, its most; try again later")
-        session = Session(secrets.token_hex(16), hello.kind, peer=peer, writer=writer, task=task)
+        source = auth.source(writer.get_extra_info("peername")[0])
+        if sum(held.source == source for held in self.by_id.values()) >= self.max_per_address:
+            # TryLater: kept tunnels end with their window, and the address may be a NAT that this
+            # client shares with whoever holds them.
+            raise TryLater(f"{source} holds {self.max_per_address} tunnels on this server, the most one address may")
+        session = Session(secrets.token_hex(16), hello.kind, peer=peer, source=source, writer=writer, task=task)
         self.tunnels.claim(hello, session)  # Refused if its name or port is someone else's
         self.by_id[session.session_id] = session
         log.info("%s: client connected (session %s): %s", peer, session.session_id[:8], session.url)

@@ -45,10 +45,20 @@ HEARTBEAT_TIMEOUT = 15.0
 # of bytes (WINDOW in frames.py) each way, so these bound memory; see limits.py for descriptors.
 MAX_WAITING = 4096
 MAX_STREAMS = 4096
+# One source address (an IPv6 /64) holds at most this many of a tunnel's streams at once: one
+# source opened 4200 kept-alive connections in 2.3 s, and every later user got a 502 (issue 23).
+# A browser opens at most 6 connections to a host, so 256 is some 40 busy browsers behind one
+# NAT, and 16 sources are needed to fill a tunnel; a crowd behind one NAT (a conference's Wi-Fi
+# on a demo) can raise it with --max-streams-per-address.
+MAX_STREAMS_PER_ADDRESS = 256
 # A relay with no byte either way for this long is closed (nginx's stream proxy waits
 # 10 minutes too); so is a half-closed one whose other direction is silent this long.
 IDLE_TIMEOUT = 600.0
 HALF_CLOSED_TIMEOUT = 30.0
+# ...and HTTP users who got their answer and say nothing more, after this long: a kept-alive
+# connection waiting for a next request. nginx's keepalive_timeout is 75 s too; a user still
+# waiting for its answer (a long poll) keeps IDLE_TIMEOUT.
+KEEPALIVE_TIMEOUT = 75.0
 # Ids, nonces and digests are single words of these characters.
 TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # The most a stream holds in memory each way: one window (frames.WINDOW) of bytes,
@@ -58,11 +68,20 @@ DATA_LIMIT = 256 * 1024
 LINGER = 1.0
 # A tunnel whose client's connection ended stays reserved this long, so that the client
 # can come back (a Wi-Fi hiccup, a laptop lid) and keep its name; then the name is free.
-RESUME_WINDOW = 30.0
+# WHY 5 minutes (it was 30 s): a client away 45 s, its heartbeat timeout and 30 s, lost its name
+# to the first stranger who asked (issue 23). 5 minutes covers an outage of the Wi-Fi or of the
+# line, a laptop closed for a coffee, a train through a tunnel. A client that stops on purpose
+# says goodbye and frees its name at once; one that crashed and starts again waits (`busy`).
+RESUME_WINDOW = 300.0
 # At most this many tunnels at once, held or kept for a client to resume. Each TCP tunnel holds
 # a listening socket, and a client that connects and leaves in a loop would otherwise pile up
 # kept tunnels (one per RESUME_WINDOW) until the server ran out of descriptors.
 MAX_TUNNELS = 1024
+# At most this many of them for one source address (an IPv6 /64 counts as one): without it, one
+# stranger (no secret) or one tenant (with it) took all 1024 names in 1.5 s, connecting and leaving
+# (issue 23). 16 is more than a developer's machine runs, and 64 addresses are needed to fill the
+# server; an office behind one NAT can raise it (--max-tunnels-per-address).
+MAX_TUNNELS_PER_ADDRESS = 16
 # A tunnel name is one DNS label in lower case: it becomes NAME.<domain> in the users' URL.
 NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 # The two kinds of tunnel: HTTP users routed by name, or a TCP port of the tunnel's own.

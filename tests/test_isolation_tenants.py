@@ -20,27 +20,40 @@ import contextlib
 import importlib
 import logging
 import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import pytest
 from hardening import HARDENED, stage_module
 
+import tls_certs
 from support import (
     STEP_TIMEOUT,
     Background,
     CliProcess,
     EchoServer,
+    LocalServer,
+    accepted,
     any_ports,
     client_flags,
     client_options,
     client_ports,
     control_connection,
     exchange,
+    has_proxy_port,
+    has_tls,
     hello,
+    open_connection,
+    pattern_bytes,
     port_roles,
     server_flags,
     server_options,
+    sha256,
+    until_logged,
+    usage_error,
     users_port,
 )
 
@@ -65,12 +78,13 @@ class Cable(contextlib.AbstractAsyncContextManager["Cable"]):
     """A TCP cable from a client to the server's control port, which the test can cut (a network outage).
 
     Every connection through it is relayed byte for byte (TLS too); `cut()` resets them all, as a
-    router that reboots does to both ends. New connections are relayed again after a cut.
+    router that reboots does to both ends. While `down`, new connections are reset at once (an outage).
     """
 
     def __init__(self, target: int) -> None:
         self.target = target
         self.port = 0
+        self.down = False
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -95,17 +109,19 @@ class Cable(contextlib.AbstractAsyncContextManager["Cable"]):
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        ends = [writer]
         self._writers.add(writer)
         try:
+            if self.down:
+                return  # reset: nothing gets through an outage
             far_reader, far_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers.add(far_writer)
-        try:
+            ends.append(far_writer)
+            self._writers.add(far_writer)
             await asyncio.gather(pipe(reader, far_writer), pipe(far_reader, writer))
+        except OSError:
+            pass
         finally:
-            for end in (writer, far_writer):
+            for end in ends:
                 end.transport.abort()
                 self._writers.discard(end)
             self._tasks.discard(task)
@@ -122,6 +138,16 @@ async def up(client: Any, running: Background) -> None:
     if running.task.done():
         raise AssertionError(f"the client gave up: {running.task.exception()!r}")
     assert client.connected.is_set(), f"the client did not get in within {STEP_TIMEOUT:g}s"
+
+
+async def served(port: int, payload: bytes) -> None:
+    """Wait (bounded) until a user's bytes make the round trip through the tunnel's echo app again."""
+    async with asyncio.timeout(STEP_TIMEOUT):
+        while True:
+            with contextlib.suppress(OSError):
+                if await exchange(port, payload) == payload:
+                    return
+            await asyncio.sleep(0.05)  # the client is reconnecting: users get a page or a reset meanwhile
 
 
 async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -221,11 +247,9 @@ async def test_a_connected_client_that_must_reconnect_gets_back_in_whatever_a_st
             failures = stage_module(stage, "auth").MAX_FAILURES
             await guess_wrong(stage, ports.control, failures)
             cable.cut()  # the client's connection is lost: it must reconnect, from the guesser's address
-            async with asyncio.timeout(STEP_TIMEOUT):
-                while client.connected.is_set():  # noqa: ASYNC110 (the client's state: no event for "lost")
-                    await asyncio.sleep(0.01)
-            await up(client, running)
-            assert await exchange(public, b"after") == b"after"
+            await until_logged(caplog, r"reconnecting in")
+            await served(public, b"after")
+            assert running.task is not None and not running.task.done(), "the client gave up"
             # The throttle still holds for the stranger: the client passed by its session, not by luck.
             assert "not now" in (await guess_wrong(stage, ports.control, 1))[0]
 
@@ -251,3 +275,434 @@ async def test_a_wrong_secret_of_the_client_itself_is_still_final_in_one_line(
 def stage(request: pytest.FixtureRequest) -> str:
     """Every stage with auth (4-7); the sections below narrow it where a hole needs more of the stage."""
     return str(request.param)
+
+
+# --- name squatting (stages 6, 7) -----------------------------------------------------------------
+
+NAMED = tuple(stage for stage in HARDENED if has_tls(stage))
+
+
+@pytest.fixture(params=NAMED)
+def named(request: pytest.FixtureRequest) -> str:
+    """The stages whose server holds many tunnels, by name (or TCP port)."""
+    return str(request.param)
+
+
+async def ask(stage: str, control_port: int, tunnel: str | None, secret: str | None, source: str = "127.0.0.1") -> str:
+    """Ask for HTTP tunnel `tunnel` by hand from the address `source`, then hang up: what the server said.
+
+    'welcome NAME', or the error the stage's client would raise ('the server says not now: ...').
+    """
+    protocol_module, auth = protocol(stage), stage_module(stage, "auth")
+    async with asyncio.timeout(STEP_TIMEOUT):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", control_port, ssl=tls_certs.client_context(), local_addr=(source, 0)
+        )
+    try:
+        async with asyncio.timeout(STEP_TIMEOUT):
+            welcome = await auth.client_handshake(reader, writer, secret, protocol_module.Hello("http", tunnel))
+        return f"welcome {welcome.tunnel}"
+    except protocol_module.TunnelError as exc:
+        return str(exc)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("secret", [None, SECRET], ids=["no secret", "a tenant with the secret"])
+async def test_one_address_holds_a_bounded_number_of_names_even_holding_no_connection(
+    named: str, secret: str | None
+) -> None:
+    """Issue 23: connecting and leaving, one address took all 1024 names in 1.5 s (2.6 s with the secret)."""
+    server = stage_module(named, "server").Server(secret=secret, **server_options(named))
+    ports = await server.listen("127.0.0.1", 0, 0)
+    bound = protocol(named).MAX_TUNNELS_PER_ADDRESS
+    async with Background(server.serve()):
+        answers = [await ask(named, ports.control, f"squat{n}", secret) for n in range(bound + 1)]
+        assert answers[:bound] == [f"welcome squat{n}" for n in range(bound)]  # kept for their (gone) client
+        assert answers[bound] == f"the server says not now: 127.0.0.1 holds {bound} tunnels on this server, " + (
+            "the most one address may"
+        )
+        # Another address is not held back by that one: it still gets a name.
+        assert await ask(named, ports.control, "legit", secret, source="127.0.0.2") == "welcome legit"
+        assert len(server.tunnels()) == bound + 1
+
+
+async def test_a_client_behind_a_squatters_address_waits_for_a_kept_tunnel_to_end_instead_of_giving_up(
+    named: str,
+) -> None:
+    """The per-address bound says `busy`: the address may be a NAT shared with the squatter, whose kept
+    tunnels end with their window; a correctly configured client behind it retries, and gets in."""
+    server = stage_module(named, "server").Server(secret=SECRET, resume_window=1.0, **server_options(named))
+    ports = await server.listen("127.0.0.1", 0, 0)
+    bound = protocol(named).MAX_TUNNELS_PER_ADDRESS
+    async with Background(server.serve()), EchoServer() as app:
+        for n in range(bound):
+            assert await ask(named, ports.control, f"squat{n}", SECRET) == f"welcome squat{n}"
+        client = stage_module(named, "client").Client(
+            ("127.0.0.1", app.port), "127.0.0.1", ports.control, secret=SECRET, max_backoff=0.2,
+            **client_options(named),
+        )  # fmt: skip
+        async with Background(client.run()) as running:
+            await up(client, running)
+            assert await exchange(await users_port(ports, client), b"in") == b"in"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_a_client_away_longer_than_a_heartbeat_and_half_a_minute_gets_its_name_back_not_a_squatter(
+    named: str,
+) -> None:
+    """Issue 23: a client away 45 s (heartbeat timeout + a 30 s resume window) lost its name to a squatter,
+    and exited 1 when it came back. With the server's defaults, the name now waits for its client.
+
+    The link is cut at once here (both ends see a reset), so the server keeps the tunnel from the first
+    second: 32 s away is past the old window. A squatter, a tenant with the secret, asks every second."""
+    away = 32.0
+    server = stage_module(named, "server").Server(secret=SECRET, **server_options(named))
+    ports = await server.listen("127.0.0.1", 0, 0)
+    async with Background(server.serve()), EchoServer() as app, Cable(ports.control) as cable:
+        client = stage_module(named, "client").Client(
+            ("127.0.0.1", app.port), "127.0.0.1", cable.port, secret=SECRET, max_backoff=1.0, name="myapp",
+            **{**client_options(named), "tcp": False},
+        )  # fmt: skip
+        async with Background(client.run()) as running:
+            await up(client, running)
+            session_id = client.session_id
+            cable.down = True
+            cable.cut()  # the client is away: its link is down, and stays down
+            started, answers = time.monotonic(), []
+            while time.monotonic() - started < away:
+                answers.append(await ask(named, ports.control, "myapp", SECRET))
+                if answers[-1].startswith("welcome"):
+                    break
+                await asyncio.sleep(1.0)
+            assert not any(answer.startswith("welcome") for answer in answers), f"a squatter got the name: {answers}"
+            assert re.search(r"the name 'myapp' is taken \(kept \d+s more for the client that held it\)", answers[-1])
+            cable.down = False  # back: the client reconnects with its session id
+            await served_by_name(ports.public, "myapp")
+            assert running.task is not None and not running.task.done(), "the client gave up"
+            assert client.session_id == session_id  # the same session: resumed, not a new one
+
+
+async def served_by_name(public_port: int, name: str) -> None:
+    """Wait (bounded) until a user of http://NAME.localhost/ reaches the tunnel's echo app."""
+    request = f"GET / HTTP/1.0\r\nHost: {name}.localhost:{public_port}\r\n\r\n".encode()
+    async with asyncio.timeout(STEP_TIMEOUT):
+        while True:
+            with contextlib.suppress(OSError):
+                if await exchange(public_port, request) == request:  # echoed: the app, not a 502 page
+                    return
+            await asyncio.sleep(0.05)
+
+
+async def test_the_bound_on_tunnels_per_address_is_an_option_checked_for_range(
+    named: str, cli: CliProcess.Factory
+) -> None:
+    """`--max-tunnels-per-address N`, from 1 to MAX_TUNNELS: an office behind one NAT may need more."""
+    command = ("-m", f"{named}.server", *server_flags(named))
+    most = protocol(named).MAX_TUNNELS
+    for wrong in ("0", str(most + 1), "-3", "many"):
+        error = await usage_error(cli, *command, "--max-tunnels-per-address", wrong)
+        assert f"expected a number from 1 to {most}, got {wrong!r}" in error
+    await accepted(cli, *command, "--max-tunnels-per-address", "64")
+
+
+# --- one tenant slows every tunnel: frames without data (stages 5-7) --------------------------------
+
+MULTIPLEXED = tuple(stage for stage in HARDENED if not has_proxy_port(stage))
+FLOOD = 200_000  # PING|ACK frames (3.6 MB): a flood the server cuts after about a thousand
+BATCH = 2_000
+
+
+@pytest.fixture(params=MULTIPLEXED)
+def muxed(request: pytest.FixtureRequest) -> str:
+    """The stages that carry every user over the client's one connection, as frames."""
+    return str(request.param)
+
+
+@dataclass
+class Flood:
+    """What a peer that floods frames without data saw: frames sent, whether the server cut it, and why."""
+
+    sent: int
+    cut: bool
+    reason: str
+
+
+async def flood_pings(stage: str, control_port: int) -> Flood:
+    """Get in as a client (with the secret), then send PING|ACK frames nobody asked for, as fast as the socket
+    takes them: up to FLOOD, or until the server closes the connection."""
+    frames = stage_module(stage, "frames")
+    reader, writer = await control_connection(stage, control_port)
+    async with asyncio.timeout(STEP_TIMEOUT):
+        await stage_module(stage, "auth").client_handshake(reader, writer, SECRET, hello(stage))
+    received = asyncio.ensure_future(read_until_closed(reader))
+    batch = frames.encode(frames.PING, frames.ACK, 0, bytes(frames.PING_SIZE)) * BATCH
+    sent = 0
+    try:
+        async with asyncio.timeout(STEP_TIMEOUT):
+            while sent < FLOOD and not received.done():
+                writer.write(batch)
+                await writer.drain()
+                sent += BATCH
+            with contextlib.suppress(TimeoutError):  # a server that took it all may still cut it: a moment
+                await asyncio.wait_for(asyncio.shield(received), 1.0)
+    except OSError:
+        pass  # reset while we were still writing: cut
+    finally:
+        writer.transport.abort()
+    cut = received.done()
+    data = await received if cut else b""
+    received.cancel()
+    go_away = data.find(bytes([frames.GO_AWAY]) + bytes(5))  # type GO_AWAY, no flags, stream 0
+    reason = data[go_away + frames.HEADER_SIZE :].decode("ascii", "replace") if go_away >= 0 else ""
+    return Flood(sent, cut, reason)
+
+
+async def round_trip(port: int, data: bytes) -> bytes:
+    """Send `data` through an echo while reading the echo back (writing it all first would deadlock on
+    megabytes: the echo stops reading while nobody reads its answer), then half-close; return what came back."""
+    reader, writer = await open_connection(port)
+
+    async def send() -> None:
+        writer.write(data)
+        await writer.drain()
+        writer.write_eof()
+
+    try:
+        async with asyncio.timeout(STEP_TIMEOUT * 3):
+            _, echoed = await asyncio.gather(send(), reader.read())
+        return echoed
+    finally:
+        writer.close()
+
+
+async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
+    """Everything the server sends until it closes the connection (EOF or reset)."""
+    data = bytearray()
+    with contextlib.suppress(OSError):
+        while chunk := await reader.read(64 * 1024):
+            data += chunk
+    return bytes(data)
+
+
+async def test_a_peer_flooding_frames_without_data_is_cut_with_one_log_line(
+    muxed: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 23: a client flooding PING|ACK (parsed, never limited) took the server to 100 % CPU."""
+    server = stage_module(muxed, "server").Server(secret=SECRET, **server_options(muxed))
+    ports = await server.listen("127.0.0.1", *any_ports(muxed))
+    async with Background(server.serve()):
+        flood = await flood_pings(muxed, ports.control)
+        assert flood.cut, f"the server took {flood.sent} PING|ACK frames and kept the connection"
+        assert flood.reason == "the client sends more frames without data than ours call for (a flood)"
+        await until_logged(caplog, r"a flood\); closing")
+        assert len(re.findall(r"a flood", caplog.text)) == 1, caplog.text
+
+
+async def test_another_tunnel_serves_on_while_a_tenant_floods(named: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Two tenants: one floods, the other's users are served all along, and its client is never cut."""
+    server = stage_module(named, "server").Server(secret=SECRET, **server_options(named))
+    ports = await server.listen("127.0.0.1", 0, 0)
+    async with Background(server.serve()), EchoServer() as app:
+        client = stage_module(named, "client").Client(
+            ("127.0.0.1", app.port), "127.0.0.1", ports.control, secret=SECRET, **client_options(named)
+        )
+        async with Background(client.run()) as running:
+            await up(client, running)
+            public = await users_port(ports, client)
+            flooding = asyncio.ensure_future(flood_pings(named, ports.control))
+            while not flooding.done():
+                assert await exchange(public, b"served") == b"served"
+            assert (await flooding).cut
+            assert await exchange(public, b"after") == b"after"
+    assert "reconnecting" not in caplog.text
+
+
+async def test_what_a_real_client_sends_is_covered_by_what_the_servers_frames_call_for(
+    muxed: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The budget follows the work, not the clock: with almost no slack left (a burst of 10, 1 a second),
+    16 MiB each way (a WINDOW per 256 KiB) and 1500 users in bursts of 100 (an ACK and a FIN each) never
+    make either side cut the other. A budget that counted only time would cut this client."""
+    mux = stage_module(muxed, "mux")
+    monkeypatch.setattr(mux, "CONTROL_BURST", 10)
+    monkeypatch.setattr(mux, "CONTROL_RATE", 1)
+    server = stage_module(muxed, "server").Server(secret=SECRET, **server_options(muxed))
+    ports = await server.listen("127.0.0.1", *any_ports(muxed))
+    async with Background(server.serve()), EchoServer() as app:
+        client = stage_module(muxed, "client").Client(
+            ("127.0.0.1", app.port), "127.0.0.1", ports.control, secret=SECRET, **client_options(muxed)
+        )
+        async with Background(client.run()) as running:
+            await up(client, running)
+            public = await users_port(ports, client)
+            bulk = pattern_bytes(16 * 1024 * 1024)  # first, on a fresh connection: 64 WINDOWs each way
+            assert sha256(await round_trip(public, bulk)) == sha256(bulk)
+            for burst in range(15):
+                payloads = [f"user {burst}-{n}".encode() for n in range(100)]
+                assert await asyncio.gather(*(exchange(public, payload) for payload in payloads)) == payloads
+    assert "a flood" not in caplog.text and "reconnecting" not in caplog.text
+
+
+# --- one source fills a tunnel's streams (stages 5-7) ---------------------------------------------
+
+SLOW = 2.5  # seconds the app takes to answer GET /slow: a long poll, longer than the tests' keep-alive timeout
+
+
+class KeepAliveApp(LocalServer):
+    """A local HTTP/1.1 app that answers every request of a connection and keeps it open; /slow answers late."""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                if head.startswith(b"GET /slow "):
+                    await asyncio.sleep(SLOW)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+
+@dataclass(frozen=True)
+class HttpTunnel:
+    """Where the users of an HTTP tunnel go: the public port, and the Host header that names the tunnel."""
+
+    port: int
+    host: str
+
+
+@contextlib.asynccontextmanager
+async def http_tunnel(stage: str, local_port: int, **server: Any) -> AsyncIterator[HttpTunnel]:
+    """The stage's server and client in this process, with an HTTP tunnel to `local_port`: the public port
+    of stage 5, or a named tunnel from stage 6 on (users name it in their Host header)."""
+    tunnel_server = stage_module(stage, "server").Server(secret=SECRET, **server, **server_options(stage))
+    ports = await tunnel_server.listen("127.0.0.1", *any_ports(stage))
+    named = {"name": "app", "tcp": False} if has_tls(stage) else {}
+    client = stage_module(stage, "client").Client(
+        ("127.0.0.1", local_port), "127.0.0.1", ports.control, secret=SECRET, **{**client_options(stage), **named}
+    )
+    async with Background(tunnel_server.serve()), Background(client.run()) as running:
+        await up(client, running)
+        yield HttpTunnel(ports.public, f"app.localhost:{ports.public}" if named else "localhost")
+
+
+async def get_kept_alive(
+    tunnel: HttpTunnel, path: str = "/", source: str = "127.0.0.1"
+) -> tuple[int, bytes, asyncio.StreamReader, asyncio.StreamWriter]:
+    """An HTTP/1.1 GET from `source` that keeps its connection: (status, body, and the open connection)."""
+    async with asyncio.timeout(STEP_TIMEOUT):
+        reader, writer = await asyncio.open_connection("127.0.0.1", tunnel.port, local_addr=(source, 0))
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {tunnel.host}\r\n\r\n".encode())
+    try:
+        async with asyncio.timeout(STEP_TIMEOUT):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)
+            body = await reader.readexactly(int(length[1])) if length else await reader.read()
+    except (OSError, asyncio.IncompleteReadError):
+        writer.close()
+        return 0, b"", reader, writer
+    return int(head.split(b" ", 2)[1]), body, reader, writer
+
+
+async def test_one_source_holds_at_most_its_share_of_a_tunnels_streams(muxed: str) -> None:
+    """Issue 23: one source opened 4200 kept-alive connections in 2.3 s, held all 4096 streams of the tunnel,
+    and every later user got a 502 for the 600 s idle timeout. Here it gets its share; the rest a 503."""
+    bound = protocol(muxed).MAX_STREAMS_PER_ADDRESS
+    async with KeepAliveApp() as app, http_tunnel(muxed, app.port) as tunnel:
+        gate, held = asyncio.Semaphore(64), []
+
+        async def flood() -> tuple[int, bytes]:
+            async with gate:
+                status, body, _, writer = await get_kept_alive(tunnel)
+            if status == 200:
+                held.append(writer)  # kept open: a kept-alive connection holds its stream
+            else:
+                writer.close()
+            return status, body
+
+        try:
+            answers = await asyncio.gather(*(flood() for _ in range(bound + 8)))
+            statuses = sorted(status for status, _ in answers)
+            assert statuses == [200] * bound + [503] * 8, f"{statuses.count(200)} held, {statuses.count(503)} refused"
+            refusals = [body for status, body in answers if status == 503]
+            assert all(b"too many connections from 127.0.0.1 at once" in body for body in refusals)
+            # Any other address still gets in, and the flooding one again once it closes some.
+            status, _, _, writer = await get_kept_alive(tunnel, source="127.0.0.2")
+            writer.close()
+            assert status == 200
+            for writer in held[:8]:
+                writer.transport.abort()
+            async with asyncio.timeout(STEP_TIMEOUT):
+                while True:  # the share comes back as the server sees those connections end
+                    status, _, _, writer = await get_kept_alive(tunnel)
+                    writer.close()
+                    if status == 200:
+                        break
+        finally:
+            for writer in held:
+                writer.transport.abort()
+
+
+async def test_a_user_silent_after_its_answer_is_closed_after_the_keepalive_timeout_but_a_long_poll_is_not(
+    muxed: str,
+) -> None:
+    """nginx's keepalive_timeout: a kept-alive connection whose answer came, silent for it, is closed; one still
+    waiting for its answer (a long poll, here SLOW s) keeps the idle timeout (600 s)."""
+    keepalive = 1.0
+    async with KeepAliveApp() as app, http_tunnel(muxed, app.port, keepalive_timeout=keepalive) as tunnel:
+
+        async def silent_after_answer(path: str) -> tuple[int, float, float]:
+            started = time.monotonic()
+            status, _, reader, writer = await get_kept_alive(tunnel, path)
+            answered = time.monotonic()
+            try:
+                async with asyncio.timeout(STEP_TIMEOUT):  # then say nothing, and see when the tunnel closes it
+                    with contextlib.suppress(OSError):
+                        await reader.read()
+            finally:
+                writer.close()
+            return status, answered - started, time.monotonic() - answered
+
+        (status, _, idle), (slow_status, waited, slow_idle) = await asyncio.gather(
+            silent_after_answer("/"), silent_after_answer("/slow")
+        )
+    assert status == 200 and keepalive * 0.8 <= idle < STEP_TIMEOUT, idle
+    assert slow_status == 200 and waited >= SLOW, f"the long poll was cut after {waited:.2f} s"
+    assert keepalive * 0.8 <= slow_idle < STEP_TIMEOUT, slow_idle
+
+
+async def test_a_tcp_tunnels_user_is_not_closed_by_the_keepalive_timeout(named: str) -> None:
+    """The keep-alive timeout is HTTP's: a TCP tunnel's user (an ssh session) may stay quiet for minutes."""
+    server = stage_module(named, "server").Server(secret=SECRET, keepalive_timeout=0.5, **server_options(named))
+    ports = await server.listen("127.0.0.1", 0, 0)
+    async with Background(server.serve()), EchoServer() as app:
+        client = stage_module(named, "client").Client(
+            ("127.0.0.1", app.port), "127.0.0.1", ports.control, secret=SECRET, **client_options(named)
+        )
+        async with Background(client.run()) as running:
+            await up(client, running)
+            reader, writer = await open_connection(await users_port(ports, client))
+            try:
+                for word in (b"hello", b"still here"):
+                    writer.write(word)
+                    async with asyncio.timeout(STEP_TIMEOUT):
+                        assert await reader.readexactly(len(word)) == word
+                    await asyncio.sleep(1.5)  # three keep-alive timeouts of silence, after an answer
+            finally:
+                writer.close()
+
+
+async def test_the_stream_bounds_are_options_checked_for_range(muxed: str, cli: CliProcess.Factory) -> None:
+    """`--max-streams-per-address N` (1 to MAX_STREAMS) and `--keepalive-timeout SECONDS` (above 0)."""
+    command = ("-m", f"{muxed}.server", *server_flags(muxed))
+    most = protocol(muxed).MAX_STREAMS
+    for wrong in ("0", str(most + 1), "-1", "all"):
+        error = await usage_error(cli, *command, "--max-streams-per-address", wrong)
+        assert f"expected a number from 1 to {most}, got {wrong!r}" in error
+    for wrong in ("0", "-75", "inf", "soon"):
+        error = await usage_error(cli, *command, "--keepalive-timeout", wrong)
+        assert f"expected a number of seconds above 0, got {wrong!r}" in error
+    await accepted(cli, *command, "--max-streams-per-address", "1024", "--keepalive-timeout", "30")
