@@ -17,19 +17,29 @@ the command line), on 127.0.0.1; the multiplexed stages' floods also cross a sha
 
 import asyncio
 import contextlib
+import functools
 import importlib
+import json
 import logging
+import os
 import re
+import secrets
+import ssl
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import link_lab
 import pytest
 from hardening import HARDENED, stage_module
+from link_lab import SERVER_IP
 
 import tls_certs
+from nat_lab import APP_PORT, CONTROL_PORT, PUBLIC_PORT
 from support import (
     STEP_TIMEOUT,
     Background,
@@ -52,6 +62,7 @@ from support import (
     server_flags,
     server_options,
     sha256,
+    tls_flags,
     until_logged,
     usage_error,
     users_port,
@@ -410,6 +421,8 @@ async def test_the_bound_on_tunnels_per_address_is_an_option_checked_for_range(
 # --- one tenant slows every tunnel: frames without data (stages 5-7) --------------------------------
 
 MULTIPLEXED = tuple(stage for stage in HARDENED if not has_proxy_port(stage))
+# What the server says (GO_AWAY) to a peer it cuts for a flood.
+FLOODED = "the client sends more frames without data than ours call for (a flood)"
 FLOOD = 200_000  # PING|ACK frames (3.6 MB): a flood the server cuts after about a thousand
 BATCH = 2_000
 
@@ -429,30 +442,32 @@ class Flood:
     reason: str
 
 
-async def flood_pings(stage: str, control_port: int) -> Flood:
+Connect = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+
+async def flood_pings(stage: str, connect: Connect, secret: str = SECRET) -> Flood:
     """Get in as a client (with the secret), then send PING|ACK frames nobody asked for, as fast as the socket
     takes them: up to FLOOD, or until the server closes the connection."""
     frames = stage_module(stage, "frames")
-    reader, writer = await control_connection(stage, control_port)
+    reader, writer = await connect()
     async with asyncio.timeout(STEP_TIMEOUT):
-        await stage_module(stage, "auth").client_handshake(reader, writer, SECRET, hello(stage))
+        await stage_module(stage, "auth").client_handshake(reader, writer, secret, hello(stage))
     received = asyncio.ensure_future(read_until_closed(reader))
     batch = frames.encode(frames.PING, frames.ACK, 0, bytes(frames.PING_SIZE)) * BATCH
-    sent = 0
+    sent, reset = 0, False
     try:
         async with asyncio.timeout(STEP_TIMEOUT):
             while sent < FLOOD and not received.done():
                 writer.write(batch)
                 await writer.drain()
                 sent += BATCH
-            with contextlib.suppress(TimeoutError):  # a server that took it all may still cut it: a moment
-                await asyncio.wait_for(asyncio.shield(received), 1.0)
     except OSError:
-        pass  # reset while we were still writing: cut
-    finally:
-        writer.transport.abort()
-    cut = received.done()
-    data = await received if cut else b""
+        reset = True  # reset while we were still writing: cut
+    with contextlib.suppress(TimeoutError):  # a server that took it all may still cut it: a moment
+        await asyncio.wait_for(asyncio.shield(received), 1.0)
+    writer.transport.abort()
+    cut = reset or received.done()
+    data = received.result() if received.done() else b""
     received.cancel()
     go_away = data.find(bytes([frames.GO_AWAY]) + bytes(5))  # type GO_AWAY, no flags, stream 0
     reason = data[go_away + frames.HEADER_SIZE :].decode("ascii", "replace") if go_away >= 0 else ""
@@ -493,9 +508,9 @@ async def test_a_peer_flooding_frames_without_data_is_cut_with_one_log_line(
     server = stage_module(muxed, "server").Server(secret=SECRET, **server_options(muxed))
     ports = await server.listen("127.0.0.1", *any_ports(muxed))
     async with Background(server.serve()):
-        flood = await flood_pings(muxed, ports.control)
+        flood = await flood_pings(muxed, functools.partial(control_connection, muxed, ports.control))
         assert flood.cut, f"the server took {flood.sent} PING|ACK frames and kept the connection"
-        assert flood.reason == "the client sends more frames without data than ours call for (a flood)"
+        assert flood.reason == FLOODED
         await until_logged(caplog, r"a flood\); closing")
         assert len(re.findall(r"a flood", caplog.text)) == 1, caplog.text
 
@@ -511,7 +526,8 @@ async def test_another_tunnel_serves_on_while_a_tenant_floods(named: str, caplog
         async with Background(client.run()) as running:
             await up(client, running)
             public = await users_port(ports, client)
-            flooding = asyncio.ensure_future(flood_pings(named, ports.control))
+            connect = functools.partial(control_connection, named, ports.control)
+            flooding = asyncio.ensure_future(flood_pings(named, connect))
             while not flooding.done():
                 assert await exchange(public, b"served") == b"served"
             assert (await flooding).cut
@@ -706,3 +722,110 @@ async def test_the_stream_bounds_are_options_checked_for_range(muxed: str, cli: 
         error = await usage_error(cli, *command, "--keepalive-timeout", wrong)
         assert f"expected a number of seconds above 0, got {wrong!r}" in error
     await accepted(cli, *command, "--max-streams-per-address", "1024", "--keepalive-timeout", "30")
+
+
+# --- the floods on a shaped link (link_lab.py) ----------------------------------------------------
+
+HERE = Path(__file__).resolve()
+LAB_REASON = link_lab.probe()
+LINK_FLOODS = 10  # times the flooder gets in and floods, each cut
+LINK_SIZE = 64 * 1024 * 1024  # what the other tunnel moves meanwhile: ~2 s of the link
+
+
+async def start_lab_tunnel(lab: link_lab.LinkLab, stage: str, env: dict[str, str]) -> tuple[Any, Any, int]:
+    """The stage's server on the server host and its client at home (a TCP tunnel from stage 6 on); the port
+    its users connect to."""
+    ports = {role: port for role, port in (("control", CONTROL_PORT), ("public", PUBLIC_PORT))}
+    flags = [flag for role, port in ports.items() for flag in (f"--{role}-port", str(port))] + tls_flags(stage)
+    server = await lab.start("server", "server", "-m", f"{stage}.server", "--host", SERVER_IP, *flags, env=env)
+    await server.expect(rf"public port listening on {re.escape(SERVER_IP)}:{PUBLIC_PORT}")
+    local = f"127.0.0.1:{APP_PORT}"
+    control = {"control": CONTROL_PORT}
+    client = await lab.start(
+        "home", "client", "-m", f"{stage}.client", local, SERVER_IP, *client_flags(stage, control), env=env
+    )
+    await client.expect(r"tunnel up")
+    if not has_tls(stage):
+        return server, client, PUBLIC_PORT
+    tunnel = re.search(r"tcp port listening on \S+:(\d+)", await server.expect(r"tcp port listening on"))
+    assert tunnel is not None
+    return server, client, int(tunnel[1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(LAB_REASON is not None, reason=f"link lab: {LAB_REASON}")
+@pytest.mark.timeout(120)
+async def test_on_a_shaped_link_a_flooding_tenant_is_cut_each_time_and_another_tunnel_moves_its_bytes(
+    muxed: str,
+) -> None:
+    """The flood crosses a real link (250 Mbit/s, link_lab.py) from a host that also runs a legitimate client
+    (stage 6 on: a TCP tunnel moving LINK_SIZE bytes to a user on the server host meanwhile). The flooder gets
+    in LINK_FLOODS times and is cut each time; the other tunnel's bytes all arrive and its client never
+    reconnects. (Stage 5 has one tunnel: there the flooder is its client.)"""
+    env = {"NGROK_SECRET": secrets.token_urlsafe(16)}
+    lines: list[str] = []
+    async with link_lab.LinkLab(say=lines.append) as lab:
+        others: list[Any] = []
+        if has_tls(muxed):
+            app = await lab.peer("home", "app", "--listen", f"127.0.0.1:{APP_PORT}", "--send", str(LINK_SIZE))
+            await app.expect("listening")
+            server, client, port = await start_lab_tunnel(lab, muxed, env)
+            user = await lab.peer("server", "user", "--connect", f"{SERVER_IP}:{port}", "--receive")
+            others = [app, user]
+        else:
+            ports = [f"--{role}-port" for role in ("control", "public")]
+            flags = [ports[0], str(CONTROL_PORT), ports[1], str(PUBLIC_PORT)]
+            server = await lab.start("server", "server", "-m", f"{muxed}.server", "--host", SERVER_IP, *flags, env=env)
+            await server.expect(rf"control port listening on {re.escape(SERVER_IP)}:{CONTROL_PORT}")
+        ca = str(tls_certs.certs().ca) if has_tls(muxed) else "-"
+        flooder = await lab.start(
+            "home", "flooder", str(HERE), "flood", muxed, SERVER_IP, str(CONTROL_PORT),
+            str(LINK_FLOODS), ca, env=env,
+        )  # fmt: skip
+        async with asyncio.timeout(90):
+            await asyncio.gather(*(process.process.wait() for process in (flooder, *others)))
+        for process in (flooder, *others):
+            await process.stop()  # exited: this reads the rest of its output
+        transcript = "\n".join(lines + [process.output for process in lab.processes])
+        results = [line for line in flooder.lines if line.startswith("{")]
+        assert results, transcript
+        floods = json.loads(results[-1])
+        assert floods["cuts"] == LINK_FLOODS, transcript
+        # The reason (GO_AWAY) may be lost: the flooder's bytes still unread when the server closes make
+        # its kernel answer with a reset. The log line is what counts.
+        assert set(floods["reasons"]) <= {FLOODED, ""}, transcript
+        assert sum("a flood); closing" in line for line in server.lines) == LINK_FLOODS, transcript
+        if others:
+            sent, received = (link_lab.result(process) for process in others)
+            assert received["received"] == LINK_SIZE and received["received_sha256"] == sent["sent_sha256"], transcript
+            assert not any("reconnecting" in line for line in client.lines), transcript
+
+
+def flood_main(argv: list[str]) -> int:
+    """python tests/test_isolation_tenants.py flood STAGE HOST PORT TIMES CA: the link test's flooding tenant.
+
+    Gets in TIMES times with $NGROK_SECRET (over TLS, trusting CA, from stage 6 on; CA '-' before) and floods
+    PING|ACK each time until the server cuts it. Prints one JSON line: the cuts, and the reasons the server gave.
+    """
+    stage, host, port, times, ca = argv[0], argv[1], int(argv[2]), int(argv[3]), argv[4]
+    context = ssl.create_default_context(cafile=ca) if ca != "-" else None
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        async with asyncio.timeout(STEP_TIMEOUT):
+            return await asyncio.open_connection(host, port, ssl=context)
+
+    async def floods() -> list[Flood]:
+        return [await flood_pings(stage, connect, os.environ["NGROK_SECRET"]) for _ in range(times)]
+
+    done = asyncio.run(floods())
+    reasons = sorted({flood.reason for flood in done})
+    print(json.dumps({"cuts": sum(flood.cut for flood in done), "reasons": reasons}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["flood"]:
+        sys.exit(
+            "usage: python tests/test_isolation_tenants.py flood STAGE HOST PORT TIMES CA (the link test's flooder)"
+        )
+    sys.exit(flood_main(sys.argv[2:]))
