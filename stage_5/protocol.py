@@ -80,7 +80,7 @@ class AuthError(Refused):
 
 
 class TryLater(TunnelError):
-    """The server said not now (a stranger guessed wrong from our address lately): retrying later will help."""
+    """The server said not now (our address guessed wrong too often lately): retrying later will help."""
 
 
 @dataclass(frozen=True)

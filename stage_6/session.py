@@ -85,7 +85,7 @@ class Sessions:
         except GoneAway as exc:  # the client stopped (Ctrl-C) and said so: it won't come back for its tunnel
             log.info("%s: %s", peer, exc)
             stopped = True
-        except TryLater as exc:  # a throttled address: not now, which is not never (see _screen)
+        except TryLater as exc:  # a throttled address, or one that holds its share: not now, which is not never
             log.warning("%s: %s; told to try later", peer, exc)
             await say_goodbye(reader, writer, str(exc), later=True)
         except TunnelError as exc:  # a wrong secret, a taken name, a bad frame
