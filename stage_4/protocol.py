@@ -11,7 +11,8 @@ A control connection starts with a handshake, then carries heartbeats and reques
     client: hello [<session_id>]      (the session id only when reconnecting)
     server: challenge <nonce>         (only if the server has a secret; see auth.py)
     client: auth <hmac>
-    server: welcome <session_id>      (or `error <reason>`, then the server hangs up)
+    server: welcome <session_id>      (or `error <reason>`, then the server hangs up; or
+                                      `busy <reason>`: not now, try again later)
     client: ping   server: pong       (every few seconds, so that both sides notice a dead peer)
 """
 
@@ -71,6 +72,10 @@ class AuthError(Refused):
     """The secrets don't match, or one side has none: fix the secret, retrying won't help."""
 
 
+class TryLater(TunnelError):
+    """The server said not now (our address guessed wrong too often lately): retrying later will help."""
+
+
 @dataclass(frozen=True)
 class Hello:
     """Client -> server, the first line of a control connection: `hello` or `hello <session_id>`."""
@@ -97,6 +102,17 @@ class Welcome:
     """Server -> client, the handshake succeeded: `welcome <session_id>`."""
 
     session_id: str
+
+
+@dataclass(frozen=True)
+class Busy:
+    """Server -> client instead of `welcome`, "not now, try again later": `busy <reason>`.
+
+    Where `error` means "this will never work" (a wrong secret), `busy` means the answer may change:
+    a client that gets it keeps retrying with its backoff instead of giving up.
+    """
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -153,7 +169,9 @@ class Error:
     reason: str
 
 
-Message = Hello | Challenge | Auth | Welcome | Ping | Pong | CreateProxy | Proxy | Ok | LocalError | ProxyError | Error
+Message = (
+    Hello | Challenge | Auth | Welcome | Busy | Ping | Pong | CreateProxy | Proxy | Ok | LocalError | ProxyError | Error
+)
 
 
 def encode(message: Message) -> bytes:
@@ -169,6 +187,8 @@ def encode(message: Message) -> bytes:
             return f"auth {digest}\n".encode()
         case Welcome(session_id):
             return f"welcome {session_id}\n".encode()
+        case Busy(reason):
+            return f"busy {reason}\n".encode()
         case Ping():
             return b"ping\n"
         case Pong():
@@ -210,6 +230,8 @@ def decode(line: bytes) -> Message:
             return Auth(digest)
         case "welcome", session_id if is_token(session_id):
             return Welcome(session_id)
+        case "busy", reason if reason:
+            return Busy(reason)
         case "ping", "":
             return Ping()
         case "pong", "":
@@ -265,10 +287,12 @@ async def write_message(writer: asyncio.StreamWriter, message: Message) -> None:
     await writer.drain()
 
 
-async def say_goodbye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str) -> None:
-    """Send `error <reason>` in a way the peer really gets to read it (the caller then closes)."""
+async def say_goodbye(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str, later: bool = False
+) -> None:
+    """Send `error <reason>` (`busy <reason>` if `later`) so that the peer gets to read it (the caller then closes)."""
     with contextlib.suppress(OSError):  # the peer may be gone already
-        await write_message(writer, Error(reason))
+        await write_message(writer, Busy(reason) if later else Error(reason))
     await linger(reader, writer)
 
 

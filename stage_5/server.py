@@ -15,12 +15,13 @@ import os
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from . import auth, limits, pages
-from .cli import listen_port, positive_seconds
+from .cli import count, listen_port, positive_seconds
 from .limits import Listener
 from .protocol import (
     CONTROL_PORT,
@@ -28,6 +29,9 @@ from .protocol import (
     HALF_CLOSED_TIMEOUT,
     HEARTBEAT_TIMEOUT,
     IDLE_TIMEOUT,
+    KEEPALIVE_TIMEOUT,
+    MAX_STREAMS,
+    MAX_STREAMS_PER_ADDRESS,
     MAX_WAITING,
     NETWORK_TIMEOUT,
     PROXY_TIMEOUT,
@@ -65,10 +69,15 @@ class Server:
         max_waiting: int = MAX_WAITING,
         idle_timeout: float = IDLE_TIMEOUT,
         half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        max_streams_per_address: int = MAX_STREAMS_PER_ADDRESS,
     ) -> None:
         self.proxy_timeout = proxy_timeout  # a user waits this long for the client to accept its stream
-        self.timeouts = Timeouts(idle_timeout, half_closed_timeout)  # for silent streams: see relay.py
+        # For silent streams, and for users silent after their answer: see relay.py.
+        self.timeouts = Timeouts(idle_timeout, half_closed_timeout, keepalive_timeout)
         self.max_waiting = max_waiting
+        self.max_streams_per_address = max_streams_per_address
+        self.streams_from: Counter[str] = Counter()  # the users' streams open now, per source address
         self.waiting = 0  # users whose stream the client has not accepted yet
         self._listeners: list[Listener] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -166,6 +175,13 @@ class Server:
         if self.waiting >= self.max_waiting:  # bounded: a flood of users must not pile up here
             await self._refuse(stream, peer, 503, "too many users are waiting; try again soon")
             return
+        source = auth.source(stream.transport.get_extra_info("peername")[0])
+        if self.streams_from[source] >= self.max_streams_per_address:
+            # A share of the tunnel per source: one script (or one crowd behind a NAT) must not take
+            # every stream and leave every other user a 502.
+            await self._refuse(stream, peer, 503, f"too many connections from {source} at once; close some first")
+            return
+        hold(self.streams_from, source, stream.closed)
         # Open at once, and send the user's first bytes right behind the SYN, within the stream's
         # first window: no round trip to wait for (stage 4 waited for a whole proxy connection).
         stream_id = mux.open(stream)
@@ -199,6 +215,18 @@ class Server:
     async def _refuse(stream: Stream, who: str, status: int, cause: str) -> None:
         sent = await pages.refuse(stream, status, cause)
         log.warning("%s: %s; %s", who, pages.printable(cause.encode()), f"sent a {status} page" if sent else "closed")
+
+
+def hold(counts: Counter[str], source: str, until: asyncio.Future[None]) -> None:
+    """Count one more stream for `source`, until `until` (the stream's `closed`) is done."""
+    counts[source] += 1
+
+    def release(_: asyncio.Future[None]) -> None:
+        counts[source] -= 1
+        if not counts[source]:
+            del counts[source]  # the sources connected now, not every source ever seen
+
+    until.add_done_callback(release)
 
 
 def peername(transport: asyncio.BaseTransport) -> str:
@@ -246,6 +274,7 @@ def main() -> None:
         ("heartbeat-timeout", HEARTBEAT_TIMEOUT, "silence after which the client counts as gone"),
         ("idle-timeout", IDLE_TIMEOUT, "close a user's stream after this long with no byte either way"),
         ("half-closed-timeout", HALF_CLOSED_TIMEOUT, "close a half-closed stream after this long silent"),
+        ("keepalive-timeout", KEEPALIVE_TIMEOUT, "close an HTTP user's connection silent this long after its answer"),
     ):
         parser.add_argument(
             f"--{flag}",
@@ -254,6 +283,13 @@ def main() -> None:
             metavar="SECONDS",
             help=f"{what} (default: %(default)s)",
         )
+    parser.add_argument(
+        "--max-streams-per-address",
+        type=count(1, MAX_STREAMS),
+        default=MAX_STREAMS_PER_ADDRESS,
+        metavar="N",
+        help="the most connections one address (an IPv6 /64) may have open to a tunnel (default: %(default)s)",
+    )
     parser.add_argument(
         "--secret",
         default=os.environ.get("NGROK_SECRET"),
@@ -272,6 +308,8 @@ def main() -> None:
             "heartbeat_timeout": args.heartbeat_timeout,
             "idle_timeout": args.idle_timeout,
             "half_closed_timeout": args.half_closed_timeout,
+            "keepalive_timeout": args.keepalive_timeout,
+            "max_streams_per_address": args.max_streams_per_address,
         }
         asyncio.run(run(args.host, ports, **options))
     except TunnelError as exc:

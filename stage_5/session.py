@@ -3,7 +3,9 @@
 Stage 4's control connection, which now carries everything: after the handshake, this module
 runs a Mux on it (mux.py), and the server opens a stream on it for each user.
 
-- Auth: only a client that knows the secret gets in (the handshake is in auth.py).
+- Auth: only a client that knows the secret gets in (the handshake is in auth.py). An address
+  that guessed wrong too often is told `busy`, unless its hello brings a session id we gave out:
+  a stranger behind our client's NAT must not keep our client out.
 - One tunnel, never locked out: a second client is refused while one is connected, but the
   *same* client coming back (it presents the session id we gave it) takes over at once. Its
   old connection may still look alive to us: a laptop whose Wi-Fi dropped sends no FIN.
@@ -14,6 +16,7 @@ runs a Mux on it (mux.py), and the server opens a stream on it for each user.
 """
 
 import asyncio
+import functools
 import logging
 import secrets
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ from .protocol import (
     AuthError,
     Hello,
     Refused,
+    TryLater,
     TunnelError,
     Welcome,
     say_goodbye,
@@ -60,6 +64,9 @@ class Sessions:
         self.heartbeat_timeout = heartbeat_timeout
         self.current: Session | None = None
         self.throttle = auth.Throttle()  # slows down anyone guessing the secret
+        # The id of the last session we gave out, even once its connection is gone: presenting it
+        # proves that a client got in before (128 random bits can't be guessed), so it is not throttled.
+        self.known: str | None = None
 
     @property
     def mux(self) -> Mux | None:
@@ -72,8 +79,8 @@ class Sessions:
         peer, session, mux = f"{host}:{port}", None, None
         # --8<-- [start:handshake]
         try:
-            self.throttle.check(host)  # an address that guessed wrong too often is not even challenged
-            hello = await auth.server_handshake(reader, writer, self.secret, self.handshake_timeout)
+            screen = functools.partial(self._screen, host)  # the throttle, once the hello is read
+            hello = await auth.server_handshake(reader, writer, self.secret, self.handshake_timeout, screen)
             session = self._admit(hello, peer, writer)
             # The welcome is the last line: from here on, both sides speak frames (frames.py).
             mux = Mux(reader, writer, peer="the client", heartbeat_timeout=self.heartbeat_timeout)
@@ -81,6 +88,9 @@ class Sessions:
             # --8<-- [end:handshake]
             session.mux = mux
             await mux.run()  # until the client leaves, falls silent or breaks the protocol
+        except TryLater as exc:  # a throttled address: not now, which is not never (see _screen)
+            log.warning("%s: %s; told to try later", peer, exc)
+            await say_goodbye(reader, writer, str(exc), later=True)
         except TunnelError as exc:  # a wrong secret, a second client, a bad frame
             if isinstance(exc, AuthError):
                 self.throttle.failed(host)
@@ -103,6 +113,15 @@ class Sessions:
                 log.info("%s: tunnel connection closed; the tunnel is free", peer)
             writer.close()
 
+    # --8<-- [start:screen]
+    def _screen(self, host: str, hello: Hello) -> None:
+        """Before the challenge: turn away (TryLater) an address that guessed wrong too often."""
+        # ...unless the hello brings the id of a session we gave out: its client knew the secret,
+        # and must get back in whatever a stranger behind the same address (a NAT) has tried.
+        if not (hello.session_id and secrets.compare_digest(hello.session_id, self.known or "")):
+            self.throttle.check(host)
+            # --8<-- [end:screen]
+
     # --8<-- [start:admit]
     def _admit(self, hello: Hello, peer: str, writer: asyncio.StreamWriter) -> Session:
         """Give the tunnel to this connection, or raise Refused if another client holds it."""
@@ -112,6 +131,7 @@ class Sessions:
         if current is None:
             # 128 random bits: a session id is a key to the tunnel, so it must not be guessable.
             self.current = Session(secrets.token_hex(16), peer, writer, task)
+            self.known = self.current.session_id
             log.info("%s: client connected (session %s)", peer, self.current.session_id[:8])
             return self.current
         # compare_digest, as in auth.py: no timing hints about a secret id.

@@ -9,6 +9,7 @@ with a handshake in text lines; the hello now says which tunnel the client wants
     client: auth <hmac>
     server: welcome <session_id> <tunnel> <url>   (tunnel: the name or the port it got)
             or `error <reason>`, then the server hangs up
+            or `busy <reason>`: not now, try again later
 
 Without a name or port, the server picks one. A reconnecting client names the tunnel it had
 and its session id: that proves it is the same client, so it gets its tunnel back.
@@ -44,10 +45,20 @@ HEARTBEAT_TIMEOUT = 15.0
 # of bytes (WINDOW in frames.py) each way, so these bound memory; see limits.py for descriptors.
 MAX_WAITING = 4096
 MAX_STREAMS = 4096
+# One source address (an IPv6 /64) holds at most this many of a tunnel's streams at once: one
+# source opened 4200 kept-alive connections in 2.3 s, and every later user got a 502 (issue 23).
+# A browser opens at most 6 connections to a host, so 256 is some 40 busy browsers behind one
+# NAT, and 16 sources are needed to fill a tunnel; a crowd behind one NAT (a conference's Wi-Fi
+# on a demo) can raise it with --max-streams-per-address.
+MAX_STREAMS_PER_ADDRESS = 256
 # A relay with no byte either way for this long is closed (nginx's stream proxy waits
 # 10 minutes too); so is a half-closed one whose other direction is silent this long.
 IDLE_TIMEOUT = 600.0
 HALF_CLOSED_TIMEOUT = 30.0
+# ...and HTTP users who got their answer and say nothing more, after this long: a kept-alive
+# connection waiting for a next request. nginx's keepalive_timeout is 75 s too; a user still
+# waiting for its answer (a long poll) keeps IDLE_TIMEOUT.
+KEEPALIVE_TIMEOUT = 75.0
 # Ids, nonces and digests are single words of these characters.
 TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # The most a stream holds in memory each way: one window (frames.WINDOW) of bytes,
@@ -57,11 +68,20 @@ DATA_LIMIT = 256 * 1024
 LINGER = 1.0
 # A tunnel whose client's connection ended stays reserved this long, so that the client
 # can come back (a Wi-Fi hiccup, a laptop lid) and keep its name; then the name is free.
-RESUME_WINDOW = 30.0
+# WHY 5 minutes (it was 30 s): a client away 45 s, its heartbeat timeout and 30 s, lost its name
+# to the first stranger who asked (issue 23). 5 minutes covers an outage of the Wi-Fi or of the
+# line, a laptop closed for a coffee, a train through a tunnel. A client that stops on purpose
+# says goodbye and frees its name at once; one that crashed and starts again is told how long.
+RESUME_WINDOW = 300.0
 # At most this many tunnels at once, held or kept for a client to resume. Each TCP tunnel holds
 # a listening socket, and a client that connects and leaves in a loop would otherwise pile up
 # kept tunnels (one per RESUME_WINDOW) until the server ran out of descriptors.
 MAX_TUNNELS = 1024
+# At most this many of them for one source address (an IPv6 /64 counts as one): without it, one
+# stranger (no secret) or one tenant (with it) took all 1024 names in 1.5 s, connecting and leaving
+# (issue 23). 16 is more than a developer's machine runs, and 64 addresses are needed to fill the
+# server; an office behind one NAT can raise it (--max-tunnels-per-address).
+MAX_TUNNELS_PER_ADDRESS = 16
 # A tunnel name is one DNS label in lower case: it becomes NAME.<domain> in the users' URL.
 NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 # The two kinds of tunnel: HTTP users routed by name, or a TCP port of the tunnel's own.
@@ -86,6 +106,10 @@ class Refused(TunnelError):
 
 class AuthError(Refused):
     """The secrets don't match, or one side has none: fix the secret, retrying won't help."""
+
+
+class TryLater(TunnelError):
+    """The server said not now (our address guessed wrong too often, or holds its share): retrying will help."""
 
 
 @dataclass(frozen=True)
@@ -121,13 +145,24 @@ class Welcome:
 
 
 @dataclass(frozen=True)
+class Busy:
+    """Server -> client instead of `welcome`, "not now, try again later": `busy <reason>`.
+
+    Where `error` means "this will never work" (a wrong secret), `busy` means the answer may change:
+    a client that gets it keeps retrying with its backoff instead of giving up.
+    """
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Error:
     """Either way, sent just before closing: `error <reason>`."""
 
     reason: str
 
 
-Message = Hello | Challenge | Auth | Welcome | Error
+Message = Hello | Challenge | Auth | Welcome | Busy | Error
 
 
 def encode(message: Message) -> bytes:
@@ -141,6 +176,8 @@ def encode(message: Message) -> bytes:
             return f"auth {digest}\n".encode()
         case Welcome(session_id, tunnel, url):
             return f"welcome {session_id} {tunnel} {url}\n".encode()
+        case Busy(reason):
+            return f"busy {reason}\n".encode()
         case Error(reason):
             return f"error {reason}\n".encode()
 
@@ -171,6 +208,8 @@ def decode(line: bytes) -> Message:
             return Auth(digest)
         case "welcome", [session_id, tunnel, url] if is_token(session_id) and is_token(tunnel):
             return Welcome(session_id, tunnel, url)
+        case "busy", _ if rest:
+            return Busy(rest)
         case "error", _ if rest:
             return Error(rest)
     raise ProtocolError(f"unknown command {word[:32]!r}")
@@ -217,10 +256,12 @@ async def write_message(writer: asyncio.StreamWriter, message: Message) -> None:
     await writer.drain()
 
 
-async def say_goodbye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str) -> None:
-    """Send `error <reason>` in a way the peer really gets to read it (the caller then closes)."""
+async def say_goodbye(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str, later: bool = False
+) -> None:
+    """Send `error <reason>` (`busy <reason>` if `later`) so that the peer gets to read it (the caller then closes)."""
     with contextlib.suppress(OSError):  # the peer may be gone already
-        await write_message(writer, Error(reason))
+        await write_message(writer, Busy(reason) if later else Error(reason))
     await linger(reader, writer)
 
 

@@ -45,10 +45,12 @@ GRANT_EVERY = WINDOW // 4
 
 @dataclass(frozen=True)
 class Timeouts:
-    """How long a relay may stay silent: both ways open, and after one direction has ended."""
+    """How long a relay may stay silent: both ways open, after one direction has ended, and (for an HTTP
+    user, `keepalive`) once its answer has been delivered and the next word is the user's."""
 
     idle: float
     half_closed: float
+    keepalive: float | None = None
 
 
 @dataclass
@@ -87,6 +89,7 @@ class Stream(asyncio.Protocol):
         self._writing_paused = False
         self._early: list[bytes] = []
         self.got_fin = False
+        self._their_turn = False  # the last bytes went to our TCP peer: the next word is its own (see _watch)
         # answered: None when the peer accepted the stream, a reason if it refused it (server side).
         self.answered: asyncio.Future[str | None] = loop.create_future()
         self.heard = loop.create_future()  # the first byte, EOF or loss of the TCP connection
@@ -118,6 +121,7 @@ class Stream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last = time.monotonic()
+        self._their_turn = False
         if not self.sent.head:
             # We keep a copy of the first bytes for the log and pass them on unchanged.
             self.sent.head = data[:HEAD_SIZE]
@@ -197,6 +201,7 @@ class Stream(asyncio.Protocol):
         self.recv_window -= len(payload)
         self._last = time.monotonic()
         if payload:
+            self._their_turn = True
             if not self.received.head:
                 self.received.head = bytes(payload[:HEAD_SIZE])  # a copy: payload is a view (frames.Parser)
             self.received.copied += len(payload)
@@ -328,15 +333,26 @@ class Stream(asyncio.Protocol):
     def _watch(self) -> None:
         # The watchdog: a timer, not a task. Silent both ways for `idle`, or half-closed and
         # silent for `half_closed`, and the stream is reset and its connection closed.
-        half_closed = self.fin_sent or self.got_fin
-        limit = self.timeouts.half_closed if half_closed else self.timeouts.idle
+        silence, limit = self._silence_limit()
         remaining = self._last + limit - time.monotonic()
         if remaining <= 0:
-            self.expired = f"{'half-closed' if half_closed else 'idle'} for {limit:g}s"
+            self.expired = f"{silence} for {limit:g}s"
             self.reset(self.expired)
             if self.transport is not None:
                 self.transport.abort()
             return
-        # Never sleep past the half-closed limit: a direction may end meanwhile.
-        delay = min(remaining, self.timeouts.half_closed)
+        # Never sleep past the shorter limits: a direction may end, or an answer come, meanwhile.
+        delay = min(remaining, self.timeouts.half_closed, self.timeouts.keepalive or remaining)
         self._timer = asyncio.get_running_loop().call_later(delay, self._watch)
+
+    def _silence_limit(self) -> tuple[str, float]:
+        """What kind of silence this stream is in now, and how long it may last."""
+        if self.fin_sent or self.got_fin:
+            return "half-closed", self.timeouts.half_closed
+        if self.timeouts.keepalive is not None and self._their_turn:
+            # An HTTP user that has its answer and says nothing: a kept-alive connection waiting for
+            # a next request that may never come. One source held a tunnel's 4096 streams that way
+            # for the 600 s idle timeout (issue 23); nginx gives them 75 s. A user still waiting for
+            # its answer (a long poll) keeps the idle timeout.
+            return "idle after an answer", min(self.timeouts.keepalive, self.timeouts.idle)
+        return "idle", self.timeouts.idle

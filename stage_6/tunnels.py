@@ -10,12 +10,14 @@ holds one tunnel, which is how a user finds it:
 
 A tunnel belongs to a session, not to a connection: when a client's connection ends, its name or
 port stays reserved for the resume window, so that the same client, reconnecting, gets it back.
+Anyone else who asks for it meanwhile is told how long it stays kept.
 """
 
 import asyncio
 import logging
 import secrets
 import socket
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 
@@ -41,12 +43,14 @@ class Session:
     tunnel: str = ""  # the name, or the port as text
     url: str = ""
     peer: str = ""
+    source: str = ""  # the address its client connects from (auth.source): bounds count per address
     writer: asyncio.StreamWriter | None = None  # the tunnel connection it uses now
     task: asyncio.Task[None] | None = None  # the task that reads that connection
     mux: Mux | None = None  # its streams, once the handshake is done; None while it reconnects
     expiry: asyncio.TimerHandle | None = None  # set while it waits for its client to come back
     serving: asyncio.Task[None] | None = field(default=None, repr=False)  # a TCP tunnel's accept loop
     listener: Listener | None = field(default=None, repr=False)
+    streams_from: Counter[str] = field(default_factory=Counter, repr=False)  # its users' streams now, per address
 
 
 # Serves one user of a TCP tunnel's port (the session it belongs to, the accepted socket).
@@ -102,7 +106,7 @@ class Tunnels:
         else:
             name = hello.tunnel or self._random_name()
             if name in self.names:
-                raise Refused(f"the name {name!r} is taken; pick another with --name")
+                raise taken(self.names[name], f"the name {name!r}", "pick another with --name")
             session.tunnel = name
             self.names[name] = session
         session.url = self.public.url(hello.kind, session.tunnel)
@@ -135,7 +139,9 @@ class Tunnels:
             low, high = self.tcp_ports or UNPRIVILEGED
             if not low <= wanted <= high:
                 raise Refused(f"port {wanted} is outside this server's TCP tunnel ports {range_text((low, high))}")
-            candidates = [] if wanted in self.ports else [wanted]
+            if wanted in self.ports:
+                raise taken(self.ports[wanted], f"port {wanted}", "leave the port out to get a free one")
+            candidates = [wanted]
         elif self.tcp_ports is None:
             candidates = [0]  # the system picks a free port
         else:
@@ -160,6 +166,14 @@ class Tunnels:
         session.serving = asyncio.create_task(session.listener.serve(self.spawn))
         log.info("tcp port listening on %s:%d for session %s", self.host, port, session.session_id[:8])
         return port
+
+
+def taken(holder: Session, what: str, advice: str) -> Refused:
+    """The refusal of a tunnel someone holds; if its client is away, how long the tunnel stays kept for it."""
+    if holder.expiry is None:
+        return Refused(f"{what} is taken; {advice}")
+    wait = holder.expiry.when() - asyncio.get_running_loop().time()
+    return Refused(f"{what} is taken (kept {wait:.0f}s more for the client that held it); {advice}")
 
 
 def range_text(ports: tuple[int, int]) -> str:

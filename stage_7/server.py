@@ -19,12 +19,13 @@ import socket
 import ssl
 import sys
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from . import auth, limits, pages, routing, tls
-from .cli import domain, listen_port, port_range, positive_seconds
+from .cli import count, domain, listen_port, port_range, positive_seconds
 from .limits import Listener, Slots
 from .mux import Mux
 from .protocol import (
@@ -33,6 +34,11 @@ from .protocol import (
     HALF_CLOSED_TIMEOUT,
     HEARTBEAT_TIMEOUT,
     IDLE_TIMEOUT,
+    KEEPALIVE_TIMEOUT,
+    MAX_STREAMS,
+    MAX_STREAMS_PER_ADDRESS,
+    MAX_TUNNELS,
+    MAX_TUNNELS_PER_ADDRESS,
     MAX_WAITING,
     NETWORK_TIMEOUT,
     PROXY_TIMEOUT,
@@ -70,23 +76,32 @@ class Server:
         https: ssl.SSLContext | None = None,
         tcp_ports: tuple[int, int] | None = None,
         resume_window: float = RESUME_WINDOW,
+        max_tunnels_per_address: int = MAX_TUNNELS_PER_ADDRESS,
         head_timeout: float = routing.HEAD_TIMEOUT,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         max_waiting: int = MAX_WAITING,
         idle_timeout: float = IDLE_TIMEOUT,
         half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        max_streams_per_address: int = MAX_STREAMS_PER_ADDRESS,
     ) -> None:
         self.proxy_timeout = proxy_timeout  # a user waits this long for the client to accept its stream
         self.handshake_timeout = handshake_timeout  # for TLS handshakes too: one that never ends is let go
         self.head_timeout = head_timeout  # an HTTP user sends its request's head within this (routing.py)
         self.timeouts = Timeouts(idle_timeout, half_closed_timeout)  # for silent streams: see relay.py
+        # HTTP users are also closed when silent after their answer (TCP tunnels' users are not: an ssh
+        # session may stay quiet for minutes): see relay.py.
+        self.http_timeouts = Timeouts(idle_timeout, half_closed_timeout, keepalive_timeout)
+        self.max_streams_per_address = max_streams_per_address
         self.tls, self.https, self.domain = tls, https, domain.lower()
         self.max_waiting = max_waiting
         self.waiting = 0  # users whose stream the client has not accepted yet
         self._listeners: list[Listener] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._tunnels = Tunnels(tcp_ports, self._spawn, self._handle_tcp)
-        self._sessions = Sessions(self._tunnels, secret, handshake_timeout, heartbeat_timeout, resume_window)
+        self._sessions = Sessions(
+            self._tunnels, secret, handshake_timeout, heartbeat_timeout, resume_window, max_tunnels_per_address
+        )
 
     async def listen(
         self,
@@ -178,7 +193,7 @@ class Server:
     # --8<-- [start:http]
     async def _handle_http(self, conn: socket.socket) -> None:
         """A user of the public port: read its request's head, find the tunnel its Host names, relay."""
-        stream = Stream(self.timeouts)
+        stream = Stream(self.http_timeouts)
         data, ended = await routing.read_head(conn, stream, self.https, self.head_timeout)  # OSError: it left
         peer = peername(stream)
         try:
@@ -221,6 +236,14 @@ class Server:
         if self.waiting >= self.max_waiting:  # bounded: a flood of users must not pile up here
             await self._refuse(stream, peer, 503, "too many users are waiting; try again soon")
             return
+        assert stream.transport is not None
+        source = auth.source(stream.transport.get_extra_info("peername")[0])
+        if session.streams_from[source] >= self.max_streams_per_address:
+            # A share of each tunnel per source: one script (or one crowd behind a NAT) must not take
+            # every stream of a tunnel and leave its other users a 502.
+            await self._refuse(stream, peer, 503, f"too many connections from {source} at once; close some first")
+            return
+        hold(session.streams_from, source, stream.closed)
         # Open at once, and send the user's first bytes right behind the SYN, within the stream's
         # first window: no round trip to wait for (stage 4 waited for a whole proxy connection).
         stream_id = mux.open(stream, peer)
@@ -254,6 +277,18 @@ class Server:
     async def _refuse(stream: Stream, who: str, status: int, cause: str, http: bool = False) -> None:
         sent = await pages.refuse(stream, status, cause, http)
         log.warning("%s: %s; %s", who, pages.printable(cause.encode()), f"sent a {status} page" if sent else "closed")
+
+
+def hold(counts: Counter[str], source: str, until: asyncio.Future[None]) -> None:
+    """Count one more stream for `source`, until `until` (the stream's `closed`) is done."""
+    counts[source] += 1
+
+    def release(_: asyncio.Future[None]) -> None:
+        counts[source] -= 1
+        if not counts[source]:
+            del counts[source]  # the sources connected now, not every source ever seen
+
+    until.add_done_callback(release)
 
 
 def peername(stream: Stream) -> str:
@@ -319,6 +354,7 @@ def main() -> None:
         ("resume-window", RESUME_WINDOW, "how long a gone client's tunnel is kept for it"),
         ("idle-timeout", IDLE_TIMEOUT, "close a user's stream after this long with no byte either way"),
         ("half-closed-timeout", HALF_CLOSED_TIMEOUT, "close a half-closed stream after this long silent"),
+        ("keepalive-timeout", KEEPALIVE_TIMEOUT, "close an HTTP user's connection silent this long after its answer"),
     ):
         parser.add_argument(
             f"--{flag}",
@@ -327,6 +363,20 @@ def main() -> None:
             metavar="SECONDS",
             help=f"{what} (default: %(default)s)",
         )
+    parser.add_argument(
+        "--max-tunnels-per-address",
+        type=count(1, MAX_TUNNELS),
+        default=MAX_TUNNELS_PER_ADDRESS,
+        metavar="N",
+        help="the most tunnels one address (an IPv6 /64) may hold, kept ones included (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-streams-per-address",
+        type=count(1, MAX_STREAMS),
+        default=MAX_STREAMS_PER_ADDRESS,
+        metavar="N",
+        help="the most connections one address (an IPv6 /64) may have open to a tunnel (default: %(default)s)",
+    )
     parser.add_argument(
         "--secret",
         default=os.environ.get("NGROK_SECRET"),
@@ -350,8 +400,11 @@ def main() -> None:
             "secret": args.secret,
             "heartbeat_timeout": args.heartbeat_timeout,
             "resume_window": args.resume_window,
+            "max_tunnels_per_address": args.max_tunnels_per_address,
             "idle_timeout": args.idle_timeout,
             "half_closed_timeout": args.half_closed_timeout,
+            "keepalive_timeout": args.keepalive_timeout,
+            "max_streams_per_address": args.max_streams_per_address,
         }
         asyncio.run(run(args.host, ports, **options))
     except TunnelError as exc:

@@ -4,17 +4,22 @@ Stage 5's session module kept one client. Now every client that connects gets a 
 own, and with it one tunnel (tunnels.py): the name or TCP port it asked for, if nobody holds it.
 
 - Auth: only a client that knows the secret gets in (the handshake is in auth.py), inside TLS.
+  An address that guessed wrong too often is told `busy`, unless its hello brings the id of a
+  session we hold: a stranger behind a client's NAT must not keep that client out.
 - Never locked out: a client coming back (it presents the session id and the tunnel we gave it)
   takes its session over at once, even if its old connection still looks alive to us: a laptop
   whose Wi-Fi dropped sends no FIN.
 - Kept for a while: when a client's connection is lost, its tunnel stays reserved for the resume
   window. Its users get a 502 page meanwhile; after the window, the name is anyone's again. A
   client that stops on purpose says goodbye (GO_AWAY), and its name is free at once.
+- Shared fairly: one source address holds at most `max_per_address` tunnels, kept ones included,
+  so that nobody, with the secret or (on a trusted network) without, can take every name.
 - Heartbeats: a tunnel connection silent for longer than the heartbeat timeout is dead. Users
   whose streams ran on it lose their connections, as in stage 5.
 """
 
 import asyncio
+import functools
 import logging
 import secrets
 
@@ -23,12 +28,14 @@ from .mux import Mux
 from .protocol import (
     HEARTBEAT_TIMEOUT,
     MAX_TUNNELS,
+    MAX_TUNNELS_PER_ADDRESS,
     NETWORK_TIMEOUT,
     RESUME_WINDOW,
     AuthError,
     GoneAway,
     Hello,
     Refused,
+    TryLater,
     TunnelError,
     Welcome,
     say_goodbye,
@@ -49,12 +56,14 @@ class Sessions:
         handshake_timeout: float = NETWORK_TIMEOUT,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         resume_window: float = RESUME_WINDOW,
+        max_per_address: int = MAX_TUNNELS_PER_ADDRESS,
     ) -> None:
         self.tunnels = tunnels
         self.secret = secret or None  # an empty secret would be no secret at all
         self.handshake_timeout = handshake_timeout
         self.heartbeat_timeout = heartbeat_timeout
         self.resume_window = resume_window
+        self.max_per_address = max_per_address
         self.by_id: dict[str, Session] = {}
         self.throttle = auth.Throttle()  # slows down anyone guessing the secret
 
@@ -64,8 +73,8 @@ class Sessions:
         peer, session, mux, stopped = f"{host}:{port}", None, None, False
         # --8<-- [start:handshake]
         try:
-            self.throttle.check(host)  # an address that guessed wrong too often is not even challenged
-            hello = await auth.server_handshake(reader, writer, self.secret, self.handshake_timeout)
+            screen = functools.partial(self._screen, host)  # the throttle, once the hello is read
+            hello = await auth.server_handshake(reader, writer, self.secret, self.handshake_timeout, screen)
             session = self._admit(hello, peer, writer)
             # The welcome is the last line: from here on, both sides speak frames (frames.py).
             mux = Mux(reader, writer, peer="the client", heartbeat_timeout=self.heartbeat_timeout)
@@ -76,6 +85,9 @@ class Sessions:
         except GoneAway as exc:  # the client stopped (Ctrl-C) and said so: it won't come back for its tunnel
             log.info("%s: %s", peer, exc)
             stopped = True
+        except TryLater as exc:  # a throttled address, or one that holds its share: not now, which is not never
+            log.warning("%s: %s; told to try later", peer, exc)
+            await say_goodbye(reader, writer, str(exc), later=True)
         except TunnelError as exc:  # a wrong secret, a taken name, a bad frame
             if isinstance(exc, AuthError):
                 self.throttle.failed(host)
@@ -101,6 +113,16 @@ class Sessions:
                     self._keep(session)
             writer.close()
 
+    # --8<-- [start:screen]
+    def _screen(self, host: str, hello: Hello) -> None:
+        """Before the challenge: turn away (TryLater) an address that guessed wrong too often."""
+        # ...unless the hello brings the id of a session we hold: its client knew the secret (and
+        # 128 random bits can't be guessed), and must get back in whatever a stranger behind the
+        # same address (a NAT) has tried.
+        if hello.session_id not in self.by_id:
+            self.throttle.check(host)
+            # --8<-- [end:screen]
+
     # --8<-- [start:admit]
     def _admit(self, hello: Hello, peer: str, writer: asyncio.StreamWriter) -> Session:
         """Give this connection its session: the one it resumes, or a new one with the tunnel it asks for."""
@@ -120,7 +142,12 @@ class Sessions:
             return known
         if len(self.by_id) >= MAX_TUNNELS:
             raise Refused(f"this server holds {MAX_TUNNELS} tunnels, its most; try again later")
-        session = Session(secrets.token_hex(16), hello.kind, peer=peer, writer=writer, task=task)
+        source = auth.source(writer.get_extra_info("peername")[0])
+        if sum(held.source == source for held in self.by_id.values()) >= self.max_per_address:
+            # TryLater: kept tunnels end with their window, and the address may be a NAT that this
+            # client shares with whoever holds them.
+            raise TryLater(f"{source} holds {self.max_per_address} tunnels on this server, the most one address may")
+        session = Session(secrets.token_hex(16), hello.kind, peer=peer, source=source, writer=writer, task=task)
         self.tunnels.claim(hello, session)  # Refused if its name or port is someone else's
         self.by_id[session.session_id] = session
         log.info("%s: client connected (session %s): %s", peer, session.session_id[:8], session.url)
