@@ -20,7 +20,7 @@ import pytest
 from stage_7.capture import BYTE_LIMIT, LIMIT, Store
 from stage_7.client import Client
 from stage_7.inspector import Inspector
-from stage_7.observe import BODY_LIMIT
+from stage_7.observe import BODY_LIMIT, parse_head
 from stage_7.server import Ports, Server
 from support import (
     STEP_TIMEOUT,
@@ -189,6 +189,72 @@ async def test_a_foreign_host_name_is_refused(start_tunnel: Start, http_origin: 
     tunnel = await start_tunnel(http_origin.port)
     _, response = await raw_request(tunnel.inspector.port, b"GET /api/requests HTTP/1.1\r\nHost: evil.test\r\n\r\n")
     assert response.startswith(b"HTTP/1.1 421 ")
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.attacker.example:{port}",
+        "127.0.0.1.nip.io:{port}",
+        "localhost.attacker.example:{port}",
+        "127.0.0.1:1{port}",
+    ],
+)
+async def test_a_name_that_only_begins_like_loopback_is_refused(
+    start_tunnel: Start, http_origin: HttpOrigin, host: str
+) -> None:
+    """DNS rebinding with a name chosen to look local: `127.attacker.example` resolves wherever its owner says."""
+    tunnel = await start_tunnel(http_origin.port)
+    await raw_request(tunnel.ports.public, b"GET /secret HTTP/1.0\r\nHost: t.localhost\r\nAuthorization: x\r\n\r\n")
+    port = tunnel.inspector.port
+    for path in ("/api/requests", "/api/requests/1", "/api/events"):
+        request = f"GET {path} HTTP/1.1\r\nHost: {host.format(port=port)}\r\n\r\n".encode()
+        _, response = await raw_request(port, request)
+        assert response.startswith(b"HTTP/1.1 421 "), (path, response[:200])
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "[::1]:{port}", "LOCALHOST:{port}"])
+async def test_the_loopback_names_with_the_port_are_served(
+    start_tunnel: Start, http_origin: HttpOrigin, host: str
+) -> None:
+    tunnel = await start_tunnel(http_origin.port)
+    port = tunnel.inspector.port
+    _, response = await raw_request(
+        port, f"GET /api/requests HTTP/1.1\r\nHost: {host.format(port=port)}\r\n\r\n".encode()
+    )
+    assert response.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_the_page_may_not_be_framed_by_another_site(start_tunnel: Start, http_origin: HttpOrigin) -> None:
+    """Clickjacking: a site that frames the inspector under its own buttons could make two clicks replay a webhook.
+
+    Both headers: X-Frame-Options for every browser, CSP's frame-ancestors for those that prefer it.
+    (test_stage_7_browser.py shows Chromium refusing to frame the page.)
+    """
+    tunnel = await start_tunnel(http_origin.port)
+    port = tunnel.inspector.port
+    for path in ("/", "/api/requests"):
+        _, response = await raw_request(port, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        fields = dict(parse_head(response.partition(b"\r\n\r\n")[0] + b"\r\n\r\n")[1])
+        assert fields.get("X-Frame-Options") == "DENY", (path, fields)
+        if path == "/":
+            assert "frame-ancestors 'none'" in fields["Content-Security-Policy"].split("; "), fields
+
+
+@pytest.mark.parametrize("depth", [990, 30_000])
+async def test_a_deeply_nested_json_body_is_shown_as_text(
+    start_tunnel: Start, http_origin: HttpOrigin, depth: int
+) -> None:
+    """json.loads (and json.dumps) recurse: a body of 30,000 `[` raised RecursionError in the page's request."""
+    tunnel = await start_tunnel(http_origin.port)
+    body = b"[" * depth + b"]" * depth
+    head = b"POST /nested HTTP/1.0\r\nHost: t.localhost\r\nContent-Type: application/json\r\n"
+    await raw_request(tunnel.ports.public, head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    [exchange] = await until(lambda: _listed(tunnel))
+    status, detail = await tunnel.api(f"/api/requests/{exchange['id']}")
+    assert status == 200, detail
+    shown = detail["request"]["body"]
+    assert shown["kind"] in ("json", "text") and shown["text"].replace("\n", "").replace(" ", "") == body.decode()
 
 
 class KeepAliveApp(LocalServer):
