@@ -221,7 +221,7 @@ def main() -> None:
         try:
             context = client_context(args.ca)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise TunnelError(load_error(f"CA file {args.ca}", exc)) from None
+            raise TunnelError(load_error(f"CA file {args.ca}", exc, args.ca)) from None
         client = Client(
             args.local,
             server,

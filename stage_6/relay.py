@@ -194,8 +194,10 @@ class Stream(asyncio.Protocol):
         self.recv_window -= len(payload)
         self._last = time.monotonic()
         if payload:
-            if not self.received.head:
-                self.received.head = bytes(payload[:HEAD_SIZE])  # a copy: payload is a view (frames.Parser)
+            if len(self.received.head) < HEAD_SIZE:
+                # A copy (payload is a view: frames.Parser), over as many frames as it takes: a
+                # "100 Continue" comes alone, and the log wants the status that follows it.
+                self.received.head += payload[: HEAD_SIZE - len(self.received.head)]
             self.received.copied += len(payload)
             if self.transport is None:
                 self._early.append(bytes(payload))  # counted in recv_window: bounded by WINDOW

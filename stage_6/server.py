@@ -182,6 +182,9 @@ class Server:
         data, ended = await routing.read_head(conn, stream, self.https, self.head_timeout)  # OSError: it left
         peer = peername(stream)
         try:
+            if not data:  # a browser's preconnect left unused, a port scan: no request, nothing to answer
+                log.debug("%s: sent nothing; closed", peer)
+                return
             name = routing.tunnel_name(routing.check(data, ended), self.domain)
             session = self._tunnels.find(name)
             if session is None:
@@ -365,7 +368,7 @@ def contexts(what: str, cert: str, key: str) -> ssl.SSLContext:
     try:
         return tls.server_context(cert, key)
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        raise TunnelError(tls.load_error(f"{what} {cert} or its key {key}", exc)) from None
+        raise TunnelError(tls.load_error(f"{what} {cert} or its key {key}", exc, cert, key)) from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,156 @@
+"""Every user on their own (issue 23): what a peer makes us hold is bounded, and the small holes found on the way.
+
+Each test plays the attacker or the real client that found the hole: real sockets, the stage's
+real server and client (in this process, or as the programs a learner runs), memory read from the
+processes' VmRSS (hardening.RssWatch). Each was seen failing on the code before its fix.
+"""
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hardening import HARDENED, stage_module
+
+from support import (
+    STEP_TIMEOUT,
+    Background,
+    CliProcess,
+    LocalServer,
+    any_ports,
+    client_options,
+    client_ports,
+    has_inspector,
+    open_connection,
+    server_options,
+    tls_flags,
+    until_logged,
+    users_port,
+)
+
+SECRET = "isolation-memory-tests"
+
+
+def has_routing(stage: str) -> bool:
+    """True if the stage's public port reads each HTTP request's head to route it (stage 6 on)."""
+    return importlib.util.find_spec(f"{stage}.routing") is not None
+
+
+@contextlib.asynccontextmanager
+async def tunnel(stage: str, local_port: int, **server: Any) -> AsyncIterator[tuple[Any, Any, int]]:
+    """The stage's server and client in this process, in front of `local_port`: (server, ports, users' port)."""
+    server_module, client_module = stage_module(stage, "server"), stage_module(stage, "client")
+    tunnel_server = server_module.Server(secret=SECRET, **server, **server_options(stage))
+    ports = await tunnel_server.listen("127.0.0.1", *any_ports(stage))
+    local = ("127.0.0.1", local_port)
+    client = client_module.Client(local, "127.0.0.1", *client_ports(ports), secret=SECRET, **client_options(stage))
+    async with Background(tunnel_server.serve()), Background(client.run()):
+        async with asyncio.timeout(STEP_TIMEOUT):
+            await client.connected.wait()
+        yield tunnel_server, ports, await users_port(ports, client)
+
+
+# --- small ones found on the way ------------------------------------------------------------------
+
+
+class ContinueApp(LocalServer):
+    """A local app that answers `Expect: 100-continue`: 100 Continue, then (once the body came) 200 OK."""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            head = await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await writer.drain()
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)  # the user sends it only after the 100: a frame of its own
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            await writer.drain()
+        writer.close()
+
+
+@pytest.mark.parametrize("stage", HARDENED)
+async def test_the_request_log_shows_the_final_status_not_an_interim_one(
+    stage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """curl -T sends `Expect: 100-continue` and its body only after the 100: the log said `PUT /upload -> 100`."""
+    caplog.set_level(logging.INFO, logger=f"{stage}.server")
+    async with ContinueApp() as app, tunnel(stage, app.port) as (_, _, port):
+        reader, writer = await open_connection(port)
+        writer.write(b"PUT /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        async with asyncio.timeout(STEP_TIMEOUT):
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(b"hello")
+            assert (await reader.read()).startswith(b"HTTP/1.1 200 OK\r\n")
+        writer.close()
+        line = await until_logged(caplog, r"PUT /upload -> \S+")  # once the server's side of the stream is closed
+    assert line[0] == "PUT /upload -> 200,", caplog.text
+
+
+@pytest.mark.parametrize("stage", [stage for stage in HARDENED if has_routing(stage)])
+@pytest.mark.parametrize("then", ["stays silent", "half-closes"])
+async def test_a_connection_that_sends_nothing_is_closed_without_an_error_page(
+    stage: str, then: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A browser's preconnect: a connection opened ahead of a request that never came. It got `400 Bad Request`."""
+    caplog.set_level(logging.INFO, logger=f"{stage}.server")
+    async with LocalServer() as app, tunnel(stage, app.port, head_timeout=0.5) as (_, ports, _):
+        reader, writer = await open_connection(ports.public)
+        if then == "half-closes":
+            writer.write_eof()
+        async with asyncio.timeout(STEP_TIMEOUT):
+            answer = await reader.read()
+        writer.close()
+    assert answer == b""  # closed, nothing said: there was no request to answer
+    assert "not an HTTP request" not in caplog.text
+
+
+@pytest.mark.parametrize("stage", [stage for stage in HARDENED if has_routing(stage)])
+async def test_a_partial_head_still_gets_408(stage: str) -> None:
+    """What the empty connection must not change: a request begun and never finished is answered 408."""
+    async with LocalServer() as app, tunnel(stage, app.port, head_timeout=0.5) as (_, ports, _):
+        reader, writer = await open_connection(ports.public)
+        writer.write(b"GET / HTTP/1.1\r\nHost: t.localhost\r\n")
+        async with asyncio.timeout(STEP_TIMEOUT):
+            answer = await reader.read()
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408 ")
+
+
+@pytest.mark.parametrize("stage", [stage for stage in HARDENED if importlib.util.find_spec(f"{stage}.tls")])
+@pytest.mark.parametrize("missing", ["cert", "key", "https-cert", "https-key"])
+async def test_a_missing_certificate_or_key_file_is_named(
+    stage: str, missing: str, cli: CliProcess.Factory, tmp_path: Path
+) -> None:
+    """ssl raises FileNotFoundError with no file name: the error line said `no such file None`."""
+    flags = dict(zip(["--cert", "--key"], tls_flags(stage)[1::2], strict=True))
+    flags |= {"--https-cert": flags["--cert"], "--https-key": flags["--key"]}
+    absent = str(tmp_path / f"absent-{missing}.pem")
+    flags[f"--{missing}"] = absent
+    args = [word for flag, value in flags.items() for word in (flag, value)]
+    server = await cli("-m", f"{stage}.server", "--control-port", "0", "--public-port", "0", *args)
+    assert await server.wait() == 1
+    assert "Traceback" not in server.output
+    assert server.lines[-1].startswith("error: cannot read the ")
+    assert server.lines[-1].endswith(f": no such file {absent!r}"), server.lines[-1]
+
+
+@pytest.mark.parametrize("stage", [stage for stage in HARDENED if importlib.util.find_spec(f"{stage}.tls")])
+async def test_a_missing_ca_file_is_named(stage: str, cli: CliProcess.Factory, tmp_path: Path) -> None:
+    absent = str(tmp_path / "absent-ca.pem")
+    no_page = ["--no-inspect"] if has_inspector(stage) else []
+    client = await cli("-m", f"{stage}.client", "127.0.0.1:1", "127.0.0.1:1", "--ca", absent, *no_page)
+    assert await client.wait() == 1
+    assert client.lines[-1].endswith(f": no such file {absent!r}"), client.output
+
+
+@pytest.mark.parametrize("stage", [f"stage_{n}" for n in range(2, 8)])
+async def test_the_clients_help_names_its_own_stage(stage: str, cli: CliProcess.Factory) -> None:
+    """`--help` of stage 5's client said "from a stage 4 server", stage 7's "a stage 6 server"."""
+    client = await cli("-m", f"{stage}.client", "--help")
+    assert await client.wait() == 0
+    said = " ".join(client.output.split())  # argparse wraps lines
+    assert f"a stage {stage[-1]} server" in said, said
