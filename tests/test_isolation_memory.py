@@ -9,12 +9,13 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hardening import HARDENED, stage_module
+from hardening import HARDENED, MiB, RssWatch, has_proc, rss_bytes, stage_module
 
 from support import (
     STEP_TIMEOUT,
@@ -22,10 +23,13 @@ from support import (
     CliProcess,
     LocalServer,
     any_ports,
+    client_flags,
     client_options,
     client_ports,
     has_inspector,
     open_connection,
+    port_roles,
+    server_flags,
     server_options,
     tls_flags,
     until_logged,
@@ -154,3 +158,115 @@ async def test_the_clients_help_names_its_own_stage(stage: str, cli: CliProcess.
     assert await client.wait() == 0
     said = " ".join(client.output.split())  # argparse wraps lines
     assert f"a stage {stage[-1]} server" in said, said
+
+
+# --- memory that a peer controls ---------------------------------------------------------------
+
+
+class Tunnel:
+    """A stage's server and client run as a learner runs them, their pids for RssWatch, and the users' port."""
+
+    def __init__(self, server: CliProcess, client: CliProcess, users: int) -> None:
+        self.server, self.client, self.users = server, client, users
+
+    def pids(self) -> dict[str, int]:
+        return {"server": self.server.process.pid, "client": self.client.process.pid}
+
+
+async def start_cli_tunnel(cli: CliProcess.Factory, stage: str, local_port: int, *server_args: str) -> Tunnel:
+    """`python -m STAGE.server` and `python -m STAGE.client` in front of `local_port` (an HTTP tunnel named `t`)."""
+    env = {"NGROK_SECRET": SECRET}
+    server = await cli("-m", f"{stage}.server", *server_flags(stage), *server_args, env=env)
+    ports = {role: await server.listening(role) for role in port_roles(stage)}
+    flags = client_flags(stage, ports)
+    if has_routing(stage):  # an HTTP tunnel by name, not the shared tests' TCP one
+        flags = [flag for flag in flags if flag != "--tcp"] + ["--name", "t"]
+    client = await cli("-m", f"{stage}.client", f"127.0.0.1:{local_port}", "127.0.0.1", *flags, env=env)
+    await client.expect("tunnel up")
+    return Tunnel(server, client, ports["public"])
+
+
+class Sink(LocalServer):
+    """A local app that reads every byte and never answers; counts what it read."""
+
+    received = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(256 * 1024):
+                self.received += len(data)
+        writer.close()
+
+
+async def connect_all(port: int, count: int) -> list[socket.socket]:
+    """`count` raw connections to `port`, a few hundred at a time (the kernel's accept queue is finite)."""
+    loop = asyncio.get_running_loop()
+
+    async def one() -> socket.socket:
+        sock = socket.socket()
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(STEP_TIMEOUT):
+                await loop.sock_connect(sock, ("127.0.0.1", port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    socks: list[socket.socket] = []
+    try:
+        for start in range(0, count, 200):
+            socks += await asyncio.gather(*(one() for _ in range(min(200, count - start))))
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+PIPELINED_USERS = 300
+PIPELINED = 64  # requests per user: as many as the observer lets wait for their answers
+BIG_HEAD = 30 * 1024  # each request's head: under the observer's 32 KiB, over the server's 16 KiB for the first
+RING_SLACK = 40 * MiB  # the client's own buffers and objects for 300 streams, beside the ring
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_proc(), reason="needs Linux /proc to read the client's memory")
+@pytest.mark.parametrize("stage", [stage for stage in HARDENED if has_inspector(stage)])
+async def test_the_inspectors_ring_bounds_everything_it_holds(stage: str, cli: CliProcess.Factory) -> None:
+    """300 users pipeline 64 requests with 30 KiB heads each to an app that never answers.
+
+    The ring drops the oldest exchanges from its list, but the observer of each connection still
+    holds them, waiting for their answers: with their heads, 300 x 64 x 30 KiB took the client
+    from 26 to 712 MB, and it kept them after the users left. The ring's bound must cover them.
+    """
+    capture = stage_module(stage, "capture")
+    filler = b"X-Filler: " + b"f" * (BIG_HEAD - 100) + b"\r\n"
+    first = b"GET /first HTTP/1.1\r\nHost: t.localhost\r\n\r\n"  # the server reads this one to route it
+    later = [b"GET /%d HTTP/1.1\r\nHost: t.localhost\r\n%s\r\n" % (n, filler) for n in range(1, PIPELINED)]
+    payload = first + b"".join(later)
+    async with Sink() as app:
+        tunnel = await start_cli_tunnel(cli, stage, app.port)
+        base = rss_bytes(tunnel.client.process.pid)
+        bound = base + capture.BYTE_LIMIT + RING_SLACK
+        loop = asyncio.get_running_loop()
+        async with RssWatch({"client": tunnel.client.process.pid}, alarm=bound) as watch:
+            users = await connect_all(tunnel.users, PIPELINED_USERS)
+            try:
+                sending = asyncio.gather(*(loop.sock_sendall(user, payload) for user in users))
+                alarm = asyncio.ensure_future(watch.alarm.wait())
+                async with asyncio.timeout(120):
+                    while app.received < len(payload) * len(users) and not alarm.done():  # noqa: ASYNC110
+                        await asyncio.sleep(0.1)  # a count to reach, and the alarm: no one event to wait on
+                alarm.cancel()
+                sending.cancel()
+                await asyncio.gather(sending, alarm, return_exceptions=True)
+            finally:
+                for user in users:
+                    user.close()
+            await asyncio.sleep(1.0)  # the users are gone: what the client keeps now
+            after = rss_bytes(tunnel.client.process.pid)
+    report = f"client {base / 1e6:.1f} MB before, {watch.report()}, {after / 1e6:.1f} MB after the users left"
+    print(report)
+    assert watch.peak["client"] <= bound, report
+    assert app.received == len(payload) * PIPELINED_USERS, report  # every request went by the observer

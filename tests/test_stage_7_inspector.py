@@ -8,6 +8,7 @@ it. The command-line tests run the server and the client as a learner would.
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import json
 import re
@@ -17,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from stage_7.capture import BYTE_LIMIT, LIMIT, Store
+from stage_7.capture import BYTE_LIMIT, ENTRY_OVERHEAD, LIMIT, Store
 from stage_7.client import Client
 from stage_7.inspector import Inspector
-from stage_7.observe import BODY_LIMIT, parse_head
+from stage_7.observe import BODY_LIMIT, Exchange, parse_head
 from stage_7.server import Ports, Server
 from support import (
     STEP_TIMEOUT,
@@ -313,6 +314,50 @@ async def test_big_bodies_are_bounded_by_the_bytes_of_the_ring(start_tunnel: Sta
         await until(lambda: asyncio.sleep(0, store._next_id > 100))
         assert store.bytes == accounted(store) <= 1024 * 1024  # 100 x 64 KiB kept would be 6.4 MiB
         assert 10 <= len(store.entries) < 20
+
+
+class Silent(LocalServer):
+    """A local app that reads every request and never answers; counts the bytes it read."""
+
+    received = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(1 << 20):
+                self.received += len(data)
+        writer.close()
+
+
+async def test_requests_still_waiting_for_answers_count_in_the_ring_until_they_end(start_tunnel: Start) -> None:
+    """The ring drops its oldest entries, but a connection's observer holds those still waiting for an answer.
+
+    With a ring of 256 KiB, 20 users pipelining 64 requests each to an app that never answers leave
+    1,280 such exchanges: the ring counts them (at ENTRY_OVERHEAD, their heads dropped), lists
+    fewer, and once it is full of them observes no more; when the users leave, it lets them all go.
+    """
+    byte_limit = 256 * 1024
+    async with Silent() as app:
+        tunnel = await start_tunnel(app.port, byte_limit=byte_limit)
+        store = tunnel.inspector.store
+        filler = b"X-Filler: %s\r\n" % (b"f" * 2000)
+        requests = b"".join(b"GET /%d HTTP/1.1\r\nHost: t.localhost\r\n%s\r\n" % (n, filler) for n in range(64))
+        users = [await open_connection(tunnel.ports.public) for _ in range(20)]
+        for _, writer in users:
+            writer.write(requests)
+        await until(lambda: asyncio.sleep(0, app.received == 20 * len(requests)))
+        # Everything the client holds of them, listed or not (the observers hold the others), within the
+        # ring's bound; each connection's observer may hold one more, the one it stopped at.
+        gc.collect()  # what is left of earlier tests: only what something still holds counts
+        held = [o for o in gc.get_objects() if isinstance(o, Exchange)]
+        assert sum(map(Store.size, held)) <= byte_limit + len(users) * ENTRY_OVERHEAD
+        assert len(held) > len(store.entries)  # some are held by their observers only
+        assert store.bytes == accounted(store) + ENTRY_OVERHEAD * len(store._pending_dropped) <= byte_limit
+        assert store._next_id - 1 < 20 * 64  # the ring filled with them, and later requests were not recorded
+        for _, writer in users:
+            writer.close()
+        await until(lambda: asyncio.sleep(0, not store._pending_dropped))  # each stream's end ends its exchanges
+        assert store.bytes == accounted(store)
+        assert all(e.state != "pending" for e in store.entries.values())
 
 
 class Download(LocalServer):
