@@ -19,12 +19,12 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from . import auth, limits, pages, routing, tls
-from .cli import domain, listen_port, port_range, positive_seconds
+from .cli import domain, listen_port, port_range, positive_seconds, whole_number
 from .limits import Listener, Slots
 from .mux import Mux
 from .protocol import (
@@ -75,6 +75,7 @@ class Server:
         max_waiting: int = MAX_WAITING,
         idle_timeout: float = IDLE_TIMEOUT,
         half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
+        max_startups: int = limits.MAX_STARTUPS,
     ) -> None:
         self.proxy_timeout = proxy_timeout  # a user waits this long for the client to accept its stream
         self.handshake_timeout = handshake_timeout  # for TLS handshakes too: one that never ends is let go
@@ -84,6 +85,8 @@ class Server:
         self.max_waiting = max_waiting
         self.waiting = 0  # users whose stream the client has not accepted yet
         self._listeners: list[Listener] = []
+        # TLS connections not yet proved, per port (limits.Startups): the HTTPS port's only with --https-cert.
+        self._startups = {role: limits.Startups(role, max_startups) for role in ("control", "public")}
         self._tasks: set[asyncio.Task[None]] = set()
         self._tunnels = Tunnels(tcp_ports, self._spawn, self._handle_tcp)
         self._sessions = Sessions(self._tunnels, secret, handshake_timeout, heartbeat_timeout, resume_window)
@@ -162,26 +165,41 @@ class Server:
         # handshake: a big buffer limit keeps reads large (DATA_LIMIT); read_message still refuses a
         # handshake line over MAX_LINE.
         peer = "{}:{}".format(*conn.getpeername()[:2])
+        try:  # a place among the unproven, from its first byte until its welcome (limits.Startups)
+            slot = await self._startups["control"].admit(conn, self.handshake_timeout)
+        except OSError as exc:
+            log.debug("%s: %s; closed", peer, exc)
+            return
         try:
             reader, writer = await limits.streams(conn, DATA_LIMIT, self.tls, self.handshake_timeout)
         except OSError as exc:  # ssl.SSLError: not TLS (e.g. a plain "hello" line), or a failed handshake
             reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__  # some have no text
             log.warning("%s: TLS handshake failed (%s); closed", peer, reason)
+            slot.release()
             return
+        transport = writer.transport
+        assert isinstance(transport, asyncio.Transport)  # TLS over TCP: it reads, writes and aborts
         try:
-            await self._sessions.handle_control(reader, writer)
+            await self._sessions.handle_control(reader, writer, slot.release)
         finally:
-            writer.close()
-            with contextlib.suppress(OSError):  # a TLS peer that vanished can't say goodbye
-                await writer.wait_closed()
+            await close(transport, writer.wait_closed(), proved=not slot.held)
+            slot.release()
 
     # --8<-- [start:http]
     async def _handle_http(self, conn: socket.socket) -> None:
         """A user of the public port: read its request's head, find the tunnel its Host names, relay."""
+        slot = None
+        if self.https is not None:
+            peer = "{}:{}".format(*conn.getpeername()[:2])
+            try:  # a place among the unproven, from its first byte until its head names a tunnel (limits.Startups)
+                slot = await self._startups["public"].admit(conn, self.head_timeout)
+            except OSError as exc:
+                log.debug("%s: %s; closed", peer, exc)
+                return
         stream = Stream(self.timeouts)
-        data, ended = await routing.read_head(conn, stream, self.https, self.head_timeout)  # OSError: it left
-        peer = peername(stream)
         try:
+            data, ended = await routing.read_head(conn, stream, self.https, self.head_timeout)  # OSError: it left
+            peer = peername(stream)
             if not data:  # a browser's preconnect left unused, a port scan: no request, nothing to answer
                 log.debug("%s: sent nothing; closed", peer)
                 return
@@ -189,28 +207,27 @@ class Server:
             session = self._tunnels.find(name)
             if session is None:
                 raise BadRequest(404, f"no tunnel is named {name!r} on this server")
+            if slot is not None:
+                slot.release()  # a user of one of our tunnels
             await self._serve_user(stream, peer, session)
         except BadRequest as exc:
             await self._refuse(stream, peer, exc.status, exc.cause, http=True)
         finally:
-            await self._close(stream)
+            if stream.transport is not None:
+                await close(stream.transport, stream.closed, proved=slot is None or not slot.held)
+            if slot is not None:
+                slot.release()
 
     # --8<-- [end:http]
 
     async def _handle_tcp(self, session: Session, conn: socket.socket) -> None:
         """A user of a TCP tunnel's port: no head to read, the port says whose it is."""
         stream = Stream(self.timeouts)
-        await asyncio.get_running_loop().connect_accepted_socket(lambda: stream, conn)
+        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(lambda: stream, conn)
         try:
             await self._serve_user(stream, peername(stream), session)
         finally:
-            await self._close(stream)
-
-    @staticmethod
-    async def _close(stream: Stream) -> None:
-        if stream.transport is not None:
-            stream.transport.close()  # sends what is still buffered first
-        await stream.closed  # the slot is free once the descriptor is
+            await close(transport, stream.closed, proved=True)
 
     async def _serve_user(self, stream: Stream, peer: str, session: Session) -> None:
         """One user: open a stream for it on its tunnel's client connection, and log it when it ends."""
@@ -257,6 +274,20 @@ class Server:
     async def _refuse(stream: Stream, who: str, status: int, cause: str, http: bool = False) -> None:
         sent = await pages.refuse(stream, status, cause, http)
         log.warning("%s: %s; %s", who, pages.printable(cause.encode()), f"sent a {status} page" if sent else "closed")
+
+
+async def close(transport: asyncio.Transport, closed: Awaitable[None], proved: bool) -> None:
+    """Close a user's or a client's connection, and return once it is gone.
+
+    One that proved nothing is cut (a reset), not closed: TLS would wait up to 30 s for its
+    goodbye (close_notify), holding its 256 KiB buffer and its place among the unproven.
+    """
+    if proved:
+        transport.close()  # sends what is still buffered first
+    else:
+        transport.abort()
+    with contextlib.suppress(OSError):  # a peer that vanished
+        await closed  # the descriptor's slot is free once it is gone
 
 
 def peername(stream: Stream) -> str:
@@ -331,6 +362,14 @@ def main() -> None:
             help=f"{what} (default: %(default)s)",
         )
     parser.add_argument(
+        "--max-startups",
+        type=whole_number(1, 65535),
+        default=limits.MAX_STARTUPS,
+        metavar="COUNT",
+        help="TLS connections per port that have not proved themselves yet, at most at once: each costs"
+        " ~330 KB (default: %(default)s)",
+    )
+    parser.add_argument(
         "--secret",
         default=os.environ.get("NGROK_SECRET"),
         help="a secret the clients must prove they know (default: $NGROK_SECRET, which keeps it out of ps)",
@@ -355,6 +394,7 @@ def main() -> None:
             "resume_window": args.resume_window,
             "idle_timeout": args.idle_timeout,
             "half_closed_timeout": args.half_closed_timeout,
+            "max_startups": args.max_startups,
         }
         asyncio.run(run(args.host, ports, **options))
     except TunnelError as exc:

@@ -17,22 +17,26 @@ from typing import Any
 import pytest
 from hardening import HARDENED, MiB, RssWatch, has_proc, rss_bytes, stage_module
 
+import tls_certs
 from support import (
     STEP_TIMEOUT,
     Background,
     CliProcess,
     LocalServer,
+    accepted,
     any_ports,
     client_flags,
     client_options,
     client_ports,
     has_inspector,
+    has_tls,
     open_connection,
     port_roles,
     server_flags,
     server_options,
     tls_flags,
     until_logged,
+    usage_error,
     users_port,
 )
 
@@ -270,3 +274,84 @@ async def test_the_inspectors_ring_bounds_everything_it_holds(stage: str, cli: C
     print(report)
     assert watch.peak["client"] <= bound, report
     assert app.received == len(payload) * PIPELINED_USERS, report  # every request went by the observer
+
+
+TLS_STAGES = [stage for stage in HARDENED if has_tls(stage)]
+STRANGERS = 1500  # TCP connections an attacker opens (the control port has ~2,500 slots here)
+HANDSHAKES = 600  # TLS handshakes an attacker tries at once
+TLS_COST = 400 * 1024  # what one TLS connection may cost the server: asyncio's is ~330 KB
+TLS_SLACK = 32 * MiB  # the server's own objects for the strangers' sockets and tasks
+
+
+async def start_tls_server(cli: CliProcess.Factory, stage: str) -> CliProcess:
+    """The stage's server with TLS on both ports: the control port's, and HTTPS on the public port."""
+    files = tls_certs.certs()
+    https = ["--https-cert", str(files.cert), "--https-key", str(files.key), "--domain", tls_certs.DOMAIN]
+    return await cli("-m", f"{stage}.server", *server_flags(stage), *https, env={"NGROK_SECRET": SECRET})
+
+
+async def strangers(port: int, does: str) -> list[socket.socket | asyncio.StreamWriter]:
+    """Connections to `port` that prove nothing: silent, one byte of a TLS hello, or a whole TLS handshake."""
+    if does == "a handshake":
+
+        async def shake() -> asyncio.StreamWriter | None:
+            with contextlib.suppress(OSError):  # past the bound the server closes us, or we give up: the point
+                async with asyncio.timeout(5.0):
+                    return (await asyncio.open_connection("127.0.0.1", port, ssl=tls_certs.client_context()))[1]
+            return None
+
+        # All at once: a TLS hello costs the attacker little, a handshake costs both sides some CPU.
+        return [writer for writer in await asyncio.gather(*(shake() for _ in range(HANDSHAKES))) if writer]
+    socks = await connect_all(port, STRANGERS)
+    if does == "one byte":
+        for sock in socks:
+            sock.send(b"\x16")  # a TLS record begins: the server starts a handshake that never ends
+    return list(socks)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_proc(), reason="needs Linux /proc to read the server's memory")
+@pytest.mark.parametrize("stage", TLS_STAGES)
+@pytest.mark.parametrize("port", ["control", "public"])
+@pytest.mark.parametrize("does", ["nothing", "one byte", "a handshake"])
+async def test_tls_connections_that_prove_nothing_cost_a_bounded_amount(
+    stage: str, port: str, does: str, cli: CliProcess.Factory
+) -> None:
+    """2,400 idle TCP connections on the control port took the server from 25 to 790 MB (asyncio's TLS
+    layer makes a 256 KiB buffer for each as soon as it wraps it), 3,000 on the HTTPS port to 985 MB.
+
+    Now a connection costs no TLS layer before its first byte, and at most MAX_STARTUPS per port
+    have one before they prove themselves (the secret, or a request head). The strangers here:
+    1,500 silent, or sending one byte of a TLS hello; or 600 completing a TLS handshake, then silent.
+    """
+    limits = stage_module(stage, "limits")
+    server = await start_tls_server(cli, stage)
+    target = await server.listening(port)
+    pid = server.process.pid
+    base = rss_bytes(pid)
+    bound = base + limits.MAX_STARTUPS * TLS_COST + TLS_SLACK
+    async with RssWatch({"server": pid}, alarm=bound) as watch:
+        held = await strangers(target, does)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):  # what they cost while they stay (the timeouts are 5 and 10 s)
+                    await watch.alarm.wait()
+            if does == "nothing":  # they hold no TLS slot: a real client still gets its handshake at once
+                async with asyncio.timeout(STEP_TIMEOUT):
+                    _, writer = await asyncio.open_connection("127.0.0.1", target, ssl=tls_certs.client_context())
+                writer.close()
+        finally:
+            for conn in held:
+                conn.close()
+    report = f"server {base / 1e6:.1f} MB before, {watch.report()}, {len(held)} strangers held"
+    print(report)
+    assert watch.peak["server"] <= bound, report
+
+
+@pytest.mark.parametrize("stage", TLS_STAGES)
+async def test_max_startups_is_a_command_line_option_checked_for_range(stage: str, cli: CliProcess.Factory) -> None:
+    for bad in ("0", "-1", "65536", "many", "1.5"):
+        assert "--max-startups: expected a whole number from 1 to 65535" in await usage_error(
+            cli, "-m", f"{stage}.server", *tls_flags(stage), "--max-startups", bad
+        )
+    await accepted(cli, "-m", f"{stage}.server", *tls_flags(stage), "--max-startups", "1")
