@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import ipaddress
 import math
+from collections.abc import Callable
 
 
 def listen_port(text: str) -> int:
@@ -29,6 +30,17 @@ def positive_seconds(text: str) -> float:
     if not 0 < value < math.inf:  # false for nan too
         raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
     return value
+
+
+def whole_number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type for a whole number from `low` to `high` (a count, a size in MiB)."""
+
+    def parse(text: str) -> int:
+        if not text.isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {text!r}")
+        return int(text)
+
+    return parse
 
 
 def parse_address(text: str) -> tuple[str, int]:

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import auth, limits, pages
-from .cli import listen_port, positive_seconds
+from .budget import MEMORY_BUDGET, Budget, MiB
+from .cli import listen_port, positive_seconds, whole_number
+from .frames import INITIAL_WINDOW
 from .limits import Listener
 from .protocol import (
     CONTROL_PORT,
@@ -65,11 +67,13 @@ class Server:
         max_waiting: int = MAX_WAITING,
         idle_timeout: float = IDLE_TIMEOUT,
         half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
+        memory_budget: int = MEMORY_BUDGET,
     ) -> None:
         self.proxy_timeout = proxy_timeout  # a user waits this long for the client to accept its stream
         self.timeouts = Timeouts(idle_timeout, half_closed_timeout)  # for silent streams: see relay.py
         self.max_waiting = max_waiting
         self.waiting = 0  # users whose stream the client has not accepted yet
+        self.budget = Budget(memory_budget)  # every stream's window, together (budget.py)
         self._listeners: list[Listener] = []
         self._tasks: set[asyncio.Task[None]] = set()
         # The client's session, if one is connected (see session.py).
@@ -166,6 +170,16 @@ class Server:
         if self.waiting >= self.max_waiting:  # bounded: a flood of users must not pile up here
             await self._refuse(stream, peer, 503, "too many users are waiting; try again soon")
             return
+        try:  # the stream's first window must fit in the memory budget: the user waits for it
+            async with asyncio.timeout(self.proxy_timeout):
+                await self.budget.reserve(INITIAL_WINDOW)
+        except TimeoutError:
+            await self._refuse(stream, peer, 503, "the server's memory for users' bytes is spent; try again soon")
+            return
+        if stream.closed.done():  # the user left while it waited
+            self.budget.give(INITIAL_WINDOW)
+            return
+        stream.charge(self.budget)
         # Open at once, and send the user's first bytes right behind the SYN, within the stream's
         # first window: no round trip to wait for (stage 4 waited for a whole proxy connection).
         stream_id = mux.open(stream)
@@ -255,6 +269,13 @@ def main() -> None:
             help=f"{what} (default: %(default)s)",
         )
     parser.add_argument(
+        "--memory-budget",
+        type=whole_number(16, 1024 * 1024),
+        default=MEMORY_BUDGET // MiB,
+        metavar="MIB",
+        help="the most the users' streams together may make the server buffer, in MiB (default: %(default)s)",
+    )
+    parser.add_argument(
         "--secret",
         default=os.environ.get("NGROK_SECRET"),
         help="a secret the client must prove it knows (default: $NGROK_SECRET, which keeps it out of ps)",
@@ -272,6 +293,7 @@ def main() -> None:
             "heartbeat_timeout": args.heartbeat_timeout,
             "idle_timeout": args.idle_timeout,
             "half_closed_timeout": args.half_closed_timeout,
+            "memory_budget": args.memory_budget * MiB,
         }
         asyncio.run(run(args.host, ports, **options))
     except TunnelError as exc:

@@ -45,7 +45,7 @@ class ObservedStream(Stream):
         if payload:
             self.observer.request_bytes(payload)  # from the user, on its way to the app
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         super().data_received(data)
         self.observer.response_bytes(data)  # from the app, on its way to the user
 

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import auth, limits, pages, routing, tls
+from .budget import MEMORY_BUDGET, Budget, MiB
 from .cli import domain, listen_port, port_range, positive_seconds, whole_number
+from .frames import INITIAL_WINDOW
 from .limits import Listener, Slots
 from .mux import Mux
 from .protocol import (
@@ -76,6 +78,7 @@ class Server:
         idle_timeout: float = IDLE_TIMEOUT,
         half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
         max_startups: int = limits.MAX_STARTUPS,
+        memory_budget: int = MEMORY_BUDGET,
     ) -> None:
         self.proxy_timeout = proxy_timeout  # a user waits this long for the client to accept its stream
         self.handshake_timeout = handshake_timeout  # for TLS handshakes too: one that never ends is let go
@@ -84,6 +87,7 @@ class Server:
         self.tls, self.https, self.domain = tls, https, domain.lower()
         self.max_waiting = max_waiting
         self.waiting = 0  # users whose stream the client has not accepted yet
+        self.budget = Budget(memory_budget)  # every stream's window, on every tunnel, together (budget.py)
         self._listeners: list[Listener] = []
         # TLS connections not yet proved, per port (limits.Startups): the HTTPS port's only with --https-cert.
         self._startups = {role: limits.Startups(role, max_startups) for role in ("control", "public")}
@@ -241,6 +245,16 @@ class Server:
         if self.waiting >= self.max_waiting:  # bounded: a flood of users must not pile up here
             await self._refuse(stream, peer, 503, "too many users are waiting; try again soon")
             return
+        try:  # the stream's first window must fit in the memory budget: the user waits for it
+            async with asyncio.timeout(self.proxy_timeout):
+                await self.budget.reserve(INITIAL_WINDOW)
+        except TimeoutError:
+            await self._refuse(stream, peer, 503, "the server's memory for users' bytes is spent; try again soon")
+            return
+        if stream.closed.done():  # the user left while it waited
+            self.budget.give(INITIAL_WINDOW)
+            return
+        stream.charge(self.budget)
         # Open at once, and send the user's first bytes right behind the SYN, within the stream's
         # first window: no round trip to wait for (stage 4 waited for a whole proxy connection).
         stream_id = mux.open(stream, peer)
@@ -370,6 +384,13 @@ def main() -> None:
         " ~330 KB (default: %(default)s)",
     )
     parser.add_argument(
+        "--memory-budget",
+        type=whole_number(16, 1024 * 1024),
+        default=MEMORY_BUDGET // MiB,
+        metavar="MIB",
+        help="the most the users' streams together may make the server buffer, in MiB (default: %(default)s)",
+    )
+    parser.add_argument(
         "--secret",
         default=os.environ.get("NGROK_SECRET"),
         help="a secret the clients must prove they know (default: $NGROK_SECRET, which keeps it out of ps)",
@@ -395,6 +416,7 @@ def main() -> None:
             "idle_timeout": args.idle_timeout,
             "half_closed_timeout": args.half_closed_timeout,
             "max_startups": args.max_startups,
+            "memory_budget": args.memory_budget * MiB,
         }
         asyncio.run(run(args.host, ports, **options))
     except TunnelError as exc:

@@ -43,6 +43,14 @@ from support import (
 SECRET = "isolation-memory-tests"
 
 
+def is_multiplexed(stage: str) -> bool:
+    """True if the stage carries every user as a stream over the client's one connection (stage 5 on)."""
+    return importlib.util.find_spec(f"{stage}.mux") is not None
+
+
+MULTIPLEXED = [stage for stage in HARDENED if is_multiplexed(stage)]
+
+
 def has_routing(stage: str) -> bool:
     """True if the stage's public port reads each HTTP request's head to route it (stage 6 on)."""
     return importlib.util.find_spec(f"{stage}.routing") is not None
@@ -128,7 +136,7 @@ async def test_a_partial_head_still_gets_408(stage: str) -> None:
     assert answer.startswith(b"HTTP/1.1 408 ")
 
 
-@pytest.mark.parametrize("stage", [stage for stage in HARDENED if importlib.util.find_spec(f"{stage}.tls")])
+@pytest.mark.parametrize("stage", [stage for stage in HARDENED if has_tls(stage)])
 @pytest.mark.parametrize("missing", ["cert", "key", "https-cert", "https-key"])
 async def test_a_missing_certificate_or_key_file_is_named(
     stage: str, missing: str, cli: CliProcess.Factory, tmp_path: Path
@@ -146,7 +154,7 @@ async def test_a_missing_certificate_or_key_file_is_named(
     assert server.lines[-1].endswith(f": no such file {absent!r}"), server.lines[-1]
 
 
-@pytest.mark.parametrize("stage", [stage for stage in HARDENED if importlib.util.find_spec(f"{stage}.tls")])
+@pytest.mark.parametrize("stage", [stage for stage in HARDENED if has_tls(stage)])
 async def test_a_missing_ca_file_is_named(stage: str, cli: CliProcess.Factory, tmp_path: Path) -> None:
     absent = str(tmp_path / "absent-ca.pem")
     no_page = ["--no-inspect"] if has_inspector(stage) else []
@@ -202,12 +210,14 @@ class Sink(LocalServer):
         writer.close()
 
 
-async def connect_all(port: int, count: int) -> list[socket.socket]:
+async def connect_all(port: int, count: int, rcvbuf: int = 0) -> list[socket.socket]:
     """`count` raw connections to `port`, a few hundred at a time (the kernel's accept queue is finite)."""
     loop = asyncio.get_running_loop()
 
     async def one() -> socket.socket:
         sock = socket.socket()
+        if rcvbuf:  # before connecting: it also sets the window TCP offers
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.setblocking(False)
         try:
             async with asyncio.timeout(STEP_TIMEOUT):
@@ -355,3 +365,121 @@ async def test_max_startups_is_a_command_line_option_checked_for_range(stage: st
             cli, "-m", f"{stage}.server", *tls_flags(stage), "--max-startups", bad
         )
     await accepted(cli, "-m", f"{stage}.server", *tls_flags(stage), "--max-startups", "1")
+
+
+class Source(LocalServer):
+    """A local app that answers every request with an endless body, as fast as it is taken."""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n")
+            block = bytes(256 * 1024)
+            while True:
+                writer.write(block)
+                await writer.drain()
+        writer.close()
+
+
+REQUEST = b"GET /endless HTTP/1.1\r\nHost: t.localhost\r\n\r\n"  # t.localhost: the HTTP tunnel of stage 6 on
+
+
+async def downloaders(port: int, count: int) -> list[socket.socket]:
+    """`count` users who ask for a download and read nothing (a small receive buffer: little hides in their kernel)."""
+    loop = asyncio.get_running_loop()
+    users = await connect_all(port, count, rcvbuf=4096)
+    for user in users:
+        await loop.sock_sendall(user, REQUEST)
+    return users
+
+
+BUDGET_MIB = 16  # the servers' --memory-budget here, the least allowed: 256 first windows; 144 users wait
+DOWNLOADERS = 400
+BUDGET_SLACK = 16 * MiB  # each process's own objects for 400 users, beside the bytes it buffers for them
+# Seconds the downloaders stay: before, the client passed its bound at once, the server within 10 to
+# 20 s (its growth speeds up as its users' kernel buffers fill: stage 6's went 34, 42, 72, 123 MB).
+ATTACK = 25.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_proc(), reason="needs Linux /proc to read the processes' memory")
+@pytest.mark.parametrize("stage", MULTIPLEXED)
+async def test_downloaders_who_never_read_cost_no_more_than_the_memory_budget(
+    stage: str, cli: CliProcess.Factory
+) -> None:
+    """2,000 users who read nothing took the server from 25 to 477 MB in 80 s, still rising (a 1 MiB window
+    per stream, 17,472 streams), and the client held one 256 KiB read for each of them (352 MB).
+
+    Now every stream's window counts in the server's budget, and a stream reads no more than its
+    peer has room for. 400 such users against a 16 MiB budget: neither process may hold more (the
+    client of stage 7 also keeps its inspector's ring, bounded by its own BYTE_LIMIT).
+    """
+    async with Source() as app:
+        tunnel = await start_cli_tunnel(cli, stage, app.port, "--memory-budget", str(BUDGET_MIB))
+        pids = tunnel.pids()
+        base = {name: rss_bytes(pid) for name, pid in pids.items()}
+        # The alarm stops a run far past both bounds, not at the first: each process is judged on its own.
+        alarm = 4 * (max(base.values()) + BUDGET_MIB * MiB + ring(stage) + BUDGET_SLACK)
+        async with RssWatch(pids, alarm=alarm) as watch:
+            users = await downloaders(tunnel.users, DOWNLOADERS)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(ATTACK):
+                        await watch.alarm.wait()
+            finally:
+                for user in users:
+                    user.close()
+    report = f"before: {', '.join(f'{n} {b / 1e6:.1f} MB' for n, b in base.items())}; peak: {watch.report()}"
+    print(report)
+    assert watch.peak["server"] <= base["server"] + BUDGET_MIB * MiB + BUDGET_SLACK, report
+    assert watch.peak["client"] <= base["client"] + BUDGET_MIB * MiB + ring(stage) + BUDGET_SLACK, report
+
+
+def ring(stage: str) -> int:
+    """The most the client's inspector keeps of the exchanges it saw (stage 7 on): its ring's bytes."""
+    return int(stage_module(stage, "capture").BYTE_LIMIT) if has_inspector(stage) else 0
+
+
+@pytest.mark.parametrize("stage", MULTIPLEXED)
+async def test_a_user_past_the_memory_budget_waits_for_room_then_gets_503(stage: str) -> None:
+    """New streams wait when the budget is spent: served as soon as others leave, a 503 page after the proxy timeout."""
+    initial_window = stage_module(stage, "frames").INITIAL_WINDOW
+    budget = 16 * MiB  # the least the command line allows: 256 first windows
+    async with Source() as app, tunnel(stage, app.port, memory_budget=budget, proxy_timeout=2.0) as (server, _, port):
+        holders = await downloaders(port, budget // initial_window)
+        try:
+            async with asyncio.timeout(STEP_TIMEOUT):
+                while server.budget.used < budget:  # noqa: ASYNC110 (a count to reach, no event)
+                    await asyncio.sleep(0.02)
+            started = asyncio.get_running_loop().time()
+            assert await read_status(port) == b"503"  # no room within the proxy timeout
+            assert asyncio.get_running_loop().time() - started >= 2.0
+            waiting = asyncio.ensure_future(read_status(port))
+            await asyncio.sleep(0.5)
+            assert not waiting.done()  # no room: it waits, and costs the server only its socket
+            holders[0].close()
+            async with asyncio.timeout(STEP_TIMEOUT):
+                assert await waiting == b"200"  # a user left: served
+        finally:
+            for holder in holders:
+                holder.close()
+
+
+async def read_status(port: int) -> bytes:
+    """Send REQUEST on a new connection; the status code of the answer."""
+    reader, writer = await open_connection(port)
+    try:
+        writer.write(REQUEST)
+        async with asyncio.timeout(STEP_TIMEOUT):
+            return (await reader.readuntil(b"\r\n")).split(b" ")[1]
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("stage", MULTIPLEXED)
+async def test_memory_budget_is_a_command_line_option_checked_for_range(stage: str, cli: CliProcess.Factory) -> None:
+    for bad in ("0", "15", "1048577", "lots", "32.5"):
+        assert "--memory-budget: expected a whole number from 16 to 1048576" in await usage_error(
+            cli, "-m", f"{stage}.server", *tls_flags(stage), "--memory-budget", bad
+        )
+    await accepted(cli, "-m", f"{stage}.server", *tls_flags(stage), "--memory-budget", "16")
