@@ -74,7 +74,7 @@ class Budget:
         """Bytes back: a window shrank, or its stream is gone. Wake the streams waiting, if they now fit."""
         self.used -= size
         while self._waiting and self.used + self._waiting[0][0] <= self.total:
-            size, waiter = self._waiting.popleft()
+            wanted, waiter = self._waiting.popleft()
             if not waiter.done():  # else cancelled: it gave up waiting
-                self.used += size
+                self.used += wanted
                 waiter.set_result(None)
