@@ -49,10 +49,11 @@ async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, flow: Flow,
     try:
         while data := await src.read(CHUNK_SIZE):
             activity.last = time.monotonic()
-            if not flow.head:
-                # Peeking costs nothing here: we keep a copy of the first bytes for
-                # the log and pass them on unchanged, so the far end misses nothing.
-                flow.head = data[:HEAD_SIZE]
+            if len(flow.head) < HEAD_SIZE:
+                # Peeking costs nothing here: we keep a copy of the first bytes for the log and pass
+                # them on unchanged, so the far end misses nothing. Over as many reads as it takes:
+                # a "100 Continue" comes alone, and the log wants the status that follows it.
+                flow.head += data[: HEAD_SIZE - len(flow.head)]
             dst.write(data)
             # Backpressure: if `dst` reads slower than `src` writes, wait here
             # instead of buffering the difference in memory.

@@ -1,6 +1,6 @@
 """Stage 5: one connection for everything: every user a framed stream in the client's one connection.
 
-Layout (new in stage 5: frames.py, mux.py; gone: stage 4's pairing.py and its proxy port):
+Layout (new in stage 5: frames.py, mux.py, budget.py; gone: stage 4's pairing.py and its proxy port):
 
 - `protocol.py`: the handshake's text lines (`hello`, `challenge`, `auth`, `welcome`); every
   timeout and limit, in one place.
@@ -11,6 +11,7 @@ Layout (new in stage 5: frames.py, mux.py; gone: stage 4's pairing.py and its pr
 - `mux.py`: the multiplexer: many streams over one connection, sent in turns, each with its window.
 - `relay.py`: `Stream`, one user's TCP connection (or the local app's) joined to one stream,
   with flow control both ways and the idle and half-closed timeouts.
+- `budget.py`: the memory budget: every stream's window counted in one stated total.
 - `session.py`: the server's side of the tunnel connection: one client at a time, a reconnecting
   client resumes its session at once, a silent one is dropped.
 - `pages.py`: the 502/503/504 pages an HTTP user gets when the tunnel can't serve them.

@@ -17,7 +17,9 @@ import os
 import sys
 
 from . import auth, backoff, private
+from .budget import Budget
 from .cli import parse_address, parse_server, port, positive_seconds
+from .frames import INITIAL_WINDOW
 from .mux import Mux
 from .protocol import (
     CONTROL_PORT,
@@ -58,6 +60,7 @@ class Client:
         self.heartbeat_timeout = heartbeat_timeout
         self.max_backoff = max_backoff
         self.timeouts = Timeouts(idle_timeout, half_closed_timeout)  # for silent relays: see relay.py
+        self.budget = Budget()  # every stream's window, together (budget.py)
         # Set while the server has us as its client; the demo and the tests wait for it.
         self.connected = asyncio.Event()
         # Given by the server at the first handshake; presenting it again when we
@@ -127,6 +130,9 @@ class Client:
     def _open(self, stream_id: int) -> Stream:
         """The server opened a stream for a user: dial the local app for it, in a task of its own."""
         stream = Stream(self.timeouts)
+        # Its first window is the protocol's: the server may have sent its bytes already (budget.py).
+        self.budget.take(INITIAL_WINDOW)
+        stream.charge(self.budget)
         log.debug("stream %d: the server opened it", stream_id)
         # One task per user, so a slow local app never holds up the others.
         task = asyncio.create_task(private.serve_user(stream, self._local_app))
@@ -139,7 +145,7 @@ def main() -> None:
     """Command line: python -m stage_5.client LOCAL [SERVER] [--control-port P] [--secret S] ..."""
     parser = argparse.ArgumentParser(
         prog="python -m stage_5.client",
-        description="Open a tunnel from a stage 4 server to LOCAL, the app on this machine that users should reach.",
+        description="Open a tunnel from a stage 5 server to LOCAL, the app on this machine that users should reach.",
     )
     parser.add_argument("local", type=parse_address, metavar="LOCAL", help="the local app, as host:port")
     parser.add_argument(

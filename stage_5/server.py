@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import auth, limits, pages
-from .cli import count, listen_port, positive_seconds
+from .budget import MEMORY_BUDGET, Budget, MiB
+from .cli import listen_port, positive_seconds, whole_number
+from .frames import INITIAL_WINDOW
 from .limits import Listener
 from .protocol import (
     CONTROL_PORT,
@@ -71,6 +73,7 @@ class Server:
         half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         max_streams_per_address: int = MAX_STREAMS_PER_ADDRESS,
+        memory_budget: int = MEMORY_BUDGET,
     ) -> None:
         self.proxy_timeout = proxy_timeout  # a user waits this long for the client to accept its stream
         # For silent streams, and for users silent after their answer: see relay.py.
@@ -79,6 +82,7 @@ class Server:
         self.max_streams_per_address = max_streams_per_address
         self.streams_from: Counter[str] = Counter()  # the users' streams open now, per source address
         self.waiting = 0  # users whose stream the client has not accepted yet
+        self.budget = Budget(memory_budget)  # every stream's window, together (budget.py)
         self._listeners: list[Listener] = []
         self._tasks: set[asyncio.Task[None]] = set()
         # The client's session, if one is connected (see session.py).
@@ -182,6 +186,16 @@ class Server:
             await self._refuse(stream, peer, 503, f"too many connections from {source} at once; close some first")
             return
         hold(self.streams_from, source, stream.closed)
+        try:  # the stream's first window must fit in the memory budget: the user waits for it
+            async with asyncio.timeout(self.proxy_timeout):
+                await self.budget.reserve(INITIAL_WINDOW)
+        except TimeoutError:
+            await self._refuse(stream, peer, 503, "the server's memory for users' bytes is spent; try again soon")
+            return
+        if stream.closed.done():  # the user left while it waited
+            self.budget.give(INITIAL_WINDOW)
+            return
+        stream.charge(self.budget)
         # Open at once, and send the user's first bytes right behind the SYN, within the stream's
         # first window: no round trip to wait for (stage 4 waited for a whole proxy connection).
         stream_id = mux.open(stream)
@@ -285,10 +299,17 @@ def main() -> None:
         )
     parser.add_argument(
         "--max-streams-per-address",
-        type=count(1, MAX_STREAMS),
+        type=whole_number(1, MAX_STREAMS),
         default=MAX_STREAMS_PER_ADDRESS,
         metavar="N",
         help="the most connections one address (an IPv6 /64) may have open to a tunnel (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--memory-budget",
+        type=whole_number(16, 1024 * 1024),
+        default=MEMORY_BUDGET // MiB,
+        metavar="MIB",
+        help="the most the users' streams together may make the server buffer, in MiB (default: %(default)s)",
     )
     parser.add_argument(
         "--secret",
@@ -310,6 +331,7 @@ def main() -> None:
             "half_closed_timeout": args.half_closed_timeout,
             "keepalive_timeout": args.keepalive_timeout,
             "max_streams_per_address": args.max_streams_per_address,
+            "memory_budget": args.memory_budget * MiB,
         }
         asyncio.run(run(args.host, ports, **options))
     except TunnelError as exc:

@@ -34,15 +34,15 @@ def positive_seconds(text: str) -> float:
     return value
 
 
-def count(low: int, high: int) -> Callable[[str], int]:
-    """argparse type for a bound a user may tune: a whole number from `low` to `high`."""
+def whole_number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type for a whole number from `low` to `high` (a count, a size in MiB)."""
 
-    def checked(text: str) -> int:
+    def parse(text: str) -> int:
         if not text.isdigit() or not low <= int(text) <= high:
-            raise argparse.ArgumentTypeError(f"expected a number from {low} to {high}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {text!r}")
         return int(text)
 
-    return checked
+    return parse
 
 
 def parse_address(text: str) -> tuple[str, int]:

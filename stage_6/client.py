@@ -19,7 +19,9 @@ import ssl
 import sys
 
 from . import auth, backoff, private
+from .budget import Budget
 from .cli import name, parse_address, parse_server, port, positive_seconds
+from .frames import INITIAL_WINDOW
 from .mux import Mux
 from .protocol import (
     CONTROL_PORT,
@@ -72,6 +74,7 @@ class Client:
         self.heartbeat_timeout = heartbeat_timeout
         self.max_backoff = max_backoff
         self.timeouts = Timeouts(idle_timeout, half_closed_timeout)  # for silent relays: see relay.py
+        self.budget = Budget()  # every stream's window, together (budget.py)
         # Set while the server has us as its client; the demo and the tests wait for it.
         self.connected = asyncio.Event()
         # Given by the server at the first handshake; presenting it again when we
@@ -158,6 +161,9 @@ class Client:
     def _open(self, stream_id: int) -> Stream:
         """The server opened a stream for a user: dial the local app for it, in a task of its own."""
         stream = Stream(self.timeouts)
+        # Its first window is the protocol's: the server may have sent its bytes already (budget.py).
+        self.budget.take(INITIAL_WINDOW)
+        stream.charge(self.budget)
         log.debug("stream %d: the server opened it", stream_id)
         # One task per user, so a slow local app never holds up the others.
         task = asyncio.create_task(private.serve_user(stream, self._local_app))
@@ -221,7 +227,7 @@ def main() -> None:
         try:
             context = client_context(args.ca)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise TunnelError(load_error(f"CA file {args.ca}", exc)) from None
+            raise TunnelError(load_error(f"CA file {args.ca}", exc, args.ca)) from None
         client = Client(
             args.local,
             server,

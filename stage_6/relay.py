@@ -1,17 +1,20 @@
 """One stream: a TCP connection (a user, or the local app) joined to one stream of the tunnel connection.
 
 Stage 4's pump was a task per direction: `await read()`, `write()`, `await drain()`. Here the
-event loop hands each chunk to a Protocol, a `Stream`, and its `data_received` passes it on at
-once: no task, no future, no wake-up per chunk (the performance page measures the difference).
+event loop reads each chunk into a buffer that a Protocol, a `Stream`, hands it (`get_buffer`), and
+the Stream passes it on at once: no task, no future, no wake-up per chunk (the performance page
+measures the difference).
 
 Each direction has its own flow control, as SSH channels, yamux and HTTP/2 do:
 
 - Sending (TCP -> tunnel): we may send at most `send_window` bytes that the peer has not yet
   granted back. While our bytes wait for the window, or for the shared connection, we stop reading
-  the TCP connection: the rest waits in the kernel, and we hold at most one read of it.
+  the TCP connection: the rest waits in the kernel. A read takes no more than the window allows,
+  so what we hold is what the peer has room for.
 - Receiving (tunnel -> TCP): once the bytes we received have left for the kernel (our transport's
   buffer is empty again), we grant the peer that many more with a WINDOW frame. A TCP peer that
-  reads slowly gets no grants, and so the sender of its stream stalls: only that stream.
+  reads slowly gets no grants, and so the sender of its stream stalls: only that stream. The
+  window starts small and grows, or shrinks again, within the memory budget (budget.py).
 
 Reading is on exactly while `_should_read()` holds, recomputed after every change. Stage 3's
 Protocol relay instead resumed reading at moments of its own choosing, and lost a pause for good
@@ -29,7 +32,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .frames import MAX_WINDOW, WINDOW
+from .budget import Budget
+from .frames import INITIAL_WINDOW, MAX_WINDOW, WINDOW
 from .protocol import ProtocolError
 
 if TYPE_CHECKING:  # only for the type checker: mux.py imports this module
@@ -38,9 +42,13 @@ if TYPE_CHECKING:  # only for the type checker: mux.py imports this module
 # How much of each direction's first bytes to keep for the server's request log:
 # enough for an HTTP request line ("GET /path HTTP/1.1") or status line.
 HEAD_SIZE = 1024
-# Grant the peer more window once this much has been consumed: one WINDOW frame per 256 KiB,
-# not one per chunk, while the sender still has 3/4 of its window to keep the pipe full.
-GRANT_EVERY = WINDOW // 4
+# The most one read takes from a TCP connection: what the event loop reads at most in one go anyway.
+READ_SIZE = 256 * 1024
+# Every stream reads into this one buffer, and copies out what it read at once (see get_buffer).
+# WHY one: a fresh 256 KiB buffer per read is zeroed first, for a request of 100 bytes too; that cost
+# keep-alive requests a third of their speed. One buffer is safe: the event loop fills it and tells
+# us in the same breath (buffer_updated), and nothing else runs in between.
+SCRATCH = memoryview(bytearray(READ_SIZE))
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,7 @@ class Flow:
     done: bool = False
 
 
-class Stream(asyncio.Protocol):
+class Stream(asyncio.BufferedProtocol):
     """A TCP connection relayed through one stream of a Mux, with flow control both ways."""
 
     transport: asyncio.Transport | None = None
@@ -79,11 +87,13 @@ class Stream(asyncio.Protocol):
         # Sending: bytes read from TCP, not yet framed; the peer's grant; the EOF still to send.
         self._outbox: deque[memoryview] = deque()
         self.queued = 0
-        self.send_window = WINDOW
+        self.send_window = INITIAL_WINDOW
         self.fin_pending = self.fin_sent = False
         # Receiving: what the peer may still send; consumed bytes not yet granted back; bytes
         # that came before the TCP connection (the client dials the app while the first arrive).
-        self.recv_window = WINDOW
+        self.recv_window = INITIAL_WINDOW
+        self.window = INITIAL_WINDOW  # all the peer may send before we grant more: what we promised
+        self.budget: Budget | None = None  # where our window is counted (see charge)
         self._consumed = 0
         self._unwritten = 0  # written to the transport, still in its buffer
         self._writing_paused = False
@@ -119,12 +129,22 @@ class Stream(asyncio.Protocol):
             self._write_eof()
         self._update_reading()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # WHY we hand out the buffer: a Protocol is handed whatever the kernel has, up to 256 KiB, even
+        # when the peer has room for 1 KiB; the rest waited here. 2,000 users who read nothing made a
+        # client hold one such read each (352 MB). A read now takes what the window has room for.
+        room = self.send_window if not (self.reset_reason or self.refusing) else READ_SIZE
+        return SCRATCH if room >= READ_SIZE else SCRATCH[: max(room, 1)]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(SCRATCH[:nbytes]))  # a copy: the next read of any stream reuses SCRATCH
+
+    def data_received(self, data: bytes | memoryview) -> None:
         self._last = time.monotonic()
         self._their_turn = False
         if not self.sent.head:
             # We keep a copy of the first bytes for the log and pass them on unchanged.
-            self.sent.head = data[:HEAD_SIZE]
+            self.sent.head = bytes(data[:HEAD_SIZE])
             self._heard()
         self.sent.copied += len(data)
         if self.reset_reason or self.refusing:
@@ -153,6 +173,7 @@ class Stream(asyncio.Protocol):
             self._timer.cancel()
         if not (self.fin_sent and self.got_fin):  # lost before both directions ended cleanly
             self.reset(f"the connection was {'reset' if exc else 'closed'}")
+        self._release()  # what the transport still held is gone with it
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -202,11 +223,13 @@ class Stream(asyncio.Protocol):
         self._last = time.monotonic()
         if payload:
             self._their_turn = True
-            if not self.received.head:
-                self.received.head = bytes(payload[:HEAD_SIZE])  # a copy: payload is a view (frames.Parser)
+            if len(self.received.head) < HEAD_SIZE:
+                # A copy (payload is a view: frames.Parser), over as many frames as it takes: a
+                # "100 Continue" comes alone, and the log wants the status that follows it.
+                self.received.head += payload[: HEAD_SIZE - len(self.received.head)]
             self.received.copied += len(payload)
             if self.transport is None:
-                self._early.append(bytes(payload))  # counted in recv_window: bounded by WINDOW
+                self._early.append(bytes(payload))  # counted in recv_window: bounded by the window
             else:
                 self._write(payload)
         if fin:
@@ -241,7 +264,14 @@ class Stream(asyncio.Protocol):
         self.on_answer(reason)  # a user still waiting for an answer gets this one (a 502 page)
         if self.transport is not None and self.answered.result() is None:
             self._abort()  # a relayed connection: a reset ends it at once, as it would without us
+        if self.transport is None:
+            self._early.clear()
+            self._release()  # no connection will come to hold our bytes (the local app was down)
         self._update_reading()
+
+    def charge(self, budget: Budget) -> None:
+        """Count this stream's window in `budget` (whose caller took INITIAL_WINDOW for it already)."""
+        self.budget = budget
 
     # --- inside ------------------------------------------------------------------------------
 
@@ -293,16 +323,37 @@ class Stream(asyncio.Protocol):
         self.transport.abort()
 
     def _grant(self, consumed: int) -> None:
+        # One WINDOW frame per quarter of the window consumed, not one per chunk: the sender still
+        # has 3/4 of its window to keep the pipe full meanwhile.
         self._consumed += consumed
-        if self._consumed >= GRANT_EVERY and self.mux is not None and not self.got_fin and not self.reset_reason:
-            self.recv_window += self._consumed
-            self.mux.grant(self, self._consumed)
+        if self._consumed >= self.window // 4 and self.mux is not None and not self.got_fin and not self.reset_reason:
+            increment = self._consumed + self._resize()
             self._consumed = 0
+            if increment:
+                self.recv_window += increment
+                self.mux.grant(self, increment)
+
+    def _resize(self) -> int:
+        """Grow the window while the budget has room, shrink it when it is short; the change in bytes."""
+        if self.budget is None:
+            return 0
+        if not self.budget.crowded():
+            change = self.budget.grow(WINDOW - self.window)
+        else:  # shrink by what was consumed, at most: bytes already promised can't be taken back
+            change = -min(self.window - INITIAL_WINDOW, self._consumed)
+            self.budget.give(-change)
+        self.window += change
+        return change
+
+    def _release(self) -> None:
+        if self.budget is not None:  # once
+            self.budget.give(self.window)
+            self.budget = None
 
     def _should_read(self) -> bool:
-        # Read only while nothing we read waits to be framed: we hold at most one read.
+        # Read only while nothing we read waits to be framed, and the peer has room for more.
         # A stream that is reset or refused reads on, and drops what it reads.
-        return bool(self.reset_reason or self.refusing) or not self.queued
+        return bool(self.reset_reason or self.refusing) or (not self.queued and self.send_window > 0)
 
     def _update_reading(self) -> None:
         transport = self.transport

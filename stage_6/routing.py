@@ -19,6 +19,7 @@ import re
 import socket
 import ssl
 
+from . import limits
 from .relay import Stream
 
 # nginx allows 4 headers of 8 KiB by default; real requests are well below 16 KiB.
@@ -85,11 +86,8 @@ async def read_head(
     `check` then says if they hold a head. OSError if the user left before, or if a TLS handshake
     failed or did not finish within `timeout`.
     """
-    loop = asyncio.get_running_loop()
     head = Head()
-    transport, _ = await loop.connect_accepted_socket(
-        lambda: head, conn, ssl=tls, ssl_handshake_timeout=timeout if tls else None
-    )
+    transport = await limits.wrap(conn, lambda: head, tls, timeout)
     try:
         async with asyncio.timeout(timeout):
             await asyncio.shield(head.done)  # shielded: a timeout must not mark it done (cancelled)

@@ -20,12 +20,14 @@ import ssl
 import sys
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from . import auth, limits, pages, routing, tls
-from .cli import count, domain, listen_port, port_range, positive_seconds
+from .budget import MEMORY_BUDGET, Budget, MiB
+from .cli import domain, listen_port, port_range, positive_seconds, whole_number
+from .frames import INITIAL_WINDOW
 from .limits import Listener, Slots
 from .mux import Mux
 from .protocol import (
@@ -84,6 +86,8 @@ class Server:
         half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         max_streams_per_address: int = MAX_STREAMS_PER_ADDRESS,
+        max_startups: int = limits.MAX_STARTUPS,
+        memory_budget: int = MEMORY_BUDGET,
     ) -> None:
         self.proxy_timeout = proxy_timeout  # a user waits this long for the client to accept its stream
         self.handshake_timeout = handshake_timeout  # for TLS handshakes too: one that never ends is let go
@@ -96,7 +100,10 @@ class Server:
         self.tls, self.https, self.domain = tls, https, domain.lower()
         self.max_waiting = max_waiting
         self.waiting = 0  # users whose stream the client has not accepted yet
+        self.budget = Budget(memory_budget)  # every stream's window, on every tunnel, together (budget.py)
         self._listeners: list[Listener] = []
+        # TLS connections not yet proved, per port (limits.Startups): the HTTPS port's only with --https-cert.
+        self._startups = {role: limits.Startups(role, max_startups) for role in ("control", "public")}
         self._tasks: set[asyncio.Task[None]] = set()
         self._tunnels = Tunnels(tcp_ports, self._spawn, self._handle_tcp)
         self._sessions = Sessions(
@@ -177,52 +184,69 @@ class Server:
         # handshake: a big buffer limit keeps reads large (DATA_LIMIT); read_message still refuses a
         # handshake line over MAX_LINE.
         peer = "{}:{}".format(*conn.getpeername()[:2])
+        try:  # a place among the unproven, from its first byte until its welcome (limits.Startups)
+            slot = await self._startups["control"].admit(conn, self.handshake_timeout)
+        except OSError as exc:
+            log.debug("%s: %s; closed", peer, exc)
+            return
         try:
             reader, writer = await limits.streams(conn, DATA_LIMIT, self.tls, self.handshake_timeout)
         except OSError as exc:  # ssl.SSLError: not TLS (e.g. a plain "hello" line), or a failed handshake
             reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__  # some have no text
             log.warning("%s: TLS handshake failed (%s); closed", peer, reason)
+            slot.release()
             return
+        transport = writer.transport
+        assert isinstance(transport, asyncio.Transport)  # TLS over TCP: it reads, writes and aborts
         try:
-            await self._sessions.handle_control(reader, writer)
+            await self._sessions.handle_control(reader, writer, slot.release)
         finally:
-            writer.close()
-            with contextlib.suppress(OSError):  # a TLS peer that vanished can't say goodbye
-                await writer.wait_closed()
+            await close(transport, writer.wait_closed(), proved=not slot.held)
+            slot.release()
 
     # --8<-- [start:http]
     async def _handle_http(self, conn: socket.socket) -> None:
         """A user of the public port: read its request's head, find the tunnel its Host names, relay."""
+        slot = None
+        if self.https is not None:
+            peer = "{}:{}".format(*conn.getpeername()[:2])
+            try:  # a place among the unproven, from its first byte until its head names a tunnel (limits.Startups)
+                slot = await self._startups["public"].admit(conn, self.head_timeout)
+            except OSError as exc:
+                log.debug("%s: %s; closed", peer, exc)
+                return
         stream = Stream(self.http_timeouts)
-        data, ended = await routing.read_head(conn, stream, self.https, self.head_timeout)  # OSError: it left
-        peer = peername(stream)
         try:
+            data, ended = await routing.read_head(conn, stream, self.https, self.head_timeout)  # OSError: it left
+            peer = peername(stream)
+            if not data:  # a browser's preconnect left unused, a port scan: no request, nothing to answer
+                log.debug("%s: sent nothing; closed", peer)
+                return
             name = routing.tunnel_name(routing.check(data, ended), self.domain)
             session = self._tunnels.find(name)
             if session is None:
                 raise BadRequest(404, f"no tunnel is named {name!r} on this server")
+            if slot is not None:
+                slot.release()  # a user of one of our tunnels
             await self._serve_user(stream, peer, session)
         except BadRequest as exc:
             await self._refuse(stream, peer, exc.status, exc.cause, http=True)
         finally:
-            await self._close(stream)
+            if stream.transport is not None:
+                await close(stream.transport, stream.closed, proved=slot is None or not slot.held)
+            if slot is not None:
+                slot.release()
 
     # --8<-- [end:http]
 
     async def _handle_tcp(self, session: Session, conn: socket.socket) -> None:
         """A user of a TCP tunnel's port: no head to read, the port says whose it is."""
         stream = Stream(self.timeouts)
-        await asyncio.get_running_loop().connect_accepted_socket(lambda: stream, conn)
+        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(lambda: stream, conn)
         try:
             await self._serve_user(stream, peername(stream), session)
         finally:
-            await self._close(stream)
-
-    @staticmethod
-    async def _close(stream: Stream) -> None:
-        if stream.transport is not None:
-            stream.transport.close()  # sends what is still buffered first
-        await stream.closed  # the slot is free once the descriptor is
+            await close(transport, stream.closed, proved=True)
 
     async def _serve_user(self, stream: Stream, peer: str, session: Session) -> None:
         """One user: open a stream for it on its tunnel's client connection, and log it when it ends."""
@@ -244,6 +268,16 @@ class Server:
             await self._refuse(stream, peer, 503, f"too many connections from {source} at once; close some first")
             return
         hold(session.streams_from, source, stream.closed)
+        try:  # the stream's first window must fit in the memory budget: the user waits for it
+            async with asyncio.timeout(self.proxy_timeout):
+                await self.budget.reserve(INITIAL_WINDOW)
+        except TimeoutError:
+            await self._refuse(stream, peer, 503, "the server's memory for users' bytes is spent; try again soon")
+            return
+        if stream.closed.done():  # the user left while it waited
+            self.budget.give(INITIAL_WINDOW)
+            return
+        stream.charge(self.budget)
         # Open at once, and send the user's first bytes right behind the SYN, within the stream's
         # first window: no round trip to wait for (stage 4 waited for a whole proxy connection).
         stream_id = mux.open(stream)
@@ -289,6 +323,20 @@ def hold(counts: Counter[str], source: str, until: asyncio.Future[None]) -> None
             del counts[source]  # the sources connected now, not every source ever seen
 
     until.add_done_callback(release)
+
+
+async def close(transport: asyncio.Transport, closed: Awaitable[None], proved: bool) -> None:
+    """Close a user's or a client's connection, and return once it is gone.
+
+    One that proved nothing is cut (a reset), not closed: TLS would wait up to 30 s for its
+    goodbye (close_notify), holding its 256 KiB buffer and its place among the unproven.
+    """
+    if proved:
+        transport.close()  # sends what is still buffered first
+    else:
+        transport.abort()
+    with contextlib.suppress(OSError):  # a peer that vanished
+        await closed  # the descriptor's slot is free once it is gone
 
 
 def peername(stream: Stream) -> str:
@@ -365,17 +413,32 @@ def main() -> None:
         )
     parser.add_argument(
         "--max-tunnels-per-address",
-        type=count(1, MAX_TUNNELS),
+        type=whole_number(1, MAX_TUNNELS),
         default=MAX_TUNNELS_PER_ADDRESS,
         metavar="N",
         help="the most tunnels one address (an IPv6 /64) may hold, kept ones included (default: %(default)s)",
     )
     parser.add_argument(
         "--max-streams-per-address",
-        type=count(1, MAX_STREAMS),
+        type=whole_number(1, MAX_STREAMS),
         default=MAX_STREAMS_PER_ADDRESS,
         metavar="N",
         help="the most connections one address (an IPv6 /64) may have open to a tunnel (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-startups",
+        type=whole_number(1, 65535),
+        default=limits.MAX_STARTUPS,
+        metavar="COUNT",
+        help="TLS connections per port that have not proved themselves yet, at most at once: each costs"
+        " ~330 KB (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--memory-budget",
+        type=whole_number(16, 1024 * 1024),
+        default=MEMORY_BUDGET // MiB,
+        metavar="MIB",
+        help="the most the users' streams together may make the server buffer, in MiB (default: %(default)s)",
     )
     parser.add_argument(
         "--secret",
@@ -405,6 +468,8 @@ def main() -> None:
             "half_closed_timeout": args.half_closed_timeout,
             "keepalive_timeout": args.keepalive_timeout,
             "max_streams_per_address": args.max_streams_per_address,
+            "max_startups": args.max_startups,
+            "memory_budget": args.memory_budget * MiB,
         }
         asyncio.run(run(args.host, ports, **options))
     except TunnelError as exc:
@@ -418,7 +483,7 @@ def contexts(what: str, cert: str, key: str) -> ssl.SSLContext:
     try:
         return tls.server_context(cert, key)
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        raise TunnelError(tls.load_error(f"{what} {cert} or its key {key}", exc)) from None
+        raise TunnelError(tls.load_error(f"{what} {cert} or its key {key}", exc, cert, key)) from None
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import asyncio
 import functools
 import logging
 import secrets
+from collections.abc import Callable
 
 from . import auth
 from .mux import Mux
@@ -67,8 +68,13 @@ class Sessions:
         self.by_id: dict[str, Session] = {}
         self.throttle = auth.Throttle()  # slows down anyone guessing the secret
 
-    async def handle_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One control connection, from handshake to close: the task the control port spawns."""
+    async def handle_control(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, admitted: Callable[[], None] = lambda: None
+    ) -> None:
+        """One control connection, from handshake to close: the task the control port spawns.
+
+        `admitted` is called once the client is in (see limits.Startups: it proved itself).
+        """
         host, port = writer.get_extra_info("peername")[:2]
         peer, session, mux, stopped = f"{host}:{port}", None, None, False
         # --8<-- [start:handshake]
@@ -79,6 +85,7 @@ class Sessions:
             # The welcome is the last line: from here on, both sides speak frames (frames.py).
             mux = Mux(reader, writer, peer="the client", heartbeat_timeout=self.heartbeat_timeout)
             await write_message(writer, Welcome(session.session_id, session.tunnel, session.url))
+            admitted()
             # --8<-- [end:handshake]
             session.mux = mux
             await mux.run()  # until the client leaves, falls silent or breaks the protocol

@@ -4,7 +4,9 @@
   chunk on, it hands a copy to an Observer (observe.py). The relay never waits for it.
 - `Store` keeps the last `limit` exchanges, and at most `byte_limit` bytes of their heads and
   bodies: the oldest go first. A tunnel left running for a week serves millions of requests;
-  the inspector must not grow with them. It also tells the page's live feeds what changed.
+  the inspector must not grow with them. The bound covers what the ring has let go of but can't
+  free yet: an exchange still waiting for its answer stays with its connection's observer. It
+  also tells the page's live feeds what changed.
 - `replay` sends a captured request again, to the local app and nowhere else, and captures the
   answer as a new exchange beside the old one.
 """
@@ -21,6 +23,7 @@ LIMIT = 500
 BYTE_LIMIT = 32 * 1024 * 1024
 # What an exchange costs besides its heads and bodies: the Python objects that hold them (two
 # Messages, the Exchange, their lists and strings), measured with sys.getsizeof: about 1.4 KiB.
+# It is also what a dropped exchange still waiting for its answer is counted at (see _evict).
 ENTRY_OVERHEAD = 1536
 # A replayed request waits this long for the local app's whole response.
 REPLAY_TIMEOUT = 30.0
@@ -42,7 +45,7 @@ class ObservedStream(Stream):
         if payload:
             self.observer.request_bytes(payload)  # from the user, on its way to the app
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         super().data_received(data)
         self.observer.response_bytes(data)  # from the app, on its way to the user
 
@@ -69,8 +72,9 @@ class Store:
     def __init__(self, limit: int = LIMIT, byte_limit: int = BYTE_LIMIT) -> None:
         self.limit, self.byte_limit = limit, byte_limit
         self.entries: OrderedDict[int, Exchange] = OrderedDict()  # oldest first
-        self.bytes = 0  # what the entries hold, as `size` counts it
+        self.bytes = 0  # what the entries hold, as `size` counts it, and the dropped ones still pending
         self._sizes: dict[int, int] = {}
+        self._pending_dropped: set[int] = set()  # ids of exchanges dropped from the list before they ended
         self._next_id = 1
         self.watchers: set[Watcher] = set()
 
@@ -83,37 +87,47 @@ class Store:
 
     def opened(self, exchange: Exchange) -> None:
         exchange.id, self._next_id = self._next_id, self._next_id + 1
+        size = self.size(exchange)
+        while self.entries and (len(self.entries) >= self.limit or self.bytes + size > self.byte_limit):
+            self._evict()
+        if self.bytes + size > self.byte_limit:
+            # Dropped exchanges still waiting for their answers fill the ring by themselves: users
+            # pipelining thousands of requests to an app that never answers. Keep nothing of this
+            # one either; its observer sees keep_limit 0 and stops observing its connection.
+            drop(exchange)
+            return
         self.entries[exchange.id] = exchange
-        self._sizes[exchange.id] = size = self.size(exchange)
+        self._sizes[exchange.id] = size
         self.bytes += size
-        if len(self.entries) > self.limit or self.bytes > self.byte_limit:
-            self._evict_over_limits()
         if self.watchers:
             self._notify(exchange)
 
     def grew(self, exchange: Exchange, size: int) -> None:
         # Counted as it grows, never recomputed: this runs for every piece of every body kept.
-        if exchange.id in self._sizes:  # else dropped already: it keeps no body any more (see _evict)
+        if exchange.id in self._sizes:  # else dropped already: it keeps nothing any more (see drop)
             self._sizes[exchange.id] += size
             self.bytes += size
-            if self.bytes > self.byte_limit:
-                self._evict_over_limits()
+            while self.bytes > self.byte_limit and self.entries:
+                self._evict()
 
     def changed(self, exchange: Exchange) -> None:
+        if exchange.state != PENDING and exchange.id in self._pending_dropped:
+            self._pending_dropped.discard(exchange.id)  # its observer lets go of it now
+            self.bytes -= ENTRY_OVERHEAD
         if self.watchers:
             self._notify(exchange)
 
-    def _evict_over_limits(self) -> None:
-        while len(self.entries) > self.limit or self.bytes > self.byte_limit:
-            self._evict()
-
     def _evict(self) -> None:
-        """Drop the oldest exchange. If it is still going on, its observer keeps counting, not keeping."""
+        """Drop the oldest exchange from the list; if it is still going on, count what its observer still holds."""
         exchange_id, exchange = self.entries.popitem(last=False)
         self.bytes -= self._sizes.pop(exchange_id)
-        exchange.keep_limit = 0
-        exchange.request.body = bytearray()
-        exchange.response.body = bytearray()
+        # WHY count it: the observer of its connection holds it until its answer comes, to pair the
+        # answers with the requests. 300 users pipelining 64 requests each to an app that never
+        # answers left 19,200 such exchanges with their 30 KiB heads: 712 MB the ring never counted.
+        if exchange.state == PENDING:
+            self._pending_dropped.add(exchange_id)
+            self.bytes += ENTRY_OVERHEAD
+        drop(exchange)
 
     def _notify(self, exchange: Exchange) -> None:
         for watcher in self.watchers:
@@ -121,6 +135,16 @@ class Store:
             if len(watcher.changed) > self.limit:  # a feed that reads slowly: forget what was dropped
                 watcher.changed = {i: None for i in watcher.changed if i in self.entries}
             watcher.wake.set()
+
+
+def drop(exchange: Exchange) -> None:
+    """Keep nothing of an exchange the ring let go of: no heads, bodies or path, only what framing needs."""
+    exchange.keep_limit = 0  # its observer counts its bytes from now on, and keeps none
+    exchange.target = ""
+    if exchange.method not in ("HEAD", "CONNECT"):  # the observer still frames their answers by these two
+        exchange.method = ""
+    for message in (exchange.request, exchange.response):
+        message.head, message.trailers, message.body = b"", b"", bytearray()
 
 
 def replayable(exchange: Exchange) -> str | None:
@@ -155,6 +179,7 @@ async def replay(store: Store, local: tuple[str, int], exchange_id: int) -> Exch
         raise ReplayError(f"no request {exchange_id} (the inspector keeps the last {store.limit})")
     if why := replayable(original):
         raise ReplayError(f"request {exchange_id} can't be replayed: {why}")
+    data = request_bytes(original)  # now: while we connect, the ring may drop it (and its bytes)
     observer = Observer(store, "replay", replay_of=exchange_id)
     try:
         async with asyncio.timeout(NETWORK_TIMEOUT):
@@ -162,7 +187,6 @@ async def replay(store: Store, local: tuple[str, int], exchange_id: int) -> Exch
     except OSError as exc:
         raise ReplayError(f"the local app at {local[0]}:{local[1]} can't be reached ({exc})") from None
     try:
-        data = request_bytes(original)
         writer.write(data)
         observer.request_bytes(data)
         exchange = observer.latest
@@ -175,7 +199,7 @@ async def replay(store: Store, local: tuple[str, int], exchange_id: int) -> Exch
             observer.close(f"no whole response from the local app within {REPLAY_TIMEOUT:g}s")
         except OSError as exc:
             observer.close(f"the connection to the local app failed ({exc})")
-        observer.close()  # a response that lasts until the close ends here
         return exchange
     finally:
+        observer.close()  # a response that lasts until the close ends here (and a cancelled replay too)
         writer.close()

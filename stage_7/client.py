@@ -22,7 +22,9 @@ import ssl
 import sys
 
 from . import auth, backoff, private
+from .budget import Budget
 from .cli import listen_port, name, parse_address, parse_server, port, positive_seconds
+from .frames import INITIAL_WINDOW
 from .inspector import INSPECT_PORT, Inspector
 from .mux import Mux
 from .protocol import (
@@ -78,6 +80,7 @@ class Client:
         self.heartbeat_timeout = heartbeat_timeout
         self.max_backoff = max_backoff
         self.timeouts = Timeouts(idle_timeout, half_closed_timeout)  # for silent relays: see relay.py
+        self.budget = Budget()  # every stream's window, together (budget.py)
         # Set while the server has us as its client; the demo and the tests wait for it.
         self.connected = asyncio.Event()
         # Given by the server at the first handshake; presenting it again when we
@@ -131,7 +134,7 @@ class Client:
             raise Refused(verify_error(exc, self.server)) from None  # an impostor, or a missing --ca
         except ssl.SSLError as exc:
             if exc.reason == "WRONG_VERSION_NUMBER":  # the reply was not TLS at all
-                raise Refused(f"{where} does not speak TLS; is it a stage 6 server?") from None
+                raise Refused(f"{where} does not speak TLS; is it a stage 7 server?") from None
             raise TunnelError(f"TLS with {where} failed ({exc.reason or exc})") from None
         except OSError as exc:
             raise TunnelError(f"cannot reach {where} ({private.why(exc)})") from None
@@ -164,6 +167,9 @@ class Client:
     def _open(self, stream_id: int, user: str) -> Stream:
         """The server opened a stream for `user` (its address): dial the local app for it, in a task of its own."""
         stream = self.inspector.stream(self.timeouts, user) if self.inspector else Stream(self.timeouts)
+        # Its first window is the protocol's: the server may have sent its bytes already (budget.py).
+        self.budget.take(INITIAL_WINDOW)
+        stream.charge(self.budget)
         log.debug("stream %d: the server opened it", stream_id)
         # One task per user, so a slow local app never holds up the others.
         task = asyncio.create_task(private.serve_user(stream, self._local_app))
@@ -188,7 +194,7 @@ def main() -> None:
     """Command line: python -m stage_7.client LOCAL [SERVER] [--ca FILE] [--name NAME | --tcp] ..."""
     parser = argparse.ArgumentParser(
         prog="python -m stage_7.client",
-        description="Open a tunnel from a stage 6 server to LOCAL, the app on this machine that users should reach.",
+        description="Open a tunnel from a stage 7 server to LOCAL, the app on this machine that users should reach.",
     )
     parser.add_argument("local", type=parse_address, metavar="LOCAL", help="the local app, as host:port")
     parser.add_argument(
@@ -250,7 +256,7 @@ def main() -> None:
         try:
             context = client_context(args.ca)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise TunnelError(load_error(f"CA file {args.ca}", exc)) from None
+            raise TunnelError(load_error(f"CA file {args.ca}", exc, args.ca)) from None
         client = Client(
             args.local,
             server,

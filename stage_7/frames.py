@@ -36,12 +36,15 @@ HEADER_SIZE = HEADER.size  # 10 bytes
 MAX_FRAME = 64 * 1024
 # Each stream starts with this window each way: a sender may have at most this many bytes on
 # their way to the receiver, or in its buffers, before the receiver grants more (WINDOW frames).
-# WHY 1 MiB (it was 256 KiB, one read of the event loop): a stream can move at most one window
-# per round trip of a grant, and between two processes on a busy machine that round trip is
-# the time both take to be scheduled. With one read's worth in flight, the sender stopped after
-# every read to wait for the grant: 1 MiB moved bulk transfers 1.2-1.4x faster (README, speed).
-# It is also the most a stream can make its receiver buffer (a user who does not read): memory
-# stays bounded per stream, and by MAX_STREAMS windows in all. OpenSSH's channels use 2 MiB.
+# HTTP/2's first window too: a page or a request of up to 64 KiB goes without waiting for a grant.
+INITIAL_WINDOW = 64 * 1024
+# A receiver that passes bytes on grows a stream's window up to this, within its memory budget
+# (budget.py). WHY 1 MiB (it was 256 KiB, one read of the event loop): a stream can move at most
+# one window per round trip of a grant, and between two processes on a busy machine that round
+# trip is the time both take to be scheduled. With one read's worth in flight, the sender stopped
+# after every read to wait for the grant: 1 MiB moved bulk transfers 1.2-1.4x faster (README,
+# speed). It is also the most a stream can make its receiver buffer (a user who does not read),
+# which is why windows start small: OpenSSH's channels use 2 MiB.
 WINDOW = 1024 * 1024
 # A window may never grow past this (HTTP/2's limit): a peer that grants more is broken.
 MAX_WINDOW = 2**31 - 1

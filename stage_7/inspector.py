@@ -14,7 +14,8 @@ What comes from the traffic is hostile until shown otherwise: a path can be `/<s
 page builds its DOM with textContent only, and the page's Content-Security-Policy lets no script
 run but its own (by hash) should that ever slip. The server binds 127.0.0.1 unless told otherwise,
 and it answers only to a Host header that names loopback, so a web site can't reach it through
-DNS rebinding; a replay must carry a header that a cross-site form can't send.
+DNS rebinding; a replay must carry a header that a cross-site form can't send; and no other site
+may show the page in a frame, under buttons of its own (clickjacking).
 """
 
 import asyncio
@@ -47,6 +48,9 @@ KEEPALIVE_INTERVAL = 15.0  # a comment line on an idle feed, so that a closed pa
 HEX_PREVIEW = 256  # bytes of a binary body shown in hex
 REPLAY_HEADER = "x-inspector"  # a custom header forces a CORS preflight, which we never answer: same-origin only
 ROUTE = re.compile(r"/api/requests/(\d{1,12})(/replay)?")
+# The names a browser on this machine uses for loopback. Exact names only: a test like "begins
+# with 127." let `127.attacker.example` in, a name whose owner points it wherever he likes.
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 
 
 def script_hashes(page: bytes) -> str:
@@ -58,7 +62,12 @@ def script_hashes(page: bytes) -> str:
     return "; ".join(sources)
 
 
-CSP = f"default-src 'none'; connect-src 'self'; img-src data:; {script_hashes(PAGE)}; base-uri 'none'"
+# frame-ancestors 'none': no page may frame this one (the policy's word for X-Frame-Options: DENY,
+# which respond() sends too, for browsers that know only the older header).
+CSP = (
+    f"default-src 'none'; connect-src 'self'; img-src data:; {script_hashes(PAGE)}; base-uri 'none'; "
+    "frame-ancestors 'none'"
+)
 
 
 class Inspector:
@@ -150,10 +159,8 @@ class Inspector:
         with contextlib.suppress(ValueError):
             if not ipaddress.ip_address(self.host).is_loopback:
                 return True  # bound elsewhere on purpose (--inspect-host): any name may lead here
-        if len(hosts) != 1:
-            return False
-        name = hosts[0].rpartition(":")[0] if hosts[0].endswith(f":{self.port}") else ""
-        return name in ("localhost", "[::1]") or name.startswith("127.")
+        bound = f"[{self.host}]" if ":" in self.host else self.host  # e.g. 127.0.0.2 (--inspect-host)
+        return len(hosts) == 1 and hosts[0] in {f"{name}:{self.port}" for name in (*LOOPBACK_NAMES, bound)}
 
     async def _feed(self, writer: asyncio.StreamWriter) -> None:
         """Server-sent events: every exchange kept, then each one again whenever it changes."""
@@ -183,7 +190,7 @@ def respond(writer: asyncio.StreamWriter, status: int, kind: str, body: bytes) -
     writer.write(
         f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: {kind}\r\n"
         f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
-        f"{policy}Connection: close\r\n\r\n".encode()
+        f"X-Frame-Options: DENY\r\n{policy}Connection: close\r\n\r\n".encode()
         + body
     )
 
@@ -245,7 +252,9 @@ def body(part: Message, fields: list[tuple[str, str]]) -> dict[str, Any]:
         lines = [f"{n * 16:04x}  {row.hex(' '):<47}  {printable(row)}" for n, row in enumerate(rows)]
         return {**shown, "kind": "binary", "text": "\n".join(lines)}
     if not shown["truncated"] and any("json" in v for v in field_values(fields, "content-type")):
-        with contextlib.suppress(ValueError):
+        # RecursionError: both json functions recurse once per level, and a body of 30,000 "[" nests deeper
+        # than Python's stack allows. Such a body is shown as it came, as text.
+        with contextlib.suppress(ValueError, RecursionError):
             return {**shown, "kind": "json", "text": json.dumps(json.loads(text), indent=2, ensure_ascii=False)}
     return {**shown, "kind": "text", "text": text}
 

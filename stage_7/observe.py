@@ -462,6 +462,8 @@ class Observer:
         self._sending = self.latest = exchange
         self._waiting.append(exchange)
         self._sink.opened(exchange)
+        if not exchange.keep_limit:  # the store had no room for it (capture.Store.opened)
+            raise NotHttp("not observed: the inspector is full of requests still waiting for their answers")
         # An upgrade (a WebSocket) or a CONNECT: once the server agrees, the bytes are no longer HTTP.
         exchange.upgrade = method == "CONNECT" or (
             b"upgrade" in framing and b"upgrade" in values(framing, b"connection")
@@ -484,7 +486,7 @@ class Observer:
         assert exchange is not None
         exchange.request.wire += wire
         exchange.request.done = True
-        if trailers:
+        if trailers and exchange.keep_limit:  # keep_limit 0: the store dropped it, it keeps nothing
             exchange.request.trailers = trailers
             self._sink.grew(exchange, len(trailers))
         if exchange.upgrade and exchange.status is None:
@@ -507,8 +509,9 @@ class Observer:
             exchange.interim.append(status)
             return INTERIM, 0
         exchange.status = status
-        exchange.response.head = head
-        self._sink.grew(exchange, len(head))
+        if exchange.keep_limit:  # else dropped by the store: it keeps nothing
+            exchange.response.head = head
+            self._sink.grew(exchange, len(head))
         self._sink.changed(exchange)
         switched = status == 101 or (exchange.method == "CONNECT" and 200 <= status < 300)
         if switched:
@@ -548,7 +551,7 @@ class Observer:
         exchange = self._waiting.popleft()
         exchange.response.wire += wire
         exchange.response.done = True
-        if trailers:
+        if trailers and exchange.keep_limit:
             exchange.response.trailers = trailers
             self._sink.grew(exchange, len(trailers))
         exchange.duration = time.monotonic() - exchange.began
@@ -589,6 +592,8 @@ class Observer:
                     self._sink.changed(other)
             self._through = broken
             self._sink.changed(broken)
+            self._waiting.clear()  # no answer will be paired with them now: let them go
+            self._sending = None
         finally:
             for side in (self._up, self._down):
                 side.tunnel()  # count, never parse again: this connection speaks something else

@@ -53,9 +53,18 @@ def printable(data: bytes) -> str:
 
 
 def status_code(head: bytes) -> str | None:
-    """'200' if `head` starts like an HTTP response, else None."""
-    match = STATUS_LINE.match(head)
-    return match[1].decode() if match else None
+    """'200' if `head` starts like an HTTP response, else None; interim responses before it are skipped."""
+    start = 0
+    while match := STATUS_LINE.match(head, start):
+        status = match[1].decode()
+        if not status.startswith("1") or status == "101":  # 101: the protocol switches, that is the answer
+            return status
+        # An interim response (100 Continue, 103 Early Hints): the answer follows its blank line.
+        end = head.find(b"\r\n\r\n", match.end())
+        if end < 0:
+            return None  # not within the bytes kept
+        start = end + 4
+    return None
 
 
 def summary(up_head: bytes, down_head: bytes) -> str:

@@ -39,14 +39,24 @@ def client_context(cafile: str | None = None) -> ssl.SSLContext:
     return context
 
 
-def load_error(what: str, exc: Exception) -> str:
-    """A one-line reason why a certificate, key or CA file could not be used."""
-    if isinstance(exc, FileNotFoundError):
-        return f"cannot read the {what}: no such file {exc.filename!r}"
-    if isinstance(exc, PermissionError):
-        return f"cannot read the {what}: permission denied for {exc.filename!r}"
+def load_error(what: str, exc: Exception, *files: str) -> str:
+    """A one-line reason why a certificate, key or CA file (one of `files`) could not be used."""
+    if isinstance(exc, FileNotFoundError | PermissionError):
+        # ssl's errors name no file (their filename is None): find the one that can't be opened.
+        name = exc.filename or next((file for file in files if not can_open(file)), " or ".join(files))
+        problem = "no such file" if isinstance(exc, FileNotFoundError) else "permission denied for"
+        return f"cannot read the {what}: {problem} {name!r}"
     reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
     return f"cannot use the {what}: {reason}"
+
+
+def can_open(file: str) -> bool:
+    """True if `file` can be opened for reading."""
+    try:
+        with open(file, "rb"):
+            return True
+    except OSError:
+        return False
 
 
 def verify_error(exc: ssl.SSLCertVerificationError, host: str) -> str:

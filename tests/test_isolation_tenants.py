@@ -415,7 +415,7 @@ async def test_the_bound_on_tunnels_per_address_is_an_option_checked_for_range(
     most = protocol(named).MAX_TUNNELS
     for wrong in ("0", str(most + 1), "-3", "many"):
         error = await usage_error(cli, *command, "--max-tunnels-per-address", wrong)
-        assert f"expected a number from 1 to {most}, got {wrong!r}" in error
+        assert f"expected a whole number from 1 to {most}, got {wrong!r}" in error
     await accepted(cli, *command, "--max-tunnels-per-address", "64")
 
 
@@ -711,7 +711,7 @@ async def test_the_stream_bounds_are_options_checked_for_range(muxed: str, cli: 
     most = protocol(muxed).MAX_STREAMS
     for wrong in ("0", str(most + 1), "-1", "all"):
         error = await usage_error(cli, *command, "--max-streams-per-address", wrong)
-        assert f"expected a number from 1 to {most}, got {wrong!r}" in error
+        assert f"expected a whole number from 1 to {most}, got {wrong!r}" in error
     for wrong in ("0", "-75", "inf", "soon"):
         error = await usage_error(cli, *command, "--keepalive-timeout", wrong)
         assert f"expected a number of seconds above 0, got {wrong!r}" in error

@@ -14,7 +14,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from stage_5 import frames
-from stage_5.frames import ACK, DATA, FIN, GO_AWAY, MAX_FRAME, PING, RST, SYN, WINDOW, WINDOW_UPDATE, Frame, Parser
+from stage_5.frames import (
+    ACK,
+    DATA,
+    FIN,
+    GO_AWAY,
+    INITIAL_WINDOW,
+    MAX_FRAME,
+    PING,
+    RST,
+    SYN,
+    WINDOW,
+    WINDOW_UPDATE,
+    Frame,
+    Parser,
+)
 from stage_5.mux import Mux
 from stage_5.protocol import ProtocolError
 from stage_5.relay import Stream, Timeouts
@@ -161,11 +175,11 @@ async def test_a_stream_sends_no_more_than_its_window_until_the_peer_grants_more
     stream = Stream(Timeouts(60.0, 60.0))
     mux.open(stream)
     for _ in range(4):
-        stream.data_received(b"x" * WINDOW)
+        stream.data_received(b"x" * INITIAL_WINDOW)
     # Read for half a second: a stream that ignored its window would send all four windows by then.
     got = await read_frames(peer, lambda got: False, timeout=0.5)
-    assert sum(len(frame.payload) for frame in got) == WINDOW
-    assert stream.queued == 3 * WINDOW  # waiting in the stream for a grant
-    stream.on_window(WINDOW)
-    got = await read_frames(peer, lambda got: sum(len(frame.payload) for frame in got) >= WINDOW)
-    assert stream.queued == 2 * WINDOW
+    assert sum(len(frame.payload) for frame in got) == INITIAL_WINDOW  # a stream's first window
+    assert stream.queued == 3 * INITIAL_WINDOW  # waiting in the stream for a grant
+    stream.on_window(INITIAL_WINDOW)
+    got = await read_frames(peer, lambda got: sum(len(frame.payload) for frame in got) >= INITIAL_WINDOW)
+    assert stream.queued == 2 * INITIAL_WINDOW

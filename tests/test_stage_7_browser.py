@@ -198,3 +198,42 @@ def test_the_page_shows_requests_live_opens_one_replays_it_and_shows_traffic_as_
     context.close()
     assert not dialogs, dialogs
     assert not errors, errors
+
+
+def test_another_site_cannot_show_the_page_in_a_frame(tunnel: tuple[int, int], browser: Any) -> None:
+    """Clickjacking, as an attacker's page does it: frame the inspector, hide it under its own buttons.
+
+    The attacker's page is another origin (another port: the test browser may not leave 127.0.0.1),
+    as any web site is; the browser must refuse to show the inspector inside it (X-Frame-Options and
+    CSP frame-ancestors).
+    """
+    _, inspector = tunnel
+    framing = f'<!doctype html><title>win a prize</title><iframe src="http://127.0.0.1:{inspector}/"></iframe>'
+
+    class Attacker(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = framing.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Attacker)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        framed: list[int] = []  # the inspector's answer did reach the frame: only the browser can refuse it
+        page.on("response", lambda r: framed.append(r.status) if r.url.endswith(f":{inspector}/") else None)
+        page.goto(f"http://127.0.0.1:{site.server_address[1]}/", wait_until="load")
+        [frame] = [f for f in page.frames if f is not page.main_frame]
+        assert framed == [200]
+        assert "ngrok-- inspector" not in frame.content()  # an error page stands where the inspector would be
+    finally:
+        context.close()
+        site.shutdown()
+        site.server_close()

@@ -8,6 +8,7 @@ it. The command-line tests run the server and the client as a learner would.
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import json
 import re
@@ -17,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from stage_7.capture import BYTE_LIMIT, LIMIT, Store
+from stage_7.capture import BYTE_LIMIT, ENTRY_OVERHEAD, LIMIT, Store
 from stage_7.client import Client
 from stage_7.inspector import Inspector
-from stage_7.observe import BODY_LIMIT
+from stage_7.observe import BODY_LIMIT, Exchange, parse_head
 from stage_7.server import Ports, Server
 from support import (
     STEP_TIMEOUT,
@@ -191,6 +192,72 @@ async def test_a_foreign_host_name_is_refused(start_tunnel: Start, http_origin: 
     assert response.startswith(b"HTTP/1.1 421 ")
 
 
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.attacker.example:{port}",
+        "127.0.0.1.nip.io:{port}",
+        "localhost.attacker.example:{port}",
+        "127.0.0.1:1{port}",
+    ],
+)
+async def test_a_name_that_only_begins_like_loopback_is_refused(
+    start_tunnel: Start, http_origin: HttpOrigin, host: str
+) -> None:
+    """DNS rebinding with a name chosen to look local: `127.attacker.example` resolves wherever its owner says."""
+    tunnel = await start_tunnel(http_origin.port)
+    await raw_request(tunnel.ports.public, b"GET /secret HTTP/1.0\r\nHost: t.localhost\r\nAuthorization: x\r\n\r\n")
+    port = tunnel.inspector.port
+    for path in ("/api/requests", "/api/requests/1", "/api/events"):
+        request = f"GET {path} HTTP/1.1\r\nHost: {host.format(port=port)}\r\n\r\n".encode()
+        _, response = await raw_request(port, request)
+        assert response.startswith(b"HTTP/1.1 421 "), (path, response[:200])
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "[::1]:{port}", "LOCALHOST:{port}"])
+async def test_the_loopback_names_with_the_port_are_served(
+    start_tunnel: Start, http_origin: HttpOrigin, host: str
+) -> None:
+    tunnel = await start_tunnel(http_origin.port)
+    port = tunnel.inspector.port
+    _, response = await raw_request(
+        port, f"GET /api/requests HTTP/1.1\r\nHost: {host.format(port=port)}\r\n\r\n".encode()
+    )
+    assert response.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_the_page_may_not_be_framed_by_another_site(start_tunnel: Start, http_origin: HttpOrigin) -> None:
+    """Clickjacking: a site that frames the inspector under its own buttons could make two clicks replay a webhook.
+
+    Both headers: X-Frame-Options for every browser, CSP's frame-ancestors for those that prefer it.
+    (test_stage_7_browser.py shows Chromium refusing to frame the page.)
+    """
+    tunnel = await start_tunnel(http_origin.port)
+    port = tunnel.inspector.port
+    for path in ("/", "/api/requests"):
+        _, response = await raw_request(port, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        fields = dict(parse_head(response.partition(b"\r\n\r\n")[0] + b"\r\n\r\n")[1])
+        assert fields.get("X-Frame-Options") == "DENY", (path, fields)
+        if path == "/":
+            assert "frame-ancestors 'none'" in fields["Content-Security-Policy"].split("; "), fields
+
+
+@pytest.mark.parametrize("depth", [990, 30_000])
+async def test_a_deeply_nested_json_body_is_shown_as_text(
+    start_tunnel: Start, http_origin: HttpOrigin, depth: int
+) -> None:
+    """json.loads (and json.dumps) recurse: a body of 30,000 `[` raised RecursionError in the page's request."""
+    tunnel = await start_tunnel(http_origin.port)
+    body = b"[" * depth + b"]" * depth
+    head = b"POST /nested HTTP/1.0\r\nHost: t.localhost\r\nContent-Type: application/json\r\n"
+    await raw_request(tunnel.ports.public, head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    [exchange] = await until(lambda: _listed(tunnel))
+    status, detail = await tunnel.api(f"/api/requests/{exchange['id']}")
+    assert status == 200, detail
+    shown = detail["request"]["body"]
+    assert shown["kind"] in ("json", "text") and shown["text"].replace("\n", "").replace(" ", "") == body.decode()
+
+
 class KeepAliveApp(LocalServer):
     """A local app that answers every request on a connection (pipelined or not) with a small page."""
 
@@ -247,6 +314,50 @@ async def test_big_bodies_are_bounded_by_the_bytes_of_the_ring(start_tunnel: Sta
         await until(lambda: asyncio.sleep(0, store._next_id > 100))
         assert store.bytes == accounted(store) <= 1024 * 1024  # 100 x 64 KiB kept would be 6.4 MiB
         assert 10 <= len(store.entries) < 20
+
+
+class Silent(LocalServer):
+    """A local app that reads every request and never answers; counts the bytes it read."""
+
+    received = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(1 << 20):
+                self.received += len(data)
+        writer.close()
+
+
+async def test_requests_still_waiting_for_answers_count_in_the_ring_until_they_end(start_tunnel: Start) -> None:
+    """The ring drops its oldest entries, but a connection's observer holds those still waiting for an answer.
+
+    With a ring of 256 KiB, 20 users pipelining 64 requests each to an app that never answers leave
+    1,280 such exchanges: the ring counts them (at ENTRY_OVERHEAD, their heads dropped), lists
+    fewer, and once it is full of them observes no more; when the users leave, it lets them all go.
+    """
+    byte_limit = 256 * 1024
+    async with Silent() as app:
+        tunnel = await start_tunnel(app.port, byte_limit=byte_limit)
+        store = tunnel.inspector.store
+        filler = b"X-Filler: %s\r\n" % (b"f" * 2000)
+        requests = b"".join(b"GET /%d HTTP/1.1\r\nHost: t.localhost\r\n%s\r\n" % (n, filler) for n in range(64))
+        users = [await open_connection(tunnel.ports.public) for _ in range(20)]
+        for _, writer in users:
+            writer.write(requests)
+        await until(lambda: asyncio.sleep(0, app.received == 20 * len(requests)))
+        # Everything the client holds of them, listed or not (the observers hold the others), within the
+        # ring's bound; each connection's observer may hold one more, the one it stopped at.
+        gc.collect()  # what is left of earlier tests: only what something still holds counts
+        held = [o for o in gc.get_objects() if isinstance(o, Exchange)]
+        assert sum(map(Store.size, held)) <= byte_limit + len(users) * ENTRY_OVERHEAD
+        assert len(held) > len(store.entries)  # some are held by their observers only
+        assert store.bytes == accounted(store) + ENTRY_OVERHEAD * len(store._pending_dropped) <= byte_limit
+        assert store._next_id - 1 < 20 * 64  # the ring filled with them, and later requests were not recorded
+        for _, writer in users:
+            writer.close()
+        await until(lambda: asyncio.sleep(0, not store._pending_dropped))  # each stream's end ends its exchanges
+        assert store.bytes == accounted(store)
+        assert all(e.state != "pending" for e in store.entries.values())
 
 
 class Download(LocalServer):
