@@ -260,7 +260,8 @@ async def test_the_inspectors_ring_bounds_everything_it_holds(stage: str, cli: C
     later = [b"GET /%d HTTP/1.1\r\nHost: t.localhost\r\n%s\r\n" % (n, filler) for n in range(1, PIPELINED)]
     payload = first + b"".join(later)
     async with Sink() as app:
-        tunnel = await start_cli_tunnel(cli, stage, app.port)
+        # All from 127.0.0.1: past 256 streams per address, users would be turned away before the ring is tested.
+        tunnel = await start_cli_tunnel(cli, stage, app.port, "--max-streams-per-address", str(PIPELINED_USERS))
         base = rss_bytes(tunnel.client.process.pid)
         bound = base + capture.BYTE_LIMIT + RING_SLACK
         loop = asyncio.get_running_loop()
@@ -415,7 +416,10 @@ async def test_downloaders_who_never_read_cost_no_more_than_the_memory_budget(
     client of stage 7 also keeps its inspector's ring, bounded by its own BYTE_LIMIT).
     """
     async with Source() as app:
-        tunnel = await start_cli_tunnel(cli, stage, app.port, "--memory-budget", str(BUDGET_MIB))
+        # All from 127.0.0.1: the bound on streams per address (256) would turn 144 of them away before
+        # the budget is tested; lifted here, the budget alone must hold.
+        flags = ("--memory-budget", str(BUDGET_MIB), "--max-streams-per-address", str(DOWNLOADERS))
+        tunnel = await start_cli_tunnel(cli, stage, app.port, *flags)
         pids = tunnel.pids()
         base = {name: rss_bytes(pid) for name, pid in pids.items()}
         # The alarm stops a run far past both bounds, not at the first: each process is judged on its own.
@@ -445,7 +449,9 @@ async def test_a_user_past_the_memory_budget_waits_for_room_then_gets_503(stage:
     """New streams wait when the budget is spent: served as soon as others leave, a 503 page after the proxy timeout."""
     initial_window = stage_module(stage, "frames").INITIAL_WINDOW
     budget = 16 * MiB  # the least the command line allows: 256 first windows
-    async with Source() as app, tunnel(stage, app.port, memory_budget=budget, proxy_timeout=2.0) as (server, _, port):
+    # Every user comes from 127.0.0.1: the bound on streams per address must not be what refuses them.
+    options = {"memory_budget": budget, "proxy_timeout": 2.0, "max_streams_per_address": 2 * budget // initial_window}
+    async with Source() as app, tunnel(stage, app.port, **options) as (server, _, port):
         holders = await downloaders(port, budget // initial_window)
         try:
             async with asyncio.timeout(STEP_TIMEOUT):
