@@ -86,6 +86,38 @@ def unanswering_port() -> Iterator[int]:
             sock.close()
 
 
+async def connect_all(
+    address: tuple[str, int], count: int, rcvbuf: int = 0, source: str = "", batch: int = 100
+) -> list[socket.socket]:
+    """`count` raw connections, `batch` at a time (the server's accept queue is finite); all closed on a failure."""
+    loop = asyncio.get_running_loop()
+
+    async def one() -> socket.socket:
+        sock = socket.socket()
+        try:
+            if rcvbuf:  # before connecting: it also sets the window TCP offers
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            if source:
+                sock.bind((source, 0))
+            sock.setblocking(False)
+            async with asyncio.timeout(STEP_TIMEOUT):
+                await loop.sock_connect(sock, address)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    socks: list[socket.socket] = []
+    try:
+        for start in range(0, count, batch):
+            socks += await asyncio.gather(*(one() for _ in range(min(batch, count - start))))
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
 async def send_until_stuck(writer: asyncio.StreamWriter, chunk: bytes, limit: int, stuck_after: float = 2.0) -> int:
     """Write `chunk` again and again until the peer takes no more, or `limit` bytes went out; return the bytes sent."""
     sent = 0

@@ -46,7 +46,7 @@ from hardening import HARDENED, MiB, RssWatch, has_proc, rss_bytes, stage_module
 from link_lab import SERVER_IP, LinkLab
 
 from nat_lab import APP_PORT, CONTROL_PORT, PUBLIC_PORT, STEP_TIMEOUT, LabProcess
-from support import client_flags, has_inspector, has_proxy_port, has_tls, tls_flags
+from support import client_flags, connect_all, has_inspector, has_proxy_port, has_tls, tls_flags
 
 HERE = Path(__file__).resolve()
 REASON = link_lab.probe() if has_proc() else "needs Linux /proc to read the processes' memory"
@@ -271,36 +271,6 @@ async def app_main(port: int, size: int) -> None:
 def unread(sock: socket.socket) -> int:
     """Bytes waiting in the socket's receive queue (FIONREAD)."""
     return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0])
-
-
-async def connect_all(address: tuple[str, int], count: int, rcvbuf: int = 0, source: str = "") -> list[socket.socket]:
-    """`count` raw connections, a hundred at a time (the server's accept queue is finite)."""
-    loop = asyncio.get_running_loop()
-
-    async def one() -> socket.socket:
-        sock = socket.socket()
-        try:
-            if rcvbuf:  # before connecting: it also sets the window TCP offers
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            if source:
-                sock.bind((source, 0))
-            sock.setblocking(False)
-            async with asyncio.timeout(STEP_TIMEOUT):
-                await loop.sock_connect(sock, address)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    socks: list[socket.socket] = []
-    try:
-        for start in range(0, count, 100):
-            socks += await asyncio.gather(*(one() for _ in range(min(100, count - start))))
-    except BaseException:
-        for sock in socks:
-            sock.close()
-        raise
-    return socks
 
 
 async def download_main(host: str, port: int, count: int, stall: float, size: int) -> None:

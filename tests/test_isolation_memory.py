@@ -28,6 +28,7 @@ from support import (
     client_flags,
     client_options,
     client_ports,
+    connect_all,
     has_inspector,
     has_tls,
     open_connection,
@@ -210,34 +211,6 @@ class Sink(LocalServer):
         writer.close()
 
 
-async def connect_all(port: int, count: int, rcvbuf: int = 0) -> list[socket.socket]:
-    """`count` raw connections to `port`, a few hundred at a time (the kernel's accept queue is finite)."""
-    loop = asyncio.get_running_loop()
-
-    async def one() -> socket.socket:
-        sock = socket.socket()
-        if rcvbuf:  # before connecting: it also sets the window TCP offers
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.setblocking(False)
-        try:
-            async with asyncio.timeout(STEP_TIMEOUT):
-                await loop.sock_connect(sock, ("127.0.0.1", port))
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    socks: list[socket.socket] = []
-    try:
-        for start in range(0, count, 200):
-            socks += await asyncio.gather(*(one() for _ in range(min(200, count - start))))
-    except BaseException:
-        for sock in socks:
-            sock.close()
-        raise
-    return socks
-
-
 PIPELINED_USERS = 300
 PIPELINED = 64  # requests per user: as many as the observer lets wait for their answers
 BIG_HEAD = 30 * 1024  # each request's head: under the observer's 32 KiB, over the server's 16 KiB for the first
@@ -266,7 +239,7 @@ async def test_the_inspectors_ring_bounds_everything_it_holds(stage: str, cli: C
         bound = base + capture.BYTE_LIMIT + RING_SLACK
         loop = asyncio.get_running_loop()
         async with RssWatch({"client": tunnel.client.process.pid}, alarm=bound) as watch:
-            users = await connect_all(tunnel.users, PIPELINED_USERS)
+            users = await connect_all(("127.0.0.1", tunnel.users), PIPELINED_USERS, batch=200)
             try:
                 sending = asyncio.gather(*(loop.sock_sendall(user, payload) for user in users))
                 alarm = asyncio.ensure_future(watch.alarm.wait())
@@ -313,7 +286,7 @@ async def strangers(port: int, does: str) -> list[socket.socket | asyncio.Stream
 
         # All at once: a TLS hello costs the attacker little, a handshake costs both sides some CPU.
         return [writer for writer in await asyncio.gather(*(shake() for _ in range(HANDSHAKES))) if writer]
-    socks = await connect_all(port, STRANGERS)
+    socks = await connect_all(("127.0.0.1", port), STRANGERS, batch=200)
     if does == "one byte":
         for sock in socks:
             sock.send(b"\x16")  # a TLS record begins: the server starts a handshake that never ends
@@ -388,7 +361,7 @@ REQUEST = b"GET /endless HTTP/1.1\r\nHost: t.localhost\r\n\r\n"  # t.localhost: 
 async def downloaders(port: int, count: int) -> list[socket.socket]:
     """`count` users who ask for a download and read nothing (a small receive buffer: little hides in their kernel)."""
     loop = asyncio.get_running_loop()
-    users = await connect_all(port, count, rcvbuf=4096)
+    users = await connect_all(("127.0.0.1", port), count, rcvbuf=4096, batch=200)
     for user in users:
         await loop.sock_sendall(user, REQUEST)
     return users
