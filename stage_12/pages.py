@@ -97,7 +97,6 @@ def error_page(status: int, cause: str) -> bytes:
     return head + body
 
 
-# --8<-- [start:refuse]
 async def refuse(stream: "Stream", status: int, cause: str, http: bool = False) -> bool:
     """Answer an HTTP user with an error page naming `cause`; close anyone else cleanly.
 
@@ -125,4 +124,3 @@ async def refuse(stream: "Stream", status: int, cause: str, http: bool = False) 
             await asyncio.shield(stream.ended)  # the user's EOF: it has read the page
     transport.close()
     return is_http
-    # --8<-- [end:refuse]

@@ -204,7 +204,6 @@ class Server:
             await close(transport, writer.wait_closed(), proved=not slot.held)
             slot.release()
 
-    # --8<-- [start:http]
     async def _handle_http(self, conn: socket.socket) -> None:
         """A user of the public port: read its request's head, find the tunnel its Host names, relay."""
         slot = None
@@ -236,8 +235,6 @@ class Server:
                 await close(stream.transport, stream.closed, proved=slot is None or not slot.held)
             if slot is not None:
                 slot.release()
-
-    # --8<-- [end:http]
 
     async def _handle_tcp(self, session: Session, conn: socket.socket) -> None:
         """A user of a TCP tunnel's port: no head to read, the port says whose it is."""

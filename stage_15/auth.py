@@ -61,7 +61,6 @@ def new_nonce() -> str:
     return secrets.token_hex(16)
 
 
-# --8<-- [start:answer]
 def answer(secret: str, nonce: str) -> str:
     """The proof of knowing `secret` for this one nonce: HMAC-SHA256, as hex."""
     return hmac.new(secret.encode(), nonce.encode(), hashlib.sha256).hexdigest()
@@ -72,10 +71,8 @@ def is_valid(secret: str, nonce: str, digest: str) -> bool:
     # `==` stops at the first differing character, so its timing tells an attacker
     # how much of a guess was right; compare_digest always looks at every byte.
     return hmac.compare_digest(answer(secret, nonce), digest)
-    # --8<-- [end:answer]
 
 
-# --8<-- [start:server_handshake]
 async def server_handshake(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
@@ -106,7 +103,6 @@ async def server_handshake(
         case Auth():
             raise AuthError("wrong secret; check --secret or NGROK_SECRET on both sides")
     raise ProtocolError(f"expected 'auth <hmac>', got {reply or 'nothing'}")
-    # --8<-- [end:server_handshake]
 
 
 async def client_handshake(
@@ -152,7 +148,6 @@ class Throttle:
         # address -> (wrong answers, when the first of them came), oldest entry first
         self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
-    # --8<-- [start:throttle]
     def check(self, address: str) -> None:
         """Raise TryLater if `address` has given too many wrong answers within the window."""
         # TryLater, not Refused: the address may be a NAT that our own client shares with the
@@ -172,7 +167,6 @@ class Throttle:
         self._failures[key] = (count + 1, since)  # (re)inserted last: the newest entry
         if len(self._failures) > self.size:
             self._failures.popitem(last=False)
-            # --8<-- [end:throttle]
 
 
 def strength_warning(secret: str | None) -> str | None:

@@ -9,7 +9,6 @@ back in the same instant (the "thundering herd").
 
 import random
 
-# --8<-- [start:backoff]
 # The first retry waits up to BASE seconds, then 2x, 4x, ... never more than CAP.
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
@@ -24,4 +23,3 @@ def bound(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) ->
 def delay(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
     """How long to wait before retry number `attempt`: anywhere from 0 to bound(attempt)."""
     return random.uniform(0, bound(attempt, base, cap))
-    # --8<-- [end:backoff]

@@ -77,7 +77,6 @@ class Sessions:
         """
         host, port = writer.get_extra_info("peername")[:2]
         peer, session, mux, stopped = f"{host}:{port}", None, None, False
-        # --8<-- [start:handshake]
         try:
             screen = functools.partial(self._screen, host)  # the throttle, once the hello is read
             hello = await auth.server_handshake(reader, writer, self.secret, self.handshake_timeout, screen)
@@ -86,7 +85,6 @@ class Sessions:
             mux = Mux(reader, writer, peer="the client", heartbeat_timeout=self.heartbeat_timeout)
             await write_message(writer, Welcome(session.session_id, session.tunnel, session.url))
             admitted()
-            # --8<-- [end:handshake]
             session.mux = mux
             await mux.run()  # until the client leaves, falls silent or breaks the protocol
         except GoneAway as exc:  # the client stopped (Ctrl-C) and said so: it won't come back for its tunnel
@@ -120,7 +118,6 @@ class Sessions:
                     self._keep(session)
             writer.close()
 
-    # --8<-- [start:screen]
     def _screen(self, host: str, hello: Hello) -> None:
         """Before the challenge: turn away (TryLater) an address that guessed wrong too often."""
         # ...unless the hello brings the id of a session we hold: its client knew the secret (and
@@ -128,9 +125,7 @@ class Sessions:
         # same address (a NAT) has tried.
         if hello.session_id not in self.by_id:
             self.throttle.check(host)
-            # --8<-- [end:screen]
 
-    # --8<-- [start:admit]
     def _admit(self, hello: Hello, peer: str, writer: asyncio.StreamWriter) -> Session:
         """Give this connection its session: the one it resumes, or a new one with the tunnel it asks for."""
         task = asyncio.current_task()
@@ -159,7 +154,6 @@ class Sessions:
         self.by_id[session.session_id] = session
         log.info("%s: client connected (session %s): %s", peer, session.session_id[:8], session.url)
         return session
-        # --8<-- [end:admit]
 
     def _keep(self, session: Session) -> None:
         """The session's connection ended: keep its tunnel for the resume window, then free it."""

@@ -72,7 +72,6 @@ class Client:
 
     async def run(self) -> None:
         """Keep the tunnel up until cancelled; raise Refused if the server says no (a wrong secret)."""
-        # --8<-- [start:reconnect]
         attempt = 0
         try:
             while True:
@@ -92,7 +91,6 @@ class Client:
                     attempt += 1
                     log.warning("%s; reconnecting in %.1fs (attempt %d)", str(exc) or "timed out", wait, attempt)
                     await asyncio.sleep(wait)
-                    # --8<-- [end:reconnect]
         finally:
             for task in self._users:
                 task.cancel()

@@ -75,7 +75,6 @@ class Listener:
     async def serve(self, spawn: Callable[[Coroutine[None, None, None]], None]) -> None:
         """Accept until cancelled; each connection runs in a task made by `spawn`."""
         loop = asyncio.get_running_loop()
-        # --8<-- [start:slots]
         while True:
             if self._free.locked():
                 self._report_full()
@@ -90,7 +89,6 @@ class Listener:
                 log.debug("%s port: cannot accept (%s); pausing %gs", self.role, exc.strerror, RETRY_DELAY)
                 await asyncio.sleep(RETRY_DELAY)
                 continue
-                # --8<-- [end:slots]
             # WHY: Nagle's algorithm off, as asyncio does for the connections it opens. It would hold a
             # small write back until the previous one is acknowledged, and the peer delays its ACK by up
             # to 40 ms: stage 5 measured ~44 ms to the first byte of every user but the first (the SYN

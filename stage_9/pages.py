@@ -89,7 +89,6 @@ def error_page(status: int, cause: str) -> bytes:
     return head + body
 
 
-# --8<-- [start:refuse]
 async def refuse(stream: "Stream", status: int, cause: str) -> bool:
     """Answer an HTTP user with an error page naming `cause`; close anyone else cleanly.
 
@@ -115,4 +114,3 @@ async def refuse(stream: "Stream", status: int, cause: str) -> bool:
             await asyncio.shield(stream.ended)  # the user's EOF: it has read the page
     transport.close()
     return is_http
-    # --8<-- [end:refuse]

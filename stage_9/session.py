@@ -77,7 +77,6 @@ class Sessions:
         """One control connection, from handshake to close: the task the control port spawns."""
         host, port = writer.get_extra_info("peername")[:2]
         peer, session, mux = f"{host}:{port}", None, None
-        # --8<-- [start:handshake]
         try:
             screen = functools.partial(self._screen, host)  # the throttle, once the hello is read
             hello = await auth.server_handshake(reader, writer, self.secret, self.handshake_timeout, screen)
@@ -85,7 +84,6 @@ class Sessions:
             # The welcome is the last line: from here on, both sides speak frames (frames.py).
             mux = Mux(reader, writer, peer="the client", heartbeat_timeout=self.heartbeat_timeout)
             await write_message(writer, Welcome(session.session_id))
-            # --8<-- [end:handshake]
             session.mux = mux
             await mux.run()  # until the client leaves, falls silent or breaks the protocol
         except TryLater as exc:  # a throttled address: not now, which is not never (see _screen)
@@ -113,16 +111,13 @@ class Sessions:
                 log.info("%s: tunnel connection closed; the tunnel is free", peer)
             writer.close()
 
-    # --8<-- [start:screen]
     def _screen(self, host: str, hello: Hello) -> None:
         """Before the challenge: turn away (TryLater) an address that guessed wrong too often."""
         # ...unless the hello brings the id of a session we gave out: its client knew the secret,
         # and must get back in whatever a stranger behind the same address (a NAT) has tried.
         if not (hello.session_id and secrets.compare_digest(hello.session_id, self.known or "")):
             self.throttle.check(host)
-            # --8<-- [end:screen]
 
-    # --8<-- [start:admit]
     def _admit(self, hello: Hello, peer: str, writer: asyncio.StreamWriter) -> Session:
         """Give the tunnel to this connection, or raise Refused if another client holds it."""
         task = asyncio.current_task()
@@ -146,7 +141,6 @@ class Sessions:
         current.peer, current.writer, current.task, current.mux = peer, writer, task, None
         old_task.cancel()  # its users' streams end with it: they ran on the old connection
         return current
-        # --8<-- [end:admit]
 
     @staticmethod
     async def _goodbye(
