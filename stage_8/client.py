@@ -1,4 +1,4 @@
-"""Stage 9 client: carry every user from the server to the local app, and keep the tunnel up.
+"""Stage 8 client: carry every user from the server to the local app, and keep the tunnel up.
 
 python -m stage_8.client localhost:8000                 # the server on localhost
 python -m stage_8.client localhost:8000 my.server       # with NGROK_SECRET set on both sides

@@ -1,4 +1,4 @@
-"""Stage 9 server: relay every public connection through the client to the local app, as a stream.
+"""Stage 8 server: relay every public connection through the client to the local app, as a stream.
 
 python -m stage_8.server                    # then: python -m stage_8.client localhost:8000
 python -m stage_8.server --host 0.0.0.0     # on a VPS: set NGROK_SECRET on both sides first
