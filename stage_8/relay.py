@@ -17,7 +17,7 @@ Each direction has its own flow control, as SSH channels, yamux and HTTP/2 do:
   window starts small and grows, or shrinks again, within the memory budget (budget.py).
 
 Reading is on exactly while `_should_read()` holds, recomputed after every change. An earlier
-Protocol relay of this tutorial resumed reading at moments of its own choosing, and lost a pause for good
+Protocol relay instead resumed reading at moments of its own choosing, and lost a pause for good
 (issue 12): asyncio says "pause" once, and only once.
 """
 
