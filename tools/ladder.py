@@ -303,14 +303,28 @@ def check(root: Path) -> list[str]:
                 f"{step.patch} was recorded from {recorded_base(recorded)}, but the stage before {step.target} is "
                 f"now {step.base} (a stage was added or removed): re-record with `python3 -m tools.ladder record`"
             )
-        elif recorded != current_patch(root, step):
-            stale.append(step)
+        elif recorded != (now := current_patch(root, step)):
+            if substance(parse_patch(recorded, step.patch)) == substance(parse_patch(now, step.patch)):
+                problems.append(
+                    f"{step.patch} ({step.base} -> {step.target}) only has other context lines now ({step.base} "
+                    f"and {step.target} were changed alike): re-record with `python3 -m tools.ladder record`"
+                )
+            else:
+                stale.append(step)
     problems += [
         f"{patch} belongs to no step (its stage is gone or is now the first): `python3 -m tools.ladder record` "
         "deletes it"
         for patch in orphans(root)
     ]
     return diagnose(stale) + problems
+
+
+def substance(patch: Patch) -> list[tuple[str, bool, bool, list[tuple[str, str]]]]:
+    """What a step changes, without its context lines and line numbers."""
+    return [
+        (f.path, f.old_exists, f.new_exists, [line for hunk in f.hunks for line in hunk.lines if line[0] != " "])
+        for f in patch.files
+    ]
 
 
 def diagnose(stale: list[Step]) -> list[str]:
