@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # last: workshop mode puts the stages (or a learner's copies) first
 from tools import imports  # noqa: E402  (the repository root is not on the tests' path by default)
 
 
