@@ -10,8 +10,8 @@ STAGES := $(shell ls -d stage_* | sort -V)
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-demo:  ## the stage 7 tunnel and its inspector (the most complete stage), all on this machine (needs Python 3.11+ and openssl)
-	$(PYTHON) -m stage_7
+demo:  ## the stage 15 tunnel and its inspector (the most complete stage), all on this machine (needs Python 3.11+ and openssl)
+	$(PYTHON) -m stage_15
 
 # The virtualenv is (re)built from pyproject.toml's extras whenever that file changes.
 $(VENV)/.installed: pyproject.toml
