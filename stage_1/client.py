@@ -54,7 +54,6 @@ class Client:
             ) from None
         return cls(reader, writer)
 
-    # --8<-- [start:ping]
     async def ping(self) -> float:
         """Send one ping, wait for its pong, and return the round-trip time in seconds."""
         started = time.perf_counter()
@@ -74,7 +73,6 @@ class Client:
             case None:
                 raise TunnelError("the server closed the connection")
         raise ProtocolError(f"expected pong, got {reply}")
-        # --8<-- [end:ping]
 
     async def close(self) -> None:
         """Close the control connection."""

@@ -46,7 +46,6 @@ class Client:
         try:
             # Tutorial shortcut: this read has no deadline, so a server that vanishes
             # without closing the connection goes unnoticed. Stage 3 adds heartbeats.
-            # --8<-- [start:create_proxy]
             while (message := await read_message(reader)) is not None:
                 match message:
                     case CreateProxy(conn_id):
@@ -55,7 +54,6 @@ class Client:
                         task = asyncio.create_task(self._session(conn_id))
                         self._sessions.add(task)  # a strong reference, as the server keeps
                         task.add_done_callback(self._sessions.discard)
-                        # --8<-- [end:create_proxy]
                     case Error(reason):
                         raise TunnelError(f"the server refused: {reason}")
                     case Pong():
@@ -83,7 +81,6 @@ class Client:
             reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
             raise TunnelError(f"cannot reach the server at {self.server}:{port} ({reason}); is it running?") from None
 
-    # --8<-- [start:session]
     async def _session(self, conn_id: str) -> None:
         short = conn_id[:8]
         try:
@@ -121,7 +118,6 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> in
         writer.write(line)
         await writer.drain()  # a user who sends and never reads must not fill our memory
         lines += 1
-        # --8<-- [end:session]
 
 
 def main() -> None:
