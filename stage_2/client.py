@@ -1,7 +1,7 @@
 """Stage 2 client: on every `create_proxy <id>`, dial the proxy port and echo the user's lines back.
 
-python -m stage_2.client                # server on localhost; then: nc localhost 60624
-python -m stage_2.client my.server --control-port 60623 --proxy-port 60625
+python3 -m stage_2.client                # server on localhost; then: nc localhost 60624
+python3 -m stage_2.client my.server --control-port 60623 --proxy-port 60625
 """
 
 import argparse
@@ -121,9 +121,9 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> in
 
 
 def main() -> None:
-    """Command line: python -m stage_2.client [SERVER] [--control-port P] [--proxy-port P]."""
+    """Command line: python3 -m stage_2.client [SERVER] [--control-port P] [--proxy-port P]."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_2.client",
+        prog="python3 -m stage_2.client",
         description="Connect to a stage 2 server and echo back every line its public users send.",
     )
     parser.add_argument(

@@ -1,7 +1,7 @@
 """Stage 3 client: on every `create_proxy <id>`, relay the user to the local app through a proxy connection.
 
-python -m stage_3.client localhost:8000              # the server on localhost; browse localhost:60624
-python -m stage_3.client localhost:8000 my.server    # the server on another machine
+python3 -m stage_3.client localhost:8000              # the server on localhost; browse localhost:60624
+python3 -m stage_3.client localhost:8000 my.server    # the server on another machine
 
 Stage 2's client echoed each user itself. This one dials the app you want to show the world
 (the *private connection*) and pipes it to the proxy connection with the pump from stage 0.
@@ -167,9 +167,9 @@ def port(text: str) -> int:
 
 
 def main() -> None:
-    """Command line: python -m stage_3.client LOCAL [SERVER] [--control-port P] [--proxy-port P]."""
+    """Command line: python3 -m stage_3.client LOCAL [SERVER] [--control-port P] [--proxy-port P]."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_3.client",
+        prog="python3 -m stage_3.client",
         description="Open a tunnel from a stage 3 server to LOCAL, the app on this machine that users should reach.",
     )
     parser.add_argument("local", type=parse_address, metavar="LOCAL", help="the local app, as host:port")
