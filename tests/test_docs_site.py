@@ -49,7 +49,14 @@ BROWSER_ARGS = [
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The site, built with `mkdocs build --strict` into a temporary folder (a warning fails it)."""
+    """The site, built with `mkdocs build --strict` into a temporary folder (a warning fails it).
+
+    DOCS_SITE=folder uses a site already built there instead (to rerun the browser tests on a build
+    you just made; nothing checks that it is current).
+    """
+    if prebuilt := os.environ.get("DOCS_SITE"):
+        assert (Path(prebuilt) / "index.html").is_file(), f"DOCS_SITE={prebuilt} holds no built site"
+        return Path(prebuilt)
     out = tmp_path_factory.mktemp("site")
     done = subprocess.run(
         # No -q: it hides the warnings, and --strict then has none to fail on (an anchor that is missing passed).
