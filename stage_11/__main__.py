@@ -62,7 +62,8 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
                     await client.connected.wait()
         except TimeoutError:
             raise TunnelError(f"the demo's clients did not connect within {NETWORK_TIMEOUT:g}s; try -v") from None
-        lines = [f"  {client.url}  -> demo app {client.tunnel} ({HOST}:{client.local[1]})" for client in clients]
+        pairs = zip(apps, clients, strict=True)
+        lines = [f"  {client.url}  -> demo app {app.name} ({HOST}:{client.local[1]})" for app, client in pairs]
         print(
             "\npublic URLs, one server, two tunnels:\n" + "\n".join(lines) + "\n"
             f"  try it:   curl {clients[0].url}   (or open it in a browser)\n"

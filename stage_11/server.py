@@ -89,9 +89,9 @@ class Server:
         # HTTP users are also closed when silent after their answer (TCP tunnels' users are not: an ssh
         # session may stay quiet for minutes): see relay.py.
         self.http_timeouts = Timeouts(idle_timeout, half_closed_timeout, keepalive_timeout)
+        self.max_waiting = max_waiting
         self.max_streams_per_address = max_streams_per_address
         self.domain = domain.lower()
-        self.max_waiting = max_waiting
         self.waiting = 0  # users whose stream the client has not accepted yet
         self.budget = Budget(memory_budget)  # every stream's window, on every tunnel, together (budget.py)
         self._listeners: list[Listener] = []
