@@ -85,7 +85,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # `@pytest.mark.since("flow")` (on a test, a class or a module's pytestmark; the closest wins):
     # the test's `stage` argument takes every stage from the one that brings flow control on.
     marker = metafunc.definition.get_closest_marker("since")
-    if marker is not None and "stage" in metafunc.fixturenames:
+    explicit = any("stage" in str(m.args[0]) for m in metafunc.definition.iter_markers("parametrize"))
+    if marker is not None and "stage" in metafunc.fixturenames and not explicit:
         stages = stages_from(marker.args[0])
         if until := marker.kwargs.get("until"):  # a behaviour a later idea replaces (e.g. one client per server)
             stages = tuple(stage for stage in stages if stage not in stages_from(until))
