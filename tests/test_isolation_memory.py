@@ -169,7 +169,7 @@ async def test_the_clients_help_names_its_own_stage(stage: str, cli: CliProcess.
     client = await cli("-m", f"{stage}.client", "--help")
     assert await client.wait() == 0
     said = " ".join(client.output.split())  # argparse wraps lines
-    assert f"a stage {stage[-1]} server" in said, said
+    assert f"a stage {stage_number(stage)} server" in said, said
 
 
 # --- memory that a peer controls ---------------------------------------------------------------
