@@ -329,14 +329,16 @@ async def test_an_app_that_resets_resets_its_users_connection(
 
 @pytest.mark.since("pages")
 async def test_a_local_app_that_refuses_gives_a_502_page_naming_it(
-    start_server: StartServer, start_client: StartClient
+    start_server: StartServer, start_client: StartClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     _, ports = await start_server()
-    client = await start_client(await free_port(), ports.control)
+    dead_port = await free_port()
+    client = await start_client(dead_port, ports.control)
     public = await users_port(ports, client)
     status, _, body = await http_request(public, b"GET / HTTP/1.0\r\n\r\n")
     assert status == 502
-    assert b"could not reach its local app: connection refused" in body
+    assert f"could not reach its local app: connection refused at 127.0.0.1:{dead_port}".encode() in body
+    assert "cannot reach the local app (connection refused" in caplog.text  # the client says so too
 
 
 @pytest.mark.since("pages")
@@ -427,10 +429,13 @@ async def test_users_streams_end_with_the_connection_and_the_client_comes_back(
 
 
 @pytest.mark.since("auth")
-async def test_a_wrong_secret_is_refused_and_the_client_stops(start_server: StartServer, stage: str) -> None:
+async def test_a_wrong_secret_is_refused_and_the_client_stops(
+    start_server: StartServer, stage: str, caplog: pytest.LogCaptureFixture
+) -> None:
     _, ports = await start_server()
     options = client_options(stage)
     client = Client(("127.0.0.1", 1), "127.0.0.1", ports.control, secret="not-the-secret-at-all", **options)
     with pytest.raises(Refused, match="wrong secret"):
         async with asyncio.timeout(STEP_TIMEOUT):
             await client.run()
+    assert "reconnecting" not in caplog.text  # and it stops: retrying would not help
