@@ -1,9 +1,9 @@
-"""What the inspector costs: keep-alive requests/s through stage 7 with it on, and with --no-inspect.
+"""What the inspector costs: keep-alive requests/s through stage 15 with it on, and with --no-inspect.
 
-    python -m bench.inspector                  # 5 rounds of `wrk -c 50 -d 5s`, interleaved
-    python -m bench.inspector --rounds 9 --seconds 10
+    python3 -m bench.inspector                 # 5 rounds of `wrk -c 50 -d 5s`, interleaved
+    python3 -m bench.inspector --rounds 9 --seconds 10
 
-Each round starts both tunnels afresh in front of the same origin, as stage 6's bench path does
+Each round starts both tunnels afresh in front of the same origin, as stage 12's bench path does
 (bench/paths.py): a server with a certificate made by `stage_15.certs` (once per run), a client
 trusting that CA over TLS, a secret on both sides, a TCP tunnel (its own port, so wrk needs no
 Host header; the client's observer sees the same HTTP either way), and the inspector on port 0 or

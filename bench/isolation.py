@@ -1,10 +1,10 @@
 """Every user on their own (issue 23): what one user, one app or one hostile client does to everyone else.
 
-    python -m bench.isolation                          # stages 5, 6 and 7 of this repository (~2 min)
-    python -m bench.isolation --root /tmp/old --tries 10   # the stages of another checkout (before/after)
+    python3 -m bench.isolation                         # stages 9, 12 and 15 of this repository (~2 min)
+    python3 -m bench.isolation --root /tmp/old --tries 10   # the stages of another checkout (before/after)
 
-Each stage runs from its command line (server and client, a secret, from stage 6 on TLS and an
-HTTP tunnel by name, stage 7 with its inspector), in front of a small origin in this process whose
+Each stage runs from its command line (server and client, a secret, from stage 12 on TLS and an
+HTTP tunnel by name, stage 15 with its inspector), in front of a small origin in this process whose
 paths behave as real peers do. Then, in order, bounded in count and time:
 
 - users who leave early: `--tries` users each ask for /slow and close before its answer (the
@@ -110,7 +110,7 @@ class Tunnel:
         self.start_client("app")
 
     def start_client(self, name: str) -> None:
-        """A client (from stage 6 on, of the HTTP tunnel `name`); wait until it serves."""
+        """A client (from stage 12 on, of the HTTP tunnel `name`); wait until it serves."""
         self.name = name
         argv = [sys.executable, "-m", f"{self.stage}.client", f"{HOST}:{self.origin}", HOST]
         argv += ["--control-port", str(self.control_port), "--max-backoff", "0.5", *self.client_flags]
@@ -291,7 +291,7 @@ def measure(tunnel: Tunnel, args: argparse.Namespace) -> None:
     say(f"{stage}: 4 users, one more leaving early every 0.5 s: {share_failed(tunnel, args.seconds)}")
     say(f"{stage}: an app resets mid-answer: the user sees {tunnel.get('/reset')[1]}")
     say(f"{stage}: the client is killed mid-download: {download(tunnel, args.size, tunnel.client.popen.kill)}")
-    tunnel.start_client("again")  # from stage 6 on, the killed client's name is kept for it a while
+    tunnel.start_client("again")  # from stage 12 on, the killed client's name is kept for it a while
     say(f"{stage}: a hostile client: {hostile(tunnel, args.tries, args.root)}")
 
 
@@ -305,7 +305,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=ROOT, help="the checkout whose stages run (default: this one)")
     args = parser.parse_args()
     if shutil.which("openssl") is None:
-        sys.exit("error: needs openssl, which makes stage 6's certificates (apt-get install openssl)")
+        sys.exit("error: needs openssl, which makes stage 12's certificates (apt-get install openssl)")
     origin = Origin()
     origin.start()
     say(f"stages from {args.root.resolve()}; load average {os.getloadavg()[0]:.2f}")

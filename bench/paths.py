@@ -2,14 +2,14 @@
 
 - `direct`: no relay at all, the load talks to the origin;
 - `socat`: the reference relay, written in C, one forked process per connection;
-- `stage_0`: `python -m stage_0.client ORIGIN --port 0`;
-- `stage_3`: `python -m stage_3.server` plus `python -m stage_3.client ORIGIN`, the whole tunnel;
-- `stage_4`: the same two programs of stage 4 (the tunnel you can leave running), with a
-  secret on both sides as its README recommends (in NGROK_SECRET, out of the command line);
-- `stage_5`: stage 5's server and client (every user over the client's one connection, no
-  proxy port), with a secret too; "not present" while the repository has no stage_5/;
-- `stage_6`: stage 6's server and client with TLS on the client's connection (a private CA and
-  a server certificate made for each start by `stage_6.certs`, in the path's temp dir) and a
+- `stage_0`: `python3 -m stage_0.client ORIGIN --port 0`;
+- `stage_3`: `python3 -m stage_3.server` plus `python3 -m stage_3.client ORIGIN`, the whole tunnel;
+- `stage_4`: the same two programs of stage 4: every user a stream over the client's one
+  connection, no proxy port; "not present" while the repository has no stage_4/;
+- `stage_9`: stage 9's server and client (streams with flow control, resume and the limits),
+  with a secret on both sides as its README recommends (in NGROK_SECRET, out of the command line);
+- `stage_12`: stage 12's server and client with TLS on the client's connection (a private CA and
+  a server certificate made for each start by `stage_12.certs`, in the path's temp dir) and a
   secret; the client asks for a TCP tunnel (`--tcp`), a public port of its own, read from the
   server's "tcp port listening on" line: a TCP forward, as `ssh -R` is, that any load tool
   reaches without a Host header;
@@ -41,7 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # The ladder (tests/support.py): streams over one connection from stage 4, auth from 7, the limits in 9, TLS
-# from 12. "stage 5"/"stage 6" in the report are the labels of stage_9 and stage_12 (the old numbers).
+# from 12. Issues 17 and 14 set their goals for "stage 5" and "stage 6": stage_9 and stage_12 now.
 STAGES = ("stage_0", "stage_1", "stage_2", "stage_3", "stage_4", "stage_9", "stage_12")
 TUNNELS = ("stage_3", "stage_4", "stage_9", "stage_12")  # stages measured as a whole tunnel: server + client
 TUNNEL_ROLES = {stage: ("control", "public") for stage in TUNNELS[1:]}  # no proxy port from 4 on
