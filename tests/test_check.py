@@ -196,7 +196,7 @@ def test_all_lists_each_behaviour_that_holds() -> None:
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        (["9", "."], "no stage '9' here: the stages are stage_0 to stage_"),
+        (["99", "."], "no stage '99' here: the stages are stage_0 to stage_"),  # past the last stage
         (["stage_x"], "no stage 'stage_x' here"),
         (["3", "no/such/folder"], "no/such/folder is not a folder"),
         (["3", "docs"], "docs is not a stage folder: it has no __init__.py"),
