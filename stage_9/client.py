@@ -143,7 +143,7 @@ def main() -> None:
     """Command line: python -m stage_9.client LOCAL [SERVER] [--control-port P] [--secret S] ..."""
     parser = argparse.ArgumentParser(
         prog="python -m stage_9.client",
-        description="Open a tunnel from a stage 5 server to LOCAL, the app on this machine that users should reach.",
+        description="Open a tunnel from a stage 9 server to LOCAL, the app on this machine that users should reach.",
     )
     parser.add_argument("local", type=parse_address, metavar="LOCAL", help="the local app, as host:port")
     parser.add_argument(
