@@ -1,8 +1,9 @@
 """Stage 5: flow control and fair turns: every stream has a window, and the streams take turns.
 
-Layout (new in stage 5: budget.py; relay.py and mux.py gain windows and turns):
+Layout (the tunnel is stage 4's: every user a framed stream in the client's one connection):
 
-- `protocol.py`: the handshake's text lines (`hello`, `welcome`); the timeouts and limits.
+- `protocol.py`: the handshake's text lines (`hello`, `welcome`) and the two sides of it; the
+  ports and timeouts, in one place.
 - `frames.py`: after the handshake, binary frames with a 10-byte header (DATA with SYN/ACK/FIN/RST,
   WINDOW), and `Parser`, the only code that turns bytes into frames.
 - `mux.py`: the multiplexer: many streams over one connection, sent in turns, each with its window.
@@ -10,7 +11,7 @@ Layout (new in stage 5: budget.py; relay.py and mux.py gain windows and turns):
   with flow control both ways.
 - `budget.py`: the memory budget: every stream's window counted in one stated total.
 - `session.py`: the server's side of the tunnel connection: one client at a time.
-- `pages.py`: the 502 page an HTTP user gets when the local app can't be reached.
+- `pages.py`: the 502 page an HTTP user gets when the tunnel can't serve them.
 - `server.py`: the control and public ports; `python -m stage_5.server` runs it.
 - `cli.py`: the command lines' argument types.
 - `private.py`: the client's side of one user: the private connection to the local app.

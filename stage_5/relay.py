@@ -17,7 +17,7 @@ Each direction has its own flow control, as SSH channels, yamux and HTTP/2 do:
   window starts small and grows, or shrinks again, within the memory budget (budget.py).
 
 Reading is on exactly while `_should_read()` holds, recomputed after every change. An earlier
-Protocol relay of this tutorial resumed reading at moments of its own choosing, and lost a pause for good
+Protocol relay instead resumed reading at moments of its own choosing, and lost a pause for good
 (issue 12): asyncio says "pause" once, and only once.
 """
 
@@ -38,8 +38,8 @@ from .protocol import ProtocolError
 if TYPE_CHECKING:  # only for the type checker: mux.py imports this module
     from .mux import Mux
 
-# How much of each direction's first bytes to keep: enough for an HTTP request line
-# ("GET /path HTTP/1.1"), which tells the server whether a user speaks HTTP (pages.py).
+# How much of the first bytes read to keep: enough for an HTTP request line ("GET /path HTTP/1.1"),
+# which tells the server whether a user it must refuse gets an error page (pages.refuse).
 HEAD_SIZE = 1024
 # The most one read takes from a TCP connection: what the event loop reads at most in one go anyway.
 READ_SIZE = 256 * 1024
@@ -52,7 +52,7 @@ SCRATCH = memoryview(bytearray(READ_SIZE))
 
 @dataclass
 class Flow:
-    """One direction of a relay: how many bytes it carried, how they began, and whether it ended."""
+    """One direction of a relay: how many bytes it carried, how they began (TCP -> tunnel), whether it ended."""
 
     copied: int = 0
     head: bytes = b""
@@ -66,7 +66,7 @@ class Stream(asyncio.BufferedProtocol):
 
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
-        self.mux: Mux | None = None  # set by the Mux when the stream opens (Mux.open, or a SYN)
+        self.mux: Mux | None = None  # set by Mux.open / Mux.attach
         self.stream_id = 0
         self.sent, self.received = Flow(), Flow()  # TCP -> tunnel, tunnel -> TCP
         self.refusing = False  # the server is refusing this user (pages.refuse): what it sends is dropped
@@ -124,7 +124,7 @@ class Stream(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes | memoryview) -> None:
         if not self.sent.head:
-            # We keep a copy of the first bytes (does the user speak HTTP? see pages.py) and pass them on.
+            # We keep a copy of the first bytes (see HEAD_SIZE) and pass them on unchanged.
             self.sent.head = bytes(data[:HEAD_SIZE])
             self._heard()
         self.sent.copied += len(data)

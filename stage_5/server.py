@@ -1,10 +1,10 @@
 """Stage 5 server: relay every public connection through the client to the local app, as a stream.
 
-python -m stage_5.server            # then: python -m stage_5.client localhost:8000
-                                    # and browse http://localhost:60624
+python -m stage_5.server                    # then: python -m stage_5.client localhost:8000
+python -m stage_5.server --host 0.0.0.0     # on a VPS: anyone can be its client (stage 7 adds a secret)
 
 The client's one connection lives in session.py (one tunnel) and mux.py (its streams); here
-are the ports, the users, and the memory budget their streams share.
+are the ports, the users, and the page a user gets when the tunnel can't serve them.
 """
 
 import argparse
@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from . import pages
 from .budget import MEMORY_BUDGET, Budget, MiB
@@ -174,7 +175,7 @@ class Server:
         elapsed = time.monotonic() - started
         ended = f" (closed: {stream.reset_reason})" if stream.reset_reason else ""
         up, down = stream.sent.copied, stream.received.copied
-        log.info("%s: closed, %d bytes up, %d bytes down, %.3fs%s", who, up, down, elapsed, ended)
+        log.info("%s closed, %d bytes up, %d bytes down, %.3fs%s", who, up, down, elapsed, ended)
 
     @staticmethod
     async def _refuse(stream: Stream, who: str, cause: str) -> None:
@@ -197,9 +198,9 @@ def listen_error(exc: OSError, role: str, host: str, port: int) -> str:
     return f"cannot listen on {host}:{port} for the {role} port: {exc.strerror or exc}"
 
 
-async def run(host: str, ports: Ports, proxy_timeout: float, memory_budget: int) -> None:
-    """Bind, then serve until cancelled."""
-    server = Server(proxy_timeout, memory_budget=memory_budget)
+async def run(host: str, ports: Ports, **options: Any) -> None:
+    """Bind, then serve until cancelled; `options` are Server's keyword arguments."""
+    server = Server(**options)
     await server.listen(host, ports.control, ports.public)
     await server.serve()
 
@@ -222,13 +223,16 @@ def main() -> None:
             metavar="PORT",
             help=f"where {who}; 0 = any (default: %(default)s)",
         )
-    parser.add_argument(
-        "--proxy-timeout",
-        type=positive_seconds,
-        default=PROXY_TIMEOUT,
-        metavar="SECONDS",
-        help="how long a user waits for the client to accept its stream (default: %(default)s)",
-    )
+    for flag, seconds, what in (
+        ("proxy-timeout", PROXY_TIMEOUT, "how long a user waits for the client to accept its stream"),
+    ):
+        parser.add_argument(
+            f"--{flag}",
+            type=positive_seconds,
+            default=seconds,
+            metavar="SECONDS",
+            help=f"{what} (default: %(default)s)",
+        )
     parser.add_argument(
         "--memory-budget",
         type=whole_number(16, 1024 * 1024),
@@ -243,7 +247,11 @@ def main() -> None:
     )
     try:
         ports = Ports(args.control_port, args.public_port)
-        asyncio.run(run(args.host, ports, args.proxy_timeout, args.memory_budget * MiB))
+        options = {
+            "proxy_timeout": args.proxy_timeout,
+            "memory_budget": args.memory_budget * MiB,
+        }
+        asyncio.run(run(args.host, ports, **options))
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:
