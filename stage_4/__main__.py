@@ -1,10 +1,9 @@
 """The whole tunnel on one machine: `python -m stage_4` shows it working with zero setup.
 
 It runs three things in one process, all on 127.0.0.1: a demo local app (demo_app.py), the
-server and the client. Then it prints the public URL: open
-it in a browser or curl it, and the demo app's page comes back through the tunnel. In real use
-the server runs on a machine the internet can reach and the client next to your app: see the
-stage 4 page of the docs.
+server and the client. Then it prints the public URL: open it in a browser or curl it, and
+the demo app's page comes back through the tunnel. In real use the server runs on a machine
+the internet can reach and the client next to your app: see the page of this stage in the docs.
 """
 
 import argparse

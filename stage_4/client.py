@@ -1,11 +1,12 @@
 """Stage 4 client: carry every user from the server to the local app, over one connection.
 
-python -m stage_4.client localhost:8000              # the server on localhost; browse localhost:60624
-python -m stage_4.client localhost:8000 my.server    # the server on another machine
+python -m stage_4.client localhost:8000                 # the server on localhost
+python -m stage_4.client localhost:8000 my.server       # the server on another machine
 
 One connection to the server carries everything. The server opens a stream on it for each user
 (a SYN frame); the client dials the local app (the private connection) and relays the stream
-into it.
+into it. The users' streams end with the connection: they ran inside it (in stage 3 each user
+had a proxy connection of its own).
 """
 
 import argparse
@@ -17,18 +18,7 @@ import sys
 
 from . import private
 from .mux import Mux
-from .protocol import (
-    CONTROL_PORT,
-    DATA_LIMIT,
-    Error,
-    Hello,
-    ProtocolError,
-    Refused,
-    TunnelError,
-    Welcome,
-    read_message,
-    write_message,
-)
+from .protocol import CONTROL_PORT, DATA_LIMIT, TunnelError, client_handshake
 from .relay import Stream
 
 log = logging.getLogger("stage_4.client")
@@ -37,46 +27,56 @@ log = logging.getLogger("stage_4.client")
 class Client:
     """Keeps the control connection to a server and relays each user it announces to the local app."""
 
-    def __init__(self, local: tuple[str, int], server: str = "localhost", control_port: int = CONTROL_PORT) -> None:
+    def __init__(
+        self,
+        local: tuple[str, int],
+        server: str = "localhost",
+        control_port: int = CONTROL_PORT,
+    ) -> None:
         self.local = local
         self.server = server
         self.control_port = control_port
-        self.connected = asyncio.Event()  # set once the server has taken us (the demo waits for it)
+        # Set while the server has us as its client; the demo and the tests wait for it.
+        self.connected = asyncio.Event()
         # Dialled for every user, so the address that worked is remembered (see private.py).
         self._local_app = private.LocalApp(*local)
         self._users: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
-        """Serve the server's streams until cancelled; TunnelError if it is unreachable, refuses or goes away."""
+        """Serve the tunnel until cancelled; TunnelError if the server is unreachable, says no or goes away."""
         try:
-            # Frames follow the handshake: a big buffer limit keeps reads large (see protocol.py).
-            reader, writer = await private.dial(self.server, self.control_port, limit=DATA_LIMIT)
-        except OSError as exc:
-            reason = private.why(exc)
-            raise TunnelError(f"cannot reach the server at {self.server}:{self.control_port} ({reason})") from None
-        try:
-            await write_message(writer, Hello())
-            match await read_message(reader):
-                case Welcome():
-                    pass
-                case Error(reason):
-                    raise Refused(f"the server refused the connection: {reason}")
-                case reply:
-                    raise ProtocolError(f"expected 'welcome', got {reply or 'nothing'}")
-            log.info(
-                "tunnel up: the server at %s:%d sends its users to %s:%d", self.server, self.control_port, *self.local
-            )
-            mux = Mux(reader, writer, peer="the server", on_open=self._open)
-            self.connected.set()
-            await mux.run()
-            raise TunnelError("the server closed the connection")
-        except OSError as exc:
-            raise TunnelError(f"lost the connection to the server ({exc})") from None
+            reader, writer = await self._connect()
+            try:
+                await client_handshake(reader, writer)
+                await self._serve_control(reader, writer)
+            finally:
+                writer.close()
+        except OSError as exc:  # TimeoutError (a silent server) is an OSError too
+            raise TunnelError(f"lost the connection to the server ({str(exc) or 'timed out'})") from None
         finally:
-            writer.close()
             for task in self._users:
                 task.cancel()
             await asyncio.gather(*self._users, return_exceptions=True)
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open the tunnel connection, or raise TunnelError saying why not."""
+        try:
+            # Frames follow the handshake: a big buffer limit keeps reads large (see protocol.py).
+            return await private.dial(self.server, self.control_port, limit=DATA_LIMIT)
+        except OSError as exc:
+            reason = private.why(exc)
+            raise TunnelError(f"cannot reach the server at {self.server}:{self.control_port} ({reason})") from None
+
+    async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Relay the server's streams; raise TunnelError when the connection is lost."""
+        log.info("tunnel up: the server at %s:%d sends its users to %s:%d", self.server, self.control_port, *self.local)
+        mux = Mux(reader, writer, peer="the server", on_open=self._open)
+        self.connected.set()
+        try:
+            await mux.run()
+            raise TunnelError("the server closed the connection")
+        finally:
+            self.connected.clear()
 
     def _open(self, stream_id: int) -> Stream:
         """The server opened a stream for a user: dial the local app for it, in a task of its own."""
@@ -141,12 +141,12 @@ def main() -> None:
     server, server_port = args.server
     if server_port and args.control_port:
         parser.error("give the control port once: in SERVER (host:port) or with --control-port")
-    control_port = server_port or args.control_port or CONTROL_PORT
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
+    client = Client(args.local, server, server_port or args.control_port or CONTROL_PORT)
     try:
-        asyncio.run(Client(args.local, server, control_port).run())
+        asyncio.run(client.run())
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:

@@ -1,10 +1,8 @@
-"""What a user sees when the local app is down: a 502 page that says so, from the server.
+"""What a public user sees when the tunnel can't reach the local app: a small HTTP error page.
 
-A browser shown a closed connection says only "the connection was reset"; a page that names
-the cause ("connection refused at localhost:8000") tells its user what is wrong. The client
-resets the user's stream with the cause (an RST frame), and the server writes the page into
-the user's connection. Users who don't speak HTTP get a clean close instead, since an HTTP
-response would be garbage to them.
+A browser shown a reset connection says only "connection reset"; a 502 page that names the
+cause ("no tunnel client is connected") tells its user what to fix. Users who don't speak
+HTTP get a clean close instead, since an HTTP response would be garbage to them.
 """
 
 import asyncio
@@ -21,16 +19,26 @@ if TYPE_CHECKING:  # only for the type checker: relay.py is imported by mux.py, 
 # How long we wait for a user's first bytes to tell whether they speak HTTP. Browsers
 # and curl send their request at once, so a short wait is enough.
 SNIFF_TIMEOUT = 2.0
-# The start of an HTTP request: "GET /path HTTP/1.1".
-REQUEST_LINE = re.compile(rb"[A-Z]{3,10} \S{1,2000} HTTP/\d")
+# The start of a request: "GET /path HTTP/1.1".
+REQUEST_LINE = re.compile(rb"([A-Z]{3,10}) (\S{1,2000}) HTTP/\d")
+
+
+def printable(data: bytes) -> str:
+    """`data` as text fit for a log line: every byte that is not printable ASCII becomes \\xNN.
+
+    A path comes from anyone on the internet. Written raw, an ESC byte would start a
+    terminal escape sequence in the terminal that shows the log, a BEL would ring it and
+    a NUL would cut the line short for some tools.
+    """
+    return "".join(chr(byte) if 0x20 <= byte < 0x7F else f"\\x{byte:02x}" for byte in data)
 
 
 def error_page(cause: str) -> bytes:
-    """A complete HTTP 502 response naming `cause`; the connection is closed after it."""
+    """A complete HTTP 502 response naming `cause`, which the server closes after sending."""
     body = (
         "<!doctype html><meta charset=utf-8><title>502 Bad Gateway</title>\n"
         f"<h1>502 Bad Gateway</h1>\n<p>{html.escape(cause)}</p>\n"
-        "<p><small>ngrok-- tunnel</small></p>\n"
+        "<p><small>ngrok-- tunnel server</small></p>\n"
     ).encode()
     head = (
         "HTTP/1.1 502 Bad Gateway\r\n"
@@ -67,13 +75,3 @@ async def refuse(stream: "Stream", cause: str) -> bool:
             await asyncio.shield(stream.ended)  # the user's EOF: it has read the page
     transport.close()
     return is_http
-
-
-def printable(data: bytes) -> str:
-    """`data` as text fit for a log line: every byte that is not printable ASCII becomes \\xNN.
-
-    A reason comes from the peer. Written raw, an ESC byte would start a terminal escape
-    sequence in the terminal that shows the log, a BEL would ring it and a NUL would cut
-    the line short for some tools.
-    """
-    return "".join(chr(byte) if 0x20 <= byte < 0x7F else f"\\x{byte:02x}" for byte in data)

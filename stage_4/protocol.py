@@ -1,7 +1,7 @@
-"""Wire format of the tunnel connection's handshake: one message per line of text; every limit and timeout.
+"""Wire format of the tunnel connection's handshake: one message per line of text; its ports and timeouts.
 
-Stage 5 has one connection between the client and the server. It starts as stage 3's control
-connection did, in text lines, readable and speakable with `nc`:
+Stage 4 has one connection between the client and the server. It starts as stage 3's control
+connection did, in text lines readable and speakable with `nc`, with a handshake:
 
     client: hello
     server: welcome                   (or `error <reason>`, then the server hangs up)
@@ -24,7 +24,7 @@ MAX_LINE = 1024
 # How long to wait for a connect or a reply before calling the peer dead.
 NETWORK_TIMEOUT = 5.0
 # How long a user's new stream waits for the client to accept it (to reach the local
-# app) before the server gives up on it.
+# app) before the server gives up on it and sends the user a 502 page.
 PROXY_TIMEOUT = 10.0
 # The most a stream holds in memory each way: one window (frames.WINDOW) of bytes,
 # or one read of the event loop (256 KiB at most) waiting to be framed.
@@ -119,6 +119,42 @@ async def write_message(writer: asyncio.StreamWriter, message: Message) -> None:
     """Send one message and wait until it is handed to the kernel."""
     writer.write(encode(message))
     await writer.drain()
+
+
+async def server_handshake(reader: asyncio.StreamReader, timeout: float = NETWORK_TIMEOUT) -> Hello:
+    """Read the client's `hello`.
+
+    Raises ProtocolError for anything else, TimeoutError if the client is too slow: a peer that
+    connects and says nothing must not hold a socket forever.
+    """
+    async with asyncio.timeout(timeout):
+        hello = await read_message(reader)
+    if not isinstance(hello, Hello):
+        raise ProtocolError(f"expected 'hello', got {hello or 'nothing'}")
+    return hello
+
+
+async def client_handshake(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    timeout: float = NETWORK_TIMEOUT,
+) -> Welcome:
+    """Say hello, return the welcome.
+
+    Raises Refused when the server says no (retrying would not help), ProtocolError for a peer
+    that does not speak our protocol, TimeoutError or OSError for network trouble.
+    """
+    async with asyncio.timeout(timeout):
+        await write_message(writer, Hello())
+        reply = await read_message(reader)
+    match reply:
+        case Welcome():
+            return reply
+        case Error(reason):
+            raise Refused(f"the server refused the connection: {reason}")
+        case None:
+            raise ProtocolError("the server closed the connection during the handshake")
+    raise ProtocolError(f"expected 'welcome', got {reply}")
 
 
 async def say_goodbye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str) -> None:

@@ -1,8 +1,9 @@
 """One stream: a TCP connection (a user, or the local app) joined to one stream of the tunnel connection.
 
 Stage 3's pump was a task per direction: `await read()`, `write()`, `await drain()`. Here the
-event loop hands each chunk it reads to a Protocol, a `Stream`, and the Stream passes it on at
-once, as frames of the one tunnel connection: no task, no future, no wake-up per chunk.
+event loop hands each chunk it reads to a Protocol, a `Stream`, and
+the Stream passes it on at once: no task, no future, no wake-up per chunk (the performance page
+measures the difference).
 
 There is no flow control per stream yet (stage 5 adds it). Bytes are held back only where the
 connections themselves are full:
@@ -13,9 +14,9 @@ connections themselves are full:
   stops reading the whole tunnel connection (see Mux.pause). That bounds our memory, but it
   stalls every other stream too: head-of-line blocking, which stage 5's windows remove.
 
-Reading is on exactly while `_should_read()` holds, recomputed after every change: asyncio
-says "pause" once, and only once, so a relay that resumed at moments of its own choosing
-could lose a pause for good.
+Reading is on exactly while `_should_read()` holds, recomputed after every change. An earlier
+Protocol relay instead resumed reading at moments of its own choosing, and lost a pause for good
+(issue 12): asyncio says "pause" once, and only once.
 """
 
 from __future__ import annotations
@@ -32,14 +33,14 @@ from .protocol import ProtocolError
 if TYPE_CHECKING:  # only for the type checker: mux.py imports this module
     from .mux import Mux
 
-# How much of each direction's first bytes to keep: enough for an HTTP request line
-# ("GET /path HTTP/1.1"), which tells the server whether a user speaks HTTP (pages.py).
+# How much of the first bytes read to keep: enough for an HTTP request line ("GET /path HTTP/1.1"),
+# which tells the server whether a user it must refuse gets an error page (pages.refuse).
 HEAD_SIZE = 1024
 
 
 @dataclass
 class Flow:
-    """One direction of a relay: how many bytes it carried, how they began, and whether it ended."""
+    """One direction of a relay: how many bytes it carried, how they began (TCP -> tunnel), whether it ended."""
 
     copied: int = 0
     head: bytes = b""
@@ -53,7 +54,7 @@ class Stream(asyncio.Protocol):
 
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
-        self.mux: Mux | None = None  # set by the Mux when the stream opens (Mux.open, or a SYN)
+        self.mux: Mux | None = None  # set by Mux.open / Mux.attach
         self.stream_id = 0
         self.sent, self.received = Flow(), Flow()  # TCP -> tunnel, tunnel -> TCP
         self.refusing = False  # the server is refusing this user (pages.refuse): what it sends is dropped
@@ -88,7 +89,7 @@ class Stream(asyncio.Protocol):
 
     def data_received(self, data: bytes | memoryview) -> None:
         if not self.sent.head:
-            # We keep a copy of the first bytes (does the user speak HTTP? see pages.py) and pass them on.
+            # We keep a copy of the first bytes (see HEAD_SIZE) and pass them on unchanged.
             self.sent.head = bytes(data[:HEAD_SIZE])
             self._heard()
         self.sent.copied += len(data)

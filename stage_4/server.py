@@ -1,10 +1,10 @@
 """Stage 4 server: relay every public connection through the client to the local app, as a stream.
 
-python -m stage_4.server            # then: python -m stage_4.client localhost:8000
-                                    # and browse http://localhost:60624
+python -m stage_4.server                    # then: python -m stage_4.client localhost:8000
+python -m stage_4.server --host 0.0.0.0     # on a VPS: anyone can be its client (stage 7 adds a secret)
 
 The client's one connection lives in session.py (one tunnel) and mux.py (its streams); here
-are the ports and the users.
+are the ports, the users, and the page a user gets when the tunnel can't serve them.
 """
 
 import argparse
@@ -53,11 +53,7 @@ class User(Stream):
 class Server:
     """The tunnel server: one tunnel connection from the client, many public users, one stream per user."""
 
-    def __init__(
-        self,
-        proxy_timeout: float = PROXY_TIMEOUT,
-        handshake_timeout: float = NETWORK_TIMEOUT,
-    ) -> None:
+    def __init__(self, proxy_timeout: float = PROXY_TIMEOUT, handshake_timeout: float = NETWORK_TIMEOUT) -> None:
         self.proxy_timeout = proxy_timeout  # a user waits this long for the client to accept its stream
         self._listeners: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -159,7 +155,7 @@ class Server:
         elapsed = time.monotonic() - started
         ended = f" (closed: {stream.reset_reason})" if stream.reset_reason else ""
         up, down = stream.sent.copied, stream.received.copied
-        log.info("%s: closed, %d bytes up, %d bytes down, %.3fs%s", who, up, down, elapsed, ended)
+        log.info("%s closed, %d bytes up, %d bytes down, %.3fs%s", who, up, down, elapsed, ended)
 
     @staticmethod
     async def _refuse(stream: Stream, who: str, cause: str) -> None:
@@ -239,8 +235,7 @@ def main() -> None:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
     try:
-        ports = Ports(args.control_port, args.public_port)
-        asyncio.run(run(args.host, ports, args.proxy_timeout))
+        asyncio.run(run(args.host, Ports(args.control_port, args.public_port), args.proxy_timeout))
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:

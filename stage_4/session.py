@@ -4,8 +4,9 @@ Stage 3's control connection, which now carries everything: after the handshake,
 runs a Mux on it (mux.py), and the server opens a stream on it for each user.
 
 - One tunnel: a second client is refused while one is connected.
-- Users whose streams ran on the connection lose their connections with it: with one
-  connection for everything, nothing of a user survives that connection.
+- Users whose streams ran on the tunnel connection lose their connections with it: with one
+  connection for everything, nothing of a user survives that connection (stage 3's proxy
+  connections did).
 """
 
 import asyncio
@@ -13,17 +14,7 @@ import logging
 from dataclasses import dataclass
 
 from .mux import Mux
-from .protocol import (
-    NETWORK_TIMEOUT,
-    Hello,
-    ProtocolError,
-    Refused,
-    TunnelError,
-    Welcome,
-    read_message,
-    say_goodbye,
-    write_message,
-)
+from .protocol import NETWORK_TIMEOUT, Refused, TunnelError, Welcome, say_goodbye, server_handshake, write_message
 
 log = logging.getLogger("stage_4.session")
 
@@ -54,30 +45,26 @@ class Sessions:
         host, port = writer.get_extra_info("peername")[:2]
         peer, session, mux = f"{host}:{port}", None, None
         try:
-            async with asyncio.timeout(self.handshake_timeout):  # a silent peer must not hold a socket forever
-                hello = await read_message(reader)
-            if not isinstance(hello, Hello):
-                raise ProtocolError(f"expected 'hello', got {hello or 'nothing'}")
+            await server_handshake(reader, self.handshake_timeout)
             session = self._admit(peer, writer)
             # The welcome is the last line: from here on, both sides speak frames (frames.py).
             mux = Mux(reader, writer, peer="the client")
             await write_message(writer, Welcome())
             session.mux = mux
             await mux.run()  # until the client leaves or breaks the protocol
-        except TunnelError as exc:  # a second client, a bad line or frame
+        except TunnelError as exc:  # a second client, a bad frame
             # Tell the peer what went wrong, then hang up: a confused peer must
             # not be able to keep a connection (and its buffer) alive.
             log.warning("%s: %s; closing", peer, exc)
-            if mux is None:  # before the welcome a peer reads lines; after it, frames
-                await say_goodbye(reader, writer, str(exc))
+            await self._goodbye(reader, writer, mux, str(exc))
         except TimeoutError:
             log.warning("%s: no handshake in time; closing", peer)
-            await say_goodbye(reader, writer, "no hello in time")
+            await self._goodbye(reader, writer, mux, "no handshake in time")
         except OSError as exc:
             log.info("%s: connection lost (%s)", peer, exc)
         finally:
             if mux is not None:
-                mux.close("the tunnel client disconnected")  # its users' connections are reset
+                mux.close("the tunnel client disconnected")  # its users get a page or a reset
             if session is not None and session.writer is writer:
                 self.current = None
                 log.info("%s: tunnel connection closed; the tunnel is free", peer)
@@ -90,3 +77,11 @@ class Sessions:
         self.current = Session(peer, writer)
         log.info("%s: client connected", peer)
         return self.current
+
+    @staticmethod
+    async def _goodbye(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, mux: Mux | None, reason: str
+    ) -> None:
+        # Before the welcome, a peer reads lines (`error <reason>`); after it, frames: it sees the close.
+        if mux is None:
+            await say_goodbye(reader, writer, reason)
