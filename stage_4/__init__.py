@@ -9,10 +9,10 @@ Layout (new in stage 4: frames.py, mux.py, session.py; gone: stage 3's pairing.p
 - `relay.py`: `Stream`, one user's TCP connection (or the local app's) joined to one stream.
 - `session.py`: the server's side of the tunnel connection: one client at a time.
 - `pages.py`: the 502 page an HTTP user gets when the local app can't be reached.
-- `server.py`: the control and public ports; `python -m stage_4.server` runs it.
+- `server.py`: the control and public ports; `python3 -m stage_4.server` runs it.
 - `private.py`: the client's side of one user: the private connection to the local app.
 - `client.py`: keeps the tunnel connection and relays every stream to the local app;
-  `python -m stage_4.client LOCAL [SERVER]` runs it.
-- `demo_app.py` and `__main__.py`: `python -m stage_4` runs a demo app, the server and the
+  `python3 -m stage_4.client LOCAL [SERVER]` runs it.
+- `demo_app.py` and `__main__.py`: `python3 -m stage_4` runs a demo app, the server and the
   client on this machine and prints the public URL.
 """

@@ -1,7 +1,7 @@
 """Stage 4 client: carry every user from the server to the local app, over one connection.
 
-python -m stage_4.client localhost:8000                 # the server on localhost
-python -m stage_4.client localhost:8000 my.server       # the server on another machine
+python3 -m stage_4.client localhost:8000                 # the server on localhost
+python3 -m stage_4.client localhost:8000 my.server       # the server on another machine
 
 One connection to the server carries everything. The server opens a stream on it for each user
 (a SYN frame); the client dials the local app (the private connection) and relays the stream
@@ -119,9 +119,9 @@ def port(text: str) -> int:
 
 
 def main() -> None:
-    """Command line: python -m stage_4.client LOCAL [SERVER] [--control-port P]."""
+    """Command line: python3 -m stage_4.client LOCAL [SERVER] [--control-port P]."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_4.client",
+        prog="python3 -m stage_4.client",
         description="Open a tunnel from a stage 4 server to LOCAL, the app on this machine that users should reach.",
     )
     parser.add_argument("local", type=parse_address, metavar="LOCAL", help="the local app, as host:port")

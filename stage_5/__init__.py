@@ -12,11 +12,11 @@ Layout (the tunnel is stage 4's: every user a framed stream in the client's one 
 - `budget.py`: the memory budget: every stream's window counted in one stated total.
 - `session.py`: the server's side of the tunnel connection: one client at a time.
 - `pages.py`: the 502 page an HTTP user gets when the tunnel can't serve them.
-- `server.py`: the control and public ports; `python -m stage_5.server` runs it.
+- `server.py`: the control and public ports; `python3 -m stage_5.server` runs it.
 - `cli.py`: the command lines' argument types.
 - `private.py`: the client's side of one user: the private connection to the local app.
 - `client.py`: keeps the tunnel connection and relays every stream to the local app;
-  `python -m stage_5.client LOCAL [SERVER]` runs it.
-- `demo_app.py` and `__main__.py`: `python -m stage_5` runs a demo app, the server and the
+  `python3 -m stage_5.client LOCAL [SERVER]` runs it.
+- `demo_app.py` and `__main__.py`: `python3 -m stage_5` runs a demo app, the server and the
   client on this machine and prints the public URL.
 """
