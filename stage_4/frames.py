@@ -26,9 +26,9 @@ from .protocol import MAX_LINE, ProtocolError
 
 HEADER = struct.Struct("!BBII")  # type, flags, stream id, length
 HEADER_SIZE = HEADER.size  # 10 bytes
-# A frame carries at most this much payload. Small frames let the streams take turns on the one
-# connection (a user's page is never stuck behind a megabyte of someone's download); big ones
-# cost fewer trips through the loop per megabyte. HTTP/2 starts at 16 KiB; 64 KiB is yamux's window.
+# A frame carries at most this much payload: the most a peer can make us hold before its frame is
+# whole (see Parser), while big frames cost fewer trips through the loop per megabyte. HTTP/2
+# starts at 16 KiB; 64 KiB is yamux's window.
 MAX_FRAME = 64 * 1024
 # Stream ids are 31 bits (the top bit is reserved, as in HTTP/2); 0 is the connection itself.
 MAX_STREAM_ID = 2**31 - 1
