@@ -1,0 +1,152 @@
+"""Descriptors: the limit every server meets first, and how to live at it without spinning.
+
+Every connection costs a file descriptor, and a process may hold only so many: the soft
+RLIMIT_NOFILE, often 1024, far below what the system allows (the hard limit). At the limit,
+accept() fails with EMFILE. CPython 3.11's own accept loop (under asyncio.start_server) then
+logs a traceback and retries at once, up to `backlog` times per wake-up: a server holding
+600 idle connections of an attacker burns most of a core and writes megabytes of log while
+its real users time out.
+
+So this stage does two things. It raises the soft limit to the hard one at start. And it
+accepts connections itself, one at a time, each taking a *slot*: a semaphore sized below the
+limit. When a port's slots run out, it stops calling accept(); new connections wait in the
+kernel's queue (the backlog) until a connection closes and gives its slot back.
+"""
+
+import asyncio
+import contextlib
+import errno
+import logging
+import resource
+import socket
+import time
+from collections.abc import Callable, Coroutine
+
+log = logging.getLogger("stage_11.server")
+
+# Connections the kernel queues for us before we accept them. asyncio's default
+# of 100 makes a burst of users (200 browser tabs at once) wait for a SYN retry.
+BACKLOG = 1024
+# Descriptors kept back for what is not an accepted connection: stdio, the listening
+# sockets, the log file, a DNS lookup's socket.
+RESERVE = 32
+# The control port's share of the descriptors: one in CONTROL_SHARE (see slots_for).
+CONTROL_SHARE = 8
+# accept() errors that mean "out of resources", not "this one connection failed".
+EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# How long to wait before accepting again after such an error (not a spin: a pause).
+RETRY_DELAY = 0.5
+# At the limit, say so at most this often (seconds).
+REPORT_EVERY = 60.0
+
+# Serves one accepted connection, and returns once it is closed (its descriptor is free then).
+Handler = Callable[[socket.socket], Coroutine[None, None, None]]
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard limit, if we may; return the limit (before, now)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft >= hard:
+        return soft, soft
+    with contextlib.suppress(ValueError, OSError):  # a sandbox may refuse: live with the soft limit
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def slots_for(fd_limit: int) -> dict[str, int]:
+    """Share the descriptors between the control port and the users.
+
+    Stage 9 had one client, so the control port needed a handful of slots. Now every client holds
+    one control connection: an eighth of the descriptors goes to them, the rest to the users of
+    the public port and of the TCP tunnels' ports (see Slots).
+    """
+    usable = max(fd_limit - RESERVE, 2 * CONTROL_SHARE)
+    control = usable // CONTROL_SHARE
+    return {"control": control, "public": usable - control}
+
+
+class Slots:
+    """A share of the descriptors: one slot per connection. The public port and every TCP tunnel's
+    port draw on the same share: a thousand users of one TCP tunnel count as much as of the HTTP port."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.free = asyncio.Semaphore(count)
+
+
+class Listener:
+    """One listening port: accepts connections while its share has free slots, and runs `handler` on each."""
+
+    def __init__(self, role: str, sock: socket.socket, slots: Slots, handler: Handler) -> None:
+        self.role = role
+        self.sock = sock
+        self.slots = slots
+        self._free = slots.free
+        self._handler = handler
+        self._last_report, self._full_count = -REPORT_EVERY, 0  # see _report_full
+
+    async def serve(self, spawn: Callable[[Coroutine[None, None, None]], None]) -> None:
+        """Accept until cancelled; each connection runs in a task made by `spawn`."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._free.locked():
+                self._report_full()
+            await self._free.acquire()  # waits, without a single syscall, while every slot is taken
+            try:
+                conn, _ = await loop.sock_accept(self.sock)
+            except OSError as exc:
+                self._free.release()
+                if exc.errno not in EXHAUSTED:
+                    continue  # that one connection failed (it was reset in the queue): take the next
+                self._report_full()
+                log.debug("%s port: cannot accept (%s); pausing %gs", self.role, exc.strerror, RETRY_DELAY)
+                await asyncio.sleep(RETRY_DELAY)
+                continue
+            # WHY: Nagle's algorithm off, as asyncio does for the connections it opens. It would hold a
+            # small write back until the previous one is acknowledged, and the peer delays its ACK by up
+            # to 40 ms: stage 5 measured ~44 ms to the first byte of every user but the first (the SYN
+            # frame, then the user's bytes in a second write). asyncio sets TCP_NODELAY only on sockets
+            # made with proto=IPPROTO_TCP, and socket.create_server's (and so accept()'s) have proto 0.
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            spawn(self._serve_one(conn))
+
+    def _report_full(self) -> None:
+        # Once per REPORT_EVERY seconds at most: at the limit, slots free and fill again
+        # many times a second, and one line each time would flood the log.
+        self._full_count += 1
+        now = time.monotonic()
+        if now - self._last_report >= REPORT_EVERY:
+            log.warning(
+                "%s port: all %d connection slots are in use (the file descriptor limit is near); "
+                "new connections wait in the kernel's queue (%d times since the last report)",
+                self.role,
+                self.slots.count,
+                self._full_count,
+            )
+            self._last_report, self._full_count = now, 0
+
+    async def _serve_one(self, conn: socket.socket) -> None:
+        try:
+            await self._handler(conn)  # returns once the connection is closed: the slot is free then
+        except OSError as exc:  # one connection's trouble is logged here and never reaches the others
+            log.info("%s connection lost (%s)", self.role, exc)
+        finally:
+            conn.close()  # a no-op if its transport closed it already
+            self._free.release()
+
+
+async def streams(conn: socket.socket, limit: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Wrap an accepted socket in a reader and a writer, as asyncio.open_connection(sock=...) does."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=limit)
+    protocol = asyncio.StreamReaderProtocol(reader)
+    transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn)
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+def bind(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening socket on host:port (0 = any free port); OSError if it can't be had."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=backlog)
+    sock.setblocking(False)  # the event loop waits for connections; accept() must never block it
+    return sock
