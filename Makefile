@@ -2,15 +2,16 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAGES := stage_0 stage_1 stage_2 stage_3 stage_4 stage_5 stage_6 stage_7
+# Every stage folder, in numeric order (stage_10 after stage_9): a new stage joins by existing.
+STAGES := $(shell ls -d stage_* | sort -V)
 
-.PHONY: help demo test lint pytest check docs serve-docs bench nat-lab clean
+.PHONY: help demo test lint pytest check forward ladder-check ladder-record docs serve-docs bench nat-lab clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-demo:  ## the stage 7 tunnel and its inspector (the most complete stage), all on this machine (needs Python 3.11+ and openssl)
-	$(PYTHON) -m stage_7
+demo:  ## the stage 15 tunnel and its inspector (the most complete stage), all on this machine (needs Python 3.11+ and openssl)
+	$(PYTHON) -m stage_15
 
 # The virtualenv is (re)built from pyproject.toml's extras whenever that file changes.
 $(VENV)/.installed: pyproject.toml
@@ -21,10 +22,12 @@ $(VENV)/.installed: pyproject.toml
 
 test: lint pytest docs  ## everything CI checks: lint, types, the tests, the strict docs build
 
-lint: $(VENV)/.installed  ## ruff (lint + format) and mypy --strict over the stage code
+lint: $(VENV)/.installed  ## ruff (lint + format), mypy --strict over the stages and tools, the structure lint, the ladder check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy --strict $(STAGES)
+	$(BIN)/mypy --strict $(STAGES) tools
+	$(BIN)/python -m tools.imports
+	$(BIN)/python -m tools.ladder check
 
 # Two test workers per core, eight at most: most tests wait on sockets, shaped links and timers, not on
 # the CPU (on 2 cores: 504 s with 2 workers, 274 s with 4). worksteal: a worker that runs out takes
@@ -36,6 +39,17 @@ pytest: $(VENV)/.installed  ## the test suite, WORKERS at once (pytest exits non
 
 check: $(VENV)/.installed  ## check your copy of a stage with every test of that stage: make check STAGE=3 DIR=../my_stage_3
 	$(BIN)/python -m tests.check $(STAGE) $(DIR)
+
+# A fix is written once (ladder/README.md): edit stage N, then carry the change into every later stage.
+forward:  ## merge your edit of stage N into every later stage and re-record the ladder: make forward STAGE=N
+	$(if $(STAGE),,$(error make forward needs the stage you edited: make forward STAGE=N))
+	$(PYTHON) -m tools.ladder forward $(STAGE)
+
+ladder-check:  ## fail when a stage no longer matches the recorded ladder (a later stage lacks a fix)
+	$(PYTHON) -m tools.ladder check
+
+ladder-record:  ## re-record every step of the ladder (after a change meant for one stage only)
+	$(PYTHON) -m tools.ladder record
 
 docs: $(VENV)/.installed  ## build the docs site into site/ (strict: a warning fails)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict

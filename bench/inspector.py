@@ -4,7 +4,7 @@
     python -m bench.inspector --rounds 9 --seconds 10
 
 Each round starts both tunnels afresh in front of the same origin, as stage 6's bench path does
-(bench/paths.py): a server with a certificate made by `stage_7.certs` (once per run), a client
+(bench/paths.py): a server with a certificate made by `stage_15.certs` (once per run), a client
 trusting that CA over TLS, a secret on both sides, a TCP tunnel (its own port, so wrk needs no
 Host header; the client's observer sees the same HTTP either way), and the inspector on port 0 or
 off. It measures one then the other (the order alternates), and stops them. The ratio is taken
@@ -25,12 +25,12 @@ from pathlib import Path
 from .paths import HOST, LISTENING, ROOT, SECRET, Process, Stopped, stop_on_termination, wait_until_served
 from .scenarios import wrk_keep_alive
 
-STAGE = "stage_7"
+STAGE = "stage_15"  # the live feed and replay: the most complete stage
 VARIANTS = {"inspector on": ["--inspect-port", "0"], "--no-inspect": ["--no-inspect"]}
 
 
 def certificates(work: Path) -> tuple[list[str], list[str]]:
-    """A CA and a server certificate for 127.0.0.1 (stage_7.certs, with openssl); the server's and client's flags."""
+    """A CA and a server certificate for 127.0.0.1 (stage_15.certs, with openssl); the server's and client's flags."""
     certs = work / "certs"
     argv = [sys.executable, "-S", "-m", f"{STAGE}.certs", str(certs), HOST]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=30, check=False)

@@ -41,7 +41,7 @@ from pathlib import Path
 from .inspector import certificates
 from .paths import HOST, LISTENING, ROOT, SECRET, Process
 
-STAGES = ("stage_5", "stage_6", "stage_7")
+STAGES = ("stage_9", "stage_12", "stage_15")  # the limits, TLS, the inspector
 LATE = 0.3
 LINGER_0 = struct.pack("ii", 1, 0)
 BLOCK = b"x" * (256 * 1024)
@@ -99,7 +99,7 @@ class Tunnel:
     def __init__(self, stage: str, root: Path, origin: int, work: Path) -> None:
         self.stage, self.root, self.work, self.origin = stage, root, work, origin
         self.env = {**os.environ, "NGROK_SECRET": SECRET, "PYTHONUNBUFFERED": "1"}
-        self.tls = stage != "stage_5"
+        self.tls = int(stage[6:]) >= 12  # TLS from stage 12 on
         server_flags, self.client_flags = certificates(work) if self.tls else ([], [])
         ports = ["--control-port", "0", "--public-port", "0", *server_flags]
         argv = [sys.executable, "-m", f"{stage}.server", *ports]
@@ -115,7 +115,7 @@ class Tunnel:
         argv = [sys.executable, "-m", f"{self.stage}.client", f"{HOST}:{self.origin}", HOST]
         argv += ["--control-port", str(self.control_port), "--max-backoff", "0.5", *self.client_flags]
         argv += ["--name", name] if self.tls else []
-        argv += ["--inspect-port", "0"] if self.stage == "stage_7" else []
+        argv += ["--inspect-port", "0"] if int(self.stage[6:]) >= 14 else []  # the inspector from stage 14 on
         self.client = Process.start(f"{self.stage} client {name}", argv, self.work, self.root, self.env)
         self.wait_until_up()
 

@@ -4,5 +4,5 @@ Layout:
 
 - `relay.py`: the byte pump that copies two TCP connections into each other.
 - `client.py`: listens on a local port and relays every connection to a target;
-  `python -m stage_0.client TARGET` runs it.
+  `python3 -m stage_0.client TARGET` runs it.
 """

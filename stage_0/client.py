@@ -1,6 +1,6 @@
 """Stage 0 client: a local port that relays every connection to a target.
 
-python -m stage_0.client localhost:8000        # then: curl localhost:54286
+python3 -m stage_0.client localhost:8000        # then: curl localhost:54286
 """
 
 import argparse
@@ -122,9 +122,9 @@ async def run(target: tuple[str, int], host: str, port: int) -> None:
 
 
 def main() -> None:
-    """Command line: python -m stage_0.client TARGET [--host H] [--port P]."""
+    """Command line: python3 -m stage_0.client TARGET [--host H] [--port P]."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_0.client",
+        prog="python3 -m stage_0.client",
         description="Listen on a local port and relay every connection to TARGET.",
     )
     parser.add_argument("target", type=parse_address, metavar="TARGET", help="where to relay, as host:port")

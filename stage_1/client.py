@@ -1,7 +1,7 @@
 """Stage 1 client: open the control connection and time ping/pong round trips, like ping(8).
 
-python -m stage_1.client                # server on localhost
-python -m stage_1.client my.server --count 3
+python3 -m stage_1.client                # server on localhost
+python3 -m stage_1.client my.server --count 3
 """
 
 import argparse
@@ -54,7 +54,6 @@ class Client:
             ) from None
         return cls(reader, writer)
 
-    # --8<-- [start:ping]
     async def ping(self) -> float:
         """Send one ping, wait for its pong, and return the round-trip time in seconds."""
         started = time.perf_counter()
@@ -74,7 +73,6 @@ class Client:
             case None:
                 raise TunnelError("the server closed the connection")
         raise ProtocolError(f"expected pong, got {reply}")
-        # --8<-- [end:ping]
 
     async def close(self) -> None:
         """Close the control connection."""
@@ -106,9 +104,9 @@ async def run(server: str, control_port: int, count: int, interval: float) -> li
 
 
 def main() -> None:
-    """Command line: python -m stage_1.client [SERVER] [--control-port P] [--count N]."""
+    """Command line: python3 -m stage_1.client [SERVER] [--control-port P] [--count N]."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_1.client", description="Ping a stage 1 server over the control connection."
+        prog="python3 -m stage_1.client", description="Ping a stage 1 server over the control connection."
     )
     parser.add_argument(
         "server",

@@ -26,7 +26,6 @@ class ProtocolError(TunnelError):
     """The peer sent something that breaks the protocol."""
 
 
-# --8<-- [start:messages]
 @dataclass(frozen=True)
 class Ping:
     """Client -> server, asks for a reply: `ping`."""
@@ -56,10 +55,8 @@ def encode(message: Message) -> bytes:
             return b"pong\n"
         case Error(reason):
             return f"error {reason}\n".encode()
-    # --8<-- [end:messages]
 
 
-# --8<-- [start:decode]
 def decode(line: bytes) -> Message:
     """Parse one line (newline already stripped); raise ProtocolError if it is not a message."""
     try:
@@ -75,10 +72,8 @@ def decode(line: bytes) -> Message:
         case "error", reason if reason:
             return Error(reason)
     raise ProtocolError(f"unknown command {word[:32]!r}")
-    # --8<-- [end:decode]
 
 
-# --8<-- [start:read_write]
 async def read_message(reader: asyncio.StreamReader) -> Message | None:
     """Read one message; None means the peer closed cleanly between messages."""
     try:
@@ -99,7 +94,6 @@ async def write_message(writer: asyncio.StreamWriter, message: Message) -> None:
     """Send one message and wait until it is handed to the kernel."""
     writer.write(encode(message))
     await writer.drain()
-    # --8<-- [end:read_write]
 
 
 async def say_goodbye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str) -> None:

@@ -1,6 +1,6 @@
 """Stage 1 server: accept control connections and answer every `ping` with `pong`.
 
-python -m stage_1.server            # then: python -m stage_1.client
+python3 -m stage_1.server            # then: python3 -m stage_1.client
 """
 
 import argparse
@@ -110,9 +110,9 @@ async def run(host: str, control_port: int) -> None:
 
 
 def main() -> None:
-    """Command line: python -m stage_1.server [--host H] [--control-port P]."""
+    """Command line: python3 -m stage_1.server [--host H] [--control-port P]."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_1.server", description="Answer every ping on the control port with pong."
+        prog="python3 -m stage_1.server", description="Answer every ping on the control port with pong."
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument(

@@ -7,7 +7,7 @@ Layout:
 - `pairing.py`: gives each user a fresh id and joins it to exactly the proxy connection that
   names that id (never "the next one to arrive").
 - `server.py`: the control, public and proxy ports; relays each user through its proxy
-  connection; `python -m stage_2.server` runs it.
+  connection; `python3 -m stage_2.server` runs it.
 - `client.py`: keeps the control connection, dials a proxy connection for every
-  `create_proxy` and echoes each line back (`stop` ends a session); `python -m stage_2.client` runs it.
+  `create_proxy` and echoes each line back (`stop` ends a session); `python3 -m stage_2.client` runs it.
 """

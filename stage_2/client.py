@@ -1,7 +1,7 @@
 """Stage 2 client: on every `create_proxy <id>`, dial the proxy port and echo the user's lines back.
 
-python -m stage_2.client                # server on localhost; then: nc localhost 60624
-python -m stage_2.client my.server --control-port 60623 --proxy-port 60625
+python3 -m stage_2.client                # server on localhost; then: nc localhost 60624
+python3 -m stage_2.client my.server --control-port 60623 --proxy-port 60625
 """
 
 import argparse
@@ -45,8 +45,7 @@ class Client:
         log.info("connected to the server at %s:%d; waiting for public connections", self.server, self.control_port)
         try:
             # Tutorial shortcut: this read has no deadline, so a server that vanishes
-            # without closing the connection goes unnoticed. Stage 3 adds heartbeats.
-            # --8<-- [start:create_proxy]
+            # without closing the connection goes unnoticed. Stage 6 adds heartbeats.
             while (message := await read_message(reader)) is not None:
                 match message:
                     case CreateProxy(conn_id):
@@ -55,7 +54,6 @@ class Client:
                         task = asyncio.create_task(self._session(conn_id))
                         self._sessions.add(task)  # a strong reference, as the server keeps
                         task.add_done_callback(self._sessions.discard)
-                        # --8<-- [end:create_proxy]
                     case Error(reason):
                         raise TunnelError(f"the server refused: {reason}")
                     case Pong():
@@ -83,7 +81,6 @@ class Client:
             reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
             raise TunnelError(f"cannot reach the server at {self.server}:{port} ({reason}); is it running?") from None
 
-    # --8<-- [start:session]
     async def _session(self, conn_id: str) -> None:
         short = conn_id[:8]
         try:
@@ -121,13 +118,12 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> in
         writer.write(line)
         await writer.drain()  # a user who sends and never reads must not fill our memory
         lines += 1
-        # --8<-- [end:session]
 
 
 def main() -> None:
-    """Command line: python -m stage_2.client [SERVER] [--control-port P] [--proxy-port P]."""
+    """Command line: python3 -m stage_2.client [SERVER] [--control-port P] [--proxy-port P]."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_2.client",
+        prog="python3 -m stage_2.client",
         description="Connect to a stage 2 server and echo back every line its public users send.",
     )
     parser.add_argument(

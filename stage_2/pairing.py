@@ -27,7 +27,6 @@ class Pairing:
         # conn_id -> the future through which a waiting public connection gets its proxy streams.
         self._waiting: dict[str, asyncio.Future[Streams]] = {}
 
-    # --8<-- [start:expect]
     @contextlib.contextmanager
     def expect(self) -> Iterator[tuple[str, asyncio.Future[Streams]]]:
         """Register a fresh id and the future its proxy streams will arrive in; on exit, retire both."""
@@ -43,9 +42,7 @@ class Pairing:
             # also when it came in just as the timeout fired or the server stopped.
             if future.done() and not future.cancelled():
                 future.result()[1].close()
-        # --8<-- [end:expect]
 
-    # --8<-- [start:accept_proxy]
     async def accept_proxy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Read a new proxy connection's `proxy <id>` line and hand the connection to that id's user.
 
@@ -81,4 +78,3 @@ class Pairing:
         except OSError as exc:
             log.info("%s:%d: proxy connection lost (%s)", host, port, exc)
         return False
-        # --8<-- [end:accept_proxy]

@@ -7,7 +7,6 @@ import asyncio
 CHUNK_SIZE = 256 * 1024
 
 
-# --8<-- [start:pipe]
 async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> int:
     """Copy `src` into `dst` until EOF, pass the EOF on, and return the bytes copied."""
     copied = 0
@@ -28,10 +27,8 @@ async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> int:
         # direction too: its reader sees EOF, so neither copy waits forever.
         dst.close()
     return copied
-    # --8<-- [end:pipe]
 
 
-# --8<-- [start:relay]
 async def relay(
     a_reader: asyncio.StreamReader,
     a_writer: asyncio.StreamWriter,
@@ -43,4 +40,3 @@ async def relay(
         a_to_b = tg.create_task(pipe(a_reader, b_writer))
         b_to_a = tg.create_task(pipe(b_reader, a_writer))
     return a_to_b.result(), b_to_a.result()
-    # --8<-- [end:relay]

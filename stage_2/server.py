@@ -1,6 +1,6 @@
 """Stage 2 server: pair every public connection with a proxy connection from the client.
 
-python -m stage_2.server            # then: python -m stage_2.client, and: nc localhost 60624
+python3 -m stage_2.server            # then: python3 -m stage_2.client, and: nc localhost 60624
 """
 
 import argparse
@@ -228,9 +228,9 @@ async def run(host: str, ports: Ports, proxy_timeout: float) -> None:
 
 
 def main() -> None:
-    """Command line: python -m stage_2.server [--host H] [--control-port P] [--public-port P] [--proxy-port P]."""
+    """Command line: python3 -m stage_2.server [--host H] [--control-port P] [--public-port P] [--proxy-port P]."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_2.server",
+        prog="python3 -m stage_2.server",
         description="Accept users on the public port and pair each one with a proxy connection from the client.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")

@@ -7,11 +7,11 @@ Layout:
 - `pairing.py`: gives each user a fresh id and joins it to exactly the proxy connection that
   names that id (never "the next one to arrive").
 - `server.py`: the control, public and proxy ports; relays each user through its proxy
-  connection; `python -m stage_3.server` runs it (stage 2's server, unchanged).
+  connection; `python3 -m stage_3.server` runs it (stage 2's server, unchanged).
 - `client.py`: keeps the control connection and, for every `create_proxy`, dials the local
   app (the private connection) and a proxy connection, and relays one into the other;
-  `python -m stage_3.client LOCAL [SERVER]` runs it.
+  `python3 -m stage_3.client LOCAL [SERVER]` runs it.
 - `pages.py`: the 502 page a user gets when the local app can't be reached.
-- `demo_app.py` and `__main__.py`: `python -m stage_3` runs a demo app, the server and the
+- `demo_app.py` and `__main__.py`: `python3 -m stage_3` runs a demo app, the server and the
   client on this machine and prints the public URL.
 """

@@ -1,7 +1,7 @@
 """Stage 3 client: on every `create_proxy <id>`, relay the user to the local app through a proxy connection.
 
-python -m stage_3.client localhost:8000              # the server on localhost; browse localhost:60624
-python -m stage_3.client localhost:8000 my.server    # the server on another machine
+python3 -m stage_3.client localhost:8000              # the server on localhost; browse localhost:60624
+python3 -m stage_3.client localhost:8000 my.server    # the server on another machine
 
 Stage 2's client echoed each user itself. This one dials the app you want to show the world
 (the *private connection*) and pipes it to the proxy connection with the pump from stage 0.
@@ -60,8 +60,7 @@ class Client:
         self.connected.set()
         try:
             # Tutorial shortcut: this read has no deadline, so a server that vanishes
-            # without closing the connection goes unnoticed. Stage 4 adds heartbeats.
-            # --8<-- [start:create_proxy]
+            # without closing the connection goes unnoticed. Stage 6 adds heartbeats.
             while (message := await read_message(reader)) is not None:
                 match message:
                     case CreateProxy(conn_id):
@@ -70,7 +69,6 @@ class Client:
                         task = asyncio.create_task(self._session(conn_id))
                         self._sessions.add(task)  # a strong reference, as the server keeps
                         task.add_done_callback(self._sessions.discard)
-                        # --8<-- [end:create_proxy]
                     case Error(reason):
                         raise TunnelError(f"the server refused: {reason}")
                     case Pong():
@@ -97,7 +95,6 @@ class Client:
         except OSError as exc:  # TimeoutError included
             raise TunnelError(f"cannot reach {host}:{port} ({why(exc)})") from None
 
-    # --8<-- [start:session_private]
     async def _session(self, conn_id: str) -> None:
         """One user: the private connection to the local app, the proxy connection, and the relay between them."""
         short = conn_id[:8]
@@ -108,8 +105,6 @@ class Client:
             cause = ""
         except TunnelError as exc:
             private, cause = None, f"the tunnel client {exc}"
-        # --8<-- [end:session_private]
-        # --8<-- [start:session_proxy]
         try:
             proxy_reader, proxy_writer = await self._connect(self.server, self.proxy_port)
         except TunnelError as exc:  # this user is lost, the tunnel is not: log and carry on
@@ -120,8 +115,6 @@ class Client:
         try:
             # The first line names the user this connection is for; the server pairs by it.
             await write_message(proxy_writer, Proxy(conn_id))
-            # --8<-- [end:session_proxy]
-            # --8<-- [start:session_relay]
             if private is None:
                 sent = await pages.refuse(proxy_reader, proxy_writer, cause)
                 log.warning("conn %s: %s; %s", short, cause, "sent a 502 page" if sent else "closed")
@@ -134,7 +127,6 @@ class Client:
             proxy_writer.close()
             if private is not None:
                 private[1].close()
-        # --8<-- [end:session_relay]
 
 
 def why(exc: OSError) -> str:
@@ -175,9 +167,9 @@ def port(text: str) -> int:
 
 
 def main() -> None:
-    """Command line: python -m stage_3.client LOCAL [SERVER] [--control-port P] [--proxy-port P]."""
+    """Command line: python3 -m stage_3.client LOCAL [SERVER] [--control-port P] [--proxy-port P]."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_3.client",
+        prog="python3 -m stage_3.client",
         description="Open a tunnel from a stage 3 server to LOCAL, the app on this machine that users should reach.",
     )
     parser.add_argument("local", type=parse_address, metavar="LOCAL", help="the local app, as host:port")

@@ -20,7 +20,6 @@ SNIFF_TIMEOUT = 2.0
 REQUEST_LINE = re.compile(rb"[A-Z]{3,10} \S{1,2000} HTTP/\d")
 
 
-# --8<-- [start:error_page]
 def error_page(cause: str) -> bytes:
     """A complete HTTP 502 response naming `cause`; the connection is closed after it."""
     body = (
@@ -36,10 +35,8 @@ def error_page(cause: str) -> bytes:
         "Connection: close\r\n\r\n"
     ).encode()
     return head + body
-    # --8<-- [end:error_page]
 
 
-# --8<-- [start:refuse]
 async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cause: str) -> bool:
     """Answer an HTTP user with a 502 page naming `cause`; close anyone else cleanly.
 
@@ -56,4 +53,3 @@ async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cau
     # End our side politely and give the page time to arrive before the close.
     await linger(reader, writer)
     return is_http
-    # --8<-- [end:refuse]

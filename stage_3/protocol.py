@@ -33,7 +33,6 @@ class ProtocolError(TunnelError):
     """The peer sent something that breaks the protocol."""
 
 
-# --8<-- [start:messages]
 @dataclass(frozen=True)
 class Ping:
     """Client -> server, asks for a reply: `ping`."""
@@ -44,7 +43,6 @@ class Pong:
     """Server -> client, the reply to a ping: `pong`."""
 
 
-# --8<-- [start:proxy_messages]
 @dataclass(frozen=True)
 class CreateProxy:
     """Server -> client on control, a user is waiting: `create_proxy <conn_id>`."""
@@ -57,7 +55,6 @@ class Proxy:
     """Client -> server, the first line of a new proxy connection: `proxy <conn_id>`."""
 
     conn_id: str
-    # --8<-- [end:proxy_messages]
 
 
 @dataclass(frozen=True)
@@ -83,10 +80,8 @@ def encode(message: Message) -> bytes:
             return f"proxy {conn_id}\n".encode()
         case Error(reason):
             return f"error {reason}\n".encode()
-    # --8<-- [end:messages]
 
 
-# --8<-- [start:decode]
 def decode(line: bytes) -> Message:
     """Parse one line (newline already stripped); raise ProtocolError if it is not a message."""
     try:
@@ -106,14 +101,11 @@ def decode(line: bytes) -> Message:
         case "error", reason if reason:
             return Error(reason)
     raise ProtocolError(f"unknown command {word[:32]!r}")
-    # --8<-- [end:decode]
 
 
-# --8<-- [start:new_conn_id]
 def new_conn_id() -> str:
     """A fresh id for one public connection: 128 random bits, so nobody can guess one."""
     return secrets.token_hex(16)
-    # --8<-- [end:new_conn_id]
 
 
 async def read_message(reader: asyncio.StreamReader) -> Message | None:

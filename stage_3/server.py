@@ -1,6 +1,6 @@
 """Stage 3 server: pair every public connection with a proxy connection from the client.
 
-python -m stage_3.server            # then: python -m stage_3.client localhost:8000
+python3 -m stage_3.server            # then: python3 -m stage_3.client localhost:8000
                                     # and browse http://localhost:60624
 
 The server is stage 2's, unchanged: it never knew what sits behind the client. Stage 3's
@@ -127,7 +127,7 @@ class Server:
         peer = peername(writer)
         try:
             if self._control is not None:
-                # Tutorial scope: one client, one tunnel. Stage 4 refines this.
+                # Tutorial scope: one client, one tunnel. Stage 10 serves many clients.
                 log.warning("%s: refused a second client; one is already connected", peer)
                 await say_goodbye(reader, writer, "another client is already connected to this server")
                 return
@@ -232,9 +232,9 @@ async def run(host: str, ports: Ports, proxy_timeout: float) -> None:
 
 
 def main() -> None:
-    """Command line: python -m stage_3.server [--host H] [--control-port P] [--public-port P] [--proxy-port P]."""
+    """Command line: python3 -m stage_3.server [--host H] [--control-port P] [--public-port P] [--proxy-port P]."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_3.server",
+        prog="python3 -m stage_3.server",
         description="Accept users on the public port and pair each one with a proxy connection from the client.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from support import CliProcess, EchoServer, HttpOrigin
+from support import CliProcess, EchoServer, HttpOrigin, all_stages, stages_from
 
 # Hypothesis fails a test whose examples run longer than 200 ms by default: on a loaded
 # 2-core machine that is a coin toss, not a bug. Properties here are about correctness only.
@@ -30,8 +30,9 @@ settings.register_profile("no-deadlines", deadline=None)
 settings.load_profile("no-deadlines")
 
 ROOT = Path(__file__).resolve().parent.parent
-# Every stage folder in the repository: a new stage joins workshop mode just by existing.
-STAGES = tuple(sorted(p.name for p in ROOT.glob("stage_[0-9]*") if p.is_dir()))
+# Every stage folder in the repository, numerically sorted (stage_10 after stage_9): a new stage
+# joins workshop mode just by existing.
+STAGES = all_stages()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -63,6 +64,11 @@ def stage_overrides(config: pytest.Config) -> dict[str, Path]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "since(idea, until=None): run the test, which takes a `stage` argument, on the stage that brings `idea` "
+        "(a key of support.LADDER) and on every later one (before the stage that brings `until`, if given)",
+    )
     # Every stage is imported from one folder of symlinks put first on the path,
     # for this process and for every CLI subprocess (through PYTHONPATH).
     overrides = stage_overrides(config)
@@ -73,6 +79,18 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(link_dir), os.environ.get("PYTHONPATH")]))
     config.stash[OVERRIDES] = overrides
     config.stash[LINK_DIR] = link_dir
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # `@pytest.mark.since("flow")` (on a test, a class or a module's pytestmark; the closest wins):
+    # the test's `stage` argument takes every stage from the one that brings flow control on.
+    marker = metafunc.definition.get_closest_marker("since")
+    explicit = any("stage" in str(m.args[0]) for m in metafunc.definition.iter_markers("parametrize"))
+    if marker is not None and "stage" in metafunc.fixturenames and not explicit:
+        stages = stages_from(marker.args[0])
+        if until := marker.kwargs.get("until"):  # a behaviour a later idea replaces (e.g. one client per server)
+            stages = tuple(stage for stage in stages if stage not in stages_from(until))
+        metafunc.parametrize("stage", stages)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

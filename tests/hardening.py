@@ -1,8 +1,9 @@
 """What the tests of a tunnel "safe on a real network" share: the stage under test, and a process's
 memory and CPU as the kernel reports them in /proc (Linux).
 
-The tests (test_backpressure.py, test_real_links.py, test_fd_limit.py, test_idle_timeouts.py) run
-against every stage named in HARDENED.
+The tests run on the stage that brings their behaviour and every later one (support.stages_from):
+test_backpressure.py and test_real_links.py from flow control on (stage 5), test_fd_limit.py and
+test_idle_timeouts.py from the limits on (stage 9).
 """
 
 import asyncio
@@ -13,14 +14,6 @@ import time
 from pathlib import Path
 from types import ModuleType
 from typing import Self
-
-# The stages that carry the hardened tunnel (heartbeats, auth, bounds and timeouts): stage 4 since
-# the ladder moved it there; stage 5, which carries every user over the client's one connection; stage 6,
-# whose users here are a TCP tunnel's, over TLS (support.py: what differs from stage 6 on); and stage 7,
-# stage 6 with the inspector observing every stream.
-# (Issue 12 measured stage 3's Protocol relay before the move; set this to a stage's name to run
-# these tests against it.)
-HARDENED = ("stage_4", "stage_5", "stage_6", "stage_7")
 
 MiB = 1024 * 1024
 

@@ -17,12 +17,106 @@ import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from types import TracebackType
+from types import ModuleType, TracebackType
 from typing import Any, Self
 
 import pytest
 
 import tls_certs
+
+# --- the ladder: which stage brings which idea -------------------------------------------------
+# Stages 0-3 are the Go original's (a tunnel, a control connection, a proxy connection per user);
+# from stage 4 on each stage adds one idea, and every later stage keeps it. A test of an idea runs
+# on the stage that brings it and on every later one: `stages_from("flow")`, or `@pytest.mark.since
+# ("flow")` on a test that takes a `stage` argument (conftest.py parametrizes it).
+LADDER = {
+    "streams": 4,  # every user a stream over the client's one connection: frames, a multiplexer
+    "flow": 5,  # per-stream windows, fair turns, the memory budget
+    "resume": 6,  # heartbeats, reconnect with backoff, session id and resume window, GO_AWAY
+    "auth": 7,  # the shared secret (HMAC challenge)
+    "pages": 8,  # the error pages a user sees, one log line per request
+    "limits": 9,  # descriptors, timeouts, bounds, isolation between users
+    "tenants": 10,  # many clients, a TCP tunnel each, MAX_TUNNELS
+    "names": 11,  # NAME.domain on the shared public port, Host routing
+    "tls": 12,  # the client's connection over TLS, HTTPS for users
+    "observer": 13,  # HTTP/1.1 framing of each stream, sans I/O (observe.py)
+    "inspector": 14,  # the inspector page
+    "live": 15,  # the live feed and replay
+}
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def stage_number(stage: str) -> int:
+    """12 for "stage_12"."""
+    return int(stage.removeprefix("stage_"))
+
+
+def all_stages() -> tuple[str, ...]:
+    """Every stage folder of the repository, numerically sorted (stage_10 after stage_9)."""
+    found = (p.name for p in ROOT.glob("stage_[0-9]*") if (p / "__init__.py").is_file())
+    return tuple(sorted(found, key=stage_number))
+
+
+def stages_from(idea: str) -> tuple[str, ...]:
+    """Every existing stage from the one that brings `idea` (a key of LADDER) to the last, in order."""
+    first = LADDER[idea]
+    return tuple(stage for stage in all_stages() if stage_number(stage) >= first)
+
+
+def has(stage: str, idea: str) -> bool:
+    """True if `stage` has `idea` (brought by it or by an earlier stage)."""
+    return stage_number(stage) >= LADDER[idea]
+
+
+def rebind(namespace: dict[str, Any], stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point a test module's names imported from a stage at the same names of `stage`, for one test.
+
+    A test file of an idea imports what it tests from the most complete stage (`from stage_15.frames
+    import Parser`: every name exists there, so the file always loads), and its autouse fixture calls
+    this with the stage under test: modules, classes and functions then come from that stage, and one
+    the stage lacks is removed (only tests of a later idea use it, and they do not run on this stage).
+    Constants (numbers, strings) know no module: one found under its name in a stage module is taken
+    from the same module of `stage` if it has it, else kept. monkeypatch puts every name back after.
+    """
+    targets: dict[str, tuple[str, str | None, bool]] = {}  # name -> (submodule, attribute, required)
+    for name, value in namespace.items():
+        if isinstance(value, ModuleType):
+            if match := STAGE_MODULE.fullmatch(value.__name__):
+                targets[name] = (match[1] or "", None, True)
+        elif (
+            (home := getattr(value, "__module__", None))
+            and (match := STAGE_MODULE.fullmatch(home))
+            and getattr(value, "__name__", None) == name
+        ):
+            targets[name] = (match[1] or "", name, True)
+    modules = [m for m in list(sys.modules.values()) if m is not None and STAGE_MODULE.fullmatch(m.__name__)]
+    for name, value in namespace.items():
+        if name in targets or name.startswith("_") or isinstance(value, ModuleType) or callable(value):
+            continue
+        for module in modules:
+            if "." in module.__name__ and getattr(module, name, rebind) is value:  # rebind: no constant
+                targets[name] = ("." + module.__name__.split(".", 1)[1], name, False)
+                break
+    for name, (submodule, attribute, required) in targets.items():
+        try:
+            target = importlib.import_module(stage + submodule)
+            if attribute is not None:
+                target = getattr(target, attribute)
+        except (ImportError, AttributeError):
+            if required:
+                monkeypatch.delitem(namespace, name)
+        else:
+            monkeypatch.setitem(namespace, name, target)
+
+
+STAGE_MODULE = re.compile(r"stage_\d+(\.\w+)?")
+
+
+def first_and_last(stages: tuple[str, ...]) -> tuple[str, ...]:
+    """The stage that introduces a behaviour and the most complete one: where heavy tests run in full."""
+    return tuple(dict.fromkeys(stages[:1] + stages[-1:]))
+
 
 # Every await in a test that depends on a peer gets this bound, so a bug
 # fails the test quickly instead of hanging it until the global timeout.
@@ -450,14 +544,14 @@ class Background:
 
 
 # --- what differs between the stages' ports -----------------------------------------------------
-# Up to stage 4 the server has a proxy port (one proxy connection per user); from stage 5 on the
+# Up to stage 3 the server has a proxy port (one proxy connection per user); from stage 4 on the
 # client's one connection carries every user, so there is none. Tests that run against several
 # stages ask these helpers instead of spelling out the ports.
 
 
 def has_proxy_port(stage: str) -> bool:
-    """True if the stage's server listens on a proxy port (stages 2 to 4)."""
-    return hasattr(importlib.import_module(f"{stage}.protocol"), "PROXY_PORT")
+    """True if the stage's server listens on a proxy port (stages 2 and 3)."""
+    return not has(stage, "streams") and hasattr(importlib.import_module(f"{stage}.protocol"), "PROXY_PORT")
 
 
 def port_roles(stage: str) -> tuple[str, ...]:
@@ -485,38 +579,60 @@ def client_port_flags(ports: dict[str, int]) -> list[str]:
     return [flag for role in ("control", "proxy") if role in ports for flag in (f"--{role}-port", str(ports[role]))]
 
 
-# --- what differs from stage 6 on: TLS on the client's connection, and a tunnel per client ------
-# The shared tests relay raw bytes, so from stage 6 on they ask for a TCP tunnel: the port the
-# server opens for it carries users' bytes as the public port of stages 2 to 5 did (the HTTP
-# port would want a Host header first; tests/test_stage_6.py tests it). The server's certificate
-# and the CA the client trusts are the test session's (tls_certs.py).
+# --- what differs from stage 7 on: the shared secret ------------------------------------------
+# The shared tests run with auth on where the stage has it: the path a real server takes.
+SECRET = "common-tests"
+
+
+def secret_options(stage: str, secret: str = SECRET) -> dict[str, Any]:
+    """`secret=...` for a Server or Client of a stage with auth (stage 7 on); nothing before."""
+    return {"secret": secret} if has(stage, "auth") else {}
+
+
+def secret_flags(stage: str, secret: str = SECRET) -> list[str]:
+    """`--secret ...` for a server or client command line of a stage with auth (stage 7 on)."""
+    return ["--secret", secret] if has(stage, "auth") else []
+
+
+# --- what differs from stage 10 on: a tunnel per client; from stage 12 on: TLS ----------------
+# The shared tests relay raw bytes, so from stage 10 on they ask for a TCP tunnel: the port the
+# server opens for it carries users' bytes as the public port of stages 2 to 9 did (the HTTP
+# port would want a Host header first; tests/test_names.py tests it). From stage 12 on the
+# server's certificate and the CA the client trusts are the test session's (tls_certs.py).
+
+
+def has_tunnels(stage: str) -> bool:
+    """True if the stage's client asks for a tunnel of its own, e.g. a TCP one (stage 10 on)."""
+    return has(stage, "tenants")
 
 
 def has_tls(stage: str) -> bool:
-    """True if the stage's client connects over TLS and asks for a tunnel of its own (stage 6 on)."""
-    return importlib.util.find_spec(f"{stage}.tls") is not None
+    """True if the stage's client connects over TLS (stage 12 on)."""
+    return has(stage, "tls")
 
 
 def server_options(stage: str) -> dict[str, Any]:
-    """Keyword arguments the stage's Server needs besides its timeouts: the certificate, from stage 6 on."""
+    """Keyword arguments the stage's Server needs besides its timeouts: the certificate, from stage 12 on."""
     return {"tls": tls_certs.server_context()} if has_tls(stage) else {}
 
 
 def client_options(stage: str) -> dict[str, Any]:
-    """Keyword arguments the stage's Client needs: the CA it trusts and a TCP tunnel, from stage 6 on.
+    """Keyword arguments the stage's Client needs: a TCP tunnel from stage 10 on, the CA it trusts from 12 on.
 
-    From stage 7 on, an inspector too, as the command line has one by default: every stream goes
+    From stage 14 on, an inspector too, as the command line has one by default: every stream goes
     through its observer (here the users' bytes are not HTTP, which it must only count). Its page
     is not served (no port taken), and nothing is replayed, so its local app is never dialled.
     """
-    options: dict[str, Any] = {"tls": tls_certs.client_context(), "tcp": True} if has_tls(stage) else {}
+    options: dict[str, Any] = {"tcp": True} if has_tunnels(stage) else {}
+    if has_tls(stage):
+        options["tls"] = tls_certs.client_context()
     if has_inspector(stage):
         options["inspector"] = importlib.import_module(f"{stage}.inspector").Inspector(("127.0.0.1", 9))
     return options
 
 
 async def users_port(ports: Any, client: Any) -> int:
-    """The port users connect to: the server's public port, or the TCP tunnel's port `client` got (stage 6 on)."""
+    """The port users connect to: the server's public port, or the TCP tunnel's port `client` got (stage 10 on)."""
     if getattr(client, "kind", None) != "tcp":
         return int(ports.public)
     async with asyncio.timeout(STEP_TIMEOUT):
@@ -525,45 +641,86 @@ async def users_port(ports: Any, client: Any) -> int:
 
 
 def server_flags(stage: str) -> list[str]:
-    """The server's command line: every port 0, and from stage 6 on the certificate and key."""
+    """The server's command line: every port 0, and from stage 12 on the certificate and key."""
     return server_port_flags(stage) + tls_flags(stage)
 
 
 def tls_flags(stage: str) -> list[str]:
-    """`--cert FILE --key FILE` for the server of stage 6 on; nothing before."""
+    """`--cert FILE --key FILE` for the server of stage 12 on; nothing before."""
+    if not has_tls(stage):
+        return []
     files = tls_certs.certs()
-    return ["--cert", str(files.cert), "--key", str(files.key)] if has_tls(stage) else []
+    return ["--cert", str(files.cert), "--key", str(files.key)]
 
 
 def client_flags(stage: str, ports: dict[str, int]) -> list[str]:
-    """The client's command line for a server whose ports are `ports`; from stage 6 on the CA and a TCP tunnel.
+    """The client's command line for a server whose ports are `ports`; a TCP tunnel from stage 10 on, the CA from 12.
 
-    From stage 7 on, the client's inspector takes any free port: its default, 4040, is one port for
+    From stage 14 on, the client's inspector takes any free port: its default, 4040, is one port for
     the whole machine, and CLI tests running at once (or a learner's own client) would fight for it.
     """
-    tls = ["--ca", str(tls_certs.certs().ca), "--tcp"] if has_tls(stage) else []
-    return client_port_flags(ports) + tls + (["--inspect-port", "0"] if has_inspector(stage) else [])
+    tcp = ["--tcp"] if has_tunnels(stage) else []
+    tls = ["--ca", str(tls_certs.certs().ca)] if has_tls(stage) else []
+    return client_port_flags(ports) + tls + tcp + (["--inspect-port", "0"] if has_inspector(stage) else [])
 
 
 def has_inspector(stage: str) -> bool:
-    """True if the stage's client serves an inspector page (stage 7 on)."""
-    return importlib.util.find_spec(f"{stage}.inspector") is not None
+    """True if the stage's client serves an inspector page (stage 14 on)."""
+    return has(stage, "inspector")
 
 
 async def cli_users_port(stage: str, server: CliProcess, ports: dict[str, int]) -> int:
-    """The port users connect to, from the server's log: the public port, or the TCP tunnel's (stage 6 on)."""
-    return await server.listening("tcp") if has_tls(stage) else ports["public"]
+    """The port users connect to, from the server's log: the public port, or the TCP tunnel's (stage 10 on)."""
+    return await server.listening("tcp") if has_tunnels(stage) else ports["public"]
 
 
 async def control_connection(stage: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A raw connection to the control port, as the stage's client opens it: over TLS from stage 6 on."""
+    """A raw connection to the control port, as the stage's client opens it: over TLS from stage 12 on."""
     async with asyncio.timeout(STEP_TIMEOUT):
         if has_tls(stage):
             return await asyncio.open_connection("127.0.0.1", port, ssl=tls_certs.client_context())
         return await asyncio.open_connection("127.0.0.1", port)
 
 
-def hello(stage: str) -> Any:
-    """What `auth.client_handshake` takes after the secret: a session id (None here), or a Hello from stage 6 on."""
+def hello(stage: str, session_id: str | None = None) -> Any:
+    """What `auth.client_handshake` takes after the secret: a session id, or a Hello asking for a TCP tunnel (10 on)."""
     protocol = importlib.import_module(f"{stage}.protocol")
-    return protocol.Hello("tcp") if has_tls(stage) else None
+    return protocol.Hello("tcp", None, session_id) if has_tunnels(stage) else session_id
+
+
+async def client_handshake(
+    stage: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: str = SECRET, first: Any = None
+) -> Any:
+    """The client's side of the stage's handshake, spoken by hand; returns the server's Welcome.
+
+    From stage 7 on it is `auth.client_handshake` (the secret's challenge); before, the stage's own
+    `client_handshake` without a secret (in protocol.py or session.py). `first` is what follows the
+    secret: a session id to resume (stage 6 on), or a Hello asking for a tunnel (stage 10 on).
+    """
+    if has(stage, "auth"):
+        return await importlib.import_module(f"{stage}.auth").client_handshake(reader, writer, secret, first)
+    for module in ("protocol", "session", "client"):
+        found = getattr(importlib.import_module(f"{stage}.{module}"), "client_handshake", None)
+        if found is not None:
+            return await found(reader, writer, first)
+    raise AssertionError(f"{stage} has no client_handshake in protocol.py, session.py or client.py")
+
+
+async def server_handshake(
+    stage: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: str, session_id: str
+) -> None:
+    """A fake server's side of the stage's handshake: read the hello (challenge it from stage 7 on), welcome.
+
+    From stage 10 on the welcome names a TCP tunnel on port 9 (nothing listens there: the fake
+    server's tests never have users).
+    """
+    protocol = importlib.import_module(f"{stage}.protocol")
+    if has(stage, "auth"):
+        await importlib.import_module(f"{stage}.auth").server_handshake(reader, writer, secret)
+    else:
+        async with asyncio.timeout(STEP_TIMEOUT):
+            assert isinstance(await protocol.read_message(reader), protocol.Hello)
+    welcome = (
+        protocol.Welcome(session_id, "9", "tcp://127.0.0.1:9") if has_tunnels(stage) else protocol.Welcome(session_id)
+    )
+    await protocol.write_message(writer, welcome)

@@ -2,8 +2,8 @@
 
 In one process, deterministic: the stage's Server and Client, a user and a local app on raw
 sockets (so the test's own side buffers nothing), and Python's allocations traced (tracemalloc).
-Between the client and the server's proxy port (stage 5: its control port, which carries every
-user's bytes) runs a narrow pipe: sockets with 16 KiB buffers,
+Between the client and the server's proxy port (from stage 4 on: its control port, which carries
+every user's bytes) runs a narrow pipe: sockets with 16 KiB buffers,
 as a slow link would have, where loopback would absorb a megabyte per connection and hide a
 sender that outruns its peer. The same bug on a real shaped link: test_real_links.py.
 """
@@ -18,20 +18,23 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from hardening import HARDENED, MiB, stage_module
+from hardening import MiB, stage_module
 
 from support import (
     STEP_TIMEOUT,
     Background,
     LocalServer,
     any_ports,
+    client_handshake,
     client_options,
     client_ports,
     control_connection,
-    has_tls,
+    has_tunnels,
     hello,
     pattern_bytes,
+    secret_options,
     server_options,
+    stages_from,
     users_port,
 )
 
@@ -45,7 +48,7 @@ CHUNK = 64 * 1024
 BLOCK = memoryview(pattern_bytes(1024 * 1024 - 3, seed=7))
 
 
-@pytest.fixture(params=HARDENED)
+@pytest.fixture(params=stages_from("flow"))  # flow control brings backpressure
 def stage(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -117,13 +120,15 @@ async def start_tunnel(stage: str, local_port: int, running: contextlib.AsyncExi
     Returns the public port.
     """
     server_module, client_module = stage_module(stage, "server"), stage_module(stage, "client")
-    tunnel_server = server_module.Server(secret=SECRET, **server, **server_options(stage))
+    tunnel_server = server_module.Server(**secret_options(stage, SECRET), **server, **server_options(stage))
     ports = await tunnel_server.listen("127.0.0.1", *any_ports(stage))
     await running.enter_async_context(Background(tunnel_server.serve()))
     *control, data_port = client_ports(ports)  # the last port the client takes carries the users' bytes
     pipe = await running.enter_async_context(NarrowPipe(data_port))
     local = ("127.0.0.1", local_port)
-    client = client_module.Client(local, "127.0.0.1", *control, pipe.port, secret=SECRET, **client_options(stage))
+    client = client_module.Client(
+        local, "127.0.0.1", *control, pipe.port, **secret_options(stage, SECRET), **client_options(stage)
+    )
     await running.enter_async_context(Background(client.run()))
     async with asyncio.timeout(STEP_TIMEOUT):
         await client.connected.wait()
@@ -246,18 +251,19 @@ async def test_users_waiting_for_a_stalled_client_each_hold_a_bounded_amount(sta
     users = 16
     data_limit = int(getattr(stage_module(stage, "protocol"), "DATA_LIMIT", 256 * 1024))
     bound = data_limit + 64 * 1024  # plus what a connection costs: a transport, a task, the protocol objects
-    auth = stage_module(stage, "auth")
     async with contextlib.AsyncExitStack() as running:
-        tunnel_server = stage_module(stage, "server").Server(secret=SECRET, proxy_timeout=60.0, **server_options(stage))
+        tunnel_server = stage_module(stage, "server").Server(
+            **secret_options(stage, SECRET), proxy_timeout=60.0, **server_options(stage)
+        )
         ports = await tunnel_server.listen("127.0.0.1", *any_ports(stage))
         await running.enter_async_context(Background(tunnel_server.serve()))
         reader, writer = await control_connection(stage, ports.control)
         running.callback(writer.close)
         async with asyncio.timeout(STEP_TIMEOUT):
-            welcome = await auth.client_handshake(reader, writer, SECRET, hello(stage))  # then silence: stalled
+            welcome = await client_handshake(stage, reader, writer, SECRET, hello(stage))  # then silence: stalled
         await asyncio.sleep(0.2)
         before = tracemalloc.get_traced_memory()[0]
-        public = int(welcome.tunnel) if has_tls(stage) else ports.public  # from stage 6 on: its TCP tunnel
+        public = int(welcome.tunnel) if has_tunnels(stage) else ports.public  # from stage 10 on: its TCP tunnel
         senders = [Sender(await connect_raw(public), 8 * MiB) for _ in range(users)]
         for sender in senders:
             running.callback(sender.sock.close)

@@ -24,10 +24,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 MISSING = [tool for tool in ("socat", "wrk", "ab") if shutil.which(tool) is None]
 HAS_SSH = bool(shutil.which("ssh") and (shutil.which("sshd") or shutil.which("sshd", path="/usr/sbin")))
-HAS_STAGE_5 = (ROOT / "stage_5" / "__init__.py").is_file()
-HAS_STAGE_6 = (ROOT / "stage_6" / "__init__.py").is_file()
+HAS_STAGE_5 = (ROOT / "stage_9" / "__init__.py").is_file()  # the report's "stage 9" (old stage 5)
+HAS_STAGE_6 = (ROOT / "stage_12" / "__init__.py").is_file()  # the report's "stage 12" (old stage 6)
 HAS_OPENSSL = bool(shutil.which("openssl"))  # stage 6's certificates are made with it
-LINKED = {"ssh -R", "stage 3", "stage 4", "stage 5", "stage 6"}  # paths with a client-server link to slow down
+LINKED = {"ssh -R", "stage 3", "stage 4", "stage 9", "stage 12"}  # paths with a client-server link to slow down
 GOAL_STATES = {"met", "not met", "not measured"}
 
 needs_tools = pytest.mark.skipif(
@@ -56,7 +56,7 @@ def test_smallest_run_measures_every_path_and_writes_the_reports(tmp_path: Path)
     assert done.returncode == 0, done.stderr[-2000:]
     paths = report["paths"]
     assert isinstance(paths, list)
-    labels = ["direct", "socat", "ssh -R", "stage 0", "stage 3", "stage 4", "stage 5", "stage 6"]
+    labels = ["direct", "socat", "ssh -R", "stage 0", "stage 3", "stage 4", "stage 9", "stage 12"]
     assert [p["label"] for p in paths] == labels
     # A path may be skipped only for a reason outside the repository, named in the report;
     # a stage of the repository that fails to start fails this test instead of dropping out.
@@ -64,12 +64,14 @@ def test_smallest_run_measures_every_path_and_writes_the_reports(tmp_path: Path)
     expected = {}
     if not HAS_SSH:
         expected["ssh -R"] = "not installed: "
+    if not (ROOT / "stage_4" / "__init__.py").is_file():
+        expected["stage 4"] = "not present: "
     if not HAS_STAGE_5:
-        expected["stage 5"] = "not present: "
+        expected["stage 9"] = "not present: "
     if not HAS_STAGE_6:
-        expected["stage 6"] = "not present: "
+        expected["stage 12"] = "not present: "
     elif not HAS_OPENSSL:
-        expected["stage 6"] = "not installed: openssl"
+        expected["stage 12"] = "not installed: openssl"
     assert {label: reason[: len(expected.get(label, ""))] for label, reason in reasons.items()} == expected
     available = [p["label"] for p in paths if p["available"]]
     measurements = report["measurements"]
@@ -96,12 +98,12 @@ def test_smallest_run_measures_every_path_and_writes_the_reports(tmp_path: Path)
     assert "| Fairness: p99 beside the download ÷ idle p99 (x) ↓" in markdown
     if HAS_SSH:
         assert "stage 4 ÷ ssh -R" in markdown
-        assert ("stage 6 ÷ ssh -R" in markdown) == ("stage 6" in available)
+        assert ("stage 12 ÷ ssh -R" in markdown) == ("stage 12" in available)
     # Stage 5's goals and stage 6's (TLS, against ssh -R): each one met, not met or not measured,
     # never silently absent; stage 6's are measured whenever stage 6 and ssh -R both ran.
     goals = report["goals"]
     assert isinstance(goals, list) and len(goals) == 10
-    tls_goals = [g for g in goals if g["goal"].startswith("stage 6 ")]
+    tls_goals = [g for g in goals if g["goal"].startswith("stage 12 ")]
     assert len(tls_goals) == 3
     if {"stage 6", "ssh -R"} <= set(available):
         assert all(g["status"] in ("met", "not met") for g in tls_goals), tls_goals
@@ -109,7 +111,7 @@ def test_smallest_run_measures_every_path_and_writes_the_reports(tmp_path: Path)
     assert "| Goal | measured | |" in markdown
     memory = next(g for g in goals if "memory" in g["goal"])
     assert memory["status"] == "not measured" and "held 20" in memory["note"]  # smoke holds 20, the goal 1000
-    for stage, present in (("stage 5", HAS_STAGE_5), ("stage 6", HAS_STAGE_6)):
+    for stage, present in (("stage 9", HAS_STAGE_5), ("stage 12", HAS_STAGE_6)):
         if not present:
             mine = [g for g in goals if g["goal"].startswith(stage + " ")]
             assert all(g["status"] == "not measured" and "not present" in g["note"] for g in mine)
@@ -173,7 +175,7 @@ def _stop_bench_midway(tmp_path: Path, stop: signal.Signals) -> tuple[int, str, 
     """Start a small bench, send it `stop` once the most processes are up; (exit code, its stderr, processes left)."""
     # ssh -R when installed: sshd's per-connection children leave its session (setsid) and must
     # still be stopped; stage 4 over the slow link adds the link process.
-    paths = "ssh,stage_4" if HAS_SSH else "stage_4"
+    paths = "ssh,stage_9" if HAS_SSH else "stage_9"
     log = tmp_path / "bench.log"
     with log.open("w") as err:
         bench = subprocess.Popen(

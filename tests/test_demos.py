@@ -92,7 +92,7 @@ def usual_ports(stage: str) -> dict[str, int]:
     """The demo's default ports by role, in the order its server binds them (control first), then the inspector's."""
     protocol = importlib.import_module(f"{stage}.protocol")
     ports = {"control": protocol.CONTROL_PORT, "public": protocol.PUBLIC_PORT}
-    if hasattr(protocol, "PROXY_PORT"):  # stages 3 and 4
+    if hasattr(protocol, "PROXY_PORT"):  # stages 2 and 3
         ports["proxy"] = protocol.PROXY_PORT
     if has_inspector(stage):
         ports["inspect"] = importlib.import_module(f"{stage}.inspector").INSPECT_PORT

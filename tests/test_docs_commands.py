@@ -43,7 +43,10 @@ def load_runner() -> ModuleType:
 
 
 doccommands = load_runner()
-SCENARIOS = doccommands.scenarios()
+# Every "Verify it yourself" session the pages have, stage pages in numeric order (stage_10 after stage_9).
+SCENARIOS = sorted(
+    doccommands.scenarios(), key=lambda s: int(m[1]) if (m := re.match(r"stage_(\d+)\b", s.name)) else -1
+)
 
 
 @cache
@@ -69,7 +72,7 @@ def in_verify_sections(path: Path) -> "list[doccommands.Section]":
 
 
 def test_every_stage_has_verify_commands() -> None:
-    for stage in sorted(ROOT.glob("stage_[0-9]*")):
+    for stage in sorted(ROOT.glob("stage_[0-9]*"), key=lambda path: int(path.name.removeprefix("stage_"))):
         if not (stage / "client.py").is_file():
             continue  # a stage still being written has nothing to run yet (its README says so)
         readme = stage / "README.md"

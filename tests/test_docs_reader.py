@@ -2,8 +2,9 @@
 
 Each test guards one class of defect that a change to the theme, the CSS, the hook or mermaid can
 bring back: diff titles mangled by Markdown, stage code that scrolls sideways on a laptop screen,
-sequence-diagram arrowheads invisible in dark mode, generated diffs crowding the search, and a
-built site that does not work opened from disk. The browser tests use the site built (strict) by
+sequence-diagram arrowheads invisible in dark mode, generated diffs crowding the search, a built
+site that does not work opened from disk, and (issue 24) diagrams shrunk to unreadable text and
+pages too long to read. The browser tests use the site built (strict) by
 tests/test_docs_site.py's fixtures, in headless Chromium that may not leave 127.0.0.1.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 import test_docs_site
-from test_docs_site import CHROMIUM, OPEN_SHADOW_ROOTS, STAGES
+from test_docs_site import CHROMIUM, OPEN_SHADOW_ROOTS, STAGES, built_pages
 
 # The same fixtures: the site built strict into a temporary folder, and served on 127.0.0.1.
 site = test_docs_site.site
@@ -158,3 +159,101 @@ def test_the_built_site_works_opened_from_disk(site: Path, browser: Any) -> None
     assert any("stage-0.html" in h for h in hits), hits
     assert not outside, f"requests left the disk: {outside}"
     assert not errors, errors
+
+
+# --- issue 24: diagrams a reader can read, pages a reader can finish -----------------------------------
+
+# A laptop screen: 1280 px wide (the width the code is made to fit), 800 px of it for the page.
+SCREEN = {"width": 1280, "height": 800}
+MIN_DIAGRAM_TEXT_PX = 10  # smaller, and a diagram's labels are a squint (a 2,531 px wide one had 6.3 px)
+MAX_SCREENS = 40  # a page longer than this, with every fold closed, is more than one sitting
+
+# How big each diagram's text is on screen: its font size times the scale the SVG is drawn at
+# (mermaid sizes an SVG to the column, so a wide diagram is shrunk). Sequence diagrams label with
+# SVG <text>/<tspan>, flowcharts with HTML inside <foreignObject>: both are measured.
+DIAGRAM_TEXT = """() => [...document.querySelectorAll('div.mermaid')].map((d, i) => {
+    const svg = d.shadowRoot && d.shadowRoot.querySelector('svg');
+    if (!svg) return {index: i + 1, smallest: null};
+    let smallest = Infinity, sample = '';
+    for (const el of svg.querySelectorAll('text, tspan, foreignObject *')) {
+        const text = [...el.childNodes].filter(n => n.nodeType === 3).map(n => n.textContent).join('').trim();
+        if (!text) continue;
+        const matrix = (el.closest('foreignObject') || el).getScreenCTM();
+        if (!matrix) continue;
+        const px = parseFloat(getComputedStyle(el).fontSize) * Math.hypot(matrix.a, matrix.b);
+        if (px < smallest) { smallest = px; sample = text; }
+    }
+    return {index: i + 1, smallest, sample: sample.slice(0, 40),
+            shown: Math.round(svg.getBoundingClientRect().width), natural: Math.round(svg.viewBox.baseVal.width)};
+})"""
+
+
+def wait_for_diagrams(page: Any, built: str, path: str) -> None:
+    """Until every diagram of the page is drawn: their size is what the page and the reader get."""
+    diagrams = built.count('class="mermaid"')
+    if diagrams:
+        page.wait_for_function(  # the page's shadow roots opened by OPEN_SHADOW_ROOTS
+            """n => [...document.querySelectorAll('div.mermaid')]
+                     .filter(d => d.shadowRoot?.querySelector('svg g')).length >= n""",
+            arg=diagrams,
+            timeout=15_000,
+        )
+
+
+def test_no_diagram_text_is_smaller_than_10_px_at_1280_px(site: Path, served: str, browser: Any) -> None:
+    """A diagram too wide for the column is shrunk to fit: its labels must stay readable (issue 24)."""
+    context = browser.new_context(viewport=SCREEN)
+    context.add_init_script(OPEN_SHADOW_ROOTS)  # test-only: Material draws diagrams in closed shadow roots
+    page = context.new_page()
+    too_small: list[str] = []
+    measured = 0
+    for path in built_pages(site):
+        built = (site / f"{path}.html").read_text()
+        if 'class="mermaid"' not in built:
+            continue
+        page.goto(f"{served}{path}.html", wait_until="load")
+        wait_for_diagrams(page, built, path)
+        page.evaluate("document.querySelectorAll('details').forEach(d => d.open = true)")  # folded ones too
+        for found in page.evaluate(DIAGRAM_TEXT):
+            measured += 1
+            if found["smallest"] is None or found["smallest"] < MIN_DIAGRAM_TEXT_PX:
+                too_small.append(
+                    f"{path}: diagram {found['index']}: text {found['smallest']:.1f} px ({found['sample']!r}), "
+                    f"{found['natural']} px wide shrunk to {found['shown']} px"
+                    if found["smallest"] is not None
+                    else f"{path}: diagram {found['index']}: not drawn"
+                )
+    context.close()
+    assert measured, "no diagrams measured"
+    assert not too_small, (
+        f"{len(too_small)} diagram(s) with text under {MIN_DIAGRAM_TEXT_PX} px at {SCREEN['width']} px wide:\n"
+        + "\n".join(too_small)
+    )
+
+
+def page_order(item: tuple[float, str]) -> tuple[str, int]:
+    """stage-9 before stage-12 (numeric order), other pages by name."""
+    name = item[1]
+    return (name.rstrip("0123456789"), int(name[len(name.rstrip("0123456789")) :] or -1))
+
+
+def test_no_page_is_longer_than_40_screens(site: Path, served: str, browser: Any) -> None:
+    """At 1280x800 with every <details> closed, a page is at most 40 screens (issue 24): fold or split the rest."""
+    context = browser.new_context(viewport=SCREEN)
+    context.add_init_script(OPEN_SHADOW_ROOTS)  # to see when the diagrams are drawn
+    page = context.new_page()
+    lengths: dict[str, float] = {}
+    for path in built_pages(site):
+        built = (site / f"{path}.html").read_text()
+        page.goto(f"{served}{path}.html", wait_until="load")
+        wait_for_diagrams(page, built, path)
+        page.evaluate("document.querySelectorAll('details').forEach(d => d.open = false)")
+        height = page.evaluate("document.documentElement.scrollHeight")
+        lengths[path] = height / SCREEN["height"]
+    context.close()
+    assert any(p.startswith("stage-") for p in lengths), lengths
+    too_long = sorted(((screens, path) for path, screens in lengths.items() if screens > MAX_SCREENS), key=page_order)
+    assert not too_long, (
+        f"{len(too_long)} page(s) longer than {MAX_SCREENS} screens of {SCREEN['width']}x{SCREEN['height']} px "
+        "with every <details> closed:\n" + "\n".join(f"{path}: {screens:.1f} screens" for screens, path in too_long)
+    )

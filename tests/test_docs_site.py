@@ -18,6 +18,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import markdown
 import pytest
@@ -48,7 +49,14 @@ BROWSER_ARGS = [
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The site, built with `mkdocs build --strict` into a temporary folder (a warning fails it)."""
+    """The site, built with `mkdocs build --strict` into a temporary folder (a warning fails it).
+
+    DOCS_SITE=folder uses a site already built there instead (to rerun the browser tests on a build
+    you just made; nothing checks that it is current).
+    """
+    if prebuilt := os.environ.get("DOCS_SITE"):
+        assert (Path(prebuilt) / "index.html").is_file(), f"DOCS_SITE={prebuilt} holds no built site"
+        return Path(prebuilt)
     out = tmp_path_factory.mktemp("site")
     done = subprocess.run(
         # No -q: it hides the warnings, and --strict then has none to fail on (an anchor that is missing passed).
@@ -72,17 +80,39 @@ def test_every_page_is_built(site: Path) -> None:
 
 
 def test_every_stage_is_on_the_site() -> None:
-    """The hook makes a page for every stage folder there is, and mkdocs.yml lists and watches each."""
+    """The hook makes a page for every stage folder there is, in numeric order (stage_10 after
+    stage_9), and mkdocs.yml lists each; mkdocs serve watches each (the hook adds them)."""
+    stages = hook()
+    assert list(stages.STAGES) == STAGES == list(range(len(STAGES))), (stages.STAGES, STAGES)
+    nav = (ROOT / "mkdocs.yml").read_text()
+    for n in STAGES:
+        assert f": stage-{n}.md" in nav, f"mkdocs.yml's nav has no stage-{n}.md"
+    config = stages.on_config(load_config(str(ROOT / "mkdocs.yml")))
+    watched = [Path(p).resolve() for p in config.watch]
+    assert [p for p in watched if p.parent == ROOT and p.name.startswith("stage_")] == [
+        ROOT / f"stage_{n}" for n in STAGES
+    ], watched
+
+
+def test_stages_sort_numerically() -> None:
+    """stage_10 comes after stage_9 wherever a list of stages is made (a text sort puts it after stage_1)."""
+    assert sorted(["stage_10", "stage_9", "stage_1"], key=stage_number) == ["stage_1", "stage_9", "stage_10"]
+    assert sorted(STAGES) == STAGES and hook().STAGES == STAGES
+    assert all(isinstance(n, int) for n in STAGES)
+
+
+def stage_number(name: str) -> int:
+    return int(name.removeprefix("stage_"))
+
+
+def hook() -> Any:
+    """The site's hook module, docs/hooks/stages.py."""
     sys.path.insert(0, str(ROOT / "docs" / "hooks"))
     try:
         import stages
     finally:
         sys.path.pop(0)
-    assert list(stages.STAGES) == STAGES == list(range(len(STAGES))), (stages.STAGES, STAGES)
-    nav = (ROOT / "mkdocs.yml").read_text()
-    for n in STAGES:
-        assert f": stage-{n}.md" in nav, f"mkdocs.yml's nav has no stage-{n}.md"
-        assert f"  - stage_{n}\n" in nav, f"mkdocs.yml does not watch stage_{n}"
+    return stages
 
 
 @pytest.mark.parametrize("n", STAGES)
@@ -100,15 +130,14 @@ def test_stage_page_is_made_from_its_readme(site: Path, n: int) -> None:
 @pytest.mark.parametrize("n", STAGES[1:])
 def test_stage_diff_is_generated_from_the_code(site: Path, n: int) -> None:
     """Every line the code's diff adds to server.py is on the page, in a diff block."""
-    old = (ROOT / f"stage_{n - 1}" / "server.py").read_text().splitlines() if n > 1 else []
+    previous = STAGES[STAGES.index(n) - 1]
+    old = (ROOT / f"stage_{previous}" / "server.py").read_text().splitlines() if previous else []
     new = (ROOT / f"stage_{n}" / "server.py").read_text().splitlines()
     added = [line[1:] for line in difflib.unified_diff(old, new, lineterm="") if line.startswith("+")][1:]
     built = (site / f"stage-{n}.html").read_text()
     assert "language-diff" in built
     text = page_text(site, f"stage-{n}")
-    # Snippet markers (`# --8<-- [start:name]`) are comments that only name sections for the pages:
-    # pymdownx.snippets drops them everywhere, the generated diff included, by design.
-    missing = [line for line in added if line.strip() and "--8<--" not in line and line.strip() not in text]
+    missing = [line for line in added if line.strip() and line.strip() not in text]
     assert not missing, missing[:5]
 
 
@@ -119,8 +148,22 @@ def test_code_blocks_are_included_from_real_files() -> None:
     blocks = [(f, m[2]) for f in files for m in fence.finditer(f.read_text())]
     assert blocks
     for path, body in blocks:
-        match = re.fullmatch(r'\s*--8<-- "([\w./-]+?)(:[\w-]+)?"\s*', body)
+        match = re.fullmatch(r'\s*--8<-- "([\w./-]+?)(:[\w-]+|#[\w.]*)?"\s*', body)
         assert match and (ROOT / match[1]).is_file(), f"{path}: {body[:80]!r}"
+        # Stage code is included by symbol (#Name), never by marker sections: stage files have none.
+        assert not (match[1].startswith("stage_") and (match[2] or "").startswith(":")), f"{path}: {body.strip()}"
+
+
+def test_stage_files_have_no_snippet_markers() -> None:
+    """Stage folders are plain Python a learner copies, with no `# --8<--` lines: listings number lines as the files."""
+    found = [
+        f"{path.relative_to(ROOT)}:{i}"
+        for path in sorted(ROOT.glob("stage_*/**/*"))
+        if path.is_file() and path.suffix in {".py", ".html", ".md"}
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if re.match(r"\s*(#|<!--)\s*--8<--", line)
+    ]
+    assert not found, found
 
 
 def test_a_missing_snippet_fails_the_build() -> None:
@@ -132,22 +175,84 @@ def test_a_missing_snippet_fails_the_build() -> None:
         md.convert('```python\n--8<-- "stage_0/no_such_file.py"\n```\n')
 
 
-def test_stale_highlights_and_links_fail_the_build() -> None:
-    sys.path.insert(0, str(ROOT / "docs" / "hooks"))
-    try:
-        import stages
-    finally:
-        sys.path.pop(0)
-    page = '```python highlight="no such text anywhere"\n--8<-- "stage_0/relay.py"\n```'
-    with pytest.raises(PluginError, match="matches no line"):
-        stages.SNIPPET_FENCE.sub(lambda m: stages.highlight_fence(m, "test.md"), page)
-    good = '```python highlight="await dst.drain()"\n--8<-- "stage_0/relay.py"\n```'
-    # Line numbers as rendered: pymdownx.snippets leaves out the `# --8<-- [start:name]` marker lines.
-    lines = [line for line in (ROOT / "stage_0" / "relay.py").read_text().splitlines() if "--8<--" not in line]
-    expected = [i for i, line in enumerate(lines, 1) if "await dst.drain()" in line]
-    assert f'hl_lines="{" ".join(map(str, expected))}"' in stages.SNIPPET_FENCE.sub(
-        lambda m: stages.highlight_fence(m, "test.md"), good
+def expand(info: str, spec: str, indent: str = "") -> str:
+    """What the hook makes of a fence ```INFO / --8<-- "SPEC" / ```."""
+    page = f'{indent}```{info}\n{indent}--8<-- "{spec}"\n{indent}```'
+    return str(hook().SNIPPET_FENCE.sub(lambda m: hook().expand_fence(m, "test.md"), page))
+
+
+def test_includes_by_symbol_show_real_line_numbers() -> None:
+    """`path#Name` is that def or class with its decorators and comments, numbered as in the file."""
+    lines = (ROOT / "stage_1" / "client.py").read_text().splitlines()
+    first = next(i for i, line in enumerate(lines, 1) if "async def ping(" in line)
+    last = next(i for i, line in enumerate(lines, 1) if i > first and "async def close(" in line) - 2
+    assert expand("python", "stage_1/client.py#Client.ping") == (
+        f'```python linenums="{first}"\n--8<-- "stage_1/client.py:{first}:{last}"\n```'
     )
+    # Decorators and the comments right above a def come along.
+    lines = (ROOT / "stage_2" / "pairing.py").read_text().splitlines()
+    decorator = next(i for i, line in enumerate(lines, 1) if "@contextlib.contextmanager" in line)
+    assert f'linenums="{decorator}"' in expand("python", "stage_2/pairing.py#Pairing.expect")
+    # A module-level name, with the comment lines above it; a run of symbols; the whole file.
+    lines = (ROOT / "stage_1" / "protocol.py").read_text().splitlines()
+    assign = next(i for i, line in enumerate(lines, 1) if line.startswith("MAX_LINE ="))
+    assert lines[assign - 2].startswith("#")
+    comments = assign - 1
+    while lines[comments - 2].startswith("#"):
+        comments -= 1
+    constant = f'```python linenums="{comments}"\n--8<-- "stage_1/protocol.py:{comments}:{assign}"\n```'
+    assert expand("python", "stage_1/protocol.py#MAX_LINE") == constant
+    assert '"stage_1/protocol.py:' in expand("python", "stage_1/protocol.py#Ping..encode")
+    whole = expand('python linenums="1"', "stage_1/protocol.py#")
+    assert (
+        whole
+        == expand('python linenums="1"', "stage_1/protocol.py")
+        == ('```python linenums="1"\n--8<-- "stage_1/protocol.py"\n```')
+    )
+    # from= and to= narrow it; highlights count from the listing's first line; indentation is kept.
+    narrowed = expand(
+        'python title="t" from="started = " to="return time.perf_counter()" highlight="started = "',
+        "stage_1/client.py#Client.ping",
+        indent="    ",
+    )
+    lines = (ROOT / "stage_1" / "client.py").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines, 1) if "started = " in line)
+    end = next(i for i, line in enumerate(lines, 1) if i > start and "return time.perf_counter()" in line)
+    assert narrowed == (
+        f'    ```python title="t" hl_lines="1" linenums="{start}"\n'
+        f'    --8<-- "stage_1/client.py:{start}:{end}"\n    ```'
+    )
+
+
+@pytest.mark.parametrize(
+    ("info", "spec", "error"),
+    [
+        ("python", "stage_1/client.py#Client.no_such_method", "'no_such_method' is not defined in Client"),
+        ("python", "stage_1/client.py#NoSuchClass.ping", "'NoSuchClass' is not defined in the module"),
+        ("python", "stage_1/no_such_file.py#x", "does not exist"),
+        ('python from="no such text"', "stage_1/client.py#Client.ping", "from='no such text' matches no line"),
+        ('python from="started" to="no such text"', "stage_1/client.py#Client.ping", "matches no line"),
+        (
+            'python highlight="no such text"',
+            "stage_1/client.py#Client.ping",
+            "highlight 'no such text' matches no line",
+        ),
+        ('python highlight="no such text anywhere"', "stage_0/relay.py", "matches no line"),
+        ("python", "stage_1/protocol.py#decode..Ping", "comes before"),
+        ("python", "tests/nat_lab.py#", "section markers"),  # a file that still has markers
+    ],
+)
+def test_stale_includes_fail_the_build(info: str, spec: str, error: str) -> None:
+    with pytest.raises(PluginError, match=re.escape(error)):
+        expand(info, spec)
+
+
+def test_stale_highlights_and_links_fail_the_build() -> None:
+    stages = hook()
+    good = expand('python linenums="1" highlight="await dst.drain()"', "stage_0/relay.py")
+    lines = (ROOT / "stage_0" / "relay.py").read_text().splitlines()
+    expected = [i for i, line in enumerate(lines, 1) if "await dst.drain()" in line]
+    assert f'hl_lines="{" ".join(map(str, expected))}"' in good
     with pytest.raises(PluginError, match="no page on the site"):
         stages.site_link(0, "../tests/test_stage_0.py")
     assert stages.site_link(1, "../stage_2/README.md#run-it") == "stage-2.md#run-it"

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from hardening import HARDENED, cpu_seconds, has_proc
+from hardening import cpu_seconds, has_proc
 
 from support import (
     STEP_TIMEOUT,
@@ -27,6 +27,7 @@ from support import (
     exchange,
     port_roles,
     server_flags,
+    stages_from,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +48,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(params=HARDENED)
+@pytest.fixture(params=stages_from("limits"))  # the descriptor limit came with the limits
 def stage(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from hardening import HARDENED, stage_module
+from hardening import stage_module
 
 from support import (
     STEP_TIMEOUT,
@@ -24,8 +24,10 @@ from support import (
     client_options,
     client_ports,
     open_connection,
+    secret_options,
     server_flags,
     server_options,
+    stages_from,
     users_port,
 )
 
@@ -36,7 +38,7 @@ LONG = 60.0  # a timeout that must not be the one that fires
 Tunnel = Callable[..., Awaitable[int]]
 
 
-@pytest.fixture(params=HARDENED)
+@pytest.fixture(params=stages_from("limits"))  # the idle timeouts came with the limits
 def stage(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -50,12 +52,14 @@ async def tunnel(stage: str) -> AsyncIterator[Tunnel]:
     async with contextlib.AsyncExitStack() as running:
 
         async def start(local_port: int, server: dict[str, Any], client: dict[str, Any]) -> int:
-            tunnel_server = stage_module(stage, "server").Server(secret=SECRET, **server, **server_options(stage))
+            tunnel_server = stage_module(stage, "server").Server(
+                **secret_options(stage, SECRET), **server, **server_options(stage)
+            )
             ports = await tunnel_server.listen("127.0.0.1", *any_ports(stage))
             await running.enter_async_context(Background(tunnel_server.serve()))
             local, options = ("127.0.0.1", local_port), client_options(stage)
             tunnel_client = stage_module(stage, "client").Client(
-                local, "127.0.0.1", *client_ports(ports), secret=SECRET, **client, **options
+                local, "127.0.0.1", *client_ports(ports), **secret_options(stage, SECRET), **client, **options
             )
             await running.enter_async_context(Background(tunnel_client.run()))
             async with asyncio.timeout(STEP_TIMEOUT):

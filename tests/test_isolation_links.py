@@ -42,16 +42,15 @@ from typing import Any
 
 import link_lab
 import pytest
-from hardening import HARDENED, MiB, RssWatch, has_proc, rss_bytes, stage_module
+from hardening import MiB, RssWatch, has_proc, rss_bytes, stage_module
 from link_lab import SERVER_IP, LinkLab
 
 from nat_lab import APP_PORT, CONTROL_PORT, PUBLIC_PORT, STEP_TIMEOUT, LabProcess
-from support import client_flags, connect_all, has_inspector, has_proxy_port, has_tls, tls_flags
+from support import client_flags, connect_all, has_inspector, has_tls, stages_from, tls_flags
 
 HERE = Path(__file__).resolve()
 REASON = link_lab.probe() if has_proc() else "needs Linux /proc to read the processes' memory"
-# The stages that carry every user as a stream over the client's one connection: HARDENED minus stage 4.
-MULTIPLEXED = tuple(stage for stage in HARDENED if not has_proxy_port(stage))
+# The memory budget came with flow control (stage 5); the streams per address with the limits (stage 9).
 # A second address of the server host (the same reserved /24 as the lab's): another source of users.
 OTHER_IP = "198.51.100.3"
 TCP_TUNNEL = r"tcp port listening on \S+:(\d+)"  # from stage 6 on, the server logs the TCP tunnel's port
@@ -127,7 +126,7 @@ RUN_TIMEOUT = 75.0  # the users' whole run: connecting, the stall, reading 150 M
 
 
 @pytest.mark.timeout(RUN_TIMEOUT + 45)
-@pytest.mark.parametrize("stage", MULTIPLEXED)
+@pytest.mark.parametrize("stage", stages_from("flow"))
 async def test_across_a_link_downloaders_who_never_read_cost_no_more_than_the_memory_budget(stage: str) -> None:
     """400 users ask the home app for 384 KiB each and read nothing for 15 s; the app keeps sending.
 
@@ -200,7 +199,7 @@ EXTRA = 8  # connections the flooding source opens past its bound
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("stage", MULTIPLEXED)
+@pytest.mark.parametrize("stage", stages_from("limits"))
 async def test_across_a_link_one_source_holds_at_most_its_share_of_a_tunnels_streams(stage: str) -> None:
     """One address of the server host opens MAX_STREAMS_PER_ADDRESS + 8 kept-alive connections to an HTTP
     tunnel whose client is across the link: 256 get 200 and keep their streams, 8 get the 503 page; a user

@@ -7,7 +7,6 @@ processes' VmRSS (hardening.RssWatch). Each was seen failing on the code before 
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hardening import HARDENED, MiB, RssWatch, has_proc, rss_bytes, stage_module
+from hardening import MiB, RssWatch, has_proc, rss_bytes, stage_module
 
 import tls_certs
 from support import (
@@ -24,17 +23,21 @@ from support import (
     CliProcess,
     LocalServer,
     accepted,
+    all_stages,
     any_ports,
     client_flags,
     client_options,
     client_ports,
     connect_all,
+    has,
     has_inspector,
-    has_tls,
     open_connection,
     port_roles,
+    secret_options,
     server_flags,
     server_options,
+    stage_number,
+    stages_from,
     tls_flags,
     until_logged,
     usage_error,
@@ -44,27 +47,23 @@ from support import (
 SECRET = "isolation-memory-tests"
 
 
-def is_multiplexed(stage: str) -> bool:
-    """True if the stage carries every user as a stream over the client's one connection (stage 5 on)."""
-    return importlib.util.find_spec(f"{stage}.mux") is not None
-
-
-MULTIPLEXED = [stage for stage in HARDENED if is_multiplexed(stage)]
+MULTIPLEXED = stages_from("flow")  # the memory budget came with flow control
 
 
 def has_routing(stage: str) -> bool:
-    """True if the stage's public port reads each HTTP request's head to route it (stage 6 on)."""
-    return importlib.util.find_spec(f"{stage}.routing") is not None
+    """True if the stage's public port reads each HTTP request's head to route it (stage 11 on)."""
+    return has(stage, "names")
 
 
 @contextlib.asynccontextmanager
 async def tunnel(stage: str, local_port: int, **server: Any) -> AsyncIterator[tuple[Any, Any, int]]:
     """The stage's server and client in this process, in front of `local_port`: (server, ports, users' port)."""
     server_module, client_module = stage_module(stage, "server"), stage_module(stage, "client")
-    tunnel_server = server_module.Server(secret=SECRET, **server, **server_options(stage))
+    tunnel_server = server_module.Server(**secret_options(stage, SECRET), **server, **server_options(stage))
     ports = await tunnel_server.listen("127.0.0.1", *any_ports(stage))
     local = ("127.0.0.1", local_port)
-    client = client_module.Client(local, "127.0.0.1", *client_ports(ports), secret=SECRET, **client_options(stage))
+    options = {**secret_options(stage, SECRET), **client_options(stage)}
+    client = client_module.Client(local, "127.0.0.1", *client_ports(ports), **options)
     async with Background(tunnel_server.serve()), Background(client.run()):
         async with asyncio.timeout(STEP_TIMEOUT):
             await client.connected.wait()
@@ -89,7 +88,7 @@ class ContinueApp(LocalServer):
         writer.close()
 
 
-@pytest.mark.parametrize("stage", HARDENED)
+@pytest.mark.parametrize("stage", stages_from("pages"))  # the request log
 async def test_the_request_log_shows_the_final_status_not_an_interim_one(
     stage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -107,7 +106,7 @@ async def test_the_request_log_shows_the_final_status_not_an_interim_one(
     assert line[0] == "PUT /upload -> 200,", caplog.text
 
 
-@pytest.mark.parametrize("stage", [stage for stage in HARDENED if has_routing(stage)])
+@pytest.mark.parametrize("stage", stages_from("names"))  # Host routing
 @pytest.mark.parametrize("then", ["stays silent", "half-closes"])
 async def test_a_connection_that_sends_nothing_is_closed_without_an_error_page(
     stage: str, then: str, caplog: pytest.LogCaptureFixture
@@ -125,7 +124,7 @@ async def test_a_connection_that_sends_nothing_is_closed_without_an_error_page(
     assert "not an HTTP request" not in caplog.text
 
 
-@pytest.mark.parametrize("stage", [stage for stage in HARDENED if has_routing(stage)])
+@pytest.mark.parametrize("stage", stages_from("names"))  # Host routing
 async def test_a_partial_head_still_gets_408(stage: str) -> None:
     """What the empty connection must not change: a request begun and never finished is answered 408."""
     async with LocalServer() as app, tunnel(stage, app.port, head_timeout=0.5) as (_, ports, _):
@@ -137,7 +136,7 @@ async def test_a_partial_head_still_gets_408(stage: str) -> None:
     assert answer.startswith(b"HTTP/1.1 408 ")
 
 
-@pytest.mark.parametrize("stage", [stage for stage in HARDENED if has_tls(stage)])
+@pytest.mark.parametrize("stage", stages_from("tls"))
 @pytest.mark.parametrize("missing", ["cert", "key", "https-cert", "https-key"])
 async def test_a_missing_certificate_or_key_file_is_named(
     stage: str, missing: str, cli: CliProcess.Factory, tmp_path: Path
@@ -155,7 +154,7 @@ async def test_a_missing_certificate_or_key_file_is_named(
     assert server.lines[-1].endswith(f": no such file {absent!r}"), server.lines[-1]
 
 
-@pytest.mark.parametrize("stage", [stage for stage in HARDENED if has_tls(stage)])
+@pytest.mark.parametrize("stage", stages_from("tls"))
 async def test_a_missing_ca_file_is_named(stage: str, cli: CliProcess.Factory, tmp_path: Path) -> None:
     absent = str(tmp_path / "absent-ca.pem")
     no_page = ["--no-inspect"] if has_inspector(stage) else []
@@ -164,13 +163,13 @@ async def test_a_missing_ca_file_is_named(stage: str, cli: CliProcess.Factory, t
     assert client.lines[-1].endswith(f": no such file {absent!r}"), client.output
 
 
-@pytest.mark.parametrize("stage", [f"stage_{n}" for n in range(2, 8)])
+@pytest.mark.parametrize("stage", [stage for stage in all_stages() if stage_number(stage) >= 2])
 async def test_the_clients_help_names_its_own_stage(stage: str, cli: CliProcess.Factory) -> None:
     """`--help` of stage 5's client said "from a stage 4 server", stage 7's "a stage 6 server"."""
     client = await cli("-m", f"{stage}.client", "--help")
     assert await client.wait() == 0
     said = " ".join(client.output.split())  # argparse wraps lines
-    assert f"a stage {stage[-1]} server" in said, said
+    assert f"a stage {stage_number(stage)} server" in said, said
 
 
 # --- memory that a peer controls ---------------------------------------------------------------
@@ -219,7 +218,7 @@ RING_SLACK = 40 * MiB  # the client's own buffers and objects for 300 streams, b
 
 @pytest.mark.slow
 @pytest.mark.skipif(not has_proc(), reason="needs Linux /proc to read the client's memory")
-@pytest.mark.parametrize("stage", [stage for stage in HARDENED if has_inspector(stage)])
+@pytest.mark.parametrize("stage", stages_from("inspector"))
 async def test_the_inspectors_ring_bounds_everything_it_holds(stage: str, cli: CliProcess.Factory) -> None:
     """300 users pipeline 64 requests with 30 KiB heads each to an app that never answers.
 
@@ -260,7 +259,7 @@ async def test_the_inspectors_ring_bounds_everything_it_holds(stage: str, cli: C
     assert app.received == len(payload) * PIPELINED_USERS, report  # every request went by the observer
 
 
-TLS_STAGES = [stage for stage in HARDENED if has_tls(stage)]
+TLS_STAGES = stages_from("tls")
 STRANGERS = 1500  # TCP connections an attacker opens (the control port has ~2,500 slots here)
 HANDSHAKES = 600  # TLS handshakes an attacker tries at once
 TLS_COST = 400 * 1024  # what one TLS connection may cost the server: asyncio's is ~330 KB

@@ -29,7 +29,7 @@ from typing import Any, Self
 import isolation_peers
 import link_lab
 import pytest
-from hardening import HARDENED, MiB
+from hardening import MiB
 from isolation_peers import App, read_to_end, reset
 from link_lab import SERVER_IP, LinkLab
 from test_real_links import start_tunnel
@@ -42,17 +42,18 @@ from support import (
     any_ports,
     client_options,
     control_connection,
-    has_proxy_port,
     has_tls,
     hello,
     open_connection,
     server_options,
+    stages_from,
     until_logged,
     users_port,
 )
 
 # The multiplexed stages: every user of a tunnel is a stream on the client's one connection.
-STAGES = tuple(stage for stage in HARDENED if not has_proxy_port(stage))
+# Issue 23's stream isolation, with the limits that hold it (stage 9) and on every later stage.
+STAGES = stages_from("limits")
 SECRET = "isolation-tests-secret"
 
 pytestmark = pytest.mark.parametrize("stage", STAGES)

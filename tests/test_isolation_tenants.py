@@ -35,7 +35,7 @@ from typing import Any
 
 import link_lab
 import pytest
-from hardening import HARDENED, stage_module
+from hardening import stage_module
 from link_lab import SERVER_IP
 
 import tls_certs
@@ -53,7 +53,6 @@ from support import (
     client_ports,
     control_connection,
     exchange,
-    has_proxy_port,
     has_tls,
     hello,
     open_connection,
@@ -62,6 +61,7 @@ from support import (
     server_flags,
     server_options,
     sha256,
+    stages_from,
     tls_flags,
     until_logged,
     usage_error,
@@ -80,13 +80,13 @@ def log_info(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
 
 
-@pytest.fixture(params=HARDENED)
+@pytest.fixture(params=stages_from("auth"))
 def stage(request: pytest.FixtureRequest) -> str:
-    """Every stage with auth (4-7); the sections below narrow it where a hole needs more of the stage."""
+    """Every stage with auth (7 on): a stranger's guesses; the sections below narrow it where a hole needs more."""
     return str(request.param)
 
 
-NAMED = tuple(stage for stage in HARDENED if has_tls(stage))
+NAMED = stages_from("tenants")
 
 
 @pytest.fixture(params=NAMED)
@@ -95,7 +95,7 @@ def named(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-MULTIPLEXED = tuple(stage for stage in HARDENED if not has_proxy_port(stage))
+MULTIPLEXED = stages_from("limits")  # the frame budget and the streams per address came with the limits
 
 
 @pytest.fixture(params=MULTIPLEXED)

@@ -1,15 +1,16 @@
 """On a real, slow link the tunnel's memory stays bounded and a gigabyte arrives intact, each way.
 
 The server (and the user) run in one network namespace, the client (and the local app) in another,
-joined by a rate-limited veth (tests/link_lab.py): the proxy connections cross a link the tunnel
+joined by a rate-limited veth (tests/link_lab.py): the client's connection crosses a link the tunnel
 cannot outrun, as between a VPS and a laptop. The receiving end first reads nothing for a few
 seconds, then reads at the link's rate; the VmRSS of the server and the client is sampled all along.
 
 Needs root (network namespaces, tc); skipped with the reason otherwise. The stage that brings this
-hardening (stage 4) and the most complete stage each move 1 GiB over a link of 20 Mbit/s while the
-connection starts, then 250 Mbit/s (about 45 s a test); the stages between move 128 MiB through the
-same stall (about 15 s): the stall is where a tunnel that ignores backpressure grows, and in the
-stall alone the link carries more than the 64 MiB bound, so such a tunnel fails either way.
+behaviour (flow control, stage 5) and the most complete stage each move 1 GiB over a link of 20 Mbit/s
+while the connection starts, then 250 Mbit/s (about 45 s a test); the stages between run the light form:
+128 MiB through the same stall (about 15 s), under the same bounds: the stall is where a tunnel that
+ignores backpressure grows, and in the stall alone the link carries more than the 64 MiB bound, so such
+a tunnel fails either way.
 """
 
 import asyncio
@@ -20,17 +21,19 @@ from dataclasses import dataclass
 
 import link_lab
 import pytest
-from hardening import HARDENED, MiB, RssWatch, has_proc
+from hardening import MiB, RssWatch, has_proc
 from link_lab import RATE, SERVER_IP, START_BURST, START_RATE, LinkLab
 
 from nat_lab import APP_PORT, CONTROL_PORT, PROXY_PORT, PUBLIC_PORT, LabProcess
-from support import client_flags, has_tls, port_roles, tls_flags
+from support import client_flags, first_and_last, has_tunnels, port_roles, stages_from, tls_flags
 
 REASON = link_lab.probe() if has_proc() else "needs Linux /proc to read the processes' memory"
 
 SIZE = 1024 * MiB  # on FULL_STAGES
-LIGHT_SIZE = 128 * MiB  # on the other hardened stages
-FULL_STAGES = (HARDENED[0], HARDENED[-1])
+LIGHT_SIZE = 128 * MiB  # on the stages between
+# Flow control (stage 5) is what keeps the tunnel's memory bounded whatever the link's speed.
+STAGES = stages_from("flow")
+FULL_STAGES = first_and_last(STAGES)
 STALL = 6.0  # seconds the receiving end reads nothing before it starts reading
 RSS_LIMIT = 64 * MiB  # the most the server or the client may hold, whatever the peers do (issue 12)
 # A run is stopped as soon as a process passes this: it has failed already, and a leaking tunnel
@@ -39,7 +42,7 @@ ALARM = 4 * RSS_LIMIT
 # 36 s of link time (1 GiB at ~236 Mbit/s of payload), the stall and the start-up, with room for a
 # loaded machine.
 RUN_TIMEOUT = 150.0
-# From stage 6 on, users reach the client's TCP tunnel, on a port the server picks and logs.
+# From stage 10 on, users reach the client's TCP tunnel, on a port the server picks and logs.
 TCP_TUNNEL = r"tcp port listening on \S+:(\d+)"
 
 pytestmark = [
@@ -72,10 +75,10 @@ class Transfer:
 async def start_tunnel(lab: LinkLab, stage: str) -> tuple[LabProcess, LabProcess, int]:
     """The stage's server on the server host and its client at home, sharing a secret; wait until the tunnel is up.
 
-    Returns them and the port users connect to: the public port, or from stage 6 on the client's TCP tunnel's.
+    Returns them and the port users connect to: the public port, or from stage 10 on the client's TCP tunnel's.
     """
     env = {"NGROK_SECRET": secrets.token_urlsafe(16)}
-    # The users' bytes cross the link on the proxy connections (stage 5: on the client's one connection).
+    # The users' bytes cross the link on the client's one connection, as streams.
     ports = {"control": CONTROL_PORT, "public": PUBLIC_PORT, "proxy": PROXY_PORT}
     ports = {role: ports[role] for role in port_roles(stage)}
     flags = [flag for role, port in ports.items() for flag in (f"--{role}-port", str(port))] + tls_flags(stage)
@@ -88,7 +91,7 @@ async def start_tunnel(lab: LinkLab, stage: str) -> tuple[LabProcess, LabProcess
         "home", "client", "-m", f"{stage}.client", local, SERVER_IP, *client_flags(stage, ports), env=env
     )
     await client.expect(r"tunnel up")
-    if not has_tls(stage):
+    if not has_tunnels(stage):
         return server, client, PUBLIC_PORT
     match = re.search(TCP_TUNNEL, await server.expect(TCP_TUNNEL))  # expect() returns the line
     assert match is not None
@@ -144,7 +147,7 @@ def check(run: Transfer, direction: str) -> None:
     assert run.receiver["received_sha256"] == run.sender["sent_sha256"], run.describe()
 
 
-@pytest.mark.parametrize("stage", HARDENED)
+@pytest.mark.parametrize("stage", STAGES)
 async def test_a_gigabyte_upload_sent_from_the_first_byte_to_a_stalled_app_keeps_memory_bounded(stage: str) -> None:
     # Issue 12, item 1: the user's bytes that wait for the pairing are written to the proxy
     # connection at the join; on a slow link they overflow it, and the pause that follows
@@ -152,7 +155,7 @@ async def test_a_gigabyte_upload_sent_from_the_first_byte_to_a_stalled_app_keeps
     check(await transfer(stage, upload=True), "upload")
 
 
-@pytest.mark.parametrize("stage", HARDENED)
+@pytest.mark.parametrize("stage", STAGES)
 async def test_a_gigabyte_download_from_an_app_that_speaks_first_to_a_stalled_user_keeps_memory_bounded(
     stage: str,
 ) -> None:

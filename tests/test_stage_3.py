@@ -22,6 +22,7 @@ from support import (
     CliProcess,
     EchoServer,
     HttpOrigin,
+    all_stages,
     any_ports,
     cli_users_port,
     client_flags,
@@ -39,11 +40,12 @@ from support import (
     server_options,
     server_port_flags,
     sha256,
+    stage_number,
     users_port,
 )
 
 # Each stage with a private connection; a new stage joins by being added here.
-PRIVATE_STAGES = ("stage_3", "stage_4", "stage_5", "stage_6", "stage_7")
+PRIVATE_STAGES = tuple(stage for stage in all_stages() if stage_number(stage) >= 3)  # numeric order
 
 # Starts a tunnel of the stage in front of a local app on the given port; returns the public port.
 StartTunnel = Callable[[int], Awaitable[int]]

@@ -1,9 +1,18 @@
+# ruff: noqa: E402 (the module-level skip comes before the imports of the gone stage_4)
 """Stage 4, the real tunnel: users of the public port reach the local app, and the tunnel holds up.
 
 In-process tests: a real server and client (or a hand-played one, speaking raw protocol lines)
 in front of a real HTTP server as the local app. The command lines are tested in
 test_stage_4_cli.py, and kills, floods and resource counts in test_stage_4_faults.py.
 """
+
+import pytest
+
+# Old stage 4 (a proxy connection per user) is gone from the ladder; its tests are being retargeted
+# to the stages where each behaviour now appears (auth 7+, heartbeats and resume 6+, pages 8+, limits
+# 9+) or dropped where they test only the proxy transport. Until then this file does not run.
+pytest.skip("old stage 4's tests: not yet retargeted to the new ladder", allow_module_level=True)
+
 
 import asyncio
 import contextlib

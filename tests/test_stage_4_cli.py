@@ -1,8 +1,17 @@
+# ruff: noqa: E402 (the module-level skip comes before the imports of the gone stage_4)
 """Stage 4 from the command line, exactly as the docs tell a learner to run it.
 
 Each program is a real subprocess (`python -m ...`); ports are 0 so the tests never collide,
 and each program's log line "<role> port listening on HOST:PORT" says what it really got.
 """
+
+import pytest
+
+# Old stage 4 (a proxy connection per user) is gone from the ladder; its tests are being retargeted
+# to the stages where each behaviour now appears (auth 7+, heartbeats and resume 6+, pages 8+, limits
+# 9+) or dropped where they test only the proxy transport. Until then this file does not run.
+pytest.skip("old stage 4's tests: not yet retargeted to the new ladder", allow_module_level=True)
+
 
 import asyncio
 import logging

@@ -1,8 +1,17 @@
+# ruff: noqa: E402 (the module-level skip comes before the imports of the gone stage_4)
 """Stage 4 under faults: killed processes, restarts, garbage and floods on every port.
 
 The server and the client run as real subprocesses, so that a kill is a real kill (the kernel
 closes their sockets) and their open file descriptors and memory can be read from /proc.
 """
+
+import pytest
+
+# Old stage 4 (a proxy connection per user) is gone from the ladder; its tests are being retargeted
+# to the stages where each behaviour now appears (auth 7+, heartbeats and resume 6+, pages 8+, limits
+# 9+) or dropped where they test only the proxy transport. Until then this file does not run.
+pytest.skip("old stage 4's tests: not yet retargeted to the new ladder", allow_module_level=True)
+
 
 import asyncio
 import contextlib

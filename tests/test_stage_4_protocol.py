@@ -1,9 +1,18 @@
+# ruff: noqa: E402 (the module-level skip comes before the imports of the gone stage_4)
 """Stage 4 wire format: every message survives a round trip, and no input breaks the parser.
 
 The parser faces the internet (anyone can connect to the control and proxy ports), so it is
 fuzzed: whatever the bytes, it returns a message or raises the documented ProtocolError,
 never anything else. Also the small pure helpers: error pages and reconnect backoff.
 """
+
+import pytest
+
+# Old stage 4 (a proxy connection per user) is gone from the ladder; its tests are being retargeted
+# to the stages where each behaviour now appears (auth 7+, heartbeats and resume 6+, pages 8+, limits
+# 9+) or dropped where they test only the proxy transport. Until then this file does not run.
+pytest.skip("old stage 4's tests: not yet retargeted to the new ladder", allow_module_level=True)
+
 
 import asyncio
 import contextlib

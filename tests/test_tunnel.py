@@ -2,7 +2,8 @@
 
 Stage 2's client echoes lines itself; from stage 3 on the far end is a real local app (an echo
 server here). The payloads are lines ending in a newline, so both far ends return them unchanged.
-To cover a new stage, add a starter for it to TUNNELS.
+Every stage from 3 on runs here by existing (TUNNELS); with auth on from stage 7, the path a real
+server takes; from stage 10 on through a TCP tunnel, over TLS from stage 12.
 """
 
 import asyncio
@@ -18,11 +19,13 @@ from support import (
     STEP_TIMEOUT,
     Background,
     EchoServer,
+    all_stages,
     any_ports,
     client_options,
     client_ports,
     exchange,
     open_connection,
+    secret_options,
     server_options,
     users_port,
 )
@@ -44,20 +47,21 @@ async def stage_2_tunnel(echo_server: EchoServer) -> AsyncIterator[int]:
         yield ports.public
 
 
-def private_tunnel(stage: str, **secret: str) -> Starter:
+def private_tunnel(stage: str) -> Starter:
     """A starter for a stage with a private connection (3 and later): its local app is the echo server."""
 
     @contextlib.asynccontextmanager
     async def start(echo_server: EchoServer) -> AsyncIterator[int]:
         server_module = importlib.import_module(f"{stage}.server")
         client_module = importlib.import_module(f"{stage}.client")
+        secret = secret_options(stage)
         server = server_module.Server(**secret, **server_options(stage))
         ports = await server.listen("127.0.0.1", *any_ports(stage))
         local_app = ("127.0.0.1", echo_server.port)
         client = client_module.Client(local_app, "127.0.0.1", *client_ports(ports), **secret, **client_options(stage))
         async with Background(server.serve()), Background(client.run()):
             async with asyncio.timeout(STEP_TIMEOUT):
-                await client.connected.wait()  # from stage 4 on: the server has taken the client
+                await client.connected.wait()  # from stage 3 on: the server has taken the client
             public_port = await users_port(ports, client)
             await wait_until_tunnel_works(public_port)
             yield public_port
@@ -69,7 +73,7 @@ async def wait_until_tunnel_works(public_port: int) -> None:
     """Poll (bounded) until the server has the client: until a user's first line gets an answer.
 
     Until the server has taken the client's control connection, stages 2 and 3 close a user at once
-    without a word (stage 4 on answers an HTTP user with a 502 page, but the client says it is
+    without a word (stage 8 on answers an HTTP user with a 502 page, but the client says it is
     connected only once the server took it, and private_tunnel waits for that first). Any answer
     means the tunnel is up: what the answer should be is for the tests to say, by name. So the probe
     neither half-closes (a copy whose half-close is broken still comes up, and the half-close test
@@ -100,15 +104,12 @@ async def wait_until_tunnel_works(public_port: int) -> None:
 
 TUNNELS: dict[str, Starter] = {
     "stage_2": stage_2_tunnel,
-    "stage_3": private_tunnel("stage_3"),
-    "stage_4": private_tunnel("stage_4", secret="common-tests"),  # with auth on: the path a real server takes
-    "stage_5": private_tunnel("stage_5", secret="common-tests"),
-    "stage_6": private_tunnel("stage_6", secret="common-tests"),  # a TCP tunnel, over TLS
-    "stage_7": private_tunnel("stage_7", secret="common-tests"),  # as stage 6 (in-process: no inspector)
+    # From stage 14 on the client's inspector observes every stream (in-process: its page not served).
+    **{stage: private_tunnel(stage) for stage in all_stages() if stage not in ("stage_0", "stage_1", "stage_2")},
 }
 
 
-@pytest.fixture(params=sorted(TUNNELS))
+@pytest.fixture(params=list(TUNNELS))
 async def tunnel(request: pytest.FixtureRequest, echo_server: EchoServer) -> AsyncIterator[int]:
     """The public port of a running tunnel of one stage, whose far end echoes."""
     async with TUNNELS[request.param](echo_server) as public_port:

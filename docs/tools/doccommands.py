@@ -28,17 +28,20 @@ The convention (tests/test_docs_commands.py enforces it and runs every session):
 Fixed ports (54286, 60623, ...) are what the docs show, so the test runs each scenario in a private
 network namespace (`unshare --net`) where nothing else can hold them.
 
-    python docs/tools/doccommands.py list                # every scenario and its commands
-    python docs/tools/doccommands.py run stage_1/README.md 0   # run one here (ports must be free)
+    python3 docs/tools/doccommands.py list                # every scenario and its commands
+    python3 docs/tools/doccommands.py run stage_1/README.md 0   # run one here (ports must be free)
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import functools
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -117,7 +120,8 @@ class Section:
 
 def doc_files(root: Path = ROOT) -> list[Path]:
     """The stage READMEs and the site's pages (see OPT_IN_PAGES)."""
-    files = sorted(root.glob("stage_*/README.md")) + sorted((root / "docs").glob("*.md"))
+    stages = sorted(root.glob("stage_[0-9]*/README.md"), key=lambda p: int(p.parent.name.removeprefix("stage_")))
+    files = stages + sorted((root / "docs").glob("*.md"))
     return [f for f in files if f.relative_to(root).as_posix() not in OPT_IN_PAGES or has_verify(f)]
 
 
@@ -240,14 +244,38 @@ def same_time_groups(expected: list[str]) -> list[list[str]]:
 def command_env() -> dict[str, str]:
     """The learner's environment: this Python first on PATH, unbuffered output, no HTTP proxy."""
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and k != "NGROK_SECRET"}
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", ""), "/usr/sbin", "/sbin"])
+    env["PATH"] = os.pathsep.join([python_bin(), env.get("PATH", ""), "/usr/sbin", "/sbin"])
     env["PYTHONUNBUFFERED"] = "1"
-    # `python -m stage_1.server` run here would put the working directory (this repository) first
+    # `python3 -m stage_1.server` run here would put the working directory (this repository) first
     # on sys.path, ahead of PYTHONPATH, where the tests' workshop mode names a learner's copy of a
     # stage (tests/conftest.py). PYTHONSAFEPATH=1 leaves it out; the repository comes last instead.
     env["PYTHONSAFEPATH"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(ROOT)]))
     return env
+
+
+@functools.cache
+def python_bin() -> str:
+    """A folder where `python3` and `python` are the Python running this (the project's virtualenv).
+
+    The docs say `python3` (Debian has no `python` without python-is-python3); a virtualenv's bin/
+    has both. Run from an interpreter whose folder lacks one, the names are linked in a folder of
+    their own (removed when this process exits), so no command runs a system Python by accident.
+    """
+    here = Path(sys.executable).parent
+    if all(same_file(here / name, sys.executable) for name in ("python3", "python")):
+        return str(here)
+    shims = Path(tempfile.mkdtemp(prefix="doccommands-python-"))
+    atexit.register(shutil.rmtree, shims, ignore_errors=True)
+    for name in ("python3", "python"):
+        (shims / name).write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+        (shims / name).chmod(0o755)
+    return str(shims)
+
+
+def same_file(path: Path, executable: str) -> bool:
+    """Whether path runs this interpreter (a virtualenv's python3 -> python links included)."""
+    return path.is_file() and os.path.realpath(path) == os.path.realpath(executable)
 
 
 def hear_ctrl_c() -> None:

@@ -1,12 +1,13 @@
-"""Record a real run of the most complete stage's demo (stage 5) and draw it as an animated SVG: docs/assets/demo.svg.
+"""Record a real run of the most complete stage's demo and draw it as an animated SVG: docs/assets/demo.svg.
 
-It runs `python -m stage_5` in one "terminal" and a user's `curl` commands in another, exactly as
-the stage 5 page shows, captures what each printed and when, and draws two terminal windows whose
-lines appear at the pace they really did (CSS animation, plays once; the last frame stays).
+It runs `python3 -m stage_N` (N: the highest stage with a `__main__.py`) in one "terminal" and a
+user's `curl` commands in another, exactly as that stage's page shows, captures what each printed
+and when, and draws two terminal windows whose lines appear at the pace they really did (CSS
+animation, plays once; the last frame stays).
 Run it from the repository root to refresh the picture after the demo's output changes:
 
-    python docs/tools/make_demo.py            # in a private network namespace if it can make one
-    python docs/tools/make_demo.py --here     # in this one (ports 60623-60625 must be free)
+    python3 docs/tools/make_demo.py            # in a private network namespace if it can make one
+    python3 docs/tools/make_demo.py --here     # in this one (ports 60623-60625 must be free)
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from doccommands import ROOT, Command, Terminal, bring_up_loopback
 
 OUTPUT = ROOT / "docs" / "assets" / "demo.svg"
-DEMO = "python -m stage_5"
+# The most complete stage: the highest number (stage_10 after stage_9) that has a demo.
+DEMO_STAGE = max(int(p.parent.name.removeprefix("stage_")) for p in ROOT.glob("stage_[0-9]*/__main__.py"))
+DEMO = f"python3 -m stage_{DEMO_STAGE}"
 USER_COMMANDS = [
     "curl -s http://127.0.0.1:60624/hello",
     "curl -s http://127.0.0.1:60624/hello/world | grep '<p>You'",
@@ -109,7 +112,7 @@ def draw(demo: list[tuple[float, str]], user: list[tuple[float, str]]) -> str:
         [
             f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}"'
             f' viewBox="0 0 {WIDTH} {height}" role="img">',
-            "<title>python -m stage_5 in one terminal, curl through the tunnel in another (a real recording)</title>",
+            f"<title>{DEMO} in one terminal, curl through the tunnel in another (a real recording)</title>",
             f"<style>{style}</style>",
             *top,
             *bottom,

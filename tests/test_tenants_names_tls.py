@@ -22,10 +22,10 @@ from typing import Any, Self
 import pytest
 
 import tls_certs
-from stage_6 import auth, frames, session
-from stage_6.client import Client
-from stage_6.protocol import Refused, TunnelError
-from stage_6.server import Ports, Server
+from stage_12 import auth, frames, session
+from stage_12.client import Client
+from stage_12.protocol import Refused, TunnelError
+from stage_12.server import Ports, Server
 from support import (
     PAGE,
     STEP_TIMEOUT,
@@ -36,13 +36,32 @@ from support import (
     LocalServer,
     accepted,
     exchange,
+    has_inspector,
     http_request,
     open_connection,
     pattern_bytes,
+    rebind,
     sha256,
     until_logged,
     usage_error,
 )
+
+# Many clients (stage 10), names (11) and TLS (12): every test here runs over TLS, so from stage 12 on.
+STAGE = "stage_12"  # the stage under test, set by `names`
+pytestmark = pytest.mark.since("tls")
+
+
+def inspect_port() -> list[str]:
+    """From stage 14 on the client's inspector takes any free port: 4040 may be taken on a shared machine."""
+    return ["--inspect-port", "0"] if has_inspector(STAGE) else []
+
+
+@pytest.fixture(autouse=True)
+def names(stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This module's stage names (imported from stage_12) are the stage under test's, for one test."""
+    rebind(globals(), stage, monkeypatch)
+    monkeypatch.setitem(globals(), "STAGE", stage)
+
 
 SECRET = "stage-6-tests-secret-of-some-length"
 RANDOM_NAME = re.compile(r"[0-9a-f]{8}")
@@ -427,13 +446,13 @@ GOOD_NAMES = ("a", "a" * 63, "my-app-2", "0day")
 
 @pytest.mark.parametrize("bad", BAD_NAMES.values(), ids=BAD_NAMES.keys())
 async def test_the_client_cli_refuses_a_bad_name(cli: CliProcess.Factory, bad: str) -> None:
-    line = await usage_error(cli, "-m", "stage_6.client", "127.0.0.1:8000", "--name", bad)
+    line = await usage_error(cli, "-m", f"{STAGE}.client", *inspect_port(), "127.0.0.1:8000", "--name", bad)
     assert "--name" in line
 
 
 @pytest.mark.parametrize("good", GOOD_NAMES)
 async def test_the_client_cli_accepts_a_good_name(cli: CliProcess.Factory, good: str) -> None:
-    await accepted(cli, "-m", "stage_6.client", "127.0.0.1:8000", "--name", good)
+    await accepted(cli, "-m", f"{STAGE}.client", *inspect_port(), "127.0.0.1:8000", "--name", good)
 
 
 @pytest.mark.parametrize("bad", [*BAD_NAMES.values(), "MyApp", ""], ids=[*BAD_NAMES.keys(), "upper case", "empty"])
@@ -814,10 +833,10 @@ async def test_a_tls_handshake_that_never_finishes_is_let_go_and_the_server_serv
 
 
 async def start_cli_server(cli: CliProcess.Factory, *flags: str) -> tuple[CliProcess, int, int]:
-    """`python -m stage_6.server --cert ... --key ...` on ephemeral ports; return it and its two ports."""
+    """`python -m STAGE.server --cert ... --key ...` on ephemeral ports; return it and its two ports."""
     files = tls_certs.certs()
     server = await cli(
-        "-m", "stage_6.server", "--cert", str(files.cert), "--key", str(files.key),
+        "-m", f"{STAGE}.server", "--cert", str(files.cert), "--key", str(files.key),
         "--control-port", "0", "--public-port", "0", *flags,
     )  # fmt: skip
     return server, await server.listening("control"), await server.listening("public")
@@ -825,7 +844,7 @@ async def start_cli_server(cli: CliProcess.Factory, *flags: str) -> tuple[CliPro
 
 async def refused_client(cli: CliProcess.Factory, *args: str) -> str:
     """Run a client that must stop at once: exactly one `error: ...` line, exit 1, no traceback; return the line."""
-    client = await cli("-m", "stage_6.client", *args)
+    client = await cli("-m", f"{STAGE}.client", *inspect_port(), *args)
     assert await client.wait() == 1, client.output
     errors = [line for line in client.lines if line.startswith("error:")]
     assert len(errors) == 1 and client.lines[-1] == errors[0], client.output
@@ -838,7 +857,9 @@ async def test_cli_a_named_tunnel_over_tls_serves_its_app(cli: CliProcess.Factor
     server, control_port, public_port = await start_cli_server(cli)
     ca = str(tls_certs.certs().ca)
     local = f"127.0.0.1:{http_origin.port}"
-    client = await cli("-m", "stage_6.client", local, "127.0.0.1", "--control-port", str(control_port), "--ca", ca,
+    client = await cli("-m", f"{STAGE}.client", *inspect_port(), local, "127.0.0.1",
+                       "--control-port", str(control_port),
+                       "--ca", ca,
                        "--name", "MyApp")  # fmt: skip
     url = f"http://myapp.localhost:{public_port}/"  # names are lower-cased
     await client.expect(rf"tunnel up: {re.escape(url)} -> {re.escape(local)}$")
@@ -856,7 +877,9 @@ async def test_cli_a_tcp_tunnel_gets_a_port_of_its_own(cli: CliProcess.Factory, 
     server, control_port, _ = await start_cli_server(cli)
     local = f"127.0.0.1:{echo_server.port}"
     ca = str(tls_certs.certs().ca)
-    client = await cli("-m", "stage_6.client", local, "127.0.0.1", "--control-port", str(control_port), "--ca", ca,
+    client = await cli("-m", f"{STAGE}.client", *inspect_port(), local, "127.0.0.1",
+                       "--control-port", str(control_port),
+                       "--ca", ca,
                        "--tcp")  # fmt: skip
     match = await client.expect(rf"tunnel up: tcp://localhost:(\d+) -> {re.escape(local)}$")
     await server.expect(rf"tcp port listening on 127\.0\.0\.1:{match[1]} for session [0-9a-f]{{8}}")
@@ -886,7 +909,7 @@ async def test_cli_a_client_refuses_a_certificate_for_another_host_in_one_line(
     cli: CliProcess.Factory, host: str
 ) -> None:
     other = tls_certs.other_host()
-    server = await cli("-m", "stage_6.server", "--cert", str(other.cert), "--key", str(other.key),
+    server = await cli("-m", f"{STAGE}.server", "--cert", str(other.cert), "--key", str(other.key),
                        "--control-port", "0", "--public-port", "0")  # fmt: skip
     control_port = await server.listening("control")
     line = await refused_client(cli, "127.0.0.1:8000", host, "--control-port", str(control_port), "--ca", str(other.ca))
@@ -897,7 +920,7 @@ async def test_cli_a_server_whose_certificate_is_missing_says_so_in_one_line(cli
     files = tls_certs.certs()
     missing = str(files.cert.parent / "no-such-cert.pem")
     for flags in (("--cert", missing, "--key", str(files.key)), ("--cert", str(files.key), "--key", str(files.key))):
-        server = await cli("-m", "stage_6.server", *flags, "--control-port", "0", "--public-port", "0")
+        server = await cli("-m", f"{STAGE}.server", *flags, "--control-port", "0", "--public-port", "0")
         assert await server.wait() == 1, server.output
         assert len(server.lines) == 1 and server.lines[0].startswith("error: "), server.output
         assert "Traceback" not in server.output
@@ -915,7 +938,7 @@ SERVER_USAGE_ERRORS = {
 
 @pytest.mark.parametrize("flags", SERVER_USAGE_ERRORS.values(), ids=SERVER_USAGE_ERRORS.keys())
 async def test_cli_the_server_refuses_a_bad_command_line(cli: CliProcess.Factory, flags: list[str]) -> None:
-    await usage_error(cli, "-m", "stage_6.server", *flags)
+    await usage_error(cli, "-m", f"{STAGE}.server", *flags)
 
 
 SERVER_ACCEPTED = {
@@ -929,11 +952,11 @@ SERVER_ACCEPTED = {
 
 @pytest.mark.parametrize("flags", SERVER_ACCEPTED.values(), ids=SERVER_ACCEPTED.keys())
 async def test_cli_the_server_accepts_a_good_command_line(cli: CliProcess.Factory, flags: list[str]) -> None:
-    await accepted(cli, "-m", "stage_6.server", "--cert", "c", "--key", "k", *flags)
+    await accepted(cli, "-m", f"{STAGE}.server", "--cert", "c", "--key", "k", *flags)
 
 
 async def test_cli_the_client_takes_a_name_or_tcp_not_both(cli: CliProcess.Factory) -> None:
-    await usage_error(cli, "-m", "stage_6.client", "127.0.0.1:8000", "--name", "myapp", "--tcp")
+    await usage_error(cli, "-m", f"{STAGE}.client", *inspect_port(), "127.0.0.1:8000", "--name", "myapp", "--tcp")
 
 
 async def test_cli_a_plain_tcp_peer_on_the_tls_port_is_closed_with_one_log_line(
@@ -950,7 +973,8 @@ async def test_cli_a_plain_tcp_peer_on_the_tls_port_is_closed_with_one_log_line(
     # The server serves on: a real client gets its tunnel, and the failed peer left exactly one line.
     files = tls_certs.certs()
     client = await cli(
-        "-m", "stage_6.client", f"127.0.0.1:{echo_server.port}", "127.0.0.1", "--control-port", str(control),
+        "-m", f"{STAGE}.client", *inspect_port(), f"127.0.0.1:{echo_server.port}", "127.0.0.1",
+        "--control-port", str(control),
         "--ca", str(files.ca), "--tcp",
     )  # fmt: skip
     await client.expect("tunnel up")

@@ -1,8 +1,8 @@
-"""Stage 4 and later, authentication: an HMAC challenge-response proves the secret without sending it.
+"""Authentication (stage 7 on): an HMAC challenge-response proves the secret without sending it.
 
 These tests run the handshake over a `socket.socketpair()`, with no server involved, against every
 stage that has it (AUTH_STAGES); the end-to-end cases (wrong secret through the real CLIs, replay
-against a real server) are in test_stage_4.py and test_stage_5.py.
+against a real server) are in test_streams.py and test_isolation_tenants.py.
 """
 
 import asyncio
@@ -15,10 +15,10 @@ from typing import TypeVar
 
 import pytest
 
-from support import STEP_TIMEOUT
+from support import STEP_TIMEOUT, stages_from
 
-# Every stage with the HMAC handshake; a new stage joins by being added here.
-AUTH_STAGES = ("stage_4", "stage_5", "stage_6", "stage_7")
+# Every stage with the HMAC handshake: the stage that brings auth and every later one.
+AUTH_STAGES = stages_from("auth")
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -48,7 +48,7 @@ async def pair() -> AsyncIterator[tuple[Streams, Streams]]:
 
 @dataclass(frozen=True)
 class Wire:
-    """What differs between the stages' handshakes: from stage 6 on, the hello names a tunnel and the
+    """What differs between the stages' handshakes: from stage 10 on, the hello names a tunnel and the
     welcome returns it with its URL, and client_handshake takes the whole Hello instead of a session id."""
 
     proto: ModuleType

@@ -1,7 +1,10 @@
-"""Stage 5's frame format and multiplexer, without a tunnel: encode, parse, fuzz, and fair turns.
+"""The frame format and multiplexer (stage 4 on), without a tunnel: encode, parse, fuzz, and fair turns.
 
 The parser is the only code that turns a peer's bytes into frames, so Hypothesis throws bytes at it:
 it returns frames or raises ProtocolError, never anything else, and never holds more than one frame.
+Each frame runs from the stage that brings its type on: DATA with stage 4's streams, WINDOW_UPDATE
+with stage 5's flow control, PING and GO_AWAY with stage 6's heartbeats. The names imported from
+stage_15 are re-bound to the stage under test (support.rebind).
 """
 
 import asyncio
@@ -13,8 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stage_5 import frames
-from stage_5.frames import (
+from stage_15 import frames
+from stage_15.frames import (
     ACK,
     DATA,
     FIN,
@@ -29,23 +32,47 @@ from stage_5.frames import (
     Frame,
     Parser,
 )
-from stage_5.mux import Mux
-from stage_5.protocol import ProtocolError
-from stage_5.relay import Stream, Timeouts
-from support import STEP_TIMEOUT
+from stage_15.mux import Mux
+from stage_15.protocol import ProtocolError
+from stage_15.relay import Stream, Timeouts
+from support import STEP_TIMEOUT, has, rebind, stages_from
 
-VALID = [
-    Frame(DATA, SYN, 1, b""),
-    Frame(DATA, ACK, 1, b""),
-    Frame(DATA, 0, 7, b"GET / HTTP/1.1\r\n\r\n"),
-    Frame(DATA, FIN, 7, b""),
-    Frame(DATA, RST, 3, b"connection refused"),
-    Frame(DATA, 0, 2**31 - 1, b"x" * MAX_FRAME),
-    Frame(WINDOW_UPDATE, 0, 1, (65536).to_bytes(4, "big")),
-    Frame(PING, 0, 0, b"12345678"),
-    Frame(PING, ACK, 0, b"12345678"),
-    Frame(GO_AWAY, 0, 0, b"bye"),
+pytestmark = pytest.mark.since("streams")
+
+# Each valid frame, with the idea that brings its type.
+VALID_FROM = [
+    (Frame(DATA, SYN, 1, b""), "streams"),
+    (Frame(DATA, ACK, 1, b""), "streams"),
+    (Frame(DATA, 0, 7, b"GET / HTTP/1.1\r\n\r\n"), "streams"),
+    (Frame(DATA, FIN, 7, b""), "streams"),
+    (Frame(DATA, RST, 3, b"connection refused"), "streams"),
+    (Frame(DATA, 0, 2**31 - 1, b"x" * MAX_FRAME), "streams"),
+    (Frame(WINDOW_UPDATE, 0, 1, (65536).to_bytes(4, "big")), "flow"),
+    (Frame(PING, 0, 0, b"12345678"), "resume"),
+    (Frame(PING, ACK, 0, b"12345678"), "resume"),
+    (Frame(GO_AWAY, 0, 0, b"bye"), "resume"),
 ]
+VALID = [frame for frame, _ in VALID_FROM]
+
+
+def valid(stage: str) -> list[Frame]:
+    """The valid frames of `stage`: those whose type it has."""
+    return [frame for frame, idea in VALID_FROM if has(stage, idea)]
+
+
+def each(cases: list[tuple[object, str]]) -> list[object]:
+    """(stage, case) for every stage from the one that brings each case's idea: pytest.param with readable ids."""
+    return [
+        pytest.param(stage, case, id=f"{stage}-{case if isinstance(case, Frame) else idea}")
+        for case, idea in cases
+        for stage in stages_from(idea)
+    ]
+
+
+@pytest.fixture(autouse=True)
+def names(stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This module's stage names (Parser, Mux, ...) are the stage under test's, for one test."""
+    rebind(globals(), stage, monkeypatch)
 
 
 def wire(frame: Frame) -> bytes:
@@ -57,13 +84,14 @@ def test_the_header_is_ten_bytes_type_flags_stream_id_length_big_endian() -> Non
     assert frames.window_update(1, 65536) == bytes([1, 0, 0, 0, 0, 1, 0, 0, 0, 4, 0, 1, 0, 0])
 
 
-@pytest.mark.parametrize("frame", VALID, ids=str)
-def test_every_valid_frame_survives_encode_then_parse(frame: Frame) -> None:
+@pytest.mark.parametrize(("stage", "frame"), each(VALID_FROM))
+def test_every_valid_frame_survives_encode_then_parse(stage: str, frame: Frame) -> None:
     assert Parser().feed(wire(frame)) == [frame]
 
 
-@given(st.lists(st.sampled_from(VALID), max_size=8), st.data())
-def test_frames_arrive_whole_however_the_bytes_are_split(sent: list[Frame], data: st.DataObject) -> None:
+@given(st.data())
+def test_frames_arrive_whole_however_the_bytes_are_split(stage: str, data: st.DataObject) -> None:
+    sent = data.draw(st.lists(st.sampled_from(valid(stage)), max_size=8))
     stream = b"".join(wire(frame) for frame in sent)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
     parser, got = Parser(), []
@@ -73,29 +101,36 @@ def test_frames_arrive_whole_however_the_bytes_are_split(sent: list[Frame], data
     assert parser.pending == 0
 
 
-BAD = {
-    "unknown type": frames.HEADER.pack(9, 0, 1, 0),
-    "flag not allowed": frames.HEADER.pack(WINDOW_UPDATE, SYN, 1, 4) + b"\0\0\0\1",
-    "too large": frames.HEADER.pack(DATA, 0, 1, MAX_FRAME + 1),
-    "data on stream 0": frames.HEADER.pack(DATA, 0, 0, 1) + b"x",
-    "ping on a stream": frames.HEADER.pack(PING, 0, 1, 8) + b"12345678",
-    "window of 3 bytes": frames.HEADER.pack(WINDOW_UPDATE, 0, 1, 3) + b"\0\0\1",
-    "window of 0": frames.HEADER.pack(WINDOW_UPDATE, 0, 1, 4) + b"\0\0\0\0",
-    "ping of 4 bytes": frames.HEADER.pack(PING, 0, 0, 4) + b"1234",
-    "stream id over 31 bits": frames.HEADER.pack(DATA, 0, 2**31, 0),
-    "long reason": frames.HEADER.pack(DATA, RST, 1, 5000),
+BAD = {  # name: (bytes, the idea from which they are a bad frame)
+    "unknown type": (frames.HEADER.pack(9, 0, 1, 0), "streams"),
+    "flag not allowed": (frames.HEADER.pack(WINDOW_UPDATE, SYN, 1, 4) + b"\0\0\0\1", "flow"),
+    "too large": (frames.HEADER.pack(DATA, 0, 1, MAX_FRAME + 1), "streams"),
+    "data on stream 0": (frames.HEADER.pack(DATA, 0, 0, 1) + b"x", "streams"),
+    "ping on a stream": (frames.HEADER.pack(PING, 0, 1, 8) + b"12345678", "resume"),
+    "window of 3 bytes": (frames.HEADER.pack(WINDOW_UPDATE, 0, 1, 3) + b"\0\0\1", "flow"),
+    "window of 0": (frames.HEADER.pack(WINDOW_UPDATE, 0, 1, 4) + b"\0\0\0\0", "flow"),
+    "ping of 4 bytes": (frames.HEADER.pack(PING, 0, 0, 4) + b"1234", "resume"),
+    "stream id over 31 bits": (frames.HEADER.pack(DATA, 0, 2**31, 0), "streams"),
+    "long reason": (frames.HEADER.pack(DATA, RST, 1, 5000), "streams"),
 }
 
 
-@pytest.mark.parametrize("data", BAD.values(), ids=BAD.keys())
-def test_a_bad_frame_is_a_protocol_error_as_soon_as_its_header_shows_it(data: bytes) -> None:
+@pytest.mark.parametrize(
+    ("stage", "data"),
+    [
+        pytest.param(stage, data, id=f"{stage}-{name}")
+        for name, (data, idea) in BAD.items()
+        for stage in stages_from(idea)
+    ],
+)
+def test_a_bad_frame_is_a_protocol_error_as_soon_as_its_header_shows_it(stage: str, data: bytes) -> None:
     # The header alone is enough for all but the zero window: a huge length is refused before its payload.
     with pytest.raises(ProtocolError):
         Parser().feed(data)
 
 
 @given(st.binary(max_size=2000))
-def test_the_parser_returns_frames_or_raises_protocol_error_on_any_bytes(data: bytes) -> None:
+def test_the_parser_returns_frames_or_raises_protocol_error_on_any_bytes(stage: str, data: bytes) -> None:
     parser = Parser()
     try:
         parser.feed(data)
@@ -104,9 +139,12 @@ def test_the_parser_returns_frames_or_raises_protocol_error_on_any_bytes(data: b
     assert parser.pending < frames.HEADER_SIZE + MAX_FRAME
 
 
-@given(st.lists(st.sampled_from(VALID), max_size=4), st.integers(0, 255), st.integers(0, 255), st.binary(max_size=64))
-def test_near_miss_frames_never_raise_anything_else(sent: list[Frame], kind: int, flags: int, tail: bytes) -> None:
+@given(st.data(), st.integers(0, 255), st.integers(0, 255), st.binary(max_size=64))
+def test_near_miss_frames_never_raise_anything_else(
+    stage: str, data_: st.DataObject, kind: int, flags: int, tail: bytes
+) -> None:
     """Valid frames, then a header with any type and flags, then any bytes."""
+    sent = data_.draw(st.lists(st.sampled_from(valid(stage)), max_size=4))
     data = b"".join(wire(frame) for frame in sent) + frames.HEADER.pack(kind, flags, 1, len(tail)) + tail
     try:
         got = Parser().feed(data)
@@ -119,14 +157,15 @@ def test_near_miss_frames_never_raise_anything_else(sent: list[Frame], kind: int
 
 
 @pytest.fixture
-async def mux_and_peer() -> AsyncIterator[tuple[Mux, socket.socket]]:
+async def mux_and_peer(stage: str) -> AsyncIterator[tuple[Mux, socket.socket]]:
     """A Mux on one end of a socket pair (with small buffers); the test reads the other end raw."""
     ours, theirs = socket.socketpair()
     for sock in (ours, theirs):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
     reader, writer = await asyncio.open_connection(sock=ours)
-    mux = Mux(reader, writer, peer="the test", heartbeat_timeout=60.0)
+    heartbeats = {"heartbeat_timeout": 60.0} if has(stage, "resume") else {}
+    mux = Mux(reader, writer, peer="the test", **heartbeats)
     yield mux, theirs
     writer.close()
     theirs.close()
@@ -145,16 +184,21 @@ async def read_frames(
     return got
 
 
+def new_stream(stage: str) -> Stream:
+    """A stream of the stage's multiplexer; from stage 9 on it takes its idle timeouts (long here)."""
+    return Stream(Timeouts(60.0, 60.0)) if has(stage, "limits") else Stream()
+
+
 def data_on(stream_id: int) -> Callable[[list[Frame]], bool]:
     return lambda got: any(frame.stream_id == stream_id and frame.payload for frame in got)
 
 
+@pytest.mark.since("flow")  # fair turns
 async def test_a_small_stream_gets_its_turn_while_a_bulk_stream_has_megabytes_queued(
-    mux_and_peer: tuple[Mux, socket.socket],
+    mux_and_peer: tuple[Mux, socket.socket], stage: str
 ) -> None:
     mux, peer = mux_and_peer
-    timeouts = Timeouts(60.0, 60.0)
-    bulk, small = Stream(timeouts), Stream(timeouts)
+    bulk, small = new_stream(stage), new_stream(stage)
     mux.open(bulk)
     bulk.on_window(64 * WINDOW)  # the peer granted plenty: only the shared connection holds it back
     for _ in range(32):
@@ -168,11 +212,12 @@ async def test_a_small_stream_gets_its_turn_while_a_bulk_stream_has_megabytes_qu
     assert got[-1] == Frame(DATA, 0, small.stream_id, b"GET / HTTP/1.1\r\n\r\n")
 
 
+@pytest.mark.since("flow")
 async def test_a_stream_sends_no_more_than_its_window_until_the_peer_grants_more(
-    mux_and_peer: tuple[Mux, socket.socket],
+    mux_and_peer: tuple[Mux, socket.socket], stage: str
 ) -> None:
     mux, peer = mux_and_peer
-    stream = Stream(Timeouts(60.0, 60.0))
+    stream = new_stream(stage)
     mux.open(stream)
     for _ in range(4):
         stream.data_received(b"x" * INITIAL_WINDOW)

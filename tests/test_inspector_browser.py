@@ -1,7 +1,7 @@
-"""Stage 7's inspector page in a real browser: live rows, a detail, replay, and traffic shown as text.
+"""The inspector page in a real browser (stage 14 on): live rows, a detail, replay (15 on), traffic as text.
 
-The tunnel runs as a learner runs it (`python -m stage_7.server --cert .. --key ..`,
-`python -m stage_7.client .. --ca .. --name shop`: the test certificates of tls_certs.py), the
+The tunnel runs as a learner runs it (`python -m stage_15.server --cert .. --key ..`,
+`python -m stage_15.client .. --ca .. --name shop`: the test certificates of tls_certs.py), the
 requests come from curl to `http://shop.localhost:PORT/` (curl resolves *.localhost to loopback by
 itself), and headless Chromium (the docs tests' browser, which may not leave
 127.0.0.1) shows the page. Playwright's sync API can't run inside an asyncio test: this module is
@@ -24,8 +24,19 @@ from typing import Any
 import pytest
 from test_docs_site import BROWSER_ARGS, CHROMIUM
 
-from support import HttpServer, tls_flags
+from support import HttpServer, rebind, tls_flags
 from tls_certs import certs
+
+STAGE = "stage_15"  # the stage under test, set by `names`
+pytestmark = pytest.mark.since("inspector")
+
+
+@pytest.fixture(autouse=True)
+def names(stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This module's stage names (imported from stage_15, the most complete) are the stage under test's."""
+    rebind(globals(), stage, monkeypatch)
+    monkeypatch.setitem(globals(), "STAGE", stage)
+
 
 ROOT = Path(__file__).resolve().parent.parent
 # The stage page's picture: a run rewrites it only when asked (UPDATE_SCREENSHOTS=1), so that
@@ -94,17 +105,17 @@ class Program:
 
 @pytest.fixture
 def tunnel(tmp_path: Path) -> Iterator[tuple[int, int]]:
-    """The public port and the inspector's port of a stage 7 tunnel in front of _App."""
+    """The public port and the inspector's port of the stage's tunnel in front of _App."""
     app = HttpServer(("127.0.0.1", 0), _App)
     threading.Thread(target=app.serve_forever, daemon=True).start()
-    args = ("-m", "stage_7.server", "--control-port", "0", "--public-port", "0", *tls_flags("stage_7"))
+    args = ("-m", f"{STAGE}.server", "--control-port", "0", "--public-port", "0", *tls_flags(STAGE))
     server = Program(tmp_path, "server", *args)
     programs = [server]
     try:
         control, public = server.port("control"), server.port("public")
         local = f"127.0.0.1:{app.server_address[1]}"
         # Any port for the inspector: the default 4040 may be taken on a shared machine.
-        args = ("-m", "stage_7.client", local, "127.0.0.1", "--control-port", str(control), "--inspect-port", "0")
+        args = ("-m", f"{STAGE}.client", local, "127.0.0.1", "--control-port", str(control), "--inspect-port", "0")
         client = Program(tmp_path, "client", *args, "--ca", str(certs().ca), "--name", NAME)
         programs.append(client)
         yield public, client.port("inspector")
@@ -135,6 +146,7 @@ def curl(public: int, path: str, *args: str) -> None:
     subprocess.run(["curl", "-s", "-o", "/dev/null", *args, url], check=True, timeout=10)
 
 
+@pytest.mark.since("live")
 def test_the_page_shows_requests_live_opens_one_replays_it_and_shows_traffic_as_text(
     tunnel: tuple[int, int], browser: Any, tmp_path: Path
 ) -> None:

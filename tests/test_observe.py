@@ -1,4 +1,4 @@
-"""Stage 7's observer: the HTTP/1.1 exchanges in a copy of one stream's bytes, however they are cut.
+"""The observer (stage 13 on): the HTTP/1.1 exchanges in a copy of one stream's bytes, however they are cut.
 
 The observer is sans I/O, so these tests feed it bytes by hand: recorded exchanges, split at every
 byte boundary and at random ones (Hypothesis), edge cases of HTTP/1.1's framing one by one, and
@@ -12,7 +12,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stage_7.observe import BODY_LIMIT, COMPLETE, INCOMPLETE, NOT_HTTP, PENDING, UPGRADED, Exchange, Observer
+from stage_15.observe import BODY_LIMIT, COMPLETE, INCOMPLETE, NOT_HTTP, PENDING, UPGRADED, Exchange, Observer
+from support import rebind
+
+STAGE = "stage_15"  # the stage under test, set by `names`
+pytestmark = pytest.mark.since("observer")
+
+
+@pytest.fixture(autouse=True)
+def names(stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This module's stage names (imported from stage_15, the most complete) are the stage under test's."""
+    rebind(globals(), stage, monkeypatch)
+    monkeypatch.setitem(globals(), "STAGE", stage)
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""Stage 7's inspector, end to end: a real server and client in this process, a real local app, real sockets.
+"""The inspector (stage 14 on; its live feed and replay from stage 15), end to end.
+
+A real server and client in this process, a real local app, real sockets.
 
 Requests go through the server's public port to a named HTTP tunnel (`Host: t.localhost`: the
 server reads the head to route it, then relays it unchanged), over the client's TLS connection; what
@@ -18,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from stage_7.capture import BYTE_LIMIT, ENTRY_OVERHEAD, LIMIT, Store
-from stage_7.client import Client
-from stage_7.inspector import Inspector
-from stage_7.observe import BODY_LIMIT, Exchange, parse_head
-from stage_7.server import Ports, Server
+from stage_15.capture import BYTE_LIMIT, ENTRY_OVERHEAD, LIMIT, Store
+from stage_15.client import Client
+from stage_15.inspector import Inspector
+from stage_15.observe import BODY_LIMIT, Exchange, parse_head
+from stage_15.server import Ports, Server
 from support import (
     STEP_TIMEOUT,
     Background,
@@ -32,17 +34,29 @@ from support import (
     client_options,
     http_get,
     open_connection,
+    rebind,
     server_options,
     tls_flags,
 )
 from tls_certs import certs
+
+STAGE = "stage_15"  # the stage under test, set by `names`
+pytestmark = pytest.mark.since("inspector")
+
+
+@pytest.fixture(autouse=True)
+def names(stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This module's stage names (imported from stage_15, the most complete) are the stage under test's."""
+    rebind(globals(), stage, monkeypatch)
+    monkeypatch.setitem(globals(), "STAGE", stage)
+
 
 SECRET = "stage-7-tests-secret"
 NAME = "t"  # the tests' tunnel: users reach it with `Host: t.localhost`
 
 
 class Tunnel:
-    """A stage 7 server and a client holding the HTTP tunnel NAME, the client with an inspector on any free port."""
+    """The stage's server and a client holding the HTTP tunnel NAME, the client with an inspector on any free port."""
 
     def __init__(self, server: Server, ports: Ports, client: Client, inspector: Inspector) -> None:
         self.server, self.ports, self.client, self.inspector = server, ports, client, inspector
@@ -60,13 +74,13 @@ async def start_tunnel() -> AsyncIterator[Start]:
     async with contextlib.AsyncExitStack() as running:
 
         async def start(local_port: int, **ring: int) -> Tunnel:
-            server = Server(secret=SECRET, **server_options("stage_7"))
+            server = Server(secret=SECRET, **server_options(STAGE))
             ports = await server.listen("127.0.0.1", 0, 0)
             await running.enter_async_context(Background(server.serve()))
             inspector = Inspector(("127.0.0.1", local_port), "127.0.0.1", 0, **ring)
             await inspector.listen()
             running.push_async_callback(inspector.close)
-            tls = client_options("stage_7")["tls"]  # the test CA; an HTTP tunnel by name, not the shared tests' TCP one
+            tls = client_options(STAGE)["tls"]  # the test CA; an HTTP tunnel by name, not the shared tests' TCP one
             local = ("127.0.0.1", local_port)
             client = Client(local, "127.0.0.1", ports.control, tls=tls, name=NAME, secret=SECRET, inspector=inspector)
             await running.enter_async_context(Background(client.run()))
@@ -122,6 +136,7 @@ async def test_requests_show_up_with_method_path_status_bytes_and_the_users_addr
     assert detail["response"]["body"]["text"] == hashlib.sha256(b"hello").hexdigest()
 
 
+@pytest.mark.since("live")
 async def test_the_event_feed_shows_each_request_live(start_tunnel: Start, http_origin: HttpOrigin) -> None:
     tunnel = await start_tunnel(http_origin.port)
     reader, writer = await open_connection(tunnel.inspector.port)
@@ -137,6 +152,7 @@ async def test_the_event_feed_shows_each_request_live(start_tunnel: Start, http_
     writer.close()
 
 
+@pytest.mark.since("live")
 async def test_replay_goes_to_the_local_app_and_returns_the_new_response(
     start_tunnel: Start, http_origin: HttpOrigin
 ) -> None:
@@ -179,6 +195,7 @@ async def post_replay(tunnel: Tunnel, exchange_id: int) -> tuple[int, Any]:
     return int(head.split()[1]), json.loads(body)
 
 
+@pytest.mark.since("live")
 async def test_a_replay_of_an_unknown_request_is_refused(start_tunnel: Start, http_origin: HttpOrigin) -> None:
     tunnel = await start_tunnel(http_origin.port)
     status, answer = await post_replay(tunnel, 999)
@@ -230,7 +247,7 @@ async def test_the_page_may_not_be_framed_by_another_site(start_tunnel: Start, h
     """Clickjacking: a site that frames the inspector under its own buttons could make two clicks replay a webhook.
 
     Both headers: X-Frame-Options for every browser, CSP's frame-ancestors for those that prefer it.
-    (test_stage_7_browser.py shows Chromium refusing to frame the page.)
+    (test_inspector_browser.py shows Chromium refusing to frame the page.)
     """
     tunnel = await start_tunnel(http_origin.port)
     port = tunnel.inspector.port
@@ -409,7 +426,7 @@ async def test_a_big_download_is_kept_only_up_to_the_bound_and_arrives_intact(st
 
 
 async def start_server_cli(cli: CliProcess.Factory) -> int:
-    args = ("-m", "stage_7.server", "--control-port", "0", "--public-port", "0", *tls_flags("stage_7"))
+    args = ("-m", f"{STAGE}.server", "--control-port", "0", "--public-port", "0", *tls_flags(STAGE))
     server = await cli(*args, env={"NGROK_SECRET": SECRET})
     return await server.listening("control")
 
@@ -418,7 +435,7 @@ def client_args(control: int, *flags: str) -> tuple[str, ...]:
     """A CLI client of the server on `control` (trusting the test CA), its local app nowhere: 127.0.0.1:1."""
     return (
         "-m",
-        "stage_7.client",
+        f"{STAGE}.client",
         "127.0.0.1:1",
         "127.0.0.1",
         "--control-port",
@@ -448,7 +465,7 @@ async def test_no_inspect_serves_no_port(cli: CliProcess.Factory) -> None:
 async def test_an_inspect_port_in_use_is_a_one_line_error(cli: CliProcess.Factory) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        client = await cli("-m", "stage_7.client", "127.0.0.1:1", "127.0.0.1:1", "--inspect-port", str(port))
+        client = await cli("-m", f"{STAGE}.client", "127.0.0.1:1", "127.0.0.1:1", "--inspect-port", str(port))
         assert await client.wait() == 1
     assert "Traceback" not in client.output
     assert client.lines[-1] == (

@@ -1,0 +1,141 @@
+"""Who may open the tunnel: the control handshake, with an optional shared secret.
+
+The secret never crosses the wire. The server sends a fresh random nonce (`challenge <nonce>`)
+and the client answers with HMAC-SHA256(secret, nonce) (`auth <hmac>`). Only someone who knows
+the secret can compute the answer, and an answer someone overheard is useless later: the next
+connection gets a different nonce.
+
+    client: hello [<session_id>]
+    server: challenge <nonce>     only when the server has a secret
+    client: auth <hmac>
+    ...the server then sends `welcome <session_id>` or `error <reason>` (see session.py)
+"""
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import secrets
+
+from .protocol import (
+    NETWORK_TIMEOUT,
+    Auth,
+    AuthError,
+    Challenge,
+    Error,
+    Hello,
+    ProtocolError,
+    Refused,
+    Welcome,
+    read_message,
+    write_message,
+)
+
+# A secret shorter than this can be guessed; the server says so when it starts.
+MIN_SECRET_LENGTH = 16
+
+
+def new_nonce() -> str:
+    """A challenge that was never used before and can't be predicted: 128 random bits."""
+    return secrets.token_hex(16)
+
+
+def answer(secret: str, nonce: str) -> str:
+    """The proof of knowing `secret` for this one nonce: HMAC-SHA256, as hex."""
+    return hmac.new(secret.encode(), nonce.encode(), hashlib.sha256).hexdigest()
+
+
+def is_valid(secret: str, nonce: str, digest: str) -> bool:
+    """Check an answer in constant time."""
+    # `==` stops at the first differing character, so its timing tells an attacker
+    # how much of a guess was right; compare_digest always looks at every byte.
+    return hmac.compare_digest(answer(secret, nonce), digest)
+
+
+async def server_handshake(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    secret: str | None,
+    timeout: float = NETWORK_TIMEOUT,
+) -> Hello:
+    """Read the client's `hello` and, if we have a secret, make it prove it knows it.
+
+    Returns the hello (it may carry a session id to resume). Raises AuthError for a wrong
+    answer, ProtocolError for anything else unexpected, TimeoutError if the client is too
+    slow: a peer that connects and says nothing must not hold a socket forever.
+    """
+    async with asyncio.timeout(timeout):
+        hello = await read_message(reader)
+        if not isinstance(hello, Hello):
+            raise ProtocolError(f"expected 'hello', got {hello or 'nothing'}")
+        if secret is None:
+            return hello
+        nonce = new_nonce()
+        await write_message(writer, Challenge(nonce))
+        reply = await read_message(reader)
+    match reply:
+        case Auth(digest) if is_valid(secret, nonce, digest):
+            return hello
+        case Auth():
+            raise AuthError("wrong secret; check --secret or NGROK_SECRET on both sides")
+    raise ProtocolError(f"expected 'auth <hmac>', got {reply or 'nothing'}")
+
+
+async def client_handshake(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    secret: str | None,
+    session_id: str | None = None,
+    timeout: float = NETWORK_TIMEOUT,
+) -> Welcome:
+    """Say hello (resuming `session_id` if given), answer a challenge if one comes, return the welcome.
+
+    Raises AuthError or Refused when the server says no (retrying would not help), ProtocolError
+    for a peer that does not speak our protocol, TimeoutError or OSError for network trouble.
+    """
+    async with asyncio.timeout(timeout):
+        await write_message(writer, Hello(session_id))
+        reply = await read_message(reader)
+        if isinstance(reply, Challenge):
+            if not secret:
+                raise AuthError("the server requires a secret; pass --secret or set NGROK_SECRET")
+            await write_message(writer, Auth(answer(secret, reply.nonce)))
+            reply = await read_message(reader)
+    match reply:
+        case Welcome():
+            return reply
+        case Error(reason):
+            raise Refused(f"the server refused the connection: {reason}")
+        case None:
+            raise ProtocolError("the server closed the connection during the handshake")
+    raise ProtocolError(f"expected 'welcome', got {reply}")
+
+
+def strength_warning(secret: str | None) -> str | None:
+    """A warning if the secret is short enough to guess; else None."""
+    if not secret or len(secret) >= MIN_SECRET_LENGTH:
+        return None
+    return (
+        f"WARNING: the secret is only {len(secret)} characters long; use at least {MIN_SECRET_LENGTH}. "
+        "Make a strong one with: python3 -c 'import secrets; print(secrets.token_urlsafe(24))'"
+    )
+
+
+def exposure_warning(host: str, secret: str | None) -> str | None:
+    """A loud warning if the world can reach this server and no secret guards it; else None."""
+    if secret or is_loopback(host):
+        return None
+    return (
+        f"WARNING: listening on {host!r} without a secret: anyone who can reach this machine "
+        "can connect as the client and receive your users' traffic. Set NGROK_SECRET or --secret."
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """True if only this machine can reach `host` (127.0.0.1, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name, or "" for every interface: assume the world can reach it
+        return False
