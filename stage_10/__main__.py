@@ -2,7 +2,7 @@
 
 It runs five things in one process, all on 127.0.0.1: two demo local apps (demo_app.py), the
 server, and two clients, which share a fresh random secret. The first client holds the public
-port (http://localhost:60624/), the second a TCP tunnel on a port of its own. Then it prints
+port (http://127.0.0.1:60624/), the second a TCP tunnel on a port of its own. Then it prints
 both URLs: each reaches its own app.
 """
 
@@ -37,7 +37,7 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         except OSError as exc:
             raise TunnelError(listen_error(exc, "app", HOST, port)) from None
     secret = secrets.token_hex(16)  # known to the server and the clients, and to nobody else
-    server = Server(secret=secret)
+    server = Server(secret=secret, domain=HOST)  # the URLs name 127.0.0.1, where the demo listens
     try:
         ports = await server.listen(HOST, control_port, public_port)
     except TunnelError as exc:

@@ -1,11 +1,14 @@
-"""The tunnel and its inspector on one machine: `python -m stage_15` shows every request, live, with zero setup.
+"""Two tunnels and an inspector, on one machine: `python3 -m stage_15` shows every request live, with zero setup.
 
 It makes a private CA and a certificate for localhost (certs.py, with the openssl command) in a
-temporary folder, then runs four things in one process, all on 127.0.0.1: a demo local app
-(demo_app.py), the server, a client named `hello` (a fresh random secret, trusting only that CA)
-and the client's inspector. Then it prints the tunnel's URL, http://hello.localhost:60624/, and
-the inspector's, http://127.0.0.1:4040/: open the second, curl the first, and watch each request
-appear; click one to see its headers and bodies, and replay it.
+temporary folder, then runs five things in one process, all on 127.0.0.1: two demo local apps
+(demo_app.py), the server, and two clients named `hello` and `world`, which share a fresh random
+secret and trust only that CA. Then it prints both URLs: http://hello.localhost:60624/ and
+http://world.localhost:60624/ reach different apps through the same public port, told apart by
+the Host header. Browsers and curl send *.localhost to this machine without any setup. Each client
+logs a line for every request it relays; `hello`'s client also has an inspector: its page, at
+http://127.0.0.1:4040/, lists the requests to hello.localhost as they happen; click one to see its
+headers and bodies, and to send it to the app again.
 """
 
 import argparse
@@ -19,38 +22,39 @@ from collections.abc import Coroutine
 from pathlib import Path
 
 from . import certs, tls
-from .cli import listen_port
+from .cli import listen_error, listen_port
 from .client import Client
 from .demo_app import DemoApp
 from .inspector import INSPECT_PORT, Inspector
 from .protocol import CONTROL_PORT, NETWORK_TIMEOUT, PUBLIC_PORT, TunnelError
-from .server import Server, listen_error
+from .server import Server
 
 log = logging.getLogger("stage_15.demo")
 
 HOST = "127.0.0.1"  # the demo never leaves this machine
 
 
-NAME = "hello"  # the demo's tunnel
+NAMES = ("hello", "world")  # the demo's two tunnels
 
 
 async def run(control_port: int, public_port: int, app_port: int, any_free: bool = False) -> None:
-    """Start the demo app, the server, the client and its inspector; print the URLs; serve until cancelled.
+    """Start the demo apps, the server, the clients and an inspector; print the URLs; serve until cancelled.
 
     any_free: if the tunnel's ports (or the inspector's) can't all be had, take any free ones instead of failing.
     """
-    app = DemoApp(NAME)
-    try:
-        await app.listen(HOST, app_port)
-    except OSError as exc:
-        raise TunnelError(listen_error(exc, "app", HOST, app_port)) from None
+    apps = [DemoApp(name) for name in NAMES]
+    for app, port in zip(apps, (app_port, 0), strict=True):  # a second app on the same port can't be
+        try:
+            await app.listen(HOST, port)
+        except OSError as exc:
+            raise TunnelError(listen_error(exc, "app", HOST, port)) from None
     with tempfile.TemporaryDirectory(prefix="ngrok-demo-") as folder:
         try:
             ca, cert, key = certs.make(Path(folder))
         except certs.CertError as exc:
             raise TunnelError(str(exc)) from None
         server_tls, client_tls = tls.server_context(str(cert), str(key)), tls.client_context(str(ca))
-    secret = secrets.token_hex(16)  # known to the server and the client, and to nobody else
+    secret = secrets.token_hex(16)  # known to the server and the clients, and to nobody else
     server = Server(tls=server_tls, secret=secret)
     try:
         ports = await server.listen(HOST, control_port, public_port)
@@ -62,7 +66,7 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         # test suite makes thousands, and each may have used it as its source port.
         log.warning("%s; the demo takes free ports instead", exc)
         ports = await server.listen(HOST, 0, 0)
-    inspector = Inspector(app.address, HOST, INSPECT_PORT)
+    inspector = Inspector(apps[0].address, HOST, INSPECT_PORT)  # hello's; world's client has none (--no-inspect)
     try:
         await inspector.listen()
     except TunnelError as exc:  # as for the tunnel's ports: another one will do
@@ -70,23 +74,27 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         inspector.port = 0
         await inspector.listen()
     # "localhost", not 127.0.0.1: the name the certificate holds, and the client checks.
-    client = Client(
-        app.address, "localhost", ports.control, tls=client_tls, name=NAME, secret=secret, inspector=inspector
-    )
+    clients = [
+        Client(app.address, "localhost", ports.control, tls=client_tls, name=app.name, secret=secret, inspector=watch)
+        for app, watch in zip(apps, (inspector, None), strict=True)
+    ]
     async with asyncio.TaskGroup() as tasks:
-        for task in (app.serve(), server.serve(), client.run(), inspector.serve()):
+        tasks.create_task(inspector.serve())
+        for task in (*(app.serve() for app in apps), server.serve(), *(client.run() for client in clients)):
             tasks.create_task(task)
         try:
             async with asyncio.timeout(NETWORK_TIMEOUT):
-                await client.connected.wait()
+                for client in clients:
+                    await client.connected.wait()
         except TimeoutError:
-            raise TunnelError(f"the demo's client did not connect within {NETWORK_TIMEOUT:g}s; try -v") from None
+            raise TunnelError(f"the demo's clients did not connect within {NETWORK_TIMEOUT:g}s; try -v") from None
+        lines = [f"  {client.url}  -> demo app {client.tunnel} ({HOST}:{client.local[1]})" for client in clients]
         print(
-            f"\npublic URL: {client.url}\n"
-            f"  try it:   curl {client.url}   (or open it in a browser)\n"
-            f"  inspect:  http://{HOST}:{inspector.port}/   (every request, live, with replay)\n"
+            "\npublic URLs, one server, two tunnels:\n" + "\n".join(lines) + "\n"
+            f"  try it:   curl {clients[0].url}   (or open it in a browser)\n"
+            f"  inspect:  http://{HOST}:{inspector.port}/   (hello's requests, live, with replay)\n"
             f"  the path: you -> server (public port {ports.public}, reads the Host header) -> "
-            f"the client named {NAME}, over TLS -> demo app ({HOST}:{app.address[1]}), and back\n"
+            "the client of that name, over TLS -> its demo app, and back\n"
             "  press Ctrl-C to stop\n",
             flush=True,
         )
@@ -106,10 +114,10 @@ async def until_stopped(demo: Coroutine[None, None, None]) -> None:
 
 
 def main() -> None:
-    """Command line: python -m stage_15 [--public-port P] [--control-port P] [--app-port P]."""
+    """Command line: python3 -m stage_15 [--public-port P] [--control-port P] [--app-port P]."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_15",
-        description="Run a demo app, the tunnel server, a named client and its inspector here; print the URLs.",
+        prog="python3 -m stage_15",
+        description="Run two demo apps, the tunnel server, two named clients and an inspector here; print the URLs.",
     )
     for role, default in (("public", PUBLIC_PORT), ("control", CONTROL_PORT)):
         parser.add_argument(
@@ -123,7 +131,7 @@ def main() -> None:
         type=listen_port,
         default=0,
         metavar="PORT",
-        help="the demo app's port; 0 = any (default: %(default)s)",
+        help="the first demo app's port; 0 = any (default: %(default)s)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()

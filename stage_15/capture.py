@@ -1,22 +1,29 @@
-"""What the inspector keeps: a bounded ring of exchanges, the streams that feed it, and replay.
+"""What the client does with the exchanges it observes: a log line each, a bounded ring, and replay.
 
 - `ObservedStream` is the client's relay (relay.Stream) with one addition: after passing each
   chunk on, it hands a copy to an Observer (observe.py). The relay never waits for it.
-- `Store` keeps the last `limit` exchanges, and at most `byte_limit` bytes of their heads and
-  bodies: the oldest go first. A tunnel left running for a week serves millions of requests;
-  the inspector must not grow with them. The bound covers what the ring has let go of but can't
-  free yet: an exchange still waiting for its answer stays with its connection's observer. It
-  also tells the page's live feeds what changed.
+- `Store` logs one line for each exchange once it is over: what was asked, the answer, the bytes
+  and the time, for every request, where the server's request log has one line per connection.
+- It also keeps the last `limit` exchanges for the inspector's page, and at most `byte_limit`
+  bytes of their heads and bodies: the oldest go first. A tunnel left running for a week serves
+  millions of requests; the inspector must not grow with them. The bound covers what the ring has
+  let go of but can't free yet: an exchange still waiting for its answer stays with its
+  connection's observer.
+- It tells the page's live feeds (each a `Watcher`) what changed.
 - `replay` sends a captured request again, to the local app and nowhere else, and captures the
   answer as a new exchange beside the old one.
 """
 
 import asyncio
+import logging
 from collections import OrderedDict
 
-from .observe import PENDING, UPGRADED, Exchange, Observer
+from .observe import COMPLETE, PENDING, UPGRADED, Exchange, Observer
+from .pages import printable
 from .protocol import NETWORK_TIMEOUT
 from .relay import Stream, Timeouts
+
+log = logging.getLogger("stage_15.client")
 
 # The ring: how many exchanges, and how many bytes of heads and bodies, the inspector keeps.
 LIMIT = 500
@@ -76,6 +83,7 @@ class Store:
         self._sizes: dict[int, int] = {}
         self._pending_dropped: set[int] = set()  # ids of exchanges dropped from the list before they ended
         self._next_id = 1
+        self._going: set[int] = set()  # ids of the exchanges not over yet: each is logged once, when it ends
         self.watchers: set[Watcher] = set()
 
     @staticmethod
@@ -87,6 +95,7 @@ class Store:
 
     def opened(self, exchange: Exchange) -> None:
         exchange.id, self._next_id = self._next_id, self._next_id + 1
+        self._going.add(exchange.id)
         size = self.size(exchange)
         while self.entries and (len(self.entries) >= self.limit or self.bytes + size > self.byte_limit):
             self._evict()
@@ -111,6 +120,9 @@ class Store:
                 self._evict()
 
     def changed(self, exchange: Exchange) -> None:
+        if exchange.state != PENDING and exchange.id in self._going:
+            self._going.discard(exchange.id)
+            log.info("%s", line(exchange))
         if exchange.state != PENDING and exchange.id in self._pending_dropped:
             self._pending_dropped.discard(exchange.id)  # its observer lets go of it now
             self.bytes -= ENTRY_OVERHEAD
@@ -135,6 +147,16 @@ class Store:
             if len(watcher.changed) > self.limit:  # a feed that reads slowly: forget what was dropped
                 watcher.changed = {i: None for i in watcher.changed if i in self.entries}
             watcher.wake.set()
+
+
+def line(exchange: Exchange) -> str:
+    """The log line of an exchange that is over: who asked what, the answer, the bytes, the time."""
+    asked = f"{exchange.method} {printable(exchange.target.encode('latin-1'))}" if exchange.method else "-"
+    answer = "no answer" if exchange.status is None else exchange.status
+    took = "" if exchange.duration is None else f", {exchange.duration:.3f}s"
+    state = "" if exchange.state == COMPLETE else f" ({exchange.state}{': ' if exchange.note else ''}{exchange.note})"
+    up, down = exchange.request.wire, exchange.response.wire
+    return f"{exchange.user}: {asked} -> {answer}, {up} bytes up, {down} bytes down{took}{state}"
 
 
 def drop(exchange: Exchange) -> None:

@@ -1,7 +1,7 @@
-"""Stage 15 client: stage 6's tunnel, and the inspector: a local page of every request it relays, with replay.
+"""Stage 15 client: stage 12's tunnel, and the inspector: a live page of every request it relays, with replay.
 
-python -m stage_15.client localhost:8000 --ca certs/ca.pem --name myapp   # http://myapp.localhost:60624/
-python -m stage_15.client localhost:22 tunnel.example.com --tcp          # a public TCP port for ssh
+python3 -m stage_15.client localhost:8000 --ca certs/ca.pem --name myapp   # http://myapp.localhost:60624/
+python3 -m stage_15.client localhost:22 tunnel.example.com --tcp          # a public TCP port for ssh
 
 One connection to the server, inside TLS, carries everything. The client asks for a tunnel in
 its hello (a name, or a TCP port) and the server answers with its URL. The server opens a
@@ -10,8 +10,9 @@ app (the private connection) and relays the stream into it. Heartbeats show that
 still there; when the connection is lost, the client reconnects with backoff and resumes its
 session, and so keeps its name. The users' streams end with the lost connection.
 
-Stage 15: the client also records every HTTP exchange it relays, for the inspector's page at
-http://127.0.0.1:4040 (inspector.py; `--no-inspect` turns it off).
+The client also observes every HTTP exchange it relays (observe.py): it logs a line for each one,
+and keeps the last ones for the inspector's page at http://127.0.0.1:4040 (inspector.py), live,
+where a click sends a request to the local app again (`--no-inspect` turns all this off).
 """
 
 import argparse
@@ -132,7 +133,7 @@ class Client:
             raise Refused(verify_error(exc, self.server)) from None  # an impostor, or a missing --ca
         except ssl.SSLError as exc:
             if exc.reason == "WRONG_VERSION_NUMBER":  # the reply was not TLS at all
-                raise Refused(f"{where} does not speak TLS; is it a stage 7 server?") from None
+                raise Refused(f"{where} does not speak TLS; is it a stage 15 server?") from None
             raise TunnelError(f"TLS with {where} failed ({exc.reason or exc})") from None
         except OSError as exc:
             raise TunnelError(f"cannot reach {where} ({private.why(exc)})") from None
@@ -189,10 +190,10 @@ async def run(client: Client) -> None:
 
 
 def main() -> None:
-    """Command line: python -m stage_15.client LOCAL [SERVER] [--ca FILE] [--name NAME | --tcp] ..."""
+    """Command line: python3 -m stage_15.client LOCAL [SERVER] [--ca FILE] [--name NAME | --tcp] ..."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_15.client",
-        description="Open a tunnel from a stage 7 server to LOCAL, the app on this machine that users should reach.",
+        prog="python3 -m stage_15.client",
+        description="Open a tunnel from a stage 15 server to LOCAL, the app on this machine that users should reach.",
     )
     parser.add_argument("local", type=parse_address, metavar="LOCAL", help="the local app, as host:port")
     parser.add_argument(

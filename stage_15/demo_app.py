@@ -2,7 +2,7 @@
 
 It stands in for the app on your laptop that you want to show the world (in real use,
 `python -m http.server 8000` or your web framework's dev server). Only the standard library,
-so `python -m stage_15` works with nothing installed.
+so `python3 -m stage_15` works with nothing installed.
 """
 
 import asyncio

@@ -11,9 +11,9 @@ Types (`ProtocolError` for any other):
 
 - DATA, on a stream (id >= 1): the payload is the next bytes of that stream. Flags: SYN opens the
   stream (the server does, one stream per user), and then the payload is the user's address
-  (`host:port`, in text: the client's inspector shows it), not data; ACK accepts it (the client,
-  once it reached the local app), FIN ends this direction (half-close), RST resets the stream, and
-  then the payload is the reason, in text, not data.
+  (`host:port`, in text: the client shows it), not data; ACK accepts it (the client, once it
+  reached the local app), FIN ends this direction (half-close), RST resets the stream, and then
+  the payload is the reason, in text, not data.
 - WINDOW, on a stream: "you may send me this many more bytes": a 4-byte increment (flow control).
 - PING, on stream 0: an 8-byte payload that the peer echoes back with the ACK flag (heartbeats).
 - GO_AWAY, on stream 0: the payload is the reason in text; the sender closes after it.

@@ -32,10 +32,10 @@ from typing import Any
 
 from . import capture
 from .capture import ObservedStream, ReplayError, Store
+from .cli import listen_error
 from .observe import Exchange, Message, NotHttp, Observer, field_values, parse_head
 from .protocol import NETWORK_TIMEOUT, TunnelError
 from .relay import Stream, Timeouts
-from .server import listen_error
 
 log = logging.getLogger("stage_15.inspector")
 

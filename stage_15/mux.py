@@ -300,7 +300,7 @@ class Mux(asyncio.BufferedProtocol):
             if len(self.streams) >= self.max_streams:
                 self._send(encode(DATA, RST, stream_id, b"too many streams at once"))
                 return
-            # The client dials its local app for it; the SYN's payload names the user, for the inspector.
+            # The client dials its local app for it; the SYN's payload names the user, for the observer.
             stream = self._on_open(stream_id, printable(bytes(payload)))
             self._register(stream, stream_id)
             payload = b""  # an address, not the stream's first bytes

@@ -181,7 +181,7 @@ def body_length(framing: dict[bytes, bytes]) -> int | None:
     return int(lengths.pop())
 
 
-# How a body is delimited, as the head says (Framing.begin_body).
+# How a body is delimited, as the head says (Framing._begin).
 NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE, TUNNEL, INTERIM, HOLD = range(7)
 
 
@@ -586,6 +586,9 @@ class Observer:
                 broken = self.latest = Exchange(self.user, replay_of=self.replay_of)
                 self._sink.opened(broken)
             broken.state, broken.note = NOT_HTTP, note
+            broken.request.wire += self._up.wire  # the bytes that came so far
+            broken.response.wire += self._down.wire
+            self._up.wire = self._down.wire = 0
             for other in [*self._waiting, self._sending]:
                 if other is not None and other is not broken and other.state == PENDING:
                     other.state, other.note = INCOMPLETE, f"not observed to the end: {note}"

@@ -1,8 +1,8 @@
-"""Stage 15 server: stage 6's (many clients, each with a tunnel of its own), and each SYN names its user.
+"""Stage 15 server: stage 12's (many clients, each with a tunnel of its own); each SYN names its user.
 
-python -m stage_15.certs certs/              # a private CA and a certificate for localhost (once)
-python -m stage_15.server --cert certs/server.pem --key certs/server.key
-python -m stage_15.client localhost:8000 --ca certs/ca.pem --name myapp    # then: curl http://myapp.localhost:60624/
+python3 -m stage_15.certs certs/              # a private CA and a certificate for localhost (once)
+python3 -m stage_15.server --cert certs/server.pem --key certs/server.key
+python3 -m stage_15.client localhost:8000 --ca certs/ca.pem --name myapp    # then: curl http://myapp.localhost:60624/
 
 Each client's one connection lives in session.py (auth, heartbeats, resume) and mux.py (its
 streams); who holds which tunnel is in tunnels.py, and how an HTTP user's Host header picks one
@@ -12,7 +12,6 @@ in routing.py. Here are the ports, the users, and what a user sees when no tunne
 import argparse
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import socket
@@ -26,7 +25,7 @@ from typing import Any
 
 from . import auth, limits, pages, routing, tls
 from .budget import MEMORY_BUDGET, Budget, MiB
-from .cli import domain, listen_port, port_range, positive_seconds, whole_number
+from .cli import domain, listen_error, listen_port, port_range, positive_seconds, whole_number
 from .frames import INITIAL_WINDOW
 from .limits import Listener, Slots
 from .mux import Mux
@@ -343,15 +342,6 @@ def peername(stream: Stream) -> str:
     return f"{host}:{port}"
 
 
-def listen_error(exc: OSError, role: str, host: str, port: int) -> str:
-    """A one-line, actionable message for a failed bind."""
-    if exc.errno == errno.EADDRINUSE:
-        return f"port {port} on {host} is already in use; stop the other program or pick another --{role}-port"
-    if exc.errno == errno.EACCES:
-        return f"permission denied to listen on {host}:{port}; use a --{role}-port above 1023"
-    return f"cannot listen on {host}:{port} for the {role} port: {exc.strerror or exc}"
-
-
 async def run(host: str, ports: Ports, **options: Any) -> None:
     """Bind, then serve until cancelled; `options` are Server's keyword arguments."""
     server = Server(**options)
@@ -360,9 +350,9 @@ async def run(host: str, ports: Ports, **options: Any) -> None:
 
 
 def main() -> None:
-    """Command line: python -m stage_15.server --cert FILE --key FILE [--host H] [--domain D] ..."""
+    """Command line: python3 -m stage_15.server --cert FILE --key FILE [--host H] [--domain D] ..."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_15.server",
+        prog="python3 -m stage_15.server",
         description="Serve many tunnels: HTTP users by the name in their Host header, TCP users by port.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")

@@ -1,0 +1,72 @@
+"""The command lines' argument types: every number a user types is checked before it is used.
+
+Shared by the server, the client and the demo (`python3 -m stage_5`). Each one turns a bad value
+into argparse's one-line usage error and exit 2, instead of a traceback deep in the socket code
+(a port of 99999 raises OverflowError there), or a silent surprise (a client's port 99999 wraps
+around to another one).
+"""
+
+import argparse
+import contextlib
+import ipaddress
+import math
+from collections.abc import Callable
+
+
+def listen_port(text: str) -> int:
+    """argparse type for a port to listen on: 0 (any free port) to 65535."""
+    # Checked here, not left to the socket: 99999 would end in an OverflowError traceback.
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}")
+    return int(text)
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type for a timeout: a finite number of seconds, more than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan  # not a number: refused just below
+    if not 0 < value < math.inf:  # false for nan too
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
+def whole_number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type for a whole number from `low` to `high` (a count, a size in MiB)."""
+
+    def parse(text: str) -> int:
+        if not text.isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {text!r}")
+        return int(text)
+
+    return parse
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """Turn 'host:port' (or '[::1]:port') into a (host, port) pair for argparse."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected host:port, got {text!r}")
+    return host.strip("[]"), int(port_text)
+
+
+def parse_server(text: str) -> tuple[str, int | None]:
+    """argparse type for SERVER: 'host' or 'host:port'; an IPv6 address alone or as '[::1]:port'."""
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.IPv6Address(text.strip("[]"))), None  # its colons are not a port
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        return text, None
+    if not host or (":" in host and not host.startswith("[")) or not port_text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected host or host:port, got {text!r}")
+    # The port given here is the control port, as if given with --control-port.
+    return host.strip("[]"), port(port_text)
+
+
+def port(text: str) -> int:
+    """argparse type for a port to connect to: 1 to 65535."""
+    # Checked here: the socket would wrap 99999 around to another port without a word.
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
+    return int(text)
