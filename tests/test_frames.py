@@ -79,9 +79,10 @@ def wire(frame: Frame) -> bytes:
     return frames.encode(frame.kind, frame.flags, frame.stream_id, frame.payload)
 
 
-def test_the_header_is_ten_bytes_type_flags_stream_id_length_big_endian() -> None:
+def test_the_header_is_ten_bytes_type_flags_stream_id_length_big_endian(stage: str) -> None:
     assert frames.encode(DATA, SYN | FIN, 258, b"hi") == bytes([0, 5, 0, 0, 1, 2, 0, 0, 0, 2]) + b"hi"
-    assert frames.window_update(1, 65536) == bytes([1, 0, 0, 0, 0, 1, 0, 0, 0, 4, 0, 1, 0, 0])
+    if has(stage, "flow"):  # WINDOW frames came with flow control
+        assert frames.window_update(1, 65536) == bytes([1, 0, 0, 0, 0, 1, 0, 0, 0, 4, 0, 1, 0, 0])
 
 
 @pytest.mark.parametrize(("stage", "frame"), each(VALID_FROM))
