@@ -1,6 +1,7 @@
-"""Stage 6: many tunnels on one server, by name or by TCP port, over TLS.
+"""Many tunnels on one server (stage 10 on), by name (11 on), over TLS (12 on).
 
-What this stage adds, tested against its spec: several clients each holding a tunnel of their own
+What these stages add, each test on the stage that brings its idea and every later one (`since`,
+support.LADDER): several clients each holding a tunnel of their own
 (a name routed by the users' Host header, or a TCP port), names that are first come first served
 and kept for a client that comes back, TLS on the client's connection (the client checks the
 server's certificate and host name; an eavesdropper sees only TLS records), HTTPS for users, and a
@@ -35,20 +36,27 @@ from support import (
     HttpOrigin,
     LocalServer,
     accepted,
+    control_connection,
     exchange,
     has_inspector,
+    has_tls,
     http_request,
     open_connection,
     pattern_bytes,
     rebind,
+    server_options,
     sha256,
+    tls_flags,
     until_logged,
     usage_error,
 )
 
-# Many clients (stage 10), names (11) and TLS (12): every test here runs over TLS, so from stage 12 on.
+# Many clients and TCP tunnels (stage 10), names (11) and TLS (12): a test without its own `since` is
+# about TLS. The fixtures speak TLS where the stage has it (support.has_tls).
 STAGE = "stage_12"  # the stage under test, set by `names`
 pytestmark = pytest.mark.since("tls")
+TENANTS = pytest.mark.since("tenants")
+NAMES = pytest.mark.since("names")
 
 
 def inspect_port() -> list[str]:
@@ -77,11 +85,11 @@ def log_info(caplog: pytest.LogCaptureFixture) -> None:
 
 @pytest.fixture
 async def start_server() -> AsyncIterator[StartServer]:
-    """Start a server with TLS on its control port (the test CA's certificate) and a secret."""
+    """Start a server with a secret, and TLS on its control port (the test CA's certificate) from stage 12 on."""
     async with contextlib.AsyncExitStack() as running:
 
         async def start(**options: Any) -> tuple[Server, Ports]:
-            server = Server(**{"tls": tls_certs.server_context(), "secret": SECRET, **options})
+            server = Server(**{**server_options(STAGE), "secret": SECRET, **options})
             ports = await server.listen("127.0.0.1", 0, 0)
             await running.enter_async_context(Background(server.serve()))
             return server, ports
@@ -90,8 +98,9 @@ async def start_server() -> AsyncIterator[StartServer]:
 
 
 def new_client(local_port: int, control_port: int, **options: Any) -> Client:
-    """A client that trusts the test CA, of the local app on `local_port`."""
-    options = {"tls": tls_certs.client_context(), "secret": SECRET, "max_backoff": 0.2, **options}
+    """A client of the local app on `local_port` (trusting the test CA, from stage 12 on)."""
+    tls = {"tls": tls_certs.client_context()} if has_tls(STAGE) else {}
+    options = {**tls, "secret": SECRET, "max_backoff": 0.2, **options}
     return Client(("127.0.0.1", local_port), "127.0.0.1", control_port, **options)
 
 
@@ -160,9 +169,8 @@ async def status_of(public_port: int, name: str) -> int:
 
 
 async def control(port: int) -> Streams:
-    """A TLS connection to the control port, as a client makes it (trusting the test CA)."""
-    async with asyncio.timeout(STEP_TIMEOUT):
-        return await asyncio.open_connection("127.0.0.1", port, ssl=tls_certs.client_context())
+    """A connection to the control port as a client makes it: over TLS from stage 12 on (trusting the test CA)."""
+    return await control_connection(STAGE, port)
 
 
 async def read_line(reader: asyncio.StreamReader) -> str:
@@ -284,6 +292,7 @@ def tls_records(data: bytes) -> list[int]:
 # --- many tunnels, by name --------------------------------------------------------------------------------
 
 
+@NAMES
 async def test_three_named_tunnels_each_serve_their_own_app_to_300_users_at_once(
     start_server: StartServer, start_client: StartClient
 ) -> None:
@@ -307,6 +316,7 @@ async def test_three_named_tunnels_each_serve_their_own_app_to_300_users_at_once
     assert wrong == [], f"{len(wrong)} of 300 users got another app's answer or none, e.g. {wrong[:3]}"
 
 
+@NAMES
 async def test_the_users_bytes_reach_the_app_unchanged_head_included(
     start_server: StartServer, start_client: StartClient, echo_server: EchoServer
 ) -> None:
@@ -316,6 +326,7 @@ async def test_the_users_bytes_reach_the_app_unchanged_head_included(
     assert sha256(await exchange(ports.public, request)) == sha256(request)
 
 
+@NAMES
 async def test_a_client_that_asks_for_no_name_gets_a_random_one(
     start_server: StartServer, start_client: StartClient, http_origin: HttpOrigin
 ) -> None:
@@ -331,6 +342,7 @@ async def test_a_client_that_asks_for_no_name_gets_a_random_one(
     assert (status, body) == (200, PAGE)
 
 
+@NAMES
 async def test_a_taken_name_is_refused_and_its_holder_keeps_serving(
     start_server: StartServer, start_client: StartClient
 ) -> None:
@@ -344,6 +356,7 @@ async def test_a_taken_name_is_refused_and_its_holder_keeps_serving(
         assert await visit(ports.public, "myapp") == (200, b"the first")
 
 
+@NAMES
 async def test_a_session_id_takes_its_name_back_and_nobody_else_can(start_server: StartServer) -> None:
     _, ports = await start_server()
     welcome, (old_reader, old_writer) = await handshake(ports.control, "hello http myapp")
@@ -362,6 +375,7 @@ async def test_a_session_id_takes_its_name_back_and_nobody_else_can(start_server
     new_writer.close()
 
 
+@NAMES
 async def test_a_client_that_loses_its_link_comes_back_with_its_name_which_is_kept_meanwhile(
     start_server: StartServer, start_client: StartClient
 ) -> None:
@@ -391,6 +405,7 @@ async def test_a_client_that_loses_its_link_comes_back_with_its_name_which_is_ke
             assert (client.session_id, client.tunnel, client.url) == (session_id, "myapp", url)
 
 
+@NAMES
 async def test_a_name_is_free_again_once_its_client_is_gone_past_the_resume_window(
     start_server: StartServer, start_client: StartClient, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -415,6 +430,7 @@ async def test_a_name_is_free_again_once_its_client_is_gone_past_the_resume_wind
         assert await visit(ports.public, "myapp") == (200, b"the second")
 
 
+@NAMES
 async def test_a_client_that_stops_says_goodbye_and_its_name_is_free_at_once(
     start_server: StartServer, start_client: StartClient, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -444,17 +460,20 @@ BAD_NAMES = {
 GOOD_NAMES = ("a", "a" * 63, "my-app-2", "0day")
 
 
+@NAMES
 @pytest.mark.parametrize("bad", BAD_NAMES.values(), ids=BAD_NAMES.keys())
 async def test_the_client_cli_refuses_a_bad_name(cli: CliProcess.Factory, bad: str) -> None:
     line = await usage_error(cli, "-m", f"{STAGE}.client", *inspect_port(), "127.0.0.1:8000", "--name", bad)
     assert "--name" in line
 
 
+@NAMES
 @pytest.mark.parametrize("good", GOOD_NAMES)
 async def test_the_client_cli_accepts_a_good_name(cli: CliProcess.Factory, good: str) -> None:
     await accepted(cli, "-m", f"{STAGE}.client", *inspect_port(), "127.0.0.1:8000", "--name", good)
 
 
+@NAMES
 @pytest.mark.parametrize("bad", [*BAD_NAMES.values(), "MyApp", ""], ids=[*BAD_NAMES.keys(), "upper case", "empty"])
 async def test_the_server_refuses_a_bad_name_over_the_wire(start_server: StartServer, bad: str) -> None:
     _, ports = await start_server()
@@ -467,6 +486,7 @@ async def test_the_server_refuses_a_bad_name_over_the_wire(start_server: StartSe
     assert len(answer.splitlines()) == 1
 
 
+@NAMES
 async def test_the_server_accepts_the_longest_name_over_the_wire(start_server: StartServer) -> None:
     _, ports = await start_server()
     welcome, (_, writer) = await handshake(ports.control, f"hello http {'a' * 63}")
@@ -477,6 +497,7 @@ async def test_the_server_accepts_the_longest_name_over_the_wire(start_server: S
 # --- TCP tunnels ---------------------------------------------------------------------------------------------
 
 
+@TENANTS
 async def test_a_tcp_tunnel_carries_raw_bytes_both_ways_and_its_port_is_released_after_the_window(
     start_server: StartServer, echo_server: EchoServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -514,6 +535,7 @@ async def test_a_tcp_tunnel_carries_raw_bytes_both_ways_and_its_port_is_released
     assert welcome[:1] == ["welcome"] and welcome[2:] == [str(tcp_port), f"tcp://localhost:{tcp_port}"]
 
 
+@TENANTS
 async def test_a_tcp_port_that_is_held_is_refused_to_another_client(
     start_server: StartServer, start_client: StartClient, echo_server: EchoServer
 ) -> None:
@@ -525,6 +547,7 @@ async def test_a_tcp_port_that_is_held_is_refused_to_another_client(
     assert await exchange(int(client.tunnel or 0), b"still mine\n") == b"still mine\n"
 
 
+@TENANTS
 @pytest.mark.parametrize("wanted", ["25", "80", "1023"])
 async def test_without_a_range_a_client_may_not_ask_for_a_privileged_port(
     start_server: StartServer, wanted: str
@@ -736,6 +759,7 @@ async def send_head(public_port: int, data: bytes, half_close: bool) -> Streams:
     return reader, writer
 
 
+@NAMES
 @pytest.mark.parametrize(("data", "half_close", "status", "says"), BAD_HEADS.values(), ids=BAD_HEADS.keys())
 async def test_a_bad_request_head_gets_a_page_and_the_other_tunnels_keep_serving(
     start_server: StartServer,
@@ -757,6 +781,7 @@ async def test_a_bad_request_head_gets_a_page_and_the_other_tunnels_keep_serving
         assert await visit(ports.public, "good") == (200, b"good answer")
 
 
+@NAMES
 async def test_a_long_head_within_the_bound_is_routed(start_server: StartServer, start_client: StartClient) -> None:
     async with App(b"good answer") as app:
         _, ports = await start_server()
@@ -768,6 +793,7 @@ async def test_a_long_head_within_the_bound_is_routed(start_server: StartServer,
         assert (status, body) == (200, b"good answer")
 
 
+@NAMES
 async def test_a_head_sent_a_byte_at_a_time_is_bounded_in_total_not_per_byte(start_server: StartServer) -> None:
     _, ports = await start_server(head_timeout=HEAD_TIMEOUT)
     reader, writer = await open_connection(ports.public)
@@ -789,6 +815,7 @@ async def test_a_head_sent_a_byte_at_a_time_is_bounded_in_total_not_per_byte(sta
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
 
 
+@NAMES
 async def test_many_unfinished_heads_hold_up_no_one(start_server: StartServer, start_client: StartClient) -> None:
     async with App(b"good answer") as app:
         _, ports = await start_server(head_timeout=STEP_TIMEOUT * 3)  # they stay unfinished for the whole test
@@ -833,12 +860,8 @@ async def test_a_tls_handshake_that_never_finishes_is_let_go_and_the_server_serv
 
 
 async def start_cli_server(cli: CliProcess.Factory, *flags: str) -> tuple[CliProcess, int, int]:
-    """`python -m STAGE.server --cert ... --key ...` on ephemeral ports; return it and its two ports."""
-    files = tls_certs.certs()
-    server = await cli(
-        "-m", f"{STAGE}.server", "--cert", str(files.cert), "--key", str(files.key),
-        "--control-port", "0", "--public-port", "0", *flags,
-    )  # fmt: skip
+    """`python3 -m STAGE.server [--cert ... --key ...]` on ephemeral ports; return it and its two ports."""
+    server = await cli("-m", f"{STAGE}.server", *tls_flags(STAGE), "--control-port", "0", "--public-port", "0", *flags)
     return server, await server.listening("control"), await server.listening("public")
 
 
@@ -873,13 +896,14 @@ async def test_cli_a_named_tunnel_over_tls_serves_its_app(cli: CliProcess.Factor
     assert "Traceback" not in client.output
 
 
+@TENANTS
 async def test_cli_a_tcp_tunnel_gets_a_port_of_its_own(cli: CliProcess.Factory, echo_server: EchoServer) -> None:
     server, control_port, _ = await start_cli_server(cli)
     local = f"127.0.0.1:{echo_server.port}"
-    ca = str(tls_certs.certs().ca)
+    ca = ["--ca", str(tls_certs.certs().ca)] if has_tls(STAGE) else []
     client = await cli("-m", f"{STAGE}.client", *inspect_port(), local, "127.0.0.1",
                        "--control-port", str(control_port),
-                       "--ca", ca,
+                       *ca,
                        "--tcp")  # fmt: skip
     match = await client.expect(rf"tunnel up: tcp://localhost:(\d+) -> {re.escape(local)}$")
     await server.expect(rf"tcp port listening on 127\.0\.0\.1:{match[1]} for session [0-9a-f]{{8}}")
@@ -982,6 +1006,7 @@ async def test_cli_a_plain_tcp_peer_on_the_tls_port_is_closed_with_one_log_line(
     assert len(about_the_peer) == 1, server.output
 
 
+@NAMES
 async def test_a_server_holds_at_most_max_tunnels_and_says_so(
     start_server: StartServer, start_client: StartClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
