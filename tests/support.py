@@ -694,22 +694,24 @@ async def client_handshake(
     """The client's side of the stage's handshake, spoken by hand; returns the server's Welcome.
 
     From stage 7 on it is `auth.client_handshake` (the secret's challenge); before, the stage's own
-    `client_handshake` without a secret (in protocol.py or session.py). `first` is what follows the
-    secret: a session id to resume (stage 6 on), or a Hello asking for a tunnel (stage 10 on).
+    `protocol.client_handshake` without a secret. `first` is what follows the secret: a session id
+    to resume (stage 6 on), or a Hello asking for a tunnel (stage 10 on). Stages 4 and 5 say a bare
+    `hello` and get a bare `welcome`: there is no session to name yet.
     """
     if has(stage, "auth"):
         return await importlib.import_module(f"{stage}.auth").client_handshake(reader, writer, secret, first)
-    for module in ("protocol", "session", "client"):
-        found = getattr(importlib.import_module(f"{stage}.{module}"), "client_handshake", None)
-        if found is not None:
-            return await found(reader, writer, first)
-    raise AssertionError(f"{stage} has no client_handshake in protocol.py, session.py or client.py")
+    protocol = importlib.import_module(f"{stage}.protocol")
+    if has(stage, "resume"):
+        return await protocol.client_handshake(reader, writer, first)
+    assert first is None, f"{stage} has no session to resume"
+    return await protocol.client_handshake(reader, writer)
 
 
 async def server_handshake(
     stage: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: str, session_id: str
 ) -> None:
-    """A fake server's side of the stage's handshake: read the hello (challenge it from stage 7 on), welcome.
+    """A fake server's side of the stage's handshake: read the hello (challenge it from stage 7 on), welcome
+    (with `session_id` from stage 6 on).
 
     From stage 10 on the welcome names a TCP tunnel on port 9 (nothing listens there: the fake
     server's tests never have users).
@@ -720,7 +722,8 @@ async def server_handshake(
     else:
         async with asyncio.timeout(STEP_TIMEOUT):
             assert isinstance(await protocol.read_message(reader), protocol.Hello)
-    welcome = (
-        protocol.Welcome(session_id, "9", "tcp://127.0.0.1:9") if has_tunnels(stage) else protocol.Welcome(session_id)
-    )
+    if has_tunnels(stage):
+        welcome = protocol.Welcome(session_id, "9", "tcp://127.0.0.1:9")
+    else:  # a bare `welcome` before stage 6: no session yet
+        welcome = protocol.Welcome(session_id) if has(stage, "resume") else protocol.Welcome()
     await protocol.write_message(writer, welcome)

@@ -112,7 +112,7 @@ class RawClient:
         reader, writer = await control_connection(STAGE, control_port)  # over TLS from stage 12 on
         first = hello(STAGE, session_id) if has_tunnels(STAGE) else session_id  # a TCP tunnel from stage 10 on
         welcome = await client_handshake(STAGE, reader, writer, SECRET, first)
-        client = cls(reader, writer, welcome.session_id)
+        client = cls(reader, writer, getattr(welcome, "session_id", ""))  # no session before stage 6
         client.public = int(welcome.tunnel) if has_tunnels(STAGE) else None
         return client
 
