@@ -80,13 +80,15 @@ def log_info(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
 
 
-@pytest.fixture(params=stages_from("auth"))
+@pytest.fixture(params=stages_from("limits"))
 def stage(request: pytest.FixtureRequest) -> str:
-    """Every stage with auth (7 on): a stranger's guesses; the sections below narrow it where a hole needs more."""
+    """Every stage with the throttle on guesses (9 on): a stranger's guesses; the sections below narrow it."""
     return str(request.param)
 
 
-NAMED = stages_from("tenants")
+# Names and the bound on tunnels per address come with stage 11; these tests' fixtures speak TLS (12 on).
+# Stages 10 and 11 are not yet covered here (left for a retarget of the fixtures).
+NAMED = stages_from("tls")
 
 
 @pytest.fixture(params=NAMED)
