@@ -43,6 +43,7 @@ from .protocol import (
     PUBLIC_PORT,
     RESUME_WINDOW,
     TunnelError,
+    printable,
 )
 from .relay import Stream, Timeouts
 from .session import Sessions
@@ -259,7 +260,7 @@ class Server:
     @staticmethod
     async def _refuse(stream: Stream, who: str, status: int, cause: str) -> None:
         sent = await pages.refuse(stream, status, cause)
-        log.warning("%s: %s; %s", who, pages.printable(cause.encode()), f"sent a {status} page" if sent else "closed")
+        log.warning("%s: %s; %s", who, printable(cause.encode()), f"sent a {status} page" if sent else "closed")
 
 
 def hold(counts: Counter[str], source: str, until: asyncio.Future[None]) -> None:

@@ -47,6 +47,7 @@ from .protocol import (
     PUBLIC_PORT,
     RESUME_WINDOW,
     TunnelError,
+    printable,
 )
 from .relay import Stream, Timeouts
 from .routing import BadRequest
@@ -307,7 +308,7 @@ class Server:
     @staticmethod
     async def _refuse(stream: Stream, who: str, status: int, cause: str, http: bool = False) -> None:
         sent = await pages.refuse(stream, status, cause, http)
-        log.warning("%s: %s; %s", who, pages.printable(cause.encode()), f"sent a {status} page" if sent else "closed")
+        log.warning("%s: %s; %s", who, printable(cause.encode()), f"sent a {status} page" if sent else "closed")
 
 
 def hold(counts: Counter[str], source: str, until: asyncio.Future[None]) -> None:

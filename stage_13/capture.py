@@ -9,7 +9,7 @@
 import logging
 
 from .observe import COMPLETE, PENDING, Exchange, Observer
-from .pages import printable
+from .protocol import printable
 from .relay import Stream, Timeouts
 
 log = logging.getLogger("stage_13.client")

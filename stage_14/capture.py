@@ -15,7 +15,7 @@ import logging
 from collections import OrderedDict
 
 from .observe import COMPLETE, PENDING, Exchange, Observer
-from .pages import printable
+from .protocol import printable
 from .relay import Stream, Timeouts
 
 log = logging.getLogger("stage_14.client")

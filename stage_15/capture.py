@@ -19,8 +19,7 @@ import logging
 from collections import OrderedDict
 
 from .observe import COMPLETE, PENDING, UPGRADED, Exchange, Observer
-from .pages import printable
-from .protocol import NETWORK_TIMEOUT
+from .protocol import NETWORK_TIMEOUT, printable
 from .relay import Stream, Timeouts
 
 log = logging.getLogger("stage_15.client")

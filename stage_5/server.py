@@ -22,7 +22,7 @@ from . import pages
 from .budget import MEMORY_BUDGET, Budget, MiB
 from .cli import listen_port, positive_seconds, whole_number
 from .frames import INITIAL_WINDOW
-from .protocol import CONTROL_PORT, DATA_LIMIT, NETWORK_TIMEOUT, PROXY_TIMEOUT, PUBLIC_PORT, TunnelError
+from .protocol import CONTROL_PORT, DATA_LIMIT, NETWORK_TIMEOUT, PROXY_TIMEOUT, PUBLIC_PORT, TunnelError, printable
 from .relay import Stream
 from .session import Sessions
 
@@ -180,7 +180,7 @@ class Server:
     @staticmethod
     async def _refuse(stream: Stream, who: str, cause: str) -> None:
         sent = await pages.refuse(stream, cause)
-        log.warning("%s: %s; %s", who, pages.printable(cause.encode()), "sent a 502 page" if sent else "closed")
+        log.warning("%s: %s; %s", who, printable(cause.encode()), "sent a 502 page" if sent else "closed")
 
 
 def peername(transport: asyncio.BaseTransport) -> str:

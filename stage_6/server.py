@@ -30,6 +30,7 @@ from .protocol import (
     PROXY_TIMEOUT,
     PUBLIC_PORT,
     TunnelError,
+    printable,
 )
 from .relay import Stream
 from .session import Sessions
@@ -189,7 +190,7 @@ class Server:
     @staticmethod
     async def _refuse(stream: Stream, who: str, cause: str) -> None:
         sent = await pages.refuse(stream, cause)
-        log.warning("%s: %s; %s", who, pages.printable(cause.encode()), "sent a 502 page" if sent else "closed")
+        log.warning("%s: %s; %s", who, printable(cause.encode()), "sent a 502 page" if sent else "closed")
 
 
 def peername(transport: asyncio.BaseTransport) -> str:

@@ -31,6 +31,7 @@ from .protocol import (
     PROXY_TIMEOUT,
     PUBLIC_PORT,
     TunnelError,
+    printable,
 )
 from .relay import Stream
 from .session import Sessions
@@ -199,7 +200,7 @@ class Server:
     @staticmethod
     async def _refuse(stream: Stream, who: str, status: int, cause: str) -> None:
         sent = await pages.refuse(stream, status, cause)
-        log.warning("%s: %s; %s", who, pages.printable(cause.encode()), f"sent a {status} page" if sent else "closed")
+        log.warning("%s: %s; %s", who, printable(cause.encode()), f"sent a {status} page" if sent else "closed")
 
 
 def peername(transport: asyncio.BaseTransport) -> str:

@@ -39,6 +39,7 @@ from .protocol import (
     PROXY_TIMEOUT,
     PUBLIC_PORT,
     TunnelError,
+    printable,
 )
 from .relay import Stream, Timeouts
 from .session import Sessions
@@ -228,7 +229,7 @@ class Server:
     @staticmethod
     async def _refuse(stream: Stream, who: str, status: int, cause: str) -> None:
         sent = await pages.refuse(stream, status, cause)
-        log.warning("%s: %s; %s", who, pages.printable(cause.encode()), f"sent a {status} page" if sent else "closed")
+        log.warning("%s: %s; %s", who, printable(cause.encode()), f"sent a {status} page" if sent else "closed")
 
 
 def hold(counts: Counter[str], source: str, until: asyncio.Future[None]) -> None:
