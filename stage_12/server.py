@@ -1,8 +1,8 @@
 """Stage 12 server: many clients, each with a tunnel of its own: a name for HTTP users, or a TCP port.
 
-python -m stage_12.certs certs/              # a private CA and a certificate for localhost (once)
-python -m stage_12.server --cert certs/server.pem --key certs/server.key
-python -m stage_12.client localhost:8000 --ca certs/ca.pem --name myapp    # then: curl http://myapp.localhost:60624/
+python3 -m stage_12.certs certs/              # a private CA and a certificate for localhost (once)
+python3 -m stage_12.server --cert certs/server.pem --key certs/server.key
+python3 -m stage_12.client localhost:8000 --ca certs/ca.pem --name myapp    # then: curl http://myapp.localhost:60624/
 
 Each client's one connection lives in session.py (auth, heartbeats, resume) and mux.py (its
 streams); who holds which tunnel is in tunnels.py, and how an HTTP user's Host header picks one
@@ -361,9 +361,9 @@ async def run(host: str, ports: Ports, **options: Any) -> None:
 
 
 def main() -> None:
-    """Command line: python -m stage_12.server --cert FILE --key FILE [--host H] [--domain D] ..."""
+    """Command line: python3 -m stage_12.server --cert FILE --key FILE [--host H] [--domain D] ..."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_12.server",
+        prog="python3 -m stage_12.server",
         description="Serve many tunnels: HTTP users by the name in their Host header, TCP users by port.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
