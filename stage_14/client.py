@@ -243,7 +243,7 @@ def main() -> None:
     parser.add_argument(
         "--inspect-host", default="127.0.0.1", help="address of the inspector's page (default: %(default)s)"
     )
-    parser.add_argument("--no-inspect", action="store_true", help="no inspector: record nothing, serve no page")
+    parser.add_argument("--no-inspect", action="store_true", help="observe nothing: no page, no log lines")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()
     server, server_port = args.server
