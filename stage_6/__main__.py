@@ -1,4 +1,4 @@
-"""The whole tunnel on one machine: `python -m stage_6` shows it working with zero setup.
+"""The whole tunnel on one machine: `python3 -m stage_6` shows it working with zero setup.
 
 It runs three things in one process, all on 127.0.0.1: a demo local app (demo_app.py), the
 server and the client. Then it prints the public URL: open it in a browser or curl it, and
@@ -80,9 +80,9 @@ async def until_stopped(demo: Coroutine[None, None, None]) -> None:
 
 
 def main() -> None:
-    """Command line: python -m stage_6 [--public-port P] [--control-port P] [--app-port P]."""
+    """Command line: python3 -m stage_6 [--public-port P] [--control-port P] [--app-port P]."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_6",
+        prog="python3 -m stage_6",
         description="Run a demo app, the tunnel server and the tunnel client on this machine, and print the URL.",
     )
     for role, default in (("public", PUBLIC_PORT), ("control", CONTROL_PORT)):

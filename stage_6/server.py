@@ -1,7 +1,7 @@
 """Stage 6 server: relay every public connection through the client to the local app, as a stream.
 
-python -m stage_6.server                    # then: python -m stage_6.client localhost:8000
-python -m stage_6.server --host 0.0.0.0     # on a VPS: anyone can be its client (stage 7 adds a secret)
+python3 -m stage_6.server                    # then: python3 -m stage_6.client localhost:8000
+python3 -m stage_6.server --host 0.0.0.0     # on a VPS: anyone can be its client (stage 7 adds a secret)
 
 The client's one connection lives in session.py (one tunnel, resume, heartbeats) and mux.py (its
 streams); here are the ports, the users, and the page a user gets when the tunnel can't serve them.
@@ -215,9 +215,9 @@ async def run(host: str, ports: Ports, **options: Any) -> None:
 
 
 def main() -> None:
-    """Command line: python -m stage_6.server [--host H] [--control-port P] [--public-port P] ..."""
+    """Command line: python3 -m stage_6.server [--host H] [--control-port P] [--public-port P] ..."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_6.server",
+        prog="python3 -m stage_6.server",
         description="Relay every user of the public port through the tunnel client to its local app, as a stream.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")

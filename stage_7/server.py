@@ -1,7 +1,7 @@
 """Stage 7 server: relay every public connection through the client to the local app, as a stream.
 
-python -m stage_7.server                    # then: python -m stage_7.client localhost:8000
-python -m stage_7.server --host 0.0.0.0     # on a VPS: set NGROK_SECRET on both sides first
+python3 -m stage_7.server                    # then: python3 -m stage_7.client localhost:8000
+python3 -m stage_7.server --host 0.0.0.0     # on a VPS: set NGROK_SECRET on both sides first
 
 The client's one connection lives in session.py (auth, one tunnel, heartbeats) and mux.py (its
 streams); here are the ports, the users, and the page a user gets when the tunnel can't serve them.
@@ -223,9 +223,9 @@ async def run(host: str, ports: Ports, **options: Any) -> None:
 
 
 def main() -> None:
-    """Command line: python -m stage_7.server [--host H] [--control-port P] [--public-port P] ..."""
+    """Command line: python3 -m stage_7.server [--host H] [--control-port P] [--public-port P] ..."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_7.server",
+        prog="python3 -m stage_7.server",
         description="Relay every user of the public port through the tunnel client to its local app, as a stream.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
