@@ -1,4 +1,4 @@
-"""Certificates for trying stage 6 on one machine: a private CA, and a server certificate it signed.
+"""Certificates for trying the tunnel on one machine: a private CA, and a server certificate it signed.
 
     python3 -m stage_12.certs certs/                       # for localhost, 127.0.0.1 and ::1
     python3 -m stage_12.certs certs/ tunnel.example.com '*.tunnel.example.com'   # for HTTPS users too

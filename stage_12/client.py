@@ -126,7 +126,7 @@ class Client:
             raise Refused(verify_error(exc, self.server)) from None  # an impostor, or a missing --ca
         except ssl.SSLError as exc:
             if exc.reason == "WRONG_VERSION_NUMBER":  # the reply was not TLS at all
-                raise Refused(f"{where} does not speak TLS; is it a stage 6 server?") from None
+                raise Refused(f"{where} does not speak TLS; is it a stage 12 server?") from None
             raise TunnelError(f"TLS with {where} failed ({exc.reason or exc})") from None
         except OSError as exc:
             raise TunnelError(f"cannot reach {where} ({private.why(exc)})") from None
@@ -174,7 +174,7 @@ def main() -> None:
     """Command line: python3 -m stage_12.client LOCAL [SERVER] [--ca FILE] [--name NAME | --tcp] ..."""
     parser = argparse.ArgumentParser(
         prog="python3 -m stage_12.client",
-        description="Open a tunnel from a stage 6 server to LOCAL, the app on this machine that users should reach.",
+        description="Open a tunnel from a stage 12 server to LOCAL, the app on this machine that users should reach.",
     )
     parser.add_argument("local", type=parse_address, metavar="LOCAL", help="the local app, as host:port")
     parser.add_argument(

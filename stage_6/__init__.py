@@ -1,6 +1,6 @@
 """Stage 6: heartbeats, reconnect and resume: a tunnel that outlives a sleeping laptop or a lost Wi-Fi.
 
-Layout (the tunnel is stage 5's: every user a framed stream in the client's one connection):
+Layout (new in stage 6: backoff.py; PING and GO_AWAY frames, and a session a client can resume):
 
 - `protocol.py`: the handshake's text lines (`hello`, `welcome`) and the two sides of it; the
   ports and timeouts, in one place.

@@ -1,6 +1,6 @@
 """Stage 7: auth: only a client that proves it knows the server's secret gets the tunnel.
 
-Layout (the tunnel is stage 6's: every user a framed stream in the client's one connection):
+Layout (new in stage 7: auth.py, and the handshake's `challenge` and `auth` lines):
 
 - `protocol.py`: the handshake's text lines (`hello`, `challenge`, `auth`, `welcome`); the ports
   and timeouts, in one place.

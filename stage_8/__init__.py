@@ -1,6 +1,6 @@
 """Stage 8: error pages and the request log: every failure named to the user, one log line per request.
 
-Layout (the tunnel is stage 7's: every user a framed stream in the client's one connection):
+Layout (no new module in stage 8: pages.py gains the 503 and 504 pages, and the request log's line):
 
 - `protocol.py`: the handshake's text lines (`hello`, `challenge`, `auth`, `welcome`); the ports
   and timeouts, in one place.

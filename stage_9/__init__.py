@@ -1,6 +1,6 @@
-"""Stage 9: one connection for everything: every user a framed stream in the client's one connection.
+"""Stage 9: limits: descriptors, timeouts and bounds, so that no user can take the tunnel from the others.
 
-Layout (new in stage 5: frames.py, mux.py, budget.py; gone: stage 4's pairing.py and its proxy port):
+Layout (new in stage 9: limits.py; relay.py gains the idle and half-closed timeouts):
 
 - `protocol.py`: the handshake's text lines (`hello`, `challenge`, `auth`, `welcome`); every
   timeout and limit, in one place.

@@ -4,7 +4,7 @@ It runs three things in one process, all on 127.0.0.1: a demo local app (demo_ap
 server and the client, which share a fresh random secret. Then it prints the public URL: open
 it in a browser or curl it, and the demo app's page comes back through the tunnel. In real use
 the server runs on a machine the internet can reach and the client next to your app: see the
-stage 4 page of the docs.
+page of this stage in the docs.
 """
 
 import argparse

@@ -7,7 +7,7 @@ One connection to the server carries everything. The server opens a stream on it
 (a SYN frame); the client dials the local app (the private connection) and relays the stream
 into it. Heartbeats show that the server is still there; when the connection is lost, the
 client reconnects with backoff and resumes its session. The users' streams end with the lost
-connection: they ran inside it (in stage 4 each user had a proxy connection of its own).
+connection: they ran inside it (in stage 3 each user had a proxy connection of its own).
 """
 
 import argparse
@@ -143,7 +143,7 @@ def main() -> None:
     """Command line: python3 -m stage_9.client LOCAL [SERVER] [--control-port P] [--secret S] ..."""
     parser = argparse.ArgumentParser(
         prog="python3 -m stage_9.client",
-        description="Open a tunnel from a stage 5 server to LOCAL, the app on this machine that users should reach.",
+        description="Open a tunnel from a stage 9 server to LOCAL, the app on this machine that users should reach.",
     )
     parser.add_argument("local", type=parse_address, metavar="LOCAL", help="the local app, as host:port")
     parser.add_argument(

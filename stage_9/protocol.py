@@ -1,6 +1,6 @@
 """Wire format of the tunnel connection's handshake: one message per line of text; every limit and timeout.
 
-Stage 9 has one connection between the client and the server. It starts as stage 4's control
+Stage 9 has one connection between the client and the server. It starts as stage 3's control
 connection did, with a handshake in text lines, readable and speakable with `nc`:
 
     client: hello [<session_id>]      (the session id only when reconnecting)
