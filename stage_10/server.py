@@ -49,7 +49,7 @@ from .relay import Stream, Timeouts
 from .session import Sessions
 from .tunnels import Public, Session, Tunnels
 
-log = logging.getLogger("stage_10.server")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -301,7 +301,7 @@ async def run(host: str, ports: Ports, **options: Any) -> None:
 def main() -> None:
     """Command line: python3 -m stage_10.server [--host H] [--tcp-ports LOW-HIGH] ..."""
     parser = argparse.ArgumentParser(
-        prog="python3 -m stage_10.server",
+        prog=f"python3 -m {__package__}.server",
         description="Serve many tunnels: the public port's users to the client that holds it, TCP users by port.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")

@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Callable, Coroutine
 
-log = logging.getLogger("stage_11.server")
+log = logging.getLogger(f"{__package__}.server")
 
 # Connections the kernel queues for us before we accept them. asyncio's default
 # of 100 makes a burst of users (200 browser tabs at once) wait for a SYN retry.

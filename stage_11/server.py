@@ -51,7 +51,7 @@ from .routing import BadRequest
 from .session import Sessions
 from .tunnels import Public, Session, Tunnels
 
-log = logging.getLogger("stage_11.server")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -314,7 +314,7 @@ async def run(host: str, ports: Ports, **options: Any) -> None:
 def main() -> None:
     """Command line: python3 -m stage_11.server [--host H] [--domain D] [--tcp-ports LOW-HIGH] ..."""
     parser = argparse.ArgumentParser(
-        prog="python3 -m stage_11.server",
+        prog=f"python3 -m {__package__}.server",
         description="Serve many tunnels: HTTP users by the name in their Host header, TCP users by port.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")

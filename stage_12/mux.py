@@ -33,7 +33,7 @@ from . import frames
 from .frames import ACK, DATA, FIN, GO_AWAY, HEADER, MAX_FRAME, PING, RST, SYN, WINDOW_UPDATE, Frame, encode
 from .protocol import LINGER, MAX_LINE, MAX_STREAMS, GoneAway, ProtocolError, TunnelError, printable
 
-log = logging.getLogger("stage_12.mux")
+log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024  # the most the event loop reads from a socket in one go anyway
 SPARE = 32 * 1024  # room for a TLS record more than asked for (see get_buffer)

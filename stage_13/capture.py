@@ -12,7 +12,7 @@ from .observe import COMPLETE, PENDING, Exchange, Observer
 from .protocol import printable
 from .relay import Stream, Timeouts
 
-log = logging.getLogger("stage_13.client")
+log = logging.getLogger(f"{__package__}.client")
 
 
 class ObservedStream(Stream):

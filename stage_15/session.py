@@ -44,7 +44,7 @@ from .protocol import (
 )
 from .tunnels import Session, Tunnels
 
-log = logging.getLogger("stage_15.session")
+log = logging.getLogger(__name__)
 
 
 class Sessions:

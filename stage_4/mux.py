@@ -25,7 +25,7 @@ from . import frames
 from .frames import ACK, DATA, FIN, HEADER, MAX_FRAME, RST, SYN, Frame, encode
 from .protocol import MAX_LINE, ProtocolError, TunnelError, printable
 
-log = logging.getLogger("stage_4.mux")
+log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024  # the most the event loop reads from a socket in one go anyway
 # Streams are read while the connection's send buffer holds less than this.

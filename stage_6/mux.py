@@ -30,7 +30,7 @@ from . import frames
 from .frames import ACK, DATA, FIN, GO_AWAY, HEADER, MAX_FRAME, PING, RST, SYN, WINDOW_UPDATE, Frame, encode
 from .protocol import LINGER, MAX_LINE, ProtocolError, TunnelError, printable
 
-log = logging.getLogger("stage_6.mux")
+log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024  # the most the event loop reads from a socket in one go anyway
 # Data frames are written while the connection's send buffer holds less than this.

@@ -31,7 +31,7 @@ from .protocol import (
 )
 from .relay import Stream
 
-log = logging.getLogger("stage_8.client")
+log = logging.getLogger(__name__)
 
 
 class Client:
@@ -137,7 +137,7 @@ class Client:
 def main() -> None:
     """Command line: python3 -m stage_8.client LOCAL [SERVER] [--control-port P] [--secret S] ..."""
     parser = argparse.ArgumentParser(
-        prog="python3 -m stage_8.client",
+        prog=f"python3 -m {__package__}.client",
         description="Open a tunnel from a stage 8 server to LOCAL, the app on this machine that users should reach.",
     )
     parser.add_argument("local", type=parse_address, metavar="LOCAL", help="the local app, as host:port")

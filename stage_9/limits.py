@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Callable, Coroutine
 
-log = logging.getLogger("stage_9.server")
+log = logging.getLogger(f"{__package__}.server")
 
 # Descriptors kept back for what is not an accepted connection: stdio, the listening
 # sockets, the log file, a DNS lookup's socket.

@@ -36,7 +36,7 @@ from .protocol import (
     write_message,
 )
 
-log = logging.getLogger("stage_9.session")
+log = logging.getLogger(__name__)
 
 
 @dataclass
