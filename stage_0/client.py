@@ -12,7 +12,8 @@ import time
 
 from .relay import CHUNK_SIZE, relay
 
-log = logging.getLogger("stage_0")
+# Named after the package, not written out: a copy of this folder under another name needs no edit.
+log = logging.getLogger(__package__)
 
 DEFAULT_PORT = 54286
 # How long to wait for the target to accept before giving up on one user.
@@ -124,7 +125,7 @@ async def run(target: tuple[str, int], host: str, port: int) -> None:
 def main() -> None:
     """Command line: python3 -m stage_0.client TARGET [--host H] [--port P]."""
     parser = argparse.ArgumentParser(
-        prog="python3 -m stage_0.client",
+        prog=f"python3 -m {__package__}.client",  # the package's own name, whatever the folder is called
         description="Listen on a local port and relay every connection to TARGET.",
     )
     parser.add_argument("target", type=parse_address, metavar="TARGET", help="where to relay, as host:port")

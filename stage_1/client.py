@@ -27,7 +27,7 @@ from .protocol import (
     write_message,
 )
 
-log = logging.getLogger("stage_1.client")
+log = logging.getLogger(__name__)
 
 
 class Client:
@@ -106,7 +106,7 @@ async def run(server: str, control_port: int, count: int, interval: float) -> li
 def main() -> None:
     """Command line: python3 -m stage_1.client [SERVER] [--control-port P] [--count N]."""
     parser = argparse.ArgumentParser(
-        prog="python3 -m stage_1.client", description="Ping a stage 1 server over the control connection."
+        prog=f"python3 -m {__package__}.client", description="Ping a stage 1 server over the control connection."
     )
     parser.add_argument(
         "server",

@@ -20,7 +20,7 @@ from .protocol import (
     write_message,
 )
 
-log = logging.getLogger("stage_1.server")
+log = logging.getLogger(__name__)
 
 
 class Server:
@@ -112,7 +112,7 @@ async def run(host: str, control_port: int) -> None:
 def main() -> None:
     """Command line: python3 -m stage_1.server [--host H] [--control-port P]."""
     parser = argparse.ArgumentParser(
-        prog="python3 -m stage_1.server", description="Answer every ping on the control port with pong."
+        prog=f"python3 -m {__package__}.server", description="Answer every ping on the control port with pong."
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument(

@@ -35,7 +35,7 @@ from .protocol import (
 )
 from .relay import Stream, Timeouts
 
-log = logging.getLogger("stage_10.client")
+log = logging.getLogger(__name__)
 
 
 class Client:
@@ -156,7 +156,7 @@ class Client:
 def main() -> None:
     """Command line: python3 -m stage_10.client LOCAL [SERVER] [--tcp] ..."""
     parser = argparse.ArgumentParser(
-        prog="python3 -m stage_10.client",
+        prog=f"python3 -m {__package__}.client",
         description="Open a tunnel from a stage 10 server to LOCAL, the app on this machine that users should reach.",
     )
     parser.add_argument("local", type=parse_address, metavar="LOCAL", help="the local app, as host:port")

@@ -7,7 +7,7 @@ logs a traceback and retries at once, up to `backlog` times per wake-up: a serve
 600 idle connections of an attacker burns most of a core and writes megabytes of log while
 its real users time out.
 
-So this stage does two things. It raises the soft limit to the hard one at start. And it
+So the server does two things. It raises the soft limit to the hard one at start. And it
 accepts connections itself, one at a time, each taking a *slot*: a semaphore sized below the
 limit. When a port's slots run out, it stops calling accept(); new connections wait in the
 kernel's queue (the backlog) until a connection closes and gives its slot back.
@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Callable, Coroutine
 
-log = logging.getLogger("stage_10.server")
+log = logging.getLogger(f"{__package__}.server")
 
 # Connections the kernel queues for us before we accept them. asyncio's default
 # of 100 makes a burst of users (200 browser tabs at once) wait for a SYN retry.
@@ -104,7 +104,7 @@ class Listener:
                 continue
             # WHY: Nagle's algorithm off, as asyncio does for the connections it opens. It would hold a
             # small write back until the previous one is acknowledged, and the peer delays its ACK by up
-            # to 40 ms: stage 5 measured ~44 ms to the first byte of every user but the first (the SYN
+            # to 40 ms: we measured ~44 ms to the first byte of every user but the first (the SYN
             # frame, then the user's bytes in a second write). asyncio sets TCP_NODELAY only on sockets
             # made with proto=IPPROTO_TCP, and socket.create_server's (and so accept()'s) have proto 0.
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

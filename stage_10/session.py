@@ -40,7 +40,7 @@ from .protocol import (
 )
 from .tunnels import Session, Tunnels
 
-log = logging.getLogger("stage_10.session")
+log = logging.getLogger(__name__)
 
 
 class Sessions:

@@ -25,7 +25,7 @@ from .limits import Listener, Slots
 from .mux import Mux
 from .protocol import Hello, Refused
 
-log = logging.getLogger("stage_10.server")
+log = logging.getLogger(f"{__package__}.server")
 
 # The ports a client may ask for when the server has no --tcp-ports range (bore's default too).
 UNPRIVILEGED = (1024, 65535)

@@ -35,7 +35,7 @@ from .protocol import (
 )
 from .relay import Stream, Timeouts
 
-log = logging.getLogger("stage_11.client")
+log = logging.getLogger(__name__)
 
 
 class Client:
@@ -157,7 +157,7 @@ class Client:
 def main() -> None:
     """Command line: python3 -m stage_11.client LOCAL [SERVER] [--name NAME | --tcp] ..."""
     parser = argparse.ArgumentParser(
-        prog="python3 -m stage_11.client",
+        prog=f"python3 -m {__package__}.client",
         description="Open a tunnel from a stage 11 server to LOCAL, the app on this machine that users should reach.",
     )
     parser.add_argument("local", type=parse_address, metavar="LOCAL", help="the local app, as host:port")

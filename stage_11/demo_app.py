@@ -13,7 +13,7 @@ import time
 
 from .protocol import NETWORK_TIMEOUT
 
-log = logging.getLogger("stage_11.app")
+log = logging.getLogger(f"{__package__}.app")
 
 PAGE = """<!doctype html>
 <meta charset=utf-8><title>ngrok-- demo</title>

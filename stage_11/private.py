@@ -16,7 +16,7 @@ from collections.abc import Callable
 from .protocol import DATA_LIMIT, NETWORK_TIMEOUT, TunnelError
 from .relay import Stream
 
-log = logging.getLogger("stage_11.client")
+log = logging.getLogger(f"{__package__}.client")
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 

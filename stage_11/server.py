@@ -44,13 +44,14 @@ from .protocol import (
     PUBLIC_PORT,
     RESUME_WINDOW,
     TunnelError,
+    printable,
 )
 from .relay import Stream, Timeouts
 from .routing import BadRequest
 from .session import Sessions
 from .tunnels import Public, Session, Tunnels
 
-log = logging.getLogger("stage_11.server")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,7 @@ class Server:
             return
         stream.charge(self.budget)
         # Open at once, and send the user's first bytes right behind the SYN, within the stream's
-        # first window: no round trip to wait for (stage 4 waited for a whole proxy connection).
+        # first window: no round trip to wait for (stage 3 waited for a whole proxy connection).
         stream_id = mux.open(stream)
         who = f"{peer}: stream {stream_id}"
         log.debug("%s: opened", who)
@@ -272,7 +273,7 @@ class Server:
     @staticmethod
     async def _refuse(stream: Stream, who: str, status: int, cause: str, http: bool = False) -> None:
         sent = await pages.refuse(stream, status, cause, http)
-        log.warning("%s: %s; %s", who, pages.printable(cause.encode()), f"sent a {status} page" if sent else "closed")
+        log.warning("%s: %s; %s", who, printable(cause.encode()), f"sent a {status} page" if sent else "closed")
 
 
 def hold(counts: Counter[str], source: str, until: asyncio.Future[None]) -> None:
@@ -313,7 +314,7 @@ async def run(host: str, ports: Ports, **options: Any) -> None:
 def main() -> None:
     """Command line: python3 -m stage_11.server [--host H] [--domain D] [--tcp-ports LOW-HIGH] ..."""
     parser = argparse.ArgumentParser(
-        prog="python3 -m stage_11.server",
+        prog=f"python3 -m {__package__}.server",
         description="Serve many tunnels: HTTP users by the name in their Host header, TCP users by port.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")

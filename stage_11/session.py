@@ -43,7 +43,7 @@ from .protocol import (
 )
 from .tunnels import Session, Tunnels
 
-log = logging.getLogger("stage_11.session")
+log = logging.getLogger(__name__)
 
 
 class Sessions:

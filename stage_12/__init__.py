@@ -1,12 +1,12 @@
 """Stage 12: many tunnels on one server, by name or by TCP port, over TLS.
 
-Layout (new in stage 6: tls.py, certs.py, routing.py, tunnels.py):
+Layout (new in stage 12: tls.py, certs.py):
 
 - `protocol.py`: the handshake's text lines (`hello http myapp`, `welcome ...`); every timeout and limit.
 - `tls.py`: the TLS contexts: the server's certificate, and what the client trusts (always checked).
-- `certs.py`: `python -m stage_12.certs DIR` makes a private CA and a server certificate (with openssl).
+- `certs.py`: `python3 -m stage_12.certs DIR` makes a private CA and a server certificate (with openssl).
 - `auth.py`: the HMAC challenge-response that proves the client knows the secret, inside TLS.
-- `frames.py`, `mux.py`: stage 5's frames and multiplexer: every user a stream in the client's connection.
+- `frames.py`, `mux.py`: stage 4's frames and multiplexer: every user a stream in the client's connection.
 - `relay.py`: one user's TCP connection joined to its stream, with flow control.
 - `budget.py`: the memory budget: every stream's window, on every tunnel, counted in one stated total.
 - `tunnels.py`: who holds which name and which TCP port; the TCP tunnels' ports.
@@ -14,7 +14,7 @@ Layout (new in stage 6: tls.py, certs.py, routing.py, tunnels.py):
 - `routing.py`: reads an HTTP user's request head and finds the tunnel its Host header names.
 - `pages.py`: the 400/404/408/431/502/503/504 pages, and the request log's summary.
 - `limits.py`: the descriptor limit, accept loops with slots, and TLS only for so many strangers at once.
-- `server.py`: the control port, the public port (HTTP or HTTPS), the TCP tunnels' users; `python -m stage_12.server`.
-- `backoff.py`, `private.py`, `client.py`: the client; `python -m stage_12.client LOCAL [SERVER] --name NAME`.
-- `demo_app.py` and `__main__.py`: `python -m stage_12` runs two named tunnels on this machine.
+- `server.py`: the control port, the public port (HTTP or HTTPS), the TCP tunnels' users; `python3 -m stage_12.server`.
+- `backoff.py`, `private.py`, `client.py`: the client; `python3 -m stage_12.client LOCAL [SERVER] --name NAME`.
+- `demo_app.py` and `__main__.py`: `python3 -m stage_12` runs two named tunnels on this machine.
 """

@@ -1,4 +1,4 @@
-"""Two tunnels on one server, on one machine: `python -m stage_12` shows names and TLS with zero setup.
+"""Two tunnels on one server, on one machine: `python3 -m stage_12` shows names and TLS with zero setup.
 
 It makes a private CA and a certificate for localhost (certs.py, with the openssl command) in a
 temporary folder, then runs five things in one process, all on 127.0.0.1: two demo local apps
@@ -25,7 +25,7 @@ from .demo_app import DemoApp
 from .protocol import CONTROL_PORT, NETWORK_TIMEOUT, PUBLIC_PORT, TunnelError
 from .server import Server, listen_error
 
-log = logging.getLogger("stage_12.demo")
+log = logging.getLogger(f"{__package__}.demo")
 
 HOST = "127.0.0.1"  # the demo never leaves this machine
 
@@ -100,9 +100,9 @@ async def until_stopped(demo: Coroutine[None, None, None]) -> None:
 
 
 def main() -> None:
-    """Command line: python -m stage_12 [--public-port P] [--control-port P] [--app-port P]."""
+    """Command line: python3 -m stage_12 [--public-port P] [--control-port P] [--app-port P]."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_12",
+        prog=f"python3 -m {__package__}",
         description="Run two demo apps, the tunnel server and two named clients on this machine; print the URLs.",
     )
     for role, default in (("public", PUBLIC_PORT), ("control", CONTROL_PORT)):

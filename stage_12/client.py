@@ -1,7 +1,7 @@
 """Stage 12 client: a tunnel of its own on a shared server, by name or by port, over TLS.
 
-python -m stage_12.client localhost:8000 --ca certs/ca.pem --name myapp   # http://myapp.localhost:60624/
-python -m stage_12.client localhost:22 tunnel.example.com --tcp          # a public TCP port for ssh
+python3 -m stage_12.client localhost:8000 --ca certs/ca.pem --name myapp   # http://myapp.localhost:60624/
+python3 -m stage_12.client localhost:22 tunnel.example.com --tcp          # a public TCP port for ssh
 
 One connection to the server, inside TLS, carries everything. The client asks for a tunnel in
 its hello (a name, or a TCP port) and the server answers with its URL. The server opens a
@@ -38,7 +38,7 @@ from .protocol import (
 from .relay import Stream, Timeouts
 from .tls import client_context, load_error, verify_error
 
-log = logging.getLogger("stage_12.client")
+log = logging.getLogger(__name__)
 
 
 class Client:
@@ -171,9 +171,9 @@ class Client:
 
 
 def main() -> None:
-    """Command line: python -m stage_12.client LOCAL [SERVER] [--ca FILE] [--name NAME | --tcp] ..."""
+    """Command line: python3 -m stage_12.client LOCAL [SERVER] [--ca FILE] [--name NAME | --tcp] ..."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_12.client",
+        prog=f"python3 -m {__package__}.client",
         description="Open a tunnel from a stage 12 server to LOCAL, the app on this machine that users should reach.",
     )
     parser.add_argument("local", type=parse_address, metavar="LOCAL", help="the local app, as host:port")

@@ -1,8 +1,8 @@
 """The demo's local app: a tiny web server that shows each visitor what reached it.
 
 It stands in for the app on your laptop that you want to show the world (in real use,
-`python -m http.server 8000` or your web framework's dev server). Only the standard library,
-so `python -m stage_12` works with nothing installed.
+`python3 -m http.server 8000` or your web framework's dev server). Only the standard library,
+so `python3 -m stage_12` works with nothing installed.
 """
 
 import asyncio
@@ -13,7 +13,7 @@ import time
 
 from .protocol import NETWORK_TIMEOUT
 
-log = logging.getLogger("stage_12.app")
+log = logging.getLogger(f"{__package__}.app")
 
 PAGE = """<!doctype html>
 <meta charset=utf-8><title>ngrok-- demo</title>

@@ -1,8 +1,8 @@
 """Stage 12 server: many clients, each with a tunnel of its own: a name for HTTP users, or a TCP port.
 
-python -m stage_12.certs certs/              # a private CA and a certificate for localhost (once)
-python -m stage_12.server --cert certs/server.pem --key certs/server.key
-python -m stage_12.client localhost:8000 --ca certs/ca.pem --name myapp    # then: curl http://myapp.localhost:60624/
+python3 -m stage_12.certs certs/              # a private CA and a certificate for localhost (once)
+python3 -m stage_12.server --cert certs/server.pem --key certs/server.key
+python3 -m stage_12.client localhost:8000 --ca certs/ca.pem --name myapp    # then: curl http://myapp.localhost:60624/
 
 Each client's one connection lives in session.py (auth, heartbeats, resume) and mux.py (its
 streams); who holds which tunnel is in tunnels.py, and how an HTTP user's Host header picks one
@@ -47,13 +47,14 @@ from .protocol import (
     PUBLIC_PORT,
     RESUME_WINDOW,
     TunnelError,
+    printable,
 )
 from .relay import Stream, Timeouts
 from .routing import BadRequest
 from .session import Sessions
 from .tunnels import Public, Session, Tunnels
 
-log = logging.getLogger("stage_12.server")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -276,7 +277,7 @@ class Server:
             return
         stream.charge(self.budget)
         # Open at once, and send the user's first bytes right behind the SYN, within the stream's
-        # first window: no round trip to wait for (stage 4 waited for a whole proxy connection).
+        # first window: no round trip to wait for (stage 3 waited for a whole proxy connection).
         stream_id = mux.open(stream)
         who = f"{peer}: stream {stream_id}"
         log.debug("%s: opened", who)
@@ -307,7 +308,7 @@ class Server:
     @staticmethod
     async def _refuse(stream: Stream, who: str, status: int, cause: str, http: bool = False) -> None:
         sent = await pages.refuse(stream, status, cause, http)
-        log.warning("%s: %s; %s", who, pages.printable(cause.encode()), f"sent a {status} page" if sent else "closed")
+        log.warning("%s: %s; %s", who, printable(cause.encode()), f"sent a {status} page" if sent else "closed")
 
 
 def hold(counts: Counter[str], source: str, until: asyncio.Future[None]) -> None:
@@ -360,9 +361,9 @@ async def run(host: str, ports: Ports, **options: Any) -> None:
 
 
 def main() -> None:
-    """Command line: python -m stage_12.server --cert FILE --key FILE [--host H] [--domain D] ..."""
+    """Command line: python3 -m stage_12.server --cert FILE --key FILE [--host H] [--domain D] ..."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_12.server",
+        prog=f"python3 -m {__package__}.server",
         description="Serve many tunnels: HTTP users by the name in their Host header, TCP users by port.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")

@@ -6,7 +6,7 @@ Layout (new in stage 13: observe.py and capture.py, the client's observer of the
 - `tls.py`: the TLS contexts: the server's certificate, and what the client trusts (always checked).
 - `certs.py`: `python3 -m stage_13.certs DIR` makes a private CA and a server certificate (with openssl).
 - `auth.py`: the HMAC challenge-response that proves the client knows the secret, inside TLS.
-- `frames.py`, `mux.py`: stage 5's frames and multiplexer: every user a stream in the client's connection.
+- `frames.py`, `mux.py`: stage 4's frames and multiplexer: every user a stream in the client's connection.
 - `relay.py`: one user's TCP connection joined to its stream, with flow control.
 - `budget.py`: the memory budget: every stream's window, on every tunnel, counted in one stated total.
 - `tunnels.py`: who holds which name and which TCP port; the TCP tunnels' ports.

@@ -26,7 +26,7 @@ from .demo_app import DemoApp
 from .protocol import CONTROL_PORT, NETWORK_TIMEOUT, PUBLIC_PORT, TunnelError
 from .server import Server, listen_error
 
-log = logging.getLogger("stage_13.demo")
+log = logging.getLogger(f"{__package__}.demo")
 
 HOST = "127.0.0.1"  # the demo never leaves this machine
 
@@ -105,7 +105,7 @@ async def until_stopped(demo: Coroutine[None, None, None]) -> None:
 def main() -> None:
     """Command line: python3 -m stage_13 [--public-port P] [--control-port P] [--app-port P]."""
     parser = argparse.ArgumentParser(
-        prog="python3 -m stage_13",
+        prog=f"python3 -m {__package__}",
         description="Run two demo apps, the tunnel server and two named clients on this machine; print the URLs.",
     )
     for role, default in (("public", PUBLIC_PORT), ("control", CONTROL_PORT)):

@@ -9,10 +9,10 @@
 import logging
 
 from .observe import COMPLETE, PENDING, Exchange, Observer
-from .pages import printable
+from .protocol import printable
 from .relay import Stream, Timeouts
 
-log = logging.getLogger("stage_13.client")
+log = logging.getLogger(f"{__package__}.client")
 
 
 class ObservedStream(Stream):

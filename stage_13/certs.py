@@ -1,4 +1,4 @@
-"""Certificates for trying stage 6 on one machine: a private CA, and a server certificate it signed.
+"""Certificates for trying the tunnel on one machine: a private CA, and a server certificate it signed.
 
     python3 -m stage_13.certs certs/                       # for localhost, 127.0.0.1 and ::1
     python3 -m stage_13.certs certs/ tunnel.example.com '*.tunnel.example.com'   # for HTTPS users too
@@ -92,7 +92,7 @@ def _openssl(*args: str | Path) -> None:
 def main() -> None:
     """Command line: python3 -m stage_13.certs DIR [NAME ...]."""
     parser = argparse.ArgumentParser(
-        prog="python3 -m stage_13.certs",
+        prog=f"python3 -m {__package__}.certs",
         description="Make a private CA and a server certificate (with openssl) for trying the tunnel.",
     )
     parser.add_argument("directory", type=Path, metavar="DIR", help="where to write ca.pem, server.pem, server.key")

@@ -42,7 +42,7 @@ from .protocol import (
 from .relay import Stream, Timeouts
 from .tls import client_context, load_error, verify_error
 
-log = logging.getLogger("stage_13.client")
+log = logging.getLogger(__name__)
 
 
 class Client:
@@ -180,7 +180,7 @@ class Client:
 def main() -> None:
     """Command line: python3 -m stage_13.client LOCAL [SERVER] [--ca FILE] [--name NAME | --tcp] ..."""
     parser = argparse.ArgumentParser(
-        prog="python3 -m stage_13.client",
+        prog=f"python3 -m {__package__}.client",
         description="Open a tunnel from a stage 13 server to LOCAL, the app on this machine that users should reach.",
     )
     parser.add_argument("local", type=parse_address, metavar="LOCAL", help="the local app, as host:port")

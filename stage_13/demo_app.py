@@ -1,7 +1,7 @@
 """The demo's local app: a tiny web server that shows each visitor what reached it.
 
 It stands in for the app on your laptop that you want to show the world (in real use,
-`python -m http.server 8000` or your web framework's dev server). Only the standard library,
+`python3 -m http.server 8000` or your web framework's dev server). Only the standard library,
 so `python3 -m stage_13` works with nothing installed.
 """
 
@@ -13,7 +13,7 @@ import time
 
 from .protocol import NETWORK_TIMEOUT
 
-log = logging.getLogger("stage_13.app")
+log = logging.getLogger(f"{__package__}.app")
 
 PAGE = """<!doctype html>
 <meta charset=utf-8><title>ngrok-- demo</title>

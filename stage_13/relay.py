@@ -1,6 +1,6 @@
 """One stream: a TCP connection (a user, or the local app) joined to one stream of the tunnel connection.
 
-Stage 4's pump was a task per direction: `await read()`, `write()`, `await drain()`. Here the
+Stage 3's pump was a task per direction: `await read()`, `write()`, `await drain()`. Here the
 event loop reads each chunk into a buffer that a Protocol, a `Stream`, hands it (`get_buffer`), and
 the Stream passes it on at once: no task, no future, no wake-up per chunk (the performance page
 measures the difference).
@@ -16,7 +16,7 @@ Each direction has its own flow control, as SSH channels, yamux and HTTP/2 do:
   reads slowly gets no grants, and so the sender of its stream stalls: only that stream. The
   window starts small and grows, or shrinks again, within the memory budget (budget.py).
 
-Reading is on exactly while `_should_read()` holds, recomputed after every change. Stage 3's
+Reading is on exactly while `_should_read()` holds, recomputed after every change. An earlier
 Protocol relay instead resumed reading at moments of its own choosing, and lost a pause for good
 (issue 12): asyncio says "pause" once, and only once.
 """
@@ -36,7 +36,7 @@ from .budget import Budget
 from .frames import INITIAL_WINDOW, MAX_WINDOW, WINDOW
 from .protocol import ProtocolError
 
-if TYPE_CHECKING:  # only for the type checker: mux.py imports this module
+if TYPE_CHECKING:  # annotations alone; and never the reverse: mux.py knows a Stream only as a StreamEnd
     from .mux import Mux
 
 # How much of each direction's first bytes to keep for the server's request log:
@@ -71,7 +71,7 @@ class Flow:
 
 
 class Stream(asyncio.BufferedProtocol):
-    """A TCP connection relayed through one stream of a Mux, with flow control both ways."""
+    """A TCP connection relayed through one stream of a Mux (a mux.StreamEnd), with flow control both ways."""
 
     transport: asyncio.Transport | None = None
 

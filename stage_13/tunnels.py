@@ -1,6 +1,6 @@
 """Who holds which tunnel: the names of the HTTP tunnels, and the TCP tunnels' public ports.
 
-Stage 5's server had one client, and so one tunnel. Now any number of clients connect, and each
+Stage 9's server had one client, and so one tunnel. Now any number of clients connect, and each
 holds one tunnel, which is how a user finds it:
 
 - An **HTTP tunnel** has a name, and its users reach it at `http://NAME.<domain>/` (the server
@@ -26,7 +26,7 @@ from .limits import Listener, Slots
 from .mux import Mux
 from .protocol import Hello, Refused
 
-log = logging.getLogger("stage_13.server")
+log = logging.getLogger(f"{__package__}.server")
 
 # The ports a client may ask for when the server has no --tcp-ports range (bore's default too).
 UNPRIVILEGED = (1024, 65535)

@@ -15,10 +15,10 @@ import logging
 from collections import OrderedDict
 
 from .observe import COMPLETE, PENDING, Exchange, Observer
-from .pages import printable
+from .protocol import printable
 from .relay import Stream, Timeouts
 
-log = logging.getLogger("stage_14.client")
+log = logging.getLogger(f"{__package__}.client")
 
 # The ring: how many exchanges, and how many bytes of heads and bodies, the inspector keeps.
 LIMIT = 500

@@ -43,7 +43,7 @@ from .protocol import (
 from .relay import Stream, Timeouts
 from .tls import client_context, load_error, verify_error
 
-log = logging.getLogger("stage_14.client")
+log = logging.getLogger(__name__)
 
 
 class Client:
@@ -193,7 +193,7 @@ async def run(client: Client) -> None:
 def main() -> None:
     """Command line: python3 -m stage_14.client LOCAL [SERVER] [--ca FILE] [--name NAME | --tcp] ..."""
     parser = argparse.ArgumentParser(
-        prog="python3 -m stage_14.client",
+        prog=f"python3 -m {__package__}.client",
         description="Open a tunnel from a stage 14 server to LOCAL, the app on this machine that users should reach.",
     )
     parser.add_argument("local", type=parse_address, metavar="LOCAL", help="the local app, as host:port")
@@ -243,7 +243,7 @@ def main() -> None:
     parser.add_argument(
         "--inspect-host", default="127.0.0.1", help="address of the inspector's page (default: %(default)s)"
     )
-    parser.add_argument("--no-inspect", action="store_true", help="no inspector: record nothing, serve no page")
+    parser.add_argument("--no-inspect", action="store_true", help="observe nothing: no page, no log lines")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()
     server, server_port = args.server

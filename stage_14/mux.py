@@ -27,14 +27,13 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from . import frames
 from .frames import ACK, DATA, FIN, GO_AWAY, HEADER, MAX_FRAME, PING, RST, SYN, WINDOW_UPDATE, Frame, encode
-from .pages import printable
-from .protocol import LINGER, MAX_LINE, MAX_STREAMS, GoneAway, ProtocolError, TunnelError
-from .relay import Stream
+from .protocol import LINGER, MAX_LINE, MAX_STREAMS, GoneAway, ProtocolError, TunnelError, printable
 
-log = logging.getLogger("stage_14.mux")
+log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024  # the most the event loop reads from a socket in one go anyway
 SPARE = 32 * 1024  # room for a TLS record more than asked for (see get_buffer)
@@ -52,6 +51,37 @@ CONTROL_LIMIT = 4 * 1024 * 1024
 STREAM_CREDIT = 4
 CONTROL_RATE = 100
 CONTROL_BURST = 1000
+
+
+class StreamEnd(Protocol):
+    """What the Mux needs of a stream's far end, the TCP connection it carries (relay.Stream is one).
+
+    A typing.Protocol: any class with these members is one, without naming it. So mux.py imports
+    nothing that touches a socket: relay.py builds on it, never the reverse, and this file reads alone
+    (yamux's session, too, keeps the streams' state and leaves the sockets to its caller).
+    """
+
+    # Set by _register: the stream sends its bytes through this Mux.
+    mux: "Mux | None"
+    # Set by _register: every frame for the stream carries it.
+    stream_id: int
+    # Done once the peer accepted (ACK) or refused the stream: data before the ACK is a broken peer.
+    answered: asyncio.Future[str | None]
+
+    # A DATA frame's bytes (and maybe the end) for the TCP peer.
+    def on_data(self, payload: bytes | memoryview, fin: bool) -> None: ...
+    # The peer's ACK (None), or why the stream was refused.
+    def on_answer(self, refusal: str | None) -> None: ...
+    # An RST came, or the tunnel connection is gone: the TCP connection ends at once.
+    def reset(self, reason: str, notify: bool = True) -> None: ...
+    # A WINDOW_UPDATE came: the peer has room for more of the stream's bytes.
+    def on_window(self, increment: int) -> None: ...
+    # Its turn to send: the next frame's payload (at most `limit` bytes) and whether FIN goes with it.
+    def take(self, limit: int) -> tuple[bytes | memoryview, bool] | None: ...
+    # After its turn: whether it queues again for another.
+    def has_more(self) -> bool: ...
+    # Its FIN is on its way: the stream may be over (both directions ended).
+    def after_fin_sent(self) -> None: ...
 
 
 class Mux(asyncio.BufferedProtocol):
@@ -72,7 +102,7 @@ class Mux(asyncio.BufferedProtocol):
         peer: str,
         heartbeat_timeout: float,
         heartbeat_interval: float | None = None,
-        on_open: Callable[[int], Stream] | None = None,
+        on_open: Callable[[int], StreamEnd] | None = None,
         max_streams: int = MAX_STREAMS,
     ) -> None:
         self.peer = peer  # "the server" or "the client", for messages
@@ -88,9 +118,9 @@ class Mux(asyncio.BufferedProtocol):
         self.heartbeat_timeout, self.heartbeat_interval = heartbeat_timeout, heartbeat_interval
         self._on_open = on_open  # makes the stream for a SYN; None: the peer may not open streams
         self.max_streams = max_streams
-        self.streams: dict[int, Stream] = {}
+        self.streams: dict[int, StreamEnd] = {}
         self.last_id = 0  # the highest stream id opened so far on this connection
-        self._ready: deque[Stream] = deque()  # streams with a frame to send, in turn
+        self._ready: deque[StreamEnd] = deque()  # streams with a frame to send, in turn
         self._scheduled: set[int] = set()
         self._blocked = False  # the transport's buffer is full: data frames wait
         self._drainer: asyncio.Task[None] | None = None
@@ -106,7 +136,7 @@ class Mux(asyncio.BufferedProtocol):
 
     # --- streams ------------------------------------------------------------------------------
 
-    def open(self, stream: Stream) -> int:
+    def open(self, stream: StreamEnd) -> int:
         """Open a stream for a user (server side): SYN goes out now, the user's bytes follow."""
         self.last_id += 1
         self._allowance += STREAM_CREDIT  # the peer's ACK, FIN or RST for it
@@ -115,28 +145,28 @@ class Mux(asyncio.BufferedProtocol):
         self.schedule(stream)  # bytes that came before: optimistically, within the first window
         return stream.stream_id
 
-    def accept(self, stream: Stream) -> None:
+    def accept(self, stream: StreamEnd) -> None:
         """Accept a stream the peer opened (client side: the local app answered)."""
         self._send(encode(DATA, ACK, stream.stream_id))
         stream.on_answer(None)
 
-    def grant(self, stream: Stream, increment: int) -> None:
+    def grant(self, stream: StreamEnd, increment: int) -> None:
         """Let the peer send `increment` more bytes on `stream`."""
         self._send(frames.window_update(stream.stream_id, increment))
 
-    def forget(self, stream: Stream, reset: str | None) -> None:
+    def forget(self, stream: StreamEnd, reset: str | None) -> None:
         """The stream is over; with `reset`, tell the peer it was reset and why."""
         if self.streams.pop(stream.stream_id, None) is not None and reset is not None:
             self._send(encode(DATA, RST, stream.stream_id, reset.encode("ascii", "replace")[:MAX_LINE]))
 
-    def schedule(self, stream: Stream) -> None:
+    def schedule(self, stream: StreamEnd) -> None:
         """`stream` may have a frame to send: queue it for its turn, and send what can go now."""
         if stream.stream_id and stream.stream_id not in self._scheduled:
             self._scheduled.add(stream.stream_id)
             self._ready.append(stream)
         self._flush()
 
-    def _register(self, stream: Stream, stream_id: int) -> None:
+    def _register(self, stream: StreamEnd, stream_id: int) -> None:
         stream.mux, stream.stream_id = self, stream_id
         self.streams[stream_id] = stream
 
@@ -240,7 +270,7 @@ class Mux(asyncio.BufferedProtocol):
 
     # The event loop calls these once `run` made the Mux the connection's protocol.
 
-    # WHY a BufferedProtocol (new in stage 6): over TLS, asyncio's SSLProtocol then decrypts straight
+    # WHY a BufferedProtocol (new in stage 12): over TLS, asyncio's SSLProtocol then decrypts straight
     # into a buffer we hand it, instead of making a 256 KiB bytes object for every TLS record (16 KiB
     # at most) and joining the records of one read into yet another. The bench measured bulk
     # transfers 1.13-1.31x faster, and 14-20% less CPU per GB (bench/README.md, the TLS row).

@@ -12,9 +12,9 @@ import html
 import re
 from typing import TYPE_CHECKING
 
-from .protocol import LINGER
+from .protocol import LINGER, printable
 
-if TYPE_CHECKING:  # only for the type checker: relay.py is imported by mux.py, which imports this module
+if TYPE_CHECKING:  # only for the type checker (annotations); pages -> relay -> mux, and none imports back
     from .relay import Stream
 
 # How long we wait for a user's first bytes to tell whether they speak HTTP. Browsers
@@ -40,16 +40,6 @@ def request_line(head: bytes) -> str | None:
         method, path = (printable(part) for part in match.groups())
         return f"{method} {path}"
     return None
-
-
-def printable(data: bytes) -> str:
-    """`data` as text fit for a log line: every byte that is not printable ASCII becomes \\xNN.
-
-    A path comes from anyone on the internet. Written raw, an ESC byte would start a
-    terminal escape sequence in the terminal that shows the log, a BEL would ring it and
-    a NUL would cut the line short for some tools.
-    """
-    return "".join(chr(byte) if 0x20 <= byte < 0x7F else f"\\x{byte:02x}" for byte in data)
 
 
 def status_code(head: bytes) -> str | None:

@@ -29,7 +29,7 @@ from .inspector import INSPECT_PORT, Inspector
 from .protocol import CONTROL_PORT, NETWORK_TIMEOUT, PUBLIC_PORT, TunnelError
 from .server import Server
 
-log = logging.getLogger("stage_15.demo")
+log = logging.getLogger(f"{__package__}.demo")
 
 HOST = "127.0.0.1"  # the demo never leaves this machine
 
@@ -116,7 +116,7 @@ async def until_stopped(demo: Coroutine[None, None, None]) -> None:
 def main() -> None:
     """Command line: python3 -m stage_15 [--public-port P] [--control-port P] [--app-port P]."""
     parser = argparse.ArgumentParser(
-        prog="python3 -m stage_15",
+        prog=f"python3 -m {__package__}",
         description="Run two demo apps, the tunnel server, two named clients and an inspector here; print the URLs.",
     )
     for role, default in (("public", PUBLIC_PORT), ("control", CONTROL_PORT)):

@@ -19,11 +19,10 @@ import logging
 from collections import OrderedDict
 
 from .observe import COMPLETE, PENDING, UPGRADED, Exchange, Observer
-from .pages import printable
-from .protocol import NETWORK_TIMEOUT
+from .protocol import NETWORK_TIMEOUT, printable
 from .relay import Stream, Timeouts
 
-log = logging.getLogger("stage_15.client")
+log = logging.getLogger(f"{__package__}.client")
 
 # The ring: how many exchanges, and how many bytes of heads and bodies, the inspector keeps.
 LIMIT = 500

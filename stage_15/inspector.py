@@ -37,7 +37,7 @@ from .observe import Exchange, Message, NotHttp, Observer, field_values, parse_h
 from .protocol import NETWORK_TIMEOUT, TunnelError
 from .relay import Stream, Timeouts
 
-log = logging.getLogger("stage_15.inspector")
+log = logging.getLogger(__name__)
 
 INSPECT_PORT = 4040  # ngrok's, so that the story matches
 PAGE = (Path(__file__).parent / "inspector.html").read_bytes()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from .protocol import NETWORK_TIMEOUT, TunnelError
 from .relay import Stream
 
-log = logging.getLogger("stage_15.client")
+log = logging.getLogger(f"{__package__}.client")
 
 
 class LocalAppDown(TunnelError):

@@ -25,7 +25,7 @@ from .protocol import (
     write_message,
 )
 
-log = logging.getLogger("stage_2.client")
+log = logging.getLogger(__name__)
 
 
 class Client:
@@ -123,7 +123,7 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> in
 def main() -> None:
     """Command line: python3 -m stage_2.client [SERVER] [--control-port P] [--proxy-port P]."""
     parser = argparse.ArgumentParser(
-        prog="python3 -m stage_2.client",
+        prog=f"python3 -m {__package__}.client",
         description="Connect to a stage 2 server and echo back every line its public users send.",
     )
     parser.add_argument(

@@ -33,7 +33,7 @@ from .protocol import (
 )
 from .relay import relay
 
-log = logging.getLogger("stage_2.server")
+log = logging.getLogger(__name__)
 
 # Connections the kernel queues for us before we accept them. asyncio's default
 # of 100 makes a burst of users (200 browser tabs at once) wait for a SYN retry.
@@ -230,7 +230,7 @@ async def run(host: str, ports: Ports, proxy_timeout: float) -> None:
 def main() -> None:
     """Command line: python3 -m stage_2.server [--host H] [--control-port P] [--public-port P] [--proxy-port P]."""
     parser = argparse.ArgumentParser(
-        prog="python3 -m stage_2.server",
+        prog=f"python3 -m {__package__}.server",
         description="Accept users on the public port and pair each one with a proxy connection from the client.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")

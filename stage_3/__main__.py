@@ -19,7 +19,7 @@ from .demo_app import DemoApp
 from .protocol import CONTROL_PORT, NETWORK_TIMEOUT, PROXY_PORT, PUBLIC_PORT, TunnelError
 from .server import Server, listen_error, listen_port
 
-log = logging.getLogger("stage_3.demo")
+log = logging.getLogger(f"{__package__}.demo")
 
 HOST = "127.0.0.1"  # the demo never leaves this machine
 
@@ -82,7 +82,7 @@ async def until_stopped(demo: Coroutine[None, None, None]) -> None:
 def main() -> None:
     """Command line: python3 -m stage_3 [--public-port P] [--control-port P] [--proxy-port P] [--app-port P]."""
     parser = argparse.ArgumentParser(
-        prog="python3 -m stage_3",
+        prog=f"python3 -m {__package__}",
         description="Run a demo app, the tunnel server and the tunnel client on this machine, and print the URL.",
     )
     for role, default in (("public", PUBLIC_PORT), ("control", CONTROL_PORT), ("proxy", PROXY_PORT)):

@@ -31,7 +31,7 @@ from .protocol import (
 )
 from .relay import relay
 
-log = logging.getLogger("stage_3.client")
+log = logging.getLogger(__name__)
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -169,7 +169,7 @@ def port(text: str) -> int:
 def main() -> None:
     """Command line: python3 -m stage_3.client LOCAL [SERVER] [--control-port P] [--proxy-port P]."""
     parser = argparse.ArgumentParser(
-        prog="python3 -m stage_3.client",
+        prog=f"python3 -m {__package__}.client",
         description="Open a tunnel from a stage 3 server to LOCAL, the app on this machine that users should reach.",
     )
     parser.add_argument("local", type=parse_address, metavar="LOCAL", help="the local app, as host:port")

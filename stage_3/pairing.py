@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from .protocol import NETWORK_TIMEOUT, ProtocolError, Proxy, new_conn_id, read_message, say_goodbye
 
-log = logging.getLogger("stage_3.pairing")
+log = logging.getLogger(__name__)
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 

@@ -1,6 +1,6 @@
 """Stage 4: streams over one connection: every user a framed stream in the client's one connection.
 
-Layout (new in stage 4: frames.py, mux.py, session.py; gone: stage 3's pairing.py and its proxy port):
+Layout (new in stage 4: frames.py, mux.py, session.py, private.py; gone: stage 3's pairing.py and its proxy port):
 
 - `protocol.py`: the handshake's text lines (`hello`, `welcome`); the timeouts and limits.
 - `frames.py`: after the handshake, binary frames with a 10-byte header (DATA with SYN/ACK/FIN/RST),

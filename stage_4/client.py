@@ -21,7 +21,7 @@ from .mux import Mux
 from .protocol import CONTROL_PORT, DATA_LIMIT, TunnelError, client_handshake
 from .relay import Stream
 
-log = logging.getLogger("stage_4.client")
+log = logging.getLogger(__name__)
 
 
 class Client:
@@ -121,7 +121,7 @@ def port(text: str) -> int:
 def main() -> None:
     """Command line: python3 -m stage_4.client LOCAL [SERVER] [--control-port P]."""
     parser = argparse.ArgumentParser(
-        prog="python3 -m stage_4.client",
+        prog=f"python3 -m {__package__}.client",
         description="Open a tunnel from a stage 4 server to LOCAL, the app on this machine that users should reach.",
     )
     parser.add_argument("local", type=parse_address, metavar="LOCAL", help="the local app, as host:port")

@@ -19,18 +19,42 @@ Both sides run one `Mux` on the tunnel connection once the handshake is done. It
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 from . import frames
 from .frames import ACK, DATA, FIN, HEADER, MAX_FRAME, RST, SYN, Frame, encode
-from .pages import printable
-from .protocol import MAX_LINE, ProtocolError, TunnelError
-from .relay import Stream
+from .protocol import MAX_LINE, ProtocolError, TunnelError, printable
 
-log = logging.getLogger("stage_4.mux")
+log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024  # the most the event loop reads from a socket in one go anyway
 # Streams are read while the connection's send buffer holds less than this.
 WRITE_HIGH = 128 * 1024
+
+
+class StreamEnd(Protocol):
+    """What the Mux needs of a stream's far end, the TCP connection it carries (relay.Stream is one).
+
+    A typing.Protocol: any class with these members is one, without naming it. So mux.py imports
+    nothing that touches a socket: relay.py builds on it, never the reverse, and this file reads alone
+    (yamux's session, too, keeps the streams' state and leaves the sockets to its caller).
+    """
+
+    # Set by _register: the stream sends its bytes through this Mux.
+    mux: "Mux | None"
+    # Set by _register: every frame for the stream carries it.
+    stream_id: int
+    # Done once the peer accepted (ACK) or refused the stream: data before the ACK is a broken peer.
+    answered: asyncio.Future[str | None]
+
+    # A DATA frame's bytes (and maybe the end) for the TCP peer.
+    def on_data(self, payload: bytes | memoryview, fin: bool) -> None: ...
+    # The peer's ACK (None), or why the stream was refused.
+    def on_answer(self, refusal: str | None) -> None: ...
+    # An RST came, or the tunnel connection is gone: the TCP connection ends at once.
+    def reset(self, reason: str, notify: bool = True) -> None: ...
+    # The room in the tunnel connection changed (blocked, open): read the TCP connection or not.
+    def _update_reading(self) -> None: ...
 
 
 class Mux(asyncio.Protocol):
@@ -48,7 +72,7 @@ class Mux(asyncio.Protocol):
         writer: asyncio.StreamWriter,
         *,
         peer: str,
-        on_open: Callable[[int], Stream] | None = None,
+        on_open: Callable[[int], StreamEnd] | None = None,
     ) -> None:
         self.peer = peer  # "the server" or "the client", for messages
         self._loop = asyncio.get_running_loop()
@@ -61,7 +85,7 @@ class Mux(asyncio.Protocol):
         assert isinstance(handshake, asyncio.Protocol)
         self._handshake = handshake
         self._on_open = on_open  # makes the stream for a SYN; None: the peer may not open streams
-        self.streams: dict[int, Stream] = {}
+        self.streams: dict[int, StreamEnd] = {}
         self.last_id = 0  # the highest stream id opened so far on this connection
         self._slow: set[int] = set()  # streams whose TCP peer is full: the connection is not read
         self.blocked = False  # the transport's buffer is full: no stream reads
@@ -71,7 +95,7 @@ class Mux(asyncio.Protocol):
 
     # --- streams ------------------------------------------------------------------------------
 
-    def open(self, stream: Stream) -> int:
+    def open(self, stream: StreamEnd) -> int:
         """Open a stream for a user (server side): SYN goes out now, the user's bytes follow."""
         self.last_id += 1
         self._register(stream, self.last_id)
@@ -79,18 +103,18 @@ class Mux(asyncio.Protocol):
         stream._update_reading()  # its bytes follow the SYN: they need not wait for the ACK
         return stream.stream_id
 
-    def accept(self, stream: Stream) -> None:
+    def accept(self, stream: StreamEnd) -> None:
         """Accept a stream the peer opened (client side: the local app answered)."""
         self._send(encode(DATA, ACK, stream.stream_id))
         stream.on_answer(None)
 
-    def forget(self, stream: Stream, reset: str | None) -> None:
+    def forget(self, stream: StreamEnd, reset: str | None) -> None:
         """The stream is over; with `reset`, tell the peer it was reset and why."""
         self.resume(stream)
         if self.streams.pop(stream.stream_id, None) is not None and reset is not None:
             self._send(encode(DATA, RST, stream.stream_id, reset.encode("ascii", "replace")[:MAX_LINE]))
 
-    def send(self, stream: Stream, data: bytes | memoryview, fin: bool = False) -> None:
+    def send(self, stream: StreamEnd, data: bytes | memoryview, fin: bool = False) -> None:
         """Send `stream`'s bytes (and with `fin`, its end) now, in frames of at most MAX_FRAME bytes."""
         view = memoryview(data)
         while True:
@@ -100,18 +124,18 @@ class Mux(asyncio.Protocol):
             if not view:
                 return
 
-    def pause(self, stream: Stream) -> None:
+    def pause(self, stream: StreamEnd) -> None:
         """`stream`'s TCP peer is full: stop reading the tunnel connection (every stream waits)."""
         self._slow.add(stream.stream_id)
         self._transport.pause_reading()
 
-    def resume(self, stream: Stream) -> None:
+    def resume(self, stream: StreamEnd) -> None:
         """`stream` caught up (or ended): read the tunnel connection again once no stream is full."""
         self._slow.discard(stream.stream_id)
         if not self._slow and self.failure is None and not self._transport.is_closing():
             self._transport.resume_reading()
 
-    def _register(self, stream: Stream, stream_id: int) -> None:
+    def _register(self, stream: StreamEnd, stream_id: int) -> None:
         stream.mux, stream.stream_id = self, stream_id
         self.streams[stream_id] = stream
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from .protocol import LINGER
 
-if TYPE_CHECKING:  # only for the type checker: relay.py is imported by mux.py, which imports this module
+if TYPE_CHECKING:  # only for the type checker (annotations); pages -> relay -> mux, and none imports back
     from .relay import Stream
 
 # How long we wait for a user's first bytes to tell whether they speak HTTP. Browsers
@@ -21,16 +21,6 @@ if TYPE_CHECKING:  # only for the type checker: relay.py is imported by mux.py, 
 SNIFF_TIMEOUT = 2.0
 # The start of a request: "GET /path HTTP/1.1".
 REQUEST_LINE = re.compile(rb"([A-Z]{3,10}) (\S{1,2000}) HTTP/\d")
-
-
-def printable(data: bytes) -> str:
-    """`data` as text fit for a log line: every byte that is not printable ASCII becomes \\xNN.
-
-    A path comes from anyone on the internet. Written raw, an ESC byte would start a
-    terminal escape sequence in the terminal that shows the log, a BEL would ring it and
-    a NUL would cut the line short for some tools.
-    """
-    return "".join(chr(byte) if 0x20 <= byte < 0x7F else f"\\x{byte:02x}" for byte in data)
 
 
 def error_page(cause: str) -> bytes:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from .protocol import ProtocolError
 
-if TYPE_CHECKING:  # only for the type checker: mux.py imports this module
+if TYPE_CHECKING:  # annotations alone; and never the reverse: mux.py knows a Stream only as a StreamEnd
     from .mux import Mux
 
 # How much of the first bytes read to keep: enough for an HTTP request line ("GET /path HTTP/1.1"),
@@ -48,7 +48,7 @@ class Flow:
 
 
 class Stream(asyncio.Protocol):
-    """A TCP connection relayed through one stream of a Mux."""
+    """A TCP connection relayed through one stream of a Mux, which sees it as a mux.StreamEnd."""
 
     transport: asyncio.Transport | None = None
 

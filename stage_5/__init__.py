@@ -1,6 +1,6 @@
 """Stage 5: flow control and fair turns: every stream has a window, and the streams take turns.
 
-Layout (the tunnel is stage 4's: every user a framed stream in the client's one connection):
+Layout (new in stage 5: budget.py, cli.py; stage 4's streams each get a window, and take turns):
 
 - `protocol.py`: the handshake's text lines (`hello`, `welcome`) and the two sides of it; the
   ports and timeouts, in one place.

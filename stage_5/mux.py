@@ -23,18 +23,48 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from . import frames
 from .frames import ACK, DATA, FIN, HEADER, MAX_FRAME, RST, SYN, WINDOW_UPDATE, Frame, encode
-from .pages import printable
-from .protocol import MAX_LINE, ProtocolError, TunnelError
-from .relay import Stream
+from .protocol import MAX_LINE, ProtocolError, TunnelError, printable
 
-log = logging.getLogger("stage_5.mux")
+log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024  # the most the event loop reads from a socket in one go anyway
 # Data frames are written while the connection's send buffer holds less than this.
 WRITE_HIGH = 128 * 1024
+
+
+class StreamEnd(Protocol):
+    """What the Mux needs of a stream's far end, the TCP connection it carries (relay.Stream is one).
+
+    A typing.Protocol: any class with these members is one, without naming it. So mux.py imports
+    nothing that touches a socket: relay.py builds on it, never the reverse, and this file reads alone
+    (yamux's session, too, keeps the streams' state and leaves the sockets to its caller).
+    """
+
+    # Set by _register: the stream sends its bytes through this Mux.
+    mux: "Mux | None"
+    # Set by _register: every frame for the stream carries it.
+    stream_id: int
+    # Done once the peer accepted (ACK) or refused the stream: data before the ACK is a broken peer.
+    answered: asyncio.Future[str | None]
+
+    # A DATA frame's bytes (and maybe the end) for the TCP peer.
+    def on_data(self, payload: bytes | memoryview, fin: bool) -> None: ...
+    # The peer's ACK (None), or why the stream was refused.
+    def on_answer(self, refusal: str | None) -> None: ...
+    # An RST came, or the tunnel connection is gone: the TCP connection ends at once.
+    def reset(self, reason: str, notify: bool = True) -> None: ...
+    # A WINDOW_UPDATE came: the peer has room for more of the stream's bytes.
+    def on_window(self, increment: int) -> None: ...
+    # Its turn to send: the next frame's payload (at most `limit` bytes) and whether FIN goes with it.
+    def take(self, limit: int) -> tuple[bytes | memoryview, bool] | None: ...
+    # After its turn: whether it queues again for another.
+    def has_more(self) -> bool: ...
+    # Its FIN is on its way: the stream may be over (both directions ended).
+    def after_fin_sent(self) -> None: ...
 
 
 class Mux(asyncio.Protocol):
@@ -52,7 +82,7 @@ class Mux(asyncio.Protocol):
         writer: asyncio.StreamWriter,
         *,
         peer: str,
-        on_open: Callable[[int], Stream] | None = None,
+        on_open: Callable[[int], StreamEnd] | None = None,
     ) -> None:
         self.peer = peer  # "the server" or "the client", for messages
         self._loop = asyncio.get_running_loop()
@@ -65,9 +95,9 @@ class Mux(asyncio.Protocol):
         assert isinstance(handshake, asyncio.Protocol)
         self._handshake = handshake
         self._on_open = on_open  # makes the stream for a SYN; None: the peer may not open streams
-        self.streams: dict[int, Stream] = {}
+        self.streams: dict[int, StreamEnd] = {}
         self.last_id = 0  # the highest stream id opened so far on this connection
-        self._ready: deque[Stream] = deque()  # streams with a frame to send, in turn
+        self._ready: deque[StreamEnd] = deque()  # streams with a frame to send, in turn
         self._scheduled: set[int] = set()
         self._blocked = False  # the transport's buffer is full: data frames wait
         self._drainer: asyncio.Task[None] | None = None
@@ -78,7 +108,7 @@ class Mux(asyncio.Protocol):
 
     # --- streams ------------------------------------------------------------------------------
 
-    def open(self, stream: Stream) -> int:
+    def open(self, stream: StreamEnd) -> int:
         """Open a stream for a user (server side): SYN goes out now, the user's bytes follow."""
         self.last_id += 1
         self._register(stream, self.last_id)
@@ -86,28 +116,28 @@ class Mux(asyncio.Protocol):
         self.schedule(stream)  # bytes that came before: optimistically, within the first window
         return stream.stream_id
 
-    def accept(self, stream: Stream) -> None:
+    def accept(self, stream: StreamEnd) -> None:
         """Accept a stream the peer opened (client side: the local app answered)."""
         self._send(encode(DATA, ACK, stream.stream_id))
         stream.on_answer(None)
 
-    def grant(self, stream: Stream, increment: int) -> None:
+    def grant(self, stream: StreamEnd, increment: int) -> None:
         """Let the peer send `increment` more bytes on `stream`."""
         self._send(frames.window_update(stream.stream_id, increment))
 
-    def forget(self, stream: Stream, reset: str | None) -> None:
+    def forget(self, stream: StreamEnd, reset: str | None) -> None:
         """The stream is over; with `reset`, tell the peer it was reset and why."""
         if self.streams.pop(stream.stream_id, None) is not None and reset is not None:
             self._send(encode(DATA, RST, stream.stream_id, reset.encode("ascii", "replace")[:MAX_LINE]))
 
-    def schedule(self, stream: Stream) -> None:
+    def schedule(self, stream: StreamEnd) -> None:
         """`stream` may have a frame to send: queue it for its turn, and send what can go now."""
         if stream.stream_id and stream.stream_id not in self._scheduled:
             self._scheduled.add(stream.stream_id)
             self._ready.append(stream)
         self._flush()
 
-    def _register(self, stream: Stream, stream_id: int) -> None:
+    def _register(self, stream: StreamEnd, stream_id: int) -> None:
         stream.mux, stream.stream_id = self, stream_id
         self.streams[stream_id] = stream
 

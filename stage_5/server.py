@@ -22,11 +22,11 @@ from . import pages
 from .budget import MEMORY_BUDGET, Budget, MiB
 from .cli import listen_port, positive_seconds, whole_number
 from .frames import INITIAL_WINDOW
-from .protocol import CONTROL_PORT, DATA_LIMIT, NETWORK_TIMEOUT, PROXY_TIMEOUT, PUBLIC_PORT, TunnelError
+from .protocol import CONTROL_PORT, DATA_LIMIT, NETWORK_TIMEOUT, PROXY_TIMEOUT, PUBLIC_PORT, TunnelError, printable
 from .relay import Stream
 from .session import Sessions
 
-log = logging.getLogger("stage_5.server")
+log = logging.getLogger(__name__)
 
 # Connections the kernel queues for us before we accept them. asyncio's default
 # of 100 makes a burst of users (200 browser tabs at once) wait for a SYN retry.
@@ -180,7 +180,7 @@ class Server:
     @staticmethod
     async def _refuse(stream: Stream, who: str, cause: str) -> None:
         sent = await pages.refuse(stream, cause)
-        log.warning("%s: %s; %s", who, pages.printable(cause.encode()), "sent a 502 page" if sent else "closed")
+        log.warning("%s: %s; %s", who, printable(cause.encode()), "sent a 502 page" if sent else "closed")
 
 
 def peername(transport: asyncio.BaseTransport) -> str:
@@ -208,7 +208,7 @@ async def run(host: str, ports: Ports, **options: Any) -> None:
 def main() -> None:
     """Command line: python3 -m stage_5.server [--host H] [--control-port P] [--public-port P] ..."""
     parser = argparse.ArgumentParser(
-        prog="python3 -m stage_5.server",
+        prog=f"python3 -m {__package__}.server",
         description="Relay every user of the public port through the tunnel client to its local app, as a stream.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from .mux import Mux
 from .protocol import NETWORK_TIMEOUT, Refused, TunnelError, Welcome, say_goodbye, server_handshake, write_message
 
-log = logging.getLogger("stage_5.session")
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Stage 6: heartbeats, reconnect and resume: a tunnel that outlives a sleeping laptop or a lost Wi-Fi.
 
-Layout (the tunnel is stage 5's: every user a framed stream in the client's one connection):
+Layout (new in stage 6: backoff.py; PING and GO_AWAY frames, and a session a client can resume):
 
 - `protocol.py`: the handshake's text lines (`hello`, `welcome`) and the two sides of it; the
   ports and timeouts, in one place.
@@ -13,11 +13,11 @@ Layout (the tunnel is stage 5's: every user a framed stream in the client's one 
 - `session.py`: the server's side of the tunnel connection: one client at a time, a reconnecting
   client resumes its session at once, a silent one is dropped.
 - `pages.py`: the 502 page an HTTP user gets when the tunnel can't serve them.
-- `server.py`: the control and public ports; `python -m stage_6.server` runs it.
+- `server.py`: the control and public ports; `python3 -m stage_6.server` runs it.
 - `backoff.py`, `cli.py`: the wait between reconnect attempts; the command lines' argument types.
 - `private.py`: the client's side of one user: the private connection to the local app.
 - `client.py`: keeps the tunnel connection up and relays every stream to the local app;
-  `python -m stage_6.client LOCAL [SERVER]` runs it.
-- `demo_app.py` and `__main__.py`: `python -m stage_6` runs a demo app, the server and the
+  `python3 -m stage_6.client LOCAL [SERVER]` runs it.
+- `demo_app.py` and `__main__.py`: `python3 -m stage_6` runs a demo app, the server and the
   client on this machine and prints the public URL.
 """

@@ -1,7 +1,7 @@
 """Stage 6 client: carry every user from the server to the local app, and keep the tunnel up.
 
-python -m stage_6.client localhost:8000                 # the server on localhost
-python -m stage_6.client localhost:8000 my.server       # the server on another machine
+python3 -m stage_6.client localhost:8000                 # the server on localhost
+python3 -m stage_6.client localhost:8000 my.server       # the server on another machine
 
 One connection to the server carries everything. The server opens a stream on it for each user
 (a SYN frame); the client dials the local app (the private connection) and relays the stream
@@ -31,7 +31,7 @@ from .protocol import (
 )
 from .relay import Stream
 
-log = logging.getLogger("stage_6.client")
+log = logging.getLogger(__name__)
 
 
 class Client:
@@ -133,9 +133,9 @@ class Client:
 
 
 def main() -> None:
-    """Command line: python -m stage_6.client LOCAL [SERVER] [--control-port P] ..."""
+    """Command line: python3 -m stage_6.client LOCAL [SERVER] [--control-port P] ..."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_6.client",
+        prog=f"python3 -m {__package__}.client",
         description="Open a tunnel from a stage 6 server to LOCAL, the app on this machine that users should reach.",
     )
     parser.add_argument("local", type=parse_address, metavar="LOCAL", help="the local app, as host:port")

@@ -30,7 +30,7 @@ from .protocol import (
     write_message,
 )
 
-log = logging.getLogger("stage_6.session")
+log = logging.getLogger(__name__)
 
 
 @dataclass

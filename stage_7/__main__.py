@@ -1,4 +1,4 @@
-"""The whole tunnel on one machine: `python -m stage_7` shows it working with zero setup.
+"""The whole tunnel on one machine: `python3 -m stage_7` shows it working with zero setup.
 
 It runs three things in one process, all on 127.0.0.1: a demo local app (demo_app.py), the
 server and the client, which share a fresh random secret. Then it prints the public URL: open
@@ -21,7 +21,7 @@ from .demo_app import DemoApp
 from .protocol import CONTROL_PORT, NETWORK_TIMEOUT, PUBLIC_PORT, TunnelError
 from .server import Server, listen_error
 
-log = logging.getLogger("stage_7.demo")
+log = logging.getLogger(f"{__package__}.demo")
 
 HOST = "127.0.0.1"  # the demo never leaves this machine
 
@@ -83,9 +83,9 @@ async def until_stopped(demo: Coroutine[None, None, None]) -> None:
 
 
 def main() -> None:
-    """Command line: python -m stage_7 [--public-port P] [--control-port P] [--app-port P]."""
+    """Command line: python3 -m stage_7 [--public-port P] [--control-port P] [--app-port P]."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_7",
+        prog=f"python3 -m {__package__}",
         description="Run a demo app, the tunnel server and the tunnel client on this machine, and print the URL.",
     )
     for role, default in (("public", PUBLIC_PORT), ("control", CONTROL_PORT)):

@@ -1,7 +1,7 @@
 """Stage 7 client: carry every user from the server to the local app, and keep the tunnel up.
 
-python -m stage_7.client localhost:8000                 # the server on localhost
-python -m stage_7.client localhost:8000 my.server       # with NGROK_SECRET set on both sides
+python3 -m stage_7.client localhost:8000                 # the server on localhost
+python3 -m stage_7.client localhost:8000 my.server       # with NGROK_SECRET set on both sides
 
 One connection to the server carries everything. The server opens a stream on it for each user
 (a SYN frame); the client dials the local app (the private connection) and relays the stream
@@ -31,7 +31,7 @@ from .protocol import (
 )
 from .relay import Stream
 
-log = logging.getLogger("stage_7.client")
+log = logging.getLogger(__name__)
 
 
 class Client:
@@ -135,9 +135,9 @@ class Client:
 
 
 def main() -> None:
-    """Command line: python -m stage_7.client LOCAL [SERVER] [--control-port P] [--secret S] ..."""
+    """Command line: python3 -m stage_7.client LOCAL [SERVER] [--control-port P] [--secret S] ..."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_7.client",
+        prog=f"python3 -m {__package__}.client",
         description="Open a tunnel from a stage 7 server to LOCAL, the app on this machine that users should reach.",
     )
     parser.add_argument("local", type=parse_address, metavar="LOCAL", help="the local app, as host:port")

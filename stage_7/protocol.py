@@ -187,3 +187,13 @@ async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         async with asyncio.timeout(LINGER):
             while await reader.read(64 * 1024):
                 pass
+
+
+def printable(data: bytes) -> str:
+    """`data` as text fit for a log line: every byte that is not printable ASCII becomes \\xNN.
+
+    A path comes from anyone on the internet. Written raw, an ESC byte would start a
+    terminal escape sequence in the terminal that shows the log, a BEL would ring it and
+    a NUL would cut the line short for some tools.
+    """
+    return "".join(chr(byte) if 0x20 <= byte < 0x7F else f"\\x{byte:02x}" for byte in data)

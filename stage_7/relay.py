@@ -35,7 +35,7 @@ from .budget import Budget
 from .frames import INITIAL_WINDOW, MAX_WINDOW, WINDOW
 from .protocol import ProtocolError
 
-if TYPE_CHECKING:  # only for the type checker: mux.py imports this module
+if TYPE_CHECKING:  # annotations alone; and never the reverse: mux.py knows a Stream only as a StreamEnd
     from .mux import Mux
 
 # How much of the first bytes read to keep: enough for an HTTP request line ("GET /path HTTP/1.1"),
@@ -60,7 +60,7 @@ class Flow:
 
 
 class Stream(asyncio.BufferedProtocol):
-    """A TCP connection relayed through one stream of a Mux, with flow control both ways."""
+    """A TCP connection relayed through one stream of a Mux (a mux.StreamEnd), with flow control both ways."""
 
     transport: asyncio.Transport | None = None
 

@@ -1,7 +1,7 @@
 """Stage 7 server: relay every public connection through the client to the local app, as a stream.
 
-python -m stage_7.server                    # then: python -m stage_7.client localhost:8000
-python -m stage_7.server --host 0.0.0.0     # on a VPS: set NGROK_SECRET on both sides first
+python3 -m stage_7.server                    # then: python3 -m stage_7.client localhost:8000
+python3 -m stage_7.server --host 0.0.0.0     # on a VPS: set NGROK_SECRET on both sides first
 
 The client's one connection lives in session.py (auth, one tunnel, heartbeats) and mux.py (its
 streams); here are the ports, the users, and the page a user gets when the tunnel can't serve them.
@@ -31,11 +31,12 @@ from .protocol import (
     PROXY_TIMEOUT,
     PUBLIC_PORT,
     TunnelError,
+    printable,
 )
 from .relay import Stream
 from .session import Sessions
 
-log = logging.getLogger("stage_7.server")
+log = logging.getLogger(__name__)
 
 # Connections the kernel queues for us before we accept them. asyncio's default
 # of 100 makes a burst of users (200 browser tabs at once) wait for a SYN retry.
@@ -197,7 +198,7 @@ class Server:
     @staticmethod
     async def _refuse(stream: Stream, who: str, cause: str) -> None:
         sent = await pages.refuse(stream, cause)
-        log.warning("%s: %s; %s", who, pages.printable(cause.encode()), "sent a 502 page" if sent else "closed")
+        log.warning("%s: %s; %s", who, printable(cause.encode()), "sent a 502 page" if sent else "closed")
 
 
 def peername(transport: asyncio.BaseTransport) -> str:
@@ -223,9 +224,9 @@ async def run(host: str, ports: Ports, **options: Any) -> None:
 
 
 def main() -> None:
-    """Command line: python -m stage_7.server [--host H] [--control-port P] [--public-port P] ..."""
+    """Command line: python3 -m stage_7.server [--host H] [--control-port P] [--public-port P] ..."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_7.server",
+        prog=f"python3 -m {__package__}.server",
         description="Relay every user of the public port through the tunnel client to its local app, as a stream.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")

@@ -1,6 +1,6 @@
 """Stage 8: error pages and the request log: every failure named to the user, one log line per request.
 
-Layout (the tunnel is stage 7's: every user a framed stream in the client's one connection):
+Layout (no new module in stage 8: pages.py gains the 503 and 504 pages, and the request log's line):
 
 - `protocol.py`: the handshake's text lines (`hello`, `challenge`, `auth`, `welcome`); the ports
   and timeouts, in one place.
@@ -16,11 +16,11 @@ Layout (the tunnel is stage 7's: every user a framed stream in the client's one 
   client resumes its session at once, a silent one is dropped.
 - `pages.py`: the 502/503/504 pages an HTTP user gets when the tunnel can't serve them, and the
   request log's summary of each request.
-- `server.py`: the control and public ports; `python -m stage_8.server` runs it.
+- `server.py`: the control and public ports; `python3 -m stage_8.server` runs it.
 - `backoff.py`, `cli.py`: the wait between reconnect attempts; the command lines' argument types.
 - `private.py`: the client's side of one user: the private connection to the local app.
 - `client.py`: keeps the tunnel connection up and relays every stream to the local app;
-  `python -m stage_8.client LOCAL [SERVER]` runs it.
-- `demo_app.py` and `__main__.py`: `python -m stage_8` runs a demo app, the server and the
+  `python3 -m stage_8.client LOCAL [SERVER]` runs it.
+- `demo_app.py` and `__main__.py`: `python3 -m stage_8` runs a demo app, the server and the
   client on this machine and prints the public URL.
 """

@@ -31,7 +31,7 @@ from .protocol import (
     write_message,
 )
 
-log = logging.getLogger("stage_8.session")
+log = logging.getLogger(__name__)
 
 
 @dataclass

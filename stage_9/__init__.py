@@ -1,6 +1,6 @@
-"""Stage 9: one connection for everything: every user a framed stream in the client's one connection.
+"""Stage 9: limits: descriptors, timeouts and bounds, so that no user can take the tunnel from the others.
 
-Layout (new in stage 5: frames.py, mux.py, budget.py; gone: stage 4's pairing.py and its proxy port):
+Layout (new in stage 9: limits.py; relay.py gains the idle and half-closed timeouts):
 
 - `protocol.py`: the handshake's text lines (`hello`, `challenge`, `auth`, `welcome`); every
   timeout and limit, in one place.
@@ -16,11 +16,11 @@ Layout (new in stage 5: frames.py, mux.py, budget.py; gone: stage 4's pairing.py
   client resumes its session at once, a silent one is dropped.
 - `pages.py`: the 502/503/504 pages an HTTP user gets when the tunnel can't serve them.
 - `limits.py`: the descriptor limit, and accept loops with slots.
-- `server.py`: the control and public ports; `python -m stage_9.server` runs it.
+- `server.py`: the control and public ports; `python3 -m stage_9.server` runs it.
 - `backoff.py`, `cli.py`: the wait between reconnect attempts; the command lines' argument types.
 - `private.py`: the client's side of one user: the private connection to the local app.
 - `client.py`: keeps the tunnel connection up and relays every stream to the local app;
-  `python -m stage_9.client LOCAL [SERVER]` runs it.
-- `demo_app.py` and `__main__.py`: `python -m stage_9` runs a demo app, the server and the
+  `python3 -m stage_9.client LOCAL [SERVER]` runs it.
+- `demo_app.py` and `__main__.py`: `python3 -m stage_9` runs a demo app, the server and the
   client on this machine and prints the public URL.
 """

@@ -7,7 +7,7 @@ logs a traceback and retries at once, up to `backlog` times per wake-up: a serve
 600 idle connections of an attacker burns most of a core and writes megabytes of log while
 its real users time out.
 
-So this stage does two things. It raises the soft limit to the hard one at start. And it
+So the server does two things. It raises the soft limit to the hard one at start. And it
 accepts connections itself, one at a time, each taking a *slot*: a semaphore sized below the
 limit. When a port's slots run out, it stops calling accept(); new connections wait in the
 kernel's queue (the backlog) until a connection closes and gives its slot back.
@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Callable, Coroutine
 
-log = logging.getLogger("stage_9.server")
+log = logging.getLogger(f"{__package__}.server")
 
 # Descriptors kept back for what is not an accepted connection: stdio, the listening
 # sockets, the log file, a DNS lookup's socket.
@@ -53,7 +53,7 @@ def raise_fd_limit() -> tuple[int, int]:
 def slots_for(fd_limit: int) -> dict[str, int]:
     """Share the descriptors between the two ports.
 
-    Stage 4 kept half of them for proxy connections, one per user. Stage 9 has none: a user
+    Stage 3 also spent a proxy connection, one per user. Stage 9 has none: a user
     costs the server one descriptor, so the public port gets all the rest.
     """
     usable = max(fd_limit - RESERVE, 2 * 4)
@@ -91,7 +91,7 @@ class Listener:
                 continue
             # WHY: Nagle's algorithm off, as asyncio does for the connections it opens. It would hold a
             # small write back until the previous one is acknowledged, and the peer delays its ACK by up
-            # to 40 ms: stage 5 measured ~44 ms to the first byte of every user but the first (the SYN
+            # to 40 ms: we measured ~44 ms to the first byte of every user but the first (the SYN
             # frame, then the user's bytes in a second write). asyncio sets TCP_NODELAY only on sockets
             # made with proto=IPPROTO_TCP, and socket.create_server's (and so accept()'s) have proto 0.
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

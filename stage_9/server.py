@@ -1,7 +1,7 @@
 """Stage 9 server: relay every public connection through the client to the local app, as a stream.
 
-python -m stage_9.server                    # then: python -m stage_9.client localhost:8000
-python -m stage_9.server --host 0.0.0.0     # on a VPS: set NGROK_SECRET on both sides first
+python3 -m stage_9.server                    # then: python3 -m stage_9.client localhost:8000
+python3 -m stage_9.server --host 0.0.0.0     # on a VPS: set NGROK_SECRET on both sides first
 
 The client's one connection lives in session.py (auth, one tunnel, heartbeats) and mux.py (its
 streams); here are the ports, the users, and what a user sees when the tunnel can't serve them.
@@ -39,11 +39,12 @@ from .protocol import (
     PROXY_TIMEOUT,
     PUBLIC_PORT,
     TunnelError,
+    printable,
 )
 from .relay import Stream, Timeouts
 from .session import Sessions
 
-log = logging.getLogger("stage_9.server")
+log = logging.getLogger(__name__)
 
 # Connections the kernel queues for us before we accept them. asyncio's default
 # of 100 makes a burst of users (200 browser tabs at once) wait for a SYN retry.
@@ -197,7 +198,7 @@ class Server:
             return
         stream.charge(self.budget)
         # Open at once, and send the user's first bytes right behind the SYN, within the stream's
-        # first window: no round trip to wait for (stage 4 waited for a whole proxy connection).
+        # first window: no round trip to wait for (stage 3 waited for a whole proxy connection).
         stream_id = mux.open(stream)
         who = f"{peer}: stream {stream_id}"
         log.debug("%s: opened", who)
@@ -228,7 +229,7 @@ class Server:
     @staticmethod
     async def _refuse(stream: Stream, who: str, status: int, cause: str) -> None:
         sent = await pages.refuse(stream, status, cause)
-        log.warning("%s: %s; %s", who, pages.printable(cause.encode()), f"sent a {status} page" if sent else "closed")
+        log.warning("%s: %s; %s", who, printable(cause.encode()), f"sent a {status} page" if sent else "closed")
 
 
 def hold(counts: Counter[str], source: str, until: asyncio.Future[None]) -> None:
@@ -266,9 +267,9 @@ async def run(host: str, ports: Ports, **options: Any) -> None:
 
 
 def main() -> None:
-    """Command line: python -m stage_9.server [--host H] [--control-port P] [--public-port P] ..."""
+    """Command line: python3 -m stage_9.server [--host H] [--control-port P] [--public-port P] ..."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage_9.server",
+        prog=f"python3 -m {__package__}.server",
         description="Relay every user of the public port through the tunnel client to its local app, as a stream.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")

@@ -1,6 +1,6 @@
 """The server side of the tunnel connection: who holds the tunnel, and is it still alive?
 
-Stage 4's control connection, which now carries everything: after the handshake, this module
+Stage 3's control connection, which now carries everything: after the handshake, this module
 runs a Mux on it (mux.py), and the server opens a stream on it for each user.
 
 - Auth: only a client that knows the secret gets in (the handshake is in auth.py). An address
@@ -12,7 +12,7 @@ runs a Mux on it (mux.py), and the server opens a stream on it for each user.
 - Heartbeats: a tunnel connection silent for longer than the heartbeat timeout is dead.
   Dropping it frees the tunnel, and the users waiting for it get an error page, not a hang.
   Users whose streams ran on it lose their connections: with one connection for everything,
-  nothing of a user survives that connection (stage 4's proxy connections did).
+  nothing of a user survives that connection (stage 3's proxy connections did).
 """
 
 import asyncio
@@ -36,7 +36,7 @@ from .protocol import (
     write_message,
 )
 
-log = logging.getLogger("stage_9.session")
+log = logging.getLogger(__name__)
 
 
 @dataclass

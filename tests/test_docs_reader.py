@@ -70,6 +70,7 @@ def test_generated_diffs_are_not_in_the_search_index(site: Path) -> None:
 # --- in a real browser ------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(test_docs_site.BROWSER_WALK_TIMEOUT)
 def test_stage_code_fits_a_1280_px_screen(site: Path, served: str, browser: Any) -> None:
     """Stage code is 120 columns (ruff's line length): at 1280 px no listing or diff scrolls sideways."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
@@ -130,6 +131,7 @@ def test_sequence_arrowheads_are_visible_in_dark_mode(served: str, browser: Any,
     assert not faint, f"{path}: arrowheads hard to see on {background}: {faint}"
 
 
+@pytest.mark.timeout(test_docs_site.BROWSER_WALK_TIMEOUT)
 def test_the_built_site_works_opened_from_disk(site: Path, browser: Any) -> None:
     """site/ opened with file://: links lead to pages (not folder listings), diagrams draw, search answers."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
@@ -200,6 +202,7 @@ def wait_for_diagrams(page: Any, built: str, path: str) -> None:
         )
 
 
+@pytest.mark.timeout(test_docs_site.BROWSER_WALK_TIMEOUT)
 def test_no_diagram_text_is_smaller_than_10_px_at_1280_px(site: Path, served: str, browser: Any) -> None:
     """A diagram too wide for the column is shrunk to fit: its labels must stay readable (issue 24)."""
     context = browser.new_context(viewport=SCREEN)
@@ -237,6 +240,7 @@ def page_order(item: tuple[float, str]) -> tuple[str, int]:
     return (name.rstrip("0123456789"), int(name[len(name.rstrip("0123456789")) :] or -1))
 
 
+@pytest.mark.timeout(test_docs_site.BROWSER_WALK_TIMEOUT)
 def test_no_page_is_longer_than_40_screens(site: Path, served: str, browser: Any) -> None:
     """At 1280x800 with every <details> closed, a page is at most 40 screens (issue 24): fold or split the rest."""
     context = browser.new_context(viewport=SCREEN)

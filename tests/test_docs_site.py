@@ -33,6 +33,10 @@ STAGES = sorted(int(p.name.removeprefix("stage_")) for p in ROOT.glob("stage_*")
 # The site is built for reading from disk too (Material's offline plugin): a page is NAME.html.
 PAGES = ["index", *(f"stage-{n}" for n in STAGES), "protocol", "differences", "instructor"]
 PAGES += ["troubleshooting", "real-tunnels"]
+# The tests that walk every page in Chromium take a few seconds a page on a loaded 2-core machine: their
+# bound grows with the site (16 stage pages and the docs/*.md pages), as the pages do.
+PAGE_COUNT = len(STAGES) + len(list((ROOT / "docs").glob("*.md")))
+BROWSER_WALK_TIMEOUT = 30 + 6 * PAGE_COUNT
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Headless Chromium as root, talking to nothing but loopback (see FACTS: every flag is needed here).
 BROWSER_ARGS = [
@@ -284,6 +288,7 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+@pytest.mark.timeout(BROWSER_WALK_TIMEOUT)
 def test_pages_render_in_chromium_with_no_network(site: Path, served: str, tmp_path: Path) -> None:
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"needs Chromium at {CHROMIUM} (Debian package `chromium`; .ci/run installs it)")

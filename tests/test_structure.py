@@ -5,12 +5,9 @@ over the repository's stages.
 """
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT))  # last: workshop mode puts the stages (or a learner's copies) first
@@ -128,21 +125,6 @@ def test_stages_go_in_numeric_order(tmp_path: Path) -> None:
     assert imports.stages(tmp_path) == ["stage_1", "stage_9", "stage_10"]
 
 
-# What the repository's stages still do wrong (issue 24), line numbers left out: the structure change
-# in progress fixes them. No other problem may appear meanwhile.
-KNOWN = {
-    f"{name}: import cycle mux -> {via}relay -> mux ({files})"
-    for name in ("stage_9", "stage_12", "stage_15")
-    for via, files in (("", "mux.py:N, relay.py:N"), ("pages -> ", "mux.py:N, pages.py:N, relay.py:N"))
-} | {"stage_15/inspector.py:N: client-side inspector imports server-side server (the client would load the server)"}
-
-
-def test_the_repository_has_no_structure_problem_but_the_known_ones() -> None:
-    found = {re.sub(r"\.py:\d+", ".py:N", problem) for problem in imports.check(ROOT)}
-    assert found <= KNOWN, "\n".join(sorted(found - KNOWN))
-
-
-@pytest.mark.xfail(strict=True, reason="issue 24: fixed by the structure change in progress")
 def test_the_repository_has_no_structure_problem() -> None:
     problems = imports.check(ROOT)
     assert not problems, "\n".join(problems)

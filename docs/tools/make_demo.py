@@ -28,8 +28,8 @@ OUTPUT = ROOT / "docs" / "assets" / "demo.svg"
 DEMO_STAGE = max(int(p.parent.name.removeprefix("stage_")) for p in ROOT.glob("stage_[0-9]*/__main__.py"))
 DEMO = f"python3 -m stage_{DEMO_STAGE}"
 USER_COMMANDS = [
-    "curl -s http://127.0.0.1:60624/hello",
-    "curl -s http://127.0.0.1:60624/hello/world | grep '<p>You'",
+    "curl -s http://hello.localhost:60624/hello",
+    "curl -s http://world.localhost:60624/hello/world | grep '<p>You'",
 ]
 PAUSE = 1.2  # seconds "typing" before each of the user's commands, so the picture reads naturally
 
