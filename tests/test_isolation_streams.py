@@ -280,7 +280,7 @@ async def test_an_apps_reset_reaches_its_user_as_a_reset(stage: str) -> None:
 async def https_user(stage: str, path: str) -> AsyncIterator[tuple[App, asyncio.StreamReader, asyncio.StreamWriter]]:
     """A server whose public port speaks HTTPS, an HTTP tunnel to an App, and a user who asked it for `path`."""
     if not has_tls(stage):
-        pytest.skip("HTTPS users come with stage 6")
+        pytest.skip("HTTPS users come with stage 12")
     server = importlib.import_module(f"{stage}.server").Server(
         secret=SECRET, domain=tls_certs.DOMAIN, https=tls_certs.server_context(), **server_options(stage)
     )

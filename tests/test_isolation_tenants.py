@@ -53,6 +53,7 @@ from support import (
     client_ports,
     control_connection,
     exchange,
+    first_and_last,
     has_tls,
     hello,
     open_connection,
@@ -363,6 +364,7 @@ async def test_a_client_behind_a_squatters_address_waits_for_a_kept_tunnel_to_en
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("named", first_and_last(NAMED))  # 32 s of waiting each: the first stage and the last
 async def test_a_client_away_longer_than_a_heartbeat_and_half_a_minute_gets_its_name_back_not_a_squatter(
     named: str,
 ) -> None:
