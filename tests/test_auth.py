@@ -59,7 +59,8 @@ class Wire:
 
     def hello(self, session_id: str | None = None) -> object:
         """The Hello the server reads from a client resuming `session_id` (or a new one)."""
-        return self.proto.Hello("http", "myapp", session_id) if self.tunnels else self.proto.Hello(session_id)
+        # A TCP tunnel by port: valid from stage 10 on (an http tunnel is named by a port in stage 10, by name from 11).
+        return self.proto.Hello("tcp", "8080", session_id) if self.tunnels else self.proto.Hello(session_id)
 
     def asks(self, session_id: str | None = None) -> object:
         """What client_handshake takes after the secret to send that hello."""
@@ -67,9 +68,7 @@ class Wire:
 
     @property
     def welcome(self) -> object:
-        return (
-            self.proto.Welcome("s1", "myapp", "http://myapp.localhost/") if self.tunnels else self.proto.Welcome("s1")
-        )
+        return self.proto.Welcome("s1", "8080", "tcp://localhost:8080") if self.tunnels else self.proto.Welcome("s1")
 
     @property
     def hello_line(self) -> bytes:
