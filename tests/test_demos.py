@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from support import STEP_TIMEOUT, CliProcess, has_inspector, has_tls, http_get
+from support import STEP_TIMEOUT, CliProcess, has, has_inspector, http_get
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every stage with a demo (a __main__.py), in ladder order: a new stage joins by having one.
@@ -163,7 +163,7 @@ async def check_demo(stage: str, work: Path, stop: signal.Signals, during_certif
             await demo.expect(rf"port {usual['public']} on 127\.0\.0\.1 is already in use.*takes free ports instead")
             if "inspect" in usual:
                 await demo.expect(rf"port {usual['inspect']} on 127\.0\.0\.1 is already in use.*takes a free port")
-            host = r"hello\.localhost" if has_tls(stage) else r"127\.0\.0\.1"
+            host = r"hello\.localhost" if has(stage, "names") else r"127\.0\.0\.1"
             url, name, port = (await demo.expect(rf"(http://({host}):(\d+)/)")).groups()
             if int(port) in usual.values():
                 problems.append(f"the public URL {url} has a usual port, which is taken")

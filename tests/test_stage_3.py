@@ -30,8 +30,8 @@ from support import (
     client_ports,
     exchange,
     free_port,
+    has,
     has_proxy_port,
-    has_tls,
     http_get,
     open_connection,
     pattern_bytes,
@@ -193,8 +193,8 @@ async def test_cli_server_and_client_serve_the_local_app_and_stop_on_ctrl_c(
 async def test_cli_demo_prints_a_public_url_that_serves_the_demo_page(cli: CliProcess.Factory, stage: str) -> None:
     """`python -m stage_N`: zero setup, one command (ports 0 here, so that tests never collide)."""
     demo = await cli("-m", stage, *server_port_flags(stage))
-    # From stage 6 on, the demo's tunnels have names: its first URL is http://hello.localhost:PORT/.
-    host = r"hello\.localhost" if has_tls(stage) else r"127\.0\.0\.1"
+    # From stage 11 on, the demo's tunnels have names: its first URL is http://hello.localhost:PORT/.
+    host = r"hello\.localhost" if has(stage, "names") else r"127\.0\.0\.1"
     url, named, port = (await demo.expect(rf"(http://({host}):(\d+)/)")).groups()
     await demo.expect(rf"curl {re.escape(url)}")
     status, body = await http_get(int(port), "/hello/tunnel", host=f"{named}:{port}")
