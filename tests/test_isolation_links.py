@@ -7,15 +7,15 @@ client's one connection over a veth pair shaped to 250 Mbit/s each way. On such 
 the app sends wait for the link in the client, and the bytes that crossed it wait for users in the
 server: what loopback hides shows (a kernel there absorbs about a megabyte per socket).
 
-- Downloaders who never read (stages 5-7): DOWNLOADERS users ask the app for EACH bytes each and
+- Downloaders who never read (stage 5 on): DOWNLOADERS users ask the app for EACH bytes each and
   read nothing for STALL seconds; the server runs with `--memory-budget 16`, and a bound on streams
   per address high enough that the budget alone is tested, and the server host's kernel send buffers
   held at 128 KiB (USER_SNDBUF: else the kernel, not the server, holds the stall's bytes). The
-  server's and the client's VmRSS stay within their base + 16 MiB + BUDGET_SLACK (stage 7's client
+  server's and the client's VmRSS stay within their base + 16 MiB + BUDGET_SLACK (stage 14's client
   also keeps its inspector's ring); no more users get bytes than the budget has first windows for
   (the others wait for room); then every user reads everything and gets all its bytes, intact: the
   bound held the bytes back, it lost none.
-- One source can't take a tunnel's streams (stages 5-7): one address opens MAX_STREAMS_PER_ADDRESS +
+- One source can't take a tunnel's streams (stage 9 on): one address opens MAX_STREAMS_PER_ADDRESS +
   EXTRA kept-alive connections through the tunnel: those past the bound get the 503 page, while a
   user from a second address of the server host still gets a 200 through the tunnel.
 
@@ -46,15 +46,15 @@ from hardening import MiB, RssWatch, has_proc, rss_bytes, stage_module
 from link_lab import SERVER_IP, LinkLab
 
 from nat_lab import APP_PORT, CONTROL_PORT, PUBLIC_PORT, STEP_TIMEOUT, LabProcess
-from support import client_flags, connect_all, has, has_inspector, has_tls, stages_from, tls_flags
+from support import client_flags, connect_all, has, has_inspector, has_tunnels, stages_from, tls_flags
 
 HERE = Path(__file__).resolve()
 REASON = link_lab.probe() if has_proc() else "needs Linux /proc to read the processes' memory"
 # The memory budget came with flow control (stage 5); the streams per address with the limits (stage 9).
 # A second address of the server host (the same reserved /24 as the lab's): another source of users.
 OTHER_IP = "198.51.100.3"
-TCP_TUNNEL = r"tcp port listening on \S+:(\d+)"  # from stage 6 on, the server logs the TCP tunnel's port
-NAME = "app"  # the HTTP tunnel's name from stage 6 on: users say Host: app.localhost
+TCP_TUNNEL = r"tcp port listening on \S+:(\d+)"  # from stage 10 on, the server logs the TCP tunnel's port
+NAME = "app"  # the HTTP tunnel's name from stage 11 on: users say Host: app.localhost
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(REASON is not None, reason=f"link lab: {REASON}")]
 
@@ -64,8 +64,10 @@ async def start_tunnel(
 ) -> tuple[LabProcess, LabProcess, int, str]:
     """The stage's server on the server host and its client at home, in front of the app on APP_PORT.
 
-    `kind`: "tcp" (from stage 6 on a TCP tunnel, on a port the server picks) or "http" (from stage 6 on an
-    HTTP tunnel named NAME). Returns them, the port users connect to and the Host header they send.
+    `kind`: "tcp" (from stage 10 on a TCP tunnel, on a port the server picks) or "http" (stage 10: the
+    server's public port, which the first client holds; from stage 11 on an HTTP tunnel named NAME).
+    Before stage 10 the one client's users come to the public port. Returns the server, the client,
+    the port users connect to and the Host header they send.
     """
     env = {"NGROK_SECRET": secrets.token_urlsafe(16)}
     ports = {"control": CONTROL_PORT, "public": PUBLIC_PORT}
@@ -73,16 +75,15 @@ async def start_tunnel(
     flags += tls_flags(stage) + list(server_args)
     server = await lab.start("server", "server", "-m", f"{stage}.server", "--host", SERVER_IP, *flags, env=env)
     await server.expect(rf"public port listening on {re.escape(SERVER_IP)}:{PUBLIC_PORT}")
-    wanted = client_flags(stage, {"control": CONTROL_PORT})
-    if kind == "http" and has_tls(stage):
-        wanted = [flag for flag in wanted if flag != "--tcp"] + ["--name", NAME]
+    wanted = client_flags(stage, {"control": CONTROL_PORT})  # --tcp from stage 10 on
+    if kind == "http":
+        wanted = [flag for flag in wanted if flag != "--tcp"] + (["--name", NAME] if has(stage, "names") else [])
     local = f"127.0.0.1:{APP_PORT}"
     client = await lab.start("home", "client", "-m", f"{stage}.client", local, SERVER_IP, *wanted, env=env)
     await client.expect(r"tunnel up")
-    if not has_tls(stage):
-        return server, client, PUBLIC_PORT, "localhost"
-    if kind == "http":
-        return server, client, PUBLIC_PORT, f"{NAME}.localhost:{PUBLIC_PORT}"
+    if kind == "http" or not has_tunnels(stage):
+        host = f"{NAME}.localhost:{PUBLIC_PORT}" if has(stage, "names") else "localhost"
+        return server, client, PUBLIC_PORT, host
     match = re.search(TCP_TUNNEL, await server.expect(TCP_TUNNEL))  # expect() returns the line
     assert match is not None
     return server, client, int(match[1]), ""

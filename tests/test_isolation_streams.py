@@ -43,6 +43,7 @@ from support import (
     client_options,
     control_connection,
     has_tls,
+    has_tunnels,
     hello,
     open_connection,
     server_options,
@@ -122,7 +123,7 @@ class Cable:
 
 @contextlib.asynccontextmanager
 async def tunnel_of(stage: str, cable: bool = False) -> AsyncIterator[tuple[Tunnel, Cable | None]]:
-    """The stage's server and client with a secret (TLS and a TCP tunnel from stage 6 on), and an App.
+    """The stage's server and client with a secret (a TCP tunnel from stage 10 on, TLS from 12), and an App.
 
     With `cable`, the client reaches the server through a Cable the test can cut.
     """
@@ -381,7 +382,7 @@ class Raw:
         reader, writer = await control_connection(stage, ports.control)
         auth = importlib.import_module(f"{stage}.auth")
         welcome = await auth.client_handshake(reader, writer, SECRET, hello(stage))
-        port = int(welcome.url.rsplit(":", 1)[1]) if has_tls(stage) else ports.public  # stage 6 on: a TCP tunnel
+        port = int(welcome.tunnel) if has_tunnels(stage) else ports.public  # stage 10 on: a TCP tunnel of its own
         return cls(stage, reader, writer, port)
 
     def send(self, flags: int, stream_id: int, payload: bytes = b"") -> None:
