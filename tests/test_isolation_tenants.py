@@ -4,15 +4,16 @@ Issue 23, "Strangers and tenants", one section per hole, each reproduced as the 
 client would meet it: real sockets, the stage's real server and client (in this process, or through
 the command line), on 127.0.0.1; the multiplexed stages' floods also cross a shaped link (link_lab.py).
 
-- Lockout by a stranger (stages 4-7): wrong answers from the client's address must slow the guesser,
+- Lockout by a stranger (stage 9 on): wrong answers from the client's address must slow the guesser,
   never make a correctly configured client give up (`busy`, not `error`); a wrong secret of the client
   itself stays a final one-line error.
-- Name squatting (stages 6, 7): a source address holds a bounded number of tunnels, and a name comes
+- Name squatting (stage 11 on): a source address holds a bounded number of tunnels, and a name comes
   back to the client that held it (its session), even after a longer absence than a heartbeat.
-- Control frames (stages 5-7): a peer that floods frames without data (PING|ACK) is cut, with one
-  log line, before it can slow anyone else's tunnel.
-- Streams (stages 5-7): one source address holds a bounded share of a tunnel's streams, and a
-  kept-alive connection left idle is closed after the keep-alive timeout (a long poll is not).
+- Control frames (stage 9 on): a peer that floods frames without data (PING|ACK) is cut, with one
+  log line, before it can slow anyone else's tunnel (another tenant's, from stage 10 on).
+- Streams (stage 9 on): one source address holds a bounded share of a tunnel's streams, and a
+  kept-alive connection left idle is closed after the keep-alive timeout (a long poll is not); a
+  TCP tunnel's user (stage 10 on) is not.
 """
 
 import asyncio
@@ -54,7 +55,9 @@ from support import (
     control_connection,
     exchange,
     first_and_last,
+    has,
     has_tls,
+    has_tunnels,
     hello,
     open_connection,
     pattern_bytes,
@@ -87,14 +90,21 @@ def stage(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-# Names and the bound on tunnels per address come with stage 11; these tests' fixtures speak TLS (12 on).
-# Stages 10 and 11 are not yet covered here (left for a retarget of the fixtures).
-NAMED = stages_from("tls")
+# Many clients, each a tunnel of its own (a TCP port), came with stage 10; names, and the bound on
+# tunnels per address, with stage 11. Before stage 12 the control connection is plain TCP.
+TENANTS = stages_from("tenants")
+NAMED = stages_from("names")
+
+
+@pytest.fixture(params=TENANTS)
+def tenant(request: pytest.FixtureRequest) -> str:
+    """The stages whose server holds many tunnels, each client's its own (a TCP port)."""
+    return str(request.param)
 
 
 @pytest.fixture(params=NAMED)
 def named(request: pytest.FixtureRequest) -> str:
-    """The stages whose server holds many tunnels, by name (or TCP port)."""
+    """The stages whose server holds many tunnels by name, at most MAX_TUNNELS_PER_ADDRESS per address."""
     return str(request.param)
 
 
@@ -197,7 +207,7 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
         writer.write_eof()
 
 
-# --- lockout by a stranger (stages 4-7) -----------------------------------------------------------
+# --- lockout by a stranger (stage 9 on) -----------------------------------------------------------
 
 
 async def guess_wrong(stage: str, control_port: int, times: int) -> list[str]:
@@ -301,7 +311,7 @@ async def test_a_wrong_secret_of_the_client_itself_is_still_final_in_one_line(
     assert "Traceback" not in client.output
 
 
-# --- name squatting (stages 6, 7) -----------------------------------------------------------------
+# --- name squatting (stage 11 on) -----------------------------------------------------------------
 
 
 async def ask(stage: str, control_port: int, tunnel: str | None, secret: str | None, source: str = "127.0.0.1") -> str:
@@ -310,10 +320,9 @@ async def ask(stage: str, control_port: int, tunnel: str | None, secret: str | N
     'welcome NAME', or the error the stage's client would raise ('the server says not now: ...').
     """
     protocol_module, auth = protocol(stage), stage_module(stage, "auth")
+    tls = tls_certs.client_context() if has_tls(stage) else None  # TLS from stage 12 on
     async with asyncio.timeout(STEP_TIMEOUT):
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", control_port, ssl=tls_certs.client_context(), local_addr=(source, 0)
-        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", control_port, ssl=tls, local_addr=(source, 0))
     try:
         async with asyncio.timeout(STEP_TIMEOUT):
             welcome = await auth.client_handshake(reader, writer, secret, protocol_module.Hello("http", tunnel))
@@ -423,7 +432,7 @@ async def test_the_bound_on_tunnels_per_address_is_an_option_checked_for_range(
     await accepted(cli, *command, "--max-tunnels-per-address", "64")
 
 
-# --- one tenant slows every tunnel: frames without data (stages 5-7) --------------------------------
+# --- one tenant slows every tunnel: frames without data (stage 9 on) --------------------------------
 
 # What the server says (GO_AWAY) to a peer it cuts for a flood.
 FLOODED = "the client sends more frames without data than ours call for (a flood)"
@@ -513,19 +522,19 @@ async def test_a_peer_flooding_frames_without_data_is_cut_with_one_log_line(
         assert len(re.findall(r"a flood", caplog.text)) == 1, caplog.text
 
 
-async def test_another_tunnel_serves_on_while_a_tenant_floods(named: str, caplog: pytest.LogCaptureFixture) -> None:
+async def test_another_tunnel_serves_on_while_a_tenant_floods(tenant: str, caplog: pytest.LogCaptureFixture) -> None:
     """Two tenants: one floods, the other's users are served all along, and its client is never cut."""
-    server = stage_module(named, "server").Server(secret=SECRET, **server_options(named))
+    server = stage_module(tenant, "server").Server(secret=SECRET, **server_options(tenant))
     ports = await server.listen("127.0.0.1", 0, 0)
     async with Background(server.serve()), EchoServer() as app:
-        client = stage_module(named, "client").Client(
-            ("127.0.0.1", app.port), "127.0.0.1", ports.control, secret=SECRET, **client_options(named)
+        client = stage_module(tenant, "client").Client(
+            ("127.0.0.1", app.port), "127.0.0.1", ports.control, secret=SECRET, **client_options(tenant)
         )
         async with Background(client.run()) as running:
             await up(client, running)
             public = await users_port(ports, client)
-            connect = functools.partial(control_connection, named, ports.control)
-            flooding = asyncio.ensure_future(flood_pings(named, connect))
+            connect = functools.partial(control_connection, tenant, ports.control)
+            flooding = asyncio.ensure_future(flood_pings(tenant, connect))
             while not flooding.done():
                 assert await exchange(public, b"served") == b"served"
             assert (await flooding).cut
@@ -559,7 +568,7 @@ async def test_what_a_real_client_sends_is_covered_by_what_the_servers_frames_ca
     assert "a flood" not in caplog.text and "reconnecting" not in caplog.text
 
 
-# --- one source fills a tunnel's streams (stages 5-7) ---------------------------------------------
+# --- one source fills a tunnel's streams (stage 9 on) ---------------------------------------------
 
 SLOW = 2.5  # seconds the app takes to answer GET /slow: a long poll, longer than the tests' keep-alive timeout
 
@@ -591,16 +600,19 @@ class HttpTunnel:
 @contextlib.asynccontextmanager
 async def http_tunnel(stage: str, local_port: int, **server: Any) -> AsyncIterator[HttpTunnel]:
     """The stage's server and client in this process, with an HTTP tunnel to `local_port`: the public port
-    of stage 5, or a named tunnel from stage 6 on (users name it in their Host header)."""
+    of stage 9 (its one client's) and of stage 10 (the first client's: this one, not a TCP tunnel), or a
+    named tunnel from stage 11 on (users name it in their Host header: the public port routes by it)."""
     tunnel_server = stage_module(stage, "server").Server(secret=SECRET, **server, **server_options(stage))
     ports = await tunnel_server.listen("127.0.0.1", *any_ports(stage))
-    named = {"name": "app", "tcp": False} if has_tls(stage) else {}
+    http: dict[str, Any] = {"tcp": False} if has_tunnels(stage) else {}
+    if has(stage, "names"):
+        http["name"] = "app"
     client = stage_module(stage, "client").Client(
-        ("127.0.0.1", local_port), "127.0.0.1", ports.control, secret=SECRET, **{**client_options(stage), **named}
+        ("127.0.0.1", local_port), "127.0.0.1", ports.control, secret=SECRET, **{**client_options(stage), **http}
     )
     async with Background(tunnel_server.serve()), Background(client.run()) as running:
         await up(client, running)
-        yield HttpTunnel(ports.public, f"app.localhost:{ports.public}" if named else "localhost")
+        yield HttpTunnel(ports.public, f"app.localhost:{ports.public}" if "name" in http else "localhost")
 
 
 async def get_kept_alive(
@@ -688,13 +700,13 @@ async def test_a_user_silent_after_its_answer_is_closed_after_the_keepalive_time
     assert keepalive * 0.8 <= slow_idle < STEP_TIMEOUT, slow_idle
 
 
-async def test_a_tcp_tunnels_user_is_not_closed_by_the_keepalive_timeout(named: str) -> None:
+async def test_a_tcp_tunnels_user_is_not_closed_by_the_keepalive_timeout(tenant: str) -> None:
     """The keep-alive timeout is HTTP's: a TCP tunnel's user (an ssh session) may stay quiet for minutes."""
-    server = stage_module(named, "server").Server(secret=SECRET, keepalive_timeout=0.5, **server_options(named))
+    server = stage_module(tenant, "server").Server(secret=SECRET, keepalive_timeout=0.5, **server_options(tenant))
     ports = await server.listen("127.0.0.1", 0, 0)
     async with Background(server.serve()), EchoServer() as app:
-        client = stage_module(named, "client").Client(
-            ("127.0.0.1", app.port), "127.0.0.1", ports.control, secret=SECRET, **client_options(named)
+        client = stage_module(tenant, "client").Client(
+            ("127.0.0.1", app.port), "127.0.0.1", ports.control, secret=SECRET, **client_options(tenant)
         )
         async with Background(client.run()) as running:
             await up(client, running)
@@ -731,7 +743,7 @@ LINK_SIZE = 64 * 1024 * 1024  # what the other tunnel moves meanwhile: ~2 s of t
 
 
 async def start_lab_tunnel(lab: link_lab.LinkLab, stage: str, env: dict[str, str]) -> tuple[Any, Any, int]:
-    """The stage's server on the server host and its client at home (a TCP tunnel from stage 6 on); the port
+    """The stage's server on the server host and its client at home (a TCP tunnel from stage 10 on); the port
     its users connect to."""
     ports = {role: port for role, port in (("control", CONTROL_PORT), ("public", PUBLIC_PORT))}
     flags = [flag for role, port in ports.items() for flag in (f"--{role}-port", str(port))] + tls_flags(stage)
@@ -743,7 +755,7 @@ async def start_lab_tunnel(lab: link_lab.LinkLab, stage: str, env: dict[str, str
         "home", "client", "-m", f"{stage}.client", local, SERVER_IP, *client_flags(stage, control), env=env
     )
     await client.expect(r"tunnel up")
-    if not has_tls(stage):
+    if not has_tunnels(stage):
         return server, client, PUBLIC_PORT
     tunnel = re.search(r"tcp port listening on \S+:(\d+)", await server.expect(r"tcp port listening on"))
     assert tunnel is not None
@@ -757,14 +769,14 @@ async def test_on_a_shaped_link_a_flooding_tenant_is_cut_each_time_and_another_t
     muxed: str,
 ) -> None:
     """The flood crosses a real link (250 Mbit/s, link_lab.py) from a host that also runs a legitimate client
-    (stage 6 on: a TCP tunnel moving LINK_SIZE bytes to a user on the server host meanwhile). The flooder gets
+    (stage 10 on: a TCP tunnel moving LINK_SIZE bytes to a user on the server host meanwhile). The flooder gets
     in LINK_FLOODS times and is cut each time; the other tunnel's bytes all arrive and its client never
-    reconnects. (Stage 5 has one tunnel: there the flooder is its client.)"""
+    reconnects. (Stage 9 has one tunnel: there the flooder is its client.)"""
     env = {"NGROK_SECRET": secrets.token_urlsafe(16)}
     lines: list[str] = []
     async with link_lab.LinkLab(say=lines.append) as lab:
         others: list[Any] = []
-        if has_tls(muxed):
+        if has_tunnels(muxed):
             app = await lab.peer("home", "app", "--listen", f"127.0.0.1:{APP_PORT}", "--send", str(LINK_SIZE))
             await app.expect("listening")
             server, client, port = await start_lab_tunnel(lab, muxed, env)
@@ -802,7 +814,7 @@ async def test_on_a_shaped_link_a_flooding_tenant_is_cut_each_time_and_another_t
 def flood_main(argv: list[str]) -> int:
     """python tests/test_isolation_tenants.py flood STAGE HOST PORT TIMES CA: the link test's flooding tenant.
 
-    Gets in TIMES times with $NGROK_SECRET (over TLS, trusting CA, from stage 6 on; CA '-' before) and floods
+    Gets in TIMES times with $NGROK_SECRET (over TLS, trusting CA, from stage 12 on; CA '-' before) and floods
     PING|ACK each time until the server cuts it. Prints one JSON line: the cuts, and the reasons the server gave.
     """
     stage, host, port, times, ca = argv[0], argv[1], int(argv[2]), int(argv[3]), argv[4]
