@@ -58,6 +58,8 @@ ROUTER_WAN_IP = "203.0.113.1"  # the home's only public address
 SERVER_IP = "203.0.113.10"
 USER_IP = "203.0.113.20"
 APP_PORT = 8000
+# The lab's stage has no proxy port (users are streams from stage 4 on); PROXY_PORT is stages 2 and 3's,
+# for the link lab's tests of them (tests/test_real_links.py).
 CONTROL_PORT, PUBLIC_PORT, PROXY_PORT = 60623, 60624, 60625
 
 STEP_TIMEOUT = 10.0  # the most any one step (a process starting, a page arriving) may take
@@ -505,7 +507,7 @@ async def story(lab: Lab) -> Story:
     # The secret travels in the environment, not on the command line, where `ps` would show it.
     env = {"NGROK_SECRET": secrets.token_urlsafe(16)}
     ports = ["--control-port", str(CONTROL_PORT), "--public-port", str(PUBLIC_PORT)]
-    say(f"  server$ NGROK_SECRET=... python -m {TUNNEL}.server --host {SERVER_IP}")
+    say(f"  server$ NGROK_SECRET=... python3 -m {TUNNEL}.server --host {SERVER_IP}")
     server = await lab.start("server", "server", "-m", f"{TUNNEL}.server", "--host", SERVER_IP, *ports, env=env)
     for role in ("control", "public"):
         say(f"  server | {await server.expect(rf'{role} port listening on {re.escape(SERVER_IP)}:')}")
@@ -513,7 +515,7 @@ async def story(lab: Lab) -> Story:
 
     say("")
     say("[c] The client at home connects out through the NAT; the server sees the router's address")
-    say(f"  home$ NGROK_SECRET=... python -m {TUNNEL}.client 127.0.0.1:{APP_PORT} {SERVER_IP}")
+    say(f"  home$ NGROK_SECRET=... python3 -m {TUNNEL}.client 127.0.0.1:{APP_PORT} {SERVER_IP}")
     client_ports = ["--control-port", str(CONTROL_PORT)]
     local = f"127.0.0.1:{APP_PORT}"
     client = await lab.start("home", "client", "-m", f"{TUNNEL}.client", local, SERVER_IP, *client_ports, env=env)
@@ -532,8 +534,10 @@ async def story(lab: Lab) -> Story:
     seen_app, seen_server = len(app.lines), len(server.lines)
     [page] = await lab.fetch("user", public_url)
     say(f"  user   GET {public_url} -> {describe(page)}")
-    request_log = await server.expect(rf"{re.escape(USER_IP)}:\d+: .*GET / ", after=seen_server)
-    say(f"  server | {request_log}")
+    # The server's line for this user's connection: stage 7 logs each stream it closes, with its bytes
+    # each way; stage 8 on, one line per request (`GET / -> 200, ...`) with the same counts.
+    user_line = await server.expect(rf"{re.escape(USER_IP)}:\d+: .*\d+ bytes up", after=seen_server)
+    say(f"  server | {user_line}")
     app_line = await app.expect(r'"GET / ', after=seen_app)
     say(f"  app    | {app_line.strip()}")
     say("         the app sees the request come from the tunnel client at home, not from the user")
