@@ -283,6 +283,11 @@ class Server:
         self.waiting += 1
         try:
             async with asyncio.timeout(self.proxy_timeout):
+                # Not the answer alone: a user who hung up (EOF) without a byte waits for nothing, and a burst of
+                # those would fill the room and turn real users away. One who sent bytes may have only half-closed.
+                await asyncio.wait((stream.answered, stream.ended), return_when=asyncio.FIRST_COMPLETED)
+                if not stream.answered.done() and not stream.sent.copied:
+                    stream.reset("the user hung up before the tunnel client answered")
                 refusal = await asyncio.shield(stream.answered)
         except TimeoutError:
             cause = f"the tunnel client did not accept the stream within {self.proxy_timeout:g}s"

@@ -38,6 +38,7 @@ from support import (
 
 T = TypeVar("T")
 MiB = 1024 * 1024
+GOOD_USER = "127.0.0.2"  # a user apart from the floods, which all come from 127.0.0.1
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc to count fds and memory")
 
@@ -175,6 +176,20 @@ async def connect_and_close(port: int, count: int) -> None:
         await asyncio.gather(*(one() for _ in range(50)))
 
 
+async def exchange_from(source: str, port: int, payload: bytes) -> bytes:
+    """exchange(), from the source address `source` (loopback is all of 127/8)."""
+    async with asyncio.timeout(STEP_TIMEOUT):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    try:
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+        async with asyncio.timeout(STEP_TIMEOUT * 3):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
 async def send_then_read(port: int, payload: bytes) -> bytes:
     """Send `payload` and EOF (while reading), return whatever came back; a reset just ends it."""
     reader, writer = await open_connection(port)
@@ -212,7 +227,10 @@ async def test_garbage_long_lines_silence_and_floods_on_every_port_leave_the_ser
     assert await exchange(users, b"warm-up\n") == b"warm-up\n"  # every lazy allocation done
     fds_before, rss_before = await settled_fds(pid), rss_mib(pid)
 
-    # A well-behaved user keeps talking through all of it.
+    # A well-behaved user keeps talking through all of it, from an address of its own: from stage 9 on one
+    # address holds at most 256 streams of a tunnel, and the flood's 1000 connect-and-close from 127.0.0.1,
+    # accepted in a burst when the server falls behind for a moment, fill that share; a user sharing the
+    # flood's address is turned away with it, by design (one source must not take every stream).
     served: list[bool] = []
     wrong: list[bytes] = []  # what the failed exchanges got instead, for the failure message
     done = asyncio.Event()
@@ -220,7 +238,7 @@ async def test_garbage_long_lines_silence_and_floods_on_every_port_leave_the_ser
     async def talk() -> None:
         while not done.is_set():
             line = f"request {len(served)}\n".encode()
-            answer = await exchange(users, line)
+            answer = await exchange_from(GOOD_USER, users, line)
             served.append(answer == line)
             if answer != line:
                 wrong.append(answer[:200])

@@ -213,15 +213,10 @@ async def test_too_many_waiting_users_get_a_503_page(start_server: StartServer) 
 
 
 @pytest.mark.since("limits")
-@pytest.mark.xfail(
-    strict=True,
-    reason="stage 9 on: a user who hangs up while waiting for the client to accept its stream stays counted "
-    "in `waiting` until the client answers or --proxy-timeout passes (server.py awaits stream.answered, not "
-    "stream.closed), so a burst of connect-and-hang-up fills the waiting room; old stage 4 let them go",
-)
 async def test_users_who_already_hung_up_do_not_keep_others_out_of_a_full_waiting_room(
     start_server: StartServer,
 ) -> None:
+    """A user who hangs up (EOF) without a byte leaves the waiting room at once, not when the client answers."""
     _, ports = await start_server(max_waiting=2, proxy_timeout=0.5)
     client = await SilentClient.connect(ports)
     for count in (1, 2):
