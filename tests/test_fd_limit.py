@@ -25,6 +25,7 @@ from support import (
     cli_users_port,
     client_flags,
     exchange,
+    first_and_last,
     port_roles,
     server_flags,
     stages_from,
@@ -35,7 +36,8 @@ SECRET = "fd-limit-tests-secret"
 LIMIT = 256
 ATTACKERS = 600
 CPU_SHARE = 0.10  # of one core, while the attackers hold their connections
-MEASURE = 3.0  # seconds of CPU time measured
+MEASURE = 3.0  # seconds of CPU time measured, on the stage that brings the limit and on the last one
+LIGHT_MEASURE = 1.5  # the lighter form between: the same bounds over half the time (a spinning server takes ~100 %)
 LOG_LIMIT = 20_000  # bytes of log for the whole attack
 # Seconds for a normal user once the attackers are gone, as issue 12 asks; measured 0.06-0.10 s
 # on a loaded 2-core machine (the closed attackers still queued are let go by a peek, unserved).
@@ -138,8 +140,13 @@ async def hold(port: int, count: int) -> list[socket.socket]:
 async def test_at_its_descriptor_limit_the_server_does_not_spin_and_recovers(
     under_limit: CliProcess.Factory, cli: CliProcess.Factory, echo_server: EchoServer, stage: str, enough_fds: None
 ) -> None:
-    # Issue 12, item 2. The server can't raise its limit (256:256); a tunnel client is connected,
-    # so every accepted attacker is a relay that holds descriptors on the server.
+    """Issue 12, item 2. The server can't raise its limit (256:256); a tunnel client is connected,
+    so every accepted attacker is a relay that holds descriptors on the server.
+
+    The CPU is measured for MEASURE (3 s) on stage 9 and on the most complete stage; on the stages
+    between, the lighter form: LIGHT_MEASURE (1.5 s), with the same bounds on CPU and log.
+    """
+    measure = MEASURE if stage in first_and_last(stages_from("limits")) else LIGHT_MEASURE
     server, ports = await start_server(under_limit, stage, f"{LIMIT}:{LIMIT}")
     client = await cli(
         "-m", f"{stage}.client", f"127.0.0.1:{echo_server.port}", "127.0.0.1",
@@ -155,10 +162,10 @@ async def test_at_its_descriptor_limit_the_server_does_not_spin_and_recovers(
         await asyncio.sleep(1.0)  # let the server accept what it can and reach its limit
         pid = server.process.pid
         cpu, started = cpu_seconds(pid), time.monotonic()
-        await asyncio.sleep(MEASURE)
+        await asyncio.sleep(measure)
         share = (cpu_seconds(pid) - cpu) / (time.monotonic() - started)
         logged = log_size(server) - logged_before
-        figures = f"CPU {share:.0%} of a core, {logged} bytes of log in {MEASURE + 1:g} s"
+        figures = f"CPU {share:.0%} of a core, {logged} bytes of log in {measure + 1:g} s"
         print(f"\n{ATTACKERS} idle connections at a limit of {LIMIT}: {figures}")
     finally:
         for sock in attackers:
