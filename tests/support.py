@@ -125,15 +125,17 @@ STEP_TIMEOUT = 10.0
 LISTENING = re.compile(r"(\w+) port listening on (\S+):(\d+)")
 
 
-async def open_connection(port: int, host: str = "127.0.0.1") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect to a local port with a deadline."""
+async def open_connection(
+    port: int, host: str = "127.0.0.1", source: str | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to a local port with a deadline, from the address `source` if given (loopback is all of 127/8)."""
     async with asyncio.timeout(STEP_TIMEOUT):
-        return await asyncio.open_connection(host, port)
+        return await asyncio.open_connection(host, port, local_addr=(source, 0) if source else None)
 
 
-async def exchange(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
-    """Send `payload`, half-close, and return everything received until EOF."""
-    reader, writer = await open_connection(port, host)
+async def exchange(port: int, payload: bytes, host: str = "127.0.0.1", source: str | None = None) -> bytes:
+    """Send `payload`, half-close, and return everything received until EOF (from `source`, if given)."""
+    reader, writer = await open_connection(port, host, source)
     try:
         writer.write(payload)
         await writer.drain()

@@ -176,20 +176,6 @@ async def connect_and_close(port: int, count: int) -> None:
         await asyncio.gather(*(one() for _ in range(50)))
 
 
-async def exchange_from(source: str, port: int, payload: bytes) -> bytes:
-    """exchange(), from the source address `source` (loopback is all of 127/8)."""
-    async with asyncio.timeout(STEP_TIMEOUT):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
-    try:
-        writer.write(payload)
-        await writer.drain()
-        writer.write_eof()
-        async with asyncio.timeout(STEP_TIMEOUT * 3):
-            return await reader.read()
-    finally:
-        writer.close()
-
-
 async def send_then_read(port: int, payload: bytes) -> bytes:
     """Send `payload` and EOF (while reading), return whatever came back; a reset just ends it."""
     reader, writer = await open_connection(port)
@@ -238,7 +224,7 @@ async def test_garbage_long_lines_silence_and_floods_on_every_port_leave_the_ser
     async def talk() -> None:
         while not done.is_set():
             line = f"request {len(served)}\n".encode()
-            answer = await exchange_from(GOOD_USER, users, line)
+            answer = await exchange(users, line, source=GOOD_USER)
             served.append(answer == line)
             if answer != line:
                 wrong.append(answer[:200])
