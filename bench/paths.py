@@ -4,12 +4,12 @@
 - `socat`: the reference relay, written in C, one forked process per connection;
 - `stage_0`: `python3 -m stage_0.client ORIGIN --port 0`;
 - `stage_3`: `python3 -m stage_3.server` plus `python3 -m stage_3.client ORIGIN`, the whole tunnel;
-- `stage_4`: the same two programs of stage 4: every user a stream over the client's one
-  connection, no proxy port; "not present" while the repository has no stage_4/;
-- `stage_9`: stage 9's server and client (streams with flow control, resume and the limits),
+- `stage_7`: the same two programs of stage 7: every user a stream over the client's one
+  connection, no proxy port; "not present" while the repository has no stage_7/;
+- `stage_12`: stage 12's server and client (streams with flow control, resume and the limits),
   with a secret on both sides as its README recommends (in NGROK_SECRET, out of the command line);
-- `stage_12`: stage 12's server and client with TLS on the client's connection (a private CA and
-  a server certificate made for each start by `stage_12.certs`, in the path's temp dir) and a
+- `stage_15`: stage 15's server and client with TLS on the client's connection (a private CA and
+  a server certificate made for each start by `stage_15.certs`, in the path's temp dir) and a
   secret; the client asks for a TCP tunnel (`--tcp`), a public port of its own, read from the
   server's "tcp port listening on" line: a TCP forward, as `ssh -R` is, that any load tool
   reaches without a Host header;
@@ -40,15 +40,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# The ladder (tests/support.py): streams over one connection from stage 4, auth from 7, the limits in 9, TLS
-# from 12. Issues 17 and 14 set their goals for "stage 5" and "stage 6": stage_9 and stage_12 now.
-STAGES = ("stage_0", "stage_1", "stage_2", "stage_3", "stage_4", "stage_9", "stage_12")
-TUNNELS = ("stage_3", "stage_4", "stage_9", "stage_12")  # stages measured as a whole tunnel: server + client
+# The ladder (tests/support.py): streams over one connection from stage 7, auth from 7, the limits in 9, TLS
+# from 12. Issues 17 and 14 set their goals for "stage 8" and "stage 9": stage_12 and stage_15 now.
+STAGES = ("stage_0", "stage_1", "stage_2", "stage_3", "stage_7", "stage_12", "stage_15")
+TUNNELS = ("stage_3", "stage_7", "stage_12", "stage_15")  # stages measured as a whole tunnel: server + client
 TUNNEL_ROLES = {stage: ("control", "public") for stage in TUNNELS[1:]}  # no proxy port from 4 on
 DEFAULT_ROLES = ("control", "public", "proxy")
-TLS = ("stage_12",)  # TLS on the client's link: certificates made per start, a TCP tunnel's own port
+TLS = ("stage_15",)  # TLS on the client's link: certificates made per start, a TCP tunnel's own port
 SECRET = "bench-secret-not-for-real-use"
-SECRETS = {"stage_9": SECRET, "stage_12": SECRET}  # stages with auth (7 on) run with a secret
+SECRETS = {"stage_12": SECRET, "stage_15": SECRET}  # stages with auth (7 on) run with a secret
 LINKED = (*TUNNELS, "ssh")  # paths with a client-server link that can be slowed down
 HOST = "127.0.0.1"
 START_TIMEOUT = 15.0

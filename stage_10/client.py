@@ -1,14 +1,13 @@
-"""Stage 10 client: a tunnel of its own on a shared server: its public port, or a TCP port.
+"""Stage 10 client: carry every user from the server to the local app, and keep the tunnel up.
 
-python3 -m stage_10.client localhost:8000                                 # http://localhost:60624/
-python3 -m stage_10.client localhost:22 tunnel.example.com --tcp          # a public TCP port for ssh
+python3 -m stage_10.client localhost:8000                 # the server on localhost
+python3 -m stage_10.client localhost:8000 my.server       # with NGROK_SECRET set on both sides
 
-One connection to the server carries everything. The client asks for a tunnel in
-its hello (the public port, or a TCP port) and the server answers with its URL. The server opens a
-stream for each user (a SYN frame); the client dials the local app (the private connection)
-and relays the stream into it. Heartbeats show that the server is still there; when the
-connection is lost, the client reconnects with backoff and resumes its session, and so keeps
-its port. The users' streams end with the lost connection: they ran inside it.
+One connection to the server carries everything. The server opens a stream on it for each user
+(a SYN frame); the client dials the local app (the private connection) and relays the stream
+into it. Heartbeats show that the server is still there; when the connection is lost, the
+client reconnects with backoff and resumes its session. The users' streams end with the lost
+connection: they ran inside it (in stage 3 each user had a proxy connection of its own).
 """
 
 import argparse
@@ -25,15 +24,12 @@ from .mux import Mux
 from .protocol import (
     CONTROL_PORT,
     DATA_LIMIT,
-    HALF_CLOSED_TIMEOUT,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_TIMEOUT,
-    IDLE_TIMEOUT,
-    Hello,
     Refused,
     TunnelError,
 )
-from .relay import Stream, Timeouts
+from .relay import Stream
 
 log = logging.getLogger(__name__)
 
@@ -47,27 +43,18 @@ class Client:
         server: str = "localhost",
         control_port: int = CONTROL_PORT,
         *,
-        tcp: bool = False,
         secret: str | None = None,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         max_backoff: float = backoff.BACKOFF_CAP,
-        idle_timeout: float = IDLE_TIMEOUT,
-        half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
     ) -> None:
         self.local = local
         self.server = server
         self.control_port = control_port
-        self.kind = "tcp" if tcp else "http"
-        # The tunnel we got (a port): asked for again when we reconnect, with the session id,
-        # so that we get it back. Its URL, for users.
-        self.tunnel: str | None = None
-        self.url: str | None = None
         self.secret = secret or None  # an empty secret would be no secret at all
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.max_backoff = max_backoff
-        self.timeouts = Timeouts(idle_timeout, half_closed_timeout)  # for silent relays: see relay.py
         self.budget = Budget()  # every stream's window, together (budget.py)
         # Set while the server has us as its client; the demo and the tests wait for it.
         self.connected = asyncio.Event()
@@ -86,9 +73,8 @@ class Client:
                 try:
                     reader, writer = await self._connect()
                     try:
-                        hello = Hello(self.kind, self.tunnel, self.session_id)
-                        welcome = await auth.client_handshake(reader, writer, self.secret, hello)
-                        self.session_id, self.tunnel, self.url = welcome.session_id, welcome.tunnel, welcome.url
+                        welcome = await auth.client_handshake(reader, writer, self.secret, self.session_id)
+                        self.session_id = welcome.session_id
                         attempt = 0  # we got in: after the next outage, start again with a short wait
                         await self._serve_control(reader, writer)
                     finally:
@@ -116,7 +102,7 @@ class Client:
 
     async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Relay the server's streams and send heartbeats; raise TunnelError when the connection is lost."""
-        log.info("tunnel up: %s -> %s:%d", self.url, *self.local)
+        log.info("tunnel up: the server at %s:%d sends its users to %s:%d", self.server, self.control_port, *self.local)
         # The server answers every ping, so a silence longer than heartbeat_timeout means it (or
         # the network on the way) is gone, even if TCP has not noticed (Mux.run raises TimeoutError).
         mux = Mux(
@@ -131,17 +117,12 @@ class Client:
         try:
             await mux.run()
             raise TunnelError("the server closed the connection")
-        except asyncio.CancelledError:
-            # Stopped (Ctrl-C): say goodbye, so that the server frees our port at once instead of
-            # keeping it for the resume window (a client started again would find it taken).
-            await mux.goodbye("the client stopped")
-            raise
         finally:
             self.connected.clear()
 
     def _open(self, stream_id: int) -> Stream:
         """The server opened a stream for a user: dial the local app for it, in a task of its own."""
-        stream = Stream(self.timeouts)
+        stream = Stream()
         # Its first window is the protocol's: the server may have sent its bytes already (budget.py).
         self.budget.take(INITIAL_WINDOW)
         stream.charge(self.budget)
@@ -154,7 +135,7 @@ class Client:
 
 
 def main() -> None:
-    """Command line: python3 -m stage_10.client LOCAL [SERVER] [--tcp] ..."""
+    """Command line: python3 -m stage_10.client LOCAL [SERVER] [--control-port P] [--secret S] ..."""
     parser = argparse.ArgumentParser(
         prog=f"python3 -m {__package__}.client",
         description="Open a tunnel from a stage 10 server to LOCAL, the app on this machine that users should reach.",
@@ -172,9 +153,6 @@ def main() -> None:
         "--control-port", type=port, metavar="PORT", help=f"the server's control port (default: {CONTROL_PORT})"
     )
     parser.add_argument(
-        "--tcp", action="store_true", help="a TCP tunnel: a public port of its own (default: the server's public port)"
-    )
-    parser.add_argument(
         "--secret",
         default=os.environ.get("NGROK_SECRET"),
         help="the server's secret (default: $NGROK_SECRET, which keeps it out of ps)",
@@ -183,8 +161,6 @@ def main() -> None:
         ("heartbeat-interval", HEARTBEAT_INTERVAL, "how often to ping the server"),
         ("heartbeat-timeout", HEARTBEAT_TIMEOUT, "silence after which the server counts as gone"),
         ("max-backoff", backoff.BACKOFF_CAP, "the longest wait between two reconnect attempts"),
-        ("idle-timeout", IDLE_TIMEOUT, "close a user's stream after this long with no byte either way"),
-        ("half-closed-timeout", HALF_CLOSED_TIMEOUT, "close a half-closed stream after this long silent"),
     ):
         parser.add_argument(
             f"--{flag}",
@@ -205,13 +181,10 @@ def main() -> None:
         args.local,
         server,
         server_port or args.control_port or CONTROL_PORT,
-        tcp=args.tcp,
         secret=args.secret,
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
         max_backoff=args.max_backoff,
-        idle_timeout=args.idle_timeout,
-        half_closed_timeout=args.half_closed_timeout,
     )
     try:
         asyncio.run(client.run())

@@ -1,18 +1,12 @@
-"""Wire format of the tunnel connection's handshake: one message per line of text; every limit and timeout.
+"""Wire format of the tunnel connection's handshake: one message per line of text; its ports and timeouts.
 
-Each client has one connection to the server. It starts as stage 9's did, with a handshake in
-text lines; the hello now says which tunnel the client wants:
+Stage 10 has one connection between the client and the server. It starts as stage 3's control
+connection did, in text lines readable and speakable with `nc`, with a handshake:
 
-    client: hello http [<port> [<session_id>]]    the server's public port, if no client holds it
-            hello tcp [<port> [<session_id>]]     a public TCP port of its own (ssh, a database)
-    server: challenge <nonce>                     (only if the server has a secret; see auth.py)
+    client: hello [<session_id>]      (the session id only when reconnecting)
+    server: challenge <nonce>         (only if the server has a secret; see auth.py)
     client: auth <hmac>
-    server: welcome <session_id> <tunnel> <url>   (tunnel: the port it got)
-            or `error <reason>`, then the server hangs up
-            or `busy <reason>`: not now, try again later
-
-Without a port, the server picks one. A reconnecting client names the tunnel it had
-and its session id: that proves it is the same client, so it gets its tunnel back.
+    server: welcome <session_id>      (or `error <reason>`, then the server hangs up)
 
 After `welcome`, both sides speak binary frames on the same connection (frames.py): the
 heartbeats, and every user's bytes as a stream of its own. Nothing follows `auth` until
@@ -33,32 +27,13 @@ MAX_LINE = 1024
 # How long to wait for a connect or a reply before calling the peer dead.
 NETWORK_TIMEOUT = 5.0
 # How long a user's new stream waits for the client to accept it (to reach the local
-# app) before the server gives up on it and sends the user a 504 page.
+# app) before the server gives up on it and sends the user a 502 page.
 PROXY_TIMEOUT = 10.0
 # The client pings this often; a control connection silent for HEARTBEAT_TIMEOUT
 # (three missed pings) is dead, even if TCP has not noticed: a laptop that went
 # to sleep or a NAT that forgot the connection never sends a FIN.
 HEARTBEAT_INTERVAL = 5.0
 HEARTBEAT_TIMEOUT = 15.0
-# At most this many users may wait for the client to accept their stream at once, and
-# the client serves at most MAX_STREAMS streams at once. Each stream may hold one window
-# of bytes (WINDOW in frames.py) each way, so these bound memory; see limits.py for descriptors.
-MAX_WAITING = 4096
-MAX_STREAMS = 4096
-# One source address (an IPv6 /64) holds at most this many of a tunnel's streams at once: one
-# source opened 4200 kept-alive connections in 2.3 s, and every later user got a 502 (issue 23).
-# A browser opens at most 6 connections to a host, so 256 is some 40 busy browsers behind one
-# NAT, and 16 sources are needed to fill a tunnel; a crowd behind one NAT (a conference's Wi-Fi
-# on a demo) can raise it with --max-streams-per-address.
-MAX_STREAMS_PER_ADDRESS = 256
-# A relay with no byte either way for this long is closed (nginx's stream proxy waits
-# 10 minutes too); so is a half-closed one whose other direction is silent this long.
-IDLE_TIMEOUT = 600.0
-HALF_CLOSED_TIMEOUT = 30.0
-# ...and HTTP users who got their answer and say nothing more, after this long: a kept-alive
-# connection waiting for a next request. nginx's keepalive_timeout is 75 s too; a user still
-# waiting for its answer (a long poll) keeps IDLE_TIMEOUT.
-KEEPALIVE_TIMEOUT = 75.0
 # Ids, nonces and digests are single words of these characters.
 TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # The most a stream holds in memory each way: one window (frames.WINDOW) of bytes,
@@ -66,19 +41,6 @@ TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 DATA_LIMIT = 256 * 1024
 # How long a closing connection keeps swallowing input so that our last words arrive.
 LINGER = 1.0
-# A tunnel whose client's connection ended stays reserved this long, so that the client
-# can come back (a Wi-Fi hiccup, a laptop lid) and keep its port; then the port is free.
-# WHY 5 minutes (it was 30 s): a client away 45 s, its heartbeat timeout and 30 s, lost its tunnel
-# to the first stranger who asked (issue 23). 5 minutes covers an outage of the Wi-Fi or of the
-# line, a laptop closed for a coffee, a train through a tunnel. A client that stops on purpose
-# says goodbye and frees its port at once; one that crashed and starts again is told how long.
-RESUME_WINDOW = 300.0
-# At most this many tunnels at once, held or kept for a client to resume. Each TCP tunnel holds
-# a listening socket, and a client that connects and leaves in a loop would otherwise pile up
-# kept tunnels (one per RESUME_WINDOW) until the server ran out of descriptors.
-MAX_TUNNELS = 1024
-# The two kinds of tunnel: the public port (HTTP users), or a TCP port of the tunnel's own.
-KINDS = ("http", "tcp")
 
 
 class TunnelError(Exception):
@@ -89,10 +51,6 @@ class ProtocolError(TunnelError):
     """The peer sent something that breaks the protocol."""
 
 
-class GoneAway(TunnelError):
-    """The peer said goodbye (a GO_AWAY frame): it ends the connection on purpose, e.g. a client stopped."""
-
-
 class Refused(TunnelError):
     """The server said no during the handshake (e.g. another client is connected): retrying won't help."""
 
@@ -101,16 +59,10 @@ class AuthError(Refused):
     """The secrets don't match, or one side has none: fix the secret, retrying won't help."""
 
 
-class TryLater(TunnelError):
-    """The server said not now (our address guessed wrong too often lately): retrying later will help."""
-
-
 @dataclass(frozen=True)
 class Hello:
-    """Client -> server, the first line: `hello <kind> [<tunnel> [<session_id>]]`."""
+    """Client -> server, the first line of a control connection: `hello` or `hello <session_id>`."""
 
-    kind: str = "http"
-    tunnel: str | None = None  # the port asked for; None: the server picks
     session_id: str | None = None
 
 
@@ -130,22 +82,9 @@ class Auth:
 
 @dataclass(frozen=True)
 class Welcome:
-    """Server -> client, the handshake succeeded: `welcome <session_id> <tunnel> <url>`."""
+    """Server -> client, the handshake succeeded: `welcome <session_id>`."""
 
     session_id: str
-    tunnel: str
-    url: str
-
-
-@dataclass(frozen=True)
-class Busy:
-    """Server -> client instead of `welcome`, "not now, try again later": `busy <reason>`.
-
-    Where `error` means "this will never work" (a wrong secret), `busy` means the answer may change:
-    a client that gets it keeps retrying with its backoff instead of giving up.
-    """
-
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -155,22 +94,22 @@ class Error:
     reason: str
 
 
-Message = Hello | Challenge | Auth | Welcome | Busy | Error
+Message = Hello | Challenge | Auth | Welcome | Error
 
 
 def encode(message: Message) -> bytes:
     """The exact bytes of one message on the wire, newline included."""
     match message:
-        case Hello(kind, tunnel, session_id):
-            return " ".join(word for word in ("hello", kind, tunnel, session_id) if word).encode() + b"\n"
+        case Hello(None):
+            return b"hello\n"
+        case Hello(session_id):
+            return f"hello {session_id}\n".encode()
         case Challenge(nonce):
             return f"challenge {nonce}\n".encode()
         case Auth(digest):
             return f"auth {digest}\n".encode()
-        case Welcome(session_id, tunnel, url):
-            return f"welcome {session_id} {tunnel} {url}\n".encode()
-        case Busy(reason):
-            return f"busy {reason}\n".encode()
+        case Welcome(session_id):
+            return f"welcome {session_id}\n".encode()
         case Error(reason):
             return f"error {reason}\n".encode()
 
@@ -186,36 +125,25 @@ def decode(line: bytes) -> Message:
         # to a log or terminal could forge lines there.
         raise ProtocolError("line has control characters")
     word, _, rest = text.partition(" ")
-    match word, rest.split(" "):
-        case "hello", [kind, *more] if kind in KINDS and len(more) <= 2:
-            tunnel = more[0] if more else None
-            session_id = more[1] if len(more) == 2 else None
-            if tunnel is not None and not is_tunnel(kind, tunnel):
-                raise ProtocolError(f"not a valid {kind} tunnel: {tunnel[:64]!r}")
-            if session_id is not None and not is_token(session_id):
-                raise ProtocolError("not a valid session id")
-            return Hello(kind, tunnel, session_id)
-        case "challenge", [nonce] if is_token(nonce):
+    match word, rest:
+        case "hello", "":
+            return Hello()
+        case "hello", session_id if is_token(session_id):
+            return Hello(session_id)
+        case "challenge", nonce if is_token(nonce):
             return Challenge(nonce)
-        case "auth", [digest] if is_token(digest):
+        case "auth", digest if is_token(digest):
             return Auth(digest)
-        case "welcome", [session_id, tunnel, url] if is_token(session_id) and is_token(tunnel):
-            return Welcome(session_id, tunnel, url)
-        case "busy", _ if rest:
-            return Busy(rest)
-        case "error", _ if rest:
-            return Error(rest)
+        case "welcome", session_id if is_token(session_id):
+            return Welcome(session_id)
+        case "error", reason if reason:
+            return Error(reason)
     raise ProtocolError(f"unknown command {word[:32]!r}")
 
 
 def is_token(text: str) -> bool:
     """True for an id, nonce or digest: one word of 1 to 128 letters, digits, '-' or '_'."""
     return TOKEN.fullmatch(text) is not None
-
-
-def is_tunnel(kind: str, text: str) -> bool:
-    """True if `text` can name a tunnel of this kind: a port, for both (http: the public port)."""
-    return text.isdigit() and 1 <= int(text) <= 65535
 
 
 async def read_message(reader: asyncio.StreamReader) -> Message | None:
@@ -242,12 +170,10 @@ async def write_message(writer: asyncio.StreamWriter, message: Message) -> None:
     await writer.drain()
 
 
-async def say_goodbye(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str, later: bool = False
-) -> None:
-    """Send `error <reason>` (`busy <reason>` if `later`) so that the peer gets to read it (the caller then closes)."""
+async def say_goodbye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str) -> None:
+    """Send `error <reason>` in a way the peer really gets to read it (the caller then closes)."""
     with contextlib.suppress(OSError):  # the peer may be gone already
-        await write_message(writer, Busy(reason) if later else Error(reason))
+        await write_message(writer, Error(reason))
     await linger(reader, writer)
 
 

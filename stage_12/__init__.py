@@ -1,20 +1,26 @@
-"""Stage 12: many tunnels on one server, by name or by TCP port, over TLS.
+"""Stage 12: limits: descriptors, timeouts and bounds, so that no user can take the tunnel from the others.
 
-Layout (new in stage 12: tls.py, certs.py):
+Layout (new in stage 12: limits.py; relay.py gains the idle and half-closed timeouts):
 
-- `protocol.py`: the handshake's text lines (`hello http myapp`, `welcome ...`); every timeout and limit.
-- `tls.py`: the TLS contexts: the server's certificate, and what the client trusts (always checked).
-- `certs.py`: `python3 -m stage_12.certs DIR` makes a private CA and a server certificate (with openssl).
-- `auth.py`: the HMAC challenge-response that proves the client knows the secret, inside TLS.
-- `frames.py`, `mux.py`: stage 4's frames and multiplexer: every user a stream in the client's connection.
-- `relay.py`: one user's TCP connection joined to its stream, with flow control.
-- `budget.py`: the memory budget: every stream's window, on every tunnel, counted in one stated total.
-- `tunnels.py`: who holds which name and which TCP port; the TCP tunnels' ports.
-- `session.py`: the server's side of each client's connection: admit, resume, keep for a while, expire.
-- `routing.py`: reads an HTTP user's request head and finds the tunnel its Host header names.
-- `pages.py`: the 400/404/408/431/502/503/504 pages, and the request log's summary.
-- `limits.py`: the descriptor limit, accept loops with slots, and TLS only for so many strangers at once.
-- `server.py`: the control port, the public port (HTTP or HTTPS), the TCP tunnels' users; `python3 -m stage_12.server`.
-- `backoff.py`, `private.py`, `client.py`: the client; `python3 -m stage_12.client LOCAL [SERVER] --name NAME`.
-- `demo_app.py` and `__main__.py`: `python3 -m stage_12` runs two named tunnels on this machine.
+- `protocol.py`: the handshake's text lines (`hello`, `challenge`, `auth`, `welcome`); every
+  timeout and limit, in one place.
+- `auth.py`: with a secret, an HMAC challenge-response that proves the client knows the secret
+  without sending it.
+- `frames.py`: after the handshake, binary frames with a 10-byte header (DATA with SYN/ACK/FIN/RST,
+  WINDOW, PING, GO_AWAY), and `Parser`, the only code that turns bytes into frames.
+- `mux.py`: the multiplexer: many streams over one connection, sent in turns, each with its window.
+- `relay.py`: `Stream`, one user's TCP connection (or the local app's) joined to one stream,
+  with flow control both ways and the idle and half-closed timeouts.
+- `budget.py`: the memory budget: every stream's window counted in one stated total.
+- `session.py`: the server's side of the tunnel connection: one client at a time, a reconnecting
+  client resumes its session at once, a silent one is dropped.
+- `pages.py`: the 502/503/504 pages an HTTP user gets when the tunnel can't serve them.
+- `limits.py`: the descriptor limit, and accept loops with slots.
+- `server.py`: the control and public ports; `python3 -m stage_12.server` runs it.
+- `backoff.py`, `cli.py`: the wait between reconnect attempts; the command lines' argument types.
+- `private.py`: the client's side of one user: the private connection to the local app.
+- `client.py`: keeps the tunnel connection up and relays every stream to the local app;
+  `python3 -m stage_12.client LOCAL [SERVER]` runs it.
+- `demo_app.py` and `__main__.py`: `python3 -m stage_12` runs a demo app, the server and the
+  client on this machine and prints the public URL.
 """

@@ -1,26 +1,24 @@
-"""Stage 12 client: a tunnel of its own on a shared server, by name or by port, over TLS.
+"""Stage 12 client: carry every user from the server to the local app, and keep the tunnel up.
 
-python3 -m stage_12.client localhost:8000 --ca certs/ca.pem --name myapp   # http://myapp.localhost:60624/
-python3 -m stage_12.client localhost:22 tunnel.example.com --tcp          # a public TCP port for ssh
+python3 -m stage_12.client localhost:8000                 # the server on localhost
+python3 -m stage_12.client localhost:8000 my.server       # with NGROK_SECRET set on both sides
 
-One connection to the server, inside TLS, carries everything. The client asks for a tunnel in
-its hello (a name, or a TCP port) and the server answers with its URL. The server opens a
-stream for each user (a SYN frame); the client dials the local app (the private connection)
-and relays the stream into it. Heartbeats show that the server is still there; when the
-connection is lost, the client reconnects with backoff and resumes its session, and so keeps
-its name. The users' streams end with the lost connection: they ran inside it.
+One connection to the server carries everything. The server opens a stream on it for each user
+(a SYN frame); the client dials the local app (the private connection) and relays the stream
+into it. Heartbeats show that the server is still there; when the connection is lost, the
+client reconnects with backoff and resumes its session. The users' streams end with the lost
+connection: they ran inside it (in stage 3 each user had a proxy connection of its own).
 """
 
 import argparse
 import asyncio
 import logging
 import os
-import ssl
 import sys
 
 from . import auth, backoff, private
 from .budget import Budget
-from .cli import name, parse_address, parse_server, port, positive_seconds
+from .cli import parse_address, parse_server, port, positive_seconds
 from .frames import INITIAL_WINDOW
 from .mux import Mux
 from .protocol import (
@@ -30,13 +28,10 @@ from .protocol import (
     HEARTBEAT_INTERVAL,
     HEARTBEAT_TIMEOUT,
     IDLE_TIMEOUT,
-    NETWORK_TIMEOUT,
-    Hello,
     Refused,
     TunnelError,
 )
 from .relay import Stream, Timeouts
-from .tls import client_context, load_error, verify_error
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +45,6 @@ class Client:
         server: str = "localhost",
         control_port: int = CONTROL_PORT,
         *,
-        tls: ssl.SSLContext | None = None,
-        name: str | None = None,
-        tcp: bool = False,
         secret: str | None = None,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
@@ -63,12 +55,6 @@ class Client:
         self.local = local
         self.server = server
         self.control_port = control_port
-        self.tls = tls or client_context()  # the system's CAs
-        self.kind = "tcp" if tcp else "http"
-        # The tunnel we asked for, then the one we got (a name, or a TCP port): asked for again
-        # when we reconnect, with the session id, so that we get it back. Its URL, for users.
-        self.tunnel: str | None = name
-        self.url: str | None = None
         self.secret = secret or None  # an empty secret would be no secret at all
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
@@ -92,15 +78,14 @@ class Client:
                 try:
                     reader, writer = await self._connect()
                     try:
-                        hello = Hello(self.kind, self.tunnel, self.session_id)
-                        welcome = await auth.client_handshake(reader, writer, self.secret, hello)
-                        self.session_id, self.tunnel, self.url = welcome.session_id, welcome.tunnel, welcome.url
+                        welcome = await auth.client_handshake(reader, writer, self.secret, self.session_id)
+                        self.session_id = welcome.session_id
                         attempt = 0  # we got in: after the next outage, start again with a short wait
                         await self._serve_control(reader, writer)
                     finally:
                         writer.close()
                 except Refused:
-                    raise  # a wrong secret, a taken name, a certificate we can't trust: retrying won't help
+                    raise  # a wrong secret or another client: retrying would not help
                 except (TunnelError, OSError) as exc:  # TimeoutError (a silent server) is an OSError too
                     wait = backoff.delay(attempt, cap=self.max_backoff)
                     attempt += 1
@@ -112,28 +97,17 @@ class Client:
             await asyncio.gather(*self._users, return_exceptions=True)
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Open the tunnel connection and check the server's certificate, or raise saying why not."""
-        where = f"the server at {self.server}:{self.control_port}"
+        """Open the tunnel connection, or raise TunnelError saying why not."""
         try:
-            # A host behind a firewall that drops packets would otherwise keep us waiting for minutes.
-            async with asyncio.timeout(NETWORK_TIMEOUT):
-                # Frames follow the handshake: a big buffer limit keeps reads large (see protocol.py).
-                # server_hostname: the name the certificate must hold, checked by the TLS handshake.
-                return await asyncio.open_connection(
-                    self.server, self.control_port, limit=DATA_LIMIT, ssl=self.tls, server_hostname=self.server
-                )
-        except ssl.SSLCertVerificationError as exc:
-            raise Refused(verify_error(exc, self.server)) from None  # an impostor, or a missing --ca
-        except ssl.SSLError as exc:
-            if exc.reason == "WRONG_VERSION_NUMBER":  # the reply was not TLS at all
-                raise Refused(f"{where} does not speak TLS; is it a stage 12 server?") from None
-            raise TunnelError(f"TLS with {where} failed ({exc.reason or exc})") from None
+            # Frames follow the handshake: a big buffer limit keeps reads large (see protocol.py).
+            return await private.dial(self.server, self.control_port, limit=DATA_LIMIT)
         except OSError as exc:
-            raise TunnelError(f"cannot reach {where} ({private.why(exc)})") from None
+            reason = private.why(exc)
+            raise TunnelError(f"cannot reach the server at {self.server}:{self.control_port} ({reason})") from None
 
     async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Relay the server's streams and send heartbeats; raise TunnelError when the connection is lost."""
-        log.info("tunnel up: %s -> %s:%d", self.url, *self.local)
+        log.info("tunnel up: the server at %s:%d sends its users to %s:%d", self.server, self.control_port, *self.local)
         # The server answers every ping, so a silence longer than heartbeat_timeout means it (or
         # the network on the way) is gone, even if TCP has not noticed (Mux.run raises TimeoutError).
         mux = Mux(
@@ -148,11 +122,6 @@ class Client:
         try:
             await mux.run()
             raise TunnelError("the server closed the connection")
-        except asyncio.CancelledError:
-            # Stopped (Ctrl-C): say goodbye, so that the server frees our name at once instead of
-            # keeping it for the resume window (a client started again would find it taken).
-            await mux.goodbye("the client stopped")
-            raise
         finally:
             self.connected.clear()
 
@@ -171,7 +140,7 @@ class Client:
 
 
 def main() -> None:
-    """Command line: python3 -m stage_12.client LOCAL [SERVER] [--ca FILE] [--name NAME | --tcp] ..."""
+    """Command line: python3 -m stage_12.client LOCAL [SERVER] [--control-port P] [--secret S] ..."""
     parser = argparse.ArgumentParser(
         prog=f"python3 -m {__package__}.client",
         description="Open a tunnel from a stage 12 server to LOCAL, the app on this machine that users should reach.",
@@ -183,17 +152,11 @@ def main() -> None:
         type=parse_server,
         default="localhost",
         metavar="SERVER",
-        help="host or host:port (default: localhost); its certificate must name this host",
+        help="host or host:port (default: localhost)",
     )
     parser.add_argument(
         "--control-port", type=port, metavar="PORT", help=f"the server's control port (default: {CONTROL_PORT})"
     )
-    parser.add_argument(
-        "--ca", metavar="FILE", help="trust the server's certificate if this CA signed it (default: the system's CAs)"
-    )
-    kind = parser.add_mutually_exclusive_group()
-    kind.add_argument("--name", type=name, help="the HTTP tunnel's name: NAME.<the server's domain> (default: random)")
-    kind.add_argument("--tcp", action="store_true", help="a TCP tunnel: a public port of its own, for any protocol")
     parser.add_argument(
         "--secret",
         default=os.environ.get("NGROK_SECRET"),
@@ -221,25 +184,18 @@ def main() -> None:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
+    client = Client(
+        args.local,
+        server,
+        server_port or args.control_port or CONTROL_PORT,
+        secret=args.secret,
+        heartbeat_interval=args.heartbeat_interval,
+        heartbeat_timeout=args.heartbeat_timeout,
+        max_backoff=args.max_backoff,
+        idle_timeout=args.idle_timeout,
+        half_closed_timeout=args.half_closed_timeout,
+    )
     try:
-        try:
-            context = client_context(args.ca)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise TunnelError(load_error(f"CA file {args.ca}", exc, args.ca)) from None
-        client = Client(
-            args.local,
-            server,
-            server_port or args.control_port or CONTROL_PORT,
-            tls=context,
-            name=args.name,
-            tcp=args.tcp,
-            secret=args.secret,
-            heartbeat_interval=args.heartbeat_interval,
-            heartbeat_timeout=args.heartbeat_timeout,
-            max_backoff=args.max_backoff,
-            idle_timeout=args.idle_timeout,
-            half_closed_timeout=args.half_closed_timeout,
-        )
         asyncio.run(client.run())
     except TunnelError as exc:
         sys.exit(f"error: {exc}")

@@ -13,14 +13,23 @@ import re
 import time
 from collections.abc import Callable
 
-from .protocol import NETWORK_TIMEOUT, TunnelError
+from .protocol import DATA_LIMIT, NETWORK_TIMEOUT, TunnelError
 from .relay import Stream
 
 log = logging.getLogger(f"{__package__}.client")
 
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
 
 class LocalAppDown(TunnelError):
     """The local app refused or did not answer; the message says which, for the user's error page."""
+
+
+async def dial(host: str, port: int, limit: int = DATA_LIMIT) -> Streams:
+    """Connect with a deadline; OSError (TimeoutError included) if that fails."""
+    # A host behind a firewall that drops packets would otherwise keep us waiting for minutes.
+    async with asyncio.timeout(NETWORK_TIMEOUT):
+        return await asyncio.open_connection(host, port, limit=limit)
 
 
 class LocalApp:

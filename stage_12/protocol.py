@@ -1,18 +1,13 @@
 """Wire format of the tunnel connection's handshake: one message per line of text; every limit and timeout.
 
-Each client has one connection to the server, inside TLS (tls.py). It starts as stage 9's did,
-with a handshake in text lines; the hello now says which tunnel the client wants:
+Stage 12 has one connection between the client and the server. It starts as stage 3's control
+connection did, with a handshake in text lines, readable and speakable with `nc`:
 
-    client: hello http [<name> [<session_id>]]    a tunnel for HTTP users of NAME.<domain>
-            hello tcp [<port> [<session_id>]]     a public TCP port of its own (ssh, a database)
-    server: challenge <nonce>                     (only if the server has a secret; see auth.py)
+    client: hello [<session_id>]      (the session id only when reconnecting)
+    server: challenge <nonce>         (only if the server has a secret; see auth.py)
     client: auth <hmac>
-    server: welcome <session_id> <tunnel> <url>   (tunnel: the name or the port it got)
-            or `error <reason>`, then the server hangs up
-            or `busy <reason>`: not now, try again later
-
-Without a name or port, the server picks one. A reconnecting client names the tunnel it had
-and its session id: that proves it is the same client, so it gets its tunnel back.
+    server: welcome <session_id>      (or `error <reason>`, then the server hangs up; or
+                                      `busy <reason>`: not now, try again later)
 
 After `welcome`, both sides speak binary frames on the same connection (frames.py): the
 heartbeats, and every user's bytes as a stream of its own. Nothing follows `auth` until
@@ -55,7 +50,7 @@ MAX_STREAMS_PER_ADDRESS = 256
 # 10 minutes too); so is a half-closed one whose other direction is silent this long.
 IDLE_TIMEOUT = 600.0
 HALF_CLOSED_TIMEOUT = 30.0
-# ...and HTTP users who got their answer and say nothing more, after this long: a kept-alive
+# ...and users of the public port who got their answer and say nothing more, after this long: a kept-alive
 # connection waiting for a next request. nginx's keepalive_timeout is 75 s too; a user still
 # waiting for its answer (a long poll) keeps IDLE_TIMEOUT.
 KEEPALIVE_TIMEOUT = 75.0
@@ -66,26 +61,6 @@ TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 DATA_LIMIT = 256 * 1024
 # How long a closing connection keeps swallowing input so that our last words arrive.
 LINGER = 1.0
-# A tunnel whose client's connection ended stays reserved this long, so that the client
-# can come back (a Wi-Fi hiccup, a laptop lid) and keep its name; then the name is free.
-# WHY 5 minutes (it was 30 s): a client away 45 s, its heartbeat timeout and 30 s, lost its name
-# to the first stranger who asked (issue 23). 5 minutes covers an outage of the Wi-Fi or of the
-# line, a laptop closed for a coffee, a train through a tunnel. A client that stops on purpose
-# says goodbye and frees its name at once; one that crashed and starts again is told how long.
-RESUME_WINDOW = 300.0
-# At most this many tunnels at once, held or kept for a client to resume. Each TCP tunnel holds
-# a listening socket, and a client that connects and leaves in a loop would otherwise pile up
-# kept tunnels (one per RESUME_WINDOW) until the server ran out of descriptors.
-MAX_TUNNELS = 1024
-# At most this many of them for one source address (an IPv6 /64 counts as one): without it, one
-# stranger (no secret) or one tenant (with it) took all 1024 names in 1.5 s, connecting and leaving
-# (issue 23). 16 is more than a developer's machine runs, and 64 addresses are needed to fill the
-# server; an office behind one NAT can raise it (--max-tunnels-per-address).
-MAX_TUNNELS_PER_ADDRESS = 16
-# A tunnel name is one DNS label in lower case: it becomes NAME.<domain> in the users' URL.
-NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-# The two kinds of tunnel: HTTP users routed by name, or a TCP port of the tunnel's own.
-KINDS = ("http", "tcp")
 
 
 class TunnelError(Exception):
@@ -94,10 +69,6 @@ class TunnelError(Exception):
 
 class ProtocolError(TunnelError):
     """The peer sent something that breaks the protocol."""
-
-
-class GoneAway(TunnelError):
-    """The peer said goodbye (a GO_AWAY frame): it ends the connection on purpose, e.g. a client stopped."""
 
 
 class Refused(TunnelError):
@@ -109,15 +80,13 @@ class AuthError(Refused):
 
 
 class TryLater(TunnelError):
-    """The server said not now (our address guessed wrong too often, or holds its share): retrying will help."""
+    """The server said not now (our address guessed wrong too often lately): retrying later will help."""
 
 
 @dataclass(frozen=True)
 class Hello:
-    """Client -> server, the first line: `hello <kind> [<tunnel> [<session_id>]]`."""
+    """Client -> server, the first line of a control connection: `hello` or `hello <session_id>`."""
 
-    kind: str = "http"
-    tunnel: str | None = None  # the name (http) or port (tcp) asked for; None: the server picks
     session_id: str | None = None
 
 
@@ -137,11 +106,9 @@ class Auth:
 
 @dataclass(frozen=True)
 class Welcome:
-    """Server -> client, the handshake succeeded: `welcome <session_id> <tunnel> <url>`."""
+    """Server -> client, the handshake succeeded: `welcome <session_id>`."""
 
     session_id: str
-    tunnel: str
-    url: str
 
 
 @dataclass(frozen=True)
@@ -168,14 +135,16 @@ Message = Hello | Challenge | Auth | Welcome | Busy | Error
 def encode(message: Message) -> bytes:
     """The exact bytes of one message on the wire, newline included."""
     match message:
-        case Hello(kind, tunnel, session_id):
-            return " ".join(word for word in ("hello", kind, tunnel, session_id) if word).encode() + b"\n"
+        case Hello(None):
+            return b"hello\n"
+        case Hello(session_id):
+            return f"hello {session_id}\n".encode()
         case Challenge(nonce):
             return f"challenge {nonce}\n".encode()
         case Auth(digest):
             return f"auth {digest}\n".encode()
-        case Welcome(session_id, tunnel, url):
-            return f"welcome {session_id} {tunnel} {url}\n".encode()
+        case Welcome(session_id):
+            return f"welcome {session_id}\n".encode()
         case Busy(reason):
             return f"busy {reason}\n".encode()
         case Error(reason):
@@ -193,43 +162,27 @@ def decode(line: bytes) -> Message:
         # to a log or terminal could forge lines there.
         raise ProtocolError("line has control characters")
     word, _, rest = text.partition(" ")
-    match word, rest.split(" "):
-        case "hello", [kind, *more] if kind in KINDS and len(more) <= 2:
-            tunnel = more[0] if more else None
-            session_id = more[1] if len(more) == 2 else None
-            if tunnel is not None and not is_tunnel(kind, tunnel):
-                raise ProtocolError(f"not a valid {kind} tunnel: {tunnel[:64]!r}")
-            if session_id is not None and not is_token(session_id):
-                raise ProtocolError("not a valid session id")
-            return Hello(kind, tunnel, session_id)
-        case "challenge", [nonce] if is_token(nonce):
+    match word, rest:
+        case "hello", "":
+            return Hello()
+        case "hello", session_id if is_token(session_id):
+            return Hello(session_id)
+        case "challenge", nonce if is_token(nonce):
             return Challenge(nonce)
-        case "auth", [digest] if is_token(digest):
+        case "auth", digest if is_token(digest):
             return Auth(digest)
-        case "welcome", [session_id, tunnel, url] if is_token(session_id) and is_token(tunnel):
-            return Welcome(session_id, tunnel, url)
-        case "busy", _ if rest:
-            return Busy(rest)
-        case "error", _ if rest:
-            return Error(rest)
+        case "welcome", session_id if is_token(session_id):
+            return Welcome(session_id)
+        case "busy", reason if reason:
+            return Busy(reason)
+        case "error", reason if reason:
+            return Error(reason)
     raise ProtocolError(f"unknown command {word[:32]!r}")
 
 
 def is_token(text: str) -> bool:
     """True for an id, nonce or digest: one word of 1 to 128 letters, digits, '-' or '_'."""
     return TOKEN.fullmatch(text) is not None
-
-
-def is_name(text: str) -> bool:
-    """True for a tunnel name: one DNS label, lower case (`myapp`, `my-app-2`)."""
-    return NAME.fullmatch(text) is not None
-
-
-def is_tunnel(kind: str, text: str) -> bool:
-    """True if `text` can name a tunnel of this kind: a name for http, a port for tcp."""
-    if kind == "tcp":
-        return text.isdigit() and 1 <= int(text) <= 65535
-    return is_name(text)
 
 
 async def read_message(reader: asyncio.StreamReader) -> Message | None:
@@ -271,8 +224,7 @@ async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
     # and a reset can destroy our last words before the peer reads them (and shows
     # the peer "connection reset" instead of a clean end). So we end our side first.
     with contextlib.suppress(OSError):  # the peer may be gone already; TimeoutError is an OSError too
-        if writer.can_write_eof():  # TLS has no half-close: there, the close itself says "no more"
-            writer.write_eof()
+        writer.write_eof()
         async with asyncio.timeout(LINGER):
             while await reader.read(64 * 1024):
                 pass

@@ -1,22 +1,26 @@
-"""Stage 13: the observer: the client finds each HTTP request in the bytes it relays, and logs it.
+"""Stage 13: many clients on one server, each with a tunnel of its own: the public port, or a TCP port.
 
-Layout (new in stage 13: observe.py and capture.py, the client's observer of the HTTP it relays):
+Layout (new in stage 13: tunnels.py):
 
-- `protocol.py`: the handshake's text lines (`hello http myapp`, `welcome ...`); every timeout and limit.
-- `tls.py`: the TLS contexts: the server's certificate, and what the client trusts (always checked).
-- `certs.py`: `python3 -m stage_13.certs DIR` makes a private CA and a server certificate (with openssl).
-- `auth.py`: the HMAC challenge-response that proves the client knows the secret, inside TLS.
-- `frames.py`, `mux.py`: stage 4's frames and multiplexer: every user a stream in the client's connection.
-- `relay.py`: one user's TCP connection joined to its stream, with flow control.
+- `protocol.py`: the handshake's text lines (`hello tcp`, `challenge`, `auth`, `welcome`); every
+  timeout and limit, in one place.
+- `auth.py`: with a secret, an HMAC challenge-response that proves the client knows the secret
+  without sending it.
+- `frames.py`: after the handshake, binary frames with a 10-byte header (DATA with SYN/ACK/FIN/RST,
+  WINDOW, PING, GO_AWAY), and `Parser`, the only code that turns bytes into frames.
+- `mux.py`: the multiplexer: many streams over one connection, sent in turns, each with its window.
+- `relay.py`: `Stream`, one user's TCP connection (or the local app's) joined to one stream,
+  with flow control both ways and the idle and half-closed timeouts.
 - `budget.py`: the memory budget: every stream's window, on every tunnel, counted in one stated total.
-- `tunnels.py`: who holds which name and which TCP port; the TCP tunnels' ports.
+- `tunnels.py`: who holds the public port and which TCP port; the TCP tunnels' ports.
 - `session.py`: the server's side of each client's connection: admit, resume, keep for a while, expire.
-- `routing.py`: reads an HTTP user's request head and finds the tunnel its Host header names.
-- `pages.py`: the 400/404/408/431/502/503/504 pages, and the request log's summary.
-- `limits.py`: the descriptor limit, accept loops with slots, and TLS only for so many strangers at once.
-- `server.py`: the control port, the public port (HTTP or HTTPS), the TCP tunnels' users; `python3 -m stage_13.server`.
-- `backoff.py`, `private.py`, `client.py`: the client; `python3 -m stage_13.client LOCAL [SERVER] --name NAME`.
-- `observe.py`: HTTP/1.1 parsed by hand from a copy of the relayed bytes, never in their way.
-- `capture.py`: the streams that show their bytes to an observer, and a log line for each exchange.
-- `demo_app.py` and `__main__.py`: `python3 -m stage_13` runs two named tunnels on this machine, and logs each request.
+- `pages.py`: the 502/503/504 pages an HTTP user gets when the tunnel can't serve them.
+- `limits.py`: the descriptor limit, and accept loops with slots shared by every port of the users.
+- `server.py`: the control port, the public port, the TCP tunnels' users; `python3 -m stage_13.server`.
+- `backoff.py`, `cli.py`: the wait between reconnect attempts; the command lines' argument types.
+- `private.py`: the client's side of one user: the private connection to the local app.
+- `client.py`: keeps the tunnel connection up and relays every stream to the local app;
+  `python3 -m stage_13.client LOCAL [SERVER] [--tcp]` runs it.
+- `demo_app.py` and `__main__.py`: `python3 -m stage_13` runs two demo apps, the server and two
+  clients on this machine and prints the public URLs.
 """

@@ -1,11 +1,9 @@
-"""Two tunnels on one server, on one machine: `python3 -m stage_13` logs every request, with zero setup.
+"""Two tunnels on one server, on one machine: `python3 -m stage_13` shows many clients with zero setup.
 
-It makes a private CA and a certificate for localhost (certs.py, with the openssl command) in a
-temporary folder, then runs five things in one process, all on 127.0.0.1: two demo local apps
-(demo_app.py), the server, and two clients named `hello` and `world`, which share a fresh random
-secret and trust only that CA. Then it prints both URLs: http://hello.localhost:60624/ and
-http://world.localhost:60624/ reach different apps through the same public port, told apart by
-the Host header. Browsers and curl send *.localhost to this machine without any setup.
+It runs five things in one process, all on 127.0.0.1: two demo local apps (demo_app.py), the
+server, and two clients, which share a fresh random secret. The first client holds the public
+port (http://127.0.0.1:60624/), the second a TCP tunnel on a port of its own. Then it prints
+both URLs: each reaches its own app.
 """
 
 import argparse
@@ -14,12 +12,8 @@ import logging
 import secrets
 import signal
 import sys
-import tempfile
 from collections.abc import Coroutine
-from pathlib import Path
 
-from . import certs, tls
-from .capture import Store
 from .cli import listen_port
 from .client import Client
 from .demo_app import DemoApp
@@ -31,28 +25,19 @@ log = logging.getLogger(f"{__package__}.demo")
 HOST = "127.0.0.1"  # the demo never leaves this machine
 
 
-NAMES = ("hello", "world")  # the demo's two tunnels
-
-
 async def run(control_port: int, public_port: int, app_port: int, any_free: bool = False) -> None:
     """Start the demo apps, the server and the clients; print the public URLs; serve until cancelled.
 
     any_free: if the tunnel's ports can't all be had, take any free ones instead of failing.
     """
-    apps = [DemoApp(name) for name in NAMES]
+    apps = [DemoApp(), DemoApp()]
     for app, port in zip(apps, (app_port, 0), strict=True):  # a second app on the same port can't be
         try:
             await app.listen(HOST, port)
         except OSError as exc:
             raise TunnelError(listen_error(exc, "app", HOST, port)) from None
-    with tempfile.TemporaryDirectory(prefix="ngrok-demo-") as folder:
-        try:
-            ca, cert, key = certs.make(Path(folder))
-        except certs.CertError as exc:
-            raise TunnelError(str(exc)) from None
-        server_tls, client_tls = tls.server_context(str(cert), str(key)), tls.client_context(str(ca))
     secret = secrets.token_hex(16)  # known to the server and the clients, and to nobody else
-    server = Server(tls=server_tls, secret=secret)
+    server = Server(secret=secret, domain=HOST)  # the URLs name 127.0.0.1, where the demo listens
     try:
         ports = await server.listen(HOST, control_port, public_port)
     except TunnelError as exc:
@@ -63,11 +48,8 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         # test suite makes thousands, and each may have used it as its source port.
         log.warning("%s; the demo takes free ports instead", exc)
         ports = await server.listen(HOST, 0, 0)
-    # "localhost", not 127.0.0.1: the name the certificate holds, and the client checks.
-    clients = [
-        Client(app.address, "localhost", ports.control, tls=client_tls, name=app.name, secret=secret, store=Store())
-        for app in apps
-    ]
+    # The first client asks for the public port, the second for a TCP port of its own.
+    clients = [Client(app.address, HOST, ports.control, tcp=app is not apps[0], secret=secret) for app in apps]
     async with asyncio.TaskGroup() as tasks:
         for task in (*(app.serve() for app in apps), server.serve(), *(client.run() for client in clients)):
             tasks.create_task(task)
@@ -77,13 +59,12 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
                     await client.connected.wait()
         except TimeoutError:
             raise TunnelError(f"the demo's clients did not connect within {NETWORK_TIMEOUT:g}s; try -v") from None
-        lines = [f"  {client.url}  -> demo app {client.tunnel} ({HOST}:{client.local[1]})" for client in clients]
+        lines = [f"  {client.url}  -> demo app ({HOST}:{client.local[1]})" for client in clients]
         print(
             "\npublic URLs, one server, two tunnels:\n" + "\n".join(lines) + "\n"
-            f"  try it:   curl {clients[0].url}   (or open it in a browser)\n"
-            "  each request: a line of its client's log below (the server logs a line per connection)\n"
-            f"  the path: you -> server (public port {ports.public}, reads the Host header) -> "
-            "the client of that name, over TLS -> its demo app, and back\n"
+            f"  try it:   curl {clients[0].url}   and   curl http://{HOST}:{clients[1].tunnel}/\n"
+            f"  the path: you -> server (public port {ports.public}, or the TCP tunnel's port) -> "
+            "the client that holds that port -> its demo app, and back\n"
             "  press Ctrl-C to stop\n",
             flush=True,
         )
@@ -106,7 +87,7 @@ def main() -> None:
     """Command line: python3 -m stage_13 [--public-port P] [--control-port P] [--app-port P]."""
     parser = argparse.ArgumentParser(
         prog=f"python3 -m {__package__}",
-        description="Run two demo apps, the tunnel server and two named clients on this machine; print the URLs.",
+        description="Run two demo apps, the tunnel server and two clients on this machine; print the URLs.",
     )
     for role, default in (("public", PUBLIC_PORT), ("control", CONTROL_PORT)):
         parser.add_argument(

@@ -1,32 +1,27 @@
-"""Stage 13 client: stage 12's tunnel, and the observer: a log line for every request it relays.
+"""Stage 13 client: a tunnel of its own on a shared server: its public port, or a TCP port.
 
-python3 -m stage_13.client localhost:8000 --ca certs/ca.pem --name myapp   # http://myapp.localhost:60624/
+python3 -m stage_13.client localhost:8000                                 # http://localhost:60624/
 python3 -m stage_13.client localhost:22 tunnel.example.com --tcp          # a public TCP port for ssh
 
-One connection to the server, inside TLS, carries everything. The client asks for a tunnel in
-its hello (a name, or a TCP port) and the server answers with its URL. The server opens a
+One connection to the server carries everything. The client asks for a tunnel in
+its hello (the public port, or a TCP port) and the server answers with its URL. The server opens a
 stream for each user (a SYN frame); the client dials the local app (the private connection)
 and relays the stream into it. Heartbeats show that the server is still there; when the
 connection is lost, the client reconnects with backoff and resumes its session, and so keeps
-its name. The users' streams end with the lost connection: they ran inside it.
-
-The client also observes every HTTP exchange it relays (observe.py), and logs a line for each one.
+its port. The users' streams end with the lost connection: they ran inside it.
 """
 
 import argparse
 import asyncio
 import logging
 import os
-import ssl
 import sys
 
 from . import auth, backoff, private
 from .budget import Budget
-from .capture import ObservedStream, Store
-from .cli import name, parse_address, parse_server, port, positive_seconds
+from .cli import parse_address, parse_server, port, positive_seconds
 from .frames import INITIAL_WINDOW
 from .mux import Mux
-from .observe import Observer
 from .protocol import (
     CONTROL_PORT,
     DATA_LIMIT,
@@ -34,13 +29,11 @@ from .protocol import (
     HEARTBEAT_INTERVAL,
     HEARTBEAT_TIMEOUT,
     IDLE_TIMEOUT,
-    NETWORK_TIMEOUT,
     Hello,
     Refused,
     TunnelError,
 )
 from .relay import Stream, Timeouts
-from .tls import client_context, load_error, verify_error
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +47,6 @@ class Client:
         server: str = "localhost",
         control_port: int = CONTROL_PORT,
         *,
-        tls: ssl.SSLContext | None = None,
-        name: str | None = None,
         tcp: bool = False,
         secret: str | None = None,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
@@ -63,17 +54,14 @@ class Client:
         max_backoff: float = backoff.BACKOFF_CAP,
         idle_timeout: float = IDLE_TIMEOUT,
         half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
-        store: Store | None = None,
     ) -> None:
         self.local = local
-        self.store = store  # observes every HTTP exchange, and logs it (None: nothing is observed)
         self.server = server
         self.control_port = control_port
-        self.tls = tls or client_context()  # the system's CAs
         self.kind = "tcp" if tcp else "http"
-        # The tunnel we asked for, then the one we got (a name, or a TCP port): asked for again
-        # when we reconnect, with the session id, so that we get it back. Its URL, for users.
-        self.tunnel: str | None = name
+        # The tunnel we got (a port): asked for again when we reconnect, with the session id,
+        # so that we get it back. Its URL, for users.
+        self.tunnel: str | None = None
         self.url: str | None = None
         self.secret = secret or None  # an empty secret would be no secret at all
         self.heartbeat_interval = heartbeat_interval
@@ -106,7 +94,7 @@ class Client:
                     finally:
                         writer.close()
                 except Refused:
-                    raise  # a wrong secret, a taken name, a certificate we can't trust: retrying won't help
+                    raise  # a wrong secret or another client: retrying would not help
                 except (TunnelError, OSError) as exc:  # TimeoutError (a silent server) is an OSError too
                     wait = backoff.delay(attempt, cap=self.max_backoff)
                     attempt += 1
@@ -118,24 +106,13 @@ class Client:
             await asyncio.gather(*self._users, return_exceptions=True)
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Open the tunnel connection and check the server's certificate, or raise saying why not."""
-        where = f"the server at {self.server}:{self.control_port}"
+        """Open the tunnel connection, or raise TunnelError saying why not."""
         try:
-            # A host behind a firewall that drops packets would otherwise keep us waiting for minutes.
-            async with asyncio.timeout(NETWORK_TIMEOUT):
-                # Frames follow the handshake: a big buffer limit keeps reads large (see protocol.py).
-                # server_hostname: the name the certificate must hold, checked by the TLS handshake.
-                return await asyncio.open_connection(
-                    self.server, self.control_port, limit=DATA_LIMIT, ssl=self.tls, server_hostname=self.server
-                )
-        except ssl.SSLCertVerificationError as exc:
-            raise Refused(verify_error(exc, self.server)) from None  # an impostor, or a missing --ca
-        except ssl.SSLError as exc:
-            if exc.reason == "WRONG_VERSION_NUMBER":  # the reply was not TLS at all
-                raise Refused(f"{where} does not speak TLS; is it a stage 13 server?") from None
-            raise TunnelError(f"TLS with {where} failed ({exc.reason or exc})") from None
+            # Frames follow the handshake: a big buffer limit keeps reads large (see protocol.py).
+            return await private.dial(self.server, self.control_port, limit=DATA_LIMIT)
         except OSError as exc:
-            raise TunnelError(f"cannot reach {where} ({private.why(exc)})") from None
+            reason = private.why(exc)
+            raise TunnelError(f"cannot reach the server at {self.server}:{self.control_port} ({reason})") from None
 
     async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Relay the server's streams and send heartbeats; raise TunnelError when the connection is lost."""
@@ -155,7 +132,7 @@ class Client:
             await mux.run()
             raise TunnelError("the server closed the connection")
         except asyncio.CancelledError:
-            # Stopped (Ctrl-C): say goodbye, so that the server frees our name at once instead of
+            # Stopped (Ctrl-C): say goodbye, so that the server frees our port at once instead of
             # keeping it for the resume window (a client started again would find it taken).
             await mux.goodbye("the client stopped")
             raise
@@ -164,8 +141,7 @@ class Client:
 
     def _open(self, stream_id: int) -> Stream:
         """The server opened a stream for a user: dial the local app for it, in a task of its own."""
-        user = f"stream {stream_id}"  # who sent the requests, in the log line
-        stream = ObservedStream(self.timeouts, Observer(self.store, user)) if self.store else Stream(self.timeouts)
+        stream = Stream(self.timeouts)
         # Its first window is the protocol's: the server may have sent its bytes already (budget.py).
         self.budget.take(INITIAL_WINDOW)
         stream.charge(self.budget)
@@ -178,7 +154,7 @@ class Client:
 
 
 def main() -> None:
-    """Command line: python3 -m stage_13.client LOCAL [SERVER] [--ca FILE] [--name NAME | --tcp] ..."""
+    """Command line: python3 -m stage_13.client LOCAL [SERVER] [--tcp] ..."""
     parser = argparse.ArgumentParser(
         prog=f"python3 -m {__package__}.client",
         description="Open a tunnel from a stage 13 server to LOCAL, the app on this machine that users should reach.",
@@ -190,17 +166,14 @@ def main() -> None:
         type=parse_server,
         default="localhost",
         metavar="SERVER",
-        help="host or host:port (default: localhost); its certificate must name this host",
+        help="host or host:port (default: localhost)",
     )
     parser.add_argument(
         "--control-port", type=port, metavar="PORT", help=f"the server's control port (default: {CONTROL_PORT})"
     )
     parser.add_argument(
-        "--ca", metavar="FILE", help="trust the server's certificate if this CA signed it (default: the system's CAs)"
+        "--tcp", action="store_true", help="a TCP tunnel: a public port of its own (default: the server's public port)"
     )
-    kind = parser.add_mutually_exclusive_group()
-    kind.add_argument("--name", type=name, help="the HTTP tunnel's name: NAME.<the server's domain> (default: random)")
-    kind.add_argument("--tcp", action="store_true", help="a TCP tunnel: a public port of its own, for any protocol")
     parser.add_argument(
         "--secret",
         default=os.environ.get("NGROK_SECRET"),
@@ -228,26 +201,19 @@ def main() -> None:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
+    client = Client(
+        args.local,
+        server,
+        server_port or args.control_port or CONTROL_PORT,
+        tcp=args.tcp,
+        secret=args.secret,
+        heartbeat_interval=args.heartbeat_interval,
+        heartbeat_timeout=args.heartbeat_timeout,
+        max_backoff=args.max_backoff,
+        idle_timeout=args.idle_timeout,
+        half_closed_timeout=args.half_closed_timeout,
+    )
     try:
-        try:
-            context = client_context(args.ca)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise TunnelError(load_error(f"CA file {args.ca}", exc, args.ca)) from None
-        client = Client(
-            args.local,
-            server,
-            server_port or args.control_port or CONTROL_PORT,
-            tls=context,
-            name=args.name,
-            tcp=args.tcp,
-            secret=args.secret,
-            heartbeat_interval=args.heartbeat_interval,
-            heartbeat_timeout=args.heartbeat_timeout,
-            max_backoff=args.max_backoff,
-            idle_timeout=args.idle_timeout,
-            half_closed_timeout=args.half_closed_timeout,
-            store=Store(),
-        )
         asyncio.run(client.run())
     except TunnelError as exc:
         sys.exit(f"error: {exc}")

@@ -1,32 +1,26 @@
-"""Stage 14 client: stage 12's tunnel, and the inspector: a local page of every request it relays.
+"""Stage 14 client: a tunnel of its own on a shared server, by name or by port.
 
-python3 -m stage_14.client localhost:8000 --ca certs/ca.pem --name myapp   # http://myapp.localhost:60624/
+python3 -m stage_14.client localhost:8000 --name myapp                    # http://myapp.localhost:60624/
 python3 -m stage_14.client localhost:22 tunnel.example.com --tcp          # a public TCP port for ssh
 
-One connection to the server, inside TLS, carries everything. The client asks for a tunnel in
+One connection to the server carries everything. The client asks for a tunnel in
 its hello (a name, or a TCP port) and the server answers with its URL. The server opens a
 stream for each user (a SYN frame); the client dials the local app (the private connection)
 and relays the stream into it. Heartbeats show that the server is still there; when the
 connection is lost, the client reconnects with backoff and resumes its session, and so keeps
 its name. The users' streams end with the lost connection: they ran inside it.
-
-The client also observes every HTTP exchange it relays (observe.py): it logs a line for each one,
-and keeps the last ones for the inspector's page at http://127.0.0.1:4040 (inspector.py)
-(`--no-inspect` turns all this off).
 """
 
 import argparse
 import asyncio
 import logging
 import os
-import ssl
 import sys
 
 from . import auth, backoff, private
 from .budget import Budget
-from .cli import listen_port, name, parse_address, parse_server, port, positive_seconds
+from .cli import name, parse_address, parse_server, port, positive_seconds
 from .frames import INITIAL_WINDOW
-from .inspector import INSPECT_PORT, Inspector
 from .mux import Mux
 from .protocol import (
     CONTROL_PORT,
@@ -35,13 +29,11 @@ from .protocol import (
     HEARTBEAT_INTERVAL,
     HEARTBEAT_TIMEOUT,
     IDLE_TIMEOUT,
-    NETWORK_TIMEOUT,
     Hello,
     Refused,
     TunnelError,
 )
 from .relay import Stream, Timeouts
-from .tls import client_context, load_error, verify_error
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +47,6 @@ class Client:
         server: str = "localhost",
         control_port: int = CONTROL_PORT,
         *,
-        tls: ssl.SSLContext | None = None,
         name: str | None = None,
         tcp: bool = False,
         secret: str | None = None,
@@ -64,13 +55,10 @@ class Client:
         max_backoff: float = backoff.BACKOFF_CAP,
         idle_timeout: float = IDLE_TIMEOUT,
         half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
-        inspector: Inspector | None = None,
     ) -> None:
         self.local = local
-        self.inspector = inspector  # records every HTTP exchange for its web page (None: --no-inspect)
         self.server = server
         self.control_port = control_port
-        self.tls = tls or client_context()  # the system's CAs
         self.kind = "tcp" if tcp else "http"
         # The tunnel we asked for, then the one we got (a name, or a TCP port): asked for again
         # when we reconnect, with the session id, so that we get it back. Its URL, for users.
@@ -107,7 +95,7 @@ class Client:
                     finally:
                         writer.close()
                 except Refused:
-                    raise  # a wrong secret, a taken name, a certificate we can't trust: retrying won't help
+                    raise  # a wrong secret, a taken name: retrying won't help
                 except (TunnelError, OSError) as exc:  # TimeoutError (a silent server) is an OSError too
                     wait = backoff.delay(attempt, cap=self.max_backoff)
                     attempt += 1
@@ -119,24 +107,13 @@ class Client:
             await asyncio.gather(*self._users, return_exceptions=True)
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Open the tunnel connection and check the server's certificate, or raise saying why not."""
-        where = f"the server at {self.server}:{self.control_port}"
+        """Open the tunnel connection, or raise TunnelError saying why not."""
         try:
-            # A host behind a firewall that drops packets would otherwise keep us waiting for minutes.
-            async with asyncio.timeout(NETWORK_TIMEOUT):
-                # Frames follow the handshake: a big buffer limit keeps reads large (see protocol.py).
-                # server_hostname: the name the certificate must hold, checked by the TLS handshake.
-                return await asyncio.open_connection(
-                    self.server, self.control_port, limit=DATA_LIMIT, ssl=self.tls, server_hostname=self.server
-                )
-        except ssl.SSLCertVerificationError as exc:
-            raise Refused(verify_error(exc, self.server)) from None  # an impostor, or a missing --ca
-        except ssl.SSLError as exc:
-            if exc.reason == "WRONG_VERSION_NUMBER":  # the reply was not TLS at all
-                raise Refused(f"{where} does not speak TLS; is it a stage 14 server?") from None
-            raise TunnelError(f"TLS with {where} failed ({exc.reason or exc})") from None
+            # Frames follow the handshake: a big buffer limit keeps reads large (see protocol.py).
+            return await private.dial(self.server, self.control_port, limit=DATA_LIMIT)
         except OSError as exc:
-            raise TunnelError(f"cannot reach {where} ({private.why(exc)})") from None
+            reason = private.why(exc)
+            raise TunnelError(f"cannot reach the server at {self.server}:{self.control_port} ({reason})") from None
 
     async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Relay the server's streams and send heartbeats; raise TunnelError when the connection is lost."""
@@ -165,8 +142,7 @@ class Client:
 
     def _open(self, stream_id: int) -> Stream:
         """The server opened a stream for a user: dial the local app for it, in a task of its own."""
-        user = f"stream {stream_id}"  # who sent the requests, in the log line and on the page
-        stream = self.inspector.stream(self.timeouts, user) if self.inspector else Stream(self.timeouts)
+        stream = Stream(self.timeouts)
         # Its first window is the protocol's: the server may have sent its bytes already (budget.py).
         self.budget.take(INITIAL_WINDOW)
         stream.charge(self.budget)
@@ -178,20 +154,8 @@ class Client:
         return stream
 
 
-async def run(client: Client) -> None:
-    """Run the client, and its inspector's page while it runs (TunnelError if the page's port is taken)."""
-    if client.inspector is None:
-        await client.run()
-        return
-    await client.inspector.listen()
-    try:
-        await client.run()
-    finally:
-        await client.inspector.close()
-
-
 def main() -> None:
-    """Command line: python3 -m stage_14.client LOCAL [SERVER] [--ca FILE] [--name NAME | --tcp] ..."""
+    """Command line: python3 -m stage_14.client LOCAL [SERVER] [--name NAME | --tcp] ..."""
     parser = argparse.ArgumentParser(
         prog=f"python3 -m {__package__}.client",
         description="Open a tunnel from a stage 14 server to LOCAL, the app on this machine that users should reach.",
@@ -203,13 +167,10 @@ def main() -> None:
         type=parse_server,
         default="localhost",
         metavar="SERVER",
-        help="host or host:port (default: localhost); its certificate must name this host",
+        help="host or host:port (default: localhost)",
     )
     parser.add_argument(
         "--control-port", type=port, metavar="PORT", help=f"the server's control port (default: {CONTROL_PORT})"
-    )
-    parser.add_argument(
-        "--ca", metavar="FILE", help="trust the server's certificate if this CA signed it (default: the system's CAs)"
     )
     kind = parser.add_mutually_exclusive_group()
     kind.add_argument("--name", type=name, help="the HTTP tunnel's name: NAME.<the server's domain> (default: random)")
@@ -233,17 +194,6 @@ def main() -> None:
             metavar="SECONDS",
             help=f"{what} (default: %(default)s)",
         )
-    parser.add_argument(
-        "--inspect-port",
-        type=listen_port,
-        default=INSPECT_PORT,
-        metavar="PORT",
-        help="the inspector's web page, a list of every request; 0 = any (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--inspect-host", default="127.0.0.1", help="address of the inspector's page (default: %(default)s)"
-    )
-    parser.add_argument("--no-inspect", action="store_true", help="observe nothing: no page, no log lines")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()
     server, server_port = args.server
@@ -252,27 +202,21 @@ def main() -> None:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
+    client = Client(
+        args.local,
+        server,
+        server_port or args.control_port or CONTROL_PORT,
+        name=args.name,
+        tcp=args.tcp,
+        secret=args.secret,
+        heartbeat_interval=args.heartbeat_interval,
+        heartbeat_timeout=args.heartbeat_timeout,
+        max_backoff=args.max_backoff,
+        idle_timeout=args.idle_timeout,
+        half_closed_timeout=args.half_closed_timeout,
+    )
     try:
-        try:
-            context = client_context(args.ca)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise TunnelError(load_error(f"CA file {args.ca}", exc, args.ca)) from None
-        client = Client(
-            args.local,
-            server,
-            server_port or args.control_port or CONTROL_PORT,
-            tls=context,
-            name=args.name,
-            tcp=args.tcp,
-            secret=args.secret,
-            heartbeat_interval=args.heartbeat_interval,
-            heartbeat_timeout=args.heartbeat_timeout,
-            max_backoff=args.max_backoff,
-            idle_timeout=args.idle_timeout,
-            half_closed_timeout=args.half_closed_timeout,
-            inspector=None if args.no_inspect else Inspector(args.inspect_host, args.inspect_port),
-        )
-        asyncio.run(run(client))
+        asyncio.run(client.run())
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:

@@ -1,9 +1,9 @@
 """The server's side of the tunnel connections: who may hold a tunnel, and is its client still alive?
 
-Stage 9's session module kept one client. Now every client that connects gets a session of its
+Stage 12's session module kept one client. Now every client that connects gets a session of its
 own, and with it one tunnel (tunnels.py): the name or TCP port it asked for, if nobody holds it.
 
-- Auth: only a client that knows the secret gets in (the handshake is in auth.py), inside TLS.
+- Auth: only a client that knows the secret gets in (the handshake is in auth.py).
   An address that guessed wrong too often is told `busy`, unless its hello brings the id of a
   session we hold: a stranger behind a client's NAT must not keep that client out.
 - Never locked out: a client coming back (it presents the session id and the tunnel we gave it)
@@ -15,14 +15,13 @@ own, and with it one tunnel (tunnels.py): the name or TCP port it asked for, if 
 - Shared fairly: one source address holds at most `max_per_address` tunnels, kept ones included,
   so that nobody, with the secret or (on a trusted network) without, can take every name.
 - Heartbeats: a tunnel connection silent for longer than the heartbeat timeout is dead. Users
-  whose streams ran on it lose their connections, as in stage 9.
+  whose streams ran on it lose their connections, as in stage 12.
 """
 
 import asyncio
 import functools
 import logging
 import secrets
-from collections.abc import Callable
 
 from . import auth
 from .mux import Mux
@@ -68,13 +67,8 @@ class Sessions:
         self.by_id: dict[str, Session] = {}
         self.throttle = auth.Throttle()  # slows down anyone guessing the secret
 
-    async def handle_control(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, admitted: Callable[[], None] = lambda: None
-    ) -> None:
-        """One control connection, from handshake to close: the task the control port spawns.
-
-        `admitted` is called once the client is in (see limits.Startups: it proved itself).
-        """
+    async def handle_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One control connection, from handshake to close: the task the control port spawns."""
         host, port = writer.get_extra_info("peername")[:2]
         peer, session, mux, stopped = f"{host}:{port}", None, None, False
         try:
@@ -84,7 +78,6 @@ class Sessions:
             # The welcome is the last line: from here on, both sides speak frames (frames.py).
             mux = Mux(reader, writer, peer="the client", heartbeat_timeout=self.heartbeat_timeout)
             await write_message(writer, Welcome(session.session_id, session.tunnel, session.url))
-            admitted()
             session.mux = mux
             await mux.run()  # until the client leaves, falls silent or breaks the protocol
         except GoneAway as exc:  # the client stopped (Ctrl-C) and said so: it won't come back for its tunnel

@@ -1,18 +1,14 @@
-"""Stage 15 client: stage 12's tunnel, and the inspector: a live page of every request it relays, with replay.
+"""Stage 15 client: a tunnel of its own on a shared server, by name or by port, over TLS.
 
 python3 -m stage_15.client localhost:8000 --ca certs/ca.pem --name myapp   # http://myapp.localhost:60624/
 python3 -m stage_15.client localhost:22 tunnel.example.com --tcp          # a public TCP port for ssh
 
 One connection to the server, inside TLS, carries everything. The client asks for a tunnel in
 its hello (a name, or a TCP port) and the server answers with its URL. The server opens a
-stream for each user (a SYN frame, which names the user's address); the client dials the local
-app (the private connection) and relays the stream into it. Heartbeats show that the server is
-still there; when the connection is lost, the client reconnects with backoff and resumes its
-session, and so keeps its name. The users' streams end with the lost connection.
-
-The client also observes every HTTP exchange it relays (observe.py): it logs a line for each one,
-and keeps the last ones for the inspector's page at http://127.0.0.1:4040 (inspector.py), live,
-where a click sends a request to the local app again (`--no-inspect` turns all this off).
+stream for each user (a SYN frame); the client dials the local app (the private connection)
+and relays the stream into it. Heartbeats show that the server is still there; when the
+connection is lost, the client reconnects with backoff and resumes its session, and so keeps
+its name. The users' streams end with the lost connection: they ran inside it.
 """
 
 import argparse
@@ -24,9 +20,8 @@ import sys
 
 from . import auth, backoff, private
 from .budget import Budget
-from .cli import listen_port, name, parse_address, parse_server, port, positive_seconds
+from .cli import name, parse_address, parse_server, port, positive_seconds
 from .frames import INITIAL_WINDOW
-from .inspector import INSPECT_PORT, Inspector
 from .mux import Mux
 from .protocol import (
     CONTROL_PORT,
@@ -64,10 +59,8 @@ class Client:
         max_backoff: float = backoff.BACKOFF_CAP,
         idle_timeout: float = IDLE_TIMEOUT,
         half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
-        inspector: Inspector | None = None,
     ) -> None:
         self.local = local
-        self.inspector = inspector  # records every HTTP exchange for its web page (None: --no-inspect)
         self.server = server
         self.control_port = control_port
         self.tls = tls or client_context()  # the system's CAs
@@ -163,9 +156,9 @@ class Client:
         finally:
             self.connected.clear()
 
-    def _open(self, stream_id: int, user: str) -> Stream:
-        """The server opened a stream for `user` (its address): dial the local app for it, in a task of its own."""
-        stream = self.inspector.stream(self.timeouts, user) if self.inspector else Stream(self.timeouts)
+    def _open(self, stream_id: int) -> Stream:
+        """The server opened a stream for a user: dial the local app for it, in a task of its own."""
+        stream = Stream(self.timeouts)
         # Its first window is the protocol's: the server may have sent its bytes already (budget.py).
         self.budget.take(INITIAL_WINDOW)
         stream.charge(self.budget)
@@ -175,18 +168,6 @@ class Client:
         self._users.add(task)  # a strong reference, as the server keeps
         task.add_done_callback(self._users.discard)
         return stream
-
-
-async def run(client: Client) -> None:
-    """Run the client, and its inspector's page while it runs (TunnelError if the page's port is taken)."""
-    if client.inspector is None:
-        await client.run()
-        return
-    await client.inspector.listen()
-    try:
-        await client.run()
-    finally:
-        await client.inspector.close()
 
 
 def main() -> None:
@@ -232,17 +213,6 @@ def main() -> None:
             metavar="SECONDS",
             help=f"{what} (default: %(default)s)",
         )
-    parser.add_argument(
-        "--inspect-port",
-        type=listen_port,
-        default=INSPECT_PORT,
-        metavar="PORT",
-        help="the inspector's web page, a list of every request; 0 = any (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--inspect-host", default="127.0.0.1", help="address of the inspector's page (default: %(default)s)"
-    )
-    parser.add_argument("--no-inspect", action="store_true", help="observe nothing: no page, no log lines")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()
     server, server_port = args.server
@@ -269,9 +239,8 @@ def main() -> None:
             max_backoff=args.max_backoff,
             idle_timeout=args.idle_timeout,
             half_closed_timeout=args.half_closed_timeout,
-            inspector=None if args.no_inspect else Inspector(args.local, args.inspect_host, args.inspect_port),
         )
-        asyncio.run(run(client))
+        asyncio.run(client.run())
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""Stage 15 server: stage 12's (many clients, each with a tunnel of its own); each SYN names its user.
+"""Stage 15 server: many clients, each with a tunnel of its own: a name for HTTP users, or a TCP port.
 
 python3 -m stage_15.certs certs/              # a private CA and a certificate for localhost (once)
 python3 -m stage_15.server --cert certs/server.pem --key certs/server.key
@@ -12,6 +12,7 @@ in routing.py. Here are the ports, the users, and what a user sees when no tunne
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -25,7 +26,7 @@ from typing import Any
 
 from . import auth, limits, pages, routing, tls
 from .budget import MEMORY_BUDGET, Budget, MiB
-from .cli import domain, listen_error, listen_port, port_range, positive_seconds, whole_number
+from .cli import domain, listen_port, port_range, positive_seconds, whole_number
 from .frames import INITIAL_WINDOW
 from .limits import Listener, Slots
 from .mux import Mux
@@ -277,7 +278,7 @@ class Server:
         stream.charge(self.budget)
         # Open at once, and send the user's first bytes right behind the SYN, within the stream's
         # first window: no round trip to wait for (stage 3 waited for a whole proxy connection).
-        stream_id = mux.open(stream, peer)
+        stream_id = mux.open(stream)
         who = f"{peer}: stream {stream_id}"
         log.debug("%s: opened", who)
         self.waiting += 1
@@ -346,6 +347,15 @@ def peername(stream: Stream) -> str:
     assert stream.transport is not None
     host, port = stream.transport.get_extra_info("peername")[:2]
     return f"{host}:{port}"
+
+
+def listen_error(exc: OSError, role: str, host: str, port: int) -> str:
+    """A one-line, actionable message for a failed bind."""
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} on {host} is already in use; stop the other program or pick another --{role}-port"
+    if exc.errno == errno.EACCES:
+        return f"permission denied to listen on {host}:{port}; use a --{role}-port above 1023"
+    return f"cannot listen on {host}:{port} for the {role} port: {exc.strerror or exc}"
 
 
 async def run(host: str, ports: Ports, **options: Any) -> None:

@@ -1,6 +1,6 @@
 """The server's side of the tunnel connections: who may hold a tunnel, and is its client still alive?
 
-Stage 9's session module kept one client. Now every client that connects gets a session of its
+Stage 12's session module kept one client. Now every client that connects gets a session of its
 own, and with it one tunnel (tunnels.py): the name or TCP port it asked for, if nobody holds it.
 
 - Auth: only a client that knows the secret gets in (the handshake is in auth.py), inside TLS.
@@ -15,7 +15,7 @@ own, and with it one tunnel (tunnels.py): the name or TCP port it asked for, if 
 - Shared fairly: one source address holds at most `max_per_address` tunnels, kept ones included,
   so that nobody, with the secret or (on a trusted network) without, can take every name.
 - Heartbeats: a tunnel connection silent for longer than the heartbeat timeout is dead. Users
-  whose streams ran on it lose their connections, as in stage 9.
+  whose streams ran on it lose their connections, as in stage 12.
 """
 
 import asyncio

@@ -3,20 +3,17 @@
 Stage 7 has one connection between the client and the server. It starts as stage 3's control
 connection did, in text lines readable and speakable with `nc`, with a handshake:
 
-    client: hello [<session_id>]      (the session id only when reconnecting)
-    server: challenge <nonce>         (only if the server has a secret; see auth.py)
-    client: auth <hmac>
-    server: welcome <session_id>      (or `error <reason>`, then the server hangs up)
+    client: hello
+    server: welcome                   (or `error <reason>`, then the server hangs up)
 
-After `welcome`, both sides speak binary frames on the same connection (frames.py): the
-heartbeats, and every user's bytes as a stream of its own. Nothing follows `auth` until
-`welcome` comes, so each side knows exactly where the lines end and the frames begin.
+After `welcome`, both sides speak binary frames on the same connection (frames.py): every
+user's bytes as a stream of its own. Nothing follows `hello` until `welcome` comes, so each
+side knows exactly where the lines end and the frames begin.
 Only `read_message` and `write_message` touch the lines' bytes.
 """
 
 import asyncio
 import contextlib
-import re
 from dataclasses import dataclass
 
 CONTROL_PORT = 60623
@@ -29,15 +26,8 @@ NETWORK_TIMEOUT = 5.0
 # How long a user's new stream waits for the client to accept it (to reach the local
 # app) before the server gives up on it and sends the user a 502 page.
 PROXY_TIMEOUT = 10.0
-# The client pings this often; a control connection silent for HEARTBEAT_TIMEOUT
-# (three missed pings) is dead, even if TCP has not noticed: a laptop that went
-# to sleep or a NAT that forgot the connection never sends a FIN.
-HEARTBEAT_INTERVAL = 5.0
-HEARTBEAT_TIMEOUT = 15.0
-# Ids, nonces and digests are single words of these characters.
-TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
-# The most a stream holds in memory each way: one window (frames.WINDOW) of bytes,
-# or one read of the event loop (256 KiB at most) waiting to be framed.
+# The buffer limit of the tunnel connection's reader, which frames may reach right after the
+# handshake: one read of the event loop (256 KiB at most).
 DATA_LIMIT = 256 * 1024
 # How long a closing connection keeps swallowing input so that our last words arrive.
 LINGER = 1.0
@@ -55,36 +45,14 @@ class Refused(TunnelError):
     """The server said no during the handshake (e.g. another client is connected): retrying won't help."""
 
 
-class AuthError(Refused):
-    """The secrets don't match, or one side has none: fix the secret, retrying won't help."""
-
-
 @dataclass(frozen=True)
 class Hello:
-    """Client -> server, the first line of a control connection: `hello` or `hello <session_id>`."""
-
-    session_id: str | None = None
-
-
-@dataclass(frozen=True)
-class Challenge:
-    """Server -> client, "prove you know the secret": `challenge <nonce>`."""
-
-    nonce: str
-
-
-@dataclass(frozen=True)
-class Auth:
-    """Client -> server, the answer to a challenge, HMAC-SHA256(secret, nonce) in hex: `auth <hmac>`."""
-
-    digest: str
+    """Client -> server, the first line of a control connection: `hello`."""
 
 
 @dataclass(frozen=True)
 class Welcome:
-    """Server -> client, the handshake succeeded: `welcome <session_id>`."""
-
-    session_id: str
+    """Server -> client, the handshake succeeded: `welcome`."""
 
 
 @dataclass(frozen=True)
@@ -94,22 +62,16 @@ class Error:
     reason: str
 
 
-Message = Hello | Challenge | Auth | Welcome | Error
+Message = Hello | Welcome | Error
 
 
 def encode(message: Message) -> bytes:
     """The exact bytes of one message on the wire, newline included."""
     match message:
-        case Hello(None):
+        case Hello():
             return b"hello\n"
-        case Hello(session_id):
-            return f"hello {session_id}\n".encode()
-        case Challenge(nonce):
-            return f"challenge {nonce}\n".encode()
-        case Auth(digest):
-            return f"auth {digest}\n".encode()
-        case Welcome(session_id):
-            return f"welcome {session_id}\n".encode()
+        case Welcome():
+            return b"welcome\n"
         case Error(reason):
             return f"error {reason}\n".encode()
 
@@ -128,22 +90,11 @@ def decode(line: bytes) -> Message:
     match word, rest:
         case "hello", "":
             return Hello()
-        case "hello", session_id if is_token(session_id):
-            return Hello(session_id)
-        case "challenge", nonce if is_token(nonce):
-            return Challenge(nonce)
-        case "auth", digest if is_token(digest):
-            return Auth(digest)
-        case "welcome", session_id if is_token(session_id):
-            return Welcome(session_id)
+        case "welcome", "":
+            return Welcome()
         case "error", reason if reason:
             return Error(reason)
     raise ProtocolError(f"unknown command {word[:32]!r}")
-
-
-def is_token(text: str) -> bool:
-    """True for an id, nonce or digest: one word of 1 to 128 letters, digits, '-' or '_'."""
-    return TOKEN.fullmatch(text) is not None
 
 
 async def read_message(reader: asyncio.StreamReader) -> Message | None:
@@ -168,6 +119,42 @@ async def write_message(writer: asyncio.StreamWriter, message: Message) -> None:
     """Send one message and wait until it is handed to the kernel."""
     writer.write(encode(message))
     await writer.drain()
+
+
+async def server_handshake(reader: asyncio.StreamReader, timeout: float = NETWORK_TIMEOUT) -> Hello:
+    """Read the client's `hello`.
+
+    Raises ProtocolError for anything else, TimeoutError if the client is too slow: a peer that
+    connects and says nothing must not hold a socket forever.
+    """
+    async with asyncio.timeout(timeout):
+        hello = await read_message(reader)
+    if not isinstance(hello, Hello):
+        raise ProtocolError(f"expected 'hello', got {hello or 'nothing'}")
+    return hello
+
+
+async def client_handshake(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    timeout: float = NETWORK_TIMEOUT,
+) -> Welcome:
+    """Say hello, return the welcome.
+
+    Raises Refused when the server says no (retrying would not help), ProtocolError for a peer
+    that does not speak our protocol, TimeoutError or OSError for network trouble.
+    """
+    async with asyncio.timeout(timeout):
+        await write_message(writer, Hello())
+        reply = await read_message(reader)
+    match reply:
+        case Welcome():
+            return reply
+        case Error(reason):
+            raise Refused(f"the server refused the connection: {reason}")
+        case None:
+            raise ProtocolError("the server closed the connection during the handshake")
+    raise ProtocolError(f"expected 'welcome', got {reply}")
 
 
 async def say_goodbye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str) -> None:

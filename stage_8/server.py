@@ -1,10 +1,10 @@
 """Stage 8 server: relay every public connection through the client to the local app, as a stream.
 
 python3 -m stage_8.server                    # then: python3 -m stage_8.client localhost:8000
-python3 -m stage_8.server --host 0.0.0.0     # on a VPS: set NGROK_SECRET on both sides first
+python3 -m stage_8.server --host 0.0.0.0     # on a VPS: anyone can be its client (stage 10 adds a secret)
 
-The client's one connection lives in session.py (auth, one tunnel, heartbeats) and mux.py (its
-streams); here are the ports, the users, and what a user sees when the tunnel can't serve them.
+The client's one connection lives in session.py (one tunnel) and mux.py (its streams); here
+are the ports, the users, and the page a user gets when the tunnel can't serve them.
 """
 
 import argparse
@@ -12,27 +12,17 @@ import asyncio
 import errno
 import functools
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from . import auth, pages
+from . import pages
 from .budget import MEMORY_BUDGET, Budget, MiB
 from .cli import listen_port, positive_seconds, whole_number
 from .frames import INITIAL_WINDOW
-from .protocol import (
-    CONTROL_PORT,
-    DATA_LIMIT,
-    HEARTBEAT_TIMEOUT,
-    NETWORK_TIMEOUT,
-    PROXY_TIMEOUT,
-    PUBLIC_PORT,
-    TunnelError,
-    printable,
-)
+from .protocol import CONTROL_PORT, DATA_LIMIT, NETWORK_TIMEOUT, PROXY_TIMEOUT, PUBLIC_PORT, TunnelError, printable
 from .relay import Stream
 from .session import Sessions
 
@@ -71,8 +61,6 @@ class Server:
         proxy_timeout: float = PROXY_TIMEOUT,
         handshake_timeout: float = NETWORK_TIMEOUT,
         *,
-        secret: str | None = None,
-        heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         memory_budget: int = MEMORY_BUDGET,
     ) -> None:
         self.proxy_timeout = proxy_timeout  # a user waits this long for the client to accept its stream
@@ -80,7 +68,7 @@ class Server:
         self._listeners: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
         # The client's session, if one is connected (see session.py).
-        self._sessions = Sessions(secret, handshake_timeout, heartbeat_timeout)
+        self._sessions = Sessions(handshake_timeout)
 
     async def listen(
         self,
@@ -106,12 +94,6 @@ class Server:
         addresses = [listener.sockets[0].getsockname()[:2] for listener in self._listeners]
         for role, (bound_host, bound_port) in zip(("control", "public"), addresses, strict=True):
             log.info("%s port listening on %s:%d", role, bound_host, bound_port)
-        for warning in (
-            auth.exposure_warning(host, self._sessions.secret),
-            auth.strength_warning(self._sessions.secret),
-        ):
-            if warning:
-                log.warning("%s", warning)
         return Ports(*(int(port) for _, port in addresses))
 
     async def serve(self) -> None:
@@ -160,13 +142,13 @@ class Server:
         mux = self._sessions.mux
         if mux is None:
             # A page that names the cause tells the user more than a closed connection.
-            await self._refuse(stream, peer, 502, "no tunnel client is connected to this server")
+            await self._refuse(stream, peer, "no tunnel client is connected to this server")
             return
         try:  # the stream's first window must fit in the memory budget: the user waits for it
             async with asyncio.timeout(self.proxy_timeout):
                 await self.budget.reserve(INITIAL_WINDOW)
         except TimeoutError:
-            await self._refuse(stream, peer, 503, "the server's memory for users' bytes is spent; try again soon")
+            await self._refuse(stream, peer, "the server's memory for users' bytes is spent; try again soon")
             return
         if stream.closed.done():  # the user left while it waited
             self.budget.give(INITIAL_WINDOW)
@@ -183,24 +165,22 @@ class Server:
         except TimeoutError:
             cause = f"the tunnel client did not accept the stream within {self.proxy_timeout:g}s"
             stream.reset(cause)
-            await self._refuse(stream, who, 504, cause)
+            await self._refuse(stream, who, cause)
             return
         if refusal is not None:  # the client could not reach its local app, or went away
             if not stream.closed.done():
-                await self._refuse(stream, who, 502, refusal)
+                await self._refuse(stream, who, refusal)
             return
         await stream.closed
         elapsed = time.monotonic() - started
-        # The request log: one line per public connection, like ngrok's list of requests.
-        request = pages.summary(stream.sent.head, stream.received.head)
         ended = f" (closed: {stream.reset_reason})" if stream.reset_reason else ""
         up, down = stream.sent.copied, stream.received.copied
-        log.info("%s %s, %d bytes up, %d bytes down, %.3fs%s", who, request, up, down, elapsed, ended)
+        log.info("%s closed, %d bytes up, %d bytes down, %.3fs%s", who, up, down, elapsed, ended)
 
     @staticmethod
-    async def _refuse(stream: Stream, who: str, status: int, cause: str) -> None:
-        sent = await pages.refuse(stream, status, cause)
-        log.warning("%s: %s; %s", who, printable(cause.encode()), f"sent a {status} page" if sent else "closed")
+    async def _refuse(stream: Stream, who: str, cause: str) -> None:
+        sent = await pages.refuse(stream, cause)
+        log.warning("%s: %s; %s", who, printable(cause.encode()), "sent a 502 page" if sent else "closed")
 
 
 def peername(transport: asyncio.BaseTransport) -> str:
@@ -245,7 +225,6 @@ def main() -> None:
         )
     for flag, seconds, what in (
         ("proxy-timeout", PROXY_TIMEOUT, "how long a user waits for the client to accept its stream"),
-        ("heartbeat-timeout", HEARTBEAT_TIMEOUT, "silence after which the client counts as gone"),
     ):
         parser.add_argument(
             f"--{flag}",
@@ -261,11 +240,6 @@ def main() -> None:
         metavar="MIB",
         help="the most the users' streams together may make the server buffer, in MiB (default: %(default)s)",
     )
-    parser.add_argument(
-        "--secret",
-        default=os.environ.get("NGROK_SECRET"),
-        help="a secret the client must prove it knows (default: $NGROK_SECRET, which keeps it out of ps)",
-    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()
     logging.basicConfig(
@@ -275,8 +249,6 @@ def main() -> None:
         ports = Ports(args.control_port, args.public_port)
         options = {
             "proxy_timeout": args.proxy_timeout,
-            "secret": args.secret,
-            "heartbeat_timeout": args.heartbeat_timeout,
             "memory_budget": args.memory_budget * MiB,
         }
         asyncio.run(run(args.host, ports, **options))

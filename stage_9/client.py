@@ -1,7 +1,7 @@
 """Stage 9 client: carry every user from the server to the local app, and keep the tunnel up.
 
 python3 -m stage_9.client localhost:8000                 # the server on localhost
-python3 -m stage_9.client localhost:8000 my.server       # with NGROK_SECRET set on both sides
+python3 -m stage_9.client localhost:8000 my.server       # the server on another machine
 
 One connection to the server carries everything. The server opens a stream on it for each user
 (a SYN frame); the client dials the local app (the private connection) and relays the stream
@@ -13,10 +13,9 @@ connection: they ran inside it (in stage 3 each user had a proxy connection of i
 import argparse
 import asyncio
 import logging
-import os
 import sys
 
-from . import auth, backoff, private
+from . import backoff, private
 from .budget import Budget
 from .cli import parse_address, parse_server, port, positive_seconds
 from .frames import INITIAL_WINDOW
@@ -24,14 +23,13 @@ from .mux import Mux
 from .protocol import (
     CONTROL_PORT,
     DATA_LIMIT,
-    HALF_CLOSED_TIMEOUT,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_TIMEOUT,
-    IDLE_TIMEOUT,
     Refused,
     TunnelError,
+    client_handshake,
 )
-from .relay import Stream, Timeouts
+from .relay import Stream
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +43,16 @@ class Client:
         server: str = "localhost",
         control_port: int = CONTROL_PORT,
         *,
-        secret: str | None = None,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         max_backoff: float = backoff.BACKOFF_CAP,
-        idle_timeout: float = IDLE_TIMEOUT,
-        half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
     ) -> None:
         self.local = local
         self.server = server
         self.control_port = control_port
-        self.secret = secret or None  # an empty secret would be no secret at all
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.max_backoff = max_backoff
-        self.timeouts = Timeouts(idle_timeout, half_closed_timeout)  # for silent relays: see relay.py
         self.budget = Budget()  # every stream's window, together (budget.py)
         # Set while the server has us as its client; the demo and the tests wait for it.
         self.connected = asyncio.Event()
@@ -71,21 +64,21 @@ class Client:
         self._users: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
-        """Keep the tunnel up until cancelled; raise Refused if the server says no (a wrong secret)."""
+        """Keep the tunnel up until cancelled; raise Refused if the server says no (another client)."""
         attempt = 0
         try:
             while True:
                 try:
                     reader, writer = await self._connect()
                     try:
-                        welcome = await auth.client_handshake(reader, writer, self.secret, self.session_id)
+                        welcome = await client_handshake(reader, writer, self.session_id)
                         self.session_id = welcome.session_id
                         attempt = 0  # we got in: after the next outage, start again with a short wait
                         await self._serve_control(reader, writer)
                     finally:
                         writer.close()
                 except Refused:
-                    raise  # a wrong secret or another client: retrying would not help
+                    raise  # another client holds the tunnel: retrying would not help
                 except (TunnelError, OSError) as exc:  # TimeoutError (a silent server) is an OSError too
                     wait = backoff.delay(attempt, cap=self.max_backoff)
                     attempt += 1
@@ -127,7 +120,7 @@ class Client:
 
     def _open(self, stream_id: int) -> Stream:
         """The server opened a stream for a user: dial the local app for it, in a task of its own."""
-        stream = Stream(self.timeouts)
+        stream = Stream()
         # Its first window is the protocol's: the server may have sent its bytes already (budget.py).
         self.budget.take(INITIAL_WINDOW)
         stream.charge(self.budget)
@@ -140,7 +133,7 @@ class Client:
 
 
 def main() -> None:
-    """Command line: python3 -m stage_9.client LOCAL [SERVER] [--control-port P] [--secret S] ..."""
+    """Command line: python3 -m stage_9.client LOCAL [SERVER] [--control-port P] ..."""
     parser = argparse.ArgumentParser(
         prog=f"python3 -m {__package__}.client",
         description="Open a tunnel from a stage 9 server to LOCAL, the app on this machine that users should reach.",
@@ -157,17 +150,10 @@ def main() -> None:
     parser.add_argument(
         "--control-port", type=port, metavar="PORT", help=f"the server's control port (default: {CONTROL_PORT})"
     )
-    parser.add_argument(
-        "--secret",
-        default=os.environ.get("NGROK_SECRET"),
-        help="the server's secret (default: $NGROK_SECRET, which keeps it out of ps)",
-    )
     for flag, seconds, what in (
         ("heartbeat-interval", HEARTBEAT_INTERVAL, "how often to ping the server"),
         ("heartbeat-timeout", HEARTBEAT_TIMEOUT, "silence after which the server counts as gone"),
         ("max-backoff", backoff.BACKOFF_CAP, "the longest wait between two reconnect attempts"),
-        ("idle-timeout", IDLE_TIMEOUT, "close a user's stream after this long with no byte either way"),
-        ("half-closed-timeout", HALF_CLOSED_TIMEOUT, "close a half-closed stream after this long silent"),
     ):
         parser.add_argument(
             f"--{flag}",
@@ -188,12 +174,9 @@ def main() -> None:
         args.local,
         server,
         server_port or args.control_port or CONTROL_PORT,
-        secret=args.secret,
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
         max_backoff=args.max_backoff,
-        idle_timeout=args.idle_timeout,
-        half_closed_timeout=args.half_closed_timeout,
     )
     try:
         asyncio.run(client.run())

@@ -1,16 +1,13 @@
-"""Wire format of the tunnel connection's handshake: one message per line of text; every limit and timeout.
+"""Wire format of the tunnel connection's handshake: one message per line of text; its ports and timeouts.
 
 Stage 9 has one connection between the client and the server. It starts as stage 3's control
-connection did, with a handshake in text lines, readable and speakable with `nc`:
+connection did, in text lines readable and speakable with `nc`, with a handshake:
 
     client: hello [<session_id>]      (the session id only when reconnecting)
-    server: challenge <nonce>         (only if the server has a secret; see auth.py)
-    client: auth <hmac>
-    server: welcome <session_id>      (or `error <reason>`, then the server hangs up; or
-                                      `busy <reason>`: not now, try again later)
+    server: welcome <session_id>      (or `error <reason>`, then the server hangs up)
 
 After `welcome`, both sides speak binary frames on the same connection (frames.py): the
-heartbeats, and every user's bytes as a stream of its own. Nothing follows `auth` until
+heartbeats, and every user's bytes as a stream of its own. Nothing follows `hello` until
 `welcome` comes, so each side knows exactly where the lines end and the frames begin.
 Only `read_message` and `write_message` touch the lines' bytes.
 """
@@ -28,33 +25,14 @@ MAX_LINE = 1024
 # How long to wait for a connect or a reply before calling the peer dead.
 NETWORK_TIMEOUT = 5.0
 # How long a user's new stream waits for the client to accept it (to reach the local
-# app) before the server gives up on it and sends the user a 504 page.
+# app) before the server gives up on it and sends the user a 502 page.
 PROXY_TIMEOUT = 10.0
 # The client pings this often; a control connection silent for HEARTBEAT_TIMEOUT
 # (three missed pings) is dead, even if TCP has not noticed: a laptop that went
 # to sleep or a NAT that forgot the connection never sends a FIN.
 HEARTBEAT_INTERVAL = 5.0
 HEARTBEAT_TIMEOUT = 15.0
-# At most this many users may wait for the client to accept their stream at once, and
-# the client serves at most MAX_STREAMS streams at once. Each stream may hold one window
-# of bytes (WINDOW in frames.py) each way, so these bound memory; see limits.py for descriptors.
-MAX_WAITING = 4096
-MAX_STREAMS = 4096
-# One source address (an IPv6 /64) holds at most this many of a tunnel's streams at once: one
-# source opened 4200 kept-alive connections in 2.3 s, and every later user got a 502 (issue 23).
-# A browser opens at most 6 connections to a host, so 256 is some 40 busy browsers behind one
-# NAT, and 16 sources are needed to fill a tunnel; a crowd behind one NAT (a conference's Wi-Fi
-# on a demo) can raise it with --max-streams-per-address.
-MAX_STREAMS_PER_ADDRESS = 256
-# A relay with no byte either way for this long is closed (nginx's stream proxy waits
-# 10 minutes too); so is a half-closed one whose other direction is silent this long.
-IDLE_TIMEOUT = 600.0
-HALF_CLOSED_TIMEOUT = 30.0
-# ...and users of the public port who got their answer and say nothing more, after this long: a kept-alive
-# connection waiting for a next request. nginx's keepalive_timeout is 75 s too; a user still
-# waiting for its answer (a long poll) keeps IDLE_TIMEOUT.
-KEEPALIVE_TIMEOUT = 75.0
-# Ids, nonces and digests are single words of these characters.
+# Session ids are single words of these characters.
 TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # The most a stream holds in memory each way: one window (frames.WINDOW) of bytes,
 # or one read of the event loop (256 KiB at most) waiting to be framed.
@@ -75,33 +53,11 @@ class Refused(TunnelError):
     """The server said no during the handshake (e.g. another client is connected): retrying won't help."""
 
 
-class AuthError(Refused):
-    """The secrets don't match, or one side has none: fix the secret, retrying won't help."""
-
-
-class TryLater(TunnelError):
-    """The server said not now (our address guessed wrong too often lately): retrying later will help."""
-
-
 @dataclass(frozen=True)
 class Hello:
     """Client -> server, the first line of a control connection: `hello` or `hello <session_id>`."""
 
     session_id: str | None = None
-
-
-@dataclass(frozen=True)
-class Challenge:
-    """Server -> client, "prove you know the secret": `challenge <nonce>`."""
-
-    nonce: str
-
-
-@dataclass(frozen=True)
-class Auth:
-    """Client -> server, the answer to a challenge, HMAC-SHA256(secret, nonce) in hex: `auth <hmac>`."""
-
-    digest: str
 
 
 @dataclass(frozen=True)
@@ -112,24 +68,13 @@ class Welcome:
 
 
 @dataclass(frozen=True)
-class Busy:
-    """Server -> client instead of `welcome`, "not now, try again later": `busy <reason>`.
-
-    Where `error` means "this will never work" (a wrong secret), `busy` means the answer may change:
-    a client that gets it keeps retrying with its backoff instead of giving up.
-    """
-
-    reason: str
-
-
-@dataclass(frozen=True)
 class Error:
     """Either way, sent just before closing: `error <reason>`."""
 
     reason: str
 
 
-Message = Hello | Challenge | Auth | Welcome | Busy | Error
+Message = Hello | Welcome | Error
 
 
 def encode(message: Message) -> bytes:
@@ -139,14 +84,8 @@ def encode(message: Message) -> bytes:
             return b"hello\n"
         case Hello(session_id):
             return f"hello {session_id}\n".encode()
-        case Challenge(nonce):
-            return f"challenge {nonce}\n".encode()
-        case Auth(digest):
-            return f"auth {digest}\n".encode()
         case Welcome(session_id):
             return f"welcome {session_id}\n".encode()
-        case Busy(reason):
-            return f"busy {reason}\n".encode()
         case Error(reason):
             return f"error {reason}\n".encode()
 
@@ -167,21 +106,15 @@ def decode(line: bytes) -> Message:
             return Hello()
         case "hello", session_id if is_token(session_id):
             return Hello(session_id)
-        case "challenge", nonce if is_token(nonce):
-            return Challenge(nonce)
-        case "auth", digest if is_token(digest):
-            return Auth(digest)
         case "welcome", session_id if is_token(session_id):
             return Welcome(session_id)
-        case "busy", reason if reason:
-            return Busy(reason)
         case "error", reason if reason:
             return Error(reason)
     raise ProtocolError(f"unknown command {word[:32]!r}")
 
 
 def is_token(text: str) -> bool:
-    """True for an id, nonce or digest: one word of 1 to 128 letters, digits, '-' or '_'."""
+    """True for a session id: one word of 1 to 128 letters, digits, '-' or '_'."""
     return TOKEN.fullmatch(text) is not None
 
 
@@ -209,12 +142,47 @@ async def write_message(writer: asyncio.StreamWriter, message: Message) -> None:
     await writer.drain()
 
 
-async def say_goodbye(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str, later: bool = False
-) -> None:
-    """Send `error <reason>` (`busy <reason>` if `later`) so that the peer gets to read it (the caller then closes)."""
+async def server_handshake(reader: asyncio.StreamReader, timeout: float = NETWORK_TIMEOUT) -> Hello:
+    """Read the client's `hello` (it may carry a session id to resume).
+
+    Raises ProtocolError for anything else, TimeoutError if the client is too slow: a peer that
+    connects and says nothing must not hold a socket forever.
+    """
+    async with asyncio.timeout(timeout):
+        hello = await read_message(reader)
+    if not isinstance(hello, Hello):
+        raise ProtocolError(f"expected 'hello', got {hello or 'nothing'}")
+    return hello
+
+
+async def client_handshake(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    session_id: str | None = None,
+    timeout: float = NETWORK_TIMEOUT,
+) -> Welcome:
+    """Say hello (resuming `session_id` if given), return the welcome.
+
+    Raises Refused when the server says no (retrying would not help), ProtocolError for a peer
+    that does not speak our protocol, TimeoutError or OSError for network trouble.
+    """
+    async with asyncio.timeout(timeout):
+        await write_message(writer, Hello(session_id))
+        reply = await read_message(reader)
+    match reply:
+        case Welcome():
+            return reply
+        case Error(reason):
+            raise Refused(f"the server refused the connection: {reason}")
+        case None:
+            raise ProtocolError("the server closed the connection during the handshake")
+    raise ProtocolError(f"expected 'welcome', got {reply}")
+
+
+async def say_goodbye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str) -> None:
+    """Send `error <reason>` in a way the peer really gets to read it (the caller then closes)."""
     with contextlib.suppress(OSError):  # the peer may be gone already
-        await write_message(writer, Busy(reason) if later else Error(reason))
+        await write_message(writer, Error(reason))
     await linger(reader, writer)
 
 

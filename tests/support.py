@@ -26,34 +26,34 @@ import tls_certs
 
 # --- the ladder: which stage brings which idea -------------------------------------------------
 # Stages 0-3 are the Go original's (a tunnel, a control connection, a proxy connection per user);
-# from stage 4 on each stage adds one idea, and every later stage keeps it. A test of an idea runs
+# from stage 7 on each stage adds one idea, and every later stage keeps it. A test of an idea runs
 # on the stage that brings it and on every later one: `stages_from("flow")`, or `@pytest.mark.since
 # ("flow")` on a test that takes a `stage` argument (conftest.py parametrizes it).
 LADDER = {
     "streams": 4,  # every user a stream over the client's one connection: frames, a multiplexer
-    "flow": 5,  # per-stream windows, fair turns, the memory budget
-    "resume": 6,  # heartbeats, reconnect with backoff, session id and resume window, GO_AWAY
-    "auth": 7,  # the shared secret (HMAC challenge)
-    "pages": 8,  # the error pages a user sees, one log line per request
-    "limits": 9,  # descriptors, timeouts, bounds, isolation between users
-    "tenants": 10,  # many clients, a TCP tunnel each, MAX_TUNNELS
-    "names": 11,  # NAME.domain on the shared public port, Host routing
-    "tls": 12,  # the client's connection over TLS, HTTPS for users
-    "observer": 13,  # HTTP/1.1 framing of each stream, sans I/O (observe.py)
-    "inspector": 14,  # the inspector page
-    "live": 15,  # the live feed and replay
+    "flow": 8,  # per-stream windows, fair turns, the memory budget
+    "resume": 9,  # heartbeats, reconnect with backoff, session id and resume window, GO_AWAY
+    "auth": 10,  # the shared secret (HMAC challenge)
+    "pages": 11,  # the error pages a user sees, one log line per request
+    "limits": 12,  # descriptors, timeouts, bounds, isolation between users
+    "tenants": 13,  # many clients, a TCP tunnel each, MAX_TUNNELS
+    "names": 14,  # NAME.domain on the shared public port, Host routing
+    "tls": 15,  # the client's connection over TLS, HTTPS for users
+    "observer": 16,  # HTTP/1.1 framing of each stream, sans I/O (observe.py)
+    "inspector": 17,  # the inspector page
+    "live": 18,  # the live feed and replay
 }
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def stage_number(stage: str) -> int:
-    """12 for "stage_12"."""
+    """12 for "stage_15"."""
     return int(stage.removeprefix("stage_"))
 
 
 def all_stages() -> tuple[str, ...]:
-    """Every stage folder of the repository, numerically sorted (stage_10 after stage_9)."""
+    """Every stage folder of the repository, numerically sorted (stage_13 after stage_12)."""
     found = (p.name for p in ROOT.glob("stage_[0-9]*") if (p / "__init__.py").is_file())
     return tuple(sorted(found, key=stage_number))
 
@@ -72,7 +72,7 @@ def has(stage: str, idea: str) -> bool:
 def rebind(namespace: dict[str, Any], stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Point a test module's names imported from a stage at the same names of `stage`, for one test.
 
-    A test file of an idea imports what it tests from the most complete stage (`from stage_15.frames
+    A test file of an idea imports what it tests from the most complete stage (`from stage_18.frames
     import Parser`: every name exists there, so the file always loads), and its autouse fixture calls
     this with the stage under test: modules, classes and functions then come from that stage, and one
     the stage lacks is removed (only tests of a later idea use it, and they do not run on this stage).
@@ -396,7 +396,7 @@ def _urlopen(url: str, data: bytes | None, host: str | None) -> tuple[int, bytes
 async def http_get(port: int, path: str = "/", data: bytes | None = None, host: str | None = None) -> tuple[int, bytes]:
     """GET (or POST `data`) http://127.0.0.1:PORT/PATH with urllib in a thread; return (status, body).
 
-    `host`: the Host header to send instead (`myapp.localhost:PORT`: a stage 6 tunnel's name).
+    `host`: the Host header to send instead (`myapp.localhost:PORT`: a stage 9 tunnel's name).
     """
     return await asyncio.to_thread(_urlopen, f"http://127.0.0.1:{port}{path}", data, host)
 
@@ -546,7 +546,7 @@ class Background:
 
 
 # --- what differs between the stages' ports -----------------------------------------------------
-# Up to stage 3 the server has a proxy port (one proxy connection per user); from stage 4 on the
+# Up to stage 3 the server has a proxy port (one proxy connection per user); from stage 7 on the
 # client's one connection carries every user, so there is none. Tests that run against several
 # stages ask these helpers instead of spelling out the ports.
 
@@ -581,47 +581,47 @@ def client_port_flags(ports: dict[str, int]) -> list[str]:
     return [flag for role in ("control", "proxy") if role in ports for flag in (f"--{role}-port", str(ports[role]))]
 
 
-# --- what differs from stage 7 on: the shared secret ------------------------------------------
+# --- what differs from stage 10 on: the shared secret ------------------------------------------
 # The shared tests run with auth on where the stage has it: the path a real server takes.
 SECRET = "common-tests"
 
 
 def secret_options(stage: str, secret: str = SECRET) -> dict[str, Any]:
-    """`secret=...` for a Server or Client of a stage with auth (stage 7 on); nothing before."""
+    """`secret=...` for a Server or Client of a stage with auth (stage 10 on); nothing before."""
     return {"secret": secret} if has(stage, "auth") else {}
 
 
 def secret_flags(stage: str, secret: str = SECRET) -> list[str]:
-    """`--secret ...` for a server or client command line of a stage with auth (stage 7 on)."""
+    """`--secret ...` for a server or client command line of a stage with auth (stage 10 on)."""
     return ["--secret", secret] if has(stage, "auth") else []
 
 
-# --- what differs from stage 10 on: a tunnel per client; from stage 12 on: TLS ----------------
-# The shared tests relay raw bytes, so from stage 10 on they ask for a TCP tunnel: the port the
-# server opens for it carries users' bytes as the public port of stages 2 to 9 did (the HTTP
-# port would want a Host header first; tests/test_names.py tests it). From stage 12 on the
+# --- what differs from stage 13 on: a tunnel per client; from stage 15 on: TLS ----------------
+# The shared tests relay raw bytes, so from stage 13 on they ask for a TCP tunnel: the port the
+# server opens for it carries users' bytes as the public port of stages 2 to 12 did (the HTTP
+# port would want a Host header first; tests/test_names.py tests it). From stage 15 on the
 # server's certificate and the CA the client trusts are the test session's (tls_certs.py).
 
 
 def has_tunnels(stage: str) -> bool:
-    """True if the stage's client asks for a tunnel of its own, e.g. a TCP one (stage 10 on)."""
+    """True if the stage's client asks for a tunnel of its own, e.g. a TCP one (stage 13 on)."""
     return has(stage, "tenants")
 
 
 def has_tls(stage: str) -> bool:
-    """True if the stage's client connects over TLS (stage 12 on)."""
+    """True if the stage's client connects over TLS (stage 15 on)."""
     return has(stage, "tls")
 
 
 def server_options(stage: str) -> dict[str, Any]:
-    """Keyword arguments the stage's Server needs besides its timeouts: the certificate, from stage 12 on."""
+    """Keyword arguments the stage's Server needs besides its timeouts: the certificate, from stage 15 on."""
     return {"tls": tls_certs.server_context()} if has_tls(stage) else {}
 
 
 def client_options(stage: str) -> dict[str, Any]:
-    """Keyword arguments the stage's Client needs: a TCP tunnel from stage 10 on, the CA it trusts from 12 on.
+    """Keyword arguments the stage's Client needs: a TCP tunnel from stage 13 on, the CA it trusts from 12 on.
 
-    From stage 14 on, an inspector too, as the command line has one by default: every stream goes
+    From stage 17 on, an inspector too, as the command line has one by default: every stream goes
     through its observer (here the users' bytes are not HTTP, which it must only count). Its page
     is not served (no port taken), and nothing is replayed, so its local app is never dialled.
     """
@@ -630,13 +630,13 @@ def client_options(stage: str) -> dict[str, Any]:
         options["tls"] = tls_certs.client_context()
     if has_inspector(stage):
         inspector = importlib.import_module(f"{stage}.inspector").Inspector
-        # From stage 15 on it knows the local app, where replays go; stage 14's only lists requests.
+        # From stage 18 on it knows the local app, where replays go; stage 17's only lists requests.
         options["inspector"] = inspector(("127.0.0.1", 9)) if has(stage, "live") else inspector()
     return options
 
 
 async def users_port(ports: Any, client: Any) -> int:
-    """The port users connect to: the server's public port, or the TCP tunnel's port `client` got (stage 10 on)."""
+    """The port users connect to: the server's public port, or the TCP tunnel's port `client` got (stage 13 on)."""
     if getattr(client, "kind", None) != "tcp":
         return int(ports.public)
     async with asyncio.timeout(STEP_TIMEOUT):
@@ -645,12 +645,12 @@ async def users_port(ports: Any, client: Any) -> int:
 
 
 def server_flags(stage: str) -> list[str]:
-    """The server's command line: every port 0, and from stage 12 on the certificate and key."""
+    """The server's command line: every port 0, and from stage 15 on the certificate and key."""
     return server_port_flags(stage) + tls_flags(stage)
 
 
 def tls_flags(stage: str) -> list[str]:
-    """`--cert FILE --key FILE` for the server of stage 12 on; nothing before."""
+    """`--cert FILE --key FILE` for the server of stage 15 on; nothing before."""
     if not has_tls(stage):
         return []
     files = tls_certs.certs()
@@ -658,9 +658,9 @@ def tls_flags(stage: str) -> list[str]:
 
 
 def client_flags(stage: str, ports: dict[str, int]) -> list[str]:
-    """The client's command line for a server whose ports are `ports`; a TCP tunnel from stage 10 on, the CA from 12.
+    """The client's command line for a server whose ports are `ports`; a TCP tunnel from stage 13 on, the CA from 12.
 
-    From stage 14 on, the client's inspector takes any free port: its default, 4040, is one port for
+    From stage 17 on, the client's inspector takes any free port: its default, 4040, is one port for
     the whole machine, and CLI tests running at once (or a learner's own client) would fight for it.
     """
     tcp = ["--tcp"] if has_tunnels(stage) else []
@@ -669,17 +669,17 @@ def client_flags(stage: str, ports: dict[str, int]) -> list[str]:
 
 
 def has_inspector(stage: str) -> bool:
-    """True if the stage's client serves an inspector page (stage 14 on)."""
+    """True if the stage's client serves an inspector page (stage 17 on)."""
     return has(stage, "inspector")
 
 
 async def cli_users_port(stage: str, server: CliProcess, ports: dict[str, int]) -> int:
-    """The port users connect to, from the server's log: the public port, or the TCP tunnel's (stage 10 on)."""
+    """The port users connect to, from the server's log: the public port, or the TCP tunnel's (stage 13 on)."""
     return await server.listening("tcp") if has_tunnels(stage) else ports["public"]
 
 
 async def control_connection(stage: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A raw connection to the control port, as the stage's client opens it: over TLS from stage 12 on."""
+    """A raw connection to the control port, as the stage's client opens it: over TLS from stage 15 on."""
     async with asyncio.timeout(STEP_TIMEOUT):
         if has_tls(stage):
             return await asyncio.open_connection("127.0.0.1", port, ssl=tls_certs.client_context())
@@ -697,9 +697,9 @@ async def client_handshake(
 ) -> Any:
     """The client's side of the stage's handshake, spoken by hand; returns the server's Welcome.
 
-    From stage 7 on it is `auth.client_handshake` (the secret's challenge); before, the stage's own
+    From stage 10 on it is `auth.client_handshake` (the secret's challenge); before, the stage's own
     `protocol.client_handshake` without a secret. `first` is what follows the secret: a session id
-    to resume (stage 6 on), or a Hello asking for a tunnel (stage 10 on). Stages 4 and 5 say a bare
+    to resume (stage 9 on), or a Hello asking for a tunnel (stage 13 on). Stages 7 and 8 say a bare
     `hello` and get a bare `welcome`: there is no session to name yet.
     """
     if has(stage, "auth"):
@@ -714,10 +714,10 @@ async def client_handshake(
 async def server_handshake(
     stage: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: str, session_id: str
 ) -> None:
-    """A fake server's side of the stage's handshake: read the hello (challenge it from stage 7 on), welcome
-    (with `session_id` from stage 6 on).
+    """A fake server's side of the stage's handshake: read the hello (challenge it from stage 10 on), welcome
+    (with `session_id` from stage 9 on).
 
-    From stage 10 on the welcome names a TCP tunnel on port 9 (nothing listens there: the fake
+    From stage 13 on the welcome names a TCP tunnel on port 9 (nothing listens there: the fake
     server's tests never have users).
     """
     protocol = importlib.import_module(f"{stage}.protocol")
@@ -728,6 +728,6 @@ async def server_handshake(
             assert isinstance(await protocol.read_message(reader), protocol.Hello)
     if has_tunnels(stage):
         welcome = protocol.Welcome(session_id, "9", "tcp://127.0.0.1:9")
-    else:  # a bare `welcome` before stage 6: no session yet
+    else:  # a bare `welcome` before stage 9: no session yet
         welcome = protocol.Welcome(session_id) if has(stage, "resume") else protocol.Welcome()
     await protocol.write_message(writer, welcome)

@@ -1,10 +1,10 @@
-"""The frame format and multiplexer (stage 4 on), without a tunnel: encode, parse, fuzz, and fair turns.
+"""The frame format and multiplexer (stage 7 on), without a tunnel: encode, parse, fuzz, and fair turns.
 
 The parser is the only code that turns a peer's bytes into frames, so Hypothesis throws bytes at it:
 it returns frames or raises ProtocolError, never anything else, and never holds more than one frame.
-Each frame runs from the stage that brings its type on: DATA with stage 4's streams, WINDOW_UPDATE
-with stage 5's flow control, PING and GO_AWAY with stage 6's heartbeats. The names imported from
-stage_15 are re-bound to the stage under test (support.rebind).
+Each frame runs from the stage that brings its type on: DATA with stage 7's streams, WINDOW_UPDATE
+with stage 8's flow control, PING and GO_AWAY with stage 9's heartbeats. The names imported from
+stage_18 are re-bound to the stage under test (support.rebind).
 """
 
 import asyncio
@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stage_15 import frames
-from stage_15.frames import (
+from stage_18 import frames
+from stage_18.frames import (
     ACK,
     DATA,
     FIN,
@@ -32,9 +32,9 @@ from stage_15.frames import (
     Frame,
     Parser,
 )
-from stage_15.mux import Mux
-from stage_15.protocol import ProtocolError
-from stage_15.relay import Stream, Timeouts
+from stage_18.mux import Mux
+from stage_18.protocol import ProtocolError
+from stage_18.relay import Stream, Timeouts
 from support import STEP_TIMEOUT, has, rebind, stages_from
 
 pytestmark = pytest.mark.since("streams")
@@ -186,7 +186,7 @@ async def read_frames(
 
 
 def new_stream(stage: str) -> Stream:
-    """A stream of the stage's multiplexer; from stage 9 on it takes its idle timeouts (long here)."""
+    """A stream of the stage's multiplexer; from stage 12 on it takes its idle timeouts (long here)."""
     return Stream(Timeouts(60.0, 60.0)) if has(stage, "limits") else Stream()
 
 

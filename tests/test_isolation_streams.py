@@ -1,6 +1,6 @@
 """Every user on their own (issue 23): an error on one stream ends that stream only, and a reset travels as a reset.
 
-Stages 5 to 7 carry every user of a tunnel as a stream over the client's one connection. Whatever
+Stages 8 to 10 carry every user of a tunnel as a stream over the client's one connection. Whatever
 one user or one app does to its own TCP connection must end that user's stream and nothing else:
 the tunnel connection, and every other user on it, go on. And a stream must end the way its
 connection did: a reset (RST) on one side is a reset on the other side, and so is a lost tunnel,
@@ -53,7 +53,7 @@ from support import (
 )
 
 # The multiplexed stages: every user of a tunnel is a stream on the client's one connection.
-# Issue 23's stream isolation, with the limits that hold it (stage 9) and on every later stage.
+# Issue 23's stream isolation, with the limits that hold it (stage 12) and on every later stage.
 STAGES = stages_from("limits")
 SECRET = "isolation-tests-secret"
 
@@ -123,7 +123,7 @@ class Cable:
 
 @contextlib.asynccontextmanager
 async def tunnel_of(stage: str, cable: bool = False) -> AsyncIterator[tuple[Tunnel, Cable | None]]:
-    """The stage's server and client with a secret (a TCP tunnel from stage 10 on, TLS from 12), and an App.
+    """The stage's server and client with a secret (a TCP tunnel from stage 13 on, TLS from 12), and an App.
 
     With `cable`, the client reaches the server through a Cable the test can cut.
     """
@@ -281,7 +281,7 @@ async def test_an_apps_reset_reaches_its_user_as_a_reset(stage: str) -> None:
 async def https_user(stage: str, path: str) -> AsyncIterator[tuple[App, asyncio.StreamReader, asyncio.StreamWriter]]:
     """A server whose public port speaks HTTPS, an HTTP tunnel to an App, and a user who asked it for `path`."""
     if not has_tls(stage):
-        pytest.skip("HTTPS users come with stage 12")
+        pytest.skip("HTTPS users come with stage 15")
     server = importlib.import_module(f"{stage}.server").Server(
         secret=SECRET, domain=tls_certs.DOMAIN, https=tls_certs.server_context(), **server_options(stage)
     )
@@ -306,7 +306,7 @@ async def https_user(stage: str, path: str) -> AsyncIterator[tuple[App, asyncio.
 
 
 async def test_an_apps_reset_reaches_an_https_user_as_a_reset(stage: str) -> None:
-    # From stage 6 on, users may come over HTTPS: the reset must end the TCP connection under the TLS.
+    # From stage 9 on, users may come over HTTPS: the reset must end the TCP connection under the TLS.
     async with https_user(stage, "/reset") as (_, reader, _):
         assert (await read_to_end(reader))[1] == "reset"
 
@@ -382,7 +382,7 @@ class Raw:
         reader, writer = await control_connection(stage, ports.control)
         auth = importlib.import_module(f"{stage}.auth")
         welcome = await auth.client_handshake(reader, writer, SECRET, hello(stage))
-        port = int(welcome.tunnel) if has_tunnels(stage) else ports.public  # stage 10 on: a TCP tunnel of its own
+        port = int(welcome.tunnel) if has_tunnels(stage) else ports.public  # stage 13 on: a TCP tunnel of its own
         return cls(stage, reader, writer, port)
 
     def send(self, flags: int, stream_id: int, payload: bytes = b"") -> None:
