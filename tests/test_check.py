@@ -162,7 +162,7 @@ def test_the_stages_own_tests_come_before_the_docs_sessions_that_show_the_same_f
 def test_tests_that_cannot_even_load_a_broken_copy_are_named_first(tmp_path: Path) -> None:
     # The idea files import the most complete stage's names (support.rebind), so a broken stage_18 stops them loading.
     copy = copy_of("stage_18", tmp_path, "HEADER_SIZE = HEADER.size", "HEADER_SIZE = HEADER.size +", "frames.py")
-    status, lines = run_check("15", str(copy), "-k", "lines_reach")
+    status, lines = run_check("18", str(copy), "-k", "lines_reach")
     assert status == 1
     assert len(lines) < SCREEN, "\n".join(lines)
     assert re.fullmatch(r"BROKEN  the tests in tests/test_\w+\.py cannot even be loaded", lines[1]), "\n".join(lines)

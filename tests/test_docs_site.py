@@ -83,6 +83,17 @@ def test_every_page_is_built(site: Path) -> None:
         assert (site / f"{page}.html").is_file(), page
 
 
+def test_every_message_table_is_generated(site: Path) -> None:
+    """Each `<!-- messages: stage_N -->` marker of the protocol page becomes that stage's table of
+    messages, one- and two-digit stages alike (a marker left in the page is a table gone missing)."""
+    markers = re.findall(r"<!-- messages: (stage_\d+) -->", (ROOT / "docs" / "protocol.md").read_text())
+    assert "stage_12" in markers, markers  # the page has two-digit stages to show
+    built = (site / "protocol.html").read_text()
+    assert "<!-- messages:" not in built
+    for stage in markers:  # each table names its stage's protocol.py, where its messages are defined
+        assert f"Generated from the docstrings in <code>{stage}/protocol.py</code>" in built, stage
+
+
 def test_every_stage_is_on_the_site() -> None:
     """The hook makes a page for every stage folder there is, in numeric order (stage_13 after
     stage_12), and mkdocs.yml lists each; mkdocs serve watches each (the hook adds them)."""

@@ -68,7 +68,7 @@ SNIPPET_FENCE = re.compile(
 HIGHLIGHT = re.compile(r"""\bhighlight=(?:"([^"]*)"|'([^']*)')""")
 FROM_TO = re.compile(r"""[ \t]+(?P<key>from|to)=(?:"(?P<dq>[^"]*)"|'(?P<sq>[^']*)')""")
 LINENUMS = re.compile(r"""[ \t]*\blinenums=(?:"[^"]*"|'[^']*'|\S+)""")
-MESSAGES = re.compile(r"^<!-- messages: (stage_\d) -->$", re.M)
+MESSAGES = re.compile(r"^<!-- messages: (stage_\d+) -->$", re.M)
 
 
 def on_config(config: Any) -> Any:
