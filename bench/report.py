@@ -48,8 +48,8 @@ METRICS = (
 )
 RATIO_METRICS = [m for m in METRICS if m.field in ("mb_per_s", "rps")]
 SSH = "ssh -R"
-LIMITS = "stage 12"  # the limits stage (old stage 8): streams, flow control, resume, auth, bounds
-TLS_STAGE = "stage 15"  # TLS (old stage 9)
+LIMITS = "stage 12"  # the limits stage (old stage 5): streams, flow control, resume, auth, bounds
+TLS_STAGE = "stage 15"  # TLS (old stage 6)
 TUNNEL_LABELS = ("stage 3", "stage 7", LIMITS, TLS_STAGE)  # compared with ssh -R too
 CPU_ROWS = (
     ("bulk_up", "cpu_s_per_gb", "CPU per GB uploaded", "s"),
@@ -269,7 +269,7 @@ def _metric(key: str) -> Metric:
 
 
 def goals(report: Record) -> list[dict[str, str]]:
-    """Stage 12's goals (issue 17, then "stage 8") and stage 15's (issue 14, then "stage 9"), each met, not
+    """Stage 12's goals (issue 17, then "stage 5") and stage 15's (issue 14, then "stage 6"), each met, not
     met, or not measured (and why).
 
     Ratios and differences are medians of per-round figures, as in the tables. The other paths

@@ -34,7 +34,7 @@ STAGES = sorted(int(p.name.removeprefix("stage_")) for p in ROOT.glob("stage_*")
 PAGES = ["index", *(f"stage-{n}" for n in STAGES), "protocol", "differences", "instructor"]
 PAGES += ["troubleshooting", "real-tunnels"]
 # The tests that walk every page in Chromium take a few seconds a page on a loaded 2-core machine: their
-# bound grows with the site (16 stage pages and the docs/*.md pages), as the pages do.
+# bound grows with the site (a page per stage and the docs/*.md pages), as the pages do.
 PAGE_COUNT = len(STAGES) + len(list((ROOT / "docs").glob("*.md")))
 BROWSER_WALK_TIMEOUT = 30 + 6 * PAGE_COUNT
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

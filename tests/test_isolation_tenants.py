@@ -86,7 +86,7 @@ def log_info(caplog: pytest.LogCaptureFixture) -> None:
 
 @pytest.fixture(params=stages_from("limits"))
 def stage(request: pytest.FixtureRequest) -> str:
-    """Every stage with the throttle on guesses (9 on): a stranger's guesses; the sections below narrow it."""
+    """Every stage with the throttle on guesses (12 on): a stranger's guesses; the sections below narrow it."""
     return str(request.param)
 
 
