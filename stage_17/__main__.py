@@ -21,6 +21,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 
 from . import certs, tls
+from .capture import Store
 from .cli import listen_error, listen_port
 from .client import Client
 from .demo_app import DemoApp
@@ -65,7 +66,7 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         # test suite makes thousands, and each may have used it as its source port.
         log.warning("%s; the demo takes free ports instead", exc)
         ports = await server.listen(HOST, 0, 0)
-    inspector = Inspector(HOST, INSPECT_PORT)  # hello's; world's client has none (--no-inspect)
+    inspector = Inspector(Store(), HOST, INSPECT_PORT)  # hello's requests; world's are only logged
     try:
         await inspector.listen()
     except TunnelError as exc:  # as for the tunnel's ports: another one will do
@@ -74,8 +75,8 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         await inspector.listen()
     # "localhost", not 127.0.0.1: the name the certificate holds, and the client checks.
     clients = [
-        Client(app.address, "localhost", ports.control, tls=client_tls, name=app.name, secret=secret, inspector=watch)
-        for app, watch in zip(apps, (inspector, None), strict=True)
+        Client(app.address, "localhost", ports.control, tls=client_tls, name=app.name, secret=secret, store=store)
+        for app, store in zip(apps, (inspector.store, Store()), strict=True)
     ]
     async with asyncio.TaskGroup() as tasks:
         tasks.create_task(inspector.serve())

@@ -24,10 +24,12 @@ import sys
 
 from . import auth, backoff, private
 from .budget import Budget
+from .capture import ObservedStream, Store
 from .cli import listen_port, name, parse_address, parse_server, port, positive_seconds
 from .frames import INITIAL_WINDOW
 from .inspector import INSPECT_PORT, Inspector
 from .mux import Mux
+from .observe import Observer
 from .protocol import (
     CONTROL_PORT,
     DATA_LIMIT,
@@ -64,10 +66,10 @@ class Client:
         max_backoff: float = backoff.BACKOFF_CAP,
         idle_timeout: float = IDLE_TIMEOUT,
         half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
-        inspector: Inspector | None = None,
+        store: Store | None = None,
     ) -> None:
         self.local = local
-        self.inspector = inspector  # records every HTTP exchange for its web page (None: --no-inspect)
+        self.store = store  # observes every HTTP exchange, and logs it (None: nothing is observed)
         self.server = server
         self.control_port = control_port
         self.tls = tls or client_context()  # the system's CAs
@@ -165,7 +167,7 @@ class Client:
 
     def _open(self, stream_id: int, user: str) -> Stream:
         """The server opened a stream for `user` (its address): dial the local app for it, in a task of its own."""
-        stream = self.inspector.stream(self.timeouts, user) if self.inspector else Stream(self.timeouts)
+        stream = ObservedStream(self.timeouts, Observer(self.store, user)) if self.store else Stream(self.timeouts)
         # Its first window is the protocol's: the server may have sent its bytes already (budget.py).
         self.budget.take(INITIAL_WINDOW)
         stream.charge(self.budget)
@@ -177,16 +179,16 @@ class Client:
         return stream
 
 
-async def run(client: Client) -> None:
-    """Run the client, and its inspector's page while it runs (TunnelError if the page's port is taken)."""
-    if client.inspector is None:
+async def run(client: Client, inspector: Inspector | None) -> None:
+    """Run the client, and the inspector's page while it runs (TunnelError if the page's port is taken)."""
+    if inspector is None:
         await client.run()
         return
-    await client.inspector.listen()
+    await inspector.listen()
     try:
         await client.run()
     finally:
-        await client.inspector.close()
+        await inspector.close()
 
 
 def main() -> None:
@@ -269,9 +271,10 @@ def main() -> None:
             max_backoff=args.max_backoff,
             idle_timeout=args.idle_timeout,
             half_closed_timeout=args.half_closed_timeout,
-            inspector=None if args.no_inspect else Inspector(args.local, args.inspect_host, args.inspect_port),
+            store=None if args.no_inspect else Store(),
         )
-        asyncio.run(run(client))
+        inspector = Inspector(client.store, args.local, args.inspect_host, args.inspect_port) if client.store else None
+        asyncio.run(run(client, inspector))
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:
