@@ -10,9 +10,8 @@ and relays the stream into it. Heartbeats show that the server is still there; w
 connection is lost, the client reconnects with backoff and resumes its session, and so keeps
 its name. The users' streams end with the lost connection: they ran inside it.
 
-The client also observes every HTTP exchange it relays (observe.py): it logs a line for each one,
-and keeps the last ones for the inspector's page at http://127.0.0.1:4040 (inspector.py)
-(`--no-inspect` turns all this off).
+The client also observes every HTTP exchange it relays (observe.py), and logs a line for each one.
+It keeps the last ones for the inspector's page at http://127.0.0.1:4040 (`--no-inspect`: none of this).
 """
 
 import argparse

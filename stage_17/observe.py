@@ -71,8 +71,8 @@ class Message:
 
     head: bytes = b""  # start line and fields, exactly as on the wire (parsed again to show them)
     trailers: bytes = b""  # the fields after a chunked body, if any
-    body: bytearray = field(default_factory=bytearray)  # de-chunked: what the app or the user reads
-    body_size: int = 0  # every byte of the body, kept or not
+    body: bytearray = field(default_factory=bytearray)  # the first BODY_LIMIT bytes of it, de-chunked
+    body_size: int = 0  # every byte of the body, de-chunked: what the app or the user reads
     wire: int = 0  # bytes on the wire: the head, the body, the chunks' framing
     done: bool = False
 
@@ -338,7 +338,6 @@ class Observer:
         self._down = Framing(self._response_head, self._response_body, self._response_end)
         self._sending: Exchange | None = None  # the request whose bytes are arriving
         self._waiting: deque[Exchange] = deque()  # requests sent, whose response is not over yet, in order
-        self._through: Exchange | None = None  # not HTTP: bytes are counted in it, not parsed
         self.closed = False
 
     def request_bytes(self, data: bytes | memoryview) -> None:
@@ -366,10 +365,7 @@ class Observer:
             return
         self.closed = True
         with contextlib.suppress(Exception):  # as in _feed: observing must never break the relay
-            if self._through is not None:
-                self._through.request.wire += self._up.wire
-                self._through.response.wire += self._down.wire
-            elif self._up.buffer and self._up.state == NO_BODY and not self._waiting:
+            if self._up.buffer and self._up.state == NO_BODY and not self._waiting:
                 self._stop(self._up, NotHttp("the connection closed in the middle of a request head"))
             cut = reason or "the connection closed before the exchange was over"
             for exchange in {id(e): e for e in [*self._waiting, self._sending] if e is not None}.values():
@@ -494,7 +490,6 @@ class Observer:
                 if other is not None and other is not broken and other.state == PENDING:
                     other.state, other.note = INCOMPLETE, f"not observed to the end: {note}"
                     self._sink.changed(other)
-            self._through = broken
             self._sink.changed(broken)
             self._waiting.clear()  # no answer will be paired with them now: let them go
             self._sending = None

@@ -5,14 +5,14 @@ python3 -m stage_18.client localhost:22 tunnel.example.com --tcp          # a pu
 
 One connection to the server, inside TLS, carries everything. The client asks for a tunnel in
 its hello (a name, or a TCP port) and the server answers with its URL. The server opens a
-stream for each user (a SYN frame, which names the user's address); the client dials the local
-app (the private connection) and relays the stream into it. Heartbeats show that the server is
-still there; when the connection is lost, the client reconnects with backoff and resumes its
-session, and so keeps its name. The users' streams end with the lost connection.
+stream for each user (a SYN frame, which names its address); the client dials the local app (the private connection)
+and relays the stream into it. Heartbeats show that the server is still there; when the
+connection is lost, the client reconnects with backoff and resumes its session, and so keeps
+its name. The users' streams end with the lost connection: they ran inside it.
 
-The client also observes every HTTP exchange it relays (observe.py): it logs a line for each one,
-and keeps the last ones for the inspector's page at http://127.0.0.1:4040 (inspector.py), live,
-where a click sends a request to the local app again (`--no-inspect` turns all this off).
+The client also observes every HTTP exchange it relays (observe.py), and logs a line for each one.
+It keeps the last ones for the inspector's page at http://127.0.0.1:4040, live, where a click
+sends a request to the local app again (`--no-inspect`: none of this).
 """
 
 import argparse

@@ -76,8 +76,8 @@ class Message:
 
     head: bytes = b""  # start line and fields, exactly as on the wire (parsed again to show them)
     trailers: bytes = b""  # the fields after a chunked body, if any
-    body: bytearray = field(default_factory=bytearray)  # de-chunked: what the app or the user reads
-    body_size: int = 0  # every byte of the body, kept or not
+    body: bytearray = field(default_factory=bytearray)  # the first BODY_LIMIT bytes of it, de-chunked
+    body_size: int = 0  # every byte of the body, de-chunked: what the app or the user reads
     wire: int = 0  # bytes on the wire: the head, the body, the chunks' framing
     chunked: bool = False
     done: bool = False
