@@ -1,8 +1,6 @@
 """Stage 17: the inspector's page: every request through the tunnel, in a web page on the client's machine.
 
-Stage 15's tunnel (many tunnels on one server, by name or TCP port, over TLS); in the client, stage
-16's observer of the HTTP it relays. New in stage 17: the ring of the last exchanges (capture.py),
-and the page that lists them (inspector.py, inspector.html).
+Layout (new in stage 17: the ring of the last exchanges in capture.py, and its page: inspector.py, inspector.html):
 
 - `protocol.py`: the handshake's text lines (`hello http myapp`, `welcome ...`); every timeout and limit.
 - `tls.py`: the TLS contexts: the server's certificate, and what the client trusts (always checked).

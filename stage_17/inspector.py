@@ -25,17 +25,15 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
-from .capture import ObservedStream, Store
+from .capture import Store
 from .cli import listen_error
-from .observe import Exchange, Message, NotHttp, Observer, field_values, parse_head
+from .observe import Exchange, Message, NotHttp, field_values, parse_head
 from .protocol import NETWORK_TIMEOUT, TunnelError
-from .relay import Stream, Timeouts
 
 log = logging.getLogger(__name__)
 
 INSPECT_PORT = 4040  # ngrok's, so that the story matches
 PAGE = (Path(__file__).parent / "inspector.html").read_bytes()
-HEX_PREVIEW = 256  # bytes of a binary body shown in hex
 ROUTE = re.compile(r"/api/requests/(\d{1,12})")
 # The names a browser on this machine uses for loopback. Exact names only: a test like "begins
 # with 127." let `127.attacker.example` in, a name whose owner points it wherever he likes.
@@ -60,17 +58,13 @@ CSP = (
 
 
 class Inspector:
-    """The inspector of one client: the store its streams feed, and the web page that shows it."""
+    """The inspector of one client: the web page that shows the store its streams feed."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = INSPECT_PORT, **ring: int) -> None:
+    def __init__(self, store: Store, host: str = "127.0.0.1", port: int = INSPECT_PORT) -> None:
+        self.store = store  # the client's (Client.store)
         self.host, self.port = host, port
-        self.store = Store(**ring)
         self._listener: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-
-    def stream(self, timeouts: Timeouts, user: str) -> Stream:
-        """A relay for one user's stream (client side) whose exchanges this inspector records."""
-        return ObservedStream(timeouts, Observer(self.store, user))
 
     async def listen(self) -> tuple[str, int]:
         """Bind the page's port (0 = any); TunnelError with a one-line reason if it can't be had."""
@@ -188,22 +182,14 @@ def message(part: Message) -> dict[str, Any]:
 
 
 def body(part: Message, fields: list[tuple[str, str]]) -> dict[str, Any]:
-    """A body for the page: text as text, JSON pretty-printed, anything else as its size and a hex preview."""
+    """A body for the API: text as text, anything else as its size only."""
     kept = bytes(part.body)
     shown: dict[str, Any] = {"size": part.body_size, "kept": len(kept), "truncated": part.body_size > len(kept)}
     if not part.body_size:
         return {**shown, "kind": "empty", "text": ""}
     text = as_text(kept, shown["truncated"]) if not field_values(fields, "content-encoding") else None
-    if text is None:  # as `xxd` shows it: offset, 16 bytes in hex, the same as ASCII
-        preview = kept[:HEX_PREVIEW]
-        rows = (preview[i : i + 16] for i in range(0, len(preview), 16))
-        lines = [f"{n * 16:04x}  {row.hex(' '):<47}  {printable(row)}" for n, row in enumerate(rows)]
-        return {**shown, "kind": "binary", "text": "\n".join(lines)}
-    if not shown["truncated"] and any("json" in v for v in field_values(fields, "content-type")):
-        # RecursionError: both json functions recurse once per level, and a body of 30,000 "[" nests deeper
-        # than Python's stack allows. Such a body is shown as it came, as text.
-        with contextlib.suppress(ValueError, RecursionError):
-            return {**shown, "kind": "json", "text": json.dumps(json.loads(text), indent=2, ensure_ascii=False)}
+    if text is None:
+        return {**shown, "kind": "binary", "text": ""}
     return {**shown, "kind": "text", "text": text}
 
 
@@ -216,7 +202,3 @@ def as_text(data: bytes, truncated: bool) -> str | None:
             continue
         return text if all(c.isprintable() or c in "\t\r\n" for c in text) else None
     return None
-
-
-def printable(data: bytes) -> str:
-    return "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in data)

@@ -1,7 +1,7 @@
 """The observer: the HTTP/1.1 exchanges in a copy of the bytes one stream relays.
 
-The tunnel never needed to know that its bytes were HTTP. The inspector does: to list requests it
-must find where each request and each response begins and ends, in bytes that arrive in pieces of
+The tunnel never needed to know that its bytes were HTTP. A log of requests does: to log each one
+the client must find where each request and each response begins and ends, in bytes that arrive in pieces of
 any size. That is HTTP/1.1's *message framing* (RFC 9112, sections 2 to 7), parsed here by hand:
 
 - A message is a head (a start line, header lines, an empty line), then maybe a body.
@@ -35,7 +35,7 @@ HEAD_LIMIT = 32 * 1024
 LINE_LIMIT = 8 * 1024  # a start line, or a chunk-size line with its extensions
 MAX_WAITING = 64  # pipelined requests waiting for their responses on one connection
 
-# The states of an exchange, as the page shows them.
+# The states of an exchange, as the log shows them.
 PENDING, COMPLETE, INCOMPLETE, NOT_HTTP = "pending", "complete", "incomplete", "not HTTP"
 
 TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # RFC 9110 5.6.2: what a method or a field name is made of
@@ -71,15 +71,15 @@ class Message:
 
     head: bytes = b""  # start line and fields, exactly as on the wire (parsed again to show them)
     trailers: bytes = b""  # the fields after a chunked body, if any
-    body: bytearray = field(default_factory=bytearray)  # de-chunked: what the app or the user reads
-    body_size: int = 0  # every byte of the body, kept or not
+    body: bytearray = field(default_factory=bytearray)  # the first BODY_LIMIT bytes of it, de-chunked
+    body_size: int = 0  # every byte of the body, de-chunked: what the app or the user reads
     wire: int = 0  # bytes on the wire: the head, the body, the chunks' framing
     done: bool = False
 
 
 @dataclass(eq=False, slots=True)
 class Exchange:
-    """A request and its response: one line of the inspector's list."""
+    """A request and its response: one line of the client's log."""
 
     user: str  # who sent the request: the user's stream, "stream 3"
     method: str = ""
@@ -97,7 +97,7 @@ class Exchange:
 
 
 class Sink(Protocol):
-    """Where an Observer reports: the inspector's store (a test's list)."""
+    """Where an Observer reports: the client's store, which logs each exchange (a test's list)."""
 
     def opened(self, exchange: Exchange) -> None:
         """A new exchange: its request head has arrived (or bytes that are not HTTP)."""
@@ -106,7 +106,7 @@ class Sink(Protocol):
         """`exchange` holds `size` more bytes: a head, trailers, body kept (the store counts its memory)."""
 
     def changed(self, exchange: Exchange) -> None:
-        """The response head came, the exchange ended, or parsing stopped."""
+        """The exchange ended, or parsing stopped."""
 
 
 def parse_head(head: bytes) -> tuple[str, list[tuple[str, str]]]:
@@ -132,9 +132,9 @@ def parse_head(head: bytes) -> tuple[str, list[tuple[str, str]]]:
 def read_head(head: bytes) -> dict[bytes, bytes]:
     """The framing fields of a head (lowercased name: values); NotHttp if the head is malformed.
 
-    WHY not parse_head: this runs for every message through the tunnel. Checking the head with
-    one regex and picking out two fields costs a fraction of making a string of every field; the
-    page parses a head fully (parse_head) only when someone looks at it.
+    WHY one regex: this runs for every message through the tunnel. Checking the head with one
+    regex and picking out two fields costs a fraction of making a string of every field (what
+    parse_head does, for the page only, when someone looks at a head).
     """
     if WELL_FORMED.fullmatch(head) is None:
         raise NotHttp(f"a malformed head: {head[:80]!r}")
@@ -338,7 +338,6 @@ class Observer:
         self._down = Framing(self._response_head, self._response_body, self._response_end)
         self._sending: Exchange | None = None  # the request whose bytes are arriving
         self._waiting: deque[Exchange] = deque()  # requests sent, whose response is not over yet, in order
-        self._through: Exchange | None = None  # not HTTP: bytes are counted in it, not parsed
         self.closed = False
 
     def request_bytes(self, data: bytes | memoryview) -> None:
@@ -366,11 +365,7 @@ class Observer:
             return
         self.closed = True
         with contextlib.suppress(Exception):  # as in _feed: observing must never break the relay
-            if self._through is not None:
-                self._through.request.wire += self._up.wire
-                self._through.response.wire += self._down.wire
-                self._sink.changed(self._through)
-            elif self._up.buffer and self._up.state == NO_BODY and not self._waiting:
+            if self._up.buffer and self._up.state == NO_BODY and not self._waiting:
                 self._stop(self._up, NotHttp("the connection closed in the middle of a request head"))
             cut = reason or "the connection closed before the exchange was over"
             for exchange in {id(e): e for e in [*self._waiting, self._sending] if e is not None}.values():
@@ -436,7 +431,6 @@ class Observer:
         if exchange.keep_limit:  # else dropped by the store: it keeps nothing
             exchange.response.head = head
             self._sink.grew(exchange, len(head))
-        self._sink.changed(exchange)
         if exchange.method == "HEAD" or status in (204, 304):
             return NO_BODY, 0  # whatever Content-Length says: it describes the GET's body
         codings = values(framing, b"transfer-encoding") if b"transfer-encoding" in framing else None
@@ -462,8 +456,6 @@ class Observer:
         exchange.duration = time.monotonic() - exchange.began
         if exchange.request.done:
             self._complete(exchange)
-        else:
-            self._sink.changed(exchange)
 
     # --- both -----------------------------------------------------------------------------------
 
@@ -498,7 +490,6 @@ class Observer:
                 if other is not None and other is not broken and other.state == PENDING:
                     other.state, other.note = INCOMPLETE, f"not observed to the end: {note}"
                     self._sink.changed(other)
-            self._through = broken
             self._sink.changed(broken)
             self._waiting.clear()  # no answer will be paired with them now: let them go
             self._sending = None

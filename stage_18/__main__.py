@@ -5,10 +5,10 @@ temporary folder, then runs five things in one process, all on 127.0.0.1: two de
 (demo_app.py), the server, and two clients named `hello` and `world`, which share a fresh random
 secret and trust only that CA. Then it prints both URLs: http://hello.localhost:60624/ and
 http://world.localhost:60624/ reach different apps through the same public port, told apart by
-the Host header. Browsers and curl send *.localhost to this machine without any setup. Each client
-logs a line for every request it relays; `hello`'s client also has an inspector: its page, at
-http://127.0.0.1:4040/, lists the requests to hello.localhost as they happen; click one to see its
-headers and bodies, and to send it to the app again.
+the Host header. Browsers and curl send *.localhost to this machine without any setup.
+Each client logs a line for every request it relays; `hello`'s client also has an inspector: its
+page, at http://127.0.0.1:4040/, lists the requests to hello.localhost as they happen; click one
+to see its headers and bodies, and to send it to the app again.
 """
 
 import argparse
@@ -22,6 +22,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 
 from . import certs, tls
+from .capture import Store
 from .cli import listen_error, listen_port
 from .client import Client
 from .demo_app import DemoApp
@@ -40,7 +41,7 @@ NAMES = ("hello", "world")  # the demo's two tunnels
 async def run(control_port: int, public_port: int, app_port: int, any_free: bool = False) -> None:
     """Start the demo apps, the server, the clients and an inspector; print the URLs; serve until cancelled.
 
-    any_free: if the tunnel's ports (or the inspector's) can't all be had, take any free ones instead of failing.
+    any_free: if the tunnel's ports can't all be had, take any free ones instead of failing.
     """
     apps = [DemoApp(name) for name in NAMES]
     for app, port in zip(apps, (app_port, 0), strict=True):  # a second app on the same port can't be
@@ -66,7 +67,7 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         # test suite makes thousands, and each may have used it as its source port.
         log.warning("%s; the demo takes free ports instead", exc)
         ports = await server.listen(HOST, 0, 0)
-    inspector = Inspector(apps[0].address, HOST, INSPECT_PORT)  # hello's; world's client has none (--no-inspect)
+    inspector = Inspector(Store(), apps[0].address, HOST, INSPECT_PORT)  # hello's requests; world's are only logged
     try:
         await inspector.listen()
     except TunnelError as exc:  # as for the tunnel's ports: another one will do
@@ -75,8 +76,8 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         await inspector.listen()
     # "localhost", not 127.0.0.1: the name the certificate holds, and the client checks.
     clients = [
-        Client(app.address, "localhost", ports.control, tls=client_tls, name=app.name, secret=secret, inspector=watch)
-        for app, watch in zip(apps, (inspector, None), strict=True)
+        Client(app.address, "localhost", ports.control, tls=client_tls, name=app.name, secret=secret, store=store)
+        for app, store in zip(apps, (inspector.store, Store()), strict=True)
     ]
     async with asyncio.TaskGroup() as tasks:
         tasks.create_task(inspector.serve())

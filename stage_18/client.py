@@ -5,14 +5,14 @@ python3 -m stage_18.client localhost:22 tunnel.example.com --tcp          # a pu
 
 One connection to the server, inside TLS, carries everything. The client asks for a tunnel in
 its hello (a name, or a TCP port) and the server answers with its URL. The server opens a
-stream for each user (a SYN frame, which names the user's address); the client dials the local
-app (the private connection) and relays the stream into it. Heartbeats show that the server is
-still there; when the connection is lost, the client reconnects with backoff and resumes its
-session, and so keeps its name. The users' streams end with the lost connection.
+stream for each user (a SYN frame, which names its address); the client dials the local app (the private connection)
+and relays the stream into it. Heartbeats show that the server is still there; when the
+connection is lost, the client reconnects with backoff and resumes its session, and so keeps
+its name. The users' streams end with the lost connection: they ran inside it.
 
-The client also observes every HTTP exchange it relays (observe.py): it logs a line for each one,
-and keeps the last ones for the inspector's page at http://127.0.0.1:4040 (inspector.py), live,
-where a click sends a request to the local app again (`--no-inspect` turns all this off).
+The client also observes every HTTP exchange it relays (observe.py), and logs a line for each one.
+It keeps the last ones for the inspector's page at http://127.0.0.1:4040, live, where a click
+sends a request to the local app again (`--no-inspect`: none of this).
 """
 
 import argparse
@@ -24,10 +24,12 @@ import sys
 
 from . import auth, backoff, private
 from .budget import Budget
+from .capture import ObservedStream, Store
 from .cli import listen_port, name, parse_address, parse_server, port, positive_seconds
 from .frames import INITIAL_WINDOW
 from .inspector import INSPECT_PORT, Inspector
 from .mux import Mux
+from .observe import Observer
 from .protocol import (
     CONTROL_PORT,
     DATA_LIMIT,
@@ -64,10 +66,10 @@ class Client:
         max_backoff: float = backoff.BACKOFF_CAP,
         idle_timeout: float = IDLE_TIMEOUT,
         half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
-        inspector: Inspector | None = None,
+        store: Store | None = None,
     ) -> None:
         self.local = local
-        self.inspector = inspector  # records every HTTP exchange for its web page (None: --no-inspect)
+        self.store = store  # observes every HTTP exchange, and logs it (None: nothing is observed)
         self.server = server
         self.control_port = control_port
         self.tls = tls or client_context()  # the system's CAs
@@ -165,7 +167,7 @@ class Client:
 
     def _open(self, stream_id: int, user: str) -> Stream:
         """The server opened a stream for `user` (its address): dial the local app for it, in a task of its own."""
-        stream = self.inspector.stream(self.timeouts, user) if self.inspector else Stream(self.timeouts)
+        stream = ObservedStream(self.timeouts, Observer(self.store, user)) if self.store else Stream(self.timeouts)
         # Its first window is the protocol's: the server may have sent its bytes already (budget.py).
         self.budget.take(INITIAL_WINDOW)
         stream.charge(self.budget)
@@ -177,16 +179,16 @@ class Client:
         return stream
 
 
-async def run(client: Client) -> None:
-    """Run the client, and its inspector's page while it runs (TunnelError if the page's port is taken)."""
-    if client.inspector is None:
+async def run(client: Client, inspector: Inspector | None) -> None:
+    """Run the client, and the inspector's page while it runs (TunnelError if the page's port is taken)."""
+    if inspector is None:
         await client.run()
         return
-    await client.inspector.listen()
+    await inspector.listen()
     try:
         await client.run()
     finally:
-        await client.inspector.close()
+        await inspector.close()
 
 
 def main() -> None:
@@ -269,9 +271,10 @@ def main() -> None:
             max_backoff=args.max_backoff,
             idle_timeout=args.idle_timeout,
             half_closed_timeout=args.half_closed_timeout,
-            inspector=None if args.no_inspect else Inspector(args.local, args.inspect_host, args.inspect_port),
+            store=None if args.no_inspect else Store(),
         )
-        asyncio.run(run(client))
+        inspector = Inspector(client.store, args.local, args.inspect_host, args.inspect_port) if client.store else None
+        asyncio.run(run(client, inspector))
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:

@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from . import capture
-from .capture import ObservedStream, ReplayError, Store
+from .capture import ReplayError, Store
 from .cli import listen_error
-from .observe import Exchange, Message, NotHttp, Observer, field_values, parse_head
+from .observe import Exchange, Message, NotHttp, field_values, parse_head
 from .protocol import NETWORK_TIMEOUT, TunnelError
-from .relay import Stream, Timeouts
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +70,14 @@ CSP = (
 
 
 class Inspector:
-    """The inspector of one client: the store its streams feed, and the web page that shows it."""
+    """The inspector of one client: the web page that shows the store its streams feed."""
 
-    def __init__(self, local: tuple[str, int], host: str = "127.0.0.1", port: int = INSPECT_PORT, **ring: int) -> None:
+    def __init__(self, store: Store, local: tuple[str, int], host: str = "127.0.0.1", port: int = INSPECT_PORT) -> None:
+        self.store = store  # the client's (Client.store)
         self.local = local  # the local app: where replays go, and nowhere else
         self.host, self.port = host, port
-        self.store = Store(**ring)
         self._listener: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-
-    def stream(self, timeouts: Timeouts, user: str) -> Stream:
-        """A relay for one user's stream (client side) whose exchanges this inspector records."""
-        return ObservedStream(timeouts, Observer(self.store, user))
 
     async def listen(self) -> tuple[str, int]:
         """Bind the page's port (0 = any); TunnelError with a one-line reason if it can't be had."""

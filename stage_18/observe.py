@@ -1,7 +1,7 @@
 """The observer: the HTTP/1.1 exchanges in a copy of the bytes one stream relays.
 
-The tunnel never needed to know that its bytes were HTTP. The inspector does: to list requests it
-must find where each request and each response begins and ends, in bytes that arrive in pieces of
+The tunnel never needed to know that its bytes were HTTP. A log of requests does: to log each one
+the client must find where each request and each response begins and ends, in bytes that arrive in pieces of
 any size. That is HTTP/1.1's *message framing* (RFC 9112, sections 2 to 7), parsed here by hand:
 
 - A message is a head (a start line, header lines, an empty line), then maybe a body.
@@ -37,7 +37,7 @@ HEAD_LIMIT = 32 * 1024
 LINE_LIMIT = 8 * 1024  # a start line, or a chunk-size line with its extensions
 MAX_WAITING = 64  # pipelined requests waiting for their responses on one connection
 
-# The states of an exchange, as the page shows them.
+# The states of an exchange, as the log shows them.
 PENDING, COMPLETE, INCOMPLETE, UPGRADED, NOT_HTTP = "pending", "complete", "incomplete", "upgraded", "not HTTP"
 
 TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # RFC 9110 5.6.2: what a method or a field name is made of
@@ -76,8 +76,8 @@ class Message:
 
     head: bytes = b""  # start line and fields, exactly as on the wire (parsed again to show them)
     trailers: bytes = b""  # the fields after a chunked body, if any
-    body: bytearray = field(default_factory=bytearray)  # de-chunked: what the app or the user reads
-    body_size: int = 0  # every byte of the body, kept or not
+    body: bytearray = field(default_factory=bytearray)  # the first BODY_LIMIT bytes of it, de-chunked
+    body_size: int = 0  # every byte of the body, de-chunked: what the app or the user reads
     wire: int = 0  # bytes on the wire: the head, the body, the chunks' framing
     chunked: bool = False
     done: bool = False
@@ -85,7 +85,7 @@ class Message:
 
 @dataclass(eq=False, slots=True)
 class Exchange:
-    """A request and its response: one line of the inspector's list."""
+    """A request and its response: one line of the client's log."""
 
     user: str  # who sent the request: the user's address, as the server saw it
     method: str = ""
@@ -106,7 +106,7 @@ class Exchange:
 
 
 class Sink(Protocol):
-    """Where an Observer reports: the inspector's store (a test's list)."""
+    """Where an Observer reports: the client's store, which logs each exchange (a test's list)."""
 
     def opened(self, exchange: Exchange) -> None:
         """A new exchange: its request head has arrived (or bytes that are not HTTP)."""
@@ -141,9 +141,9 @@ def parse_head(head: bytes) -> tuple[str, list[tuple[str, str]]]:
 def read_head(head: bytes) -> dict[bytes, bytes]:
     """The framing fields of a head (lowercased name: values); NotHttp if the head is malformed.
 
-    WHY not parse_head: this runs for every message through the tunnel. Checking the head with
-    one regex and picking out four fields costs a fraction of making a string of every field; the
-    page parses a head fully (parse_head) only when someone looks at it.
+    WHY one regex: this runs for every message through the tunnel. Checking the head with one
+    regex and picking out four fields costs a fraction of making a string of every field (what
+    parse_head does, for the page only, when someone looks at a head).
     """
     if WELL_FORMED.fullmatch(head) is None:
         raise NotHttp(f"a malformed head: {head[:80]!r}")

@@ -621,17 +621,15 @@ def server_options(stage: str) -> dict[str, Any]:
 def client_options(stage: str) -> dict[str, Any]:
     """Keyword arguments the stage's Client needs: a TCP tunnel from stage 13 on, the CA it trusts from 12 on.
 
-    From stage 17 on, an inspector too, as the command line has one by default: every stream goes
-    through its observer (here the users' bytes are not HTTP, which it must only count). Its page
-    is not served (no port taken), and nothing is replayed, so its local app is never dialled.
+    From stage 17 on, the store of an inspector too, as the command line has one by default: every
+    stream goes through its observer (here the users' bytes are not HTTP, which it must only count).
+    No inspector serves its page here (no port taken), and nothing is replayed.
     """
     options: dict[str, Any] = {"tcp": True} if has_tunnels(stage) else {}
     if has_tls(stage):
         options["tls"] = tls_certs.client_context()
     if has_inspector(stage):
-        inspector = importlib.import_module(f"{stage}.inspector").Inspector
-        # From stage 18 on it knows the local app, where replays go; stage 17's only lists requests.
-        options["inspector"] = inspector(("127.0.0.1", 9)) if has(stage, "live") else inspector()
+        options["store"] = importlib.import_module(f"{stage}.capture").Store()
     return options
 
 

@@ -78,13 +78,13 @@ async def start_tunnel() -> AsyncIterator[Start]:
             server = Server(secret=SECRET, **server_options(STAGE))
             ports = await server.listen("127.0.0.1", 0, 0)
             await running.enter_async_context(Background(server.serve()))
-            local_app = [("127.0.0.1", local_port)] if has(STAGE, "live") else []  # where replays go (15 on)
-            inspector = Inspector(*local_app, "127.0.0.1", 0, **ring)
+            local_app = [("127.0.0.1", local_port)] if has(STAGE, "live") else []  # where replays go (18 on)
+            inspector = Inspector(Store(**ring), *local_app, "127.0.0.1", 0)
             await inspector.listen()
             running.push_async_callback(inspector.close)
             tls = client_options(STAGE)["tls"]  # the test CA; an HTTP tunnel by name, not the shared tests' TCP one
             local = ("127.0.0.1", local_port)
-            client = Client(local, "127.0.0.1", ports.control, tls=tls, name=NAME, secret=SECRET, inspector=inspector)
+            client = Client(local, "127.0.0.1", ports.control, tls=tls, name=NAME, secret=SECRET, store=inspector.store)
             await running.enter_async_context(Background(client.run()))
             async with asyncio.timeout(STEP_TIMEOUT):
                 await client.connected.wait()

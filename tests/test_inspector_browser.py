@@ -1,4 +1,4 @@
-"""The inspector page in a real browser (stage 17 on): live rows, a detail, replay (15 on), traffic as text.
+"""The inspector page in Chromium: no other site may frame it (stage 17 on); live rows, a detail, replay (18 on).
 
 The tunnel runs as a learner runs it (`python -m stage_18.server --cert .. --key ..`,
 `python -m stage_18.client .. --ca .. --name shop`: the test certificates of tls_certs.py), the

@@ -104,7 +104,7 @@ async def wait_until_tunnel_works(public_port: int) -> None:
 
 TUNNELS: dict[str, Starter] = {
     "stage_2": stage_2_tunnel,
-    # From stage 17 on the client's inspector observes every stream (in-process: its page not served).
+    # From stage 17 on the client observes every stream into its inspector's store (in-process: no page served).
     **{stage: private_tunnel(stage) for stage in all_stages() if stage not in ("stage_0", "stage_1", "stage_2")},
 }
 
