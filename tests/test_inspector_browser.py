@@ -41,8 +41,8 @@ def names(stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
 ROOT = Path(__file__).resolve().parent.parent
 # The stage page's picture: a run rewrites it only when asked (UPDATE_SCREENSHOTS=1), so that
 # running the tests never changes a file of the repository.
-SCREENSHOT = ROOT / "docs" / "assets" / "stage-10-inspector.png"
-SECRET = "stage-10-browser-secret"
+SCREENSHOT = ROOT / "docs" / "assets" / "stage-18-inspector.png"
+SECRET = "stage-18-browser-secret"
 XSS_PATH = "/<script>alert(1)</script>"
 XSS_HEADER = "<img src=x onerror=alert(2)>"
 NAME = "shop"  # the tunnel's name: its users ask for shop.localhost
