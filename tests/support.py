@@ -26,11 +26,14 @@ import tls_certs
 
 # --- the ladder: which stage brings which idea -------------------------------------------------
 # Stages 0-3 are the Go original's (a tunnel, a control connection, a proxy connection per user);
-# from stage 7 on each stage adds one idea, and every later stage keeps it. A test of an idea runs
+# from stage 4 on each stage adds one idea, and every later stage keeps it. A test of an idea runs
 # on the stage that brings it and on every later one: `stages_from("flow")`, or `@pytest.mark.since
 # ("flow")` on a test that takes a `stage` argument (conftest.py parametrizes it).
 LADDER = {
-    "streams": 4,  # every user a stream over the client's one connection: frames, a multiplexer
+    "frames": 4,  # the hello/welcome handshake, then binary frames on the control connection (frames.Parser)
+    "streams": 5,  # every user a stream over the client's one connection: no proxy port, a multiplexer on tasks
+    "callbacks": 6,  # the streams' data path on asyncio Protocols (callbacks) instead of a task per direction
+    "fastpath": 7,  # the measured fast paths: memoryview payloads, one write per turn of the loop
     "flow": 8,  # per-stream windows, fair turns, the memory budget
     "resume": 9,  # heartbeats, reconnect with backoff, session id and resume window, GO_AWAY
     "auth": 10,  # the shared secret (HMAC challenge)

@@ -1,9 +1,10 @@
-"""The frame format and multiplexer (stage 7 on), without a tunnel: encode, parse, fuzz, and fair turns.
+"""The frame format (stage 4 on) and multiplexer, without a tunnel: encode, parse, fuzz, and fair turns.
 
 The parser is the only code that turns a peer's bytes into frames, so Hypothesis throws bytes at it:
 it returns frames or raises ProtocolError, never anything else, and never holds more than one frame.
-Each frame runs from the stage that brings its type on: DATA with stage 7's streams, WINDOW_UPDATE
-with stage 8's flow control, PING and GO_AWAY with stage 9's heartbeats. The names imported from
+Each frame runs from the stage that brings it on: DATA with SYN with stage 4's frames, its other
+flags (ACK, FIN, RST) with stage 5's streams, WINDOW_UPDATE with stage 8's flow control, PING and
+GO_AWAY with stage 9's heartbeats. The names imported from
 stage_18 are re-bound to the stage under test (support.rebind).
 """
 
@@ -37,16 +38,17 @@ from stage_18.protocol import ProtocolError
 from stage_18.relay import Stream, Timeouts
 from support import STEP_TIMEOUT, has, rebind, stages_from
 
-pytestmark = pytest.mark.since("streams")
+pytestmark = pytest.mark.since("frames")
 
 # Each valid frame, with the idea that brings its type.
 VALID_FROM = [
-    (Frame(DATA, SYN, 1, b""), "streams"),
+    (Frame(DATA, SYN, 1, b""), "frames"),
+    (Frame(DATA, SYN, 2, b"0123456789abcdef0123456789abcdef"), "frames"),  # stage 4's SYN names the user
     (Frame(DATA, ACK, 1, b""), "streams"),
-    (Frame(DATA, 0, 7, b"GET / HTTP/1.1\r\n\r\n"), "streams"),
+    (Frame(DATA, 0, 7, b"GET / HTTP/1.1\r\n\r\n"), "frames"),
     (Frame(DATA, FIN, 7, b""), "streams"),
     (Frame(DATA, RST, 3, b"connection refused"), "streams"),
-    (Frame(DATA, 0, 2**31 - 1, b"x" * MAX_FRAME), "streams"),
+    (Frame(DATA, 0, 2**31 - 1, b"x" * MAX_FRAME), "frames"),
     (Frame(WINDOW_UPDATE, 0, 1, (65536).to_bytes(4, "big")), "flow"),
     (Frame(PING, 0, 0, b"12345678"), "resume"),
     (Frame(PING, ACK, 0, b"12345678"), "resume"),
@@ -103,15 +105,16 @@ def test_frames_arrive_whole_however_the_bytes_are_split(stage: str, data: st.Da
 
 
 BAD = {  # name: (bytes, the idea from which they are a bad frame)
-    "unknown type": (frames.HEADER.pack(9, 0, 1, 0), "streams"),
+    "unknown type": (frames.HEADER.pack(9, 0, 1, 0), "frames"),
     "flag not allowed": (frames.HEADER.pack(WINDOW_UPDATE, SYN, 1, 4) + b"\0\0\0\1", "flow"),
-    "too large": (frames.HEADER.pack(DATA, 0, 1, MAX_FRAME + 1), "streams"),
-    "data on stream 0": (frames.HEADER.pack(DATA, 0, 0, 1) + b"x", "streams"),
+    "too large": (frames.HEADER.pack(DATA, 0, 1, MAX_FRAME + 1), "frames"),
+    "data on stream 0": (frames.HEADER.pack(DATA, 0, 0, 1) + b"x", "frames"),
+    "flag not allowed on DATA": (frames.HEADER.pack(DATA, 0x80, 1, 0), "frames"),
     "ping on a stream": (frames.HEADER.pack(PING, 0, 1, 8) + b"12345678", "resume"),
     "window of 3 bytes": (frames.HEADER.pack(WINDOW_UPDATE, 0, 1, 3) + b"\0\0\1", "flow"),
     "window of 0": (frames.HEADER.pack(WINDOW_UPDATE, 0, 1, 4) + b"\0\0\0\0", "flow"),
     "ping of 4 bytes": (frames.HEADER.pack(PING, 0, 0, 4) + b"1234", "resume"),
-    "stream id over 31 bits": (frames.HEADER.pack(DATA, 0, 2**31, 0), "streams"),
+    "stream id over 31 bits": (frames.HEADER.pack(DATA, 0, 2**31, 0), "frames"),
     "long reason": (frames.HEADER.pack(DATA, RST, 1, 5000), "streams"),
 }
 

@@ -4,7 +4,7 @@ reconnect backoff (stage 9 on) and the error pages (stage 11 on).
 The control port faces the internet (anyone can connect), so the line parser is fuzzed on every
 stage from 4 on: whatever the bytes, it returns a message or raises the documented ProtocolError,
 never anything else. These were old stage 7's tests (test_stage_7_protocol.py); its proxy-connection
-messages (create_proxy, proxy, local_error) went with the proxy port.
+messages (create_proxy, local_error) went with the proxy port, which stage 4 still has (`proxy <id>`).
 """
 
 import asyncio
@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-pytestmark = pytest.mark.since("streams")
+pytestmark = pytest.mark.since("frames")
 
 tokens = st.text("0123456789abcdefABCDEF-_xyz", min_size=1, max_size=64)
 reasons = st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=200).filter(
