@@ -30,7 +30,10 @@ import tls_certs
 # on the stage that brings it and on every later one: `stages_from("flow")`, or `@pytest.mark.since
 # ("flow")` on a test that takes a `stage` argument (conftest.py parametrizes it).
 LADDER = {
-    "streams": 4,  # every user a stream over the client's one connection: frames, a multiplexer
+    "frames": 4,  # binary frames after a hello/welcome handshake on the control connection
+    "streams": 5,  # every user a stream over the client's one connection: frames, a multiplexer
+    "callbacks": 6,  # the data path on asyncio Protocols (no task per direction)
+    "fastpath": 7,  # the measured fast paths: first bytes behind the SYN, zero-copy payloads, one send per turn
     "flow": 8,  # per-stream windows, fair turns, the memory budget
     "resume": 9,  # heartbeats, reconnect with backoff, session id and resume window, GO_AWAY
     "auth": 10,  # the shared secret (HMAC challenge)
