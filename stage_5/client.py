@@ -1,0 +1,157 @@
+"""Stage 5 client: carry every user from the server to the local app, over one connection.
+
+python3 -m stage_5.client localhost:8000                 # the server on localhost
+python3 -m stage_5.client localhost:8000 my.server       # the server on another machine
+
+One connection to the server carries everything. The server opens a stream on it for each user
+(a SYN frame); the client dials the local app (the private connection) and relays the stream
+into it. The users' streams end with the connection: they ran inside it (in stage 3 each user
+had a proxy connection of its own).
+"""
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import sys
+
+from . import private
+from .mux import Mux
+from .protocol import CONTROL_PORT, DATA_LIMIT, TunnelError, client_handshake
+from .relay import Stream
+
+log = logging.getLogger(__name__)
+
+
+class Client:
+    """Keeps the control connection to a server and relays each user it announces to the local app."""
+
+    def __init__(
+        self,
+        local: tuple[str, int],
+        server: str = "localhost",
+        control_port: int = CONTROL_PORT,
+    ) -> None:
+        self.local = local
+        self.server = server
+        self.control_port = control_port
+        # Set while the server has us as its client; the demo and the tests wait for it.
+        self.connected = asyncio.Event()
+        # Dialled for every user (see private.py).
+        self._local_app = private.LocalApp(*local)
+        self._users: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        """Serve the tunnel until cancelled; TunnelError if the server is unreachable, says no or goes away."""
+        try:
+            reader, writer = await self._connect()
+            try:
+                await client_handshake(reader, writer)
+                await self._serve_control(reader, writer)
+            finally:
+                writer.close()
+        except OSError as exc:  # TimeoutError (a silent server) is an OSError too
+            raise TunnelError(f"lost the connection to the server ({str(exc) or 'timed out'})") from None
+        finally:
+            for task in self._users:
+                task.cancel()
+            await asyncio.gather(*self._users, return_exceptions=True)
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open the tunnel connection, or raise TunnelError saying why not."""
+        try:
+            # Frames follow the handshake: a big buffer limit keeps reads large (see protocol.py).
+            return await private.dial(self.server, self.control_port, limit=DATA_LIMIT)
+        except OSError as exc:
+            reason = private.why(exc)
+            raise TunnelError(f"cannot reach the server at {self.server}:{self.control_port} ({reason})") from None
+
+    async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Relay the server's streams; raise TunnelError when the connection is lost."""
+        log.info("tunnel up: the server at %s:%d sends its users to %s:%d", self.server, self.control_port, *self.local)
+        mux = Mux(reader, writer, peer="the server", on_open=self._open)
+        self.connected.set()
+        try:
+            await mux.run()
+            raise TunnelError("the server closed the connection")
+        finally:
+            self.connected.clear()
+
+    def _open(self, stream_id: int) -> Stream:
+        """The server opened a stream for a user: dial the local app for it, in a task of its own."""
+        stream = Stream()
+        log.debug("stream %d: the server opened it", stream_id)
+        # One task per user, so a slow local app never holds up the others.
+        task = asyncio.create_task(private.serve_user(stream, self._local_app))
+        self._users.add(task)  # a strong reference, as the server keeps
+        task.add_done_callback(self._users.discard)
+        return stream
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """Turn 'host:port' (or '[::1]:port') into a (host, port) pair for argparse."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected host:port, got {text!r}")
+    return host.strip("[]"), int(port_text)
+
+
+def parse_server(text: str) -> tuple[str, int | None]:
+    """argparse type for SERVER: 'host' or 'host:port'; an IPv6 address alone or as '[::1]:port'."""
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.IPv6Address(text.strip("[]"))), None  # its colons are not a port
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        return text, None
+    if not host or (":" in host and not host.startswith("[")) or not port_text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected host or host:port, got {text!r}")
+    # The port given here is the control port, as if given with --control-port.
+    return host.strip("[]"), port(port_text)
+
+
+def port(text: str) -> int:
+    """argparse type for a port to connect to: 1 to 65535."""
+    # Checked here: the socket would wrap 99999 around to another port without a word.
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
+    return int(text)
+
+
+def main() -> None:
+    """Command line: python3 -m stage_5.client LOCAL [SERVER] [--control-port P]."""
+    parser = argparse.ArgumentParser(
+        prog=f"python3 -m {__package__}.client",
+        description="Open a tunnel from a stage 5 server to LOCAL, the app on this machine that users should reach.",
+    )
+    parser.add_argument("local", type=parse_address, metavar="LOCAL", help="the local app, as host:port")
+    parser.add_argument(
+        "server",
+        nargs="?",
+        type=parse_server,
+        default="localhost",
+        metavar="SERVER",
+        help="host or host:port (default: localhost)",
+    )
+    parser.add_argument(
+        "--control-port", type=port, metavar="PORT", help=f"the server's control port (default: {CONTROL_PORT})"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    args = parser.parse_args()
+    server, server_port = args.server
+    if server_port and args.control_port:
+        parser.error("give the control port once: in SERVER (host:port) or with --control-port")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
+    )
+    client = Client(args.local, server, server_port or args.control_port or CONTROL_PORT)
+    try:
+        asyncio.run(client.run())
+    except TunnelError as exc:
+        sys.exit(f"error: {exc}")
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
