@@ -1,8 +1,10 @@
 """What a public user sees when the tunnel can't reach the local app: a small HTTP error page.
 
-A browser shown a reset connection says only "connection reset"; a 502 page that names the
-cause ("no tunnel client is connected") tells its user what to fix. Users who don't speak
-HTTP get a clean close instead, since an HTTP response would be garbage to them.
+A browser shown a closed connection says only "the connection was reset"; a page that names
+the cause ("no tunnel client is connected") tells its user what to fix. Since stage 5 the
+server writes it: the client, when it can't reach the local app, resets the user's stream with
+the cause, and has no connection of the user's to write into. Users who don't speak HTTP get a
+clean close instead, since an HTTP response would be garbage to them.
 """
 
 import asyncio
@@ -10,21 +12,20 @@ import html
 import re
 
 from .protocol import linger
-from .relay import HEAD_SIZE, Stream  # pages -> relay -> mux, and none imports back
 
 # How long we wait for a user's first bytes to tell whether they speak HTTP. Browsers
 # and curl send their request at once, so a short wait is enough.
 SNIFF_TIMEOUT = 2.0
-# The start of a request: "GET /path HTTP/1.1".
-REQUEST_LINE = re.compile(rb"([A-Z]{3,10}) (\S{1,2000}) HTTP/\d")
+# The start of an HTTP request: "GET /path HTTP/1.1".
+REQUEST_LINE = re.compile(rb"[A-Z]{3,10} \S{1,2000} HTTP/\d")
 
 
 def error_page(cause: str) -> bytes:
-    """A complete HTTP 502 response naming `cause`, which the server closes after sending."""
+    """A complete HTTP 502 response naming `cause`; the connection is closed after it."""
     body = (
         "<!doctype html><meta charset=utf-8><title>502 Bad Gateway</title>\n"
         f"<h1>502 Bad Gateway</h1>\n<p>{html.escape(cause)}</p>\n"
-        "<p><small>ngrok-- tunnel server</small></p>\n"
+        "<p><small>ngrok-- tunnel</small></p>\n"
     ).encode()
     head = (
         "HTTP/1.1 502 Bad Gateway\r\n"
@@ -36,23 +37,19 @@ def error_page(cause: str) -> bytes:
     return head + body
 
 
-async def refuse(stream: Stream, cause: str) -> bool:
+async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cause: str) -> bool:
     """Answer an HTTP user with a 502 page naming `cause`; close anyone else cleanly.
 
-    Returns True if the page was sent. The caller closes the connection afterwards.
+    Returns True if the page was sent. The caller closes `writer` afterwards.
     """
-    reader, writer = stream.reader, stream.writer
-    assert reader is not None and writer is not None
-    # The user's first bytes, if any: the stream never read them (it waited for the client's ACK).
     try:
         async with asyncio.timeout(SNIFF_TIMEOUT):
-            stream.sent.head = await reader.read(HEAD_SIZE)
+            head = await reader.read(4096)
     except (TimeoutError, OSError):
-        pass  # silent or gone: not an HTTP user we could answer
-    is_http = REQUEST_LINE.match(stream.sent.head) is not None
-    if is_http and not writer.is_closing():
+        head = b""  # silent or gone: not an HTTP user we could answer
+    is_http = REQUEST_LINE.match(head) is not None
+    if is_http:
         writer.write(error_page(cause))
-    # End our side politely and give the page time to arrive before the close: closing with
-    # unread input would make the kernel send a reset, which can destroy the page.
+    # End our side politely and give the page time to arrive before the close.
     await linger(reader, writer)
     return is_http

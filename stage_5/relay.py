@@ -30,20 +30,16 @@ from .protocol import ProtocolError
 if TYPE_CHECKING:  # annotations alone; and never the reverse: mux.py knows a Stream only as a StreamEnd
     from .mux import Mux
 
-# How much of the first bytes read to keep: enough for an HTTP request line ("GET /path HTTP/1.1"),
-# which tells the server whether a user it must refuse gets an error page (pages.refuse).
-HEAD_SIZE = 1024
-# Big reads mean fewer trips through the event loop per megabyte: 256 KiB is what the event loop
-# itself reads from a socket at most in one go.
+# Big reads mean fewer trips through the event loop per megabyte: 256 KiB is
+# what the event loop itself reads from a socket at most in one go.
 CHUNK_SIZE = 256 * 1024
 
 
 @dataclass
 class Flow:
-    """One direction of a relay: how many bytes it carried, how they began (TCP -> tunnel), whether it ended."""
+    """One direction of a relay: how many bytes it carried, whether it ended."""
 
     copied: int = 0
-    head: bytes = b""
     done: bool = False
 
 

@@ -9,13 +9,12 @@ are the ports, the users, and the page a user gets when the tunnel can't serve t
 
 import argparse
 import asyncio
-import contextlib
 import errno
 import logging
 import math
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
 from . import pages
@@ -28,6 +27,8 @@ log = logging.getLogger(__name__)
 # Connections the kernel queues for us before we accept them. asyncio's default
 # of 100 makes a burst of users (200 browser tabs at once) wait for a SYN retry.
 BACKLOG = 1024
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[None, None, None]]
 
 
 @dataclass(frozen=True)
@@ -55,14 +56,12 @@ class Server:
         public_port: int = PUBLIC_PORT,
     ) -> Ports:
         """Bind the two ports (0 = any free port) and return the real ones; TunnelError if one is taken."""
-        roles = (("control", control_port, self._listen_control), ("public", public_port, self._listen_public))
         try:
-            for role, port, start in roles:
-                try:
-                    listener = await start(host, port)
-                except OSError as exc:
-                    raise TunnelError(listen_error(exc, role, host, port)) from None
-                self._listeners.append(listener)
+            # The control connection carries frames after the handshake: a big buffer limit keeps reads
+            # large (DATA_LIMIT). read_message still refuses a handshake line over MAX_LINE.
+            await self._bind("control", host, control_port, self._sessions.handle_control, limit=DATA_LIMIT)
+            # Public connections carry bulk data: keep the default 64 KiB buffer limit.
+            await self._bind("public", host, public_port, self._handle_public)
         except BaseException:
             for listener in self._listeners:  # don't keep half of the ports open
                 listener.close()
@@ -73,6 +72,16 @@ class Server:
         for role, (bound_host, bound_port) in zip(("control", "public"), addresses, strict=True):
             log.info("%s port listening on %s:%d", role, bound_host, bound_port)
         return Ports(*(int(port) for _, port in addresses))
+
+    async def _bind(self, role: str, host: str, port: int, handler: Handler, limit: int = 64 * 1024) -> None:
+        """Start one listener (64 KiB is asyncio's own default limit), or raise TunnelError saying why not."""
+        try:
+            listener = await asyncio.start_server(
+                lambda r, w: self._spawn(handler(r, w)), host, port, limit=limit, backlog=BACKLOG
+            )
+        except OSError as exc:
+            raise TunnelError(listen_error(exc, role, host, port)) from None
+        self._listeners.append(listener)
 
     async def serve(self) -> None:
         """Serve until cancelled (Ctrl-C, a test); then close every connection and return."""
@@ -85,19 +94,6 @@ class Server:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _listen_control(self, host: str, port: int) -> asyncio.Server:
-        # The tunnel connection carries frames after the handshake: a big buffer limit keeps reads
-        # large (DATA_LIMIT). read_message still refuses a handshake line over MAX_LINE.
-        return await asyncio.start_server(
-            lambda r, w: self._spawn(self._sessions.handle_control(r, w)), host, port, limit=DATA_LIMIT, backlog=BACKLOG
-        )
-
-    async def _listen_public(self, host: str, port: int) -> asyncio.Server:
-        # Each user's connection becomes a Stream (relay.py), served in a task of its own.
-        return await asyncio.start_server(
-            lambda r, w: self._spawn(self._handle_public(r, w)), host, port, backlog=BACKLOG
-        )
 
     def _spawn(self, coro: Coroutine[None, None, None]) -> None:
         # Keep a strong reference to every task: the event loop holds only a weak
@@ -113,13 +109,11 @@ class Server:
             await self._serve_user(stream)
         finally:
             writer.close()  # sends what is still buffered first
-            with contextlib.suppress(OSError):  # reset by the user: closed all the same
-                await writer.wait_closed()
 
     async def _serve_user(self, stream: Stream) -> None:
         """One public connection: open a stream for it on the client's connection, and log it when it ends."""
         assert stream.writer is not None
-        peer, started = peername(stream.writer.transport), time.monotonic()
+        peer, started = peername(stream.writer), time.monotonic()
         mux = self._sessions.mux
         if mux is None:
             # A page that names the cause tells the user more than a closed connection.
@@ -148,13 +142,14 @@ class Server:
 
     @staticmethod
     async def _refuse(stream: Stream, who: str, cause: str) -> None:
-        sent = await pages.refuse(stream, cause)
+        assert stream.reader is not None and stream.writer is not None
+        sent = await pages.refuse(stream.reader, stream.writer, cause)
         log.warning("%s: %s; %s", who, printable(cause.encode()), "sent a 502 page" if sent else "closed")
 
 
-def peername(transport: asyncio.BaseTransport) -> str:
+def peername(writer: asyncio.StreamWriter) -> str:
     """'host:port' of the peer, for log lines."""
-    host, port = transport.get_extra_info("peername")[:2]
+    host, port = writer.get_extra_info("peername")[:2]
     return f"{host}:{port}"
 
 
