@@ -31,9 +31,9 @@ import tls_certs
 # ("flow")` on a test that takes a `stage` argument (conftest.py parametrizes it).
 LADDER = {
     "frames": 4,  # the hello/welcome handshake, then binary frames on the control connection (frames.Parser)
-    "streams": 5,  # every user a stream over the client's one connection: no proxy port, a multiplexer on tasks
-    "callbacks": 6,  # the streams' data path on asyncio Protocols (callbacks) instead of a task per direction
-    "fastpath": 7,  # the measured fast paths: memoryview payloads, one write per turn of the loop
+    "streams": 5,  # every user a stream over the client's one connection: frames, a multiplexer
+    "callbacks": 6,  # the data path on asyncio Protocols (no task per direction)
+    "fastpath": 7,  # the measured fast paths: first bytes behind the SYN, zero-copy payloads, one send per turn
     "flow": 8,  # per-stream windows, fair turns, the memory budget
     "resume": 9,  # heartbeats, reconnect with backoff, session id and resume window, GO_AWAY
     "auth": 10,  # the shared secret (HMAC challenge)
