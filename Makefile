@@ -58,7 +58,7 @@ docs: $(VENV)/.installed  ## build the docs site into site/ (strict: a warning f
 serve-docs: $(VENV)/.installed  ## serve the docs with live reload on http://127.0.0.1:8001 (8000 is the pages' local app)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8001
 
-bench: $(VENV)/.installed  ## benchmarks: direct, socat, ssh -R, stages 0 and 3-9 (see bench/README.md; stage 10: python -m bench.inspector)
+bench: $(VENV)/.installed  ## benchmarks: direct, socat, ssh -R, stages 0, 3, 7, 12 and 15 (see bench/README.md; stage 18: python3 -m bench.inspector)
 	$(BIN)/python -m bench
 
 nat-lab:  ## the NAT lab story on real network namespaces (needs root)
