@@ -2,7 +2,7 @@
 
 Layout (new in stage 13: tunnels.py):
 
-- `protocol.py`: the handshake's text lines (`hello tcp`, `challenge`, `auth`, `welcome`); every
+- `protocol.py`: the handshake's text lines (`hello`, `challenge`, `auth`, `welcome`); every
   timeout and limit, in one place.
 - `auth.py`: with a secret, an HMAC challenge-response that proves the client knows the secret
   without sending it.
@@ -21,6 +21,6 @@ Layout (new in stage 13: tunnels.py):
 - `private.py`: the client's side of one user: the private connection to the local app.
 - `client.py`: keeps the tunnel connection up and relays every stream to the local app;
   `python3 -m stage_13.client LOCAL [SERVER] [--tcp]` runs it.
-- `demo_app.py` and `__main__.py`: `python3 -m stage_13` runs two demo apps, the server and two
-  clients on this machine and prints the public URLs.
+- `demo_app.py` and `__main__.py`: `python3 -m stage_13` runs a demo app, the server and the
+  client on this machine and prints the public URL.
 """
