@@ -11,7 +11,7 @@ Layout (new in stage 13: tunnels.py):
 - `mux.py`: the multiplexer: many streams over one connection, sent in turns, each with its window.
 - `relay.py`: `Stream`, one user's TCP connection (or the local app's) joined to one stream,
   with flow control both ways and the idle and half-closed timeouts.
-- `budget.py`: the memory budget: every stream's window, on every tunnel, counted in one stated total.
+- `budget.py`: the memory budget: every stream's window counted in one stated total.
 - `tunnels.py`: who holds the public port and which TCP port; the TCP tunnels' ports.
 - `session.py`: the server's side of each client's connection: admit, resume, keep for a while, expire.
 - `pages.py`: the 502/503/504 pages an HTTP user gets when the tunnel can't serve them.

@@ -1,7 +1,7 @@
 """Wire format of the tunnel connection's handshake: one message per line of text; every limit and timeout.
 
-Each client has one connection to the server. It starts as stage 12's did, with a handshake in
-text lines; the hello now says which tunnel the client wants:
+Each client has one connection to the server. It starts as stage 3's control
+connection did, with a handshake in text lines, readable and speakable with `nc`:
 
     client: hello http [<port> [<session_id>]]    the server's public port, if no client holds it
             hello tcp [<port> [<session_id>]]     a public TCP port of its own (ssh, a database)
