@@ -55,7 +55,7 @@ MAX_STREAMS_PER_ADDRESS = 256
 # 10 minutes too); so is a half-closed one whose other direction is silent this long.
 IDLE_TIMEOUT = 600.0
 HALF_CLOSED_TIMEOUT = 30.0
-# ...and HTTP users who got their answer and say nothing more, after this long: a kept-alive
+# ...and users of the public port who got their answer and say nothing more, after this long: a kept-alive
 # connection waiting for a next request. nginx's keepalive_timeout is 75 s too; a user still
 # waiting for its answer (a long poll) keeps IDLE_TIMEOUT.
 KEEPALIVE_TIMEOUT = 75.0
