@@ -71,7 +71,7 @@ LINGER = 1.0
 # WHY 5 minutes (it was 30 s): a client away 45 s, its heartbeat timeout and 30 s, lost its tunnel
 # to the first stranger who asked (issue 23). 5 minutes covers an outage of the Wi-Fi or of the
 # line, a laptop closed for a coffee, a train through a tunnel. A client that stops on purpose
-# says goodbye and frees its port at once; one that crashed and starts again is told how long.
+# says goodbye and frees its port at once.
 RESUME_WINDOW = 300.0
 # At most this many tunnels at once, held or kept for a client to resume. Each TCP tunnel holds
 # a listening socket, and a client that connects and leaves in a loop would otherwise pile up

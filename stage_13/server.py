@@ -135,10 +135,6 @@ class Server:
         self._tunnels.open(host, slots["public"], public)
         return ports
 
-    def tunnels(self) -> dict[str, str]:
-        """Each tunnel held now (its port) and its URL."""
-        return {session.tunnel: session.url for session in self._sessions.by_id.values()}
-
     async def serve(self) -> None:
         """Serve until cancelled (Ctrl-C, a test); then close every connection and return."""
         assert self._listeners, "call listen() first"
