@@ -2,7 +2,7 @@
 
 Layout (new in stage 13: tunnels.py):
 
-- `protocol.py`: the handshake's text lines (`hello tcp`, `challenge`, `auth`, `welcome`); every
+- `protocol.py`: the handshake's text lines (`hello`, `challenge`, `auth`, `welcome`); every
   timeout and limit, in one place.
 - `auth.py`: with a secret, an HMAC challenge-response that proves the client knows the secret
   without sending it.
@@ -11,7 +11,7 @@ Layout (new in stage 13: tunnels.py):
 - `mux.py`: the multiplexer: many streams over one connection, sent in turns, each with its window.
 - `relay.py`: `Stream`, one user's TCP connection (or the local app's) joined to one stream,
   with flow control both ways and the idle and half-closed timeouts.
-- `budget.py`: the memory budget: every stream's window, on every tunnel, counted in one stated total.
+- `budget.py`: the memory budget: every stream's window counted in one stated total.
 - `tunnels.py`: who holds the public port and which TCP port; the TCP tunnels' ports.
 - `session.py`: the server's side of each client's connection: admit, resume, keep for a while, expire.
 - `pages.py`: the 502/503/504 pages an HTTP user gets when the tunnel can't serve them.
@@ -21,6 +21,6 @@ Layout (new in stage 13: tunnels.py):
 - `private.py`: the client's side of one user: the private connection to the local app.
 - `client.py`: keeps the tunnel connection up and relays every stream to the local app;
   `python3 -m stage_13.client LOCAL [SERVER] [--tcp]` runs it.
-- `demo_app.py` and `__main__.py`: `python3 -m stage_13` runs two demo apps, the server and two
-  clients on this machine and prints the public URLs.
+- `demo_app.py` and `__main__.py`: `python3 -m stage_13` runs a demo app, the server and the
+  client on this machine and prints the public URL.
 """

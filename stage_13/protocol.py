@@ -1,7 +1,7 @@
 """Wire format of the tunnel connection's handshake: one message per line of text; every limit and timeout.
 
-Each client has one connection to the server. It starts as stage 12's did, with a handshake in
-text lines; the hello now says which tunnel the client wants:
+Each client has one connection to the server. It starts as stage 3's control
+connection did, with a handshake in text lines, readable and speakable with `nc`:
 
     client: hello http [<port> [<session_id>]]    the server's public port, if no client holds it
             hello tcp [<port> [<session_id>]]     a public TCP port of its own (ssh, a database)
@@ -55,7 +55,7 @@ MAX_STREAMS_PER_ADDRESS = 256
 # 10 minutes too); so is a half-closed one whose other direction is silent this long.
 IDLE_TIMEOUT = 600.0
 HALF_CLOSED_TIMEOUT = 30.0
-# ...and HTTP users who got their answer and say nothing more, after this long: a kept-alive
+# ...and users of the public port who got their answer and say nothing more, after this long: a kept-alive
 # connection waiting for a next request. nginx's keepalive_timeout is 75 s too; a user still
 # waiting for its answer (a long poll) keeps IDLE_TIMEOUT.
 KEEPALIVE_TIMEOUT = 75.0
@@ -71,7 +71,7 @@ LINGER = 1.0
 # WHY 5 minutes (it was 30 s): a client away 45 s, its heartbeat timeout and 30 s, lost its tunnel
 # to the first stranger who asked (issue 23). 5 minutes covers an outage of the Wi-Fi or of the
 # line, a laptop closed for a coffee, a train through a tunnel. A client that stops on purpose
-# says goodbye and frees its port at once; one that crashed and starts again is told how long.
+# says goodbye and frees its port at once.
 RESUME_WINDOW = 300.0
 # At most this many tunnels at once, held or kept for a client to resume. Each TCP tunnel holds
 # a listening socket, and a client that connects and leaves in a loop would otherwise pile up
@@ -186,25 +186,25 @@ def decode(line: bytes) -> Message:
         # to a log or terminal could forge lines there.
         raise ProtocolError("line has control characters")
     word, _, rest = text.partition(" ")
-    match word, rest.split(" "):
+    match word, rest.split(" "):  # the hello and the welcome have several words...
         case "hello", [kind, *more] if kind in KINDS and len(more) <= 2:
-            tunnel = more[0] if more else None
-            session_id = more[1] if len(more) == 2 else None
+            tunnel, session_id = (*more, None, None)[:2]  # each may be left out
             if tunnel is not None and not is_tunnel(kind, tunnel):
                 raise ProtocolError(f"not a valid {kind} tunnel: {tunnel[:64]!r}")
             if session_id is not None and not is_token(session_id):
                 raise ProtocolError("not a valid session id")
             return Hello(kind, tunnel, session_id)
-        case "challenge", [nonce] if is_token(nonce):
-            return Challenge(nonce)
-        case "auth", [digest] if is_token(digest):
-            return Auth(digest)
         case "welcome", [session_id, tunnel, url] if is_token(session_id) and is_token(tunnel):
             return Welcome(session_id, tunnel, url)
-        case "busy", _ if rest:
-            return Busy(rest)
-        case "error", _ if rest:
-            return Error(rest)
+    match word, rest:  # ...the others one token, or a reason of any words
+        case "challenge", nonce if is_token(nonce):
+            return Challenge(nonce)
+        case "auth", digest if is_token(digest):
+            return Auth(digest)
+        case "busy", reason if reason:
+            return Busy(reason)
+        case "error", reason if reason:
+            return Error(reason)
     raise ProtocolError(f"unknown command {word[:32]!r}")
 
 

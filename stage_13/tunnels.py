@@ -10,7 +10,6 @@ holds one tunnel, which is how a user finds it:
 
 A tunnel belongs to a session, not to a connection: when a client's connection ends, its
 port stays reserved for the resume window, so that the same client, reconnecting, gets it back.
-Anyone else who asks for it meanwhile is told how long it stays kept.
 """
 
 import asyncio
@@ -94,7 +93,7 @@ class Tunnels:
             self.ports[port] = session
         else:
             if self.http is not None:  # there is one public port: the first client to ask has it
-                raise taken(self.http, "the public port", "ask for a TCP port of your own with --tcp")
+                raise Refused("the public port is taken; ask for a TCP port of your own with --tcp")
             session.tunnel = str(self.public.port)
             self.http = session
         session.url = self.public.url(hello.kind, session.tunnel)
@@ -119,9 +118,9 @@ class Tunnels:
             # a server run as root would bind it for them, in front of whatever the machine serves.
             low, high = self.tcp_ports or UNPRIVILEGED
             if not low <= wanted <= high:
-                raise Refused(f"port {wanted} is outside this server's TCP tunnel ports {range_text((low, high))}")
+                raise Refused(f"port {wanted} is outside this server's TCP tunnel ports {low}-{high}")
             if wanted in self.ports:
-                raise taken(self.ports[wanted], f"port {wanted}", "leave the port out to get a free one")
+                raise Refused(f"port {wanted} is taken; leave the port out to get a free one")
             candidates = [wanted]
         elif self.tcp_ports is None:
             candidates = [0]  # the system picks a free port
@@ -135,7 +134,7 @@ class Tunnels:
             return self._serve(session, sock)
         if wanted is not None:
             raise Refused(f"port {wanted} is taken; leave the port out to get a free one")
-        where = f" in {range_text(self.tcp_ports)}" if self.tcp_ports else ""
+        where = f" in {self.tcp_ports[0]}-{self.tcp_ports[1]}" if self.tcp_ports else ""
         raise Refused(f"no port is free for a TCP tunnel{where}")
 
     def _serve(self, session: Session, sock: socket.socket) -> int:
@@ -147,16 +146,3 @@ class Tunnels:
         session.serving = asyncio.create_task(session.listener.serve(self.spawn))
         log.info("tcp port listening on %s:%d for session %s", self.host, port, session.session_id[:8])
         return port
-
-
-def taken(holder: Session, what: str, advice: str) -> Refused:
-    """The refusal of a tunnel someone holds; if its client is away, how long the tunnel stays kept for it."""
-    if holder.expiry is None:
-        return Refused(f"{what} is taken; {advice}")
-    wait = holder.expiry.when() - asyncio.get_running_loop().time()
-    return Refused(f"{what} is taken (kept {wait:.0f}s more for the client that held it); {advice}")
-
-
-def range_text(ports: tuple[int, int]) -> str:
-    """'61000-61099'."""
-    return f"{ports[0]}-{ports[1]}"

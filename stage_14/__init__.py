@@ -6,7 +6,7 @@ Layout (new in stage 14: routing.py; tunnels.py now holds names too):
 - `auth.py`: the HMAC challenge-response that proves the client knows the secret.
 - `frames.py`, `mux.py`: stage 7's frames and multiplexer: every user a stream in the client's connection.
 - `relay.py`: one user's TCP connection joined to its stream, with flow control.
-- `budget.py`: the memory budget: every stream's window, on every tunnel, counted in one stated total.
+- `budget.py`: the memory budget: every stream's window counted in one stated total.
 - `tunnels.py`: who holds which name and which TCP port; the TCP tunnels' ports.
 - `session.py`: the server's side of each client's connection: admit, resume, keep for a while, expire.
 - `routing.py`: reads an HTTP user's request head and finds the tunnel its Host header names.

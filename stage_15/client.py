@@ -3,12 +3,14 @@
 python3 -m stage_15.client localhost:8000 --ca certs/ca.pem --name myapp   # http://myapp.localhost:60624/
 python3 -m stage_15.client localhost:22 tunnel.example.com --tcp          # a public TCP port for ssh
 
-One connection to the server, inside TLS, carries everything. The client asks for a tunnel in
-its hello (a name, or a TCP port) and the server answers with its URL. The server opens a
-stream for each user (a SYN frame); the client dials the local app (the private connection)
-and relays the stream into it. Heartbeats show that the server is still there; when the
-connection is lost, the client reconnects with backoff and resumes its session, and so keeps
-its name. The users' streams end with the lost connection: they ran inside it.
+One TLS connection to the server carries everything. The server opens a stream on it for each user
+(a SYN frame); the client dials the local app (the private connection) and relays the stream
+into it. Heartbeats show that the server is still there; when the connection is lost, the
+client reconnects with backoff and resumes its session. The users' streams end with the lost
+connection: they ran inside it (in stage 3 each user had a proxy connection of its own).
+
+The client asks for a tunnel in its hello (a name, or a TCP port), and the server answers
+with its URL. Resuming, it asks for the same tunnel again, with its session id, and so keeps its name.
 """
 
 import argparse

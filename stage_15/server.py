@@ -29,7 +29,6 @@ from .budget import MEMORY_BUDGET, Budget, MiB
 from .cli import domain, listen_port, port_range, positive_seconds, whole_number
 from .frames import INITIAL_WINDOW
 from .limits import Listener, Slots
-from .mux import Mux
 from .protocol import (
     CONTROL_PORT,
     DATA_LIMIT,
@@ -101,7 +100,7 @@ class Server:
         self.tls, self.https, self.domain = tls, https, domain.lower()
         self.max_waiting = max_waiting
         self.waiting = 0  # users whose stream the client has not accepted yet
-        self.budget = Budget(memory_budget)  # every stream's window, on every tunnel, together (budget.py)
+        self.budget = Budget(memory_budget)  # every stream's window, together (budget.py)
         self._listeners: list[Listener] = []
         # TLS connections not yet proved, per port (limits.Startups): the HTTPS port's only with --https-cert.
         self._startups = {role: limits.Startups(role, max_startups) for role in ("control", "public")}
@@ -249,7 +248,7 @@ class Server:
     async def _serve_user(self, stream: Stream, peer: str, session: Session) -> None:
         """One user: open a stream for it on its tunnel's client connection, and log it when it ends."""
         started = time.monotonic()
-        mux: Mux | None = session.mux
+        mux = session.mux
         if mux is None:
             # A page that names the cause tells the user more than a closed connection.
             cause = f"the tunnel client of {session.url} is not connected; it may be reconnecting"
@@ -373,7 +372,7 @@ def main() -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     for role, default, who in (
-        ("control", CONTROL_PORT, "the clients connect, over TLS"),
+        ("control", CONTROL_PORT, "the client connects, over TLS"),
         ("public", PUBLIC_PORT, "HTTP users connect"),
     ):
         parser.add_argument(
@@ -401,7 +400,7 @@ def main() -> None:
     )
     for flag, seconds, what in (
         ("proxy-timeout", PROXY_TIMEOUT, "how long a user waits for the client to accept its stream"),
-        ("heartbeat-timeout", HEARTBEAT_TIMEOUT, "silence after which a client counts as gone"),
+        ("heartbeat-timeout", HEARTBEAT_TIMEOUT, "silence after which the client counts as gone"),
         ("resume-window", RESUME_WINDOW, "how long a gone client's tunnel is kept for it"),
         ("idle-timeout", IDLE_TIMEOUT, "close a user's stream after this long with no byte either way"),
         ("half-closed-timeout", HALF_CLOSED_TIMEOUT, "close a half-closed stream after this long silent"),
@@ -446,7 +445,7 @@ def main() -> None:
     parser.add_argument(
         "--secret",
         default=os.environ.get("NGROK_SECRET"),
-        help="a secret the clients must prove they know (default: $NGROK_SECRET, which keeps it out of ps)",
+        help="a secret the client must prove it knows (default: $NGROK_SECRET, which keeps it out of ps)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()

@@ -1,21 +1,25 @@
-"""The server's side of the tunnel connections: who may hold a tunnel, and is its client still alive?
+"""The server side of the tunnel connections: who holds each tunnel, and is its client still alive?
 
-Stage 12's session module kept one client. Now every client that connects gets a session of its
-own, and with it one tunnel (tunnels.py): the name or TCP port it asked for, if nobody holds it.
+Stage 3's control connection, which now carries everything: after the handshake, this module
+runs a Mux on it (mux.py), and the server opens a stream on it for each user. Stage 12 kept one
+client; now every client that connects gets a session of its own, and with it one tunnel
+(tunnels.py): the name or TCP port it asked for, if nobody holds it.
 
-- Auth: only a client that knows the secret gets in (the handshake is in auth.py), inside TLS.
-  An address that guessed wrong too often is told `busy`, unless its hello brings the id of a
-  session we hold: a stranger behind a client's NAT must not keep that client out.
-- Never locked out: a client coming back (it presents the session id and the tunnel we gave it)
-  takes its session over at once, even if its old connection still looks alive to us: a laptop
-  whose Wi-Fi dropped sends no FIN.
+- Auth: only a client that knows the secret gets in (auth.py's handshake, inside TLS). An address
+  that guessed wrong too often is told `busy`, unless its hello brings the id of a session we hold:
+  a stranger behind our client's NAT must not keep our client out.
+- Never locked out: the *same* client coming back (it presents the session id and the tunnel we
+  gave it) takes its session over at once, from whatever address it comes back from. Its
+  old connection may still look alive to us: a laptop whose Wi-Fi dropped sends no FIN.
 - Kept for a while: when a client's connection is lost, its tunnel stays reserved for the resume
   window. Its users get a 502 page meanwhile; after the window, the name is anyone's again. A
   client that stops on purpose says goodbye (GO_AWAY), and its name is free at once.
 - Shared fairly: one source address holds at most `max_per_address` tunnels, kept ones included,
   so that nobody, with the secret or (on a trusted network) without, can take every name.
-- Heartbeats: a tunnel connection silent for longer than the heartbeat timeout is dead. Users
-  whose streams ran on it lose their connections, as in stage 12.
+- Heartbeats: a tunnel connection silent for longer than the heartbeat timeout is dead.
+  Dropping it keeps the tunnel (above), and the users waiting for it get an error page, not a hang.
+  Users whose streams ran on it lose their connections: with one connection for everything,
+  nothing of a user survives that connection (stage 3's proxy connections did).
 """
 
 import asyncio
@@ -120,9 +124,8 @@ class Sessions:
 
     def _screen(self, host: str, hello: Hello) -> None:
         """Before the challenge: turn away (TryLater) an address that guessed wrong too often."""
-        # ...unless the hello brings the id of a session we hold: its client knew the secret (and
-        # 128 random bits can't be guessed), and must get back in whatever a stranger behind the
-        # same address (a NAT) has tried.
+        # ...unless the hello brings the id of a session we hold: its client knew the secret,
+        # and must get back in whatever a stranger behind the same address (a NAT) has tried.
         if hello.session_id not in self.by_id:
             self.throttle.check(host)
 
@@ -130,30 +133,34 @@ class Sessions:
         """Give this connection its session: the one it resumes, or a new one with the tunnel it asks for."""
         task = asyncio.current_task()
         assert task is not None
-        known = self.by_id.get(hello.session_id) if hello.session_id else None
-        # The session id is a key to the tunnel (128 random bits), and must go with the same tunnel.
-        if known is not None and (known.kind, known.tunnel) == (hello.kind, hello.tunnel):
-            # The same client is back, so its old connection is dead, whatever TCP thinks:
-            # switch at once instead of making it wait for the heartbeat timeout.
-            log.info("%s: client resumed session %s (%s)", peer, known.session_id[:8], known.url)
-            if known.expiry is not None:
-                known.expiry.cancel()
-            if known.task is not None:
-                known.task.cancel()  # its users' streams end with it: they ran on the old connection
-            known.peer, known.writer, known.task, known.mux, known.expiry = peer, writer, task, None, None
-            return known
-        if len(self.by_id) >= MAX_TUNNELS:
-            raise Refused(f"this server holds {MAX_TUNNELS} tunnels, its most; try again later")
-        source = auth.source(writer.get_extra_info("peername")[0])
-        if sum(held.source == source for held in self.by_id.values()) >= self.max_per_address:
-            # TryLater: kept tunnels end with their window, and the address may be a NAT that this
-            # client shares with whoever holds them.
-            raise TryLater(f"{source} holds {self.max_per_address} tunnels on this server, the most one address may")
-        session = Session(secrets.token_hex(16), hello.kind, peer=peer, source=source, writer=writer, task=task)
-        self.tunnels.claim(hello, session)  # Refused if its name or port is someone else's
-        self.by_id[session.session_id] = session
-        log.info("%s: client connected (session %s): %s", peer, session.session_id[:8], session.url)
-        return session
+        current = self.by_id.get(hello.session_id or "")
+        # A session id resumes only the tunnel it was given with: it is a key to that one tunnel.
+        if current is None or (current.kind, current.tunnel) != (hello.kind, hello.tunnel):
+            if len(self.by_id) >= MAX_TUNNELS:
+                raise Refused(f"this server holds {MAX_TUNNELS} tunnels, its most; try again later")
+            source = auth.source(writer.get_extra_info("peername")[0])
+            if sum(held.source == source for held in self.by_id.values()) >= self.max_per_address:
+                # TryLater: kept tunnels end with their window, and the address may be a NAT that this
+                # client shares with whoever holds them.
+                raise TryLater(
+                    f"{source} holds {self.max_per_address} tunnels on this server, the most one address may"
+                )
+            # 128 random bits: a session id is a key to the tunnel, so it must not be guessable.
+            session = Session(secrets.token_hex(16), hello.kind, peer=peer, source=source, writer=writer, task=task)
+            self.tunnels.claim(hello, session)  # Refused if its name or port is someone else's
+            self.by_id[session.session_id] = session
+            log.info("%s: client connected (session %s): %s", peer, session.session_id[:8], session.url)
+            return session
+        # The same client is back, so its old connection is dead, whatever TCP thinks:
+        # switch at once instead of making it wait for the heartbeat timeout.
+        log.info("%s: client resumed session %s (%s)", peer, current.session_id[:8], current.url)
+        if current.expiry is not None:
+            current.expiry.cancel()  # it was kept for its client, who is back
+        old_task = current.task
+        current.peer, current.writer, current.task, current.mux, current.expiry = peer, writer, task, None, None
+        if old_task is not None:  # its connection looked alive: end it
+            old_task.cancel()  # its users' streams end with it: they ran on the old connection
+        return current
 
     def _keep(self, session: Session) -> None:
         """The session's connection ended: keep its tunnel for the resume window, then free it."""

@@ -55,7 +55,7 @@ MAX_STREAMS_PER_ADDRESS = 256
 # 10 minutes too); so is a half-closed one whose other direction is silent this long.
 IDLE_TIMEOUT = 600.0
 HALF_CLOSED_TIMEOUT = 30.0
-# ...and HTTP users who got their answer and say nothing more, after this long: a kept-alive
+# ...and users of the public port who got their answer and say nothing more, after this long: a kept-alive
 # connection waiting for a next request. nginx's keepalive_timeout is 75 s too; a user still
 # waiting for its answer (a long poll) keeps IDLE_TIMEOUT.
 KEEPALIVE_TIMEOUT = 75.0
@@ -193,25 +193,25 @@ def decode(line: bytes) -> Message:
         # to a log or terminal could forge lines there.
         raise ProtocolError("line has control characters")
     word, _, rest = text.partition(" ")
-    match word, rest.split(" "):
+    match word, rest.split(" "):  # the hello and the welcome have several words...
         case "hello", [kind, *more] if kind in KINDS and len(more) <= 2:
-            tunnel = more[0] if more else None
-            session_id = more[1] if len(more) == 2 else None
+            tunnel, session_id = (*more, None, None)[:2]  # each may be left out
             if tunnel is not None and not is_tunnel(kind, tunnel):
                 raise ProtocolError(f"not a valid {kind} tunnel: {tunnel[:64]!r}")
             if session_id is not None and not is_token(session_id):
                 raise ProtocolError("not a valid session id")
             return Hello(kind, tunnel, session_id)
-        case "challenge", [nonce] if is_token(nonce):
-            return Challenge(nonce)
-        case "auth", [digest] if is_token(digest):
-            return Auth(digest)
         case "welcome", [session_id, tunnel, url] if is_token(session_id) and is_token(tunnel):
             return Welcome(session_id, tunnel, url)
-        case "busy", _ if rest:
-            return Busy(rest)
-        case "error", _ if rest:
-            return Error(rest)
+    match word, rest:  # ...the others one token, or a reason of any words
+        case "challenge", nonce if is_token(nonce):
+            return Challenge(nonce)
+        case "auth", digest if is_token(digest):
+            return Auth(digest)
+        case "busy", reason if reason:
+            return Busy(reason)
+        case "error", reason if reason:
+            return Error(reason)
     raise ProtocolError(f"unknown command {word[:32]!r}")
 
 

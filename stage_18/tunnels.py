@@ -138,7 +138,7 @@ class Tunnels:
             # a server run as root would bind it for them, in front of whatever the machine serves.
             low, high = self.tcp_ports or UNPRIVILEGED
             if not low <= wanted <= high:
-                raise Refused(f"port {wanted} is outside this server's TCP tunnel ports {range_text((low, high))}")
+                raise Refused(f"port {wanted} is outside this server's TCP tunnel ports {low}-{high}")
             if wanted in self.ports:
                 raise taken(self.ports[wanted], f"port {wanted}", "leave the port out to get a free one")
             candidates = [wanted]
@@ -154,7 +154,7 @@ class Tunnels:
             return self._serve(session, sock)
         if wanted is not None:
             raise Refused(f"port {wanted} is taken; leave the port out to get a free one")
-        where = f" in {range_text(self.tcp_ports)}" if self.tcp_ports else ""
+        where = f" in {self.tcp_ports[0]}-{self.tcp_ports[1]}" if self.tcp_ports else ""
         raise Refused(f"no port is free for a TCP tunnel{where}")
 
     def _serve(self, session: Session, sock: socket.socket) -> int:
@@ -174,8 +174,3 @@ def taken(holder: Session, what: str, advice: str) -> Refused:
         return Refused(f"{what} is taken; {advice}")
     wait = holder.expiry.when() - asyncio.get_running_loop().time()
     return Refused(f"{what} is taken (kept {wait:.0f}s more for the client that held it); {advice}")
-
-
-def range_text(ports: tuple[int, int]) -> str:
-    """'61000-61099'."""
-    return f"{ports[0]}-{ports[1]}"
