@@ -222,24 +222,24 @@ def main() -> None:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
     try:
-        try:
-            context = client_context(args.ca)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise TunnelError(load_error(f"CA file {args.ca}", exc, args.ca)) from None
-        client = Client(
-            args.local,
-            server,
-            server_port or args.control_port or CONTROL_PORT,
-            tls=context,
-            name=args.name,
-            tcp=args.tcp,
-            secret=args.secret,
-            heartbeat_interval=args.heartbeat_interval,
-            heartbeat_timeout=args.heartbeat_timeout,
-            max_backoff=args.max_backoff,
-            idle_timeout=args.idle_timeout,
-            half_closed_timeout=args.half_closed_timeout,
-        )
+        context = client_context(args.ca)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        sys.exit(f"error: {load_error(f'CA file {args.ca}', exc, args.ca)}")
+    client = Client(
+        args.local,
+        server,
+        server_port or args.control_port or CONTROL_PORT,
+        tls=context,
+        name=args.name,
+        tcp=args.tcp,
+        secret=args.secret,
+        heartbeat_interval=args.heartbeat_interval,
+        heartbeat_timeout=args.heartbeat_timeout,
+        max_backoff=args.max_backoff,
+        idle_timeout=args.idle_timeout,
+        half_closed_timeout=args.half_closed_timeout,
+    )
+    try:
         asyncio.run(client.run())
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
