@@ -14,7 +14,8 @@ Layout (new in stage 12: limits.py; relay.py gains the idle and half-closed time
 - `budget.py`: the memory budget: every stream's window counted in one stated total.
 - `session.py`: the server's side of the tunnel connection: one client at a time, a reconnecting
   client resumes its session at once, a silent one is dropped.
-- `pages.py`: the 502/503/504 pages an HTTP user gets when the tunnel can't serve them.
+- `pages.py`: the 502/503/504 pages an HTTP user gets when the tunnel can't serve them, and the
+  request log's summary of each request.
 - `limits.py`: the descriptor limit, and accept loops with slots.
 - `server.py`: the control and public ports; `python3 -m stage_12.server` runs it.
 - `backoff.py`, `cli.py`: the wait between reconnect attempts; the command lines' argument types.

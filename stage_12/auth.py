@@ -111,9 +111,9 @@ async def client_handshake(
 ) -> Welcome:
     """Say hello (resuming `session_id` if given), answer a challenge if one comes, return the welcome.
 
-    Raises AuthError or Refused when the server says no (retrying would not help), TryLater when
-    it says not now, ProtocolError for a peer that does not speak our protocol, TimeoutError or
-    OSError for network trouble.
+    Raises AuthError or Refused when the server says no (retrying would not help), ProtocolError
+    for a peer that does not speak our protocol, TimeoutError or OSError for network trouble,
+    TryLater when it says not now (retrying later will help).
     """
     async with asyncio.timeout(timeout):
         await write_message(writer, Hello(session_id))

@@ -1,7 +1,7 @@
 """Wire format of the tunnel connection's handshake: one message per line of text; every limit and timeout.
 
 Stage 12 has one connection between the client and the server. It starts as stage 3's control
-connection did, with a handshake in text lines, readable and speakable with `nc`:
+connection did, in text lines readable and speakable with `nc`, with a handshake:
 
     client: hello [<session_id>]      (the session id only when reconnecting)
     server: challenge <nonce>         (only if the server has a secret; see auth.py)

@@ -14,7 +14,8 @@ Layout (new in stage 13: tunnels.py):
 - `budget.py`: the memory budget: every stream's window counted in one stated total.
 - `tunnels.py`: who holds the public port and which TCP port; the TCP tunnels' ports.
 - `session.py`: the server's side of each client's connection: admit, resume, keep for a while, expire.
-- `pages.py`: the 502/503/504 pages an HTTP user gets when the tunnel can't serve them.
+- `pages.py`: the 502/503/504 pages an HTTP user gets when the tunnel can't serve them, and the
+  request log's summary of each request.
 - `limits.py`: the descriptor limit, and accept loops with slots shared by every port of the users.
 - `server.py`: the control port, the public port, the TCP tunnels' users; `python3 -m stage_13.server`.
 - `backoff.py`, `cli.py`: the wait between reconnect attempts; the command lines' argument types.

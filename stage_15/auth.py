@@ -114,9 +114,9 @@ async def client_handshake(
 ) -> Welcome:
     """Say hello (the tunnel wanted, and the session to resume if any), answer a challenge, return the welcome.
 
-    Raises AuthError or Refused when the server says no (retrying would not help), TryLater when
-    it says not now, ProtocolError for a peer that does not speak our protocol, TimeoutError or
-    OSError for network trouble.
+    Raises AuthError or Refused when the server says no (retrying would not help), ProtocolError
+    for a peer that does not speak our protocol, TimeoutError or OSError for network trouble,
+    TryLater when it says not now (retrying later will help).
     """
     async with asyncio.timeout(timeout):
         await write_message(writer, hello)

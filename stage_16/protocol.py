@@ -1,7 +1,7 @@
 """Wire format of the tunnel connection's handshake: one message per line of text; every limit and timeout.
 
-Each client has one connection to the server, inside TLS (tls.py). It starts as stage 12's did,
-with a handshake in text lines; the hello now says which tunnel the client wants:
+Each client has one connection to the server, inside TLS. It starts as stage 12's did, with a handshake in
+text lines; the hello now says which tunnel the client wants:
 
     client: hello http [<name> [<session_id>]]    a tunnel for HTTP users of NAME.<domain>
             hello tcp [<port> [<session_id>]]     a public TCP port of its own (ssh, a database)

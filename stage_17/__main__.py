@@ -1,13 +1,16 @@
 """Two tunnels and an inspector, on one machine: `python3 -m stage_17` lists every request, with zero setup.
 
-It makes a private CA and a certificate for localhost (certs.py, with the openssl command) in a
-temporary folder, then runs five things in one process, all on 127.0.0.1: two demo local apps
-(demo_app.py), the server, and two clients named `hello` and `world`, which share a fresh random
-secret and trust only that CA. Then it prints both URLs: http://hello.localhost:60624/ and
-http://world.localhost:60624/ reach different apps through the same public port, told apart by
-the Host header. Browsers and curl send *.localhost to this machine without any setup.
-Each client logs a line for every request it relays; `hello`'s client also has an inspector: its
-page, at http://127.0.0.1:4040/, lists the requests to hello.localhost.
+It runs five things in one process, all on 127.0.0.1: two demo local apps (demo_app.py), the
+server, and two clients named `hello` and `world`, which share a fresh random secret. Then it
+prints both URLs: http://hello.localhost:60624/ and http://world.localhost:60624/ reach
+different apps through the same public port, told apart by the Host header. Browsers and curl
+send *.localhost to this machine without any setup. Each client logs a line for every request it
+relays; `hello`'s client also has an inspector: its page, at http://127.0.0.1:4040/, lists the
+requests to hello.localhost.
+
+Before that, it makes a private CA and a certificate for localhost (certs.py, with the openssl
+command) in a temporary folder: the server presents that certificate, and the clients trust only
+that CA.
 """
 
 import argparse
@@ -88,7 +91,8 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
                     await client.connected.wait()
         except TimeoutError:
             raise TunnelError(f"the demo's clients did not connect within {NETWORK_TIMEOUT:g}s; try -v") from None
-        lines = [f"  {client.url}  -> demo app {client.tunnel} ({HOST}:{client.local[1]})" for client in clients]
+        pairs = zip(apps, clients, strict=True)
+        lines = [f"  {client.url}  -> demo app {app.name} ({HOST}:{client.local[1]})" for app, client in pairs]
         print(
             "\npublic URLs, one server, two tunnels:\n" + "\n".join(lines) + "\n"
             f"  try it:   curl {clients[0].url}   (or open it in a browser)\n"

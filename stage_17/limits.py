@@ -226,10 +226,11 @@ async def streams(
 
     OSError (ssl.SSLError, ConnectionAbortedError after `handshake_timeout`) if the TLS handshake fails.
     """
+    loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=limit)
     protocol = asyncio.StreamReaderProtocol(reader)
     transport = await wrap(conn, lambda: protocol, tls, handshake_timeout)
-    return reader, asyncio.StreamWriter(transport, protocol, reader, asyncio.get_running_loop())
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
 async def wrap(

@@ -39,7 +39,6 @@ from .protocol import (
     HEARTBEAT_INTERVAL,
     HEARTBEAT_TIMEOUT,
     IDLE_TIMEOUT,
-    NETWORK_TIMEOUT,
     Hello,
     Refused,
     TunnelError,
@@ -126,13 +125,8 @@ class Client:
         """Open the tunnel connection and check the server's certificate, or raise saying why not."""
         where = f"the server at {self.server}:{self.control_port}"
         try:
-            # A host behind a firewall that drops packets would otherwise keep us waiting for minutes.
-            async with asyncio.timeout(NETWORK_TIMEOUT):
-                # Frames follow the handshake: a big buffer limit keeps reads large (see protocol.py).
-                # server_hostname: the name the certificate must hold, checked by the TLS handshake.
-                return await asyncio.open_connection(
-                    self.server, self.control_port, limit=DATA_LIMIT, ssl=self.tls, server_hostname=self.server
-                )
+            # Frames follow the handshake: a big buffer limit keeps reads large (see protocol.py).
+            return await private.dial(self.server, self.control_port, self.tls, limit=DATA_LIMIT)
         except ssl.SSLCertVerificationError as exc:
             raise Refused(verify_error(exc, self.server)) from None  # an impostor, or a missing --ca
         except ssl.SSLError as exc:
@@ -140,7 +134,8 @@ class Client:
                 raise Refused(f"{where} does not speak TLS; is it a stage 18 server?") from None
             raise TunnelError(f"TLS with {where} failed ({exc.reason or exc})") from None
         except OSError as exc:
-            raise TunnelError(f"cannot reach {where} ({private.why(exc)})") from None
+            reason = private.why(exc)
+            raise TunnelError(f"cannot reach {where} ({reason})") from None
 
     async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Relay the server's streams and send heartbeats; raise TunnelError when the connection is lost."""
@@ -256,26 +251,26 @@ def main() -> None:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
     try:
-        try:
-            context = client_context(args.ca)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise TunnelError(load_error(f"CA file {args.ca}", exc, args.ca)) from None
-        client = Client(
-            args.local,
-            server,
-            server_port or args.control_port or CONTROL_PORT,
-            tls=context,
-            name=args.name,
-            tcp=args.tcp,
-            secret=args.secret,
-            heartbeat_interval=args.heartbeat_interval,
-            heartbeat_timeout=args.heartbeat_timeout,
-            max_backoff=args.max_backoff,
-            idle_timeout=args.idle_timeout,
-            half_closed_timeout=args.half_closed_timeout,
-            store=None if args.no_inspect else Store(),
-        )
-        inspector = Inspector(client.store, args.local, args.inspect_host, args.inspect_port) if client.store else None
+        context = client_context(args.ca)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        sys.exit(f"error: {load_error(f'CA file {args.ca}', exc, args.ca)}")
+    client = Client(
+        args.local,
+        server,
+        server_port or args.control_port or CONTROL_PORT,
+        tls=context,
+        name=args.name,
+        tcp=args.tcp,
+        secret=args.secret,
+        heartbeat_interval=args.heartbeat_interval,
+        heartbeat_timeout=args.heartbeat_timeout,
+        max_backoff=args.max_backoff,
+        idle_timeout=args.idle_timeout,
+        half_closed_timeout=args.half_closed_timeout,
+        store=None if args.no_inspect else Store(),
+    )
+    inspector = Inspector(client.store, args.local, args.inspect_host, args.inspect_port) if client.store else None
+    try:
         asyncio.run(run(client, inspector))
     except TunnelError as exc:
         sys.exit(f"error: {exc}")

@@ -10,17 +10,28 @@ import asyncio
 import logging
 import os
 import re
+import ssl
 import time
 from collections.abc import Callable
 
-from .protocol import NETWORK_TIMEOUT, TunnelError
+from .protocol import DATA_LIMIT, NETWORK_TIMEOUT, TunnelError
 from .relay import Stream
 
 log = logging.getLogger(f"{__package__}.client")
 
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
 
 class LocalAppDown(TunnelError):
     """The local app refused or did not answer; the message says which, for the user's error page."""
+
+
+async def dial(host: str, port: int, tls: ssl.SSLContext, limit: int = DATA_LIMIT) -> Streams:
+    """Connect inside TLS, with a deadline; OSError (TimeoutError, ssl.SSLError included) if that fails."""
+    # A host behind a firewall that drops packets would otherwise keep us waiting for minutes.
+    async with asyncio.timeout(NETWORK_TIMEOUT):
+        # server_hostname: the name the certificate must hold, checked by the TLS handshake.
+        return await asyncio.open_connection(host, port, limit=limit, ssl=tls, server_hostname=host)
 
 
 class LocalApp:

@@ -81,10 +81,10 @@ async def read_head(
 ) -> tuple[bytes, bool]:
     """Read the head of the request on `conn`, then hand the connection to `stream`.
 
-    With `tls`, the TLS handshake comes first (HTTPS). Everything read goes to `stream` as the
-    user's first bytes. Returns those bytes, and whether the reading ended (False: time ran out);
-    `check` then says if they hold a head. OSError if the user left before, or if a TLS handshake
-    failed or did not finish within `timeout`.
+    Everything read goes to `stream` as the user's first bytes. Returns those bytes, and whether
+    the reading ended (False: time ran out); `check` then says if they hold a head. OSError if the
+    user left before. With `tls` (HTTPS), a TLS handshake comes first: OSError too if it fails or
+    does not finish within `timeout`.
     """
     head = Head()
     transport = await limits.wrap(conn, lambda: head, tls, timeout)

@@ -95,9 +95,10 @@ class Server:
         # HTTP users are also closed when silent after their answer (TCP tunnels' users are not: an ssh
         # session may stay quiet for minutes): see relay.py.
         self.http_timeouts = Timeouts(idle_timeout, half_closed_timeout, keepalive_timeout)
-        self.max_streams_per_address = max_streams_per_address
-        self.tls, self.https, self.domain = tls, https, domain.lower()
         self.max_waiting = max_waiting
+        self.max_streams_per_address = max_streams_per_address
+        self.domain = domain.lower()
+        self.tls, self.https = tls, https  # the control port's TLS; the public port's (HTTPS), if given
         self.waiting = 0  # users whose stream the client has not accepted yet
         self.budget = Budget(memory_budget)  # every stream's window, together (budget.py)
         self._listeners: list[Listener] = []
@@ -178,23 +179,21 @@ class Server:
         task.add_done_callback(self._tasks.discard)
 
     async def _handle_control(self, conn: socket.socket) -> None:
-        # TLS first: a peer that doesn't speak it (or never finishes its handshake) fails here, with one
-        # line in the log; the listener closes its socket. The tunnel connection carries frames after the
-        # handshake: a big buffer limit keeps reads large (DATA_LIMIT); read_message still refuses a
-        # handshake line over MAX_LINE.
         peer = "{}:{}".format(*conn.getpeername()[:2])
         try:  # a place among the unproven, from its first byte until its welcome (limits.Startups)
             slot = await self._startups["control"].admit(conn, self.handshake_timeout)
         except OSError as exc:
             log.debug("%s: %s; closed", peer, exc)
             return
-        try:
+        # The tunnel connection carries frames after the handshake: a big buffer limit keeps reads
+        # large (DATA_LIMIT). read_message still refuses a handshake line over MAX_LINE.
+        try:  # TLS first: a peer that doesn't speak it (or never finishes its handshake) fails here
             reader, writer = await limits.streams(conn, DATA_LIMIT, self.tls, self.handshake_timeout)
         except OSError as exc:  # ssl.SSLError: not TLS (e.g. a plain "hello" line), or a failed handshake
             reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__  # some have no text
             log.warning("%s: TLS handshake failed (%s); closed", peer, reason)
             slot.release()
-            return
+            return  # the listener closes its socket
         transport = writer.transport
         assert isinstance(transport, asyncio.Transport)  # TLS over TCP: it reads, writes and aborts
         try:

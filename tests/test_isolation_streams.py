@@ -42,22 +42,20 @@ from support import (
     any_ports,
     client_options,
     control_connection,
-    has_tls,
     has_tunnels,
     hello,
     open_connection,
     server_options,
-    stages_from,
     until_logged,
     users_port,
 )
 
 # The multiplexed stages: every user of a tunnel is a stream on the client's one connection.
 # Issue 23's stream isolation, with the limits that hold it (stage 12) and on every later stage.
-STAGES = stages_from("limits")
 SECRET = "isolation-tests-secret"
 
-pytestmark = pytest.mark.parametrize("stage", STAGES)
+# Every test runs on each of those stages; the ones about HTTPS users only from stage 15 ("tls") on.
+pytestmark = pytest.mark.since("limits")
 
 
 @pytest.fixture(autouse=True)
@@ -280,8 +278,6 @@ async def test_an_apps_reset_reaches_its_user_as_a_reset(stage: str) -> None:
 @contextlib.asynccontextmanager
 async def https_user(stage: str, path: str) -> AsyncIterator[tuple[App, asyncio.StreamReader, asyncio.StreamWriter]]:
     """A server whose public port speaks HTTPS, an HTTP tunnel to an App, and a user who asked it for `path`."""
-    if not has_tls(stage):
-        pytest.skip("HTTPS users come with stage 15")
     server = importlib.import_module(f"{stage}.server").Server(
         secret=SECRET, domain=tls_certs.DOMAIN, https=tls_certs.server_context(), **server_options(stage)
     )
@@ -305,12 +301,14 @@ async def https_user(stage: str, path: str) -> AsyncIterator[tuple[App, asyncio.
                 writer.close()
 
 
+@pytest.mark.since("tls")
 async def test_an_apps_reset_reaches_an_https_user_as_a_reset(stage: str) -> None:
-    # From stage 9 on, users may come over HTTPS: the reset must end the TCP connection under the TLS.
+    # From stage 15 on, users may come over HTTPS: the reset must end the TCP connection under the TLS.
     async with https_user(stage, "/reset") as (_, reader, _):
         assert (await read_to_end(reader))[1] == "reset"
 
 
+@pytest.mark.since("tls")
 async def test_an_https_user_who_closes_ends_its_stream_and_the_app_reads_an_end(
     stage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
