@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# Every stage folder, in numeric order (stage_13 after stage_12): a new stage joins by existing.
+# Every stage folder, in numeric order (stage_14 after stage_13): a new stage joins by existing.
 STAGES := $(shell ls -d stage_* | sort -V)
 
 .PHONY: help demo test lint pytest check forward ladder-check ladder-record docs serve-docs bench nat-lab clean
@@ -10,8 +10,8 @@ STAGES := $(shell ls -d stage_* | sort -V)
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-demo:  ## the stage 18 tunnel and its inspector (the most complete stage), all on this machine (needs Python 3.11+ and openssl)
-	$(PYTHON) -m stage_18
+demo:  ## the stage 19 tunnel and its inspector (the most complete stage), all on this machine (needs Python 3.11+ and openssl)
+	$(PYTHON) -m stage_19
 
 # The virtualenv is (re)built from pyproject.toml's extras whenever that file changes.
 $(VENV)/.installed: pyproject.toml
@@ -58,7 +58,7 @@ docs: $(VENV)/.installed  ## build the docs site into site/ (strict: a warning f
 serve-docs: $(VENV)/.installed  ## serve the docs with live reload on http://127.0.0.1:8001 (8000 is the pages' local app)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8001
 
-bench: $(VENV)/.installed  ## benchmarks: direct, socat, ssh -R, stages 0, 3, 7, 12 and 15 (see bench/README.md; stage 18: python3 -m bench.inspector)
+bench: $(VENV)/.installed  ## benchmarks: direct, socat, ssh -R, stages 0, 3, 8, 13 and 16 (see bench/README.md; stage 19: python3 -m bench.inspector)
 	$(BIN)/python -m bench
 
 nat-lab:  ## the NAT lab story on real network namespaces (needs root)

@@ -1,4 +1,4 @@
-"""Reproducible benchmarks: direct vs socat vs stage 0 vs the stage 3, 7, 12 and 15 tunnels (`python3 -m bench`).
+"""Reproducible benchmarks: direct vs socat vs stage 0 vs the stage 3, 8, 13 and 16 tunnels (`python3 -m bench`).
 
 Layout: `origin.py` (the server every path leads to), `paths.py` (the paths under
 test as real processes), `scenarios.py` (the load), `report.py` (medians, ratios,

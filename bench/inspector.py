@@ -1,10 +1,10 @@
-"""What the inspector costs: keep-alive requests/s through stage 18 with it on, and with --no-inspect.
+"""What the inspector costs: keep-alive requests/s through stage 19 with it on, and with --no-inspect.
 
     python3 -m bench.inspector                 # 5 rounds of `wrk -c 50 -d 5s`, interleaved
     python3 -m bench.inspector --rounds 9 --seconds 10
 
-Each round starts both tunnels afresh in front of the same origin, as stage 15's bench path does
-(bench/paths.py): a server with a certificate made by `stage_18.certs` (once per run), a client
+Each round starts both tunnels afresh in front of the same origin, as stage 16's bench path does
+(bench/paths.py): a server with a certificate made by `stage_19.certs` (once per run), a client
 trusting that CA over TLS, a secret on both sides, a TCP tunnel (its own port, so wrk needs no
 Host header; the client's observer sees the same HTTP either way), and the inspector on port 0 or
 off. It measures one then the other (the order alternates), and stops them. The ratio is taken
@@ -25,12 +25,12 @@ from pathlib import Path
 from .paths import HOST, LISTENING, ROOT, SECRET, Process, Stopped, stop_on_termination, wait_until_served
 from .scenarios import wrk_keep_alive
 
-STAGE = "stage_18"  # the live feed and replay: the most complete stage
+STAGE = "stage_19"  # the live feed and replay: the most complete stage
 VARIANTS = {"inspector on": ["--inspect-port", "0"], "--no-inspect": ["--no-inspect"]}
 
 
 def certificates(work: Path) -> tuple[list[str], list[str]]:
-    """A CA and a server certificate for 127.0.0.1 (stage_18.certs, with openssl); the server's and client's flags."""
+    """A CA and a server certificate for 127.0.0.1 (stage_19.certs, with openssl); the server's and client's flags."""
     certs = work / "certs"
     argv = [sys.executable, "-S", "-m", f"{STAGE}.certs", str(certs), HOST]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=30, check=False)
@@ -42,7 +42,7 @@ def certificates(work: Path) -> tuple[list[str], list[str]]:
 def start_tunnel(
     origin: tuple[str, int], client_flags: list[str], work: Path, tls: tuple[list[str], list[str]]
 ) -> tuple[list[Process], int]:
-    """Stage 10's server and client (a TCP tunnel, over TLS) in front of `origin`; the processes and its port."""
+    """Stage 11's server and client (a TCP tunnel, over TLS) in front of `origin`; the processes and its port."""
     env = {**os.environ, "NGROK_SECRET": SECRET, "PYTHONUNBUFFERED": "1"}
     ports = ["--control-port", "0", "--public-port", "0", *tls[0]]
     processes = []

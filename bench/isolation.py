@@ -1,10 +1,10 @@
 """Every user on their own (issue 23): what one user, one app or one hostile client does to everyone else.
 
-    python3 -m bench.isolation                         # stages 12, 15 and 18 of this repository (~2 min)
+    python3 -m bench.isolation                         # stages 13, 16 and 19 of this repository (~2 min)
     python3 -m bench.isolation --root /tmp/old --tries 10   # the stages of another checkout (before/after)
 
-Each stage runs from its command line (server and client, a secret, from stage 15 on TLS and an
-HTTP tunnel by name, stage 18 with its inspector), in front of a small origin in this process whose
+Each stage runs from its command line (server and client, a secret, from stage 16 on TLS and an
+HTTP tunnel by name, stage 19 with its inspector), in front of a small origin in this process whose
 paths behave as real peers do. Then, in order, bounded in count and time:
 
 - users who leave early: `--tries` users each ask for /slow and close before its answer (the
@@ -41,7 +41,7 @@ from pathlib import Path
 from .inspector import certificates
 from .paths import HOST, LISTENING, ROOT, SECRET, Process
 
-STAGES = ("stage_12", "stage_15", "stage_18")  # the limits, TLS, the inspector
+STAGES = ("stage_13", "stage_16", "stage_19")  # the limits, TLS, the inspector
 LATE = 0.3
 LINGER_0 = struct.pack("ii", 1, 0)
 BLOCK = b"x" * (256 * 1024)
@@ -99,7 +99,7 @@ class Tunnel:
     def __init__(self, stage: str, root: Path, origin: int, work: Path) -> None:
         self.stage, self.root, self.work, self.origin = stage, root, work, origin
         self.env = {**os.environ, "NGROK_SECRET": SECRET, "PYTHONUNBUFFERED": "1"}
-        self.tls = int(stage[6:]) >= 12  # TLS from stage 15 on
+        self.tls = int(stage[6:]) >= 12  # TLS from stage 16 on
         server_flags, self.client_flags = certificates(work) if self.tls else ([], [])
         ports = ["--control-port", "0", "--public-port", "0", *server_flags]
         argv = [sys.executable, "-m", f"{stage}.server", *ports]
@@ -110,12 +110,12 @@ class Tunnel:
         self.start_client("app")
 
     def start_client(self, name: str) -> None:
-        """A client (from stage 15 on, of the HTTP tunnel `name`); wait until it serves."""
+        """A client (from stage 16 on, of the HTTP tunnel `name`); wait until it serves."""
         self.name = name
         argv = [sys.executable, "-m", f"{self.stage}.client", f"{HOST}:{self.origin}", HOST]
         argv += ["--control-port", str(self.control_port), "--max-backoff", "0.5", *self.client_flags]
         argv += ["--name", name] if self.tls else []
-        argv += ["--inspect-port", "0"] if int(self.stage[6:]) >= 14 else []  # the inspector from stage 17 on
+        argv += ["--inspect-port", "0"] if int(self.stage[6:]) >= 14 else []  # the inspector from stage 18 on
         self.client = Process.start(f"{self.stage} client {name}", argv, self.work, self.root, self.env)
         self.wait_until_up()
 
@@ -291,7 +291,7 @@ def measure(tunnel: Tunnel, args: argparse.Namespace) -> None:
     say(f"{stage}: 4 users, one more leaving early every 0.5 s: {share_failed(tunnel, args.seconds)}")
     say(f"{stage}: an app resets mid-answer: the user sees {tunnel.get('/reset')[1]}")
     say(f"{stage}: the client is killed mid-download: {download(tunnel, args.size, tunnel.client.popen.kill)}")
-    tunnel.start_client("again")  # from stage 15 on, the killed client's name is kept for it a while
+    tunnel.start_client("again")  # from stage 16 on, the killed client's name is kept for it a while
     say(f"{stage}: a hostile client: {hostile(tunnel, args.tries, args.root)}")
 
 
@@ -305,7 +305,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=ROOT, help="the checkout whose stages run (default: this one)")
     args = parser.parse_args()
     if shutil.which("openssl") is None:
-        sys.exit("error: needs openssl, which makes stage 15's certificates (apt-get install openssl)")
+        sys.exit("error: needs openssl, which makes stage 16's certificates (apt-get install openssl)")
     origin = Origin()
     origin.start()
     say(f"stages from {args.root.resolve()}; load average {os.getloadavg()[0]:.2f}")

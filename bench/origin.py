@@ -1,6 +1,6 @@
 """The origin every path leads to: one port, four services chosen by the first bytes.
 
-Every path under test (direct, socat, stage 0, the stage 3 and 7 tunnels) forwards to
+Every path under test (direct, socat, stage 0, the stage 3 and 8 tunnels) forwards to
 one fixed address, so one port has to serve every scenario. The first bytes a
 connection sends pick the service:
 

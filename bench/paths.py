@@ -4,12 +4,12 @@
 - `socat`: the reference relay, written in C, one forked process per connection;
 - `stage_0`: `python3 -m stage_0.client ORIGIN --port 0`;
 - `stage_3`: `python3 -m stage_3.server` plus `python3 -m stage_3.client ORIGIN`, the whole tunnel;
-- `stage_7`: the same two programs of stage 7: every user a stream over the client's one
-  connection, no proxy port; "not present" while the repository has no stage_7/;
-- `stage_12`: stage 12's server and client (streams with flow control, resume and the limits),
+- `stage_8`: the same two programs of stage 8: every user a stream over the client's one
+  connection, no proxy port; "not present" while the repository has no stage_8/;
+- `stage_13`: stage 13's server and client (streams with flow control, resume and the limits),
   with a secret on both sides as its README recommends (in NGROK_SECRET, out of the command line);
-- `stage_15`: stage 15's server and client with TLS on the client's connection (a private CA and
-  a server certificate made for each start by `stage_15.certs`, in the path's temp dir) and a
+- `stage_16`: stage 16's server and client with TLS on the client's connection (a private CA and
+  a server certificate made for each start by `stage_16.certs`, in the path's temp dir) and a
   secret; the client asks for a TCP tunnel (`--tcp`), a public port of its own, read from the
   server's "tcp port listening on" line: a TCP forward, as `ssh -R` is, that any load tool
   reaches without a Host header;
@@ -41,14 +41,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # The ladder (tests/support.py): frames from stage 4, streams over one connection from 5, auth from 10, the limits in
-# 12, TLS from 15. Issues 17 and 14 set their goals for "stage 5" and "stage 6": stage_12 and stage_15 now.
-STAGES = ("stage_0", "stage_1", "stage_2", "stage_3", "stage_7", "stage_12", "stage_15")
-TUNNELS = ("stage_3", "stage_7", "stage_12", "stage_15")  # stages measured as a whole tunnel: server + client
+# 12, TLS from 15. Issues 17 and 14 set their goals for "stage 5" and "stage 7": stage_13 and stage_16 now.
+STAGES = ("stage_0", "stage_1", "stage_2", "stage_3", "stage_8", "stage_13", "stage_16")
+TUNNELS = ("stage_3", "stage_8", "stage_13", "stage_16")  # stages measured as a whole tunnel: server + client
 TUNNEL_ROLES = {stage: ("control", "public") for stage in TUNNELS[1:]}  # no proxy port from 4 on
 DEFAULT_ROLES = ("control", "public", "proxy")
-TLS = ("stage_15",)  # TLS on the client's link: certificates made per start, a TCP tunnel's own port
+TLS = ("stage_16",)  # TLS on the client's link: certificates made per start, a TCP tunnel's own port
 SECRET = "bench-secret-not-for-real-use"
-SECRETS = {"stage_12": SECRET, "stage_15": SECRET}  # stages with auth (7 on) run with a secret
+SECRETS = {"stage_13": SECRET, "stage_16": SECRET}  # stages with auth (7 on) run with a secret
 LINKED = (*TUNNELS, "ssh")  # paths with a client-server link that can be slowed down
 HOST = "127.0.0.1"
 START_TIMEOUT = 15.0

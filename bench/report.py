@@ -48,9 +48,9 @@ METRICS = (
 )
 RATIO_METRICS = [m for m in METRICS if m.field in ("mb_per_s", "rps")]
 SSH = "ssh -R"
-LIMITS = "stage 12"  # the limits stage (old stage 5): streams, flow control, resume, auth, bounds
-TLS_STAGE = "stage 15"  # TLS (old stage 6)
-TUNNEL_LABELS = ("stage 3", "stage 7", LIMITS, TLS_STAGE)  # compared with ssh -R too
+LIMITS = "stage 13"  # the limits stage (old stage 5): streams, flow control, resume, auth, bounds
+TLS_STAGE = "stage 16"  # TLS (old stage 7)
+TUNNEL_LABELS = ("stage 3", "stage 8", LIMITS, TLS_STAGE)  # compared with ssh -R too
 CPU_ROWS = (
     ("bulk_up", "cpu_s_per_gb", "CPU per GB uploaded", "s"),
     ("bulk_down", "cpu_s_per_gb", "CPU per GB downloaded", "s"),
@@ -231,7 +231,7 @@ def markdown(report: Record) -> str:
             lines.append("| " + " | ".join("—" if d is None else f"{d:.1f} ms" for _, d in saved) + " |")
     lines += [
         "",
-        "**Goals** (stage 12's from issue 17, stage 15's with TLS on the client link from issue 14; a benchmark, "
+        "**Goals** (stage 13's from issue 17, stage 16's with TLS on the client link from issue 14; a benchmark, "
         "not a test: each is met or not on this run)",
         "",
     ]
@@ -269,12 +269,12 @@ def _metric(key: str) -> Metric:
 
 
 def goals(report: Record) -> list[dict[str, str]]:
-    """Stage 12's goals (issue 17, then "stage 5") and stage 15's (issue 14, then "stage 6"), each met, not
+    """Stage 13's goals (issue 17, then "stage 5") and stage 16's (issue 14, then "stage 7"), each met, not
     met, or not measured (and why).
 
     Ratios and differences are medians of per-round figures, as in the tables. The other paths
-    (stages 0, 3 and 7) are kept simple rather than fast and have no goal. Stage 15's are against
-    ssh -R, which encrypts its link as stage 15 does.
+    (stages 0, 3 and 8) are kept simple rather than fast and have no goal. Stage 16's are against
+    ssh -R, which encrypts its link as stage 16 does.
     """
     records, summary, settings = report["measurements"], report["summary"], report["settings"]
     available = {p["label"]: p for p in report["paths"]}
@@ -305,12 +305,12 @@ def goals(report: Record) -> list[dict[str, str]]:
             shown = f"{value or 0:.3f}x"
         add(goal, value, None if value is None else value >= least, shown, why)
 
-    against("ab", "rps", SSH, 1.0, "stage 12 new connections/s ≥ 1.0x ssh -R")
-    against("bulk_up", "mb_per_s", "socat", 0.8, "stage 12 bulk upload ≥ 0.8x socat")
-    against("bulk_down", "mb_per_s", "socat", 0.8, "stage 12 bulk download ≥ 0.8x socat")
-    against("wrk", "rps", SSH, 1.5, "stage 12 keep-alive requests/s ≥ 1.5x ssh -R")
+    against("ab", "rps", SSH, 1.0, "stage 13 new connections/s ≥ 1.0x ssh -R")
+    against("bulk_up", "mb_per_s", "socat", 0.8, "stage 13 bulk upload ≥ 0.8x socat")
+    against("bulk_down", "mb_per_s", "socat", 0.8, "stage 13 bulk download ≥ 0.8x socat")
+    against("wrk", "rps", SSH, 1.5, "stage 13 keep-alive requests/s ≥ 1.5x ssh -R")
 
-    goal = "stage 12 memory per held connection ≤ 10 KiB per process, 1000 held (RSS)"
+    goal = "stage 13 memory per held connection ≤ 10 KiB per process, 1000 held (RSS)"
     why = absent(LIMITS)
     held = settings["idle_connections"]
     if not why and held < 1000:
@@ -327,25 +327,25 @@ def goals(report: Record) -> list[dict[str, str]]:
     shown = ", ".join(f"{role.split()[-1]} {kib:.1f} KiB" for role, kib in sorted(memory.items()))
     add(goal, worst, None if worst is None else worst <= 10, shown, why or "no memory figures")
 
-    # Issue 17 measured this against old stage 7, a proxy connection per user as stage 3 has: stage 3 is
-    # the one left with those round trips (from stage 7 on every user is a stream, sent with its SYN).
-    goal = "stage 12 time to first byte over the 25 ms link ≥ 45 ms below stage 3"
+    # Issue 17 measured this against old stage 8, a proxy connection per user as stage 3 has: stage 3 is
+    # the one left with those round trips (from stage 8 on every user is a stream, sent with its SYN).
+    goal = "stage 13 time to first byte over the 25 ms link ≥ 45 ms below stage 3"
     why = absent(LIMITS, "stage 3")
     saved = None if why else difference(records, _metric("ttfb_slow.p50_ms"), "stage 3", LIMITS)
     add(
         goal, saved, None if saved is None else saved >= 45, f"{saved or 0:.1f} ms below", why or "no ttfb_slow figures"
     )
 
-    goal = "stage 12 p99 of small requests beside a bulk transfer ≤ 2x the idle p99"
+    goal = "stage 13 p99 of small requests beside a bulk transfer ≤ 2x the idle p99"
     why = absent(LIMITS)
     found = list(values(records, "fairness", "p99_ratio", LIMITS).values())
     fair = statistics.median(found) if found and not why else None
     add(goal, fair, None if fair is None else fair <= 2, f"{fair or 0:.2f}x", why or "no fairness figures")
 
     tls = "(TLS on the client link; ssh -R encrypts too)"
-    against("bulk_up", "mb_per_s", SSH, 1.0, f"stage 15 bulk upload ≥ 1.0x ssh -R {tls}", TLS_STAGE)
-    against("bulk_down", "mb_per_s", SSH, 1.0, f"stage 15 bulk download ≥ 1.0x ssh -R {tls}", TLS_STAGE)
-    against("ab", "rps", SSH, 1.0, f"stage 15 new connections/s ≥ 1.0x ssh -R {tls}", TLS_STAGE)
+    against("bulk_up", "mb_per_s", SSH, 1.0, f"stage 16 bulk upload ≥ 1.0x ssh -R {tls}", TLS_STAGE)
+    against("bulk_down", "mb_per_s", SSH, 1.0, f"stage 16 bulk download ≥ 1.0x ssh -R {tls}", TLS_STAGE)
+    against("ab", "rps", SSH, 1.0, f"stage 16 new connections/s ≥ 1.0x ssh -R {tls}", TLS_STAGE)
     return out
 
 

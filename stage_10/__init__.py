@@ -1,11 +1,9 @@
-"""Stage 10: auth: only a client that proves it knows the server's secret gets the tunnel.
+"""Stage 10: heartbeats, reconnect and resume: a tunnel that outlives a sleeping laptop or a lost Wi-Fi.
 
-Layout (new in stage 10: auth.py, and the handshake's `challenge` and `auth` lines):
+Layout (new in stage 10: backoff.py; PING and GO_AWAY frames, and a session a client can resume):
 
-- `protocol.py`: the handshake's text lines (`hello`, `challenge`, `auth`, `welcome`); the ports
-  and timeouts, in one place.
-- `auth.py`: with a secret, an HMAC challenge-response that proves the client knows the secret
-  without sending it.
+- `protocol.py`: the handshake's text lines (`hello`, `welcome`) and the two sides of it; the
+  ports and timeouts, in one place.
 - `frames.py`: after the handshake, binary frames with a 10-byte header (DATA with SYN/ACK/FIN/RST,
   WINDOW, PING, GO_AWAY), and `Parser`, the only code that turns bytes into frames.
 - `mux.py`: the multiplexer: many streams over one connection, sent in turns, each with its window.

@@ -1,16 +1,14 @@
 """The whole tunnel on one machine: `python3 -m stage_10` shows it working with zero setup.
 
 It runs three things in one process, all on 127.0.0.1: a demo local app (demo_app.py), the
-server and the client, which share a fresh random secret. Then it prints the public URL: open
-it in a browser or curl it, and the demo app's page comes back through the tunnel. In real use
-the server runs on a machine the internet can reach and the client next to your app: see the
-page of this stage in the docs.
+server and the client. Then it prints the public URL: open it in a browser or curl it, and
+the demo app's page comes back through the tunnel. In real use the server runs on a machine
+the internet can reach and the client next to your app: see the page of this stage in the docs.
 """
 
 import argparse
 import asyncio
 import logging
-import secrets
 import signal
 import sys
 from collections.abc import Coroutine
@@ -36,8 +34,7 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         await app.listen(HOST, app_port)
     except OSError as exc:
         raise TunnelError(listen_error(exc, "app", HOST, app_port)) from None
-    secret = secrets.token_hex(16)  # known to the server and the client, and to nobody else
-    server = Server(secret=secret)
+    server = Server()
     try:
         ports = await server.listen(HOST, control_port, public_port)
     except TunnelError as exc:
@@ -48,7 +45,7 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         # test suite makes thousands, and each may have used it as its source port.
         log.warning("%s; the demo takes free ports instead", exc)
         ports = await server.listen(HOST, 0, 0)
-    client = Client(app.address, HOST, ports.control, secret=secret)
+    client = Client(app.address, HOST, ports.control)
     async with asyncio.TaskGroup() as tasks:
         tasks.create_task(app.serve())
         tasks.create_task(server.serve())

@@ -1,7 +1,7 @@
 """Stage 10 client: carry every user from the server to the local app, and keep the tunnel up.
 
 python3 -m stage_10.client localhost:8000                 # the server on localhost
-python3 -m stage_10.client localhost:8000 my.server       # with NGROK_SECRET set on both sides
+python3 -m stage_10.client localhost:8000 my.server       # the server on another machine
 
 One connection to the server carries everything. The server opens a stream on it for each user
 (a SYN frame); the client dials the local app (the private connection) and relays the stream
@@ -13,10 +13,9 @@ connection: they ran inside it (in stage 3 each user had a proxy connection of i
 import argparse
 import asyncio
 import logging
-import os
 import sys
 
-from . import auth, backoff, private
+from . import backoff, private
 from .budget import Budget
 from .cli import parse_address, parse_server, port, positive_seconds
 from .frames import INITIAL_WINDOW
@@ -28,6 +27,7 @@ from .protocol import (
     HEARTBEAT_TIMEOUT,
     Refused,
     TunnelError,
+    client_handshake,
 )
 from .relay import Stream
 
@@ -43,7 +43,6 @@ class Client:
         server: str = "localhost",
         control_port: int = CONTROL_PORT,
         *,
-        secret: str | None = None,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         max_backoff: float = backoff.BACKOFF_CAP,
@@ -51,7 +50,6 @@ class Client:
         self.local = local
         self.server = server
         self.control_port = control_port
-        self.secret = secret or None  # an empty secret would be no secret at all
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.max_backoff = max_backoff
@@ -66,21 +64,21 @@ class Client:
         self._users: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
-        """Keep the tunnel up until cancelled; raise Refused if the server says no (a wrong secret)."""
+        """Keep the tunnel up until cancelled; raise Refused if the server says no (another client)."""
         attempt = 0
         try:
             while True:
                 try:
                     reader, writer = await self._connect()
                     try:
-                        welcome = await auth.client_handshake(reader, writer, self.secret, self.session_id)
+                        welcome = await client_handshake(reader, writer, self.session_id)
                         self.session_id = welcome.session_id
                         attempt = 0  # we got in: after the next outage, start again with a short wait
                         await self._serve_control(reader, writer)
                     finally:
                         writer.close()
                 except Refused:
-                    raise  # a wrong secret or another client: retrying would not help
+                    raise  # another client holds the tunnel: retrying would not help
                 except (TunnelError, OSError) as exc:  # TimeoutError (a silent server) is an OSError too
                     wait = backoff.delay(attempt, cap=self.max_backoff)
                     attempt += 1
@@ -135,7 +133,7 @@ class Client:
 
 
 def main() -> None:
-    """Command line: python3 -m stage_10.client LOCAL [SERVER] [--control-port P] [--secret S] ..."""
+    """Command line: python3 -m stage_10.client LOCAL [SERVER] [--control-port P] ..."""
     parser = argparse.ArgumentParser(
         prog=f"python3 -m {__package__}.client",
         description="Open a tunnel from a stage 10 server to LOCAL, the app on this machine that users should reach.",
@@ -151,11 +149,6 @@ def main() -> None:
     )
     parser.add_argument(
         "--control-port", type=port, metavar="PORT", help=f"the server's control port (default: {CONTROL_PORT})"
-    )
-    parser.add_argument(
-        "--secret",
-        default=os.environ.get("NGROK_SECRET"),
-        help="the server's secret (default: $NGROK_SECRET, which keeps it out of ps)",
     )
     for flag, seconds, what in (
         ("heartbeat-interval", HEARTBEAT_INTERVAL, "how often to ping the server"),
@@ -181,7 +174,6 @@ def main() -> None:
         args.local,
         server,
         server_port or args.control_port or CONTROL_PORT,
-        secret=args.secret,
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
         max_backoff=args.max_backoff,

@@ -4,12 +4,10 @@ Stage 10 has one connection between the client and the server. It starts as stag
 connection did, in text lines readable and speakable with `nc`, with a handshake:
 
     client: hello [<session_id>]      (the session id only when reconnecting)
-    server: challenge <nonce>         (only if the server has a secret; see auth.py)
-    client: auth <hmac>
     server: welcome <session_id>      (or `error <reason>`, then the server hangs up)
 
 After `welcome`, both sides speak binary frames on the same connection (frames.py): the
-heartbeats, and every user's bytes as a stream of its own. Nothing follows `auth` until
+heartbeats, and every user's bytes as a stream of its own. Nothing follows `hello` until
 `welcome` comes, so each side knows exactly where the lines end and the frames begin.
 Only `read_message` and `write_message` touch the lines' bytes.
 """
@@ -34,7 +32,7 @@ PROXY_TIMEOUT = 10.0
 # to sleep or a NAT that forgot the connection never sends a FIN.
 HEARTBEAT_INTERVAL = 5.0
 HEARTBEAT_TIMEOUT = 15.0
-# Ids, nonces and digests are single words of these characters.
+# Session ids are single words of these characters.
 TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # The most a stream holds in memory each way: one window (frames.WINDOW) of bytes,
 # or one read of the event loop (256 KiB at most) waiting to be framed.
@@ -55,29 +53,11 @@ class Refused(TunnelError):
     """The server said no during the handshake (e.g. another client is connected): retrying won't help."""
 
 
-class AuthError(Refused):
-    """The secrets don't match, or one side has none: fix the secret, retrying won't help."""
-
-
 @dataclass(frozen=True)
 class Hello:
     """Client -> server, the first line of a control connection: `hello` or `hello <session_id>`."""
 
     session_id: str | None = None
-
-
-@dataclass(frozen=True)
-class Challenge:
-    """Server -> client, "prove you know the secret": `challenge <nonce>`."""
-
-    nonce: str
-
-
-@dataclass(frozen=True)
-class Auth:
-    """Client -> server, the answer to a challenge, HMAC-SHA256(secret, nonce) in hex: `auth <hmac>`."""
-
-    digest: str
 
 
 @dataclass(frozen=True)
@@ -94,7 +74,7 @@ class Error:
     reason: str
 
 
-Message = Hello | Challenge | Auth | Welcome | Error
+Message = Hello | Welcome | Error
 
 
 def encode(message: Message) -> bytes:
@@ -104,10 +84,6 @@ def encode(message: Message) -> bytes:
             return b"hello\n"
         case Hello(session_id):
             return f"hello {session_id}\n".encode()
-        case Challenge(nonce):
-            return f"challenge {nonce}\n".encode()
-        case Auth(digest):
-            return f"auth {digest}\n".encode()
         case Welcome(session_id):
             return f"welcome {session_id}\n".encode()
         case Error(reason):
@@ -130,10 +106,6 @@ def decode(line: bytes) -> Message:
             return Hello()
         case "hello", session_id if is_token(session_id):
             return Hello(session_id)
-        case "challenge", nonce if is_token(nonce):
-            return Challenge(nonce)
-        case "auth", digest if is_token(digest):
-            return Auth(digest)
         case "welcome", session_id if is_token(session_id):
             return Welcome(session_id)
         case "error", reason if reason:
@@ -142,7 +114,7 @@ def decode(line: bytes) -> Message:
 
 
 def is_token(text: str) -> bool:
-    """True for an id, nonce or digest: one word of 1 to 128 letters, digits, '-' or '_'."""
+    """True for a session id: one word of 1 to 128 letters, digits, '-' or '_'."""
     return TOKEN.fullmatch(text) is not None
 
 
@@ -168,6 +140,43 @@ async def write_message(writer: asyncio.StreamWriter, message: Message) -> None:
     """Send one message and wait until it is handed to the kernel."""
     writer.write(encode(message))
     await writer.drain()
+
+
+async def server_handshake(reader: asyncio.StreamReader, timeout: float = NETWORK_TIMEOUT) -> Hello:
+    """Read the client's `hello` (it may carry a session id to resume).
+
+    Raises ProtocolError for anything else, TimeoutError if the client is too slow: a peer that
+    connects and says nothing must not hold a socket forever.
+    """
+    async with asyncio.timeout(timeout):
+        hello = await read_message(reader)
+    if not isinstance(hello, Hello):
+        raise ProtocolError(f"expected 'hello', got {hello or 'nothing'}")
+    return hello
+
+
+async def client_handshake(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    session_id: str | None = None,
+    timeout: float = NETWORK_TIMEOUT,
+) -> Welcome:
+    """Say hello (resuming `session_id` if given), return the welcome.
+
+    Raises Refused when the server says no (retrying would not help), ProtocolError for a peer
+    that does not speak our protocol, TimeoutError or OSError for network trouble.
+    """
+    async with asyncio.timeout(timeout):
+        await write_message(writer, Hello(session_id))
+        reply = await read_message(reader)
+    match reply:
+        case Welcome():
+            return reply
+        case Error(reason):
+            raise Refused(f"the server refused the connection: {reason}")
+        case None:
+            raise ProtocolError("the server closed the connection during the handshake")
+    raise ProtocolError(f"expected 'welcome', got {reply}")
 
 
 async def say_goodbye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str) -> None:

@@ -1,9 +1,9 @@
 """Stage 10 server: relay every public connection through the client to the local app, as a stream.
 
 python3 -m stage_10.server                    # then: python3 -m stage_10.client localhost:8000
-python3 -m stage_10.server --host 0.0.0.0     # on a VPS: set NGROK_SECRET on both sides first
+python3 -m stage_10.server --host 0.0.0.0     # on a VPS: anyone can be its client (stage 11 adds a secret)
 
-The client's one connection lives in session.py (auth, one tunnel, heartbeats) and mux.py (its
+The client's one connection lives in session.py (one tunnel, resume, heartbeats) and mux.py (its
 streams); here are the ports, the users, and the page a user gets when the tunnel can't serve them.
 """
 
@@ -12,14 +12,13 @@ import asyncio
 import errno
 import functools
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from . import auth, pages
+from . import pages
 from .budget import MEMORY_BUDGET, Budget, MiB
 from .cli import listen_port, positive_seconds, whole_number
 from .frames import INITIAL_WINDOW
@@ -71,7 +70,6 @@ class Server:
         proxy_timeout: float = PROXY_TIMEOUT,
         handshake_timeout: float = NETWORK_TIMEOUT,
         *,
-        secret: str | None = None,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         memory_budget: int = MEMORY_BUDGET,
     ) -> None:
@@ -80,7 +78,7 @@ class Server:
         self._listeners: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
         # The client's session, if one is connected (see session.py).
-        self._sessions = Sessions(secret, handshake_timeout, heartbeat_timeout)
+        self._sessions = Sessions(handshake_timeout, heartbeat_timeout)
 
     async def listen(
         self,
@@ -106,12 +104,6 @@ class Server:
         addresses = [listener.sockets[0].getsockname()[:2] for listener in self._listeners]
         for role, (bound_host, bound_port) in zip(("control", "public"), addresses, strict=True):
             log.info("%s port listening on %s:%d", role, bound_host, bound_port)
-        for warning in (
-            auth.exposure_warning(host, self._sessions.secret),
-            auth.strength_warning(self._sessions.secret),
-        ):
-            if warning:
-                log.warning("%s", warning)
         return Ports(*(int(port) for _, port in addresses))
 
     async def serve(self) -> None:
@@ -259,11 +251,6 @@ def main() -> None:
         metavar="MIB",
         help="the most the users' streams together may make the server buffer, in MiB (default: %(default)s)",
     )
-    parser.add_argument(
-        "--secret",
-        default=os.environ.get("NGROK_SECRET"),
-        help="a secret the client must prove it knows (default: $NGROK_SECRET, which keeps it out of ps)",
-    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()
     logging.basicConfig(
@@ -273,7 +260,6 @@ def main() -> None:
         ports = Ports(args.control_port, args.public_port)
         options = {
             "proxy_timeout": args.proxy_timeout,
-            "secret": args.secret,
             "heartbeat_timeout": args.heartbeat_timeout,
             "memory_budget": args.memory_budget * MiB,
         }

@@ -3,7 +3,6 @@
 Stage 3's control connection, which now carries everything: after the handshake, this module
 runs a Mux on it (mux.py), and the server opens a stream on it for each user.
 
-- Auth: only a client that knows the secret gets in (the handshake is in auth.py).
 - One tunnel, never locked out: a second client is refused while one is connected, but the
   *same* client coming back (it presents the session id we gave it) takes over at once. Its
   old connection may still look alive to us: a laptop whose Wi-Fi dropped sends no FIN.
@@ -18,7 +17,6 @@ import logging
 import secrets
 from dataclasses import dataclass
 
-from . import auth
 from .mux import Mux
 from .protocol import (
     HEARTBEAT_TIMEOUT,
@@ -28,6 +26,7 @@ from .protocol import (
     TunnelError,
     Welcome,
     say_goodbye,
+    server_handshake,
     write_message,
 )
 
@@ -50,11 +49,9 @@ class Sessions:
 
     def __init__(
         self,
-        secret: str | None = None,
         handshake_timeout: float = NETWORK_TIMEOUT,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
     ) -> None:
-        self.secret = secret or None  # an empty secret would be no secret at all
         self.handshake_timeout = handshake_timeout
         self.heartbeat_timeout = heartbeat_timeout
         self.current: Session | None = None
@@ -69,14 +66,14 @@ class Sessions:
         host, port = writer.get_extra_info("peername")[:2]
         peer, session, mux = f"{host}:{port}", None, None
         try:
-            hello = await auth.server_handshake(reader, writer, self.secret, self.handshake_timeout)
+            hello = await server_handshake(reader, self.handshake_timeout)
             session = self._admit(hello, peer, writer)
             # The welcome is the last line: from here on, both sides speak frames (frames.py).
             mux = Mux(reader, writer, peer="the client", heartbeat_timeout=self.heartbeat_timeout)
             await write_message(writer, Welcome(session.session_id))
             session.mux = mux
             await mux.run()  # until the client leaves, falls silent or breaks the protocol
-        except TunnelError as exc:  # a wrong secret, a second client, a bad frame
+        except TunnelError as exc:  # a second client, a bad frame
             # Tell the peer what went wrong, then hang up: a confused peer must
             # not be able to keep a connection (and its buffer) alive.
             log.warning("%s: %s; closing", peer, exc)
@@ -106,7 +103,7 @@ class Sessions:
             self.current = Session(secrets.token_hex(16), peer, writer, task)
             log.info("%s: client connected (session %s)", peer, self.current.session_id[:8])
             return self.current
-        # compare_digest, as in auth.py: no timing hints about a secret id.
+        # compare_digest: no timing hints about a secret id (`==` stops at the first wrong character).
         if hello.session_id is None or not secrets.compare_digest(hello.session_id, current.session_id):
             raise Refused("another client is already connected to this server")
         # The same client is back, so its old connection is dead, whatever TCP thinks:

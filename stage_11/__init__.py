@@ -1,6 +1,6 @@
-"""Stage 11: error pages and the request log: every failure named to the user, one log line per request.
+"""Stage 11: auth: only a client that proves it knows the server's secret gets the tunnel.
 
-Layout (no new module in stage 11: pages.py gains the 503 and 504 pages, and the request log's line):
+Layout (new in stage 11: auth.py, and the handshake's `challenge` and `auth` lines):
 
 - `protocol.py`: the handshake's text lines (`hello`, `challenge`, `auth`, `welcome`); the ports
   and timeouts, in one place.
@@ -14,8 +14,7 @@ Layout (no new module in stage 11: pages.py gains the 503 and 504 pages, and the
 - `budget.py`: the memory budget: every stream's window counted in one stated total.
 - `session.py`: the server's side of the tunnel connection: one client at a time, a reconnecting
   client resumes its session at once, a silent one is dropped.
-- `pages.py`: the 502/503/504 pages an HTTP user gets when the tunnel can't serve them, and the
-  request log's summary of each request.
+- `pages.py`: the 502 page an HTTP user gets when the tunnel can't serve them.
 - `server.py`: the control and public ports; `python3 -m stage_11.server` runs it.
 - `backoff.py`, `cli.py`: the wait between reconnect attempts; the command lines' argument types.
 - `private.py`: the client's side of one user: the private connection to the local app.

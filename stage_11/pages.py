@@ -2,8 +2,7 @@
 
 A browser shown a reset connection says only "connection reset"; a 502 page that names the
 cause ("no tunnel client is connected") tells its user what to fix. Users who don't speak
-HTTP get a clean close instead, since an HTTP response would be garbage to them. The server
-also uses `request_line` to write one ngrok-style line per request in its log.
+HTTP get a clean close instead, since an HTTP response would be garbage to them.
 """
 
 import asyncio
@@ -12,7 +11,7 @@ import html
 import re
 from typing import TYPE_CHECKING
 
-from .protocol import LINGER, printable
+from .protocol import LINGER
 
 if TYPE_CHECKING:  # only for the type checker (annotations); pages -> relay -> mux, and none imports back
     from .relay import Stream
@@ -20,57 +19,19 @@ if TYPE_CHECKING:  # only for the type checker (annotations); pages -> relay -> 
 # How long we wait for a user's first bytes to tell whether they speak HTTP. Browsers
 # and curl send their request at once, so a short wait is enough.
 SNIFF_TIMEOUT = 2.0
-# The start of a request ("GET /path HTTP/1.1") or of a response ("HTTP/1.1 200 OK").
+# The start of a request: "GET /path HTTP/1.1".
 REQUEST_LINE = re.compile(rb"([A-Z]{3,10}) (\S{1,2000}) HTTP/\d")
-STATUS_LINE = re.compile(rb"HTTP/\d(?:\.\d)? (\d{3})")
-REASONS = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
-def request_line(head: bytes) -> str | None:
-    """'GET /path' if `head` starts like an HTTP request, else None; unprintable bytes come out escaped."""
-    if match := REQUEST_LINE.match(head):
-        method, path = (printable(part) for part in match.groups())
-        return f"{method} {path}"
-    return None
-
-
-def status_code(head: bytes) -> str | None:
-    """'200' if `head` starts like an HTTP response, else None; interim responses before it are skipped."""
-    start = 0
-    while match := STATUS_LINE.match(head, start):
-        status = match[1].decode()
-        if not status.startswith("1") or status == "101":  # 101: the protocol switches, that is the answer
-            return status
-        # An interim response (100 Continue, 103 Early Hints): the answer follows its blank line.
-        end = head.find(b"\r\n\r\n", match.end())
-        if end < 0:
-            return None  # not within the bytes kept
-        start = end + 4
-    return None
-
-
-def summary(up_head: bytes, down_head: bytes) -> str:
-    """For the request log: 'GET /path -> 200' if the user spoke HTTP, else 'closed'.
-
-    Tutorial shortcut: only the first request of a connection is named; a browser
-    that keeps a connection open for more requests gets one line for all of them.
-    """
-    request = request_line(up_head)
-    if request is None:
-        return "closed"
-    return f"{request} -> {status_code(down_head) or 'no response'}"
-
-
-def error_page(status: int, cause: str) -> bytes:
-    """A complete HTTP response naming `cause`, which the server closes after sending."""
-    title = f"{status} {REASONS.get(status, 'Error')}"
+def error_page(cause: str) -> bytes:
+    """A complete HTTP 502 response naming `cause`, which the server closes after sending."""
     body = (
-        f"<!doctype html><meta charset=utf-8><title>{title}</title>\n"
-        f"<h1>{title}</h1>\n<p>{html.escape(cause)}</p>\n"
+        "<!doctype html><meta charset=utf-8><title>502 Bad Gateway</title>\n"
+        f"<h1>502 Bad Gateway</h1>\n<p>{html.escape(cause)}</p>\n"
         "<p><small>ngrok-- tunnel server</small></p>\n"
     ).encode()
     head = (
-        f"HTTP/1.1 {title}\r\n"
+        "HTTP/1.1 502 Bad Gateway\r\n"
         "Content-Type: text/html; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\n"
         "Cache-Control: no-store\r\n"  # the next try may well work: don't let a browser keep this page
@@ -79,8 +40,8 @@ def error_page(status: int, cause: str) -> bytes:
     return head + body
 
 
-async def refuse(stream: "Stream", status: int, cause: str) -> bool:
-    """Answer an HTTP user with an error page naming `cause`; close anyone else cleanly.
+async def refuse(stream: "Stream", cause: str) -> bool:
+    """Answer an HTTP user with a 502 page naming `cause`; close anyone else cleanly.
 
     Returns True if the page was sent. The connection is closed when this returns.
     """
@@ -92,9 +53,9 @@ async def refuse(stream: "Stream", status: int, cause: str) -> bool:
     with contextlib.suppress(TimeoutError):  # silent: not an HTTP user we could answer
         async with asyncio.timeout(SNIFF_TIMEOUT):
             await stream.heard
-    is_http = request_line(stream.sent.head) is not None
+    is_http = REQUEST_LINE.match(stream.sent.head) is not None
     if is_http and not transport.is_closing():
-        transport.write(error_page(status, cause))
+        transport.write(error_page(cause))
     # End our side politely and give the page time to arrive before the close: closing with
     # unread input would make the kernel send a reset, which can destroy the page.
     if not transport.is_closing() and transport.can_write_eof():

@@ -27,7 +27,7 @@ MAX_LINE = 1024
 # How long to wait for a connect or a reply before calling the peer dead.
 NETWORK_TIMEOUT = 5.0
 # How long a user's new stream waits for the client to accept it (to reach the local
-# app) before the server gives up on it and sends the user a 504 page.
+# app) before the server gives up on it and sends the user a 502 page.
 PROXY_TIMEOUT = 10.0
 # The client pings this often; a control connection silent for HEARTBEAT_TIMEOUT
 # (three missed pings) is dead, even if TCP has not noticed: a laptop that went

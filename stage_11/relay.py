@@ -38,8 +38,8 @@ from .protocol import ProtocolError
 if TYPE_CHECKING:  # annotations alone; and never the reverse: mux.py knows a Stream only as a StreamEnd
     from .mux import Mux
 
-# How much of each direction's first bytes to keep for the server's request log:
-# enough for an HTTP request line ("GET /path HTTP/1.1") or status line.
+# How much of the first bytes read to keep: enough for an HTTP request line ("GET /path HTTP/1.1"),
+# which tells the server whether a user it must refuse gets an error page (pages.refuse).
 HEAD_SIZE = 1024
 # The most one read takes from a TCP connection: what the event loop reads at most in one go anyway.
 READ_SIZE = 256 * 1024
@@ -52,7 +52,7 @@ SCRATCH = memoryview(bytearray(READ_SIZE))
 
 @dataclass
 class Flow:
-    """One direction of a relay: how many bytes it carried, how they began, and whether it ended."""
+    """One direction of a relay: how many bytes it carried, how they began (TCP -> tunnel), whether it ended."""
 
     copied: int = 0
     head: bytes = b""
@@ -124,7 +124,7 @@ class Stream(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes | memoryview) -> None:
         if not self.sent.head:
-            # We keep a copy of the first bytes for the log and pass them on unchanged.
+            # We keep a copy of the first bytes (see HEAD_SIZE) and pass them on unchanged.
             self.sent.head = bytes(data[:HEAD_SIZE])
             self._heard()
         self.sent.copied += len(data)
@@ -197,10 +197,6 @@ class Stream(asyncio.BufferedProtocol):
             raise ProtocolError(f"stream {self.stream_id}: {overflow}")
         self.recv_window -= len(payload)
         if payload:
-            if len(self.received.head) < HEAD_SIZE:
-                # A copy (payload is a view: frames.Parser), over as many frames as it takes: a
-                # "100 Continue" comes alone, and the log wants the status that follows it.
-                self.received.head += payload[: HEAD_SIZE - len(self.received.head)]
             self.received.copied += len(payload)
             if self.transport is None:
                 self._early.append(bytes(payload))  # counted in recv_window: bounded by the window

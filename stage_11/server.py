@@ -4,7 +4,7 @@ python3 -m stage_11.server                    # then: python3 -m stage_11.client
 python3 -m stage_11.server --host 0.0.0.0     # on a VPS: set NGROK_SECRET on both sides first
 
 The client's one connection lives in session.py (auth, one tunnel, heartbeats) and mux.py (its
-streams); here are the ports, the users, and what a user sees when the tunnel can't serve them.
+streams); here are the ports, the users, and the page a user gets when the tunnel can't serve them.
 """
 
 import argparse
@@ -160,13 +160,13 @@ class Server:
         mux = self._sessions.mux
         if mux is None:
             # A page that names the cause tells the user more than a closed connection.
-            await self._refuse(stream, peer, 502, "no tunnel client is connected to this server")
+            await self._refuse(stream, peer, "no tunnel client is connected to this server")
             return
         try:  # the stream's first window must fit in the memory budget: the user waits for it
             async with asyncio.timeout(self.proxy_timeout):
                 await self.budget.reserve(INITIAL_WINDOW)
         except TimeoutError:
-            await self._refuse(stream, peer, 503, "the server's memory for users' bytes is spent; try again soon")
+            await self._refuse(stream, peer, "the server's memory for users' bytes is spent; try again soon")
             return
         if stream.closed.done():  # the user left while it waited
             self.budget.give(INITIAL_WINDOW)
@@ -183,24 +183,22 @@ class Server:
         except TimeoutError:
             cause = f"the tunnel client did not accept the stream within {self.proxy_timeout:g}s"
             stream.reset(cause)
-            await self._refuse(stream, who, 504, cause)
+            await self._refuse(stream, who, cause)
             return
         if refusal is not None:  # the client could not reach its local app, or went away
             if not stream.closed.done():
-                await self._refuse(stream, who, 502, refusal)
+                await self._refuse(stream, who, refusal)
             return
         await stream.closed
         elapsed = time.monotonic() - started
-        # The request log: one line per public connection, like ngrok's list of requests.
-        request = pages.summary(stream.sent.head, stream.received.head)
         ended = f" (closed: {stream.reset_reason})" if stream.reset_reason else ""
         up, down = stream.sent.copied, stream.received.copied
-        log.info("%s %s, %d bytes up, %d bytes down, %.3fs%s", who, request, up, down, elapsed, ended)
+        log.info("%s closed, %d bytes up, %d bytes down, %.3fs%s", who, up, down, elapsed, ended)
 
     @staticmethod
-    async def _refuse(stream: Stream, who: str, status: int, cause: str) -> None:
-        sent = await pages.refuse(stream, status, cause)
-        log.warning("%s: %s; %s", who, printable(cause.encode()), f"sent a {status} page" if sent else "closed")
+    async def _refuse(stream: Stream, who: str, cause: str) -> None:
+        sent = await pages.refuse(stream, cause)
+        log.warning("%s: %s; %s", who, printable(cause.encode()), "sent a 502 page" if sent else "closed")
 
 
 def peername(transport: asyncio.BaseTransport) -> str:

@@ -24,14 +24,12 @@ from .mux import Mux
 from .protocol import (
     CONTROL_PORT,
     DATA_LIMIT,
-    HALF_CLOSED_TIMEOUT,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_TIMEOUT,
-    IDLE_TIMEOUT,
     Refused,
     TunnelError,
 )
-from .relay import Stream, Timeouts
+from .relay import Stream
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +47,6 @@ class Client:
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         max_backoff: float = backoff.BACKOFF_CAP,
-        idle_timeout: float = IDLE_TIMEOUT,
-        half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
     ) -> None:
         self.local = local
         self.server = server
@@ -59,7 +55,6 @@ class Client:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.max_backoff = max_backoff
-        self.timeouts = Timeouts(idle_timeout, half_closed_timeout)  # for silent relays: see relay.py
         self.budget = Budget()  # every stream's window, together (budget.py)
         # Set while the server has us as its client; the demo and the tests wait for it.
         self.connected = asyncio.Event()
@@ -127,7 +122,7 @@ class Client:
 
     def _open(self, stream_id: int) -> Stream:
         """The server opened a stream for a user: dial the local app for it, in a task of its own."""
-        stream = Stream(self.timeouts)
+        stream = Stream()
         # Its first window is the protocol's: the server may have sent its bytes already (budget.py).
         self.budget.take(INITIAL_WINDOW)
         stream.charge(self.budget)
@@ -166,8 +161,6 @@ def main() -> None:
         ("heartbeat-interval", HEARTBEAT_INTERVAL, "how often to ping the server"),
         ("heartbeat-timeout", HEARTBEAT_TIMEOUT, "silence after which the server counts as gone"),
         ("max-backoff", backoff.BACKOFF_CAP, "the longest wait between two reconnect attempts"),
-        ("idle-timeout", IDLE_TIMEOUT, "close a user's stream after this long with no byte either way"),
-        ("half-closed-timeout", HALF_CLOSED_TIMEOUT, "close a half-closed stream after this long silent"),
     ):
         parser.add_argument(
             f"--{flag}",
@@ -192,8 +185,6 @@ def main() -> None:
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
         max_backoff=args.max_backoff,
-        idle_timeout=args.idle_timeout,
-        half_closed_timeout=args.half_closed_timeout,
     )
     try:
         asyncio.run(client.run())

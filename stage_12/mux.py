@@ -16,9 +16,6 @@ Both sides run one `Mux` on the tunnel connection once the handshake is done. It
   Frames go to the transport only while its buffer is below WRITE_HIGH; the rest wait in their
   streams (whose TCP connections are then no longer read). Control frames (window updates,
   pings, opens, resets) skip the queue: a window update stuck behind data could stall everyone.
-- **A budget for frames without data.** Each costs us a parse and a dispatch, and a peer can send a
-  million a second: the peer may send as many as our own frames call for, and a few more (see
-  CONTROL_RATE). A peer past its budget is cut.
 """
 
 import asyncio
@@ -31,25 +28,13 @@ from typing import Protocol
 
 from . import frames
 from .frames import ACK, DATA, FIN, GO_AWAY, HEADER, MAX_FRAME, PING, RST, SYN, WINDOW_UPDATE, Frame, encode
-from .protocol import LINGER, MAX_LINE, MAX_STREAMS, ProtocolError, TunnelError, printable
+from .protocol import LINGER, MAX_LINE, ProtocolError, TunnelError, printable
 
 log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024  # the most the event loop reads from a socket in one go anyway
 # Data frames are written while the connection's send buffer holds less than this.
 WRITE_HIGH = 128 * 1024
-# Control frames are always written; a peer that lets this much pile up reads nothing at all.
-CONTROL_LIMIT = 4 * 1024 * 1024
-# Frames that carry no data (PING, WINDOW, GO_AWAY, a bare SYN, ACK, FIN or RST) were parsed and
-# never limited: one tenant flooding PING|ACK took the server to 100 % of a core, and another
-# tunnel's median GET from 2.3 to 116 ms (issue 23). A peer may now send only what our frames call
-# for: STREAM_CREDIT for each stream opened (its ACK, FIN and RST, and one to spare), one for each
-# DATA frame we send (the WINDOW that may grant it back), and CONTROL_RATE a second for the rest
-# (a ping every few seconds, and its answer), saved up to CONTROL_BURST. A real client stays far
-# below: 2 such frames per stream at 2,800 new streams a second, 13 a second when kept alive.
-STREAM_CREDIT = 4
-CONTROL_RATE = 100
-CONTROL_BURST = 1000
 
 
 class StreamEnd(Protocol):
@@ -101,7 +86,6 @@ class Mux(asyncio.Protocol):
         heartbeat_timeout: float,
         heartbeat_interval: float | None = None,
         on_open: Callable[[int], StreamEnd] | None = None,
-        max_streams: int = MAX_STREAMS,
     ) -> None:
         self.peer = peer  # "the server" or "the client", for messages
         self._loop = asyncio.get_running_loop()
@@ -115,7 +99,6 @@ class Mux(asyncio.Protocol):
         self._handshake = handshake
         self.heartbeat_timeout, self.heartbeat_interval = heartbeat_timeout, heartbeat_interval
         self._on_open = on_open  # makes the stream for a SYN; None: the peer may not open streams
-        self.max_streams = max_streams
         self.streams: dict[int, StreamEnd] = {}
         self.last_id = 0  # the highest stream id opened so far on this connection
         self._ready: deque[StreamEnd] = deque()  # streams with a frame to send, in turn
@@ -126,8 +109,6 @@ class Mux(asyncio.Protocol):
         self._out_size = 0
         self._parser = frames.Parser()
         self._last_heard = time.monotonic()
-        self._allowance = float(CONTROL_BURST)  # frames without data the peer may still send (see _spend)
-        self._allowance_at = self._last_heard
         self._timers: list[asyncio.TimerHandle] = []
         self.failure: Exception | None = None  # why we ended the connection ourselves
 
@@ -136,7 +117,6 @@ class Mux(asyncio.Protocol):
     def open(self, stream: StreamEnd) -> int:
         """Open a stream for a user (server side): SYN goes out now, the user's bytes follow."""
         self.last_id += 1
-        self._allowance += STREAM_CREDIT  # the peer's ACK, FIN or RST for it
         self._register(stream, self.last_id)
         self._send(encode(DATA, SYN, stream.stream_id))
         self.schedule(stream)  # bytes that came before: optimistically, within the first window
@@ -184,7 +164,6 @@ class Mux(asyncio.Protocol):
             payload, fin = frame
             # Header and payload as two pieces: _write_out joins them (one copy, as encode() makes).
             self._write(HEADER.pack(DATA, FIN if fin else 0, stream.stream_id, len(payload)), payload)
-            self._allowance += bool(payload)  # the WINDOW frame the peer may grant back for it
             if fin:
                 stream.after_fin_sent()
             if stream.has_more():  # back of the queue: the others take their turn first
@@ -228,8 +207,6 @@ class Mux(asyncio.Protocol):
         if self._transport.is_closing():
             return
         self._write(frame)
-        if self._transport.get_write_buffer_size() + self._out_size > CONTROL_LIMIT:
-            self._fail(TunnelError(f"{self.peer} reads nothing: {CONTROL_LIMIT} bytes of frames wait for it"))
 
     def _fail(self, exc: Exception) -> None:
         if self.failure is None:
@@ -291,10 +268,6 @@ class Mux(asyncio.Protocol):
 
     def _dispatch(self, frame: Frame) -> None:
         kind, flags, stream_id, payload = frame
-        if flags & SYN:
-            self._allowance += STREAM_CREDIT  # opened, whether we can take it or not: our ACK or RST follows
-        if kind != DATA or flags & RST or not payload:
-            self._spend()
         if kind == PING:
             if not flags & ACK:
                 self._send(encode(PING, ACK, 0, payload))  # the answer: the same 8 bytes
@@ -308,9 +281,6 @@ class Mux(asyncio.Protocol):
             if stream_id <= self.last_id:
                 raise ProtocolError(f"stream {stream_id} opened out of order (after {self.last_id})")
             self.last_id = stream_id
-            if len(self.streams) >= self.max_streams:
-                self._send(encode(DATA, RST, stream_id, b"too many streams at once"))
-                return
             stream = self._on_open(stream_id)  # the client dials its local app for it
             self._register(stream, stream_id)
         elif stream is None:
@@ -331,16 +301,6 @@ class Mux(asyncio.Protocol):
                 raise ProtocolError(f"DATA on stream {stream_id} before its ACK")
             if payload or flags & FIN:
                 stream.on_data(payload, bool(flags & FIN))
-
-    def _spend(self) -> None:
-        """Count one frame without data against the peer's allowance; ProtocolError once it is spent."""
-        now = time.monotonic()
-        if self._allowance < CONTROL_BURST:  # time refills it up to the burst; credit earned above is kept
-            self._allowance = min(CONTROL_BURST, self._allowance + (now - self._allowance_at) * CONTROL_RATE)
-        self._allowance_at = now
-        self._allowance -= 1
-        if self._allowance < 0:
-            raise ProtocolError(f"{self.peer} sends more frames without data than ours call for (a flood)")
 
     # --- heartbeats and the end -------------------------------------------------------------------
 

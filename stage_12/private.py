@@ -79,7 +79,7 @@ async def serve_user(stream: Stream, local: LocalApp) -> None:
         return
     await stream.closed
     elapsed = time.monotonic() - started
-    ended = stream.expired or stream.reset_reason
+    ended = stream.reset_reason
     log.info(
         "stream %d: closed, %d bytes in, %d bytes out, %.3fs%s",
         stream.stream_id,

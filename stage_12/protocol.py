@@ -1,4 +1,4 @@
-"""Wire format of the tunnel connection's handshake: one message per line of text; every limit and timeout.
+"""Wire format of the tunnel connection's handshake: one message per line of text; its ports and timeouts.
 
 Stage 12 has one connection between the client and the server. It starts as stage 3's control
 connection did, in text lines readable and speakable with `nc`, with a handshake:
@@ -6,8 +6,7 @@ connection did, in text lines readable and speakable with `nc`, with a handshake
     client: hello [<session_id>]      (the session id only when reconnecting)
     server: challenge <nonce>         (only if the server has a secret; see auth.py)
     client: auth <hmac>
-    server: welcome <session_id>      (or `error <reason>`, then the server hangs up; or
-                                      `busy <reason>`: not now, try again later)
+    server: welcome <session_id>      (or `error <reason>`, then the server hangs up)
 
 After `welcome`, both sides speak binary frames on the same connection (frames.py): the
 heartbeats, and every user's bytes as a stream of its own. Nothing follows `auth` until
@@ -35,25 +34,6 @@ PROXY_TIMEOUT = 10.0
 # to sleep or a NAT that forgot the connection never sends a FIN.
 HEARTBEAT_INTERVAL = 5.0
 HEARTBEAT_TIMEOUT = 15.0
-# At most this many users may wait for the client to accept their stream at once, and
-# the client serves at most MAX_STREAMS streams at once. Each stream may hold one window
-# of bytes (WINDOW in frames.py) each way, so these bound memory; see limits.py for descriptors.
-MAX_WAITING = 4096
-MAX_STREAMS = 4096
-# One source address (an IPv6 /64) holds at most this many of a tunnel's streams at once: one
-# source opened 4200 kept-alive connections in 2.3 s, and every later user got a 502 (issue 23).
-# A browser opens at most 6 connections to a host, so 256 is some 40 busy browsers behind one
-# NAT, and 16 sources are needed to fill a tunnel; a crowd behind one NAT (a conference's Wi-Fi
-# on a demo) can raise it with --max-streams-per-address.
-MAX_STREAMS_PER_ADDRESS = 256
-# A relay with no byte either way for this long is closed (nginx's stream proxy waits
-# 10 minutes too); so is a half-closed one whose other direction is silent this long.
-IDLE_TIMEOUT = 600.0
-HALF_CLOSED_TIMEOUT = 30.0
-# ...and users of the public port who got their answer and say nothing more, after this long: a kept-alive
-# connection waiting for a next request. nginx's keepalive_timeout is 75 s too; a user still
-# waiting for its answer (a long poll) keeps IDLE_TIMEOUT.
-KEEPALIVE_TIMEOUT = 75.0
 # Ids, nonces and digests are single words of these characters.
 TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # The most a stream holds in memory each way: one window (frames.WINDOW) of bytes,
@@ -77,10 +57,6 @@ class Refused(TunnelError):
 
 class AuthError(Refused):
     """The secrets don't match, or one side has none: fix the secret, retrying won't help."""
-
-
-class TryLater(TunnelError):
-    """The server said not now (our address guessed wrong too often lately): retrying later will help."""
 
 
 @dataclass(frozen=True)
@@ -112,24 +88,13 @@ class Welcome:
 
 
 @dataclass(frozen=True)
-class Busy:
-    """Server -> client instead of `welcome`, "not now, try again later": `busy <reason>`.
-
-    Where `error` means "this will never work" (a wrong secret), `busy` means the answer may change:
-    a client that gets it keeps retrying with its backoff instead of giving up.
-    """
-
-    reason: str
-
-
-@dataclass(frozen=True)
 class Error:
     """Either way, sent just before closing: `error <reason>`."""
 
     reason: str
 
 
-Message = Hello | Challenge | Auth | Welcome | Busy | Error
+Message = Hello | Challenge | Auth | Welcome | Error
 
 
 def encode(message: Message) -> bytes:
@@ -145,8 +110,6 @@ def encode(message: Message) -> bytes:
             return f"auth {digest}\n".encode()
         case Welcome(session_id):
             return f"welcome {session_id}\n".encode()
-        case Busy(reason):
-            return f"busy {reason}\n".encode()
         case Error(reason):
             return f"error {reason}\n".encode()
 
@@ -173,8 +136,6 @@ def decode(line: bytes) -> Message:
             return Auth(digest)
         case "welcome", session_id if is_token(session_id):
             return Welcome(session_id)
-        case "busy", reason if reason:
-            return Busy(reason)
         case "error", reason if reason:
             return Error(reason)
     raise ProtocolError(f"unknown command {word[:32]!r}")
@@ -209,12 +170,10 @@ async def write_message(writer: asyncio.StreamWriter, message: Message) -> None:
     await writer.drain()
 
 
-async def say_goodbye(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str, later: bool = False
-) -> None:
-    """Send `error <reason>` (`busy <reason>` if `later`) so that the peer gets to read it (the caller then closes)."""
+async def say_goodbye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str) -> None:
+    """Send `error <reason>` in a way the peer really gets to read it (the caller then closes)."""
     with contextlib.suppress(OSError):  # the peer may be gone already
-        await write_message(writer, Busy(reason) if later else Error(reason))
+        await write_message(writer, Error(reason))
     await linger(reader, writer)
 
 

@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import socket
 import struct
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -51,16 +50,6 @@ READ_SIZE = 256 * 1024
 SCRATCH = memoryview(bytearray(READ_SIZE))
 
 
-@dataclass(frozen=True)
-class Timeouts:
-    """How long a relay may stay silent: both ways open, after one direction has ended, and (for an HTTP
-    user, `keepalive`) once its answer has been delivered and the next word is the user's."""
-
-    idle: float
-    half_closed: float
-    keepalive: float | None = None
-
-
 @dataclass
 class Flow:
     """One direction of a relay: how many bytes it carried, how they began, and whether it ended."""
@@ -75,13 +64,11 @@ class Stream(asyncio.BufferedProtocol):
 
     transport: asyncio.Transport | None = None
 
-    def __init__(self, timeouts: Timeouts) -> None:
+    def __init__(self) -> None:
         loop = asyncio.get_running_loop()
-        self.timeouts = timeouts
         self.mux: Mux | None = None  # set by Mux.open / Mux.attach
         self.stream_id = 0
         self.sent, self.received = Flow(), Flow()  # TCP -> tunnel, tunnel -> TCP
-        self.expired = ""  # why the watchdog ended the stream, if it did
         self.refusing = False  # the server is refusing this user (pages.refuse): what it sends is dropped
         self.reset_reason = ""  # why the stream was reset (by either side), if it was
         # Sending: bytes read from TCP, not yet framed; the peer's grant; the EOF still to send.
@@ -99,14 +86,11 @@ class Stream(asyncio.BufferedProtocol):
         self._writing_paused = False
         self._early: list[bytes] = []
         self.got_fin = False
-        self._their_turn = False  # the last bytes went to our TCP peer: the next word is its own (see _watch)
         # answered: None when the peer accepted the stream, a reason if it refused it (server side).
         self.answered: asyncio.Future[str | None] = loop.create_future()
         self.heard = loop.create_future()  # the first byte, EOF or loss of the TCP connection
         self.ended = loop.create_future()  # EOF or loss of the TCP connection
         self.closed = loop.create_future()  # the TCP connection is gone
-        self._last = time.monotonic()
-        self._timer: asyncio.TimerHandle | None = None
 
     # --- the TCP side ------------------------------------------------------------------------
 
@@ -116,7 +100,6 @@ class Stream(asyncio.BufferedProtocol):
         # Told "pause" whenever a write leaves bytes behind, "resume" when they are all gone:
         # that is when received bytes count as consumed (see _write).
         transport.set_write_buffer_limits(high=0)
-        self._watch()
         if self.reset_reason:  # reset while the client was still dialing the app
             self._abort()
             return
@@ -140,8 +123,6 @@ class Stream(asyncio.BufferedProtocol):
         self.data_received(bytes(SCRATCH[:nbytes]))  # a copy: the next read of any stream reuses SCRATCH
 
     def data_received(self, data: bytes | memoryview) -> None:
-        self._last = time.monotonic()
-        self._their_turn = False
         if not self.sent.head:
             # We keep a copy of the first bytes for the log and pass them on unchanged.
             self.sent.head = bytes(data[:HEAD_SIZE])
@@ -167,8 +148,6 @@ class Stream(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._heard()
         self._ended()
-        if self._timer is not None:
-            self._timer.cancel()
         if not (self.fin_sent and self.got_fin):  # lost before both directions ended cleanly
             self.reset(f"the connection was {'reset' if exc else 'closed'}")
         self._release()  # what the transport still held is gone with it
@@ -202,7 +181,6 @@ class Stream(asyncio.BufferedProtocol):
             return None
         if fin:
             self.fin_sent = self.sent.done = True
-            self._last = time.monotonic()  # a half-closed stream's clock starts now
         self._update_reading()
         return payload, fin
 
@@ -218,9 +196,7 @@ class Stream(asyncio.BufferedProtocol):
             overflow = f"{len(payload)} bytes overflow its window ({self.recv_window})"
             raise ProtocolError(f"stream {self.stream_id}: {overflow}")
         self.recv_window -= len(payload)
-        self._last = time.monotonic()
         if payload:
-            self._their_turn = True
             if len(self.received.head) < HEAD_SIZE:
                 # A copy (payload is a view: frames.Parser), over as many frames as it takes: a
                 # "100 Continue" comes alone, and the log wants the status that follows it.
@@ -371,30 +347,3 @@ class Stream(asyncio.BufferedProtocol):
     def _ended(self) -> None:
         if not self.ended.done():
             self.ended.set_result(None)
-
-    def _watch(self) -> None:
-        # The watchdog: a timer, not a task. Silent both ways for `idle`, or half-closed and
-        # silent for `half_closed`, and the stream is reset and its connection closed.
-        silence, limit = self._silence_limit()
-        remaining = self._last + limit - time.monotonic()
-        if remaining <= 0:
-            self.expired = f"{silence} for {limit:g}s"
-            self.reset(self.expired)
-            if self.transport is not None:
-                self.transport.abort()
-            return
-        # Never sleep past the shorter limits: a direction may end, or an answer come, meanwhile.
-        delay = min(remaining, self.timeouts.half_closed, self.timeouts.keepalive or remaining)
-        self._timer = asyncio.get_running_loop().call_later(delay, self._watch)
-
-    def _silence_limit(self) -> tuple[str, float]:
-        """What kind of silence this stream is in now, and how long it may last."""
-        if self.fin_sent or self.got_fin:
-            return "half-closed", self.timeouts.half_closed
-        if self.timeouts.keepalive is not None and self._their_turn:
-            # An HTTP user that has its answer and says nothing: a kept-alive connection waiting for
-            # a next request that may never come. One source held a tunnel's 4096 streams that way
-            # for the 600 s idle timeout (issue 23); nginx gives them 75 s. A user still waiting for
-            # its answer (a long poll) keeps the idle timeout.
-            return "idle after an answer", min(self.timeouts.keepalive, self.timeouts.idle)
-        return "idle", self.timeouts.idle

@@ -10,38 +10,30 @@ streams); here are the ports, the users, and what a user sees when the tunnel ca
 import argparse
 import asyncio
 import errno
+import functools
 import logging
 import os
-import socket
 import sys
 import time
-from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from . import auth, limits, pages
+from . import auth, pages
 from .budget import MEMORY_BUDGET, Budget, MiB
 from .cli import listen_port, positive_seconds, whole_number
 from .frames import INITIAL_WINDOW
-from .limits import Listener
 from .protocol import (
     CONTROL_PORT,
     DATA_LIMIT,
-    HALF_CLOSED_TIMEOUT,
     HEARTBEAT_TIMEOUT,
-    IDLE_TIMEOUT,
-    KEEPALIVE_TIMEOUT,
-    MAX_STREAMS,
-    MAX_STREAMS_PER_ADDRESS,
-    MAX_WAITING,
     NETWORK_TIMEOUT,
     PROXY_TIMEOUT,
     PUBLIC_PORT,
     TunnelError,
     printable,
 )
-from .relay import Stream, Timeouts
+from .relay import Stream
 from .session import Sessions
 
 log = logging.getLogger(__name__)
@@ -59,6 +51,18 @@ class Ports:
     public: int
 
 
+class User(Stream):
+    """A connection to the public port: a Stream that, once connected, is served in a task of its own."""
+
+    def __init__(self, serve: Callable[[Stream], None]) -> None:
+        super().__init__()
+        self._serve = serve
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._serve(self)  # now: the task may use the transport from its first line on
+
+
 class Server:
     """The tunnel server: one tunnel connection from the client, many public users, one stream per user."""
 
@@ -69,22 +73,11 @@ class Server:
         *,
         secret: str | None = None,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
-        max_waiting: int = MAX_WAITING,
-        idle_timeout: float = IDLE_TIMEOUT,
-        half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
-        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
-        max_streams_per_address: int = MAX_STREAMS_PER_ADDRESS,
         memory_budget: int = MEMORY_BUDGET,
     ) -> None:
         self.proxy_timeout = proxy_timeout  # a user waits this long for the client to accept its stream
-        # For silent streams, and for users silent after their answer: see relay.py.
-        self.timeouts = Timeouts(idle_timeout, half_closed_timeout, keepalive_timeout)
-        self.max_waiting = max_waiting
-        self.max_streams_per_address = max_streams_per_address
-        self.streams_from: Counter[str] = Counter()  # the users' streams open now, per source address
-        self.waiting = 0  # users whose stream the client has not accepted yet
         self.budget = Budget(memory_budget)  # every stream's window, together (budget.py)
-        self._listeners: list[Listener] = []
+        self._listeners: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
         # The client's session, if one is connected (see session.py).
         self._sessions = Sessions(secret, handshake_timeout, heartbeat_timeout)
@@ -96,50 +89,54 @@ class Server:
         public_port: int = PUBLIC_PORT,
     ) -> Ports:
         """Bind the two ports (0 = any free port) and return the real ones; TunnelError if one is taken."""
-        before, fd_limit = limits.raise_fd_limit()
-        slots = limits.slots_for(fd_limit)
-        roles = (("control", control_port, self._handle_control), ("public", public_port, self._handle_public))
+        roles = (("control", control_port, self._listen_control), ("public", public_port, self._listen_public))
         try:
-            for role, port, handler in roles:
+            for role, port, start in roles:
                 try:
-                    sock = limits.bind(host, port, BACKLOG)
+                    listener = await start(host, port)
                 except OSError as exc:
                     raise TunnelError(listen_error(exc, role, host, port)) from None
-                self._listeners.append(Listener(role, sock, slots[role], handler))
+                self._listeners.append(listener)
         except BaseException:
             for listener in self._listeners:  # don't keep half of the ports open
-                listener.sock.close()
+                listener.close()
             self._listeners.clear()  # so that listen() can be tried again (the demo does)
             raise
         # Log only once both are bound, so that a failed start prints just its error.
-        for listener in self._listeners:
-            bound_host, bound_port = listener.sock.getsockname()[:2]
-            log.info("%s port listening on %s:%d", listener.role, bound_host, bound_port)
-        raised = f" (raised from {before})" if fd_limit > before else ""
-        shares = ", ".join(f"{role} {count}" for role, count in slots.items())
-        log.info("file descriptor limit: %d%s; connection slots: %s", fd_limit, raised, shares)
+        addresses = [listener.sockets[0].getsockname()[:2] for listener in self._listeners]
+        for role, (bound_host, bound_port) in zip(("control", "public"), addresses, strict=True):
+            log.info("%s port listening on %s:%d", role, bound_host, bound_port)
         for warning in (
             auth.exposure_warning(host, self._sessions.secret),
             auth.strength_warning(self._sessions.secret),
         ):
             if warning:
                 log.warning("%s", warning)
-        return Ports(*(int(listener.sock.getsockname()[1]) for listener in self._listeners))
+        return Ports(*(int(port) for _, port in addresses))
 
     async def serve(self) -> None:
         """Serve until cancelled (Ctrl-C, a test); then close every connection and return."""
         assert self._listeners, "call listen() first"
-        accepting = [asyncio.create_task(listener.serve(self._spawn)) for listener in self._listeners]
         try:
-            await asyncio.gather(*accepting)  # they accept until cancelled
+            await asyncio.Event().wait()  # the listeners accept on their own; we just wait
         finally:
-            for task in accepting:  # stop accepting first, then end the connections in flight
-                task.cancel()
-            for listener in self._listeners:
-                listener.sock.close()
+            for listener in self._listeners:  # stop accepting first, then end the connections in flight
+                listener.close()
             for task in self._tasks:
                 task.cancel()
-            await asyncio.gather(*accepting, *self._tasks, return_exceptions=True)
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _listen_control(self, host: str, port: int) -> asyncio.Server:
+        # The tunnel connection carries frames after the handshake: a big buffer limit keeps reads
+        # large (DATA_LIMIT). read_message still refuses a handshake line over MAX_LINE.
+        return await asyncio.start_server(
+            lambda r, w: self._spawn(self._sessions.handle_control(r, w)), host, port, limit=DATA_LIMIT, backlog=BACKLOG
+        )
+
+    async def _listen_public(self, host: str, port: int) -> asyncio.Server:
+        # Each user's connection is a Stream (relay.py), an asyncio Protocol: asyncio makes one per connection.
+        user = functools.partial(User, lambda stream: self._spawn(self._handle_public(stream)))
+        return await asyncio.get_running_loop().create_server(user, host, port, backlog=BACKLOG)
 
     def _spawn(self, coro: Coroutine[None, None, None]) -> None:
         # Keep a strong reference to every task: the event loop holds only a weak
@@ -148,25 +145,13 @@ class Server:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _handle_control(self, conn: socket.socket) -> None:
-        # The tunnel connection carries frames after the handshake: a big buffer limit keeps reads
-        # large (DATA_LIMIT). read_message still refuses a handshake line over MAX_LINE.
-        reader, writer = await limits.streams(conn, DATA_LIMIT)
-        try:
-            await self._sessions.handle_control(reader, writer)
-        finally:
-            writer.close()
-            await writer.wait_closed()
-
-    async def _handle_public(self, conn: socket.socket) -> None:
-        stream = Stream(self.timeouts)
-        await asyncio.get_running_loop().connect_accepted_socket(lambda: stream, conn)
+    async def _handle_public(self, stream: Stream) -> None:
         try:
             await self._serve_user(stream)
         finally:
             if stream.transport is not None:
                 stream.transport.close()  # sends what is still buffered first
-            await stream.closed  # the slot is free once the descriptor is
+            await stream.closed
 
     async def _serve_user(self, stream: Stream) -> None:
         """One public connection: open a stream for it on the client's connection, and log it when it ends."""
@@ -177,16 +162,6 @@ class Server:
             # A page that names the cause tells the user more than a closed connection.
             await self._refuse(stream, peer, 502, "no tunnel client is connected to this server")
             return
-        if self.waiting >= self.max_waiting:  # bounded: a flood of users must not pile up here
-            await self._refuse(stream, peer, 503, "too many users are waiting; try again soon")
-            return
-        source = auth.source(stream.transport.get_extra_info("peername")[0])
-        if self.streams_from[source] >= self.max_streams_per_address:
-            # A share of the tunnel per source: one script (or one crowd behind a NAT) must not take
-            # every stream and leave every other user a 502.
-            await self._refuse(stream, peer, 503, f"too many connections from {source} at once; close some first")
-            return
-        hold(self.streams_from, source, stream.closed)
         try:  # the stream's first window must fit in the memory budget: the user waits for it
             async with asyncio.timeout(self.proxy_timeout):
                 await self.budget.reserve(INITIAL_WINDOW)
@@ -202,22 +177,14 @@ class Server:
         stream_id = mux.open(stream)
         who = f"{peer}: stream {stream_id}"
         log.debug("%s: opened", who)
-        self.waiting += 1
         try:
             async with asyncio.timeout(self.proxy_timeout):
-                # Not the answer alone: a user who hung up (EOF) without a byte waits for nothing, and a burst of
-                # those would fill the room and turn real users away. One who sent bytes may have only half-closed.
-                await asyncio.wait((stream.answered, stream.ended), return_when=asyncio.FIRST_COMPLETED)
-                if not stream.answered.done() and not stream.sent.copied:
-                    stream.reset("the user hung up before the tunnel client answered")
                 refusal = await asyncio.shield(stream.answered)
         except TimeoutError:
             cause = f"the tunnel client did not accept the stream within {self.proxy_timeout:g}s"
             stream.reset(cause)
             await self._refuse(stream, who, 504, cause)
             return
-        finally:
-            self.waiting -= 1
         if refusal is not None:  # the client could not reach its local app, or went away
             if not stream.closed.done():
                 await self._refuse(stream, who, 502, refusal)
@@ -226,8 +193,7 @@ class Server:
         elapsed = time.monotonic() - started
         # The request log: one line per public connection, like ngrok's list of requests.
         request = pages.summary(stream.sent.head, stream.received.head)
-        ended = stream.expired or (stream.reset_reason if stream.reset_reason else "")
-        ended = f" (closed: {ended})" if ended else ""
+        ended = f" (closed: {stream.reset_reason})" if stream.reset_reason else ""
         up, down = stream.sent.copied, stream.received.copied
         log.info("%s %s, %d bytes up, %d bytes down, %.3fs%s", who, request, up, down, elapsed, ended)
 
@@ -235,18 +201,6 @@ class Server:
     async def _refuse(stream: Stream, who: str, status: int, cause: str) -> None:
         sent = await pages.refuse(stream, status, cause)
         log.warning("%s: %s; %s", who, printable(cause.encode()), f"sent a {status} page" if sent else "closed")
-
-
-def hold(counts: Counter[str], source: str, until: asyncio.Future[None]) -> None:
-    """Count one more stream for `source`, until `until` (the stream's `closed`) is done."""
-    counts[source] += 1
-
-    def release(_: asyncio.Future[None]) -> None:
-        counts[source] -= 1
-        if not counts[source]:
-            del counts[source]  # the sources connected now, not every source ever seen
-
-    until.add_done_callback(release)
 
 
 def peername(transport: asyncio.BaseTransport) -> str:
@@ -292,9 +246,6 @@ def main() -> None:
     for flag, seconds, what in (
         ("proxy-timeout", PROXY_TIMEOUT, "how long a user waits for the client to accept its stream"),
         ("heartbeat-timeout", HEARTBEAT_TIMEOUT, "silence after which the client counts as gone"),
-        ("idle-timeout", IDLE_TIMEOUT, "close a user's stream after this long with no byte either way"),
-        ("half-closed-timeout", HALF_CLOSED_TIMEOUT, "close a half-closed stream after this long silent"),
-        ("keepalive-timeout", KEEPALIVE_TIMEOUT, "close an HTTP user's connection silent this long after its answer"),
     ):
         parser.add_argument(
             f"--{flag}",
@@ -303,13 +254,6 @@ def main() -> None:
             metavar="SECONDS",
             help=f"{what} (default: %(default)s)",
         )
-    parser.add_argument(
-        "--max-streams-per-address",
-        type=whole_number(1, MAX_STREAMS),
-        default=MAX_STREAMS_PER_ADDRESS,
-        metavar="N",
-        help="the most connections one address (an IPv6 /64) may have open to a tunnel (default: %(default)s)",
-    )
     parser.add_argument(
         "--memory-budget",
         type=whole_number(16, 1024 * 1024),
@@ -333,10 +277,6 @@ def main() -> None:
             "proxy_timeout": args.proxy_timeout,
             "secret": args.secret,
             "heartbeat_timeout": args.heartbeat_timeout,
-            "idle_timeout": args.idle_timeout,
-            "half_closed_timeout": args.half_closed_timeout,
-            "keepalive_timeout": args.keepalive_timeout,
-            "max_streams_per_address": args.max_streams_per_address,
             "memory_budget": args.memory_budget * MiB,
         }
         asyncio.run(run(args.host, ports, **options))

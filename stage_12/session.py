@@ -3,9 +3,7 @@
 Stage 3's control connection, which now carries everything: after the handshake, this module
 runs a Mux on it (mux.py), and the server opens a stream on it for each user.
 
-- Auth: only a client that knows the secret gets in (the handshake is in auth.py). An address
-  that guessed wrong too often is told `busy`, unless its hello brings a session id we gave out:
-  a stranger behind our client's NAT must not keep our client out.
+- Auth: only a client that knows the secret gets in (the handshake is in auth.py).
 - One tunnel, never locked out: a second client is refused while one is connected, but the
   *same* client coming back (it presents the session id we gave it) takes over at once. Its
   old connection may still look alive to us: a laptop whose Wi-Fi dropped sends no FIN.
@@ -16,7 +14,6 @@ runs a Mux on it (mux.py), and the server opens a stream on it for each user.
 """
 
 import asyncio
-import functools
 import logging
 import secrets
 from dataclasses import dataclass
@@ -26,10 +23,8 @@ from .mux import Mux
 from .protocol import (
     HEARTBEAT_TIMEOUT,
     NETWORK_TIMEOUT,
-    AuthError,
     Hello,
     Refused,
-    TryLater,
     TunnelError,
     Welcome,
     say_goodbye,
@@ -63,10 +58,6 @@ class Sessions:
         self.handshake_timeout = handshake_timeout
         self.heartbeat_timeout = heartbeat_timeout
         self.current: Session | None = None
-        self.throttle = auth.Throttle()  # slows down anyone guessing the secret
-        # The id of the last session we gave out, even once its connection is gone: presenting it
-        # proves that a client got in before (128 random bits can't be guessed), so it is not throttled.
-        self.known: str | None = None
 
     @property
     def mux(self) -> Mux | None:
@@ -78,20 +69,14 @@ class Sessions:
         host, port = writer.get_extra_info("peername")[:2]
         peer, session, mux = f"{host}:{port}", None, None
         try:
-            screen = functools.partial(self._screen, host)  # the throttle, once the hello is read
-            hello = await auth.server_handshake(reader, writer, self.secret, self.handshake_timeout, screen)
+            hello = await auth.server_handshake(reader, writer, self.secret, self.handshake_timeout)
             session = self._admit(hello, peer, writer)
             # The welcome is the last line: from here on, both sides speak frames (frames.py).
             mux = Mux(reader, writer, peer="the client", heartbeat_timeout=self.heartbeat_timeout)
             await write_message(writer, Welcome(session.session_id))
             session.mux = mux
             await mux.run()  # until the client leaves, falls silent or breaks the protocol
-        except TryLater as exc:  # a throttled address: not now, which is not never (see _screen)
-            log.warning("%s: %s; told to try later", peer, exc)
-            await say_goodbye(reader, writer, str(exc), later=True)
         except TunnelError as exc:  # a wrong secret, a second client, a bad frame
-            if isinstance(exc, AuthError):
-                self.throttle.failed(host)
             # Tell the peer what went wrong, then hang up: a confused peer must
             # not be able to keep a connection (and its buffer) alive.
             log.warning("%s: %s; closing", peer, exc)
@@ -111,13 +96,6 @@ class Sessions:
                 log.info("%s: tunnel connection closed; the tunnel is free", peer)
             writer.close()
 
-    def _screen(self, host: str, hello: Hello) -> None:
-        """Before the challenge: turn away (TryLater) an address that guessed wrong too often."""
-        # ...unless the hello brings the id of a session we gave out: its client knew the secret,
-        # and must get back in whatever a stranger behind the same address (a NAT) has tried.
-        if not (hello.session_id and secrets.compare_digest(hello.session_id, self.known or "")):
-            self.throttle.check(host)
-
     def _admit(self, hello: Hello, peer: str, writer: asyncio.StreamWriter) -> Session:
         """Give the tunnel to this connection, or raise Refused if another client holds it."""
         task = asyncio.current_task()
@@ -126,7 +104,6 @@ class Sessions:
         if current is None:
             # 128 random bits: a session id is a key to the tunnel, so it must not be guessable.
             self.current = Session(secrets.token_hex(16), peer, writer, task)
-            self.known = self.current.session_id
             log.info("%s: client connected (session %s)", peer, self.current.session_id[:8])
             return self.current
         # compare_digest, as in auth.py: no timing hints about a secret id.

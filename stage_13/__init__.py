@@ -1,6 +1,6 @@
-"""Stage 13: many clients on one server, each with a tunnel of its own: the public port, or a TCP port.
+"""Stage 13: limits: descriptors, timeouts and bounds, so that no user can take the tunnel from the others.
 
-Layout (new in stage 13: tunnels.py):
+Layout (new in stage 13: limits.py; relay.py gains the idle and half-closed timeouts):
 
 - `protocol.py`: the handshake's text lines (`hello`, `challenge`, `auth`, `welcome`); every
   timeout and limit, in one place.
@@ -12,16 +12,16 @@ Layout (new in stage 13: tunnels.py):
 - `relay.py`: `Stream`, one user's TCP connection (or the local app's) joined to one stream,
   with flow control both ways and the idle and half-closed timeouts.
 - `budget.py`: the memory budget: every stream's window counted in one stated total.
-- `tunnels.py`: who holds the public port and which TCP port; the TCP tunnels' ports.
-- `session.py`: the server's side of each client's connection: admit, resume, keep for a while, expire.
+- `session.py`: the server's side of the tunnel connection: one client at a time, a reconnecting
+  client resumes its session at once, a silent one is dropped.
 - `pages.py`: the 502/503/504 pages an HTTP user gets when the tunnel can't serve them, and the
   request log's summary of each request.
-- `limits.py`: the descriptor limit, and accept loops with slots shared by every port of the users.
-- `server.py`: the control port, the public port, the TCP tunnels' users; `python3 -m stage_13.server`.
+- `limits.py`: the descriptor limit, and accept loops with slots.
+- `server.py`: the control and public ports; `python3 -m stage_13.server` runs it.
 - `backoff.py`, `cli.py`: the wait between reconnect attempts; the command lines' argument types.
 - `private.py`: the client's side of one user: the private connection to the local app.
 - `client.py`: keeps the tunnel connection up and relays every stream to the local app;
-  `python3 -m stage_13.client LOCAL [SERVER] [--tcp]` runs it.
+  `python3 -m stage_13.client LOCAL [SERVER]` runs it.
 - `demo_app.py` and `__main__.py`: `python3 -m stage_13` runs a demo app, the server and the
   client on this machine and prints the public URL.
 """

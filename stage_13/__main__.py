@@ -4,8 +4,7 @@ It runs three things in one process, all on 127.0.0.1: a demo local app (demo_ap
 server and the client, which share a fresh random secret. Then it prints the public URL: open
 it in a browser or curl it, and the demo app's page comes back through the tunnel. In real use
 the server runs on a machine the internet can reach and the client next to your app: see the
-page of this stage in the docs. It also prints the command that adds a second client, with a
-TCP tunnel of its own: one server, many clients.
+page of this stage in the docs.
 """
 
 import argparse
@@ -37,8 +36,8 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         await app.listen(HOST, app_port)
     except OSError as exc:
         raise TunnelError(listen_error(exc, "app", HOST, app_port)) from None
-    secret = secrets.token_hex(16)  # known to the server and the clients (shown to you for a second one)
-    server = Server(secret=secret, domain=HOST)  # the URLs name 127.0.0.1, where the demo listens
+    secret = secrets.token_hex(16)  # known to the server and the client, and to nobody else
+    server = Server(secret=secret)
     try:
         ports = await server.listen(HOST, control_port, public_port)
     except TunnelError as exc:
@@ -65,9 +64,6 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
             f"  try it:   curl {url}hello   (or open the URL in a browser)\n"
             f"  the path: you -> server (public port {ports.public}) -> client -> "
             f"demo app ({HOST}:{app.address[1]}), and back\n"
-            "  a second client, a TCP tunnel of its own to an app of yours on port 8000:\n"
-            f"    NGROK_SECRET={secret} python3 -m {__package__}.client localhost:8000 {HOST} "
-            f"--control-port {ports.control} --tcp\n"
             "  press Ctrl-C to stop\n",
             flush=True,
         )

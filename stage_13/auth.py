@@ -5,10 +5,10 @@ and the client answers with HMAC-SHA256(secret, nonce) (`auth <hmac>`). Only som
 the secret can compute the answer, and an answer someone overheard is useless later: the next
 connection gets a different nonce.
 
-    client: hello <kind> [<tunnel> [<session_id>]]
+    client: hello [<session_id>]
     server: challenge <nonce>     only when the server has a secret
     client: auth <hmac>
-    ...the server then sends `welcome <session_id> <tunnel> <url>` or `error <reason>` (see session.py)
+    ...the server then sends `welcome <session_id>` or `error <reason>` (see session.py)
 
 A server can also answer `busy <reason>` (not now) instead of a challenge: the throttle below turns
 away an address that guessed wrong too often. That is not a verdict on the client, which may share
@@ -106,17 +106,17 @@ async def client_handshake(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     secret: str | None,
-    hello: Hello,
+    session_id: str | None = None,
     timeout: float = NETWORK_TIMEOUT,
 ) -> Welcome:
-    """Say hello (the tunnel wanted, and the session to resume if any), answer a challenge, return the welcome.
+    """Say hello (resuming `session_id` if given), answer a challenge if one comes, return the welcome.
 
     Raises AuthError or Refused when the server says no (retrying would not help), ProtocolError
     for a peer that does not speak our protocol, TimeoutError or OSError for network trouble,
     TryLater when it says not now (retrying later will help).
     """
     async with asyncio.timeout(timeout):
-        await write_message(writer, hello)
+        await write_message(writer, Hello(session_id))
         reply = await read_message(reader)
         if isinstance(reply, Challenge):
             if not secret:

@@ -70,13 +70,3 @@ def port(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
     return int(text)
-
-
-def port_range(text: str) -> tuple[int, int] | None:
-    """argparse type for --tcp-ports: 'LOW-HIGH', two ports from 1 to 65535, LOW <= HIGH; '0': any (None)."""
-    if text == "0":
-        return None  # as for every port flag: 0 is any free port
-    low, sep, high = text.partition("-")
-    if not sep or not low.isdigit() or not high.isdigit() or not 1 <= int(low) <= int(high) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected LOW-HIGH, ports from 1 to 65535, or 0 for any, got {text!r}")
-    return int(low), int(high)

@@ -1,16 +1,13 @@
-"""Stage 13 client: a tunnel of its own on a shared server: its public port, or a TCP port.
+"""Stage 13 client: carry every user from the server to the local app, and keep the tunnel up.
 
-python3 -m stage_13.client localhost:8000                                 # http://localhost:60624/
-python3 -m stage_13.client localhost:22 tunnel.example.com --tcp          # a public TCP port for ssh
+python3 -m stage_13.client localhost:8000                 # the server on localhost
+python3 -m stage_13.client localhost:8000 my.server       # with NGROK_SECRET set on both sides
 
 One connection to the server carries everything. The server opens a stream on it for each user
 (a SYN frame); the client dials the local app (the private connection) and relays the stream
 into it. Heartbeats show that the server is still there; when the connection is lost, the
 client reconnects with backoff and resumes its session. The users' streams end with the lost
 connection: they ran inside it (in stage 3 each user had a proxy connection of its own).
-
-The client asks for a tunnel in its hello (the public port, or a TCP port), and the server answers
-with its URL. Resuming, it asks for the same tunnel again, with its session id, and so keeps its port.
 """
 
 import argparse
@@ -31,7 +28,6 @@ from .protocol import (
     HEARTBEAT_INTERVAL,
     HEARTBEAT_TIMEOUT,
     IDLE_TIMEOUT,
-    Hello,
     Refused,
     TunnelError,
 )
@@ -49,7 +45,6 @@ class Client:
         server: str = "localhost",
         control_port: int = CONTROL_PORT,
         *,
-        tcp: bool = False,
         secret: str | None = None,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
@@ -60,11 +55,6 @@ class Client:
         self.local = local
         self.server = server
         self.control_port = control_port
-        self.kind = "tcp" if tcp else "http"
-        # The tunnel we got (a port): asked for again when we reconnect, with the session id,
-        # so that we get it back. Its URL, for users.
-        self.tunnel: str | None = None
-        self.url: str | None = None
         self.secret = secret or None  # an empty secret would be no secret at all
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
@@ -88,9 +78,8 @@ class Client:
                 try:
                     reader, writer = await self._connect()
                     try:
-                        hello = Hello(self.kind, self.tunnel, self.session_id)
-                        welcome = await auth.client_handshake(reader, writer, self.secret, hello)
-                        self.session_id, self.tunnel, self.url = welcome.session_id, welcome.tunnel, welcome.url
+                        welcome = await auth.client_handshake(reader, writer, self.secret, self.session_id)
+                        self.session_id = welcome.session_id
                         attempt = 0  # we got in: after the next outage, start again with a short wait
                         await self._serve_control(reader, writer)
                     finally:
@@ -118,7 +107,7 @@ class Client:
 
     async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Relay the server's streams and send heartbeats; raise TunnelError when the connection is lost."""
-        log.info("tunnel up: %s -> %s:%d", self.url, *self.local)
+        log.info("tunnel up: the server at %s:%d sends its users to %s:%d", self.server, self.control_port, *self.local)
         # The server answers every ping, so a silence longer than heartbeat_timeout means it (or
         # the network on the way) is gone, even if TCP has not noticed (Mux.run raises TimeoutError).
         mux = Mux(
@@ -133,11 +122,6 @@ class Client:
         try:
             await mux.run()
             raise TunnelError("the server closed the connection")
-        except asyncio.CancelledError:
-            # Stopped (Ctrl-C): say goodbye, so that the server frees our port at once instead of
-            # keeping it for the resume window (a client started again would find it taken).
-            await mux.goodbye("the client stopped")
-            raise
         finally:
             self.connected.clear()
 
@@ -156,7 +140,7 @@ class Client:
 
 
 def main() -> None:
-    """Command line: python3 -m stage_13.client LOCAL [SERVER] [--tcp] ..."""
+    """Command line: python3 -m stage_13.client LOCAL [SERVER] [--control-port P] [--secret S] ..."""
     parser = argparse.ArgumentParser(
         prog=f"python3 -m {__package__}.client",
         description="Open a tunnel from a stage 13 server to LOCAL, the app on this machine that users should reach.",
@@ -172,9 +156,6 @@ def main() -> None:
     )
     parser.add_argument(
         "--control-port", type=port, metavar="PORT", help=f"the server's control port (default: {CONTROL_PORT})"
-    )
-    parser.add_argument(
-        "--tcp", action="store_true", help="a TCP tunnel: a public port of its own (default: the server's public port)"
     )
     parser.add_argument(
         "--secret",
@@ -207,7 +188,6 @@ def main() -> None:
         args.local,
         server,
         server_port or args.control_port or CONTROL_PORT,
-        tcp=args.tcp,
         secret=args.secret,
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,

@@ -24,14 +24,11 @@ from collections.abc import Callable, Coroutine
 
 log = logging.getLogger(f"{__package__}.server")
 
-# Connections the kernel queues for us before we accept them. asyncio's default
-# of 100 makes a burst of users (200 browser tabs at once) wait for a SYN retry.
-BACKLOG = 1024
 # Descriptors kept back for what is not an accepted connection: stdio, the listening
 # sockets, the log file, a DNS lookup's socket.
 RESERVE = 32
-# The control port's share of the descriptors: one in CONTROL_SHARE (see slots_for).
-CONTROL_SHARE = 8
+# The control port needs few slots: one client, plus handshakes that time out quickly.
+CONTROL_SLOTS = 16
 # accept() errors that mean "out of resources", not "this one connection failed".
 EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # How long to wait before accepting again after such an error (not a spin: a pause).
@@ -54,34 +51,24 @@ def raise_fd_limit() -> tuple[int, int]:
 
 
 def slots_for(fd_limit: int) -> dict[str, int]:
-    """Share the descriptors between the control port and the users.
+    """Share the descriptors between the two ports.
 
-    Stage 12 had one client, so the control port needed a handful of slots. Now every client holds
-    one control connection: an eighth of the descriptors goes to them, the rest to the users of
-    the public port and of the TCP tunnels' ports (see Slots).
+    Stage 3 also spent a proxy connection, one per user. Stage 13 has none: a user
+    costs the server one descriptor, so the public port gets all the rest.
     """
-    usable = max(fd_limit - RESERVE, 2 * CONTROL_SHARE)
-    control = usable // CONTROL_SHARE
+    usable = max(fd_limit - RESERVE, 2 * 4)
+    control = min(CONTROL_SLOTS, usable // 4)
     return {"control": control, "public": usable - control}
 
 
-class Slots:
-    """A share of the descriptors: one slot per connection. The public port and every TCP tunnel's
-    port draw on the same share: a thousand users of one TCP tunnel count as much as of the HTTP port."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-        self.free = asyncio.Semaphore(count)
-
-
 class Listener:
-    """One listening port: accepts connections while its share has free slots, and runs `handler` on each."""
+    """One listening port: accepts connections while it has free slots, and runs `handler` on each."""
 
-    def __init__(self, role: str, sock: socket.socket, slots: Slots, handler: Handler) -> None:
+    def __init__(self, role: str, sock: socket.socket, slots: int, handler: Handler) -> None:
         self.role = role
         self.sock = sock
         self.slots = slots
-        self._free = slots.free
+        self._free = asyncio.Semaphore(slots)
         self._handler = handler
         self._last_report, self._full_count = -REPORT_EVERY, 0  # see _report_full
 
@@ -120,7 +107,7 @@ class Listener:
                 "%s port: all %d connection slots are in use (the file descriptor limit is near); "
                 "new connections wait in the kernel's queue (%d times since the last report)",
                 self.role,
-                self.slots.count,
+                self.slots,
                 self._full_count,
             )
             self._last_report, self._full_count = now, 0

@@ -31,7 +31,7 @@ from typing import Protocol
 
 from . import frames
 from .frames import ACK, DATA, FIN, GO_AWAY, HEADER, MAX_FRAME, PING, RST, SYN, WINDOW_UPDATE, Frame, encode
-from .protocol import LINGER, MAX_LINE, MAX_STREAMS, GoneAway, ProtocolError, TunnelError, printable
+from .protocol import LINGER, MAX_LINE, MAX_STREAMS, ProtocolError, TunnelError, printable
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ class Mux(asyncio.Protocol):
                 self._send(encode(PING, ACK, 0, payload))  # the answer: the same 8 bytes
             return
         if kind == GO_AWAY:
-            raise GoneAway(f"{self.peer} closed the tunnel: {printable(bytes(payload))}")
+            raise TunnelError(f"{self.peer} closed the tunnel: {printable(bytes(payload))}")
         stream = self.streams.get(stream_id)
         if flags & SYN:
             if self._on_open is None:

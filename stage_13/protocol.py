@@ -1,18 +1,13 @@
 """Wire format of the tunnel connection's handshake: one message per line of text; every limit and timeout.
 
-Each client has one connection to the server. It starts as stage 3's control
-connection did, with a handshake in text lines, readable and speakable with `nc`:
+Stage 13 has one connection between the client and the server. It starts as stage 3's control
+connection did, in text lines readable and speakable with `nc`, with a handshake:
 
-    client: hello http [<port> [<session_id>]]    the server's public port, if no client holds it
-            hello tcp [<port> [<session_id>]]     a public TCP port of its own (ssh, a database)
-    server: challenge <nonce>                     (only if the server has a secret; see auth.py)
+    client: hello [<session_id>]      (the session id only when reconnecting)
+    server: challenge <nonce>         (only if the server has a secret; see auth.py)
     client: auth <hmac>
-    server: welcome <session_id> <tunnel> <url>   (tunnel: the port it got)
-            or `error <reason>`, then the server hangs up
-            or `busy <reason>`: not now, try again later
-
-Without a port, the server picks one. A reconnecting client names the tunnel it had
-and its session id: that proves it is the same client, so it gets its tunnel back.
+    server: welcome <session_id>      (or `error <reason>`, then the server hangs up; or
+                                      `busy <reason>`: not now, try again later)
 
 After `welcome`, both sides speak binary frames on the same connection (frames.py): the
 heartbeats, and every user's bytes as a stream of its own. Nothing follows `auth` until
@@ -66,19 +61,6 @@ TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 DATA_LIMIT = 256 * 1024
 # How long a closing connection keeps swallowing input so that our last words arrive.
 LINGER = 1.0
-# A tunnel whose client's connection ended stays reserved this long, so that the client
-# can come back (a Wi-Fi hiccup, a laptop lid) and keep its port; then the port is free.
-# WHY 5 minutes (it was 30 s): a client away 45 s, its heartbeat timeout and 30 s, lost its tunnel
-# to the first stranger who asked (issue 23). 5 minutes covers an outage of the Wi-Fi or of the
-# line, a laptop closed for a coffee, a train through a tunnel. A client that stops on purpose
-# says goodbye and frees its port at once.
-RESUME_WINDOW = 300.0
-# At most this many tunnels at once, held or kept for a client to resume. Each TCP tunnel holds
-# a listening socket, and a client that connects and leaves in a loop would otherwise pile up
-# kept tunnels (one per RESUME_WINDOW) until the server ran out of descriptors.
-MAX_TUNNELS = 1024
-# The two kinds of tunnel: the public port (HTTP users), or a TCP port of the tunnel's own.
-KINDS = ("http", "tcp")
 
 
 class TunnelError(Exception):
@@ -87,10 +69,6 @@ class TunnelError(Exception):
 
 class ProtocolError(TunnelError):
     """The peer sent something that breaks the protocol."""
-
-
-class GoneAway(TunnelError):
-    """The peer said goodbye (a GO_AWAY frame): it ends the connection on purpose, e.g. a client stopped."""
 
 
 class Refused(TunnelError):
@@ -107,10 +85,8 @@ class TryLater(TunnelError):
 
 @dataclass(frozen=True)
 class Hello:
-    """Client -> server, the first line: `hello <kind> [<tunnel> [<session_id>]]`."""
+    """Client -> server, the first line of a control connection: `hello` or `hello <session_id>`."""
 
-    kind: str = "http"
-    tunnel: str | None = None  # the port asked for; None: the server picks
     session_id: str | None = None
 
 
@@ -130,11 +106,9 @@ class Auth:
 
 @dataclass(frozen=True)
 class Welcome:
-    """Server -> client, the handshake succeeded: `welcome <session_id> <tunnel> <url>`."""
+    """Server -> client, the handshake succeeded: `welcome <session_id>`."""
 
     session_id: str
-    tunnel: str
-    url: str
 
 
 @dataclass(frozen=True)
@@ -161,14 +135,16 @@ Message = Hello | Challenge | Auth | Welcome | Busy | Error
 def encode(message: Message) -> bytes:
     """The exact bytes of one message on the wire, newline included."""
     match message:
-        case Hello(kind, tunnel, session_id):
-            return " ".join(word for word in ("hello", kind, tunnel, session_id) if word).encode() + b"\n"
+        case Hello(None):
+            return b"hello\n"
+        case Hello(session_id):
+            return f"hello {session_id}\n".encode()
         case Challenge(nonce):
             return f"challenge {nonce}\n".encode()
         case Auth(digest):
             return f"auth {digest}\n".encode()
-        case Welcome(session_id, tunnel, url):
-            return f"welcome {session_id} {tunnel} {url}\n".encode()
+        case Welcome(session_id):
+            return f"welcome {session_id}\n".encode()
         case Busy(reason):
             return f"busy {reason}\n".encode()
         case Error(reason):
@@ -186,21 +162,17 @@ def decode(line: bytes) -> Message:
         # to a log or terminal could forge lines there.
         raise ProtocolError("line has control characters")
     word, _, rest = text.partition(" ")
-    match word, rest.split(" "):  # the hello and the welcome have several words...
-        case "hello", [kind, *more] if kind in KINDS and len(more) <= 2:
-            tunnel, session_id = (*more, None, None)[:2]  # each may be left out
-            if tunnel is not None and not is_tunnel(kind, tunnel):
-                raise ProtocolError(f"not a valid {kind} tunnel: {tunnel[:64]!r}")
-            if session_id is not None and not is_token(session_id):
-                raise ProtocolError("not a valid session id")
-            return Hello(kind, tunnel, session_id)
-        case "welcome", [session_id, tunnel, url] if is_token(session_id) and is_token(tunnel):
-            return Welcome(session_id, tunnel, url)
-    match word, rest:  # ...the others one token, or a reason of any words
+    match word, rest:
+        case "hello", "":
+            return Hello()
+        case "hello", session_id if is_token(session_id):
+            return Hello(session_id)
         case "challenge", nonce if is_token(nonce):
             return Challenge(nonce)
         case "auth", digest if is_token(digest):
             return Auth(digest)
+        case "welcome", session_id if is_token(session_id):
+            return Welcome(session_id)
         case "busy", reason if reason:
             return Busy(reason)
         case "error", reason if reason:
@@ -211,11 +183,6 @@ def decode(line: bytes) -> Message:
 def is_token(text: str) -> bool:
     """True for an id, nonce or digest: one word of 1 to 128 letters, digits, '-' or '_'."""
     return TOKEN.fullmatch(text) is not None
-
-
-def is_tunnel(kind: str, text: str) -> bool:
-    """True if `text` can name a tunnel of this kind: a port, for both (http: the public port)."""
-    return text.isdigit() and 1 <= int(text) <= 65535
 
 
 async def read_message(reader: asyncio.StreamReader) -> Message | None:

@@ -1,12 +1,10 @@
-"""Stage 13 server: many clients, each with a tunnel of its own: the public port, or a TCP port.
+"""Stage 13 server: relay every public connection through the client to the local app, as a stream.
 
-python3 -m stage_13.server
-python3 -m stage_13.client localhost:8000            # the first client: then curl http://localhost:60624/
-python3 -m stage_13.client localhost:8001 --tcp      # any other: a TCP port of its own
+python3 -m stage_13.server                    # then: python3 -m stage_13.client localhost:8000
+python3 -m stage_13.server --host 0.0.0.0     # on a VPS: set NGROK_SECRET on both sides first
 
-Each client's one connection lives in session.py (auth, heartbeats, resume) and mux.py (its
-streams); who holds which tunnel is in tunnels.py. Here are the ports, the users, and what a
-user sees when no tunnel can serve them.
+The client's one connection lives in session.py (auth, one tunnel, heartbeats) and mux.py (its
+streams); here are the ports, the users, and what a user sees when the tunnel can't serve them.
 """
 
 import argparse
@@ -24,9 +22,9 @@ from typing import Any
 
 from . import auth, limits, pages
 from .budget import MEMORY_BUDGET, Budget, MiB
-from .cli import listen_port, port_range, positive_seconds, whole_number
+from .cli import listen_port, positive_seconds, whole_number
 from .frames import INITIAL_WINDOW
-from .limits import Listener, Slots
+from .limits import Listener
 from .protocol import (
     CONTROL_PORT,
     DATA_LIMIT,
@@ -40,15 +38,17 @@ from .protocol import (
     NETWORK_TIMEOUT,
     PROXY_TIMEOUT,
     PUBLIC_PORT,
-    RESUME_WINDOW,
     TunnelError,
     printable,
 )
 from .relay import Stream, Timeouts
 from .session import Sessions
-from .tunnels import Public, Session, Tunnels
 
 log = logging.getLogger(__name__)
+
+# Connections the kernel queues for us before we accept them. asyncio's default
+# of 100 makes a burst of users (200 browser tabs at once) wait for a SYN retry.
+BACKLOG = 1024
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class Ports:
 
 
 class Server:
-    """The tunnel server: many clients, each holding one tunnel; many users, one stream per user."""
+    """The tunnel server: one tunnel connection from the client, many public users, one stream per user."""
 
     def __init__(
         self,
@@ -68,9 +68,6 @@ class Server:
         handshake_timeout: float = NETWORK_TIMEOUT,
         *,
         secret: str | None = None,
-        domain: str = "localhost",
-        tcp_ports: tuple[int, int] | None = None,
-        resume_window: float = RESUME_WINDOW,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         max_waiting: int = MAX_WAITING,
         idle_timeout: float = IDLE_TIMEOUT,
@@ -80,19 +77,17 @@ class Server:
         memory_budget: int = MEMORY_BUDGET,
     ) -> None:
         self.proxy_timeout = proxy_timeout  # a user waits this long for the client to accept its stream
-        self.timeouts = Timeouts(idle_timeout, half_closed_timeout)  # for silent streams: see relay.py
-        # The public port's users are also closed when silent after their answer (TCP tunnels' users
-        # are not: an ssh session may stay quiet for minutes): see relay.py.
-        self.http_timeouts = Timeouts(idle_timeout, half_closed_timeout, keepalive_timeout)
+        # For silent streams, and for users silent after their answer: see relay.py.
+        self.timeouts = Timeouts(idle_timeout, half_closed_timeout, keepalive_timeout)
         self.max_waiting = max_waiting
         self.max_streams_per_address = max_streams_per_address
-        self.domain = domain.lower()
+        self.streams_from: Counter[str] = Counter()  # the users' streams open now, per source address
         self.waiting = 0  # users whose stream the client has not accepted yet
         self.budget = Budget(memory_budget)  # every stream's window, together (budget.py)
         self._listeners: list[Listener] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._tunnels = Tunnels(tcp_ports, self._spawn, self._handle_tcp)
-        self._sessions = Sessions(self._tunnels, secret, handshake_timeout, heartbeat_timeout, resume_window)
+        # The client's session, if one is connected (see session.py).
+        self._sessions = Sessions(secret, handshake_timeout, heartbeat_timeout)
 
     async def listen(
         self,
@@ -102,12 +97,12 @@ class Server:
     ) -> Ports:
         """Bind the two ports (0 = any free port) and return the real ones; TunnelError if one is taken."""
         before, fd_limit = limits.raise_fd_limit()
-        slots = {role: Slots(count) for role, count in limits.slots_for(fd_limit).items()}
+        slots = limits.slots_for(fd_limit)
         roles = (("control", control_port, self._handle_control), ("public", public_port, self._handle_public))
         try:
             for role, port, handler in roles:
                 try:
-                    sock = limits.bind(host, port, limits.BACKLOG)
+                    sock = limits.bind(host, port, BACKLOG)
                 except OSError as exc:
                     raise TunnelError(listen_error(exc, role, host, port)) from None
                 self._listeners.append(Listener(role, sock, slots[role], handler))
@@ -121,7 +116,7 @@ class Server:
             bound_host, bound_port = listener.sock.getsockname()[:2]
             log.info("%s port listening on %s:%d", listener.role, bound_host, bound_port)
         raised = f" (raised from {before})" if fd_limit > before else ""
-        shares = ", ".join(f"{role} {share.count}" for role, share in slots.items())
+        shares = ", ".join(f"{role} {count}" for role, count in slots.items())
         log.info("file descriptor limit: %d%s; connection slots: %s", fd_limit, raised, shares)
         for warning in (
             auth.exposure_warning(host, self._sessions.secret),
@@ -129,11 +124,7 @@ class Server:
         ):
             if warning:
                 log.warning("%s", warning)
-        ports = Ports(*(int(listener.sock.getsockname()[1]) for listener in self._listeners))
-        # TCP tunnels listen where the public port does, and draw on its share of descriptors.
-        public = Public(self.domain, ports.public)
-        self._tunnels.open(host, slots["public"], public)
-        return ports
+        return Ports(*(int(listener.sock.getsockname()[1]) for listener in self._listeners))
 
     async def serve(self) -> None:
         """Serve until cancelled (Ctrl-C, a test); then close every connection and return."""
@@ -146,7 +137,6 @@ class Server:
                 task.cancel()
             for listener in self._listeners:
                 listener.sock.close()
-            self._sessions.close()  # and the TCP tunnels' ports
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*accepting, *self._tasks, return_exceptions=True)
@@ -169,50 +159,34 @@ class Server:
             await writer.wait_closed()
 
     async def _handle_public(self, conn: socket.socket) -> None:
-        """A user of the public port: relay it to the client that holds that port, if one does."""
-        stream = Stream(self.http_timeouts)
+        stream = Stream(self.timeouts)
         await asyncio.get_running_loop().connect_accepted_socket(lambda: stream, conn)
         try:
-            session = self._tunnels.http
-            if session is None:
-                await self._refuse(stream, peername(stream), 502, "no tunnel client holds this server's public port")
-                return
-            await self._serve_user(stream, peername(stream), session)
+            await self._serve_user(stream)
         finally:
             if stream.transport is not None:
                 stream.transport.close()  # sends what is still buffered first
             await stream.closed  # the slot is free once the descriptor is
 
-    async def _handle_tcp(self, session: Session, conn: socket.socket) -> None:
-        """A user of a TCP tunnel's port: no head to read, the port says whose it is."""
-        stream = Stream(self.timeouts)
-        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(lambda: stream, conn)
-        try:
-            await self._serve_user(stream, peername(stream), session)
-        finally:
-            transport.close()  # sends what is still buffered first
-            await stream.closed  # the slot is free once the descriptor is
-
-    async def _serve_user(self, stream: Stream, peer: str, session: Session) -> None:
-        """One user: open a stream for it on its tunnel's client connection, and log it when it ends."""
-        started = time.monotonic()
-        mux = session.mux
+    async def _serve_user(self, stream: Stream) -> None:
+        """One public connection: open a stream for it on the client's connection, and log it when it ends."""
+        assert stream.transport is not None
+        peer, started = peername(stream.transport), time.monotonic()
+        mux = self._sessions.mux
         if mux is None:
             # A page that names the cause tells the user more than a closed connection.
-            cause = f"the tunnel client of {session.url} is not connected; it may be reconnecting"
-            await self._refuse(stream, peer, 502, cause)
+            await self._refuse(stream, peer, 502, "no tunnel client is connected to this server")
             return
         if self.waiting >= self.max_waiting:  # bounded: a flood of users must not pile up here
             await self._refuse(stream, peer, 503, "too many users are waiting; try again soon")
             return
-        assert stream.transport is not None
         source = auth.source(stream.transport.get_extra_info("peername")[0])
-        if session.streams_from[source] >= self.max_streams_per_address:
-            # A share of each tunnel per source: one script (or one crowd behind a NAT) must not take
-            # every stream of a tunnel and leave its other users a 502.
+        if self.streams_from[source] >= self.max_streams_per_address:
+            # A share of the tunnel per source: one script (or one crowd behind a NAT) must not take
+            # every stream and leave every other user a 502.
             await self._refuse(stream, peer, 503, f"too many connections from {source} at once; close some first")
             return
-        hold(session.streams_from, source, stream.closed)
+        hold(self.streams_from, source, stream.closed)
         try:  # the stream's first window must fit in the memory budget: the user waits for it
             async with asyncio.timeout(self.proxy_timeout):
                 await self.budget.reserve(INITIAL_WINDOW)
@@ -275,10 +249,9 @@ def hold(counts: Counter[str], source: str, until: asyncio.Future[None]) -> None
     until.add_done_callback(release)
 
 
-def peername(stream: Stream) -> str:
-    """'host:port' of the user, for log lines."""
-    assert stream.transport is not None
-    host, port = stream.transport.get_extra_info("peername")[:2]
+def peername(transport: asyncio.BaseTransport) -> str:
+    """'host:port' of the peer, for log lines."""
+    host, port = transport.get_extra_info("peername")[:2]
     return f"{host}:{port}"
 
 
@@ -299,15 +272,15 @@ async def run(host: str, ports: Ports, **options: Any) -> None:
 
 
 def main() -> None:
-    """Command line: python3 -m stage_13.server [--host H] [--tcp-ports LOW-HIGH] ..."""
+    """Command line: python3 -m stage_13.server [--host H] [--control-port P] [--public-port P] ..."""
     parser = argparse.ArgumentParser(
         prog=f"python3 -m {__package__}.server",
-        description="Serve many tunnels: the public port's users to the client that holds it, TCP users by port.",
+        description="Relay every user of the public port through the tunnel client to its local app, as a stream.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     for role, default, who in (
         ("control", CONTROL_PORT, "the client connects"),
-        ("public", PUBLIC_PORT, "HTTP users connect"),
+        ("public", PUBLIC_PORT, "users connect"),
     ):
         parser.add_argument(
             f"--{role}-port",
@@ -316,16 +289,9 @@ def main() -> None:
             metavar="PORT",
             help=f"where {who}; 0 = any (default: %(default)s)",
         )
-    parser.add_argument(
-        "--tcp-ports",
-        type=port_range,
-        metavar="LOW-HIGH",
-        help="the ports TCP tunnels get, e.g. 61000-61099; 0 = any free port (the default)",
-    )
     for flag, seconds, what in (
         ("proxy-timeout", PROXY_TIMEOUT, "how long a user waits for the client to accept its stream"),
         ("heartbeat-timeout", HEARTBEAT_TIMEOUT, "silence after which the client counts as gone"),
-        ("resume-window", RESUME_WINDOW, "how long a gone client's tunnel is kept for it"),
         ("idle-timeout", IDLE_TIMEOUT, "close a user's stream after this long with no byte either way"),
         ("half-closed-timeout", HALF_CLOSED_TIMEOUT, "close a half-closed stream after this long silent"),
         ("keepalive-timeout", KEEPALIVE_TIMEOUT, "close an HTTP user's connection silent this long after its answer"),
@@ -364,11 +330,9 @@ def main() -> None:
     try:
         ports = Ports(args.control_port, args.public_port)
         options = {
-            "tcp_ports": args.tcp_ports,
             "proxy_timeout": args.proxy_timeout,
             "secret": args.secret,
             "heartbeat_timeout": args.heartbeat_timeout,
-            "resume_window": args.resume_window,
             "idle_timeout": args.idle_timeout,
             "half_closed_timeout": args.half_closed_timeout,
             "keepalive_timeout": args.keepalive_timeout,

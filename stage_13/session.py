@@ -1,21 +1,16 @@
-"""The server side of the tunnel connections: who holds each tunnel, and is its client still alive?
+"""The server side of the tunnel connection: who holds the tunnel, and is it still alive?
 
 Stage 3's control connection, which now carries everything: after the handshake, this module
-runs a Mux on it (mux.py), and the server opens a stream on it for each user. Stage 12 kept one
-client; now every client that connects gets a session of its own, and with it one tunnel
-(tunnels.py): the public port or a TCP port, if nobody holds it.
+runs a Mux on it (mux.py), and the server opens a stream on it for each user.
 
 - Auth: only a client that knows the secret gets in (the handshake is in auth.py). An address
-  that guessed wrong too often is told `busy`, unless its hello brings the id of a session we hold:
+  that guessed wrong too often is told `busy`, unless its hello brings a session id we gave out:
   a stranger behind our client's NAT must not keep our client out.
-- Never locked out: the *same* client coming back (it presents the session id and the tunnel we
-  gave it) takes its session over at once, from whatever address it comes back from. Its
+- One tunnel, never locked out: a second client is refused while one is connected, but the
+  *same* client coming back (it presents the session id we gave it) takes over at once. Its
   old connection may still look alive to us: a laptop whose Wi-Fi dropped sends no FIN.
-- Kept for a while: when a client's connection is lost, its tunnel stays reserved for the resume
-  window. Its users get a 502 page meanwhile; after the window, the port is anyone's again. A
-  client that stops on purpose says goodbye (GO_AWAY), and its port is free at once.
 - Heartbeats: a tunnel connection silent for longer than the heartbeat timeout is dead.
-  Dropping it keeps the tunnel (above), and the users waiting for it get an error page, not a hang.
+  Dropping it frees the tunnel, and the users waiting for it get an error page, not a hang.
   Users whose streams ran on it lose their connections: with one connection for everything,
   nothing of a user survives that connection (stage 3's proxy connections did).
 """
@@ -24,16 +19,14 @@ import asyncio
 import functools
 import logging
 import secrets
+from dataclasses import dataclass
 
 from . import auth
 from .mux import Mux
 from .protocol import (
     HEARTBEAT_TIMEOUT,
-    MAX_TUNNELS,
     NETWORK_TIMEOUT,
-    RESUME_WINDOW,
     AuthError,
-    GoneAway,
     Hello,
     Refused,
     TryLater,
@@ -42,50 +35,61 @@ from .protocol import (
     say_goodbye,
     write_message,
 )
-from .tunnels import Session, Tunnels
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Session:
+    """The client that holds the tunnel: its session id, and the tunnel connection it uses now."""
+
+    session_id: str
+    peer: str
+    writer: asyncio.StreamWriter
+    task: asyncio.Task[None]  # the task that reads that connection
+    mux: Mux | None = None  # its streams, once the handshake is done
+
+
 class Sessions:
-    """Admits clients on the control port, one session each, and keeps a lost client's tunnel for a while."""
+    """Admits clients on the control port, one session at a time, and drops a session that goes silent."""
 
     def __init__(
         self,
-        tunnels: Tunnels,
         secret: str | None = None,
         handshake_timeout: float = NETWORK_TIMEOUT,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
-        resume_window: float = RESUME_WINDOW,
     ) -> None:
-        self.tunnels = tunnels
         self.secret = secret or None  # an empty secret would be no secret at all
         self.handshake_timeout = handshake_timeout
         self.heartbeat_timeout = heartbeat_timeout
-        self.resume_window = resume_window
-        self.by_id: dict[str, Session] = {}
+        self.current: Session | None = None
         self.throttle = auth.Throttle()  # slows down anyone guessing the secret
+        # The id of the last session we gave out, even once its connection is gone: presenting it
+        # proves that a client got in before (128 random bits can't be guessed), so it is not throttled.
+        self.known: str | None = None
+
+    @property
+    def mux(self) -> Mux | None:
+        """The current client's connection, to open users' streams on; None while no client holds the tunnel."""
+        return self.current.mux if self.current is not None else None
 
     async def handle_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One control connection, from handshake to close: the task the control port spawns."""
         host, port = writer.get_extra_info("peername")[:2]
-        peer, session, mux, stopped = f"{host}:{port}", None, None, False
+        peer, session, mux = f"{host}:{port}", None, None
         try:
             screen = functools.partial(self._screen, host)  # the throttle, once the hello is read
             hello = await auth.server_handshake(reader, writer, self.secret, self.handshake_timeout, screen)
             session = self._admit(hello, peer, writer)
             # The welcome is the last line: from here on, both sides speak frames (frames.py).
             mux = Mux(reader, writer, peer="the client", heartbeat_timeout=self.heartbeat_timeout)
-            await write_message(writer, Welcome(session.session_id, session.tunnel, session.url))
+            await write_message(writer, Welcome(session.session_id))
             session.mux = mux
             await mux.run()  # until the client leaves, falls silent or breaks the protocol
-        except GoneAway as exc:  # the client stopped (Ctrl-C) and said so: it won't come back for its tunnel
-            log.info("%s: %s", peer, exc)
-            stopped = True
         except TryLater as exc:  # a throttled address: not now, which is not never (see _screen)
             log.warning("%s: %s; told to try later", peer, exc)
             await say_goodbye(reader, writer, str(exc), later=True)
-        except TunnelError as exc:  # a wrong secret, a taken port, a bad frame
+        except TunnelError as exc:  # a wrong secret, a second client, a bad frame
             if isinstance(exc, AuthError):
                 self.throttle.failed(host)
             # Tell the peer what went wrong, then hang up: a confused peer must
@@ -101,68 +105,42 @@ class Sessions:
         finally:
             if mux is not None:
                 mux.close("the tunnel client disconnected")  # its users get a page or a reset
-            # Keep the tunnel for its client, unless a reconnect of the same client took it over,
-            # or the client said goodbye: then its port is free at once.
+            # Free the tunnel, unless a reconnect of the same client took this session over.
             if session is not None and session.writer is writer:
-                if stopped:
-                    self._expire(session)
-                else:
-                    self._keep(session)
+                self.current = None
+                log.info("%s: tunnel connection closed; the tunnel is free", peer)
             writer.close()
 
     def _screen(self, host: str, hello: Hello) -> None:
         """Before the challenge: turn away (TryLater) an address that guessed wrong too often."""
-        # ...unless the hello brings the id of a session we hold: its client knew the secret,
+        # ...unless the hello brings the id of a session we gave out: its client knew the secret,
         # and must get back in whatever a stranger behind the same address (a NAT) has tried.
-        if hello.session_id not in self.by_id:
+        if not (hello.session_id and secrets.compare_digest(hello.session_id, self.known or "")):
             self.throttle.check(host)
 
     def _admit(self, hello: Hello, peer: str, writer: asyncio.StreamWriter) -> Session:
-        """Give this connection its session: the one it resumes, or a new one with the tunnel it asks for."""
+        """Give the tunnel to this connection, or raise Refused if another client holds it."""
         task = asyncio.current_task()
         assert task is not None
-        current = self.by_id.get(hello.session_id or "")
-        # A session id resumes only the tunnel it was given with: it is a key to that one tunnel.
-        if current is None or (current.kind, current.tunnel) != (hello.kind, hello.tunnel):
-            if len(self.by_id) >= MAX_TUNNELS:
-                raise Refused(f"this server holds {MAX_TUNNELS} tunnels, its most; try again later")
+        current = self.current
+        if current is None:
             # 128 random bits: a session id is a key to the tunnel, so it must not be guessable.
-            session = Session(secrets.token_hex(16), hello.kind, peer=peer, writer=writer, task=task)
-            self.tunnels.claim(hello, session)  # Refused if its port is someone else's
-            self.by_id[session.session_id] = session
-            log.info("%s: client connected (session %s): %s", peer, session.session_id[:8], session.url)
-            return session
+            self.current = Session(secrets.token_hex(16), peer, writer, task)
+            self.known = self.current.session_id
+            log.info("%s: client connected (session %s)", peer, self.current.session_id[:8])
+            return self.current
+        # compare_digest, as in auth.py: no timing hints about a secret id.
+        if hello.session_id is None or not secrets.compare_digest(hello.session_id, current.session_id):
+            raise Refused("another client is already connected to this server")
         # The same client is back, so its old connection is dead, whatever TCP thinks:
         # switch at once instead of making it wait for the heartbeat timeout.
-        log.info("%s: client resumed session %s (%s)", peer, current.session_id[:8], current.url)
-        if current.expiry is not None:
-            current.expiry.cancel()  # it was kept for its client, who is back
+        log.info(
+            "%s: client resumed session %s; dropping its old connection %s", peer, hello.session_id[:8], current.peer
+        )
         old_task = current.task
-        current.peer, current.writer, current.task, current.mux, current.expiry = peer, writer, task, None, None
-        if old_task is not None:  # its connection looked alive: end it
-            old_task.cancel()  # its users' streams end with it: they ran on the old connection
+        current.peer, current.writer, current.task, current.mux = peer, writer, task, None
+        old_task.cancel()  # its users' streams end with it: they ran on the old connection
         return current
-
-    def _keep(self, session: Session) -> None:
-        """The session's connection ended: keep its tunnel for the resume window, then free it."""
-        session.writer, session.task, session.mux = None, None, None
-        if self.by_id.get(session.session_id) is not session:
-            return  # ended already: the server is stopping (close)
-        kept = f"{session.url} is kept {self.resume_window:g}s for its client"
-        log.info("%s: tunnel connection closed; %s", session.peer, kept)
-        session.expiry = asyncio.get_running_loop().call_later(self.resume_window, self._expire, session)
-
-    def _expire(self, session: Session) -> None:
-        self.by_id.pop(session.session_id, None)
-        self.tunnels.release(session)
-        log.info("session %s ended: %s is free", session.session_id[:8], session.url)
-
-    def close(self) -> None:
-        """The server stops: end every session now (their connections are closed by the server)."""
-        for session in list(self.by_id.values()):
-            if session.expiry is not None:
-                session.expiry.cancel()
-            self._expire(session)
 
     @staticmethod
     async def _goodbye(

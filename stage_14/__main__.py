@@ -1,10 +1,11 @@
-"""Two tunnels on one server, on one machine: `python3 -m stage_14` shows names with zero setup.
+"""The whole tunnel on one machine: `python3 -m stage_14` shows it working with zero setup.
 
-It runs five things in one process, all on 127.0.0.1: two demo local apps (demo_app.py), the
-server, and two clients named `hello` and `world`, which share a fresh random secret. Then it
-prints both URLs: http://hello.localhost:60624/ and http://world.localhost:60624/ reach
-different apps through the same public port, told apart by the Host header. Browsers and curl
-send *.localhost to this machine without any setup.
+It runs three things in one process, all on 127.0.0.1: a demo local app (demo_app.py), the
+server and the client, which share a fresh random secret. Then it prints the public URL: open
+it in a browser or curl it, and the demo app's page comes back through the tunnel. In real use
+the server runs on a machine the internet can reach and the client next to your app: see the
+page of this stage in the docs. It also prints the command that adds a second client, with a
+TCP tunnel of its own: one server, many clients.
 """
 
 import argparse
@@ -26,22 +27,18 @@ log = logging.getLogger(f"{__package__}.demo")
 HOST = "127.0.0.1"  # the demo never leaves this machine
 
 
-NAMES = ("hello", "world")  # the demo's two tunnels
-
-
 async def run(control_port: int, public_port: int, app_port: int, any_free: bool = False) -> None:
-    """Start the demo apps, the server and the clients; print the public URLs; serve until cancelled.
+    """Start the demo app, the server and the client; print the public URL; serve until cancelled.
 
     any_free: if the tunnel's ports can't all be had, take any free ones instead of failing.
     """
-    apps = [DemoApp(name) for name in NAMES]
-    for app, port in zip(apps, (app_port, 0), strict=True):  # a second app on the same port can't be
-        try:
-            await app.listen(HOST, port)
-        except OSError as exc:
-            raise TunnelError(listen_error(exc, "app", HOST, port)) from None
-    secret = secrets.token_hex(16)  # known to the server and the clients, and to nobody else
-    server = Server(secret=secret)
+    app = DemoApp()
+    try:
+        await app.listen(HOST, app_port)
+    except OSError as exc:
+        raise TunnelError(listen_error(exc, "app", HOST, app_port)) from None
+    secret = secrets.token_hex(16)  # known to the server and the clients (shown to you for a second one)
+    server = Server(secret=secret, domain=HOST)  # the URLs name 127.0.0.1, where the demo listens
     try:
         ports = await server.listen(HOST, control_port, public_port)
     except TunnelError as exc:
@@ -52,23 +49,25 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         # test suite makes thousands, and each may have used it as its source port.
         log.warning("%s; the demo takes free ports instead", exc)
         ports = await server.listen(HOST, 0, 0)
-    clients = [Client(app.address, HOST, ports.control, name=app.name, secret=secret) for app in apps]
+    client = Client(app.address, HOST, ports.control, secret=secret)
     async with asyncio.TaskGroup() as tasks:
-        for task in (*(app.serve() for app in apps), server.serve(), *(client.run() for client in clients)):
-            tasks.create_task(task)
+        tasks.create_task(app.serve())
+        tasks.create_task(server.serve())
+        tasks.create_task(client.run())
         try:
             async with asyncio.timeout(NETWORK_TIMEOUT):
-                for client in clients:
-                    await client.connected.wait()
+                await client.connected.wait()
         except TimeoutError:
-            raise TunnelError(f"the demo's clients did not connect within {NETWORK_TIMEOUT:g}s; try -v") from None
-        pairs = zip(apps, clients, strict=True)
-        lines = [f"  {client.url}  -> demo app {app.name} ({HOST}:{client.local[1]})" for app, client in pairs]
+            raise TunnelError(f"the demo's client did not connect within {NETWORK_TIMEOUT:g}s; try -v") from None
+        url = f"http://{HOST}:{ports.public}/"
         print(
-            "\npublic URLs, one server, two tunnels:\n" + "\n".join(lines) + "\n"
-            f"  try it:   curl {clients[0].url}   (or open it in a browser)\n"
-            f"  the path: you -> server (public port {ports.public}, reads the Host header) -> "
-            "the client of that name -> its demo app, and back\n"
+            f"\npublic URL: {url}\n"
+            f"  try it:   curl {url}hello   (or open the URL in a browser)\n"
+            f"  the path: you -> server (public port {ports.public}) -> client -> "
+            f"demo app ({HOST}:{app.address[1]}), and back\n"
+            "  a second client, a TCP tunnel of its own to an app of yours on port 8000:\n"
+            f"    NGROK_SECRET={secret} python3 -m {__package__}.client localhost:8000 {HOST} "
+            f"--control-port {ports.control} --tcp\n"
             "  press Ctrl-C to stop\n",
             flush=True,
         )
@@ -91,7 +90,7 @@ def main() -> None:
     """Command line: python3 -m stage_14 [--public-port P] [--control-port P] [--app-port P]."""
     parser = argparse.ArgumentParser(
         prog=f"python3 -m {__package__}",
-        description="Run two demo apps, the tunnel server and two named clients on this machine; print the URLs.",
+        description="Run a demo app, the tunnel server and the tunnel client on this machine, and print the URL.",
     )
     for role, default in (("public", PUBLIC_PORT), ("control", CONTROL_PORT)):
         parser.add_argument(
@@ -101,11 +100,7 @@ def main() -> None:
             help=f"0 = any (default: {default}, or any free port if that one is taken)",
         )
     parser.add_argument(
-        "--app-port",
-        type=listen_port,
-        default=0,
-        metavar="PORT",
-        help="the first demo app's port; 0 = any (default: %(default)s)",
+        "--app-port", type=listen_port, default=0, metavar="PORT", help="0 = any (default: %(default)s)"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()

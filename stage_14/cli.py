@@ -1,4 +1,4 @@
-"""The command lines' argument types: every number and name a user types is checked before it is used.
+"""The command lines' argument types: every number a user types is checked before it is used.
 
 Shared by the server, the client and the demo (`python3 -m stage_14`). Each one turns a bad value
 into argparse's one-line usage error and exit 2, instead of a traceback deep in the socket code
@@ -11,8 +11,6 @@ import contextlib
 import ipaddress
 import math
 from collections.abc import Callable
-
-from .protocol import is_name
 
 
 def listen_port(text: str) -> int:
@@ -82,20 +80,3 @@ def port_range(text: str) -> tuple[int, int] | None:
     if not sep or not low.isdigit() or not high.isdigit() or not 1 <= int(low) <= int(high) <= 65535:
         raise argparse.ArgumentTypeError(f"expected LOW-HIGH, ports from 1 to 65535, or 0 for any, got {text!r}")
     return int(low), int(high)
-
-
-def name(text: str) -> str:
-    """argparse type for --name: one DNS label, as it will appear in the URL (`myapp`)."""
-    if not is_name(text.lower()):
-        raise argparse.ArgumentTypeError(
-            f"expected a name of 1 to 63 letters, digits or '-' (not first or last), got {text!r}"
-        )
-    return text.lower()  # host names are case-insensitive: MyApp and myapp are one tunnel
-
-
-def domain(text: str) -> str:
-    """argparse type for --domain: one or more DNS labels (`localhost`, `tunnel.example.com`)."""
-    labels = text.lower().removesuffix(".").split(".")
-    if not all(is_name(label) for label in labels):
-        raise argparse.ArgumentTypeError(f"expected a domain name like tunnel.example.com, got {text!r}")
-    return ".".join(labels)

@@ -1,6 +1,6 @@
-"""Stage 14 client: a tunnel of its own on a shared server, by name or by port.
+"""Stage 14 client: a tunnel of its own on a shared server: its public port, or a TCP port.
 
-python3 -m stage_14.client localhost:8000 --name myapp                    # http://myapp.localhost:60624/
+python3 -m stage_14.client localhost:8000                                 # http://localhost:60624/
 python3 -m stage_14.client localhost:22 tunnel.example.com --tcp          # a public TCP port for ssh
 
 One connection to the server carries everything. The server opens a stream on it for each user
@@ -9,8 +9,8 @@ into it. Heartbeats show that the server is still there; when the connection is 
 client reconnects with backoff and resumes its session. The users' streams end with the lost
 connection: they ran inside it (in stage 3 each user had a proxy connection of its own).
 
-The client asks for a tunnel in its hello (a name, or a TCP port), and the server answers
-with its URL. Resuming, it asks for the same tunnel again, with its session id, and so keeps its name.
+The client asks for a tunnel in its hello (the public port, or a TCP port), and the server answers
+with its URL. Resuming, it asks for the same tunnel again, with its session id, and so keeps its port.
 """
 
 import argparse
@@ -21,7 +21,7 @@ import sys
 
 from . import auth, backoff, private
 from .budget import Budget
-from .cli import name, parse_address, parse_server, port, positive_seconds
+from .cli import parse_address, parse_server, port, positive_seconds
 from .frames import INITIAL_WINDOW
 from .mux import Mux
 from .protocol import (
@@ -49,7 +49,6 @@ class Client:
         server: str = "localhost",
         control_port: int = CONTROL_PORT,
         *,
-        name: str | None = None,
         tcp: bool = False,
         secret: str | None = None,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
@@ -62,9 +61,9 @@ class Client:
         self.server = server
         self.control_port = control_port
         self.kind = "tcp" if tcp else "http"
-        # The tunnel we asked for, then the one we got (a name, or a TCP port): asked for again
-        # when we reconnect, with the session id, so that we get it back. Its URL, for users.
-        self.tunnel: str | None = name
+        # The tunnel we got (a port): asked for again when we reconnect, with the session id,
+        # so that we get it back. Its URL, for users.
+        self.tunnel: str | None = None
         self.url: str | None = None
         self.secret = secret or None  # an empty secret would be no secret at all
         self.heartbeat_interval = heartbeat_interval
@@ -97,7 +96,7 @@ class Client:
                     finally:
                         writer.close()
                 except Refused:
-                    raise  # a wrong secret, a taken name: retrying won't help
+                    raise  # a wrong secret or another client: retrying would not help
                 except (TunnelError, OSError) as exc:  # TimeoutError (a silent server) is an OSError too
                     wait = backoff.delay(attempt, cap=self.max_backoff)
                     attempt += 1
@@ -135,7 +134,7 @@ class Client:
             await mux.run()
             raise TunnelError("the server closed the connection")
         except asyncio.CancelledError:
-            # Stopped (Ctrl-C): say goodbye, so that the server frees our name at once instead of
+            # Stopped (Ctrl-C): say goodbye, so that the server frees our port at once instead of
             # keeping it for the resume window (a client started again would find it taken).
             await mux.goodbye("the client stopped")
             raise
@@ -157,7 +156,7 @@ class Client:
 
 
 def main() -> None:
-    """Command line: python3 -m stage_14.client LOCAL [SERVER] [--name NAME | --tcp] ..."""
+    """Command line: python3 -m stage_14.client LOCAL [SERVER] [--tcp] ..."""
     parser = argparse.ArgumentParser(
         prog=f"python3 -m {__package__}.client",
         description="Open a tunnel from a stage 14 server to LOCAL, the app on this machine that users should reach.",
@@ -174,9 +173,9 @@ def main() -> None:
     parser.add_argument(
         "--control-port", type=port, metavar="PORT", help=f"the server's control port (default: {CONTROL_PORT})"
     )
-    kind = parser.add_mutually_exclusive_group()
-    kind.add_argument("--name", type=name, help="the HTTP tunnel's name: NAME.<the server's domain> (default: random)")
-    kind.add_argument("--tcp", action="store_true", help="a TCP tunnel: a public port of its own, for any protocol")
+    parser.add_argument(
+        "--tcp", action="store_true", help="a TCP tunnel: a public port of its own (default: the server's public port)"
+    )
     parser.add_argument(
         "--secret",
         default=os.environ.get("NGROK_SECRET"),
@@ -208,7 +207,6 @@ def main() -> None:
         args.local,
         server,
         server_port or args.control_port or CONTROL_PORT,
-        name=args.name,
         tcp=args.tcp,
         secret=args.secret,
         heartbeat_interval=args.heartbeat_interval,

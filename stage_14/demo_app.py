@@ -17,12 +17,11 @@ log = logging.getLogger(f"{__package__}.app")
 
 PAGE = """<!doctype html>
 <meta charset=utf-8><title>ngrok-- demo</title>
-<h1>Hello from {name}, through the tunnel!</h1>
+<h1>Hello through the tunnel!</h1>
 <p>You asked for <code>{method} {path}</code> at {clock}: request number {count}.</p>
-<p>This page was made by the demo local app <b>{name}</b> on {app}. Your request went
-user &rarr; server's public port, which read its Host header &rarr; a stream in the
-connection of the client named {name} &rarr; client &rarr; local app, and this
-page came back the same way.</p>
+<p>This page was made by the demo local app on {app}. Your request went
+user &rarr; server's public port &rarr; a stream in the client's one connection &rarr;
+client &rarr; local app, and this page came back the same way.</p>
 <p>Try another path, e.g. <a href="/hello/world">/hello/world</a>.</p>
 """
 
@@ -30,8 +29,7 @@ page came back the same way.</p>
 class DemoApp:
     """An HTTP server that answers every request with a page naming the method, path and time."""
 
-    def __init__(self, name: str = "demo") -> None:
-        self.name = name  # which app this is: the demo runs two
+    def __init__(self) -> None:
         self.requests = 0
         self.address = ("", 0)
         self._listener: asyncio.Server | None = None
@@ -41,7 +39,7 @@ class DemoApp:
         """Bind (0 = any free port) and return the real address."""
         self._listener = await asyncio.start_server(self._accept, host, port)
         self.address = self._listener.sockets[0].getsockname()[:2]
-        log.info("local app port listening on %s:%d (%s)", *self.address, self.name)
+        log.info("local app port listening on %s:%d", *self.address)
         return self.address
 
     async def serve(self) -> None:
@@ -68,7 +66,6 @@ class DemoApp:
             path = rest.partition(" ")[0]
             self.requests += 1
             page = PAGE.format(
-                name=html.escape(self.name),
                 method=html.escape(method),
                 path=html.escape(path),
                 clock=time.strftime("%H:%M:%S"),

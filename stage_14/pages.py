@@ -23,15 +23,7 @@ SNIFF_TIMEOUT = 2.0
 # The start of a request ("GET /path HTTP/1.1") or of a response ("HTTP/1.1 200 OK").
 REQUEST_LINE = re.compile(rb"([A-Z]{3,10}) (\S{1,2000}) HTTP/\d")
 STATUS_LINE = re.compile(rb"HTTP/\d(?:\.\d)? (\d{3})")
-REASONS = {
-    400: "Bad Request",
-    404: "Not Found",
-    408: "Request Timeout",
-    431: "Request Header Fields Too Large",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
+REASONS = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
 def request_line(head: bytes) -> str | None:
@@ -87,22 +79,20 @@ def error_page(status: int, cause: str) -> bytes:
     return head + body
 
 
-async def refuse(stream: "Stream", status: int, cause: str, http: bool = False) -> bool:
+async def refuse(stream: "Stream", status: int, cause: str) -> bool:
     """Answer an HTTP user with an error page naming `cause`; close anyone else cleanly.
 
-    `http`: the user is on the HTTP port, so it gets the page whatever it sent. Returns True if
-    the page was sent. The connection is closed when this returns.
+    Returns True if the page was sent. The connection is closed when this returns.
     """
     transport = stream.transport
     assert transport is not None
     stream.refusing = True  # from now on, what the user sends is read and dropped
     transport.resume_reading()
     # The user's first bytes may have come already (they were on their way to the client).
-    if not http:
-        with contextlib.suppress(TimeoutError):  # silent: not an HTTP user we could answer
-            async with asyncio.timeout(SNIFF_TIMEOUT):
-                await stream.heard
-    is_http = http or request_line(stream.sent.head) is not None
+    with contextlib.suppress(TimeoutError):  # silent: not an HTTP user we could answer
+        async with asyncio.timeout(SNIFF_TIMEOUT):
+            await stream.heard
+    is_http = request_line(stream.sent.head) is not None
     if is_http and not transport.is_closing():
         transport.write(error_page(status, cause))
     # End our side politely and give the page time to arrive before the close: closing with

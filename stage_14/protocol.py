@@ -3,15 +3,15 @@
 Each client has one connection to the server. It starts as stage 3's control
 connection did, with a handshake in text lines, readable and speakable with `nc`:
 
-    client: hello http [<name> [<session_id>]]    a tunnel for HTTP users of NAME.<domain>
+    client: hello http [<port> [<session_id>]]    the server's public port, if no client holds it
             hello tcp [<port> [<session_id>]]     a public TCP port of its own (ssh, a database)
     server: challenge <nonce>                     (only if the server has a secret; see auth.py)
     client: auth <hmac>
-    server: welcome <session_id> <tunnel> <url>   (tunnel: the name or the port it got)
+    server: welcome <session_id> <tunnel> <url>   (tunnel: the port it got)
             or `error <reason>`, then the server hangs up
             or `busy <reason>`: not now, try again later
 
-Without a name or port, the server picks one. A reconnecting client names the tunnel it had
+Without a port, the server picks one. A reconnecting client names the tunnel it had
 and its session id: that proves it is the same client, so it gets its tunnel back.
 
 After `welcome`, both sides speak binary frames on the same connection (frames.py): the
@@ -67,24 +67,17 @@ DATA_LIMIT = 256 * 1024
 # How long a closing connection keeps swallowing input so that our last words arrive.
 LINGER = 1.0
 # A tunnel whose client's connection ended stays reserved this long, so that the client
-# can come back (a Wi-Fi hiccup, a laptop lid) and keep its name; then the name is free.
-# WHY 5 minutes (it was 30 s): a client away 45 s, its heartbeat timeout and 30 s, lost its name
+# can come back (a Wi-Fi hiccup, a laptop lid) and keep its port; then the port is free.
+# WHY 5 minutes (it was 30 s): a client away 45 s, its heartbeat timeout and 30 s, lost its tunnel
 # to the first stranger who asked (issue 23). 5 minutes covers an outage of the Wi-Fi or of the
 # line, a laptop closed for a coffee, a train through a tunnel. A client that stops on purpose
-# says goodbye and frees its name at once; one that crashed and starts again is told how long.
+# says goodbye and frees its port at once.
 RESUME_WINDOW = 300.0
 # At most this many tunnels at once, held or kept for a client to resume. Each TCP tunnel holds
 # a listening socket, and a client that connects and leaves in a loop would otherwise pile up
 # kept tunnels (one per RESUME_WINDOW) until the server ran out of descriptors.
 MAX_TUNNELS = 1024
-# At most this many of them for one source address (an IPv6 /64 counts as one): without it, one
-# stranger (no secret) or one tenant (with it) took all 1024 names in 1.5 s, connecting and leaving
-# (issue 23). 16 is more than a developer's machine runs, and 64 addresses are needed to fill the
-# server; an office behind one NAT can raise it (--max-tunnels-per-address).
-MAX_TUNNELS_PER_ADDRESS = 16
-# A tunnel name is one DNS label in lower case: it becomes NAME.<domain> in the users' URL.
-NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-# The two kinds of tunnel: HTTP users routed by name, or a TCP port of the tunnel's own.
+# The two kinds of tunnel: the public port (HTTP users), or a TCP port of the tunnel's own.
 KINDS = ("http", "tcp")
 
 
@@ -109,7 +102,7 @@ class AuthError(Refused):
 
 
 class TryLater(TunnelError):
-    """The server said not now (our address guessed wrong too often, or holds its share): retrying will help."""
+    """The server said not now (our address guessed wrong too often lately): retrying later will help."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +110,7 @@ class Hello:
     """Client -> server, the first line: `hello <kind> [<tunnel> [<session_id>]]`."""
 
     kind: str = "http"
-    tunnel: str | None = None  # the name (http) or port (tcp) asked for; None: the server picks
+    tunnel: str | None = None  # the port asked for; None: the server picks
     session_id: str | None = None
 
 
@@ -220,16 +213,9 @@ def is_token(text: str) -> bool:
     return TOKEN.fullmatch(text) is not None
 
 
-def is_name(text: str) -> bool:
-    """True for a tunnel name: one DNS label, lower case (`myapp`, `my-app-2`)."""
-    return NAME.fullmatch(text) is not None
-
-
 def is_tunnel(kind: str, text: str) -> bool:
-    """True if `text` can name a tunnel of this kind: a name for http, a port for tcp."""
-    if kind == "tcp":
-        return text.isdigit() and 1 <= int(text) <= 65535
-    return is_name(text)
+    """True if `text` can name a tunnel of this kind: a port, for both (http: the public port)."""
+    return text.isdigit() and 1 <= int(text) <= 65535
 
 
 async def read_message(reader: asyncio.StreamReader) -> Message | None:

@@ -1,11 +1,12 @@
-"""Stage 14 server: many clients, each with a tunnel of its own: a name for HTTP users, or a TCP port.
+"""Stage 14 server: many clients, each with a tunnel of its own: the public port, or a TCP port.
 
 python3 -m stage_14.server
-python3 -m stage_14.client localhost:8000 --name myapp    # then: curl http://myapp.localhost:60624/
+python3 -m stage_14.client localhost:8000            # the first client: then curl http://localhost:60624/
+python3 -m stage_14.client localhost:8001 --tcp      # any other: a TCP port of its own
 
 Each client's one connection lives in session.py (auth, heartbeats, resume) and mux.py (its
-streams); who holds which tunnel is in tunnels.py, and how an HTTP user's Host header picks one
-in routing.py. Here are the ports, the users, and what a user sees when no tunnel can serve them.
+streams); who holds which tunnel is in tunnels.py. Here are the ports, the users, and what a
+user sees when no tunnel can serve them.
 """
 
 import argparse
@@ -21,9 +22,9 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from . import auth, limits, pages, routing
+from . import auth, limits, pages
 from .budget import MEMORY_BUDGET, Budget, MiB
-from .cli import domain, listen_port, port_range, positive_seconds, whole_number
+from .cli import listen_port, port_range, positive_seconds, whole_number
 from .frames import INITIAL_WINDOW
 from .limits import Listener, Slots
 from .protocol import (
@@ -35,8 +36,6 @@ from .protocol import (
     KEEPALIVE_TIMEOUT,
     MAX_STREAMS,
     MAX_STREAMS_PER_ADDRESS,
-    MAX_TUNNELS,
-    MAX_TUNNELS_PER_ADDRESS,
     MAX_WAITING,
     NETWORK_TIMEOUT,
     PROXY_TIMEOUT,
@@ -46,7 +45,6 @@ from .protocol import (
     printable,
 )
 from .relay import Stream, Timeouts
-from .routing import BadRequest
 from .session import Sessions
 from .tunnels import Public, Session, Tunnels
 
@@ -73,8 +71,6 @@ class Server:
         domain: str = "localhost",
         tcp_ports: tuple[int, int] | None = None,
         resume_window: float = RESUME_WINDOW,
-        max_tunnels_per_address: int = MAX_TUNNELS_PER_ADDRESS,
-        head_timeout: float = routing.HEAD_TIMEOUT,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         max_waiting: int = MAX_WAITING,
         idle_timeout: float = IDLE_TIMEOUT,
@@ -84,10 +80,9 @@ class Server:
         memory_budget: int = MEMORY_BUDGET,
     ) -> None:
         self.proxy_timeout = proxy_timeout  # a user waits this long for the client to accept its stream
-        self.head_timeout = head_timeout  # an HTTP user sends its request's head within this (routing.py)
         self.timeouts = Timeouts(idle_timeout, half_closed_timeout)  # for silent streams: see relay.py
-        # HTTP users are also closed when silent after their answer (TCP tunnels' users are not: an ssh
-        # session may stay quiet for minutes): see relay.py.
+        # The public port's users are also closed when silent after their answer (TCP tunnels' users
+        # are not: an ssh session may stay quiet for minutes): see relay.py.
         self.http_timeouts = Timeouts(idle_timeout, half_closed_timeout, keepalive_timeout)
         self.max_waiting = max_waiting
         self.max_streams_per_address = max_streams_per_address
@@ -97,9 +92,7 @@ class Server:
         self._listeners: list[Listener] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._tunnels = Tunnels(tcp_ports, self._spawn, self._handle_tcp)
-        self._sessions = Sessions(
-            self._tunnels, secret, handshake_timeout, heartbeat_timeout, resume_window, max_tunnels_per_address
-        )
+        self._sessions = Sessions(self._tunnels, secret, handshake_timeout, heartbeat_timeout, resume_window)
 
     async def listen(
         self,
@@ -110,7 +103,7 @@ class Server:
         """Bind the two ports (0 = any free port) and return the real ones; TunnelError if one is taken."""
         before, fd_limit = limits.raise_fd_limit()
         slots = {role: Slots(count) for role, count in limits.slots_for(fd_limit).items()}
-        roles = (("control", control_port, self._handle_control), ("public", public_port, self._handle_http))
+        roles = (("control", control_port, self._handle_control), ("public", public_port, self._handle_public))
         try:
             for role, port, handler in roles:
                 try:
@@ -141,10 +134,6 @@ class Server:
         public = Public(self.domain, ports.public)
         self._tunnels.open(host, slots["public"], public)
         return ports
-
-    def tunnels(self) -> dict[str, str]:
-        """Each tunnel held now ('myapp', or a TCP port) and its URL."""
-        return {session.tunnel: session.url for session in self._sessions.by_id.values()}
 
     async def serve(self) -> None:
         """Serve until cancelled (Ctrl-C, a test); then close every connection and return."""
@@ -179,26 +168,20 @@ class Server:
             writer.close()
             await writer.wait_closed()
 
-    async def _handle_http(self, conn: socket.socket) -> None:
-        """A user of the public port: read its request's head, find the tunnel its Host names, relay."""
+    async def _handle_public(self, conn: socket.socket) -> None:
+        """A user of the public port: relay it to the client that holds that port, if one does."""
         stream = Stream(self.http_timeouts)
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: stream, conn)
         try:
-            data, ended = await routing.read_head(conn, stream, self.head_timeout)  # OSError: it left
-            peer = peername(stream)
-            if not data:  # a browser's preconnect left unused, a port scan: no request, nothing to answer
-                log.debug("%s: sent nothing; closed", peer)
-                return
-            name = routing.tunnel_name(routing.check(data, ended), self.domain)
-            session = self._tunnels.find(name)
+            session = self._tunnels.http
             if session is None:
-                raise BadRequest(404, f"no tunnel is named {name!r} on this server")
-            await self._serve_user(stream, peer, session)
-        except BadRequest as exc:
-            await self._refuse(stream, peer, exc.status, exc.cause, http=True)
+                await self._refuse(stream, peername(stream), 502, "no tunnel client holds this server's public port")
+                return
+            await self._serve_user(stream, peername(stream), session)
         finally:
             if stream.transport is not None:
                 stream.transport.close()  # sends what is still buffered first
-                await stream.closed  # the slot is free once the descriptor is
+            await stream.closed  # the slot is free once the descriptor is
 
     async def _handle_tcp(self, session: Session, conn: socket.socket) -> None:
         """A user of a TCP tunnel's port: no head to read, the port says whose it is."""
@@ -275,8 +258,8 @@ class Server:
         log.info("%s %s, %d bytes up, %d bytes down, %.3fs%s", who, request, up, down, elapsed, ended)
 
     @staticmethod
-    async def _refuse(stream: Stream, who: str, status: int, cause: str, http: bool = False) -> None:
-        sent = await pages.refuse(stream, status, cause, http)
+    async def _refuse(stream: Stream, who: str, status: int, cause: str) -> None:
+        sent = await pages.refuse(stream, status, cause)
         log.warning("%s: %s; %s", who, printable(cause.encode()), f"sent a {status} page" if sent else "closed")
 
 
@@ -316,10 +299,10 @@ async def run(host: str, ports: Ports, **options: Any) -> None:
 
 
 def main() -> None:
-    """Command line: python3 -m stage_14.server [--host H] [--domain D] [--tcp-ports LOW-HIGH] ..."""
+    """Command line: python3 -m stage_14.server [--host H] [--tcp-ports LOW-HIGH] ..."""
     parser = argparse.ArgumentParser(
         prog=f"python3 -m {__package__}.server",
-        description="Serve many tunnels: HTTP users by the name in their Host header, TCP users by port.",
+        description="Serve many tunnels: the public port's users to the client that holds it, TCP users by port.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     for role, default, who in (
@@ -333,12 +316,6 @@ def main() -> None:
             metavar="PORT",
             help=f"where {who}; 0 = any (default: %(default)s)",
         )
-    parser.add_argument(
-        "--domain",
-        type=domain,
-        default="localhost",
-        help="HTTP tunnels are NAME.DOMAIN; point *.DOMAIN's DNS at this server (default: %(default)s)",
-    )
     parser.add_argument(
         "--tcp-ports",
         type=port_range,
@@ -360,13 +337,6 @@ def main() -> None:
             metavar="SECONDS",
             help=f"{what} (default: %(default)s)",
         )
-    parser.add_argument(
-        "--max-tunnels-per-address",
-        type=whole_number(1, MAX_TUNNELS),
-        default=MAX_TUNNELS_PER_ADDRESS,
-        metavar="N",
-        help="the most tunnels one address (an IPv6 /64) may hold, kept ones included (default: %(default)s)",
-    )
     parser.add_argument(
         "--max-streams-per-address",
         type=whole_number(1, MAX_STREAMS),
@@ -394,13 +364,11 @@ def main() -> None:
     try:
         ports = Ports(args.control_port, args.public_port)
         options = {
-            "domain": args.domain,
             "tcp_ports": args.tcp_ports,
             "proxy_timeout": args.proxy_timeout,
             "secret": args.secret,
             "heartbeat_timeout": args.heartbeat_timeout,
             "resume_window": args.resume_window,
-            "max_tunnels_per_address": args.max_tunnels_per_address,
             "idle_timeout": args.idle_timeout,
             "half_closed_timeout": args.half_closed_timeout,
             "keepalive_timeout": args.keepalive_timeout,

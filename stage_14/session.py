@@ -1,9 +1,9 @@
 """The server side of the tunnel connections: who holds each tunnel, and is its client still alive?
 
 Stage 3's control connection, which now carries everything: after the handshake, this module
-runs a Mux on it (mux.py), and the server opens a stream on it for each user. Stage 12 kept one
+runs a Mux on it (mux.py), and the server opens a stream on it for each user. Stage 13 kept one
 client; now every client that connects gets a session of its own, and with it one tunnel
-(tunnels.py): the name or TCP port it asked for, if nobody holds it.
+(tunnels.py): the public port or a TCP port, if nobody holds it.
 
 - Auth: only a client that knows the secret gets in (the handshake is in auth.py). An address
   that guessed wrong too often is told `busy`, unless its hello brings the id of a session we hold:
@@ -12,10 +12,8 @@ client; now every client that connects gets a session of its own, and with it on
   gave it) takes its session over at once, from whatever address it comes back from. Its
   old connection may still look alive to us: a laptop whose Wi-Fi dropped sends no FIN.
 - Kept for a while: when a client's connection is lost, its tunnel stays reserved for the resume
-  window. Its users get a 502 page meanwhile; after the window, the name is anyone's again. A
-  client that stops on purpose says goodbye (GO_AWAY), and its name is free at once.
-- Shared fairly: one source address holds at most `max_per_address` tunnels, kept ones included,
-  so that nobody, with the secret or (on a trusted network) without, can take every name.
+  window. Its users get a 502 page meanwhile; after the window, the port is anyone's again. A
+  client that stops on purpose says goodbye (GO_AWAY), and its port is free at once.
 - Heartbeats: a tunnel connection silent for longer than the heartbeat timeout is dead.
   Dropping it keeps the tunnel (above), and the users waiting for it get an error page, not a hang.
   Users whose streams ran on it lose their connections: with one connection for everything,
@@ -32,7 +30,6 @@ from .mux import Mux
 from .protocol import (
     HEARTBEAT_TIMEOUT,
     MAX_TUNNELS,
-    MAX_TUNNELS_PER_ADDRESS,
     NETWORK_TIMEOUT,
     RESUME_WINDOW,
     AuthError,
@@ -60,14 +57,12 @@ class Sessions:
         handshake_timeout: float = NETWORK_TIMEOUT,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         resume_window: float = RESUME_WINDOW,
-        max_per_address: int = MAX_TUNNELS_PER_ADDRESS,
     ) -> None:
         self.tunnels = tunnels
         self.secret = secret or None  # an empty secret would be no secret at all
         self.handshake_timeout = handshake_timeout
         self.heartbeat_timeout = heartbeat_timeout
         self.resume_window = resume_window
-        self.max_per_address = max_per_address
         self.by_id: dict[str, Session] = {}
         self.throttle = auth.Throttle()  # slows down anyone guessing the secret
 
@@ -87,10 +82,10 @@ class Sessions:
         except GoneAway as exc:  # the client stopped (Ctrl-C) and said so: it won't come back for its tunnel
             log.info("%s: %s", peer, exc)
             stopped = True
-        except TryLater as exc:  # a throttled address, or one that holds its share: not now, which is not never
+        except TryLater as exc:  # a throttled address: not now, which is not never (see _screen)
             log.warning("%s: %s; told to try later", peer, exc)
             await say_goodbye(reader, writer, str(exc), later=True)
-        except TunnelError as exc:  # a wrong secret, a taken name, a bad frame
+        except TunnelError as exc:  # a wrong secret, a taken port, a bad frame
             if isinstance(exc, AuthError):
                 self.throttle.failed(host)
             # Tell the peer what went wrong, then hang up: a confused peer must
@@ -107,7 +102,7 @@ class Sessions:
             if mux is not None:
                 mux.close("the tunnel client disconnected")  # its users get a page or a reset
             # Keep the tunnel for its client, unless a reconnect of the same client took it over,
-            # or the client said goodbye: then its name is free at once.
+            # or the client said goodbye: then its port is free at once.
             if session is not None and session.writer is writer:
                 if stopped:
                     self._expire(session)
@@ -131,16 +126,9 @@ class Sessions:
         if current is None or (current.kind, current.tunnel) != (hello.kind, hello.tunnel):
             if len(self.by_id) >= MAX_TUNNELS:
                 raise Refused(f"this server holds {MAX_TUNNELS} tunnels, its most; try again later")
-            source = auth.source(writer.get_extra_info("peername")[0])
-            if sum(held.source == source for held in self.by_id.values()) >= self.max_per_address:
-                # TryLater: kept tunnels end with their window, and the address may be a NAT that this
-                # client shares with whoever holds them.
-                raise TryLater(
-                    f"{source} holds {self.max_per_address} tunnels on this server, the most one address may"
-                )
             # 128 random bits: a session id is a key to the tunnel, so it must not be guessable.
-            session = Session(secrets.token_hex(16), hello.kind, peer=peer, source=source, writer=writer, task=task)
-            self.tunnels.claim(hello, session)  # Refused if its name or port is someone else's
+            session = Session(secrets.token_hex(16), hello.kind, peer=peer, writer=writer, task=task)
+            self.tunnels.claim(hello, session)  # Refused if its port is someone else's
             self.by_id[session.session_id] = session
             log.info("%s: client connected (session %s): %s", peer, session.session_id[:8], session.url)
             return session

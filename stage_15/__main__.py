@@ -1,14 +1,10 @@
-"""Two tunnels on one server, on one machine: `python3 -m stage_15` shows names and TLS with zero setup.
+"""Two tunnels on one server, on one machine: `python3 -m stage_15` shows names with zero setup.
 
 It runs five things in one process, all on 127.0.0.1: two demo local apps (demo_app.py), the
 server, and two clients named `hello` and `world`, which share a fresh random secret. Then it
 prints both URLs: http://hello.localhost:60624/ and http://world.localhost:60624/ reach
 different apps through the same public port, told apart by the Host header. Browsers and curl
 send *.localhost to this machine without any setup.
-
-Before that, it makes a private CA and a certificate for localhost (certs.py, with the openssl
-command) in a temporary folder: the server presents that certificate, and the clients trust only
-that CA.
 """
 
 import argparse
@@ -17,11 +13,8 @@ import logging
 import secrets
 import signal
 import sys
-import tempfile
 from collections.abc import Coroutine
-from pathlib import Path
 
-from . import certs, tls
 from .cli import listen_port
 from .client import Client
 from .demo_app import DemoApp
@@ -47,14 +40,8 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
             await app.listen(HOST, port)
         except OSError as exc:
             raise TunnelError(listen_error(exc, "app", HOST, port)) from None
-    with tempfile.TemporaryDirectory(prefix="ngrok-demo-") as folder:
-        try:
-            ca, cert, key = certs.make(Path(folder))
-        except certs.CertError as exc:
-            raise TunnelError(str(exc)) from None
-        server_tls, client_tls = tls.server_context(str(cert), str(key)), tls.client_context(str(ca))
     secret = secrets.token_hex(16)  # known to the server and the clients, and to nobody else
-    server = Server(tls=server_tls, secret=secret)
+    server = Server(secret=secret)
     try:
         ports = await server.listen(HOST, control_port, public_port)
     except TunnelError as exc:
@@ -65,10 +52,7 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         # test suite makes thousands, and each may have used it as its source port.
         log.warning("%s; the demo takes free ports instead", exc)
         ports = await server.listen(HOST, 0, 0)
-    # "localhost", not 127.0.0.1: the name the certificate holds, and the client checks.
-    clients = [
-        Client(app.address, "localhost", ports.control, tls=client_tls, name=app.name, secret=secret) for app in apps
-    ]
+    clients = [Client(app.address, HOST, ports.control, name=app.name, secret=secret) for app in apps]
     async with asyncio.TaskGroup() as tasks:
         for task in (*(app.serve() for app in apps), server.serve(), *(client.run() for client in clients)):
             tasks.create_task(task)
@@ -84,7 +68,7 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
             "\npublic URLs, one server, two tunnels:\n" + "\n".join(lines) + "\n"
             f"  try it:   curl {clients[0].url}   (or open it in a browser)\n"
             f"  the path: you -> server (public port {ports.public}, reads the Host header) -> "
-            "the client of that name, over TLS -> its demo app, and back\n"
+            "the client of that name -> its demo app, and back\n"
             "  press Ctrl-C to stop\n",
             flush=True,
         )

@@ -13,9 +13,6 @@ connection gets a different nonce.
 A server can also answer `busy <reason>` (not now) instead of a challenge: the throttle below turns
 away an address that guessed wrong too often. That is not a verdict on the client, which may share
 the address with the guesser (a NAT, a load balancer): it keeps retrying, and gets in.
-
-All of it runs inside TLS now (tls.py): the challenge still matters, since TLS proves only
-the server's identity to the client, not the client's to the server.
 """
 
 import asyncio

@@ -1,9 +1,9 @@
-"""Stage 15 client: a tunnel of its own on a shared server, by name or by port, over TLS.
+"""Stage 15 client: a tunnel of its own on a shared server, by name or by port.
 
-python3 -m stage_15.client localhost:8000 --ca certs/ca.pem --name myapp   # http://myapp.localhost:60624/
+python3 -m stage_15.client localhost:8000 --name myapp                    # http://myapp.localhost:60624/
 python3 -m stage_15.client localhost:22 tunnel.example.com --tcp          # a public TCP port for ssh
 
-One TLS connection to the server carries everything. The server opens a stream on it for each user
+One connection to the server carries everything. The server opens a stream on it for each user
 (a SYN frame); the client dials the local app (the private connection) and relays the stream
 into it. Heartbeats show that the server is still there; when the connection is lost, the
 client reconnects with backoff and resumes its session. The users' streams end with the lost
@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import logging
 import os
-import ssl
 import sys
 
 from . import auth, backoff, private
@@ -37,7 +36,6 @@ from .protocol import (
     TunnelError,
 )
 from .relay import Stream, Timeouts
-from .tls import client_context, load_error, verify_error
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +49,6 @@ class Client:
         server: str = "localhost",
         control_port: int = CONTROL_PORT,
         *,
-        tls: ssl.SSLContext | None = None,
         name: str | None = None,
         tcp: bool = False,
         secret: str | None = None,
@@ -64,7 +61,6 @@ class Client:
         self.local = local
         self.server = server
         self.control_port = control_port
-        self.tls = tls or client_context()  # the system's CAs
         self.kind = "tcp" if tcp else "http"
         # The tunnel we asked for, then the one we got (a name, or a TCP port): asked for again
         # when we reconnect, with the session id, so that we get it back. Its URL, for users.
@@ -101,7 +97,7 @@ class Client:
                     finally:
                         writer.close()
                 except Refused:
-                    raise  # a wrong secret, a taken name, a certificate we can't trust: retrying won't help
+                    raise  # a wrong secret, a taken name: retrying won't help
                 except (TunnelError, OSError) as exc:  # TimeoutError (a silent server) is an OSError too
                     wait = backoff.delay(attempt, cap=self.max_backoff)
                     attempt += 1
@@ -113,20 +109,13 @@ class Client:
             await asyncio.gather(*self._users, return_exceptions=True)
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Open the tunnel connection and check the server's certificate, or raise saying why not."""
-        where = f"the server at {self.server}:{self.control_port}"
+        """Open the tunnel connection, or raise TunnelError saying why not."""
         try:
             # Frames follow the handshake: a big buffer limit keeps reads large (see protocol.py).
-            return await private.dial(self.server, self.control_port, self.tls, limit=DATA_LIMIT)
-        except ssl.SSLCertVerificationError as exc:
-            raise Refused(verify_error(exc, self.server)) from None  # an impostor, or a missing --ca
-        except ssl.SSLError as exc:
-            if exc.reason == "WRONG_VERSION_NUMBER":  # the reply was not TLS at all
-                raise Refused(f"{where} does not speak TLS; is it a stage 15 server?") from None
-            raise TunnelError(f"TLS with {where} failed ({exc.reason or exc})") from None
+            return await private.dial(self.server, self.control_port, limit=DATA_LIMIT)
         except OSError as exc:
             reason = private.why(exc)
-            raise TunnelError(f"cannot reach {where} ({reason})") from None
+            raise TunnelError(f"cannot reach the server at {self.server}:{self.control_port} ({reason})") from None
 
     async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Relay the server's streams and send heartbeats; raise TunnelError when the connection is lost."""
@@ -168,7 +157,7 @@ class Client:
 
 
 def main() -> None:
-    """Command line: python3 -m stage_15.client LOCAL [SERVER] [--ca FILE] [--name NAME | --tcp] ..."""
+    """Command line: python3 -m stage_15.client LOCAL [SERVER] [--name NAME | --tcp] ..."""
     parser = argparse.ArgumentParser(
         prog=f"python3 -m {__package__}.client",
         description="Open a tunnel from a stage 15 server to LOCAL, the app on this machine that users should reach.",
@@ -180,13 +169,10 @@ def main() -> None:
         type=parse_server,
         default="localhost",
         metavar="SERVER",
-        help="host or host:port (default: localhost); its certificate must name this host",
+        help="host or host:port (default: localhost)",
     )
     parser.add_argument(
         "--control-port", type=port, metavar="PORT", help=f"the server's control port (default: {CONTROL_PORT})"
-    )
-    parser.add_argument(
-        "--ca", metavar="FILE", help="trust the server's certificate if this CA signed it (default: the system's CAs)"
     )
     kind = parser.add_mutually_exclusive_group()
     kind.add_argument("--name", type=name, help="the HTTP tunnel's name: NAME.<the server's domain> (default: random)")
@@ -218,15 +204,10 @@ def main() -> None:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
-    try:
-        context = client_context(args.ca)
-    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        sys.exit(f"error: {load_error(f'CA file {args.ca}', exc, args.ca)}")
     client = Client(
         args.local,
         server,
         server_port or args.control_port or CONTROL_PORT,
-        tls=context,
         name=args.name,
         tcp=args.tcp,
         secret=args.secret,

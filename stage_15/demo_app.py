@@ -21,7 +21,7 @@ PAGE = """<!doctype html>
 <p>You asked for <code>{method} {path}</code> at {clock}: request number {count}.</p>
 <p>This page was made by the demo local app <b>{name}</b> on {app}. Your request went
 user &rarr; server's public port, which read its Host header &rarr; a stream in the
-connection of the client named {name}, inside TLS &rarr; client &rarr; local app, and this
+connection of the client named {name} &rarr; client &rarr; local app, and this
 page came back the same way.</p>
 <p>Try another path, e.g. <a href="/hello/world">/hello/world</a>.</p>
 """

@@ -115,7 +115,7 @@ class Parser:
     def __init__(self) -> None:
         self._rest = b""  # the start of a frame whose end has not arrived yet
 
-    def feed(self, data: bytes | memoryview) -> list[Frame]:
+    def feed(self, data: bytes) -> list[Frame]:
         """The frames completed by `data`; ProtocolError at the first bad one.
 
         A DATA frame's payload is a memoryview of `data` (or of the held start of a frame), not a copy.

@@ -11,10 +11,6 @@ So the server does two things. It raises the soft limit to the hard one at start
 accepts connections itself, one at a time, each taking a *slot*: a semaphore sized below the
 limit. When a port's slots run out, it stops calling accept(); new connections wait in the
 kernel's queue (the backlog) until a connection closes and gives its slot back.
-
-TLS makes a connection cost memory, too, before it has proved anything: asyncio's TLS layer holds a
-256 KiB buffer from the moment it wraps a socket. So a TLS port wraps a connection only once its
-first byte arrives, and only so many at once (Startups, like OpenSSH's MaxStartups).
 """
 
 import asyncio
@@ -23,7 +19,6 @@ import errno
 import logging
 import resource
 import socket
-import ssl
 import time
 from collections.abc import Callable, Coroutine
 
@@ -43,11 +38,6 @@ EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 RETRY_DELAY = 0.5
 # At the limit, say so at most this often (seconds).
 REPORT_EVERY = 60.0
-# TLS connections that have not proved anything yet, on one port at once (see Startups). WHY: asyncio's
-# TLS layer costs ~330 KB per connection (a 256 KiB read buffer, made before the first byte), and
-# 2,400 idle TCP connections on the control port took the server from 25 to 790 MB. 128 per port
-# cost at most ~42 MB, and let through ~600 new HTTPS users a second on links of 200 ms round trips.
-MAX_STARTUPS = 128
 
 # Serves one accepted connection, and returns once it is closed (its descriptor is free then).
 Handler = Callable[[socket.socket], Coroutine[None, None, None]]
@@ -66,7 +56,7 @@ def raise_fd_limit() -> tuple[int, int]:
 def slots_for(fd_limit: int) -> dict[str, int]:
     """Share the descriptors between the control port and the users.
 
-    Stage 12 had one client, so the control port needed a handful of slots. Now every client holds
+    Stage 13 had one client, so the control port needed a handful of slots. Now every client holds
     one control connection: an eighth of the descriptors goes to them, the rest to the users of
     the public port and of the TCP tunnels' ports (see Slots).
     """
@@ -145,110 +135,13 @@ class Listener:
             self._free.release()
 
 
-class Startups:
-    """The TLS connections of one port that have not proved anything yet: at most `count` at once.
-
-    OpenSSH's MaxStartups, for TLS. A connection takes a slot at its first byte, not before: until
-    then it is a socket and a waiting task, with no TLS layer (asyncio makes that layer's 256 KiB
-    buffer as soon as it wraps a socket). It keeps the slot through its TLS handshake, and until it
-    has proved something (on the control port its secret: the welcome; on the HTTPS port a request
-    head for a tunnel of ours) or is gone. More wait in the kernel's socket buffers, costing us
-    nothing, until a slot frees or their time is up.
-    """
-
-    def __init__(self, role: str, count: int) -> None:
-        self.role, self.count = role, count
-        self._free = asyncio.Semaphore(count)
-        self._last_report, self._full_count = -REPORT_EVERY, 0
-
-    async def admit(self, conn: socket.socket, timeout: float) -> "Slot":
-        """Wait for `conn`'s first byte and a free slot; OSError if it closes first, TimeoutError after `timeout`."""
-        try:
-            async with asyncio.timeout(timeout):
-                await first_byte(conn)
-                if self._free.locked():
-                    self._report_full()
-                await self._free.acquire()
-        except TimeoutError:
-            raise TimeoutError(f"no TLS handshake could begin within {timeout:g}s") from None
-        return Slot(self._free)
-
-    def _report_full(self) -> None:
-        # As Listener._report_full: at most one line per REPORT_EVERY seconds.
-        self._full_count += 1
-        now = time.monotonic()
-        if now - self._last_report >= REPORT_EVERY:
-            log.warning(
-                "%s port: %d TLS connections have not proved themselves yet, the most at once; new ones wait "
-                "(%d times since the last report)",
-                self.role,
-                self.count,
-                self._full_count,
-            )
-            self._last_report, self._full_count = now, 0
-
-
-class Slot:
-    """One connection's place among the unproven (Startups): given back once it proved itself, or ended."""
-
-    def __init__(self, free: asyncio.Semaphore) -> None:
-        self._free = free
-        self.held = True
-
-    def release(self) -> None:
-        if self.held:  # once: the connection proves itself, and later ends
-            self.held = False
-            self._free.release()
-
-
-async def first_byte(conn: socket.socket) -> None:
-    """Return once `conn` has a byte to read (nothing is read: TLS reads it); OSError if it closed first."""
-    loop = asyncio.get_running_loop()
-    readable = loop.create_future()
-
-    def ready() -> None:
-        if not readable.done():  # the loop may call us once more before we stop watching
-            readable.set_result(None)
-
-    loop.add_reader(conn, ready)
-    try:
-        await readable
-    finally:
-        loop.remove_reader(conn)
-    if not conn.recv(1, socket.MSG_PEEK):  # a peek: the byte stays for TLS (OSError: a reset)
-        raise ConnectionResetError("closed before its first byte")  # a port scan: it gets no TLS layer at all
-
-
-async def streams(
-    conn: socket.socket, limit: int, tls: ssl.SSLContext, handshake_timeout: float
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Wrap an accepted socket in TLS, and in a reader and a writer, as asyncio.open_connection(sock=...) does.
-
-    OSError (ssl.SSLError, ConnectionAbortedError after `handshake_timeout`) if the TLS handshake fails.
-    """
+async def streams(conn: socket.socket, limit: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Wrap an accepted socket in a reader and a writer, as asyncio.open_connection(sock=...) does."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=limit)
     protocol = asyncio.StreamReaderProtocol(reader)
-    transport = await wrap(conn, lambda: protocol, tls, handshake_timeout)
+    transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn)
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
-
-
-async def wrap(
-    conn: socket.socket, factory: Callable[[], asyncio.BaseProtocol], tls: ssl.SSLContext | None, timeout: float
-) -> asyncio.Transport:
-    """Run `factory`'s protocol on an accepted socket, inside TLS if `tls` is given (OSError if its handshake fails)."""
-    loop = asyncio.get_running_loop()
-    try:
-        transport, _ = await loop.connect_accepted_socket(
-            factory, conn, ssl=tls, ssl_handshake_timeout=timeout if tls else None
-        )
-    except OSError as exc:
-        # WHY drop the traceback: its frames hold the failed TLS layer, 256 KiB buffer and all, in a
-        # reference cycle (the exception, its traceback, a frame, the future that holds the exception)
-        # that only the garbage collector breaks, in its own time: 1,500 connections that closed
-        # before their handshake left ~170 MB waiting for it. Without the traceback, each goes at once.
-        raise exc.with_traceback(None) from None
-    return transport
 
 
 def bind(host: str, port: int, backlog: int) -> socket.socket:

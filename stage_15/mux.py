@@ -36,7 +36,6 @@ from .protocol import LINGER, MAX_LINE, MAX_STREAMS, GoneAway, ProtocolError, Tu
 log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024  # the most the event loop reads from a socket in one go anyway
-SPARE = 32 * 1024  # room for a TLS record more than asked for (see get_buffer)
 # Data frames are written while the connection's send buffer holds less than this.
 WRITE_HIGH = 128 * 1024
 # Control frames are always written; a peer that lets this much pile up reads nothing at all.
@@ -84,14 +83,13 @@ class StreamEnd(Protocol):
     def after_fin_sent(self) -> None: ...
 
 
-class Mux(asyncio.BufferedProtocol):
+class Mux(asyncio.Protocol):
     """One tunnel connection: the streams on it, its frames both ways, and its heartbeats.
 
     The handshake reads lines with a StreamReader; once `run` starts, the Mux is the connection's
-    Protocol: the event loop (or TLS, decrypting) reads into a buffer the Mux hands out
-    (`get_buffer`), and the Mux parses the frames in place (`buffer_updated`). Everything else
-    (EOF, loss, the write buffer's pause and resume) still goes to the handshake's protocol, so the
-    StreamReader sees the end and `drain`/`wait_closed` keep working.
+    Protocol: the event loop hands it each chunk read (`data_received`), and it parses the frames
+    in place. Everything else (EOF, loss, the write buffer's pause and resume) still goes to the
+    handshake's protocol, so the StreamReader sees the end and `drain`/`wait_closed` keep working.
     """
 
     def __init__(
@@ -127,7 +125,6 @@ class Mux(asyncio.BufferedProtocol):
         self._out: list[bytes | memoryview] = []  # frames for the connection, written at the end of the turn
         self._out_size = 0
         self._parser = frames.Parser()
-        self._buffer = memoryview(b"")  # the read in progress (see get_buffer)
         self._last_heard = time.monotonic()
         self._allowance = float(CONTROL_BURST)  # frames without data the peer may still send (see _spend)
         self._allowance_at = self._last_heard
@@ -270,23 +267,7 @@ class Mux(asyncio.BufferedProtocol):
 
     # The event loop calls these once `run` made the Mux the connection's protocol.
 
-    # WHY a BufferedProtocol (new in stage 15): over TLS, asyncio's SSLProtocol then decrypts straight
-    # into a buffer we hand it, instead of making a 256 KiB bytes object for every TLS record (16 KiB
-    # at most) and joining the records of one read into yet another. The bench measured bulk
-    # transfers 1.13-1.31x faster, and 14-20% less CPU per GB (bench/README.md, the TLS row).
-    def get_buffer(self, sizehint: int) -> memoryview:
-        # A fresh buffer for every read: the payloads handed to the streams are views of it
-        # (frames.Parser), and they may still wait in a transport's buffer after this call.
-        # SSLProtocol's hint is what its encrypted buffer holds; decrypted, OpenSSL may hand over
-        # a record more: the spare room keeps the rest from coming later in a tiny second read.
-        size = sizehint + SPARE if sizehint > 0 else READ_SIZE
-        self._buffer = memoryview(bytearray(size))
-        return self._buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self._buffer[:nbytes])
-
-    def data_received(self, data: bytes | memoryview) -> None:
+    def data_received(self, data: bytes) -> None:
         if self.failure is not None:
             return  # ending: what the peer still sends is dropped
         self._last_heard = time.monotonic()  # any frame shows the peer is alive

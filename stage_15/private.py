@@ -10,7 +10,6 @@ import asyncio
 import logging
 import os
 import re
-import ssl
 import time
 from collections.abc import Callable
 
@@ -26,12 +25,11 @@ class LocalAppDown(TunnelError):
     """The local app refused or did not answer; the message says which, for the user's error page."""
 
 
-async def dial(host: str, port: int, tls: ssl.SSLContext, limit: int = DATA_LIMIT) -> Streams:
-    """Connect inside TLS, with a deadline; OSError (TimeoutError, ssl.SSLError included) if that fails."""
+async def dial(host: str, port: int, limit: int = DATA_LIMIT) -> Streams:
+    """Connect with a deadline; OSError (TimeoutError included) if that fails."""
     # A host behind a firewall that drops packets would otherwise keep us waiting for minutes.
     async with asyncio.timeout(NETWORK_TIMEOUT):
-        # server_hostname: the name the certificate must hold, checked by the TLS handshake.
-        return await asyncio.open_connection(host, port, limit=limit, ssl=tls, server_hostname=host)
+        return await asyncio.open_connection(host, port, limit=limit)
 
 
 class LocalApp:

@@ -1,7 +1,7 @@
 """Wire format of the tunnel connection's handshake: one message per line of text; every limit and timeout.
 
-Each client has one connection to the server, inside TLS. It starts as stage 12's did, with a handshake in
-text lines; the hello now says which tunnel the client wants:
+Each client has one connection to the server. It starts as stage 3's control
+connection did, with a handshake in text lines, readable and speakable with `nc`:
 
     client: hello http [<name> [<session_id>]]    a tunnel for HTTP users of NAME.<domain>
             hello tcp [<port> [<session_id>]]     a public TCP port of its own (ssh, a database)
@@ -271,8 +271,7 @@ async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
     # and a reset can destroy our last words before the peer reads them (and shows
     # the peer "connection reset" instead of a clean end). So we end our side first.
     with contextlib.suppress(OSError):  # the peer may be gone already; TimeoutError is an OSError too
-        if writer.can_write_eof():  # TLS has no half-close: there, the close itself says "no more"
-            writer.write_eof()
+        writer.write_eof()
         async with asyncio.timeout(LINGER):
             while await reader.read(64 * 1024):
                 pass

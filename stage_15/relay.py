@@ -162,9 +162,7 @@ class Stream(asyncio.BufferedProtocol):
             self.fin_pending = True  # sent after the bytes still queued (see take)
             if self.mux is not None:
                 self.mux.schedule(self)
-        # Keep our side open: the other direction may still flow. Not over TLS (an HTTPS user):
-        # TLS has no half-close, its end closes both directions.
-        return self.transport is not None and self.transport.can_write_eof()
+        return True  # keep our side open: the other direction may still flow
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._heard()
@@ -290,9 +288,7 @@ class Stream(asyncio.BufferedProtocol):
 
     def _write_eof(self) -> None:
         assert self.transport is not None
-        if self.transport.is_closing():
-            return
-        if self.transport.can_write_eof():
+        if not self.transport.is_closing() and self.transport.can_write_eof():
             # Half-close: tell the TCP peer "no more data from this side" while the other
             # direction keeps flowing (an HTTP client may shut its write side and still wait).
             try:
@@ -304,10 +300,6 @@ class Stream(asyncio.BufferedProtocol):
                 # inside the Mux's handling of a FIN frame. It ends this stream, never the tunnel
                 # connection that carries everyone else's.
                 self.reset("the connection was reset")
-        else:
-            # TLS (an HTTPS user) has no half-close: the end of this direction is the end of the
-            # connection, after the bytes still buffered (an answer that ends with the app's close).
-            self.transport.close()
 
     def _abort(self) -> None:
         """End the TCP connection with a reset (RST), as its far end's ended or as a lost tunnel must show."""
@@ -315,7 +307,6 @@ class Stream(asyncio.BufferedProtocol):
         # WHY a linger of 0: abort() alone closes the socket, and the kernel then ends the
         # connection with a FIN. The user (or the app) would read a clean end where the far side
         # reset or the tunnel was lost: a cut download would look complete, a cut upload too.
-        # (Over TLS, the socket is the one under it: the reset ends the TLS connection too.)
         sock = self.transport.get_extra_info("socket")  # None once a TLS connection is gone
         if sock is not None:
             with contextlib.suppress(OSError):  # closed already: nothing is left to reset

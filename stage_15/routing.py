@@ -1,6 +1,6 @@
 """Which tunnel an HTTP user wants: the Host header of its request.
 
-Stage 13's public port belonged to one client. Now one public port serves every HTTP tunnel, as
+Stage 14's public port belonged to one client. Now one public port serves every HTTP tunnel, as
 ngrok's does: a browser that opens `http://myapp.localhost:60624/` sends `Host:
 myapp.localhost:60624` in its request, and the server opens the user's stream on the client that
 holds the name `myapp`. So before relaying a single byte, the server reads the request's head:
@@ -17,9 +17,7 @@ connection go to the same tunnel; browsers only reuse a connection for the same 
 import asyncio
 import re
 import socket
-import ssl
 
-from . import limits
 from .relay import Stream
 
 # nginx allows 4 headers of 8 KiB by default; real requests are well below 16 KiB.
@@ -63,7 +61,7 @@ class Head(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True  # the user may half-close after its request and still wait for the answer
         self._finish()
-        return self.transport is not None and self.transport.can_write_eof()  # TLS: no half-close
+        return True  # keep our side open: the answer is still to come
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -76,18 +74,15 @@ class Head(asyncio.Protocol):
             self.done.set_result(None)
 
 
-async def read_head(
-    conn: socket.socket, stream: Stream, tls: ssl.SSLContext | None, timeout: float
-) -> tuple[bytes, bool]:
+async def read_head(conn: socket.socket, stream: Stream, timeout: float) -> tuple[bytes, bool]:
     """Read the head of the request on `conn`, then hand the connection to `stream`.
 
     Everything read goes to `stream` as the user's first bytes. Returns those bytes, and whether
     the reading ended (False: time ran out); `check` then says if they hold a head. OSError if the
-    user left before. With `tls` (HTTPS), a TLS handshake comes first: OSError too if it fails or
-    does not finish within `timeout`.
+    user left before.
     """
     head = Head()
-    transport = await limits.wrap(conn, lambda: head, tls, timeout)
+    transport, _ = await asyncio.get_running_loop().connect_accepted_socket(lambda: head, conn)
     try:
         async with asyncio.timeout(timeout):
             await asyncio.shield(head.done)  # shielded: a timeout must not mark it done (cancelled)

@@ -1,8 +1,7 @@
 """Stage 15 server: many clients, each with a tunnel of its own: a name for HTTP users, or a TCP port.
 
-python3 -m stage_15.certs certs/              # a private CA and a certificate for localhost (once)
-python3 -m stage_15.server --cert certs/server.pem --key certs/server.key
-python3 -m stage_15.client localhost:8000 --ca certs/ca.pem --name myapp    # then: curl http://myapp.localhost:60624/
+python3 -m stage_15.server
+python3 -m stage_15.client localhost:8000 --name myapp    # then: curl http://myapp.localhost:60624/
 
 Each client's one connection lives in session.py (auth, heartbeats, resume) and mux.py (its
 streams); who holds which tunnel is in tunnels.py, and how an HTTP user's Host header picks one
@@ -11,20 +10,18 @@ in routing.py. Here are the ports, the users, and what a user sees when no tunne
 
 import argparse
 import asyncio
-import contextlib
 import errno
 import logging
 import os
 import socket
-import ssl
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from . import auth, limits, pages, routing, tls
+from . import auth, limits, pages, routing
 from .budget import MEMORY_BUDGET, Budget, MiB
 from .cli import domain, listen_port, port_range, positive_seconds, whole_number
 from .frames import INITIAL_WINDOW
@@ -72,10 +69,8 @@ class Server:
         proxy_timeout: float = PROXY_TIMEOUT,
         handshake_timeout: float = NETWORK_TIMEOUT,
         *,
-        tls: ssl.SSLContext,
         secret: str | None = None,
         domain: str = "localhost",
-        https: ssl.SSLContext | None = None,
         tcp_ports: tuple[int, int] | None = None,
         resume_window: float = RESUME_WINDOW,
         max_tunnels_per_address: int = MAX_TUNNELS_PER_ADDRESS,
@@ -86,11 +81,9 @@ class Server:
         half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         max_streams_per_address: int = MAX_STREAMS_PER_ADDRESS,
-        max_startups: int = limits.MAX_STARTUPS,
         memory_budget: int = MEMORY_BUDGET,
     ) -> None:
         self.proxy_timeout = proxy_timeout  # a user waits this long for the client to accept its stream
-        self.handshake_timeout = handshake_timeout  # for TLS handshakes too: one that never ends is let go
         self.head_timeout = head_timeout  # an HTTP user sends its request's head within this (routing.py)
         self.timeouts = Timeouts(idle_timeout, half_closed_timeout)  # for silent streams: see relay.py
         # HTTP users are also closed when silent after their answer (TCP tunnels' users are not: an ssh
@@ -99,12 +92,9 @@ class Server:
         self.max_waiting = max_waiting
         self.max_streams_per_address = max_streams_per_address
         self.domain = domain.lower()
-        self.tls, self.https = tls, https  # the control port's TLS; the public port's (HTTPS), if given
         self.waiting = 0  # users whose stream the client has not accepted yet
         self.budget = Budget(memory_budget)  # every stream's window, together (budget.py)
         self._listeners: list[Listener] = []
-        # TLS connections not yet proved, per port (limits.Startups): the HTTPS port's only with --https-cert.
-        self._startups = {role: limits.Startups(role, max_startups) for role in ("control", "public")}
         self._tasks: set[asyncio.Task[None]] = set()
         self._tunnels = Tunnels(tcp_ports, self._spawn, self._handle_tcp)
         self._sessions = Sessions(
@@ -148,7 +138,7 @@ class Server:
                 log.warning("%s", warning)
         ports = Ports(*(int(listener.sock.getsockname()[1]) for listener in self._listeners))
         # TCP tunnels listen where the public port does, and draw on its share of descriptors.
-        public = Public(self.domain, "https" if self.https else "http", ports.public)
+        public = Public(self.domain, ports.public)
         self._tunnels.open(host, slots["public"], public)
         return ports
 
@@ -180,42 +170,20 @@ class Server:
         task.add_done_callback(self._tasks.discard)
 
     async def _handle_control(self, conn: socket.socket) -> None:
-        peer = "{}:{}".format(*conn.getpeername()[:2])
-        try:  # a place among the unproven, from its first byte until its welcome (limits.Startups)
-            slot = await self._startups["control"].admit(conn, self.handshake_timeout)
-        except OSError as exc:
-            log.debug("%s: %s; closed", peer, exc)
-            return
         # The tunnel connection carries frames after the handshake: a big buffer limit keeps reads
         # large (DATA_LIMIT). read_message still refuses a handshake line over MAX_LINE.
-        try:  # TLS first: a peer that doesn't speak it (or never finishes its handshake) fails here
-            reader, writer = await limits.streams(conn, DATA_LIMIT, self.tls, self.handshake_timeout)
-        except OSError as exc:  # ssl.SSLError: not TLS (e.g. a plain "hello" line), or a failed handshake
-            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__  # some have no text
-            log.warning("%s: TLS handshake failed (%s); closed", peer, reason)
-            slot.release()
-            return  # the listener closes its socket
-        transport = writer.transport
-        assert isinstance(transport, asyncio.Transport)  # TLS over TCP: it reads, writes and aborts
+        reader, writer = await limits.streams(conn, DATA_LIMIT)
         try:
-            await self._sessions.handle_control(reader, writer, slot.release)
+            await self._sessions.handle_control(reader, writer)
         finally:
-            await close(transport, writer.wait_closed(), proved=not slot.held)
-            slot.release()
+            writer.close()
+            await writer.wait_closed()
 
     async def _handle_http(self, conn: socket.socket) -> None:
         """A user of the public port: read its request's head, find the tunnel its Host names, relay."""
-        slot = None
-        if self.https is not None:
-            peer = "{}:{}".format(*conn.getpeername()[:2])
-            try:  # a place among the unproven, from its first byte until its head names a tunnel (limits.Startups)
-                slot = await self._startups["public"].admit(conn, self.head_timeout)
-            except OSError as exc:
-                log.debug("%s: %s; closed", peer, exc)
-                return
         stream = Stream(self.http_timeouts)
         try:
-            data, ended = await routing.read_head(conn, stream, self.https, self.head_timeout)  # OSError: it left
+            data, ended = await routing.read_head(conn, stream, self.head_timeout)  # OSError: it left
             peer = peername(stream)
             if not data:  # a browser's preconnect left unused, a port scan: no request, nothing to answer
                 log.debug("%s: sent nothing; closed", peer)
@@ -224,16 +192,13 @@ class Server:
             session = self._tunnels.find(name)
             if session is None:
                 raise BadRequest(404, f"no tunnel is named {name!r} on this server")
-            if slot is not None:
-                slot.release()  # a user of one of our tunnels
             await self._serve_user(stream, peer, session)
         except BadRequest as exc:
             await self._refuse(stream, peer, exc.status, exc.cause, http=True)
         finally:
             if stream.transport is not None:
-                await close(stream.transport, stream.closed, proved=slot is None or not slot.held)
-            if slot is not None:
-                slot.release()
+                stream.transport.close()  # sends what is still buffered first
+                await stream.closed  # the slot is free once the descriptor is
 
     async def _handle_tcp(self, session: Session, conn: socket.socket) -> None:
         """A user of a TCP tunnel's port: no head to read, the port says whose it is."""
@@ -242,7 +207,8 @@ class Server:
         try:
             await self._serve_user(stream, peername(stream), session)
         finally:
-            await close(transport, stream.closed, proved=True)
+            transport.close()  # sends what is still buffered first
+            await stream.closed  # the slot is free once the descriptor is
 
     async def _serve_user(self, stream: Stream, peer: str, session: Session) -> None:
         """One user: open a stream for it on its tunnel's client connection, and log it when it ends."""
@@ -326,20 +292,6 @@ def hold(counts: Counter[str], source: str, until: asyncio.Future[None]) -> None
     until.add_done_callback(release)
 
 
-async def close(transport: asyncio.Transport, closed: Awaitable[None], proved: bool) -> None:
-    """Close a user's or a client's connection, and return once it is gone.
-
-    One that proved nothing is cut (a reset), not closed: TLS would wait up to 30 s for its
-    goodbye (close_notify), holding its 256 KiB buffer and its place among the unproven.
-    """
-    if proved:
-        transport.close()  # sends what is still buffered first
-    else:
-        transport.abort()
-    with contextlib.suppress(OSError):  # a peer that vanished
-        await closed  # the descriptor's slot is free once it is gone
-
-
 def peername(stream: Stream) -> str:
     """'host:port' of the user, for log lines."""
     assert stream.transport is not None
@@ -364,14 +316,14 @@ async def run(host: str, ports: Ports, **options: Any) -> None:
 
 
 def main() -> None:
-    """Command line: python3 -m stage_15.server --cert FILE --key FILE [--host H] [--domain D] ..."""
+    """Command line: python3 -m stage_15.server [--host H] [--domain D] [--tcp-ports LOW-HIGH] ..."""
     parser = argparse.ArgumentParser(
         prog=f"python3 -m {__package__}.server",
         description="Serve many tunnels: HTTP users by the name in their Host header, TCP users by port.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     for role, default, who in (
-        ("control", CONTROL_PORT, "the client connects, over TLS"),
+        ("control", CONTROL_PORT, "the client connects"),
         ("public", PUBLIC_PORT, "HTTP users connect"),
     ):
         parser.add_argument(
@@ -381,16 +333,12 @@ def main() -> None:
             metavar="PORT",
             help=f"where {who}; 0 = any (default: %(default)s)",
         )
-    parser.add_argument("--cert", required=True, metavar="FILE", help="the control port's certificate chain (PEM)")
-    parser.add_argument("--key", required=True, metavar="FILE", help="its private key (PEM)")
     parser.add_argument(
         "--domain",
         type=domain,
         default="localhost",
         help="HTTP tunnels are NAME.DOMAIN; point *.DOMAIN's DNS at this server (default: %(default)s)",
     )
-    parser.add_argument("--https-cert", metavar="FILE", help="a certificate for *.DOMAIN: the public port speaks HTTPS")
-    parser.add_argument("--https-key", metavar="FILE", help="its private key")
     parser.add_argument(
         "--tcp-ports",
         type=port_range,
@@ -427,14 +375,6 @@ def main() -> None:
         help="the most connections one address (an IPv6 /64) may have open to a tunnel (default: %(default)s)",
     )
     parser.add_argument(
-        "--max-startups",
-        type=whole_number(1, 65535),
-        default=limits.MAX_STARTUPS,
-        metavar="COUNT",
-        help="TLS connections per port that have not proved themselves yet, at most at once: each costs"
-        " ~330 KB (default: %(default)s)",
-    )
-    parser.add_argument(
         "--memory-budget",
         type=whole_number(16, 1024 * 1024),
         default=MEMORY_BUDGET // MiB,
@@ -448,16 +388,12 @@ def main() -> None:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()
-    if (args.https_cert is None) != (args.https_key is None):
-        parser.error("give --https-cert and --https-key together")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
     try:
         ports = Ports(args.control_port, args.public_port)
         options = {
-            "tls": contexts("certificate", args.cert, args.key),
-            "https": args.https_cert and contexts("HTTPS certificate", args.https_cert, args.https_key),
             "domain": args.domain,
             "tcp_ports": args.tcp_ports,
             "proxy_timeout": args.proxy_timeout,
@@ -469,7 +405,6 @@ def main() -> None:
             "half_closed_timeout": args.half_closed_timeout,
             "keepalive_timeout": args.keepalive_timeout,
             "max_streams_per_address": args.max_streams_per_address,
-            "max_startups": args.max_startups,
             "memory_budget": args.memory_budget * MiB,
         }
         asyncio.run(run(args.host, ports, **options))
@@ -477,14 +412,6 @@ def main() -> None:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:
         log.info("stopped")
-
-
-def contexts(what: str, cert: str, key: str) -> ssl.SSLContext:
-    """A server's TLS context from its certificate and key files; TunnelError if they can't be used."""
-    try:
-        return tls.server_context(cert, key)
-    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        raise TunnelError(tls.load_error(f"{what} {cert} or its key {key}", exc, cert, key)) from None
 
 
 if __name__ == "__main__":

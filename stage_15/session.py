@@ -1,11 +1,11 @@
 """The server side of the tunnel connections: who holds each tunnel, and is its client still alive?
 
 Stage 3's control connection, which now carries everything: after the handshake, this module
-runs a Mux on it (mux.py), and the server opens a stream on it for each user. Stage 12 kept one
+runs a Mux on it (mux.py), and the server opens a stream on it for each user. Stage 13 kept one
 client; now every client that connects gets a session of its own, and with it one tunnel
 (tunnels.py): the name or TCP port it asked for, if nobody holds it.
 
-- Auth: only a client that knows the secret gets in (auth.py's handshake, inside TLS). An address
+- Auth: only a client that knows the secret gets in (the handshake is in auth.py). An address
   that guessed wrong too often is told `busy`, unless its hello brings the id of a session we hold:
   a stranger behind our client's NAT must not keep our client out.
 - Never locked out: the *same* client coming back (it presents the session id and the tunnel we
@@ -26,7 +26,6 @@ import asyncio
 import functools
 import logging
 import secrets
-from collections.abc import Callable
 
 from . import auth
 from .mux import Mux
@@ -72,13 +71,8 @@ class Sessions:
         self.by_id: dict[str, Session] = {}
         self.throttle = auth.Throttle()  # slows down anyone guessing the secret
 
-    async def handle_control(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, admitted: Callable[[], None] = lambda: None
-    ) -> None:
-        """One control connection, from handshake to close: the task the control port spawns.
-
-        `admitted` is called once the client is in (see limits.Startups: it proved itself).
-        """
+    async def handle_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One control connection, from handshake to close: the task the control port spawns."""
         host, port = writer.get_extra_info("peername")[:2]
         peer, session, mux, stopped = f"{host}:{port}", None, None, False
         try:
@@ -88,7 +82,6 @@ class Sessions:
             # The welcome is the last line: from here on, both sides speak frames (frames.py).
             mux = Mux(reader, writer, peer="the client", heartbeat_timeout=self.heartbeat_timeout)
             await write_message(writer, Welcome(session.session_id, session.tunnel, session.url))
-            admitted()
             session.mux = mux
             await mux.run()  # until the client leaves, falls silent or breaks the protocol
         except GoneAway as exc:  # the client stopped (Ctrl-C) and said so: it won't come back for its tunnel

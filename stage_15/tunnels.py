@@ -1,6 +1,6 @@
 """Who holds which tunnel: the names of the HTTP tunnels, and the TCP tunnels' public ports.
 
-Stage 12's server had one client, and so one tunnel. Now any number of clients connect, and each
+Stage 13's server had one client, and so one tunnel. Now any number of clients connect, and each
 holds one tunnel, which is how a user finds it:
 
 - An **HTTP tunnel** has a name, and its users reach it at `http://NAME.<domain>/` (the server
@@ -63,16 +63,14 @@ class Public:
     """Where users reach the tunnels: makes each tunnel's URL."""
 
     domain: str  # HTTP tunnels are NAME.<domain>
-    scheme: str  # "http", or "https" when the public port speaks TLS
     port: int  # the public port; TCP tunnels have their own
 
     def url(self, kind: str, tunnel: str) -> str:
         """`http://myapp.localhost:60624/` or `tcp://localhost:61000`."""
         if kind == "tcp":
             return f"tcp://{self.domain}:{tunnel}"
-        default = {"http": 80, "https": 443}[self.scheme]  # a browser adds that port itself
-        port = "" if self.port == default else f":{self.port}"
-        return f"{self.scheme}://{tunnel}.{self.domain}{port}/"
+        port = "" if self.port == 80 else f":{self.port}"  # a browser adds port 80 itself
+        return f"http://{tunnel}.{self.domain}{port}/"
 
 
 class Tunnels:

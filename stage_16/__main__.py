@@ -1,4 +1,4 @@
-"""Two tunnels on one server, on one machine: `python3 -m stage_16` logs every request, with zero setup.
+"""Two tunnels on one server, on one machine: `python3 -m stage_16` shows names and TLS with zero setup.
 
 It runs five things in one process, all on 127.0.0.1: two demo local apps (demo_app.py), the
 server, and two clients named `hello` and `world`, which share a fresh random secret. Then it
@@ -22,7 +22,6 @@ from collections.abc import Coroutine
 from pathlib import Path
 
 from . import certs, tls
-from .capture import Store
 from .cli import listen_port
 from .client import Client
 from .demo_app import DemoApp
@@ -68,8 +67,7 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         ports = await server.listen(HOST, 0, 0)
     # "localhost", not 127.0.0.1: the name the certificate holds, and the client checks.
     clients = [
-        Client(app.address, "localhost", ports.control, tls=client_tls, name=app.name, secret=secret, store=Store())
-        for app in apps
+        Client(app.address, "localhost", ports.control, tls=client_tls, name=app.name, secret=secret) for app in apps
     ]
     async with asyncio.TaskGroup() as tasks:
         for task in (*(app.serve() for app in apps), server.serve(), *(client.run() for client in clients)):
@@ -85,7 +83,6 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         print(
             "\npublic URLs, one server, two tunnels:\n" + "\n".join(lines) + "\n"
             f"  try it:   curl {clients[0].url}   (or open it in a browser)\n"
-            "  each request: a line of its client's log below (the server logs a line per connection)\n"
             f"  the path: you -> server (public port {ports.public}, reads the Host header) -> "
             "the client of that name, over TLS -> its demo app, and back\n"
             "  press Ctrl-C to stop\n",

@@ -1,4 +1,4 @@
-"""Stage 16 client: stage 15's tunnel, and the observer: a log line for every request it relays.
+"""Stage 16 client: a tunnel of its own on a shared server, by name or by port, over TLS.
 
 python3 -m stage_16.client localhost:8000 --ca certs/ca.pem --name myapp   # http://myapp.localhost:60624/
 python3 -m stage_16.client localhost:22 tunnel.example.com --tcp          # a public TCP port for ssh
@@ -11,8 +11,6 @@ connection: they ran inside it (in stage 3 each user had a proxy connection of i
 
 The client asks for a tunnel in its hello (a name, or a TCP port), and the server answers
 with its URL. Resuming, it asks for the same tunnel again, with its session id, and so keeps its name.
-
-The client also observes every HTTP exchange it relays (observe.py), and logs a line for each one.
 """
 
 import argparse
@@ -24,11 +22,9 @@ import sys
 
 from . import auth, backoff, private
 from .budget import Budget
-from .capture import ObservedStream, Store
 from .cli import name, parse_address, parse_server, port, positive_seconds
 from .frames import INITIAL_WINDOW
 from .mux import Mux
-from .observe import Observer
 from .protocol import (
     CONTROL_PORT,
     DATA_LIMIT,
@@ -64,10 +60,8 @@ class Client:
         max_backoff: float = backoff.BACKOFF_CAP,
         idle_timeout: float = IDLE_TIMEOUT,
         half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
-        store: Store | None = None,
     ) -> None:
         self.local = local
-        self.store = store  # observes every HTTP exchange, and logs it (None: nothing is observed)
         self.server = server
         self.control_port = control_port
         self.tls = tls or client_context()  # the system's CAs
@@ -161,8 +155,7 @@ class Client:
 
     def _open(self, stream_id: int) -> Stream:
         """The server opened a stream for a user: dial the local app for it, in a task of its own."""
-        user = f"stream {stream_id}"  # who sent the requests, in the log line
-        stream = ObservedStream(self.timeouts, Observer(self.store, user)) if self.store else Stream(self.timeouts)
+        stream = Stream(self.timeouts)
         # Its first window is the protocol's: the server may have sent its bytes already (budget.py).
         self.budget.take(INITIAL_WINDOW)
         stream.charge(self.budget)
@@ -242,7 +235,6 @@ def main() -> None:
         max_backoff=args.max_backoff,
         idle_timeout=args.idle_timeout,
         half_closed_timeout=args.half_closed_timeout,
-        store=Store(),
     )
     try:
         asyncio.run(client.run())

@@ -1,6 +1,6 @@
 """Wire format of the tunnel connection's handshake: one message per line of text; every limit and timeout.
 
-Each client has one connection to the server, inside TLS. It starts as stage 12's did, with a handshake in
+Each client has one connection to the server, inside TLS. It starts as stage 13's did, with a handshake in
 text lines; the hello now says which tunnel the client wants:
 
     client: hello http [<name> [<session_id>]]    a tunnel for HTTP users of NAME.<domain>

@@ -1,12 +1,12 @@
-"""Stage 17: the inspector's page: every request through the tunnel, in a web page on the client's machine.
+"""Stage 17: the observer: the client finds each HTTP request in the bytes it relays, and logs it.
 
-Layout (new in stage 17: the ring of the last exchanges in capture.py, and its page: inspector.py, inspector.html):
+Layout (new in stage 17: observe.py and capture.py, the client's observer of the HTTP it relays):
 
 - `protocol.py`: the handshake's text lines (`hello http myapp`, `welcome ...`); every timeout and limit.
 - `tls.py`: the TLS contexts: the server's certificate, and what the client trusts (always checked).
 - `certs.py`: `python3 -m stage_17.certs DIR` makes a private CA and a server certificate (with openssl).
 - `auth.py`: the HMAC challenge-response that proves the client knows the secret, inside TLS.
-- `frames.py`, `mux.py`: stage 7's frames and multiplexer: every user a stream in the client's connection.
+- `frames.py`, `mux.py`: stage 8's frames and multiplexer: every user a stream in the client's connection.
 - `relay.py`: one user's TCP connection joined to its stream, with flow control.
 - `budget.py`: the memory budget: every stream's window counted in one stated total.
 - `tunnels.py`: who holds which name and which TCP port; the TCP tunnels' ports.
@@ -17,7 +17,6 @@ Layout (new in stage 17: the ring of the last exchanges in capture.py, and its p
 - `server.py`: the control port, the public port (HTTP or HTTPS), the TCP tunnels' users; `python3 -m stage_17.server`.
 - `backoff.py`, `private.py`, `client.py`: the client; `python3 -m stage_17.client LOCAL [SERVER] --name NAME`.
 - `observe.py`: HTTP/1.1 parsed by hand from a copy of the relayed bytes, never in their way.
-- `capture.py`: the log line and the ring of the last exchanges (bounded in count and bytes).
-- `inspector.py`, `inspector.html`: the page at http://127.0.0.1:4040: the list, and each exchange.
-- `demo_app.py` and `__main__.py`: `python3 -m stage_17` runs two named tunnels and an inspector on this machine.
+- `capture.py`: the streams that show their bytes to an observer, and a log line for each exchange.
+- `demo_app.py` and `__main__.py`: `python3 -m stage_17` runs two named tunnels on this machine, and logs each request.
 """

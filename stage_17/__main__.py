@@ -1,12 +1,10 @@
-"""Two tunnels and an inspector, on one machine: `python3 -m stage_17` lists every request, with zero setup.
+"""Two tunnels on one server, on one machine: `python3 -m stage_17` logs every request, with zero setup.
 
 It runs five things in one process, all on 127.0.0.1: two demo local apps (demo_app.py), the
 server, and two clients named `hello` and `world`, which share a fresh random secret. Then it
 prints both URLs: http://hello.localhost:60624/ and http://world.localhost:60624/ reach
 different apps through the same public port, told apart by the Host header. Browsers and curl
-send *.localhost to this machine without any setup. Each client logs a line for every request it
-relays; `hello`'s client also has an inspector: its page, at http://127.0.0.1:4040/, lists the
-requests to hello.localhost.
+send *.localhost to this machine without any setup.
 
 Before that, it makes a private CA and a certificate for localhost (certs.py, with the openssl
 command) in a temporary folder: the server presents that certificate, and the clients trust only
@@ -25,12 +23,11 @@ from pathlib import Path
 
 from . import certs, tls
 from .capture import Store
-from .cli import listen_error, listen_port
+from .cli import listen_port
 from .client import Client
 from .demo_app import DemoApp
-from .inspector import INSPECT_PORT, Inspector
 from .protocol import CONTROL_PORT, NETWORK_TIMEOUT, PUBLIC_PORT, TunnelError
-from .server import Server
+from .server import Server, listen_error
 
 log = logging.getLogger(f"{__package__}.demo")
 
@@ -41,7 +38,7 @@ NAMES = ("hello", "world")  # the demo's two tunnels
 
 
 async def run(control_port: int, public_port: int, app_port: int, any_free: bool = False) -> None:
-    """Start the demo apps, the server, the clients and an inspector; print the URLs; serve until cancelled.
+    """Start the demo apps, the server and the clients; print the public URLs; serve until cancelled.
 
     any_free: if the tunnel's ports can't all be had, take any free ones instead of failing.
     """
@@ -69,20 +66,12 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         # test suite makes thousands, and each may have used it as its source port.
         log.warning("%s; the demo takes free ports instead", exc)
         ports = await server.listen(HOST, 0, 0)
-    inspector = Inspector(Store(), HOST, INSPECT_PORT)  # hello's requests; world's are only logged
-    try:
-        await inspector.listen()
-    except TunnelError as exc:  # as for the tunnel's ports: another one will do
-        log.warning("%s; the inspector takes a free port instead", exc)
-        inspector.port = 0
-        await inspector.listen()
     # "localhost", not 127.0.0.1: the name the certificate holds, and the client checks.
     clients = [
-        Client(app.address, "localhost", ports.control, tls=client_tls, name=app.name, secret=secret, store=store)
-        for app, store in zip(apps, (inspector.store, Store()), strict=True)
+        Client(app.address, "localhost", ports.control, tls=client_tls, name=app.name, secret=secret, store=Store())
+        for app in apps
     ]
     async with asyncio.TaskGroup() as tasks:
-        tasks.create_task(inspector.serve())
         for task in (*(app.serve() for app in apps), server.serve(), *(client.run() for client in clients)):
             tasks.create_task(task)
         try:
@@ -96,7 +85,7 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         print(
             "\npublic URLs, one server, two tunnels:\n" + "\n".join(lines) + "\n"
             f"  try it:   curl {clients[0].url}   (or open it in a browser)\n"
-            f"  inspect:  http://{HOST}:{inspector.port}/   (hello's requests, as a list)\n"
+            "  each request: a line of its client's log below (the server logs a line per connection)\n"
             f"  the path: you -> server (public port {ports.public}, reads the Host header) -> "
             "the client of that name, over TLS -> its demo app, and back\n"
             "  press Ctrl-C to stop\n",
@@ -121,7 +110,7 @@ def main() -> None:
     """Command line: python3 -m stage_17 [--public-port P] [--control-port P] [--app-port P]."""
     parser = argparse.ArgumentParser(
         prog=f"python3 -m {__package__}",
-        description="Run two demo apps, the tunnel server, two named clients and an inspector here; print the URLs.",
+        description="Run two demo apps, the tunnel server and two named clients on this machine; print the URLs.",
     )
     for role, default in (("public", PUBLIC_PORT), ("control", CONTROL_PORT)):
         parser.add_argument(

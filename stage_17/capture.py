@@ -1,32 +1,18 @@
-"""What the client does with the exchanges it observes: a log line each, and a bounded ring for its page.
+"""What the client does with the exchanges it observes: a log line each.
 
 - `ObservedStream` is the client's relay (relay.Stream) with one addition: after passing each
   chunk on, it hands a copy to an Observer (observe.py). The relay never waits for it.
 - `Store` logs one line for each exchange once it is over: what was asked, the answer, the bytes
   and the time, for every request, where the server's request log has one line per connection.
-- It also keeps the last `limit` exchanges for the inspector's page, and at most `byte_limit`
-  bytes of their heads and bodies: the oldest go first. A tunnel left running for a week serves
-  millions of requests; the inspector must not grow with them. The bound covers what the ring has
-  let go of but can't free yet: an exchange still waiting for its answer stays with its
-  connection's observer.
 """
 
 import logging
-from collections import OrderedDict
 
 from .observe import COMPLETE, PENDING, Exchange, Observer
 from .protocol import printable
 from .relay import Stream, Timeouts
 
 log = logging.getLogger(f"{__package__}.client")
-
-# The ring: how many exchanges, and how many bytes of heads and bodies, the inspector keeps.
-LIMIT = 500
-BYTE_LIMIT = 32 * 1024 * 1024
-# What an exchange costs besides its heads and bodies: the Python objects that hold them (two
-# Messages, the Exchange, their lists and strings), measured with sys.getsizeof: about 1.4 KiB.
-# It is also what a dropped exchange still waiting for its answer is counted at (see _evict).
-ENTRY_OVERHEAD = 1536
 
 
 class ObservedStream(Stream):
@@ -55,67 +41,20 @@ class ObservedStream(Stream):
 
 
 class Store:
-    """The last `limit` exchanges, holding at most `byte_limit` bytes: a ring (an observe.Sink)."""
+    """Every exchange of the client's streams, logged once it is over (an observe.Sink)."""
 
-    def __init__(self, limit: int = LIMIT, byte_limit: int = BYTE_LIMIT) -> None:
-        self.limit, self.byte_limit = limit, byte_limit
-        self.entries: OrderedDict[int, Exchange] = OrderedDict()  # oldest first
-        self.bytes = 0  # what the entries hold, as `size` counts it, and the dropped ones still pending
-        self._sizes: dict[int, int] = {}
-        self._pending_dropped: set[int] = set()  # ids of exchanges dropped from the list before they ended
+    def __init__(self) -> None:
         self._next_id = 1
         self._going: set[int] = set()  # ids of the exchanges not over yet: each is logged once, when it ends
-
-    @staticmethod
-    def size(exchange: Exchange) -> int:
-        """The bytes an exchange holds: its heads, trailers and kept bodies, and its objects."""
-        request, response = exchange.request, exchange.response
-        kept = len(request.head) + len(request.trailers) + len(request.body)
-        return ENTRY_OVERHEAD + kept + len(response.head) + len(response.trailers) + len(response.body)
 
     def opened(self, exchange: Exchange) -> None:
         exchange.id, self._next_id = self._next_id, self._next_id + 1
         self._going.add(exchange.id)
-        size = self.size(exchange)
-        while self.entries and (len(self.entries) >= self.limit or self.bytes + size > self.byte_limit):
-            self._evict()
-        if self.bytes + size > self.byte_limit:
-            # Dropped exchanges still waiting for their answers fill the ring by themselves: users
-            # pipelining thousands of requests to an app that never answers. Keep nothing of this
-            # one either; its observer sees keep_limit 0 and stops observing its connection.
-            drop(exchange)
-            return
-        self.entries[exchange.id] = exchange
-        self._sizes[exchange.id] = size
-        self.bytes += size
-
-    def grew(self, exchange: Exchange, size: int) -> None:
-        # Counted as it grows, never recomputed: this runs for every piece of every body kept.
-        if exchange.id in self._sizes:  # else dropped already: it keeps nothing any more (see drop)
-            self._sizes[exchange.id] += size
-            self.bytes += size
-            while self.bytes > self.byte_limit and self.entries:
-                self._evict()
 
     def changed(self, exchange: Exchange) -> None:
         if exchange.state != PENDING and exchange.id in self._going:
             self._going.discard(exchange.id)
             log.info("%s", line(exchange))
-        if exchange.state != PENDING and exchange.id in self._pending_dropped:
-            self._pending_dropped.discard(exchange.id)  # its observer lets go of it now
-            self.bytes -= ENTRY_OVERHEAD
-
-    def _evict(self) -> None:
-        """Drop the oldest exchange from the list; if it is still going on, count what its observer still holds."""
-        exchange_id, exchange = self.entries.popitem(last=False)
-        self.bytes -= self._sizes.pop(exchange_id)
-        # WHY count it: the observer of its connection holds it until its answer comes, to pair the
-        # answers with the requests. 300 users pipelining 64 requests each to an app that never
-        # answers left 19,200 such exchanges with their 30 KiB heads: 712 MB the ring never counted.
-        if exchange.state == PENDING:
-            self._pending_dropped.add(exchange_id)
-            self.bytes += ENTRY_OVERHEAD
-        drop(exchange)
 
 
 def line(exchange: Exchange) -> str:
@@ -126,13 +65,3 @@ def line(exchange: Exchange) -> str:
     state = "" if exchange.state == COMPLETE else f" ({exchange.state}{': ' if exchange.note else ''}{exchange.note})"
     up, down = exchange.request.wire, exchange.response.wire
     return f"{exchange.user}: {asked} -> {answer}, {up} bytes up, {down} bytes down{took}{state}"
-
-
-def drop(exchange: Exchange) -> None:
-    """Keep nothing of an exchange the ring let go of: no heads, bodies or path, only what framing needs."""
-    exchange.keep_limit = 0  # its observer counts its bytes from now on, and keeps none
-    exchange.target = ""
-    if exchange.method not in ("HEAD", "CONNECT"):  # the observer still frames their answers by these two
-        exchange.method = ""
-    for message in (exchange.request, exchange.response):
-        message.head, message.trailers, message.body = b"", b"", bytearray()

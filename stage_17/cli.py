@@ -4,14 +4,10 @@ Shared by the server, the client and the demo (`python3 -m stage_17`). Each one 
 into argparse's one-line usage error and exit 2, instead of a traceback deep in the socket code
 (a port of 99999 raises OverflowError there), a silent surprise (a client's port 99999 wraps
 around to another one), or a flood (a heartbeat interval of 0 pings in a tight loop).
-
-`listen_error` is here, not in server.py, because the client listens too (the inspector's page)
-and a client module must never import the server's: the client would load all of it.
 """
 
 import argparse
 import contextlib
-import errno
 import ipaddress
 import math
 from collections.abc import Callable
@@ -25,15 +21,6 @@ def listen_port(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}")
     return int(text)
-
-
-def listen_error(exc: OSError, role: str, host: str, port: int) -> str:
-    """A one-line, actionable message for a failed bind."""
-    if exc.errno == errno.EADDRINUSE:
-        return f"port {port} on {host} is already in use; stop the other program or pick another --{role}-port"
-    if exc.errno == errno.EACCES:
-        return f"permission denied to listen on {host}:{port}; use a --{role}-port above 1023"
-    return f"cannot listen on {host}:{port} for the {role} port: {exc.strerror or exc}"
 
 
 def positive_seconds(text: str) -> float:

@@ -1,4 +1,4 @@
-"""Stage 17 client: stage 15's tunnel, and the inspector: a local page of every request it relays.
+"""Stage 17 client: stage 16's tunnel, and the observer: a log line for every request it relays.
 
 python3 -m stage_17.client localhost:8000 --ca certs/ca.pem --name myapp   # http://myapp.localhost:60624/
 python3 -m stage_17.client localhost:22 tunnel.example.com --tcp          # a public TCP port for ssh
@@ -13,7 +13,6 @@ The client asks for a tunnel in its hello (a name, or a TCP port), and the serve
 with its URL. Resuming, it asks for the same tunnel again, with its session id, and so keeps its name.
 
 The client also observes every HTTP exchange it relays (observe.py), and logs a line for each one.
-It keeps the last ones for the inspector's page at http://127.0.0.1:4040 (`--no-inspect`: none of this).
 """
 
 import argparse
@@ -26,9 +25,8 @@ import sys
 from . import auth, backoff, private
 from .budget import Budget
 from .capture import ObservedStream, Store
-from .cli import listen_port, name, parse_address, parse_server, port, positive_seconds
+from .cli import name, parse_address, parse_server, port, positive_seconds
 from .frames import INITIAL_WINDOW
-from .inspector import INSPECT_PORT, Inspector
 from .mux import Mux
 from .observe import Observer
 from .protocol import (
@@ -176,18 +174,6 @@ class Client:
         return stream
 
 
-async def run(client: Client, inspector: Inspector | None) -> None:
-    """Run the client, and the inspector's page while it runs (TunnelError if the page's port is taken)."""
-    if inspector is None:
-        await client.run()
-        return
-    await inspector.listen()
-    try:
-        await client.run()
-    finally:
-        await inspector.close()
-
-
 def main() -> None:
     """Command line: python3 -m stage_17.client LOCAL [SERVER] [--ca FILE] [--name NAME | --tcp] ..."""
     parser = argparse.ArgumentParser(
@@ -231,17 +217,6 @@ def main() -> None:
             metavar="SECONDS",
             help=f"{what} (default: %(default)s)",
         )
-    parser.add_argument(
-        "--inspect-port",
-        type=listen_port,
-        default=INSPECT_PORT,
-        metavar="PORT",
-        help="the inspector's web page, a list of every request; 0 = any (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--inspect-host", default="127.0.0.1", help="address of the inspector's page (default: %(default)s)"
-    )
-    parser.add_argument("--no-inspect", action="store_true", help="observe nothing: no page, no log lines")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()
     server, server_port = args.server
@@ -267,11 +242,10 @@ def main() -> None:
         max_backoff=args.max_backoff,
         idle_timeout=args.idle_timeout,
         half_closed_timeout=args.half_closed_timeout,
-        store=None if args.no_inspect else Store(),
+        store=Store(),
     )
-    inspector = Inspector(client.store, args.inspect_host, args.inspect_port) if client.store else None
     try:
-        asyncio.run(run(client, inspector))
+        asyncio.run(client.run())
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:

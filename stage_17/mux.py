@@ -270,7 +270,7 @@ class Mux(asyncio.BufferedProtocol):
 
     # The event loop calls these once `run` made the Mux the connection's protocol.
 
-    # WHY a BufferedProtocol (new in stage 15): over TLS, asyncio's SSLProtocol then decrypts straight
+    # WHY a BufferedProtocol (new in stage 16): over TLS, asyncio's SSLProtocol then decrypts straight
     # into a buffer we hand it, instead of making a 256 KiB bytes object for every TLS record (16 KiB
     # at most) and joining the records of one read into yet another. The bench measured bulk
     # transfers 1.13-1.31x faster, and 14-20% less CPU per GB (bench/README.md, the TLS row).

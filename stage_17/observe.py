@@ -27,8 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-# Each body is kept up to this much; the rest is counted, not kept (the page says so).
-BODY_LIMIT = 64 * 1024
 # A head (start line and header fields) or a trailer section larger than this is not HTTP to us:
 # servers refuse far smaller ones (nginx's default is 8 KiB a line, 32 KiB in all).
 HEAD_LIMIT = 32 * 1024
@@ -45,7 +43,6 @@ REQUEST_LINE = rf"({TOKEN}) (\S+) HTTP/(\d\.\d)\r?".encode()
 STATUS_LINE = rb"HTTP/(\d\.\d) ([1-9]\d\d)(?: ([^\x00\r\n]*))?\r?"
 # The first line of a whole head (matched at its start).
 REQUEST_HEAD, STATUS_HEAD = re.compile(REQUEST_LINE + rb"\n"), re.compile(STATUS_LINE + rb"\n")
-FIELD_LINE = re.compile(rf"({TOKEN}):[ \t]*([^\x00\r\n]*?)[ \t]*")
 # The empty line after the last field; a bare LF is tolerated (RFC 9112 2.2). WHY it starts at the
 # previous line's \n: a pattern that begins with a fixed byte is searched for with memchr, 10x
 # faster than one that begins with an optional \r (measured: 0.2 against 2.3 us for a small head).
@@ -67,11 +64,8 @@ class NotHttp(Exception):
 
 @dataclass(eq=False, slots=True)
 class Message:
-    """One request or response: its head as it came, its body (the first BODY_LIMIT bytes) and its size."""
+    """One request or response: its size, and whether it is over."""
 
-    head: bytes = b""  # start line and fields, exactly as on the wire (parsed again to show them)
-    trailers: bytes = b""  # the fields after a chunked body, if any
-    body: bytearray = field(default_factory=bytearray)  # the first BODY_LIMIT bytes of it, de-chunked
     body_size: int = 0  # every byte of the body, de-chunked: what the app or the user reads
     wire: int = 0  # bytes on the wire: the head, the body, the chunks' framing
     done: bool = False
@@ -87,12 +81,10 @@ class Exchange:
     status: int | None = None
     state: str = PENDING
     note: str = ""  # why it is not HTTP, or incomplete
-    started: float = field(default_factory=time.time)  # wall clock, for the page
     duration: float | None = None  # seconds from the request's head to the response's last byte
     request: Message = field(default_factory=Message)
     response: Message = field(default_factory=Message)
     id: int = 0  # given by the store
-    keep_limit: int = BODY_LIMIT  # body bytes each message keeps; the store sets 0 once it dropped the entry
     began: float = field(default_factory=time.monotonic)
 
 
@@ -102,39 +94,15 @@ class Sink(Protocol):
     def opened(self, exchange: Exchange) -> None:
         """A new exchange: its request head has arrived (or bytes that are not HTTP)."""
 
-    def grew(self, exchange: Exchange, size: int) -> None:
-        """`exchange` holds `size` more bytes: a head, trailers, body kept (the store counts its memory)."""
-
     def changed(self, exchange: Exchange) -> None:
         """The exchange ended, or parsing stopped."""
-
-
-def parse_head(head: bytes) -> tuple[str, list[tuple[str, str]]]:
-    """The start line and the fields of a head (or a trailer section); NotHttp if they are malformed."""
-    # Latin-1 maps each byte to one character: nothing is lost, and nothing can fail to decode.
-    lines = head.decode("latin-1").split("\n")
-    fields: list[tuple[str, str]] = []
-    for line in lines[1:]:
-        line = line.removesuffix("\r")
-        if not line:
-            break
-        if line[0] in " \t" and fields:  # obsolete line folding (RFC 9112 5.2): replace with a space
-            name, value = fields.pop()
-            fields.append((name, value + " " + line.strip(" \t")))
-            continue
-        match = FIELD_LINE.fullmatch(line)
-        if match is None:  # e.g. a space before the colon: request smuggling's favourite trick
-            raise NotHttp(f"a malformed field line: {line[:80]!r}")
-        fields.append((match[1], match[2]))
-    return lines[0].removesuffix("\r"), fields
 
 
 def read_head(head: bytes) -> dict[bytes, bytes]:
     """The framing fields of a head (lowercased name: values); NotHttp if the head is malformed.
 
     WHY one regex: this runs for every message through the tunnel. Checking the head with one
-    regex and picking out two fields costs a fraction of making a string of every field (what
-    parse_head does, for the page only, when someone looks at a head).
+    regex and picking out two fields costs a fraction of making a string of every field.
     """
     if WELL_FORMED.fullmatch(head) is None:
         raise NotHttp(f"a malformed head: {head[:80]!r}")
@@ -153,11 +121,6 @@ def first_line(head: bytes) -> str:
 def values(framing: dict[bytes, bytes], name: bytes) -> list[bytes]:
     """The comma-separated values of a framing field, lowercased: b"gzip, chunked" -> [b"gzip", b"chunked"]."""
     return [v.strip().lower() for v in framing[name].split(b",") if v.strip()] if name in framing else []
-
-
-def field_values(fields: list[tuple[str, str]], name: str) -> list[str]:
-    """Every comma-separated value of the fields named `name` (case-insensitive), lowercased."""
-    return [v.strip().lower() for n, value in fields if n.lower() == name for v in value.split(",") if v.strip()]
 
 
 def body_length(framing: dict[bytes, bytes]) -> int | None:
@@ -385,12 +348,9 @@ class Observer:
             raise NotHttp(f"more than {MAX_WAITING} pipelined requests wait for their responses")
         method, target, version = match[1].decode("ascii"), match[2].decode("latin-1"), match[3]
         exchange = Exchange(self.user, method, target)
-        exchange.request.head = head
         self._sending = exchange
         self._waiting.append(exchange)
         self._sink.opened(exchange)
-        if not exchange.keep_limit:  # the store had no room for it (capture.Store.opened)
-            raise NotHttp("not observed: the inspector is full of requests still waiting for their answers")
         codings = values(framing, b"transfer-encoding") if b"transfer-encoding" in framing else None
         if codings and version != b"1.0":  # RFC 9112 6.1: chunked wins over Content-Length
             if codings[-1] != b"chunked":
@@ -401,16 +361,13 @@ class Observer:
 
     def _request_body(self, piece: memoryview) -> None:
         assert self._sending is not None
-        self._keep(self._sending, self._sending.request, piece)
+        self._sending.request.body_size += len(piece)
 
     def _request_end(self, wire: int, trailers: bytes) -> None:
         exchange, self._sending = self._sending, None
         assert exchange is not None
         exchange.request.wire += wire
         exchange.request.done = True
-        if trailers and exchange.keep_limit:  # keep_limit 0: the store dropped it, it keeps nothing
-            exchange.request.trailers = trailers
-            self._sink.grew(exchange, len(trailers))
         if exchange.response.done:  # an early response (a 413, say) came before the request's end
             self._complete(exchange)
 
@@ -428,9 +385,6 @@ class Observer:
         if status < 200:
             raise NotHttp(f"an interim response ({status}) before the real one: not followed")
         exchange.status = status
-        if exchange.keep_limit:  # else dropped by the store: it keeps nothing
-            exchange.response.head = head
-            self._sink.grew(exchange, len(head))
         if exchange.method == "HEAD" or status in (204, 304):
             return NO_BODY, 0  # whatever Content-Length says: it describes the GET's body
         codings = values(framing, b"transfer-encoding") if b"transfer-encoding" in framing else None
@@ -443,30 +397,17 @@ class Observer:
         return LENGTH, length
 
     def _response_body(self, piece: memoryview) -> None:
-        exchange = self._waiting[0]
-        self._keep(exchange, exchange.response, piece)
+        self._waiting[0].response.body_size += len(piece)
 
     def _response_end(self, wire: int, trailers: bytes) -> None:
         exchange = self._waiting.popleft()
         exchange.response.wire += wire
         exchange.response.done = True
-        if trailers and exchange.keep_limit:
-            exchange.response.trailers = trailers
-            self._sink.grew(exchange, len(trailers))
         exchange.duration = time.monotonic() - exchange.began
         if exchange.request.done:
             self._complete(exchange)
 
     # --- both -----------------------------------------------------------------------------------
-
-    def _keep(self, exchange: Exchange, message: Message, piece: memoryview) -> None:
-        """Count `piece` as body; keep it while the body kept is under the exchange's limit."""
-        message.body_size += len(piece)  # one function, no helper: this runs for every piece of every body
-        room = exchange.keep_limit - len(message.body)
-        if room > 0:
-            kept = piece[:room]
-            message.body += kept
-            self._sink.grew(exchange, len(kept))
 
     def _complete(self, exchange: Exchange) -> None:
         if exchange.state == PENDING:

@@ -12,6 +12,7 @@ in routing.py. Here are the ports, the users, and what a user sees when no tunne
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -25,7 +26,7 @@ from typing import Any
 
 from . import auth, limits, pages, routing, tls
 from .budget import MEMORY_BUDGET, Budget, MiB
-from .cli import domain, listen_error, listen_port, port_range, positive_seconds, whole_number
+from .cli import domain, listen_port, port_range, positive_seconds, whole_number
 from .frames import INITIAL_WINDOW
 from .limits import Listener, Slots
 from .protocol import (
@@ -344,6 +345,15 @@ def peername(stream: Stream) -> str:
     assert stream.transport is not None
     host, port = stream.transport.get_extra_info("peername")[:2]
     return f"{host}:{port}"
+
+
+def listen_error(exc: OSError, role: str, host: str, port: int) -> str:
+    """A one-line, actionable message for a failed bind."""
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} on {host} is already in use; stop the other program or pick another --{role}-port"
+    if exc.errno == errno.EACCES:
+        return f"permission denied to listen on {host}:{port}; use a --{role}-port above 1023"
+    return f"cannot listen on {host}:{port} for the {role} port: {exc.strerror or exc}"
 
 
 async def run(host: str, ports: Ports, **options: Any) -> None:

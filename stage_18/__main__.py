@@ -1,4 +1,4 @@
-"""Two tunnels and an inspector, on one machine: `python3 -m stage_18` shows every request live, with zero setup.
+"""Two tunnels and an inspector, on one machine: `python3 -m stage_18` lists every request, with zero setup.
 
 It runs five things in one process, all on 127.0.0.1: two demo local apps (demo_app.py), the
 server, and two clients named `hello` and `world`, which share a fresh random secret. Then it
@@ -6,8 +6,7 @@ prints both URLs: http://hello.localhost:60624/ and http://world.localhost:60624
 different apps through the same public port, told apart by the Host header. Browsers and curl
 send *.localhost to this machine without any setup. Each client logs a line for every request it
 relays; `hello`'s client also has an inspector: its page, at http://127.0.0.1:4040/, lists the
-requests to hello.localhost as they happen; click one to see its headers and bodies, and to send
-it to the app again.
+requests to hello.localhost.
 
 Before that, it makes a private CA and a certificate for localhost (certs.py, with the openssl
 command) in a temporary folder: the server presents that certificate, and the clients trust only
@@ -70,7 +69,7 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         # test suite makes thousands, and each may have used it as its source port.
         log.warning("%s; the demo takes free ports instead", exc)
         ports = await server.listen(HOST, 0, 0)
-    inspector = Inspector(Store(), apps[0].address, HOST, INSPECT_PORT)  # hello's requests; world's are only logged
+    inspector = Inspector(Store(), HOST, INSPECT_PORT)  # hello's requests; world's are only logged
     try:
         await inspector.listen()
     except TunnelError as exc:  # as for the tunnel's ports: another one will do
@@ -97,7 +96,7 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         print(
             "\npublic URLs, one server, two tunnels:\n" + "\n".join(lines) + "\n"
             f"  try it:   curl {clients[0].url}   (or open it in a browser)\n"
-            f"  inspect:  http://{HOST}:{inspector.port}/   (hello's requests, live, with replay)\n"
+            f"  inspect:  http://{HOST}:{inspector.port}/   (hello's requests, as a list)\n"
             f"  the path: you -> server (public port {ports.public}, reads the Host header) -> "
             "the client of that name, over TLS -> its demo app, and back\n"
             "  press Ctrl-C to stop\n",

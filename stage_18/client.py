@@ -1,10 +1,10 @@
-"""Stage 18 client: stage 15's tunnel, and the inspector: a live page of every request it relays, with replay.
+"""Stage 18 client: stage 16's tunnel, and the inspector: a local page of every request it relays.
 
 python3 -m stage_18.client localhost:8000 --ca certs/ca.pem --name myapp   # http://myapp.localhost:60624/
 python3 -m stage_18.client localhost:22 tunnel.example.com --tcp          # a public TCP port for ssh
 
 One TLS connection to the server carries everything. The server opens a stream on it for each user
-(a SYN frame, which names the user's address); the client dials the local app and relays the stream
+(a SYN frame); the client dials the local app (the private connection) and relays the stream
 into it. Heartbeats show that the server is still there; when the connection is lost, the
 client reconnects with backoff and resumes its session. The users' streams end with the lost
 connection: they ran inside it (in stage 3 each user had a proxy connection of its own).
@@ -13,8 +13,7 @@ The client asks for a tunnel in its hello (a name, or a TCP port), and the serve
 with its URL. Resuming, it asks for the same tunnel again, with its session id, and so keeps its name.
 
 The client also observes every HTTP exchange it relays (observe.py), and logs a line for each one.
-It keeps the last ones for the inspector's page at http://127.0.0.1:4040, live, where a click
-sends a request to the local app again (`--no-inspect`: none of this).
+It keeps the last ones for the inspector's page at http://127.0.0.1:4040 (`--no-inspect`: none of this).
 """
 
 import argparse
@@ -162,8 +161,9 @@ class Client:
         finally:
             self.connected.clear()
 
-    def _open(self, stream_id: int, user: str) -> Stream:
-        """The server opened a stream for `user` (its address): dial the local app for it, in a task of its own."""
+    def _open(self, stream_id: int) -> Stream:
+        """The server opened a stream for a user: dial the local app for it, in a task of its own."""
+        user = f"stream {stream_id}"  # who sent the requests, in the log line
         stream = ObservedStream(self.timeouts, Observer(self.store, user)) if self.store else Stream(self.timeouts)
         # Its first window is the protocol's: the server may have sent its bytes already (budget.py).
         self.budget.take(INITIAL_WINDOW)
@@ -269,7 +269,7 @@ def main() -> None:
         half_closed_timeout=args.half_closed_timeout,
         store=None if args.no_inspect else Store(),
     )
-    inspector = Inspector(client.store, args.local, args.inspect_host, args.inspect_port) if client.store else None
+    inspector = Inspector(client.store, args.inspect_host, args.inspect_port) if client.store else None
     try:
         asyncio.run(run(client, inspector))
     except TunnelError as exc:

@@ -10,10 +10,9 @@ Every frame starts with the same 10-byte header, then `length` bytes of payload:
 Types (`ProtocolError` for any other):
 
 - DATA, on a stream (id >= 1): the payload is the next bytes of that stream. Flags: SYN opens the
-  stream (the server does, one stream per user), and then the payload is the user's address
-  (`host:port`, in text: the client shows it), not data; ACK accepts it (the client, once it
-  reached the local app), FIN ends this direction (half-close), RST resets the stream, and then
-  the payload is the reason, in text, not data.
+  stream (the server does, one stream per user), ACK accepts it (the client, once it reached the
+  local app), FIN ends this direction (half-close), RST resets the stream, and then the payload is
+  the reason, in text, not data.
 - WINDOW, on a stream: "you may send me this many more bytes": a 4-byte increment (flow control).
 - PING, on stream 0: an 8-byte payload that the peer echoes back with the ACK flag (heartbeats).
 - GO_AWAY, on stream 0: the payload is the reason in text; the sender closes after it.
@@ -103,7 +102,7 @@ def check_header(kind: int, flags: int, stream_id: int, length: int) -> None:
         raise ProtocolError(f"WINDOW frame of {length} bytes, not 4")
     if kind == PING and length != PING_SIZE:
         raise ProtocolError(f"PING frame of {length} bytes, not {PING_SIZE}")
-    if (kind == GO_AWAY or flags & (RST | SYN)) and length > MAX_LINE:
+    if (kind == GO_AWAY or flags & RST) and length > MAX_LINE:
         raise ProtocolError(f"a reason of {length} bytes is longer than {MAX_LINE}")
 
 

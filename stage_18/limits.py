@@ -66,7 +66,7 @@ def raise_fd_limit() -> tuple[int, int]:
 def slots_for(fd_limit: int) -> dict[str, int]:
     """Share the descriptors between the control port and the users.
 
-    Stage 12 had one client, so the control port needed a handful of slots. Now every client holds
+    Stage 13 had one client, so the control port needed a handful of slots. Now every client holds
     one control connection: an eighth of the descriptors goes to them, the rest to the users of
     the public port and of the TCP tunnels' ports (see Slots).
     """

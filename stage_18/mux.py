@@ -102,7 +102,7 @@ class Mux(asyncio.BufferedProtocol):
         peer: str,
         heartbeat_timeout: float,
         heartbeat_interval: float | None = None,
-        on_open: Callable[[int, str], StreamEnd] | None = None,
+        on_open: Callable[[int], StreamEnd] | None = None,
         max_streams: int = MAX_STREAMS,
     ) -> None:
         self.peer = peer  # "the server" or "the client", for messages
@@ -136,12 +136,12 @@ class Mux(asyncio.BufferedProtocol):
 
     # --- streams ------------------------------------------------------------------------------
 
-    def open(self, stream: StreamEnd, user: str = "") -> int:
-        """Open a stream for a user (server side): SYN, with the user's address, goes out now; its bytes follow."""
+    def open(self, stream: StreamEnd) -> int:
+        """Open a stream for a user (server side): SYN goes out now, the user's bytes follow."""
         self.last_id += 1
         self._allowance += STREAM_CREDIT  # the peer's ACK, FIN or RST for it
         self._register(stream, self.last_id)
-        self._send(encode(DATA, SYN, stream.stream_id, user.encode("ascii", "replace")[:MAX_LINE]))
+        self._send(encode(DATA, SYN, stream.stream_id))
         self.schedule(stream)  # bytes that came before: optimistically, within the first window
         return stream.stream_id
 
@@ -270,7 +270,7 @@ class Mux(asyncio.BufferedProtocol):
 
     # The event loop calls these once `run` made the Mux the connection's protocol.
 
-    # WHY a BufferedProtocol (new in stage 15): over TLS, asyncio's SSLProtocol then decrypts straight
+    # WHY a BufferedProtocol (new in stage 16): over TLS, asyncio's SSLProtocol then decrypts straight
     # into a buffer we hand it, instead of making a 256 KiB bytes object for every TLS record (16 KiB
     # at most) and joining the records of one read into yet another. The bench measured bulk
     # transfers 1.13-1.31x faster, and 14-20% less CPU per GB (bench/README.md, the TLS row).
@@ -330,10 +330,8 @@ class Mux(asyncio.BufferedProtocol):
             if len(self.streams) >= self.max_streams:
                 self._send(encode(DATA, RST, stream_id, b"too many streams at once"))
                 return
-            # The client dials its local app for it; the SYN's payload names the user, for the observer.
-            stream = self._on_open(stream_id, printable(bytes(payload)))
+            stream = self._on_open(stream_id)  # the client dials its local app for it
             self._register(stream, stream_id)
-            payload = b""  # an address, not the stream's first bytes
         elif stream is None:
             if stream_id > self.last_id:
                 raise ProtocolError(f"{frame} for a stream that was never opened")

@@ -1,6 +1,6 @@
 """Which tunnel an HTTP user wants: the Host header of its request.
 
-Stage 13's public port belonged to one client. Now one public port serves every HTTP tunnel, as
+Stage 14's public port belonged to one client. Now one public port serves every HTTP tunnel, as
 ngrok's does: a browser that opens `http://myapp.localhost:60624/` sends `Host:
 myapp.localhost:60624` in its request, and the server opens the user's stream on the client that
 holds the name `myapp`. So before relaying a single byte, the server reads the request's head:

@@ -1,4 +1,4 @@
-"""Stage 18 server: stage 15's (many clients, each with a tunnel of its own); each SYN names its user.
+"""Stage 18 server: many clients, each with a tunnel of its own: a name for HTTP users, or a TCP port.
 
 python3 -m stage_18.certs certs/              # a private CA and a certificate for localhost (once)
 python3 -m stage_18.server --cert certs/server.pem --key certs/server.key
@@ -275,7 +275,7 @@ class Server:
         stream.charge(self.budget)
         # Open at once, and send the user's first bytes right behind the SYN, within the stream's
         # first window: no round trip to wait for (stage 3 waited for a whole proxy connection).
-        stream_id = mux.open(stream, peer)
+        stream_id = mux.open(stream)
         who = f"{peer}: stream {stream_id}"
         log.debug("%s: opened", who)
         self.waiting += 1

@@ -1,7 +1,7 @@
 """The server side of the tunnel connections: who holds each tunnel, and is its client still alive?
 
 Stage 3's control connection, which now carries everything: after the handshake, this module
-runs a Mux on it (mux.py), and the server opens a stream on it for each user. Stage 12 kept one
+runs a Mux on it (mux.py), and the server opens a stream on it for each user. Stage 13 kept one
 client; now every client that connects gets a session of its own, and with it one tunnel
 (tunnels.py): the name or TCP port it asked for, if nobody holds it.
 

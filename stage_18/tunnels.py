@@ -1,6 +1,6 @@
 """Who holds which tunnel: the names of the HTTP tunnels, and the TCP tunnels' public ports.
 
-Stage 12's server had one client, and so one tunnel. Now any number of clients connect, and each
+Stage 13's server had one client, and so one tunnel. Now any number of clients connect, and each
 holds one tunnel, which is how a user finds it:
 
 - An **HTTP tunnel** has a name, and its users reach it at `http://NAME.<domain>/` (the server

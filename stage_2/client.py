@@ -45,7 +45,7 @@ class Client:
         log.info("connected to the server at %s:%d; waiting for public connections", self.server, self.control_port)
         try:
             # Tutorial shortcut: this read has no deadline, so a server that vanishes
-            # without closing the connection goes unnoticed. Stage 9 adds heartbeats.
+            # without closing the connection goes unnoticed. Stage 10 adds heartbeats.
             while (message := await read_message(reader)) is not None:
                 match message:
                     case CreateProxy(conn_id):

@@ -127,7 +127,7 @@ class Server:
         peer = peername(writer)
         try:
             if self._control is not None:
-                # Tutorial scope: one client, one tunnel. Stage 13 serves many clients.
+                # Tutorial scope: one client, one tunnel. Stage 14 serves many clients.
                 log.warning("%s: refused a second client; one is already connected", peer)
                 await say_goodbye(reader, writer, "another client is already connected to this server")
                 return

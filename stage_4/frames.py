@@ -7,7 +7,7 @@ Every frame starts with the same 10-byte header, then `length` bytes of payload:
     +--------+--------+-------------------+-------------------+------------------+
       network byte order (big-endian), as struct.Struct("!BBII") packs it
 
-One type so far (`ProtocolError` for any other; stage 8 adds WINDOW):
+One type so far (`ProtocolError` for any other; stage 9 adds WINDOW):
 
 - DATA, on a stream (id >= 1). Flags: SYN opens the stream (the server does, one stream per
   user). In stage 4 that is all a stream does: the SYN's payload is the user's pairing id, and

@@ -7,7 +7,7 @@ Layout (new in stage 5: ACK/FIN/RST, the Mux's streams, relay.Stream; gone: stag
   and `Parser`, the only code that turns bytes into frames.
 - `mux.py`: the multiplexer: many streams over one connection, read in a loop (`Mux.run`).
 - `relay.py`: `Stream`, one user's TCP connection (or the local app's) joined to one stream with
-  stage 0's pump (`await read()`, `write()`, `await drain()`); stage 6 puts it on callbacks.
+  stage 0's pump (`await read()`, `write()`, `await drain()`); stage 7 puts it on callbacks.
 - `session.py`: the server's side of the tunnel connection: one client at a time.
 - `pages.py`: the 502 page an HTTP user gets when the local app can't be reached, from the server.
 - `server.py`: the control and public ports; `python3 -m stage_5.server` runs it.

@@ -65,7 +65,7 @@ class Client:
         self.connected.set()
         try:
             # Tutorial shortcut: this read has no deadline, so a server that vanishes
-            # without closing the connection goes unnoticed. Stage 9 adds heartbeats.
+            # without closing the connection goes unnoticed. Stage 10 adds heartbeats.
             await mux.run()
             raise TunnelError("the server closed the connection")
         finally:

@@ -7,7 +7,7 @@ Every frame starts with the same 10-byte header, then `length` bytes of payload:
     +--------+--------+-------------------+-------------------+------------------+
       network byte order (big-endian), as struct.Struct("!BBII") packs it
 
-One type so far (`ProtocolError` for any other; stage 8 adds WINDOW):
+One type so far (`ProtocolError` for any other; stage 9 adds WINDOW):
 
 - DATA, on a stream (id >= 1): the payload is the next bytes of that stream. Flags: SYN opens the
   stream (the server does, one stream per user), ACK accepts it (the client, once it reached the

@@ -10,7 +10,7 @@ Both sides run one `Mux` on the tunnel connection once the handshake is done. It
 - **Head-of-line blocking.** One TCP connection delivers bytes in order. With no flow control per
   stream, the only way to stop a sender is to stop reading the whole connection: while one
   user's TCP connection is full (it reads slowly), `run` waits for it, and every other stream
-  waits too. Stage 8 gives each stream a window, so that a slow stream stalls only itself.
+  waits too. Stage 9 gives each stream a window, so that a slow stream stalls only itself.
 - **Writing.** A stream's bytes go out as frames as soon as they are read, each frame in a write
   of its own, and control frames (opens, accepts, resets) with them. While the connection's send
   buffer is full, `send` waits (drain), and so does every stream that sends: the rest waits in

@@ -2,10 +2,10 @@
 
 Stage 3's pump, in stage 0's style, on each side of a stream: `relay` reads the TCP connection
 (`await reader.read()`) and sends what it reads as frames; the other way, the Mux's loop hands
-each DATA payload to `on_data`, which writes it (`write()`, `await drain()`). Stage 6 turns both
+each DATA payload to `on_data`, which writes it (`write()`, `await drain()`). Stage 7 turns both
 into asyncio Protocol callbacks: no task, no future, no wake-up per chunk.
 
-There is no flow control per stream yet (stage 8 adds it). Bytes are held back only where the
+There is no flow control per stream yet (stage 9 adds it). Bytes are held back only where the
 connections themselves are full:
 
 - Sending (TCP -> tunnel): after each chunk, `relay` waits for the tunnel connection's drain(),
@@ -13,7 +13,7 @@ connections themselves are full:
 - Receiving (tunnel -> TCP): `on_data` waits for the TCP connection's drain(), inside the Mux's
   loop: while one TCP peer reads slower than its bytes arrive, the Mux reads no frame at all, for
   any stream. That bounds our memory, but it stalls every other stream too: head-of-line blocking,
-  which stage 8's windows remove.
+  which stage 9's windows remove.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Stage 5 server: relay every public connection through the client to the local app, as a stream.
 
 python3 -m stage_5.server                    # then: python3 -m stage_5.client localhost:8000
-python3 -m stage_5.server --host 0.0.0.0     # on a VPS: anyone can be its client (stage 10 adds a secret)
+python3 -m stage_5.server --host 0.0.0.0     # on a VPS: anyone can be its client (stage 11 adds a secret)
 
 The client's one connection lives in session.py (one tunnel) and mux.py (its streams); here
 are the ports, the users, and the page a user gets when the tunnel can't serve them.

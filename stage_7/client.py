@@ -5,7 +5,7 @@ python3 -m stage_7.client localhost:8000 my.server       # the server on another
 
 One connection to the server carries everything. The server opens a stream on it for each user
 (a SYN frame); the client dials the local app (the private connection) and relays the stream
-into it. The users' streams end with the connection: they ran inside it (in stage 3 each user
+into it. The users' streams end with the connection: they ran inside it (in stage 4 each user
 had a proxy connection of its own).
 """
 
@@ -14,14 +14,17 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import sys
+import time
 
-from . import private
 from .mux import Mux
-from .protocol import CONTROL_PORT, DATA_LIMIT, TunnelError, client_handshake
+from .protocol import CONTROL_PORT, DATA_LIMIT, NETWORK_TIMEOUT, TunnelError, client_handshake
 from .relay import Stream
 
 log = logging.getLogger(__name__)
+
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 class Client:
@@ -38,41 +41,31 @@ class Client:
         self.control_port = control_port
         # Set while the server has us as its client; the demo and the tests wait for it.
         self.connected = asyncio.Event()
-        # Dialled for every user, so the address that worked is remembered (see private.py).
-        self._local_app = private.LocalApp(*local)
-        self._users: set[asyncio.Task[None]] = set()
+        self._sessions: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         """Serve the tunnel until cancelled; TunnelError if the server is unreachable, says no or goes away."""
+        # Frames follow the handshake: a big buffer limit keeps reads large (see protocol.py).
+        reader, writer = await self._connect(self.server, self.control_port, limit=DATA_LIMIT)
         try:
-            reader, writer = await self._connect()
-            try:
-                await client_handshake(reader, writer)
-                await self._serve_control(reader, writer)
-            finally:
-                writer.close()
+            await client_handshake(reader, writer)
+            await self._serve_control(reader, writer)
         except OSError as exc:  # TimeoutError (a silent server) is an OSError too
             raise TunnelError(f"lost the connection to the server ({str(exc) or 'timed out'})") from None
         finally:
-            for task in self._users:
+            writer.close()
+            for task in self._sessions:
                 task.cancel()
-            await asyncio.gather(*self._users, return_exceptions=True)
-
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Open the tunnel connection, or raise TunnelError saying why not."""
-        try:
-            # Frames follow the handshake: a big buffer limit keeps reads large (see protocol.py).
-            return await private.dial(self.server, self.control_port, limit=DATA_LIMIT)
-        except OSError as exc:
-            reason = private.why(exc)
-            raise TunnelError(f"cannot reach the server at {self.server}:{self.control_port} ({reason})") from None
+            await asyncio.gather(*self._sessions, return_exceptions=True)
 
     async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Relay the server's streams; raise TunnelError when the connection is lost."""
+        """Serve the server's streams; raise TunnelError when the connection is lost."""
         log.info("tunnel up: the server at %s:%d sends its users to %s:%d", self.server, self.control_port, *self.local)
         mux = Mux(reader, writer, peer="the server", on_open=self._open)
         self.connected.set()
         try:
+            # Tutorial shortcut: this read has no deadline, so a server that vanishes
+            # without closing the connection goes unnoticed. Stage 10 adds heartbeats.
             await mux.run()
             raise TunnelError("the server closed the connection")
         finally:
@@ -83,10 +76,56 @@ class Client:
         stream = Stream()
         log.debug("stream %d: the server opened it", stream_id)
         # One task per user, so a slow local app never holds up the others.
-        task = asyncio.create_task(private.serve_user(stream, self._local_app))
-        self._users.add(task)  # a strong reference, as the server keeps
-        task.add_done_callback(self._users.discard)
+        task = asyncio.create_task(self._session(stream))
+        self._sessions.add(task)  # a strong reference, as the server keeps
+        task.add_done_callback(self._sessions.discard)
         return stream
+
+    @staticmethod
+    async def _connect(host: str, port: int, limit: int = 64 * 1024) -> Streams:
+        """Open a connection with a deadline; TunnelError saying why if that fails."""
+        try:
+            # Every connect gets a deadline: a host behind a firewall that
+            # drops packets would otherwise keep us waiting for minutes.
+            async with asyncio.timeout(NETWORK_TIMEOUT):
+                return await asyncio.open_connection(host, port, limit=limit)
+        except OSError as exc:  # TimeoutError included
+            raise TunnelError(f"cannot reach {host}:{port} ({why(exc)})") from None
+
+    async def _session(self, stream: Stream) -> None:
+        """One user: the private connection to the local app, joined to the stream, until both are done."""
+        started = time.monotonic()
+        # If the local app can't be reached, the stream is reset with the reason: the server shows
+        # its user a 502 page naming it, at once.
+        host, port = self.local
+        try:
+            # The Stream is the connection's Protocol: its connection_made accepts the stream (ACK).
+            async with asyncio.timeout(NETWORK_TIMEOUT):
+                await asyncio.get_running_loop().create_connection(lambda: stream, host, port)
+        except OSError as exc:  # TimeoutError included
+            cause = f"cannot reach {host}:{port} ({why(exc)})"
+            log.warning("stream %d: %s; resetting it", stream.stream_id, cause)
+            stream.reset(f"the tunnel client {cause}")
+            return
+        await stream.closed  # the app's connection is gone: the stream is over
+        elapsed = time.monotonic() - started
+        ended = stream.reset_reason
+        log.info(
+            "stream %d: closed, %d bytes in, %d bytes out, %.3fs%s",
+            stream.stream_id,
+            stream.received.copied,
+            stream.sent.copied,
+            elapsed,
+            f" (closed: {ended})" if ended else "",
+        )
+
+
+def why(exc: OSError) -> str:
+    """A short reason for a failed connect, e.g. 'connection refused'."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    # asyncio's message ("Connect call failed ...") says less than the error code does.
+    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -141,12 +180,12 @@ def main() -> None:
     server, server_port = args.server
     if server_port and args.control_port:
         parser.error("give the control port once: in SERVER (host:port) or with --control-port")
+    control_port = server_port or args.control_port or CONTROL_PORT
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
-    client = Client(args.local, server, server_port or args.control_port or CONTROL_PORT)
     try:
-        asyncio.run(client.run())
+        asyncio.run(Client(args.local, server, control_port).run())
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:

@@ -7,7 +7,7 @@ Every frame starts with the same 10-byte header, then `length` bytes of payload:
     +--------+--------+-------------------+-------------------+------------------+
       network byte order (big-endian), as struct.Struct("!BBII") packs it
 
-One type so far (`ProtocolError` for any other; stage 8 adds WINDOW):
+One type so far (`ProtocolError` for any other; stage 9 adds WINDOW):
 
 - DATA, on a stream (id >= 1): the payload is the next bytes of that stream. Flags: SYN opens the
   stream (the server does, one stream per user), ACK accepts it (the client, once it reached the
@@ -47,7 +47,7 @@ class Frame(NamedTuple):
     kind: int
     flags: int
     stream_id: int
-    payload: bytes | memoryview  # Parser gives a DATA frame's bytes as a view of the chunk read (no copy)
+    payload: bytes
 
     def __str__(self) -> str:
         """E.g. 'DATA SYN|FIN stream 3, 12 bytes' (for debug logs and error messages)."""
@@ -89,31 +89,9 @@ class Parser:
         self._rest = b""  # the start of a frame whose end has not arrived yet
 
     def feed(self, data: bytes) -> list[Frame]:
-        """The frames completed by `data`; ProtocolError at the first bad one.
-
-        A DATA frame's payload is a memoryview of `data` (or of the held start of a frame), not a copy.
-        """
-        # WHY views: at hundreds of MB/s, copying every payload out of the chunk it arrived in
-        # (and, with `self._rest + data`, the whole chunk again whenever a frame straddled two
-        # chunks: nearly always) cost more CPU than parsing. Slicing a memoryview copies nothing.
+        """The frames completed by `data`; ProtocolError at the first bad one."""
+        data = self._rest + data
         frames: list[Frame] = []
-        view = memoryview(data)
-        if self._rest:
-            # A frame began in an earlier chunk: complete it with the front of this one, copying
-            # at most one frame's worth, then go on in `data` itself.
-            joined = self._rest + view[: HEADER_SIZE + MAX_FRAME]
-            used = self._parse(memoryview(joined), frames)
-            if used < len(self._rest):  # still incomplete: all of `data` is in `joined`
-                self._rest = joined
-                return frames
-            view = view[used - len(self._rest) :]
-        used = self._parse(view, frames)
-        self._rest = bytes(view[used:])
-        return frames
-
-    @staticmethod
-    def _parse(data: memoryview, frames: list[Frame]) -> int:
-        """Append the whole frames at the start of `data` to `frames`; return how many bytes they took."""
         pos, end = 0, len(data)
         while end - pos >= HEADER_SIZE:
             kind, flags, stream_id, length = HEADER.unpack_from(data, pos)
@@ -121,12 +99,10 @@ class Parser:
             if end - pos - HEADER_SIZE < length:
                 break
             start = pos + HEADER_SIZE
-            payload: bytes | memoryview = data[start : start + length]
-            if kind != DATA or flags & RST:
-                payload = bytes(payload)  # a few bytes (a reason): a copy to keep and read
-            frames.append(Frame(kind, flags, stream_id, payload))
+            frames.append(Frame(kind, flags, stream_id, data[start : start + length]))
             pos = start + length
-        return pos
+        self._rest = data[pos:]
+        return frames
 
     @property
     def pending(self) -> int:

@@ -10,10 +10,11 @@ Both sides run one `Mux` on the tunnel connection once the handshake is done. It
 - **Head-of-line blocking.** One TCP connection delivers bytes in order. With no flow control per
   stream, the only way to stop a sender is to stop reading the whole connection: while one
   user's TCP connection is full (it reads slowly), every other stream waits too (see pause).
-  Stage 8 gives each stream a window, so that a slow stream stalls only itself.
-- **Writing.** A stream's bytes go out as frames as soon as they are read, and control frames
-  (opens, accepts, resets) with them. While the connection's send buffer holds more than
-  WRITE_HIGH, every stream stops reading its TCP connection: the rest waits in the kernel.
+  Stage 9 gives each stream a window, so that a slow stream stalls only itself.
+- **Writing.** A stream's bytes go out as frames as soon as they are read, each frame in a write
+  of its own, and control frames (opens, accepts, resets) with them. While the connection's send
+  buffer holds more than WRITE_HIGH, every stream stops reading its TCP connection: the rest waits
+  in the kernel.
 """
 
 import asyncio
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from . import frames
-from .frames import ACK, DATA, FIN, HEADER, MAX_FRAME, RST, SYN, Frame, encode
+from .frames import ACK, DATA, FIN, MAX_FRAME, RST, SYN, Frame, encode
 from .protocol import MAX_LINE, ProtocolError, TunnelError, printable
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class StreamEnd(Protocol):
     answered: asyncio.Future[str | None]
 
     # A DATA frame's bytes (and maybe the end) for the TCP peer.
-    def on_data(self, payload: bytes | memoryview, fin: bool) -> None: ...
+    def on_data(self, payload: bytes, fin: bool) -> None: ...
     # The peer's ACK (None), or why the stream was refused.
     def on_answer(self, refusal: str | None) -> None: ...
     # An RST came, or the tunnel connection is gone: the TCP connection ends at once.
@@ -75,7 +76,6 @@ class Mux(asyncio.Protocol):
         on_open: Callable[[int], StreamEnd] | None = None,
     ) -> None:
         self.peer = peer  # "the server" or "the client", for messages
-        self._loop = asyncio.get_running_loop()
         self._reader, self._writer = reader, writer
         transport = writer.transport
         assert isinstance(transport, asyncio.Transport)  # a TCP connection: it reads and writes
@@ -89,18 +89,16 @@ class Mux(asyncio.Protocol):
         self.last_id = 0  # the highest stream id opened so far on this connection
         self._slow: set[int] = set()  # streams whose TCP peer is full: the connection is not read
         self.blocked = False  # the transport's buffer is full: no stream reads
-        self._out: list[bytes | memoryview] = []  # frames for the connection, written at the end of the turn
         self._parser = frames.Parser()
         self.failure: Exception | None = None  # why we ended the connection ourselves
 
     # --- streams ------------------------------------------------------------------------------
 
     def open(self, stream: StreamEnd) -> int:
-        """Open a stream for a user (server side): SYN goes out now, the user's bytes follow."""
+        """Open a stream for a user (server side): SYN goes out now, the user's bytes once the peer accepts."""
         self.last_id += 1
         self._register(stream, self.last_id)
         self._send(encode(DATA, SYN, stream.stream_id))
-        stream._update_reading()  # its bytes follow the SYN: they need not wait for the ACK
         return stream.stream_id
 
     def accept(self, stream: StreamEnd) -> None:
@@ -119,8 +117,7 @@ class Mux(asyncio.Protocol):
         view = memoryview(data)
         while True:
             payload, view = view[:MAX_FRAME], view[MAX_FRAME:]
-            # Header and payload as two pieces: _write_out joins them (one copy, as encode() makes).
-            self._write(HEADER.pack(DATA, FIN if fin and not view else 0, stream.stream_id, len(payload)), payload)
+            self._send(encode(DATA, FIN if fin and not view else 0, stream.stream_id, payload))
             if not view:
                 return
 
@@ -141,30 +138,10 @@ class Mux(asyncio.Protocol):
 
     # --- writing ------------------------------------------------------------------------------
 
-    def _write(self, *pieces: bytes | memoryview) -> None:
-        """Queue the bytes of frames for the connection: they leave together at the end of this turn."""
-        # WHY: one send per frame cost a system call (and a wake-up of the peer) for every 14-byte
-        # SYN or ACK, and every 64 KiB of data. Frames written during one turn of the event loop
-        # (a SYN and the user's first bytes, four data frames from one read of 256 KiB) now go
-        # to the kernel in one send.
-        # No timer: _write_out runs as soon as the callbacks of this turn are done.
-        if not self._out:
-            self._loop.call_soon(self._write_out)
-        self._out.extend(pieces)
-
-    def _write_out(self) -> None:
-        """Hand the queued frames to the transport in one write."""
-        if not self._out or self._transport.is_closing():
-            return
-        data = b"".join(self._out)
-        self._out.clear()
-        self._transport.write(data)
-
     def _send(self, frame: bytes) -> None:
-        """Write a control frame now."""
-        if self._transport.is_closing():
-            return
-        self._write(frame)
+        """Write one frame now."""
+        if not self._transport.is_closing():
+            self._transport.write(frame)
 
     def _fail(self, exc: Exception) -> None:
         if self.failure is None:
@@ -241,14 +218,15 @@ class Mux(asyncio.Protocol):
                 raise ProtocolError(f"{frame} for a stream that was never opened")
             return  # a stream we closed: the frame was on its way before the peer knew
         if flags & RST:
-            stream.reset(printable(bytes(payload)), notify=False)
+            stream.reset(printable(payload), notify=False)
         else:
             if flags & ACK:
                 stream.on_answer(None)
-            elif self._on_open is None and not stream.answered.done() and (payload or flags & FIN):
-                # We opened it (the server): the client's first word on a stream is ACK or RST. Bytes
-                # or an end before ACK would reach a user who may yet be refused with an error page,
-                # written after them (a RST before ACK is a refusal): only a broken client sends that.
+            elif not stream.answered.done() and (payload or flags & FIN):
+                # Neither side sends bytes before the ACK: the server reads its user only once the
+                # client accepted, the client its app only once connected. Bytes or an end before it
+                # would reach a user who may yet be refused with an error page, or the client before
+                # it has a connection to write them to: only a broken peer sends that.
                 raise ProtocolError(f"DATA on stream {stream_id} before its ACK")
             if payload or flags & FIN:
                 stream.on_data(payload, bool(flags & FIN))
@@ -257,4 +235,3 @@ class Mux(asyncio.Protocol):
         """End every stream (their connections are reset)."""
         for stream in list(self.streams.values()):
             stream.reset(reason, notify=False)  # a relayed user or app sees its connection reset
-        self._out.clear()

@@ -49,7 +49,7 @@ async def refuse(stream: "Stream", cause: str) -> bool:
     assert transport is not None
     stream.refusing = True  # from now on, what the user sends is read and dropped
     transport.resume_reading()
-    # The user's first bytes may have come already (they were on their way to the client).
+    # The user's first bytes, if any: the stream never read them (it waited for the client's ACK).
     with contextlib.suppress(TimeoutError):  # silent: not an HTTP user we could answer
         async with asyncio.timeout(SNIFF_TIMEOUT):
             await stream.heard

@@ -1,18 +1,18 @@
 """One stream: a TCP connection (a user, or the local app) joined to one stream of the tunnel connection.
 
-Stage 3's pump was a task per direction: `await read()`, `write()`, `await drain()`. Here the
+Stage 5's pumps were a task per direction: `await read()`, `write()`, `await drain()`. Here the
 event loop hands each chunk it reads to a Protocol, a `Stream`, and
 the Stream passes it on at once: no task, no future, no wake-up per chunk (the performance page
 measures the difference).
 
-There is no flow control per stream yet (stage 8 adds it). Bytes are held back only where the
+There is no flow control per stream yet (stage 9 adds it). Bytes are held back only where the
 connections themselves are full:
 
 - Sending (TCP -> tunnel): what we read goes out as frames at once. While the tunnel
   connection's buffer is full, every stream stops reading its TCP connection (Mux.blocked).
 - Receiving (tunnel -> TCP): while a TCP peer reads slower than its bytes arrive, the Mux
   stops reading the whole tunnel connection (see Mux.pause). That bounds our memory, but it
-  stalls every other stream too: head-of-line blocking, which stage 8's windows remove.
+  stalls every other stream too: head-of-line blocking, which stage 9's windows remove.
 
 Reading is on exactly while `_should_read()` holds, recomputed after every change. An earlier
 Protocol relay instead resumed reading at moments of its own choosing, and lost a pause for good
@@ -60,9 +60,6 @@ class Stream(asyncio.Protocol):
         self.refusing = False  # the server is refusing this user (pages.refuse): what it sends is dropped
         self.reset_reason = ""  # why the stream was reset (by either side), if it was
         self.fin_sent = False
-        # Receiving: bytes that came before the TCP connection (the client dials the app while
-        # the first arrive).
-        self._early: list[bytes] = []
         self.got_fin = False
         # answered: None when the peer accepted the stream, a reason if it refused it (server side).
         self.answered: asyncio.Future[str | None] = loop.create_future()
@@ -80,14 +77,9 @@ class Stream(asyncio.Protocol):
             return
         if self.mux is not None:  # the client's side: the local app answered; accept the stream
             self.mux.accept(self)
-        early, self._early = self._early, []
-        for data in early:
-            self._write(data)
-        if self.got_fin:
-            self._write_eof()
         self._update_reading()
 
-    def data_received(self, data: bytes | memoryview) -> None:
+    def data_received(self, data: bytes) -> None:
         if not self.sent.head:
             # We keep a copy of the first bytes (see HEAD_SIZE) and pass them on unchanged.
             self.sent.head = bytes(data[:HEAD_SIZE])
@@ -95,7 +87,7 @@ class Stream(asyncio.Protocol):
         self.sent.copied += len(data)
         if self.reset_reason or self.refusing:
             return  # no stream to carry it (see pages.refuse): read and dropped
-        if self.mux is not None:  # always: reading waits for Mux.open (see _should_read)
+        if self.mux is not None:  # always: reading waits for the ACK (see _should_read)
             self.mux.send(self, data)
 
     def eof_received(self) -> bool:
@@ -128,26 +120,23 @@ class Stream(asyncio.Protocol):
 
     # --- the tunnel side (called by the Mux) ---------------------------------------------------
 
-    def on_data(self, payload: bytes | memoryview, fin: bool) -> None:
+    def on_data(self, payload: bytes, fin: bool) -> None:
         """Bytes (and maybe the end) of the peer's direction; ProtocolError after the end."""
         if self.got_fin:
             raise ProtocolError(f"DATA on stream {self.stream_id} after its FIN")
         if payload:
             self.received.copied += len(payload)
-            if self.transport is None:
-                self._early.append(bytes(payload))
-            else:
-                self._write(payload)
+            self._write(payload)
         if fin:
             self.got_fin = self.received.done = True
-            if self.transport is not None:
-                self._write_eof()
+            self._write_eof()
         self._maybe_finish()
 
     def on_answer(self, refusal: str | None) -> None:
         """The peer accepted the stream (None) or refused it (a reason)."""
         if not self.answered.done():
             self.answered.set_result(refusal)
+            self._update_reading()  # accepted: the stream may read its TCP connection now
 
     def reset(self, reason: str, notify: bool = True) -> None:
         """End the stream at once (both directions); tell the peer why unless it told us (`notify`)."""
@@ -159,13 +148,11 @@ class Stream(asyncio.Protocol):
         self.on_answer(reason)  # a user still waiting for an answer gets this one (a 502 page)
         if self.transport is not None and self.answered.result() is None:
             self._abort()  # a relayed connection: a reset ends it at once, as it would without us
-        if self.transport is None:
-            self._early.clear()
         self._update_reading()
 
     # --- inside ------------------------------------------------------------------------------
 
-    def _write(self, data: bytes | memoryview) -> None:
+    def _write(self, data: bytes) -> None:
         assert self.transport is not None
         if self.transport.is_closing():
             # Lost (a send failed: the peer reset it) and not yet told to us (connection_lost comes on
@@ -202,9 +189,10 @@ class Stream(asyncio.Protocol):
         self.transport.abort()
 
     def _should_read(self) -> bool:
-        # Read only once the stream is open, and while the tunnel connection has room for more.
-        # A stream that is reset or refused reads on, and drops what it reads.
-        return bool(self.reset_reason or self.refusing) or (self.mux is not None and not self.mux.blocked)
+        # Read only once the peer accepted the stream, and while the tunnel connection has room
+        # for more. A stream that is reset or refused reads on, and drops what it reads.
+        accepted = self.mux is not None and self.answered.done() and not self.mux.blocked
+        return bool(self.reset_reason or self.refusing) or accepted
 
     def _update_reading(self) -> None:
         transport = self.transport

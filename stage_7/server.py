@@ -1,7 +1,7 @@
 """Stage 7 server: relay every public connection through the client to the local app, as a stream.
 
 python3 -m stage_7.server                    # then: python3 -m stage_7.client localhost:8000
-python3 -m stage_7.server --host 0.0.0.0     # on a VPS: anyone can be its client (stage 10 adds a secret)
+python3 -m stage_7.server --host 0.0.0.0     # on a VPS: anyone can be its client (stage 11 adds a secret)
 
 The client's one connection lives in session.py (one tunnel) and mux.py (its streams); here
 are the ports, the users, and the page a user gets when the tunnel can't serve them.
@@ -134,8 +134,7 @@ class Server:
             # A page that names the cause tells the user more than a closed connection.
             await self._refuse(stream, peer, "no tunnel client is connected to this server")
             return
-        # Open at once, and send the user's first bytes right behind the SYN: no round trip to wait for
-        # (stage 3 waited for a whole proxy connection).
+        # Open a stream; the user's bytes follow once the client accepted it (it reached the local app).
         stream_id = mux.open(stream)
         who = f"{peer}: stream {stream_id}"
         log.debug("%s: opened", who)

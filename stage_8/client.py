@@ -11,13 +11,12 @@ had a proxy connection of its own).
 
 import argparse
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import sys
 
 from . import private
-from .budget import Budget
-from .cli import parse_address, parse_server, port
-from .frames import INITIAL_WINDOW
 from .mux import Mux
 from .protocol import CONTROL_PORT, DATA_LIMIT, TunnelError, client_handshake
 from .relay import Stream
@@ -37,7 +36,6 @@ class Client:
         self.local = local
         self.server = server
         self.control_port = control_port
-        self.budget = Budget()  # every stream's window, together (budget.py)
         # Set while the server has us as its client; the demo and the tests wait for it.
         self.connected = asyncio.Event()
         # Dialled for every user, so the address that worked is remembered (see private.py).
@@ -83,15 +81,41 @@ class Client:
     def _open(self, stream_id: int) -> Stream:
         """The server opened a stream for a user: dial the local app for it, in a task of its own."""
         stream = Stream()
-        # Its first window is the protocol's: the server may have sent its bytes already (budget.py).
-        self.budget.take(INITIAL_WINDOW)
-        stream.charge(self.budget)
         log.debug("stream %d: the server opened it", stream_id)
         # One task per user, so a slow local app never holds up the others.
         task = asyncio.create_task(private.serve_user(stream, self._local_app))
         self._users.add(task)  # a strong reference, as the server keeps
         task.add_done_callback(self._users.discard)
         return stream
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """Turn 'host:port' (or '[::1]:port') into a (host, port) pair for argparse."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected host:port, got {text!r}")
+    return host.strip("[]"), int(port_text)
+
+
+def parse_server(text: str) -> tuple[str, int | None]:
+    """argparse type for SERVER: 'host' or 'host:port'; an IPv6 address alone or as '[::1]:port'."""
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.IPv6Address(text.strip("[]"))), None  # its colons are not a port
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        return text, None
+    if not host or (":" in host and not host.startswith("[")) or not port_text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected host or host:port, got {text!r}")
+    # The port given here is the control port, as if given with --control-port.
+    return host.strip("[]"), port(port_text)
+
+
+def port(text: str) -> int:
+    """argparse type for a port to connect to: 1 to 65535."""
+    # Checked here: the socket would wrap 99999 around to another port without a word.
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
+    return int(text)
 
 
 def main() -> None:

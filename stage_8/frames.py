@@ -7,13 +7,12 @@ Every frame starts with the same 10-byte header, then `length` bytes of payload:
     +--------+--------+-------------------+-------------------+------------------+
       network byte order (big-endian), as struct.Struct("!BBII") packs it
 
-Types (`ProtocolError` for any other):
+One type so far (`ProtocolError` for any other; stage 9 adds WINDOW):
 
 - DATA, on a stream (id >= 1): the payload is the next bytes of that stream. Flags: SYN opens the
   stream (the server does, one stream per user), ACK accepts it (the client, once it reached the
   local app), FIN ends this direction (half-close), RST resets the stream, and then the payload is
   the reason, in text, not data.
-- WINDOW, on a stream: "you may send me this many more bytes": a 4-byte increment (flow control).
 
 The header says how long a frame is *before* its payload arrives, so a bad length is refused at
 once, not after buffering it: nobody can make us hold more than HEADER_SIZE + MAX_FRAME bytes of a
@@ -27,32 +26,18 @@ from .protocol import MAX_LINE, ProtocolError
 
 HEADER = struct.Struct("!BBII")  # type, flags, stream id, length
 HEADER_SIZE = HEADER.size  # 10 bytes
-# A frame carries at most this much payload. Small frames let the streams take turns on the one
-# connection (a user's page is never stuck behind a megabyte of someone's download); big ones
-# cost fewer trips through the loop per megabyte. HTTP/2 starts at 16 KiB; 64 KiB is yamux's window.
+# A frame carries at most this much payload: the most a peer can make us hold before its frame is
+# whole (see Parser), while big frames cost fewer trips through the loop per megabyte. HTTP/2
+# starts at 16 KiB; 64 KiB is yamux's window.
 MAX_FRAME = 64 * 1024
-# Each stream starts with this window each way: a sender may have at most this many bytes on
-# their way to the receiver, or in its buffers, before the receiver grants more (WINDOW frames).
-# HTTP/2's first window too: a page or a request of up to 64 KiB goes without waiting for a grant.
-INITIAL_WINDOW = 64 * 1024
-# A receiver that passes bytes on grows a stream's window up to this, within its memory budget
-# (budget.py). WHY 1 MiB (it was 256 KiB, one read of the event loop): a stream can move at most
-# one window per round trip of a grant, and between two processes on a busy machine that round
-# trip is the time both take to be scheduled. With one read's worth in flight, the sender stopped
-# after every read to wait for the grant: 1 MiB moved bulk transfers 1.2-1.4x faster (README,
-# speed). It is also the most a stream can make its receiver buffer (a user who does not read),
-# which is why windows start small: OpenSSH's channels use 2 MiB.
-WINDOW = 1024 * 1024
-# A window may never grow past this (HTTP/2's limit): a peer that grants more is broken.
-MAX_WINDOW = 2**31 - 1
 # Stream ids are 31 bits (the top bit is reserved, as in HTTP/2); 0 is the connection itself.
 MAX_STREAM_ID = 2**31 - 1
 
-DATA, WINDOW_UPDATE = 0, 1
-NAMES = {DATA: "DATA", WINDOW_UPDATE: "WINDOW"}
+DATA = 0
+NAMES = {DATA: "DATA"}
 SYN, ACK, FIN, RST = 0x1, 0x2, 0x4, 0x8
 # Which flags each type may carry; anything else is a protocol error, never silently ignored.
-ALLOWED_FLAGS = {DATA: SYN | ACK | FIN | RST, WINDOW_UPDATE: 0}
+ALLOWED_FLAGS = {DATA: SYN | ACK | FIN | RST}
 FLAG_NAMES = ((SYN, "SYN"), (ACK, "ACK"), (FIN, "FIN"), (RST, "RST"))
 
 
@@ -77,11 +62,6 @@ def encode(kind: int, flags: int, stream_id: int, payload: bytes | memoryview = 
     return HEADER.pack(kind, flags, stream_id, len(payload)) + payload
 
 
-def window_update(stream_id: int, increment: int) -> bytes:
-    """A WINDOW frame: the receiver of `stream_id` may now send `increment` more bytes."""
-    return encode(WINDOW_UPDATE, 0, stream_id, increment.to_bytes(4, "big"))
-
-
 def check_header(kind: int, flags: int, stream_id: int, length: int) -> None:
     """Raise ProtocolError if a frame with this header can't be valid, whatever its payload."""
     if kind not in NAMES:
@@ -95,8 +75,6 @@ def check_header(kind: int, flags: int, stream_id: int, length: int) -> None:
         raise ProtocolError(f"stream id {stream_id} is out of range")
     if stream_id == 0:
         raise ProtocolError(f"{name} frame on stream {stream_id}")
-    if kind == WINDOW_UPDATE and length != 4:
-        raise ProtocolError(f"WINDOW frame of {length} bytes, not 4")
     if flags & RST and length > MAX_LINE:
         raise ProtocolError(f"a reason of {length} bytes is longer than {MAX_LINE}")
 
@@ -145,9 +123,7 @@ class Parser:
             start = pos + HEADER_SIZE
             payload: bytes | memoryview = data[start : start + length]
             if kind != DATA or flags & RST:
-                payload = bytes(payload)  # a few bytes (a window, a reason): a copy to keep and read
-            if kind == WINDOW_UPDATE and not int.from_bytes(payload, "big"):
-                raise ProtocolError(f"WINDOW frame of 0 bytes on stream {stream_id}")
+                payload = bytes(payload)  # a few bytes (a reason): a copy to keep and read
             frames.append(Frame(kind, flags, stream_id, payload))
             pos = start + length
         return pos

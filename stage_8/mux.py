@@ -1,38 +1,34 @@
-"""The multiplexer: many streams over one TCP connection, taking turns fairly, each with its own window.
+"""The multiplexer: many streams over one TCP connection.
 
 Both sides run one `Mux` on the tunnel connection once the handshake is done. It reads frames
-(frames.Parser) and hands each to its stream (relay.Stream); it writes the streams' frames in turns.
+(frames.Parser) and hands each to its stream (relay.Stream); it writes the streams' frames.
 
 - **Stream ids.** Only the server opens streams, one per user, numbered 1, 2, 3... in order, so
   that an id the server never used can be told from one that is merely closed: a frame for the
   first is a broken peer (the connection ends), a frame for the second was on its way when we
   closed the stream (it is dropped).
-- **Head-of-line blocking.** One TCP connection delivers bytes in order: if the server stopped
-  reading it because one user's app is slow, every other user would wait too. So we never stop
-  reading it. Per-stream windows make that safe: a peer may send a stream only what its receiver
-  granted, so a slow stream holds at most one window, and stalls only itself.
-- **Fairness.** Streams with bytes to send wait in a round-robin queue, and each turn sends one
-  frame of at most MAX_FRAME bytes: a bulk download and a small page alternate frame by frame.
-  Frames go to the transport only while its buffer is below WRITE_HIGH; the rest wait in their
-  streams (whose TCP connections are then no longer read). Control frames (window updates,
-  opens, resets) skip the queue: a window update stuck behind data could stall everyone.
+- **Head-of-line blocking.** One TCP connection delivers bytes in order. With no flow control per
+  stream, the only way to stop a sender is to stop reading the whole connection: while one
+  user's TCP connection is full (it reads slowly), every other stream waits too (see pause).
+  Stage 9 gives each stream a window, so that a slow stream stalls only itself.
+- **Writing.** A stream's bytes go out as frames as soon as they are read, and control frames
+  (opens, accepts, resets) with them. While the connection's send buffer holds more than
+  WRITE_HIGH, every stream stops reading its TCP connection: the rest waits in the kernel.
 """
 
 import asyncio
-import contextlib
 import logging
-from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
 from . import frames
-from .frames import ACK, DATA, FIN, HEADER, MAX_FRAME, RST, SYN, WINDOW_UPDATE, Frame, encode
+from .frames import ACK, DATA, FIN, HEADER, MAX_FRAME, RST, SYN, Frame, encode
 from .protocol import MAX_LINE, ProtocolError, TunnelError, printable
 
 log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024  # the most the event loop reads from a socket in one go anyway
-# Data frames are written while the connection's send buffer holds less than this.
+# Streams are read while the connection's send buffer holds less than this.
 WRITE_HIGH = 128 * 1024
 
 
@@ -57,14 +53,8 @@ class StreamEnd(Protocol):
     def on_answer(self, refusal: str | None) -> None: ...
     # An RST came, or the tunnel connection is gone: the TCP connection ends at once.
     def reset(self, reason: str, notify: bool = True) -> None: ...
-    # A WINDOW_UPDATE came: the peer has room for more of the stream's bytes.
-    def on_window(self, increment: int) -> None: ...
-    # Its turn to send: the next frame's payload (at most `limit` bytes) and whether FIN goes with it.
-    def take(self, limit: int) -> tuple[bytes | memoryview, bool] | None: ...
-    # After its turn: whether it queues again for another.
-    def has_more(self) -> bool: ...
-    # Its FIN is on its way: the stream may be over (both directions ended).
-    def after_fin_sent(self) -> None: ...
+    # The room in the tunnel connection changed (blocked, open): read the TCP connection or not.
+    def _update_reading(self) -> None: ...
 
 
 class Mux(asyncio.Protocol):
@@ -97,12 +87,9 @@ class Mux(asyncio.Protocol):
         self._on_open = on_open  # makes the stream for a SYN; None: the peer may not open streams
         self.streams: dict[int, StreamEnd] = {}
         self.last_id = 0  # the highest stream id opened so far on this connection
-        self._ready: deque[StreamEnd] = deque()  # streams with a frame to send, in turn
-        self._scheduled: set[int] = set()
-        self._blocked = False  # the transport's buffer is full: data frames wait
-        self._drainer: asyncio.Task[None] | None = None
+        self._slow: set[int] = set()  # streams whose TCP peer is full: the connection is not read
+        self.blocked = False  # the transport's buffer is full: no stream reads
         self._out: list[bytes | memoryview] = []  # frames for the connection, written at the end of the turn
-        self._out_size = 0
         self._parser = frames.Parser()
         self.failure: Exception | None = None  # why we ended the connection ourselves
 
@@ -113,7 +100,7 @@ class Mux(asyncio.Protocol):
         self.last_id += 1
         self._register(stream, self.last_id)
         self._send(encode(DATA, SYN, stream.stream_id))
-        self.schedule(stream)  # bytes that came before: optimistically, within the first window
+        stream._update_reading()  # its bytes follow the SYN: they need not wait for the ACK
         return stream.stream_id
 
     def accept(self, stream: StreamEnd) -> None:
@@ -121,21 +108,32 @@ class Mux(asyncio.Protocol):
         self._send(encode(DATA, ACK, stream.stream_id))
         stream.on_answer(None)
 
-    def grant(self, stream: StreamEnd, increment: int) -> None:
-        """Let the peer send `increment` more bytes on `stream`."""
-        self._send(frames.window_update(stream.stream_id, increment))
-
     def forget(self, stream: StreamEnd, reset: str | None) -> None:
         """The stream is over; with `reset`, tell the peer it was reset and why."""
+        self.resume(stream)
         if self.streams.pop(stream.stream_id, None) is not None and reset is not None:
             self._send(encode(DATA, RST, stream.stream_id, reset.encode("ascii", "replace")[:MAX_LINE]))
 
-    def schedule(self, stream: StreamEnd) -> None:
-        """`stream` may have a frame to send: queue it for its turn, and send what can go now."""
-        if stream.stream_id and stream.stream_id not in self._scheduled:
-            self._scheduled.add(stream.stream_id)
-            self._ready.append(stream)
-        self._flush()
+    def send(self, stream: StreamEnd, data: bytes | memoryview, fin: bool = False) -> None:
+        """Send `stream`'s bytes (and with `fin`, its end) now, in frames of at most MAX_FRAME bytes."""
+        view = memoryview(data)
+        while True:
+            payload, view = view[:MAX_FRAME], view[MAX_FRAME:]
+            # Header and payload as two pieces: _write_out joins them (one copy, as encode() makes).
+            self._write(HEADER.pack(DATA, FIN if fin and not view else 0, stream.stream_id, len(payload)), payload)
+            if not view:
+                return
+
+    def pause(self, stream: StreamEnd) -> None:
+        """`stream`'s TCP peer is full: stop reading the tunnel connection (every stream waits)."""
+        self._slow.add(stream.stream_id)
+        self._transport.pause_reading()
+
+    def resume(self, stream: StreamEnd) -> None:
+        """`stream` caught up (or ended): read the tunnel connection again once no stream is full."""
+        self._slow.discard(stream.stream_id)
+        if not self._slow and self.failure is None and not self._transport.is_closing():
+            self._transport.resume_reading()
 
     def _register(self, stream: StreamEnd, stream_id: int) -> None:
         stream.mux, stream.stream_id = self, stream_id
@@ -143,61 +141,27 @@ class Mux(asyncio.Protocol):
 
     # --- writing ------------------------------------------------------------------------------
 
-    def _flush(self) -> None:
-        """Queue one frame per ready stream in turn, until none is ready or a write's worth waits."""
-        while self._ready and not self._blocked and not self._transport.is_closing():
-            if self._out_size >= WRITE_HIGH:
-                return  # enough for one write: _write_out comes back for more
-            stream = self._ready.popleft()
-            self._scheduled.discard(stream.stream_id)
-            if self.streams.get(stream.stream_id) is not stream:
-                continue  # reset meanwhile
-            frame = stream.take(MAX_FRAME)
-            if frame is None:
-                continue
-            payload, fin = frame
-            # Header and payload as two pieces: _write_out joins them (one copy, as encode() makes).
-            self._write(HEADER.pack(DATA, FIN if fin else 0, stream.stream_id, len(payload)), payload)
-            if fin:
-                stream.after_fin_sent()
-            if stream.has_more():  # back of the queue: the others take their turn first
-                self._scheduled.add(stream.stream_id)
-                self._ready.append(stream)
-
     def _write(self, *pieces: bytes | memoryview) -> None:
         """Queue the bytes of frames for the connection: they leave together at the end of this turn."""
         # WHY: one send per frame cost a system call (and a wake-up of the peer) for every 14-byte
-        # window update, SYN or ACK, and every 64 KiB of data. Frames written during one turn of
-        # the event loop (the grants for every frame of one read, a SYN and the user's first
-        # bytes, four data frames from one read of 256 KiB) now go to the kernel in one send.
+        # SYN or ACK, and every 64 KiB of data. Frames written during one turn of the event loop
+        # (a SYN and the user's first bytes, four data frames from one read of 256 KiB) now go
+        # to the kernel in one send.
         # No timer: _write_out runs as soon as the callbacks of this turn are done.
         if not self._out:
             self._loop.call_soon(self._write_out)
         self._out.extend(pieces)
-        self._out_size += sum(len(piece) for piece in pieces)
 
     def _write_out(self) -> None:
-        """Hand the queued frames to the transport in one write; then queue more data, if it has room."""
+        """Hand the queued frames to the transport in one write."""
         if not self._out or self._transport.is_closing():
             return
         data = b"".join(self._out)
         self._out.clear()
-        self._out_size = 0
         self._transport.write(data)
-        if self._transport.get_write_buffer_size() > WRITE_HIGH:
-            self._blocked = True  # the data frames wait until the kernel took most of it
-            self._drainer = self._loop.create_task(self._drain())
-        else:
-            self._flush()
-
-    async def _drain(self) -> None:
-        with contextlib.suppress(OSError):  # lost: run() notices
-            await self._writer.drain()
-        self._blocked = False
-        self._flush()
 
     def _send(self, frame: bytes) -> None:
-        """Write a control frame now, ahead of the queued data."""
+        """Write a control frame now."""
         if self._transport.is_closing():
             return
         self._write(frame)
@@ -251,12 +215,18 @@ class Mux(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._handshake.pause_writing()
+        self.blocked = True  # more than WRITE_HIGH waits to be sent: every stream stops reading
+        for stream in list(self.streams.values()):
+            stream._update_reading()
 
     def resume_writing(self) -> None:
         self._handshake.resume_writing()
+        self.blocked = False
+        for stream in list(self.streams.values()):
+            stream._update_reading()
 
     def _dispatch(self, frame: Frame) -> None:
-        kind, flags, stream_id, payload = frame
+        _, flags, stream_id, payload = frame  # DATA: the only type so far
         stream = self.streams.get(stream_id)
         if flags & SYN:
             if self._on_open is None:
@@ -270,9 +240,7 @@ class Mux(asyncio.Protocol):
             if stream_id > self.last_id:
                 raise ProtocolError(f"{frame} for a stream that was never opened")
             return  # a stream we closed: the frame was on its way before the peer knew
-        if kind == WINDOW_UPDATE:
-            stream.on_window(int.from_bytes(payload, "big"))
-        elif flags & RST:
+        if flags & RST:
             stream.reset(printable(bytes(payload)), notify=False)
         else:
             if flags & ACK:
@@ -289,9 +257,4 @@ class Mux(asyncio.Protocol):
         """End every stream (their connections are reset)."""
         for stream in list(self.streams.values()):
             stream.reset(reason, notify=False)  # a relayed user or app sees its connection reset
-        self._ready.clear()
-        self._scheduled.clear()
         self._out.clear()
-        self._out_size = 0
-        if self._drainer is not None:
-            self._drainer.cancel()

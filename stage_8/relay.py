@@ -1,20 +1,18 @@
 """One stream: a TCP connection (a user, or the local app) joined to one stream of the tunnel connection.
 
 Stage 3's pump was a task per direction: `await read()`, `write()`, `await drain()`. Here the
-event loop reads each chunk into a buffer that a Protocol, a `Stream`, hands it (`get_buffer`), and
+event loop hands each chunk it reads to a Protocol, a `Stream`, and
 the Stream passes it on at once: no task, no future, no wake-up per chunk (the performance page
 measures the difference).
 
-Each direction has its own flow control, as SSH channels, yamux and HTTP/2 do:
+There is no flow control per stream yet (stage 9 adds it). Bytes are held back only where the
+connections themselves are full:
 
-- Sending (TCP -> tunnel): we may send at most `send_window` bytes that the peer has not yet
-  granted back. While our bytes wait for the window, or for the shared connection, we stop reading
-  the TCP connection: the rest waits in the kernel. A read takes no more than the window allows,
-  so what we hold is what the peer has room for.
-- Receiving (tunnel -> TCP): once the bytes we received have left for the kernel (our transport's
-  buffer is empty again), we grant the peer that many more with a WINDOW frame. A TCP peer that
-  reads slowly gets no grants, and so the sender of its stream stalls: only that stream. The
-  window starts small and grows, or shrinks again, within the memory budget (budget.py).
+- Sending (TCP -> tunnel): what we read goes out as frames at once. While the tunnel
+  connection's buffer is full, every stream stops reading its TCP connection (Mux.blocked).
+- Receiving (tunnel -> TCP): while a TCP peer reads slower than its bytes arrive, the Mux
+  stops reading the whole tunnel connection (see Mux.pause). That bounds our memory, but it
+  stalls every other stream too: head-of-line blocking, which stage 9's windows remove.
 
 Reading is on exactly while `_should_read()` holds, recomputed after every change. An earlier
 Protocol relay instead resumed reading at moments of its own choosing, and lost a pause for good
@@ -27,12 +25,9 @@ import asyncio
 import contextlib
 import socket
 import struct
-from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .budget import Budget
-from .frames import INITIAL_WINDOW, MAX_WINDOW, WINDOW
 from .protocol import ProtocolError
 
 if TYPE_CHECKING:  # annotations alone; and never the reverse: mux.py knows a Stream only as a StreamEnd
@@ -41,13 +36,6 @@ if TYPE_CHECKING:  # annotations alone; and never the reverse: mux.py knows a St
 # How much of the first bytes read to keep: enough for an HTTP request line ("GET /path HTTP/1.1"),
 # which tells the server whether a user it must refuse gets an error page (pages.refuse).
 HEAD_SIZE = 1024
-# The most one read takes from a TCP connection: what the event loop reads at most in one go anyway.
-READ_SIZE = 256 * 1024
-# Every stream reads into this one buffer, and copies out what it read at once (see get_buffer).
-# WHY one: a fresh 256 KiB buffer per read is zeroed first, for a request of 100 bytes too; that cost
-# keep-alive requests a third of their speed. One buffer is safe: the event loop fills it and tells
-# us in the same breath (buffer_updated), and nothing else runs in between.
-SCRATCH = memoryview(bytearray(READ_SIZE))
 
 
 @dataclass
@@ -59,8 +47,8 @@ class Flow:
     done: bool = False
 
 
-class Stream(asyncio.BufferedProtocol):
-    """A TCP connection relayed through one stream of a Mux (a mux.StreamEnd), with flow control both ways."""
+class Stream(asyncio.Protocol):
+    """A TCP connection relayed through one stream of a Mux, which sees it as a mux.StreamEnd."""
 
     transport: asyncio.Transport | None = None
 
@@ -71,19 +59,9 @@ class Stream(asyncio.BufferedProtocol):
         self.sent, self.received = Flow(), Flow()  # TCP -> tunnel, tunnel -> TCP
         self.refusing = False  # the server is refusing this user (pages.refuse): what it sends is dropped
         self.reset_reason = ""  # why the stream was reset (by either side), if it was
-        # Sending: bytes read from TCP, not yet framed; the peer's grant; the EOF still to send.
-        self._outbox: deque[memoryview] = deque()
-        self.queued = 0
-        self.send_window = INITIAL_WINDOW
-        self.fin_pending = self.fin_sent = False
-        # Receiving: what the peer may still send; consumed bytes not yet granted back; bytes
-        # that came before the TCP connection (the client dials the app while the first arrive).
-        self.recv_window = INITIAL_WINDOW
-        self.window = INITIAL_WINDOW  # all the peer may send before we grant more: what we promised
-        self.budget: Budget | None = None  # where our window is counted (see charge)
-        self._consumed = 0
-        self._unwritten = 0  # written to the transport, still in its buffer
-        self._writing_paused = False
+        self.fin_sent = False
+        # Receiving: bytes that came before the TCP connection (the client dials the app while
+        # the first arrive).
         self._early: list[bytes] = []
         self.got_fin = False
         # answered: None when the peer accepted the stream, a reason if it refused it (server side).
@@ -97,9 +75,6 @@ class Stream(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        # Told "pause" whenever a write leaves bytes behind, "resume" when they are all gone:
-        # that is when received bytes count as consumed (see _write).
-        transport.set_write_buffer_limits(high=0)
         if self.reset_reason:  # reset while the client was still dialing the app
             self._abort()
             return
@@ -112,16 +87,6 @@ class Stream(asyncio.BufferedProtocol):
             self._write_eof()
         self._update_reading()
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        # WHY we hand out the buffer: a Protocol is handed whatever the kernel has, up to 256 KiB, even
-        # when the peer has room for 1 KiB; the rest waited here. 2,000 users who read nothing made a
-        # client hold one such read each (352 MB). A read now takes what the window has room for.
-        room = self.send_window if not (self.reset_reason or self.refusing) else READ_SIZE
-        return SCRATCH if room >= READ_SIZE else SCRATCH[: max(room, 1)]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(SCRATCH[:nbytes]))  # a copy: the next read of any stream reuses SCRATCH
-
     def data_received(self, data: bytes | memoryview) -> None:
         if not self.sent.head:
             # We keep a copy of the first bytes (see HEAD_SIZE) and pass them on unchanged.
@@ -130,19 +95,17 @@ class Stream(asyncio.BufferedProtocol):
         self.sent.copied += len(data)
         if self.reset_reason or self.refusing:
             return  # no stream to carry it (see pages.refuse): read and dropped
-        self._outbox.append(memoryview(data))
-        self.queued += len(data)
-        if self.mux is not None:  # else it waits for Mux.open, with reading paused
-            self.mux.schedule(self)
-        self._update_reading()
+        if self.mux is not None:  # always: reading waits for Mux.open (see _should_read)
+            self.mux.send(self, data)
 
     def eof_received(self) -> bool:
         self._heard()
         self._ended()
-        if not (self.reset_reason or self.refusing):
-            self.fin_pending = True  # sent after the bytes still queued (see take)
-            if self.mux is not None:
-                self.mux.schedule(self)
+        # Not twice: asyncio may report the EOF again after a pause and resume of reading.
+        if not (self.reset_reason or self.refusing or self.fin_sent) and self.mux is not None:
+            self.fin_sent = self.sent.done = True
+            self.mux.send(self, b"", fin=True)
+            self._maybe_finish()
         return True  # keep our side open: the other direction may still flow
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -150,56 +113,29 @@ class Stream(asyncio.BufferedProtocol):
         self._ended()
         if not (self.fin_sent and self.got_fin):  # lost before both directions ended cleanly
             self.reset(f"the connection was {'reset' if exc else 'closed'}")
-        self._release()  # what the transport still held is gone with it
         if not self.closed.done():
             self.closed.set_result(None)
 
     def pause_writing(self) -> None:
-        self._writing_paused = True
+        # Our TCP peer reads slower than the tunnel brings its bytes. Without a window to stop
+        # just this stream's sender, the Mux stops reading the tunnel connection: all streams wait.
+        if self.mux is not None:
+            self.mux.pause(self)
 
     def resume_writing(self) -> None:
-        self._writing_paused = False
-        consumed, self._unwritten = self._unwritten, 0
-        self._grant(consumed)
+        if self.mux is not None:
+            self.mux.resume(self)
 
     # --- the tunnel side (called by the Mux) ---------------------------------------------------
 
-    def take(self, limit: int) -> tuple[bytes | memoryview, bool] | None:
-        """The next frame's payload (at most `limit` bytes and the window) and whether FIN goes with it."""
-        payload: bytes | memoryview = b""
-        if self._outbox and self.send_window > 0:
-            size = min(limit, self.send_window)
-            chunk = self._outbox[0]
-            if len(chunk) <= size:
-                payload = self._outbox.popleft()
-            else:
-                payload, self._outbox[0] = chunk[:size], chunk[size:]  # views: no copy
-            self.queued -= len(payload)
-            self.send_window -= len(payload)
-        fin = self.fin_pending and not self._outbox and not self.fin_sent
-        if not payload and not fin:
-            return None
-        if fin:
-            self.fin_sent = self.sent.done = True
-        self._update_reading()
-        return payload, fin
-
-    def has_more(self) -> bool:
-        """True if take() would return a frame now."""
-        return bool(self._outbox and self.send_window > 0) or (self.fin_pending and not self.fin_sent)
-
     def on_data(self, payload: bytes | memoryview, fin: bool) -> None:
-        """Bytes (and maybe the end) of the peer's direction; ProtocolError if it overran its window."""
+        """Bytes (and maybe the end) of the peer's direction; ProtocolError after the end."""
         if self.got_fin:
             raise ProtocolError(f"DATA on stream {self.stream_id} after its FIN")
-        if len(payload) > self.recv_window:
-            overflow = f"{len(payload)} bytes overflow its window ({self.recv_window})"
-            raise ProtocolError(f"stream {self.stream_id}: {overflow}")
-        self.recv_window -= len(payload)
         if payload:
             self.received.copied += len(payload)
             if self.transport is None:
-                self._early.append(bytes(payload))  # counted in recv_window: bounded by the window
+                self._early.append(bytes(payload))
             else:
                 self._write(payload)
         if fin:
@@ -207,15 +143,6 @@ class Stream(asyncio.BufferedProtocol):
             if self.transport is not None:
                 self._write_eof()
         self._maybe_finish()
-
-    def on_window(self, increment: int) -> None:
-        """The peer granted `increment` more bytes; ProtocolError if the window would pass MAX_WINDOW."""
-        if self.send_window + increment > MAX_WINDOW:
-            raise ProtocolError(f"stream {self.stream_id}: a window update overflows {MAX_WINDOW}")
-        self.send_window += increment
-        if self.mux is not None and self.has_more():
-            self.mux.schedule(self)
-        self._update_reading()
 
     def on_answer(self, refusal: str | None) -> None:
         """The peer accepted the stream (None) or refused it (a reason)."""
@@ -227,8 +154,6 @@ class Stream(asyncio.BufferedProtocol):
         if self.reset_reason or (self.fin_sent and self.got_fin):
             return
         self.reset_reason = reason
-        self._outbox.clear()
-        self.queued = 0
         if self.mux is not None:
             self.mux.forget(self, reason if notify else None)
         self.on_answer(reason)  # a user still waiting for an answer gets this one (a 502 page)
@@ -236,12 +161,7 @@ class Stream(asyncio.BufferedProtocol):
             self._abort()  # a relayed connection: a reset ends it at once, as it would without us
         if self.transport is None:
             self._early.clear()
-            self._release()  # no connection will come to hold our bytes (the local app was down)
         self._update_reading()
-
-    def charge(self, budget: Budget) -> None:
-        """Count this stream's window in `budget` (whose caller took INITIAL_WINDOW for it already)."""
-        self.budget = budget
 
     # --- inside ------------------------------------------------------------------------------
 
@@ -253,10 +173,6 @@ class Stream(asyncio.BufferedProtocol):
             # each write, and log "socket.send() raised exception." for every one from the fifth on.
             return
         self.transport.write(data)
-        if self._writing_paused:
-            self._unwritten += len(data)  # still in our buffer: granted when it leaves (resume_writing)
-        else:
-            self._grant(len(data))  # all of it went to the kernel at once
 
     def _write_eof(self) -> None:
         assert self.transport is not None
@@ -285,38 +201,10 @@ class Stream(asyncio.BufferedProtocol):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.transport.abort()
 
-    def _grant(self, consumed: int) -> None:
-        # One WINDOW frame per quarter of the window consumed, not one per chunk: the sender still
-        # has 3/4 of its window to keep the pipe full meanwhile.
-        self._consumed += consumed
-        if self._consumed >= self.window // 4 and self.mux is not None and not self.got_fin and not self.reset_reason:
-            increment = self._consumed + self._resize()
-            self._consumed = 0
-            if increment:
-                self.recv_window += increment
-                self.mux.grant(self, increment)
-
-    def _resize(self) -> int:
-        """Grow the window while the budget has room, shrink it when it is short; the change in bytes."""
-        if self.budget is None:
-            return 0
-        if not self.budget.crowded():
-            change = self.budget.grow(WINDOW - self.window)
-        else:  # shrink by what was consumed, at most: bytes already promised can't be taken back
-            change = -min(self.window - INITIAL_WINDOW, self._consumed)
-            self.budget.give(-change)
-        self.window += change
-        return change
-
-    def _release(self) -> None:
-        if self.budget is not None:  # once
-            self.budget.give(self.window)
-            self.budget = None
-
     def _should_read(self) -> bool:
-        # Read only while nothing we read waits to be framed, and the peer has room for more.
+        # Read only once the stream is open, and while the tunnel connection has room for more.
         # A stream that is reset or refused reads on, and drops what it reads.
-        return bool(self.reset_reason or self.refusing) or (not self.queued and self.send_window > 0)
+        return bool(self.reset_reason or self.refusing) or (self.mux is not None and not self.mux.blocked)
 
     def _update_reading(self) -> None:
         transport = self.transport
@@ -331,10 +219,6 @@ class Stream(asyncio.BufferedProtocol):
                 self.mux.forget(self, None)
             if self.transport is not None:
                 self.transport.close()  # both directions ended: close, after the buffered bytes leave
-
-    def after_fin_sent(self) -> None:
-        """Called by the Mux once our FIN is on its way."""
-        self._maybe_finish()
 
     def _heard(self) -> None:
         if not self.heard.done():

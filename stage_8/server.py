@@ -1,7 +1,7 @@
 """Stage 8 server: relay every public connection through the client to the local app, as a stream.
 
 python3 -m stage_8.server                    # then: python3 -m stage_8.client localhost:8000
-python3 -m stage_8.server --host 0.0.0.0     # on a VPS: anyone can be its client (stage 10 adds a secret)
+python3 -m stage_8.server --host 0.0.0.0     # on a VPS: anyone can be its client (stage 11 adds a secret)
 
 The client's one connection lives in session.py (one tunnel) and mux.py (its streams); here
 are the ports, the users, and the page a user gets when the tunnel can't serve them.
@@ -12,16 +12,13 @@ import asyncio
 import errno
 import functools
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
 
 from . import pages
-from .budget import MEMORY_BUDGET, Budget, MiB
-from .cli import listen_port, positive_seconds, whole_number
-from .frames import INITIAL_WINDOW
 from .protocol import CONTROL_PORT, DATA_LIMIT, NETWORK_TIMEOUT, PROXY_TIMEOUT, PUBLIC_PORT, TunnelError, printable
 from .relay import Stream
 from .session import Sessions
@@ -56,15 +53,8 @@ class User(Stream):
 class Server:
     """The tunnel server: one tunnel connection from the client, many public users, one stream per user."""
 
-    def __init__(
-        self,
-        proxy_timeout: float = PROXY_TIMEOUT,
-        handshake_timeout: float = NETWORK_TIMEOUT,
-        *,
-        memory_budget: int = MEMORY_BUDGET,
-    ) -> None:
+    def __init__(self, proxy_timeout: float = PROXY_TIMEOUT, handshake_timeout: float = NETWORK_TIMEOUT) -> None:
         self.proxy_timeout = proxy_timeout  # a user waits this long for the client to accept its stream
-        self.budget = Budget(memory_budget)  # every stream's window, together (budget.py)
         self._listeners: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
         # The client's session, if one is connected (see session.py).
@@ -144,18 +134,8 @@ class Server:
             # A page that names the cause tells the user more than a closed connection.
             await self._refuse(stream, peer, "no tunnel client is connected to this server")
             return
-        try:  # the stream's first window must fit in the memory budget: the user waits for it
-            async with asyncio.timeout(self.proxy_timeout):
-                await self.budget.reserve(INITIAL_WINDOW)
-        except TimeoutError:
-            await self._refuse(stream, peer, "the server's memory for users' bytes is spent; try again soon")
-            return
-        if stream.closed.done():  # the user left while it waited
-            self.budget.give(INITIAL_WINDOW)
-            return
-        stream.charge(self.budget)
-        # Open at once, and send the user's first bytes right behind the SYN, within the stream's
-        # first window: no round trip to wait for (stage 3 waited for a whole proxy connection).
+        # Open at once, and send the user's first bytes right behind the SYN: no round trip to wait for
+        # (stage 3 waited for a whole proxy connection).
         stream_id = mux.open(stream)
         who = f"{peer}: stream {stream_id}"
         log.debug("%s: opened", who)
@@ -198,9 +178,28 @@ def listen_error(exc: OSError, role: str, host: str, port: int) -> str:
     return f"cannot listen on {host}:{port} for the {role} port: {exc.strerror or exc}"
 
 
-async def run(host: str, ports: Ports, **options: Any) -> None:
-    """Bind, then serve until cancelled; `options` are Server's keyword arguments."""
-    server = Server(**options)
+def listen_port(text: str) -> int:
+    """argparse type for a port to listen on: 0 (any free port) to 65535."""
+    # Checked here, not left to the socket: 99999 would end in an OverflowError traceback.
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}")
+    return int(text)
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type for a timeout: a finite number of seconds, more than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan  # not a number: refused just below
+    if not 0 < value < math.inf:  # false for nan too
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
+async def run(host: str, ports: Ports, proxy_timeout: float) -> None:
+    """Bind, then serve until cancelled."""
+    server = Server(proxy_timeout)
     await server.listen(host, ports.control, ports.public)
     await server.serve()
 
@@ -223,22 +222,12 @@ def main() -> None:
             metavar="PORT",
             help=f"where {who}; 0 = any (default: %(default)s)",
         )
-    for flag, seconds, what in (
-        ("proxy-timeout", PROXY_TIMEOUT, "how long a user waits for the client to accept its stream"),
-    ):
-        parser.add_argument(
-            f"--{flag}",
-            type=positive_seconds,
-            default=seconds,
-            metavar="SECONDS",
-            help=f"{what} (default: %(default)s)",
-        )
     parser.add_argument(
-        "--memory-budget",
-        type=whole_number(16, 1024 * 1024),
-        default=MEMORY_BUDGET // MiB,
-        metavar="MIB",
-        help="the most the users' streams together may make the server buffer, in MiB (default: %(default)s)",
+        "--proxy-timeout",
+        type=positive_seconds,
+        default=PROXY_TIMEOUT,
+        metavar="SECONDS",
+        help="how long a user waits for the client to accept its stream (default: %(default)s)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()
@@ -246,12 +235,7 @@ def main() -> None:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
     try:
-        ports = Ports(args.control_port, args.public_port)
-        options = {
-            "proxy_timeout": args.proxy_timeout,
-            "memory_budget": args.memory_budget * MiB,
-        }
-        asyncio.run(run(args.host, ports, **options))
+        asyncio.run(run(args.host, Ports(args.control_port, args.public_port), args.proxy_timeout))
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:

@@ -2,8 +2,8 @@
 
 Shared by the server, the client and the demo (`python3 -m stage_9`). Each one turns a bad value
 into argparse's one-line usage error and exit 2, instead of a traceback deep in the socket code
-(a port of 99999 raises OverflowError there), a silent surprise (a client's port 99999 wraps
-around to another one), or a flood (a heartbeat interval of 0 pings in a tight loop).
+(a port of 99999 raises OverflowError there), or a silent surprise (a client's port 99999 wraps
+around to another one).
 """
 
 import argparse

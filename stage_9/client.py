@@ -1,13 +1,12 @@
-"""Stage 9 client: carry every user from the server to the local app, and keep the tunnel up.
+"""Stage 9 client: carry every user from the server to the local app, over one connection.
 
 python3 -m stage_9.client localhost:8000                 # the server on localhost
 python3 -m stage_9.client localhost:8000 my.server       # the server on another machine
 
 One connection to the server carries everything. The server opens a stream on it for each user
 (a SYN frame); the client dials the local app (the private connection) and relays the stream
-into it. Heartbeats show that the server is still there; when the connection is lost, the
-client reconnects with backoff and resumes its session. The users' streams end with the lost
-connection: they ran inside it (in stage 3 each user had a proxy connection of its own).
+into it. The users' streams end with the connection: they ran inside it (in stage 3 each user
+had a proxy connection of its own).
 """
 
 import argparse
@@ -15,75 +14,47 @@ import asyncio
 import logging
 import sys
 
-from . import backoff, private
+from . import private
 from .budget import Budget
-from .cli import parse_address, parse_server, port, positive_seconds
+from .cli import parse_address, parse_server, port
 from .frames import INITIAL_WINDOW
 from .mux import Mux
-from .protocol import (
-    CONTROL_PORT,
-    DATA_LIMIT,
-    HEARTBEAT_INTERVAL,
-    HEARTBEAT_TIMEOUT,
-    Refused,
-    TunnelError,
-    client_handshake,
-)
+from .protocol import CONTROL_PORT, DATA_LIMIT, TunnelError, client_handshake
 from .relay import Stream
 
 log = logging.getLogger(__name__)
 
 
 class Client:
-    """Keeps the control connection to a server up and relays each user it announces to the local app."""
+    """Keeps the control connection to a server and relays each user it announces to the local app."""
 
     def __init__(
         self,
         local: tuple[str, int],
         server: str = "localhost",
         control_port: int = CONTROL_PORT,
-        *,
-        heartbeat_interval: float = HEARTBEAT_INTERVAL,
-        heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
-        max_backoff: float = backoff.BACKOFF_CAP,
     ) -> None:
         self.local = local
         self.server = server
         self.control_port = control_port
-        self.heartbeat_interval = heartbeat_interval
-        self.heartbeat_timeout = heartbeat_timeout
-        self.max_backoff = max_backoff
         self.budget = Budget()  # every stream's window, together (budget.py)
         # Set while the server has us as its client; the demo and the tests wait for it.
         self.connected = asyncio.Event()
-        # Given by the server at the first handshake; presenting it again when we
-        # reconnect proves that we are the same client, so the server lets us back in.
-        self.session_id: str | None = None
         # Dialled for every user, so the address that worked is remembered (see private.py).
         self._local_app = private.LocalApp(*local)
         self._users: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
-        """Keep the tunnel up until cancelled; raise Refused if the server says no (another client)."""
-        attempt = 0
+        """Serve the tunnel until cancelled; TunnelError if the server is unreachable, says no or goes away."""
         try:
-            while True:
-                try:
-                    reader, writer = await self._connect()
-                    try:
-                        welcome = await client_handshake(reader, writer, self.session_id)
-                        self.session_id = welcome.session_id
-                        attempt = 0  # we got in: after the next outage, start again with a short wait
-                        await self._serve_control(reader, writer)
-                    finally:
-                        writer.close()
-                except Refused:
-                    raise  # another client holds the tunnel: retrying would not help
-                except (TunnelError, OSError) as exc:  # TimeoutError (a silent server) is an OSError too
-                    wait = backoff.delay(attempt, cap=self.max_backoff)
-                    attempt += 1
-                    log.warning("%s; reconnecting in %.1fs (attempt %d)", str(exc) or "timed out", wait, attempt)
-                    await asyncio.sleep(wait)
+            reader, writer = await self._connect()
+            try:
+                await client_handshake(reader, writer)
+                await self._serve_control(reader, writer)
+            finally:
+                writer.close()
+        except OSError as exc:  # TimeoutError (a silent server) is an OSError too
+            raise TunnelError(f"lost the connection to the server ({str(exc) or 'timed out'})") from None
         finally:
             for task in self._users:
                 task.cancel()
@@ -99,18 +70,9 @@ class Client:
             raise TunnelError(f"cannot reach the server at {self.server}:{self.control_port} ({reason})") from None
 
     async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Relay the server's streams and send heartbeats; raise TunnelError when the connection is lost."""
+        """Relay the server's streams; raise TunnelError when the connection is lost."""
         log.info("tunnel up: the server at %s:%d sends its users to %s:%d", self.server, self.control_port, *self.local)
-        # The server answers every ping, so a silence longer than heartbeat_timeout means it (or
-        # the network on the way) is gone, even if TCP has not noticed (Mux.run raises TimeoutError).
-        mux = Mux(
-            reader,
-            writer,
-            peer="the server",
-            heartbeat_timeout=self.heartbeat_timeout,
-            heartbeat_interval=self.heartbeat_interval,
-            on_open=self._open,
-        )
+        mux = Mux(reader, writer, peer="the server", on_open=self._open)
         self.connected.set()
         try:
             await mux.run()
@@ -133,7 +95,7 @@ class Client:
 
 
 def main() -> None:
-    """Command line: python3 -m stage_9.client LOCAL [SERVER] [--control-port P] ..."""
+    """Command line: python3 -m stage_9.client LOCAL [SERVER] [--control-port P]."""
     parser = argparse.ArgumentParser(
         prog=f"python3 -m {__package__}.client",
         description="Open a tunnel from a stage 9 server to LOCAL, the app on this machine that users should reach.",
@@ -150,18 +112,6 @@ def main() -> None:
     parser.add_argument(
         "--control-port", type=port, metavar="PORT", help=f"the server's control port (default: {CONTROL_PORT})"
     )
-    for flag, seconds, what in (
-        ("heartbeat-interval", HEARTBEAT_INTERVAL, "how often to ping the server"),
-        ("heartbeat-timeout", HEARTBEAT_TIMEOUT, "silence after which the server counts as gone"),
-        ("max-backoff", backoff.BACKOFF_CAP, "the longest wait between two reconnect attempts"),
-    ):
-        parser.add_argument(
-            f"--{flag}",
-            type=positive_seconds,
-            default=seconds,
-            metavar="SECONDS",
-            help=f"{what} (default: %(default)s)",
-        )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()
     server, server_port = args.server
@@ -170,14 +120,7 @@ def main() -> None:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
-    client = Client(
-        args.local,
-        server,
-        server_port or args.control_port or CONTROL_PORT,
-        heartbeat_interval=args.heartbeat_interval,
-        heartbeat_timeout=args.heartbeat_timeout,
-        max_backoff=args.max_backoff,
-    )
+    client = Client(args.local, server, server_port or args.control_port or CONTROL_PORT)
     try:
         asyncio.run(client.run())
     except TunnelError as exc:

@@ -14,8 +14,6 @@ Types (`ProtocolError` for any other):
   local app), FIN ends this direction (half-close), RST resets the stream, and then the payload is
   the reason, in text, not data.
 - WINDOW, on a stream: "you may send me this many more bytes": a 4-byte increment (flow control).
-- PING, on stream 0: an 8-byte payload that the peer echoes back with the ACK flag (heartbeats).
-- GO_AWAY, on stream 0: the payload is the reason in text; the sender closes after it.
 
 The header says how long a frame is *before* its payload arrives, so a bad length is refused at
 once, not after buffering it: nobody can make us hold more than HEADER_SIZE + MAX_FRAME bytes of a
@@ -50,13 +48,12 @@ MAX_WINDOW = 2**31 - 1
 # Stream ids are 31 bits (the top bit is reserved, as in HTTP/2); 0 is the connection itself.
 MAX_STREAM_ID = 2**31 - 1
 
-DATA, WINDOW_UPDATE, PING, GO_AWAY = 0, 1, 2, 3
-NAMES = {DATA: "DATA", WINDOW_UPDATE: "WINDOW", PING: "PING", GO_AWAY: "GO_AWAY"}
+DATA, WINDOW_UPDATE = 0, 1
+NAMES = {DATA: "DATA", WINDOW_UPDATE: "WINDOW"}
 SYN, ACK, FIN, RST = 0x1, 0x2, 0x4, 0x8
 # Which flags each type may carry; anything else is a protocol error, never silently ignored.
-ALLOWED_FLAGS = {DATA: SYN | ACK | FIN | RST, WINDOW_UPDATE: 0, PING: ACK, GO_AWAY: 0}
+ALLOWED_FLAGS = {DATA: SYN | ACK | FIN | RST, WINDOW_UPDATE: 0}
 FLAG_NAMES = ((SYN, "SYN"), (ACK, "ACK"), (FIN, "FIN"), (RST, "RST"))
-PING_SIZE = 8
 
 
 class Frame(NamedTuple):
@@ -96,13 +93,11 @@ def check_header(kind: int, flags: int, stream_id: int, length: int) -> None:
         raise ProtocolError(f"{name} frame of {length} bytes is larger than {MAX_FRAME}")
     if stream_id > MAX_STREAM_ID:
         raise ProtocolError(f"stream id {stream_id} is out of range")
-    if (stream_id == 0) != (kind in (PING, GO_AWAY)):
+    if stream_id == 0:
         raise ProtocolError(f"{name} frame on stream {stream_id}")
     if kind == WINDOW_UPDATE and length != 4:
         raise ProtocolError(f"WINDOW frame of {length} bytes, not 4")
-    if kind == PING and length != PING_SIZE:
-        raise ProtocolError(f"PING frame of {length} bytes, not {PING_SIZE}")
-    if (kind == GO_AWAY or flags & RST) and length > MAX_LINE:
+    if flags & RST and length > MAX_LINE:
         raise ProtocolError(f"a reason of {length} bytes is longer than {MAX_LINE}")
 
 
@@ -150,7 +145,7 @@ class Parser:
             start = pos + HEADER_SIZE
             payload: bytes | memoryview = data[start : start + length]
             if kind != DATA or flags & RST:
-                payload = bytes(payload)  # a few bytes (a window, a ping, a reason): a copy to keep and read
+                payload = bytes(payload)  # a few bytes (a window, a reason): a copy to keep and read
             if kind == WINDOW_UPDATE and not int.from_bytes(payload, "big"):
                 raise ProtocolError(f"WINDOW frame of 0 bytes on stream {stream_id}")
             frames.append(Frame(kind, flags, stream_id, payload))

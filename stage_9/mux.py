@@ -15,20 +15,19 @@ Both sides run one `Mux` on the tunnel connection once the handshake is done. It
   frame of at most MAX_FRAME bytes: a bulk download and a small page alternate frame by frame.
   Frames go to the transport only while its buffer is below WRITE_HIGH; the rest wait in their
   streams (whose TCP connections are then no longer read). Control frames (window updates,
-  pings, opens, resets) skip the queue: a window update stuck behind data could stall everyone.
+  opens, resets) skip the queue: a window update stuck behind data could stall everyone.
 """
 
 import asyncio
 import contextlib
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
 from . import frames
-from .frames import ACK, DATA, FIN, GO_AWAY, HEADER, MAX_FRAME, PING, RST, SYN, WINDOW_UPDATE, Frame, encode
-from .protocol import LINGER, MAX_LINE, ProtocolError, TunnelError, printable
+from .frames import ACK, DATA, FIN, HEADER, MAX_FRAME, RST, SYN, WINDOW_UPDATE, Frame, encode
+from .protocol import MAX_LINE, ProtocolError, TunnelError, printable
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +68,7 @@ class StreamEnd(Protocol):
 
 
 class Mux(asyncio.Protocol):
-    """One tunnel connection: the streams on it, its frames both ways, and its heartbeats.
+    """One tunnel connection: the streams on it, and its frames both ways.
 
     The handshake reads lines with a StreamReader; once `run` starts, the Mux is the connection's
     Protocol: the event loop hands it each chunk read (`data_received`), and it parses the frames
@@ -83,8 +82,6 @@ class Mux(asyncio.Protocol):
         writer: asyncio.StreamWriter,
         *,
         peer: str,
-        heartbeat_timeout: float,
-        heartbeat_interval: float | None = None,
         on_open: Callable[[int], StreamEnd] | None = None,
     ) -> None:
         self.peer = peer  # "the server" or "the client", for messages
@@ -97,7 +94,6 @@ class Mux(asyncio.Protocol):
         handshake = transport.get_protocol()  # the StreamReader's protocol (see run)
         assert isinstance(handshake, asyncio.Protocol)
         self._handshake = handshake
-        self.heartbeat_timeout, self.heartbeat_interval = heartbeat_timeout, heartbeat_interval
         self._on_open = on_open  # makes the stream for a SYN; None: the peer may not open streams
         self.streams: dict[int, StreamEnd] = {}
         self.last_id = 0  # the highest stream id opened so far on this connection
@@ -108,8 +104,6 @@ class Mux(asyncio.Protocol):
         self._out: list[bytes | memoryview] = []  # frames for the connection, written at the end of the turn
         self._out_size = 0
         self._parser = frames.Parser()
-        self._last_heard = time.monotonic()
-        self._timers: list[asyncio.TimerHandle] = []
         self.failure: Exception | None = None  # why we ended the connection ourselves
 
     # --- streams ------------------------------------------------------------------------------
@@ -212,7 +206,7 @@ class Mux(asyncio.Protocol):
         if self.failure is None:
             self.failure = exc
         # Stop reading and end the reader as if the peer had closed: run() then raises `exc`, and
-        # the transport stays open for a GO_AWAY saying why (see goodbye).
+        # the transport stays open until the caller closes it.
         self._transport.pause_reading()
         if not self._reader.at_eof():
             self._reader.feed_eof()
@@ -220,11 +214,7 @@ class Mux(asyncio.Protocol):
     # --- reading ------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Relay frames until the peer closes (return), or raise: ProtocolError, TimeoutError, TunnelError."""
-        loop = asyncio.get_running_loop()
-        self._timers.append(loop.call_later(self.heartbeat_timeout, self._check_heartbeat))
-        if self.heartbeat_interval is not None:
-            self._timers.append(loop.call_later(self.heartbeat_interval, self._ping))
+        """Relay frames until the peer closes (return), or raise ProtocolError."""
         try:
             # WHY a Protocol: a StreamReader copies every chunk into its buffer, copies it out again
             # for read(), and wakes this task once per read; with frames at hundreds of MB/s that
@@ -247,11 +237,10 @@ class Mux(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.failure is not None:
             return  # ending: what the peer still sends is dropped
-        self._last_heard = time.monotonic()  # any frame shows the peer is alive
         try:
             for frame in self._parser.feed(data):
                 self._dispatch(frame)
-        except TunnelError as exc:  # a bad frame (ProtocolError), or GO_AWAY: run() raises it
+        except TunnelError as exc:  # a bad frame (ProtocolError): run() raises it
             self._fail(exc)
 
     def eof_received(self) -> bool | None:
@@ -268,12 +257,6 @@ class Mux(asyncio.Protocol):
 
     def _dispatch(self, frame: Frame) -> None:
         kind, flags, stream_id, payload = frame
-        if kind == PING:
-            if not flags & ACK:
-                self._send(encode(PING, ACK, 0, payload))  # the answer: the same 8 bytes
-            return
-        if kind == GO_AWAY:
-            raise TunnelError(f"{self.peer} closed the tunnel: {printable(bytes(payload))}")
         stream = self.streams.get(stream_id)
         if flags & SYN:
             if self._on_open is None:
@@ -302,38 +285,8 @@ class Mux(asyncio.Protocol):
             if payload or flags & FIN:
                 stream.on_data(payload, bool(flags & FIN))
 
-    # --- heartbeats and the end -------------------------------------------------------------------
-
-    def _check_heartbeat(self) -> None:
-        silent = time.monotonic() - self._last_heard
-        if silent >= self.heartbeat_timeout:
-            self._fail(TimeoutError(f"no word from {self.peer} for {self.heartbeat_timeout:g}s"))
-            return
-        delay = self.heartbeat_timeout - silent
-        self._timers.append(asyncio.get_running_loop().call_later(delay, self._check_heartbeat))
-
-    def _ping(self) -> None:
-        # The peer echoes it; reading anything at all resets our deadline (_check_heartbeat).
-        self._send(encode(PING, 0, 0, time.monotonic_ns().to_bytes(8, "big")))
-        assert self.heartbeat_interval is not None
-        self._timers.append(asyncio.get_running_loop().call_later(self.heartbeat_interval, self._ping))
-
-    async def goodbye(self, reason: str) -> None:
-        """Tell the peer why we end the connection (GO_AWAY), give it a moment to read it; the caller closes."""
-        self._send(encode(GO_AWAY, 0, 0, reason.encode("ascii", "replace")[:MAX_LINE]))
-        self._write_out()  # now: the EOF below must come after it
-        with contextlib.suppress(OSError):  # as protocol.linger: our EOF first, then swallow input
-            if self._writer.can_write_eof() and not self._transport.is_closing():
-                self._writer.write_eof()
-            async with asyncio.timeout(LINGER):
-                while await self._reader.read(READ_SIZE):
-                    pass
-
     def close(self, reason: str) -> None:
-        """End every stream (their connections are reset) and stop the timers."""
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
+        """End every stream (their connections are reset)."""
         for stream in list(self.streams.values()):
             stream.reset(reason, notify=False)  # a relayed user or app sees its connection reset
         self._ready.clear()

@@ -3,18 +3,17 @@
 Stage 9 has one connection between the client and the server. It starts as stage 3's control
 connection did, in text lines readable and speakable with `nc`, with a handshake:
 
-    client: hello [<session_id>]      (the session id only when reconnecting)
-    server: welcome <session_id>      (or `error <reason>`, then the server hangs up)
+    client: hello
+    server: welcome                   (or `error <reason>`, then the server hangs up)
 
-After `welcome`, both sides speak binary frames on the same connection (frames.py): the
-heartbeats, and every user's bytes as a stream of its own. Nothing follows `hello` until
-`welcome` comes, so each side knows exactly where the lines end and the frames begin.
+After `welcome`, both sides speak binary frames on the same connection (frames.py): every
+user's bytes as a stream of its own. Nothing follows `hello` until `welcome` comes, so each
+side knows exactly where the lines end and the frames begin.
 Only `read_message` and `write_message` touch the lines' bytes.
 """
 
 import asyncio
 import contextlib
-import re
 from dataclasses import dataclass
 
 CONTROL_PORT = 60623
@@ -27,13 +26,6 @@ NETWORK_TIMEOUT = 5.0
 # How long a user's new stream waits for the client to accept it (to reach the local
 # app) before the server gives up on it and sends the user a 502 page.
 PROXY_TIMEOUT = 10.0
-# The client pings this often; a control connection silent for HEARTBEAT_TIMEOUT
-# (three missed pings) is dead, even if TCP has not noticed: a laptop that went
-# to sleep or a NAT that forgot the connection never sends a FIN.
-HEARTBEAT_INTERVAL = 5.0
-HEARTBEAT_TIMEOUT = 15.0
-# Session ids are single words of these characters.
-TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # The most a stream holds in memory each way: one window (frames.WINDOW) of bytes,
 # or one read of the event loop (256 KiB at most) waiting to be framed.
 DATA_LIMIT = 256 * 1024
@@ -55,16 +47,12 @@ class Refused(TunnelError):
 
 @dataclass(frozen=True)
 class Hello:
-    """Client -> server, the first line of a control connection: `hello` or `hello <session_id>`."""
-
-    session_id: str | None = None
+    """Client -> server, the first line of a control connection: `hello`."""
 
 
 @dataclass(frozen=True)
 class Welcome:
-    """Server -> client, the handshake succeeded: `welcome <session_id>`."""
-
-    session_id: str
+    """Server -> client, the handshake succeeded: `welcome`."""
 
 
 @dataclass(frozen=True)
@@ -80,12 +68,10 @@ Message = Hello | Welcome | Error
 def encode(message: Message) -> bytes:
     """The exact bytes of one message on the wire, newline included."""
     match message:
-        case Hello(None):
+        case Hello():
             return b"hello\n"
-        case Hello(session_id):
-            return f"hello {session_id}\n".encode()
-        case Welcome(session_id):
-            return f"welcome {session_id}\n".encode()
+        case Welcome():
+            return b"welcome\n"
         case Error(reason):
             return f"error {reason}\n".encode()
 
@@ -104,18 +90,11 @@ def decode(line: bytes) -> Message:
     match word, rest:
         case "hello", "":
             return Hello()
-        case "hello", session_id if is_token(session_id):
-            return Hello(session_id)
-        case "welcome", session_id if is_token(session_id):
-            return Welcome(session_id)
+        case "welcome", "":
+            return Welcome()
         case "error", reason if reason:
             return Error(reason)
     raise ProtocolError(f"unknown command {word[:32]!r}")
-
-
-def is_token(text: str) -> bool:
-    """True for a session id: one word of 1 to 128 letters, digits, '-' or '_'."""
-    return TOKEN.fullmatch(text) is not None
 
 
 async def read_message(reader: asyncio.StreamReader) -> Message | None:
@@ -143,7 +122,7 @@ async def write_message(writer: asyncio.StreamWriter, message: Message) -> None:
 
 
 async def server_handshake(reader: asyncio.StreamReader, timeout: float = NETWORK_TIMEOUT) -> Hello:
-    """Read the client's `hello` (it may carry a session id to resume).
+    """Read the client's `hello`.
 
     Raises ProtocolError for anything else, TimeoutError if the client is too slow: a peer that
     connects and says nothing must not hold a socket forever.
@@ -158,16 +137,15 @@ async def server_handshake(reader: asyncio.StreamReader, timeout: float = NETWOR
 async def client_handshake(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
-    session_id: str | None = None,
     timeout: float = NETWORK_TIMEOUT,
 ) -> Welcome:
-    """Say hello (resuming `session_id` if given), return the welcome.
+    """Say hello, return the welcome.
 
     Raises Refused when the server says no (retrying would not help), ProtocolError for a peer
     that does not speak our protocol, TimeoutError or OSError for network trouble.
     """
     async with asyncio.timeout(timeout):
-        await write_message(writer, Hello(session_id))
+        await write_message(writer, Hello())
         reply = await read_message(reader)
     match reply:
         case Welcome():

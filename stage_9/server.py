@@ -1,10 +1,10 @@
 """Stage 9 server: relay every public connection through the client to the local app, as a stream.
 
 python3 -m stage_9.server                    # then: python3 -m stage_9.client localhost:8000
-python3 -m stage_9.server --host 0.0.0.0     # on a VPS: anyone can be its client (stage 10 adds a secret)
+python3 -m stage_9.server --host 0.0.0.0     # on a VPS: anyone can be its client (stage 11 adds a secret)
 
-The client's one connection lives in session.py (one tunnel, resume, heartbeats) and mux.py (its
-streams); here are the ports, the users, and the page a user gets when the tunnel can't serve them.
+The client's one connection lives in session.py (one tunnel) and mux.py (its streams); here
+are the ports, the users, and the page a user gets when the tunnel can't serve them.
 """
 
 import argparse
@@ -22,16 +22,7 @@ from . import pages
 from .budget import MEMORY_BUDGET, Budget, MiB
 from .cli import listen_port, positive_seconds, whole_number
 from .frames import INITIAL_WINDOW
-from .protocol import (
-    CONTROL_PORT,
-    DATA_LIMIT,
-    HEARTBEAT_TIMEOUT,
-    NETWORK_TIMEOUT,
-    PROXY_TIMEOUT,
-    PUBLIC_PORT,
-    TunnelError,
-    printable,
-)
+from .protocol import CONTROL_PORT, DATA_LIMIT, NETWORK_TIMEOUT, PROXY_TIMEOUT, PUBLIC_PORT, TunnelError, printable
 from .relay import Stream
 from .session import Sessions
 
@@ -70,7 +61,6 @@ class Server:
         proxy_timeout: float = PROXY_TIMEOUT,
         handshake_timeout: float = NETWORK_TIMEOUT,
         *,
-        heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         memory_budget: int = MEMORY_BUDGET,
     ) -> None:
         self.proxy_timeout = proxy_timeout  # a user waits this long for the client to accept its stream
@@ -78,7 +68,7 @@ class Server:
         self._listeners: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
         # The client's session, if one is connected (see session.py).
-        self._sessions = Sessions(handshake_timeout, heartbeat_timeout)
+        self._sessions = Sessions(handshake_timeout)
 
     async def listen(
         self,
@@ -235,7 +225,6 @@ def main() -> None:
         )
     for flag, seconds, what in (
         ("proxy-timeout", PROXY_TIMEOUT, "how long a user waits for the client to accept its stream"),
-        ("heartbeat-timeout", HEARTBEAT_TIMEOUT, "silence after which the client counts as gone"),
     ):
         parser.add_argument(
             f"--{flag}",
@@ -260,7 +249,6 @@ def main() -> None:
         ports = Ports(args.control_port, args.public_port)
         options = {
             "proxy_timeout": args.proxy_timeout,
-            "heartbeat_timeout": args.heartbeat_timeout,
             "memory_budget": args.memory_budget * MiB,
         }
         asyncio.run(run(args.host, ports, **options))

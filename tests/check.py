@@ -57,10 +57,10 @@ WIDTH = 150  # characters of a line; longer lines are cut
 def stages_of(item: pytest.Item) -> set[str]:
     """The stages a test exercises: named by its parameters, else by its file.
 
-    `test_stage_3.py::test_half_close...[stage_8]` is a stage 8 test (a shared test, run against each
+    `test_stage_3.py::test_half_close...[stage_9]` is a stage 9 test (a shared test, run against each
     stage that has the behaviour), the documented commands of stage 3's page are `[stage_3-README-md-...]`
-    (a stage is one whole part of the test's id, between dashes), and a test in `test_stage_8_frames.py`
-    with no stage among its parameters is a stage 8 test.
+    (a stage is one whole part of the test's id, between dashes), and a test in `test_stage_9_frames.py`
+    with no stage among its parameters is a stage 9 test.
     """
     if item.path.name == "test_check.py":  # this tool's own tests: they check the tool, and run it
         return set()

@@ -2,8 +2,8 @@
 memory and CPU as the kernel reports them in /proc (Linux).
 
 The tests run on the stage that brings their behaviour and every later one (support.stages_from):
-test_backpressure.py and test_real_links.py from flow control on (stage 8), test_fd_limit.py and
-test_idle_timeouts.py from the limits on (stage 12).
+test_backpressure.py and test_real_links.py from flow control on (stage 9), test_fd_limit.py and
+test_idle_timeouts.py from the limits on (stage 13).
 """
 
 import asyncio

@@ -39,7 +39,7 @@ ROOT = HERE.parent.parent
 
 # The tunnel under test: `<TUNNEL>.server` runs on the server host, `<TUNNEL>.client` at home. The
 # story needs a secret (only a client that knows it gets in) and, through a router that forgets idle
-# connections, heartbeats and reconnects: the first stage with auth (stage 10; tests/support.py's
+# connections, heartbeats and reconnects: the first stage with auth (stage 11; tests/support.py's
 # LADDER), users as streams over the client's one connection, no TLS yet (no certificates to make).
 AUTH_STAGE = 7
 TUNNEL = min(
@@ -58,7 +58,7 @@ ROUTER_WAN_IP = "203.0.113.1"  # the home's only public address
 SERVER_IP = "203.0.113.10"
 USER_IP = "203.0.113.20"
 APP_PORT = 8000
-# The lab's stage has no proxy port (users are streams from stage 7 on); PROXY_PORT is stages 2 and 3's,
+# The lab's stage has no proxy port (users are streams from stage 8 on); PROXY_PORT is stages 2 and 3's,
 # for the link lab's tests of them (tests/test_real_links.py).
 CONTROL_PORT, PUBLIC_PORT, PROXY_PORT = 60623, 60624, 60625
 
@@ -534,8 +534,8 @@ async def story(lab: Lab) -> Story:
     seen_app, seen_server = len(app.lines), len(server.lines)
     [page] = await lab.fetch("user", public_url)
     say(f"  user   GET {public_url} -> {describe(page)}")
-    # The server's line for this user's connection: stage 10 logs each stream it closes, with its bytes
-    # each way; stage 11 on, one line per request (`GET / -> 200, ...`) with the same counts.
+    # The server's line for this user's connection: stage 11 logs each stream it closes, with its bytes
+    # each way; stage 12 on, one line per request (`GET / -> 200, ...`) with the same counts.
     user_line = await server.expect(rf"{re.escape(USER_IP)}:\d+: .*\d+ bytes up", after=seen_server)
     say(f"  server | {user_line}")
     app_line = await app.expect(r'"GET / ', after=seen_app)

@@ -32,31 +32,31 @@ import tls_certs
 LADDER = {
     "frames": 4,  # the hello/welcome handshake, then binary frames on the control connection (frames.Parser)
     "streams": 5,  # every user a stream over the client's one connection: frames, a multiplexer
-    "callbacks": 6,  # the data path on asyncio Protocols (no task per direction)
-    "fastpath": 7,  # the measured fast paths: first bytes behind the SYN, zero-copy payloads, one send per turn
-    "flow": 8,  # per-stream windows, fair turns, the memory budget
-    "resume": 9,  # heartbeats, reconnect with backoff, session id and resume window, GO_AWAY
-    "auth": 10,  # the shared secret (HMAC challenge)
-    "pages": 11,  # the error pages a user sees, one log line per request
-    "limits": 12,  # descriptors, timeouts, bounds, isolation between users
-    "tenants": 13,  # many clients, a TCP tunnel each, MAX_TUNNELS
-    "names": 14,  # NAME.domain on the shared public port, Host routing
-    "tls": 15,  # the client's connection over TLS, HTTPS for users
-    "observer": 16,  # HTTP/1.1 framing of each stream, sans I/O (observe.py)
-    "inspector": 17,  # the inspector page
-    "live": 18,  # the live feed and replay
+    "callbacks": 7,  # the data path on asyncio Protocols (no task per direction)
+    "fastpath": 8,  # the measured fast paths: first bytes behind the SYN, zero-copy payloads, one send per turn
+    "flow": 9,  # per-stream windows, fair turns, the memory budget
+    "resume": 10,  # heartbeats, reconnect with backoff, session id and resume window, GO_AWAY
+    "auth": 11,  # the shared secret (HMAC challenge)
+    "pages": 12,  # the error pages a user sees, one log line per request
+    "limits": 13,  # descriptors, timeouts, bounds, isolation between users
+    "tenants": 14,  # many clients, a TCP tunnel each, MAX_TUNNELS
+    "names": 15,  # NAME.domain on the shared public port, Host routing
+    "tls": 16,  # the client's connection over TLS, HTTPS for users
+    "observer": 17,  # HTTP/1.1 framing of each stream, sans I/O (observe.py)
+    "inspector": 18,  # the inspector page
+    "live": 19,  # the live feed and replay
 }
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def stage_number(stage: str) -> int:
-    """12 for "stage_15"."""
+    """12 for "stage_16"."""
     return int(stage.removeprefix("stage_"))
 
 
 def all_stages() -> tuple[str, ...]:
-    """Every stage folder of the repository, numerically sorted (stage_13 after stage_12)."""
+    """Every stage folder of the repository, numerically sorted (stage_14 after stage_13)."""
     found = (p.name for p in ROOT.glob("stage_[0-9]*") if (p / "__init__.py").is_file())
     return tuple(sorted(found, key=stage_number))
 
@@ -75,7 +75,7 @@ def has(stage: str, idea: str) -> bool:
 def rebind(namespace: dict[str, Any], stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Point a test module's names imported from a stage at the same names of `stage`, for one test.
 
-    A test file of an idea imports what it tests from the most complete stage (`from stage_18.frames
+    A test file of an idea imports what it tests from the most complete stage (`from stage_19.frames
     import Parser`: every name exists there, so the file always loads), and its autouse fixture calls
     this with the stage under test: modules, classes and functions then come from that stage, and one
     the stage lacks is removed (only tests of a later idea use it, and they do not run on this stage).
@@ -399,7 +399,7 @@ def _urlopen(url: str, data: bytes | None, host: str | None) -> tuple[int, bytes
 async def http_get(port: int, path: str = "/", data: bytes | None = None, host: str | None = None) -> tuple[int, bytes]:
     """GET (or POST `data`) http://127.0.0.1:PORT/PATH with urllib in a thread; return (status, body).
 
-    `host`: the Host header to send instead (`myapp.localhost:PORT`: a stage 9 tunnel's name).
+    `host`: the Host header to send instead (`myapp.localhost:PORT`: a stage 10 tunnel's name).
     """
     return await asyncio.to_thread(_urlopen, f"http://127.0.0.1:{port}{path}", data, host)
 
@@ -549,7 +549,7 @@ class Background:
 
 
 # --- what differs between the stages' ports -----------------------------------------------------
-# Up to stage 3 the server has a proxy port (one proxy connection per user); from stage 7 on the
+# Up to stage 3 the server has a proxy port (one proxy connection per user); from stage 8 on the
 # client's one connection carries every user, so there is none. Tests that run against several
 # stages ask these helpers instead of spelling out the ports.
 
@@ -584,47 +584,47 @@ def client_port_flags(ports: dict[str, int]) -> list[str]:
     return [flag for role in ("control", "proxy") if role in ports for flag in (f"--{role}-port", str(ports[role]))]
 
 
-# --- what differs from stage 10 on: the shared secret ------------------------------------------
+# --- what differs from stage 11 on: the shared secret ------------------------------------------
 # The shared tests run with auth on where the stage has it: the path a real server takes.
 SECRET = "common-tests"
 
 
 def secret_options(stage: str, secret: str = SECRET) -> dict[str, Any]:
-    """`secret=...` for a Server or Client of a stage with auth (stage 10 on); nothing before."""
+    """`secret=...` for a Server or Client of a stage with auth (stage 11 on); nothing before."""
     return {"secret": secret} if has(stage, "auth") else {}
 
 
 def secret_flags(stage: str, secret: str = SECRET) -> list[str]:
-    """`--secret ...` for a server or client command line of a stage with auth (stage 10 on)."""
+    """`--secret ...` for a server or client command line of a stage with auth (stage 11 on)."""
     return ["--secret", secret] if has(stage, "auth") else []
 
 
-# --- what differs from stage 13 on: a tunnel per client; from stage 15 on: TLS ----------------
-# The shared tests relay raw bytes, so from stage 13 on they ask for a TCP tunnel: the port the
-# server opens for it carries users' bytes as the public port of stages 2 to 12 did (the HTTP
-# port would want a Host header first; tests/test_names.py tests it). From stage 15 on the
+# --- what differs from stage 14 on: a tunnel per client; from stage 16 on: TLS ----------------
+# The shared tests relay raw bytes, so from stage 14 on they ask for a TCP tunnel: the port the
+# server opens for it carries users' bytes as the public port of stages 2 to 13 did (the HTTP
+# port would want a Host header first; tests/test_names.py tests it). From stage 16 on the
 # server's certificate and the CA the client trusts are the test session's (tls_certs.py).
 
 
 def has_tunnels(stage: str) -> bool:
-    """True if the stage's client asks for a tunnel of its own, e.g. a TCP one (stage 13 on)."""
+    """True if the stage's client asks for a tunnel of its own, e.g. a TCP one (stage 14 on)."""
     return has(stage, "tenants")
 
 
 def has_tls(stage: str) -> bool:
-    """True if the stage's client connects over TLS (stage 15 on)."""
+    """True if the stage's client connects over TLS (stage 16 on)."""
     return has(stage, "tls")
 
 
 def server_options(stage: str) -> dict[str, Any]:
-    """Keyword arguments the stage's Server needs besides its timeouts: the certificate, from stage 15 on."""
+    """Keyword arguments the stage's Server needs besides its timeouts: the certificate, from stage 16 on."""
     return {"tls": tls_certs.server_context()} if has_tls(stage) else {}
 
 
 def client_options(stage: str) -> dict[str, Any]:
-    """Keyword arguments the stage's Client needs: a TCP tunnel from stage 13 on, the CA it trusts from 12 on.
+    """Keyword arguments the stage's Client needs: a TCP tunnel from stage 14 on, the CA it trusts from 12 on.
 
-    From stage 17 on, the store of an inspector too, as the command line has one by default: every
+    From stage 18 on, the store of an inspector too, as the command line has one by default: every
     stream goes through its observer (here the users' bytes are not HTTP, which it must only count).
     No inspector serves its page here (no port taken), and nothing is replayed.
     """
@@ -637,7 +637,7 @@ def client_options(stage: str) -> dict[str, Any]:
 
 
 async def users_port(ports: Any, client: Any) -> int:
-    """The port users connect to: the server's public port, or the TCP tunnel's port `client` got (stage 13 on)."""
+    """The port users connect to: the server's public port, or the TCP tunnel's port `client` got (stage 14 on)."""
     if getattr(client, "kind", None) != "tcp":
         return int(ports.public)
     async with asyncio.timeout(STEP_TIMEOUT):
@@ -646,12 +646,12 @@ async def users_port(ports: Any, client: Any) -> int:
 
 
 def server_flags(stage: str) -> list[str]:
-    """The server's command line: every port 0, and from stage 15 on the certificate and key."""
+    """The server's command line: every port 0, and from stage 16 on the certificate and key."""
     return server_port_flags(stage) + tls_flags(stage)
 
 
 def tls_flags(stage: str) -> list[str]:
-    """`--cert FILE --key FILE` for the server of stage 15 on; nothing before."""
+    """`--cert FILE --key FILE` for the server of stage 16 on; nothing before."""
     if not has_tls(stage):
         return []
     files = tls_certs.certs()
@@ -659,9 +659,9 @@ def tls_flags(stage: str) -> list[str]:
 
 
 def client_flags(stage: str, ports: dict[str, int]) -> list[str]:
-    """The client's command line for a server whose ports are `ports`; a TCP tunnel from stage 13 on, the CA from 12.
+    """The client's command line for a server whose ports are `ports`; a TCP tunnel from stage 14 on, the CA from 12.
 
-    From stage 17 on, the client's inspector takes any free port: its default, 4040, is one port for
+    From stage 18 on, the client's inspector takes any free port: its default, 4040, is one port for
     the whole machine, and CLI tests running at once (or a learner's own client) would fight for it.
     """
     tcp = ["--tcp"] if has_tunnels(stage) else []
@@ -670,17 +670,17 @@ def client_flags(stage: str, ports: dict[str, int]) -> list[str]:
 
 
 def has_inspector(stage: str) -> bool:
-    """True if the stage's client serves an inspector page (stage 17 on)."""
+    """True if the stage's client serves an inspector page (stage 18 on)."""
     return has(stage, "inspector")
 
 
 async def cli_users_port(stage: str, server: CliProcess, ports: dict[str, int]) -> int:
-    """The port users connect to, from the server's log: the public port, or the TCP tunnel's (stage 13 on)."""
+    """The port users connect to, from the server's log: the public port, or the TCP tunnel's (stage 14 on)."""
     return await server.listening("tcp") if has_tunnels(stage) else ports["public"]
 
 
 async def control_connection(stage: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A raw connection to the control port, as the stage's client opens it: over TLS from stage 15 on."""
+    """A raw connection to the control port, as the stage's client opens it: over TLS from stage 16 on."""
     async with asyncio.timeout(STEP_TIMEOUT):
         if has_tls(stage):
             return await asyncio.open_connection("127.0.0.1", port, ssl=tls_certs.client_context())
@@ -698,9 +698,9 @@ async def client_handshake(
 ) -> Any:
     """The client's side of the stage's handshake, spoken by hand; returns the server's Welcome.
 
-    From stage 10 on it is `auth.client_handshake` (the secret's challenge); before, the stage's own
+    From stage 11 on it is `auth.client_handshake` (the secret's challenge); before, the stage's own
     `protocol.client_handshake` without a secret. `first` is what follows the secret: a session id
-    to resume (stage 9 on), or a Hello asking for a tunnel (stage 13 on). Stages 7 and 8 say a bare
+    to resume (stage 10 on), or a Hello asking for a tunnel (stage 14 on). Stages 8 and 9 say a bare
     `hello` and get a bare `welcome`: there is no session to name yet.
     """
     if has(stage, "auth"):
@@ -715,10 +715,10 @@ async def client_handshake(
 async def server_handshake(
     stage: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: str, session_id: str
 ) -> None:
-    """A fake server's side of the stage's handshake: read the hello (challenge it from stage 10 on), welcome
-    (with `session_id` from stage 9 on).
+    """A fake server's side of the stage's handshake: read the hello (challenge it from stage 11 on), welcome
+    (with `session_id` from stage 10 on).
 
-    From stage 13 on the welcome names a TCP tunnel on port 9 (nothing listens there: the fake
+    From stage 14 on the welcome names a TCP tunnel on port 9 (nothing listens there: the fake
     server's tests never have users).
     """
     protocol = importlib.import_module(f"{stage}.protocol")
@@ -729,6 +729,6 @@ async def server_handshake(
             assert isinstance(await protocol.read_message(reader), protocol.Hello)
     if has_tunnels(stage):
         welcome = protocol.Welcome(session_id, "9", "tcp://127.0.0.1:9")
-    else:  # a bare `welcome` before stage 9: no session yet
+    else:  # a bare `welcome` before stage 10: no session yet
         welcome = protocol.Welcome(session_id) if has(stage, "resume") else protocol.Welcome()
     await protocol.write_message(writer, welcome)

@@ -1,4 +1,4 @@
-"""Authentication (stage 10 on): an HMAC challenge-response proves the secret without sending it.
+"""Authentication (stage 11 on): an HMAC challenge-response proves the secret without sending it.
 
 These tests run the handshake over a `socket.socketpair()`, with no server involved, against every
 stage that has it (AUTH_STAGES); the end-to-end cases (wrong secret through the real CLIs, replay
@@ -48,7 +48,7 @@ async def pair() -> AsyncIterator[tuple[Streams, Streams]]:
 
 @dataclass(frozen=True)
 class Wire:
-    """What differs between the stages' handshakes: from stage 13 on, the hello names a tunnel and the
+    """What differs between the stages' handshakes: from stage 14 on, the hello names a tunnel and the
     welcome returns it with its URL, and client_handshake takes the whole Hello instead of a session id."""
 
     proto: ModuleType
@@ -59,7 +59,7 @@ class Wire:
 
     def hello(self, session_id: str | None = None) -> object:
         """The Hello the server reads from a client resuming `session_id` (or a new one)."""
-        # A TCP tunnel by port: valid from stage 13 on (an http tunnel is named by a port in stage 13, by name from 11).
+        # A TCP tunnel by port: valid from stage 14 on (an http tunnel is named by a port in stage 14, by name from 11).
         return self.proto.Hello("tcp", "8080", session_id) if self.tunnels else self.proto.Hello(session_id)
 
     def asks(self, session_id: str | None = None) -> object:

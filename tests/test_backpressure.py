@@ -2,7 +2,7 @@
 
 In one process, deterministic: the stage's Server and Client, a user and a local app on raw
 sockets (so the test's own side buffers nothing), and Python's allocations traced (tracemalloc).
-Between the client and the server's proxy port (from stage 7 on: its control port, which carries
+Between the client and the server's proxy port (from stage 8 on: its control port, which carries
 every user's bytes) runs a narrow pipe: sockets with 16 KiB buffers,
 as a slow link would have, where loopback would absorb a megabyte per connection and hide a
 sender that outruns its peer. The same bug on a real shaped link: test_real_links.py.
@@ -120,7 +120,7 @@ class NarrowPipe(LocalServer):
 async def start_tunnel(stage: str, local_port: int, running: contextlib.AsyncExitStack, **server: float) -> int:
     """The stage's server and client in this process, the connections that carry users' bytes through a NarrowPipe.
 
-    Those are the proxy connections up to stage 7, the client's one connection from stage 8 on.
+    Those are the proxy connections up to stage 8, the client's one connection from stage 9 on.
     Returns the public port.
     """
     server_module, client_module = stage_module(stage, "server"), stage_module(stage, "client")
@@ -223,7 +223,7 @@ async def test_a_user_who_uploads_from_the_first_byte_to_an_app_that_does_not_re
     """Issue 12, item 1: the bytes a user sent before its proxy connection arrived are written out
     at the join; they overflow the narrow proxy connection, and the pause that follows must hold.
 
-    256 MiB on stage 8 and on the most complete stage; the lighter form between: LIGHT_UPLOAD (96 MiB).
+    256 MiB on stage 9 and on the most complete stage; the lighter form between: LIGHT_UPLOAD (96 MiB).
     """
     size = UPLOAD if stage in first_and_last(stages_from("flow")) else LIGHT_UPLOAD
     async with contextlib.AsyncExitStack() as running, stalled_app() as (app_port, go, app):
@@ -271,7 +271,7 @@ async def test_users_waiting_for_a_stalled_client_each_hold_a_bounded_amount(sta
             welcome = await client_handshake(stage, reader, writer, SECRET, hello(stage))  # then silence: stalled
         await asyncio.sleep(0.2)
         before = tracemalloc.get_traced_memory()[0]
-        public = int(welcome.tunnel) if has_tunnels(stage) else ports.public  # from stage 13 on: its TCP tunnel
+        public = int(welcome.tunnel) if has_tunnels(stage) else ports.public  # from stage 14 on: its TCP tunnel
         senders = [Sender(await connect_raw(public), 8 * MiB) for _ in range(users)]
         for sender in senders:
             running.callback(sender.sock.close)

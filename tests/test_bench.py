@@ -1,7 +1,7 @@
 """The benchmark still runs: its smallest mode end to end, so the bench code cannot rot.
 
 No speed is asserted (a test cannot know how fast this machine is); what is checked is
-that every path and scenario produced numbers, that stage 12's and stage 15's goals are each
+that every path and scenario produced numbers, that stage 13's and stage 16's goals are each
 reported as met, not met or not measured, that the slow link really adds its delay (a lower bound
 that holds on any machine), that the reports are written, and that a run stopped midway (Ctrl-C,
 SIGTERM, SIGHUP) leaves no process behind.
@@ -24,10 +24,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 MISSING = [tool for tool in ("socat", "wrk", "ab") if shutil.which(tool) is None]
 HAS_SSH = bool(shutil.which("ssh") and (shutil.which("sshd") or shutil.which("sshd", path="/usr/sbin")))
-HAS_STAGE_8 = (ROOT / "stage_12" / "__init__.py").is_file()  # the report's "stage 12" (old stage 8)
-HAS_STAGE_9 = (ROOT / "stage_15" / "__init__.py").is_file()  # the report's "stage 15" (old stage 9)
-HAS_OPENSSL = bool(shutil.which("openssl"))  # stage 9's certificates are made with it
-LINKED = {"ssh -R", "stage 3", "stage 7", "stage 12", "stage 15"}  # paths with a client-server link to slow down
+HAS_STAGE_9 = (ROOT / "stage_13" / "__init__.py").is_file()  # the report's "stage 13" (old stage 9)
+HAS_STAGE_10 = (ROOT / "stage_16" / "__init__.py").is_file()  # the report's "stage 16" (old stage 10)
+HAS_OPENSSL = bool(shutil.which("openssl"))  # stage 10's certificates are made with it
+LINKED = {"ssh -R", "stage 3", "stage 8", "stage 13", "stage 16"}  # paths with a client-server link to slow down
 GOAL_STATES = {"met", "not met", "not measured"}
 
 needs_tools = pytest.mark.skipif(
@@ -56,7 +56,7 @@ def test_smallest_run_measures_every_path_and_writes_the_reports(tmp_path: Path)
     assert done.returncode == 0, done.stderr[-2000:]
     paths = report["paths"]
     assert isinstance(paths, list)
-    labels = ["direct", "socat", "ssh -R", "stage 0", "stage 3", "stage 7", "stage 12", "stage 15"]
+    labels = ["direct", "socat", "ssh -R", "stage 0", "stage 3", "stage 8", "stage 13", "stage 16"]
     assert [p["label"] for p in paths] == labels
     # A path may be skipped only for a reason outside the repository, named in the report;
     # a stage of the repository that fails to start fails this test instead of dropping out.
@@ -64,14 +64,14 @@ def test_smallest_run_measures_every_path_and_writes_the_reports(tmp_path: Path)
     expected = {}
     if not HAS_SSH:
         expected["ssh -R"] = "not installed: "
-    if not (ROOT / "stage_7" / "__init__.py").is_file():
-        expected["stage 7"] = "not present: "
-    if not HAS_STAGE_8:
-        expected["stage 12"] = "not present: "
+    if not (ROOT / "stage_8" / "__init__.py").is_file():
+        expected["stage 8"] = "not present: "
     if not HAS_STAGE_9:
-        expected["stage 15"] = "not present: "
+        expected["stage 13"] = "not present: "
+    if not HAS_STAGE_10:
+        expected["stage 16"] = "not present: "
     elif not HAS_OPENSSL:
-        expected["stage 15"] = "not installed: openssl"
+        expected["stage 16"] = "not installed: openssl"
     assert {label: reason[: len(expected.get(label, ""))] for label, reason in reasons.items()} == expected
     available = [p["label"] for p in paths if p["available"]]
     measurements = report["measurements"]
@@ -98,21 +98,21 @@ def test_smallest_run_measures_every_path_and_writes_the_reports(tmp_path: Path)
     assert "| Fairness: p99 beside the download ÷ idle p99 (x) ↓" in markdown
     if HAS_SSH:
         assert "stage 3 ÷ ssh -R" in markdown
-        assert ("stage 7 ÷ ssh -R" in markdown) == ("stage 7" in available)
-        assert ("stage 15 ÷ ssh -R" in markdown) == ("stage 15" in available)
-    # Stage 12's goals and stage 15's (TLS, against ssh -R): each one met, not met or not measured,
-    # never silently absent; stage 15's are measured whenever stage 15 and ssh -R both ran.
+        assert ("stage 8 ÷ ssh -R" in markdown) == ("stage 8" in available)
+        assert ("stage 16 ÷ ssh -R" in markdown) == ("stage 16" in available)
+    # Stage 13's goals and stage 16's (TLS, against ssh -R): each one met, not met or not measured,
+    # never silently absent; stage 16's are measured whenever stage 16 and ssh -R both ran.
     goals = report["goals"]
     assert isinstance(goals, list) and len(goals) == 10
-    tls_goals = [g for g in goals if g["goal"].startswith("stage 15 ")]
+    tls_goals = [g for g in goals if g["goal"].startswith("stage 16 ")]
     assert len(tls_goals) == 3
-    if {"stage 15", "ssh -R"} <= set(available):
+    if {"stage 16", "ssh -R"} <= set(available):
         assert all(g["status"] in ("met", "not met") for g in tls_goals), tls_goals
     assert {g["status"] for g in goals} <= GOAL_STATES
     assert "| Goal | measured | |" in markdown
     memory = next(g for g in goals if "memory" in g["goal"])
     assert memory["status"] == "not measured" and "held 20" in memory["note"]  # smoke holds 20, the goal 1000
-    for stage, present in (("stage 12", HAS_STAGE_8), ("stage 15", HAS_STAGE_9)):
+    for stage, present in (("stage 13", HAS_STAGE_9), ("stage 16", HAS_STAGE_10)):
         if not present:
             mine = [g for g in goals if g["goal"].startswith(stage + " ")]
             assert all(g["status"] == "not measured" and "not present" in g["note"] for g in mine)
@@ -139,8 +139,8 @@ def test_a_path_that_cannot_start_is_reported_not_measured(tmp_path: Path) -> No
     for goal in report["goals"]:
         stage = " ".join(goal["goal"].split()[:2])  # each goal names its stage first
         assert goal["status"] == "not measured" and f"{stage} was not in this run" in goal["note"], goal
-    assert "| not measured: stage 12 was not in this run" in markdown
-    assert "| not measured: stage 15 was not in this run" in markdown
+    assert "| not measured: stage 13 was not in this run" in markdown
+    assert "| not measured: stage 16 was not in this run" in markdown
 
 
 def _descendants(root: int) -> dict[int, str]:
@@ -175,8 +175,8 @@ def _alive(pid: int, start: str) -> bool:
 def _stop_bench_midway(tmp_path: Path, stop: signal.Signals) -> tuple[int, str, dict[int, bytes]]:
     """Start a small bench, send it `stop` once the most processes are up; (exit code, its stderr, processes left)."""
     # ssh -R when installed: sshd's per-connection children leave its session (setsid) and must
-    # still be stopped; stage 7 over the slow link adds the link process.
-    paths = "ssh,stage_12" if HAS_SSH else "stage_12"
+    # still be stopped; stage 8 over the slow link adds the link process.
+    paths = "ssh,stage_13" if HAS_SSH else "stage_13"
     log = tmp_path / "bench.log"
     with log.open("w") as err:
         bench = subprocess.Popen(

@@ -86,7 +86,7 @@ def touches(test_id: str, stage: str) -> bool:
     return stage in named if named else bool(own and own[1] == stage)
 
 
-@pytest.mark.parametrize("stage", ["stage_3", "stage_12"])
+@pytest.mark.parametrize("stage", ["stage_3", "stage_13"])
 def test_it_selects_every_test_that_runs_the_stage_and_no_other(stage: str) -> None:
     everything = collected()
     chosen = collected("-p", "tests.check", f"--check-stage={stage}")
@@ -101,12 +101,12 @@ def test_it_selects_every_test_that_runs_the_stage_and_no_other(stage: str) -> N
     assert not any(t.startswith(("tests/test_docs_site.py", "tests/test_workshop.py")) for t in chosen)
 
 
-def test_stage_12_is_held_to_the_rules_of_every_idea_it_holds() -> None:
-    chosen = collected("-p", "tests.check", "--check-stage=stage_12")
+def test_stage_13_is_held_to_the_rules_of_every_idea_it_holds() -> None:
+    chosen = collected("-p", "tests.check", "--check-stage=stage_13")
     files = {test.partition("::")[0] for test in chosen}
     assert {"tests/test_streams.py", "tests/test_frames.py", "tests/test_stage_3.py"} <= files
     assert {"tests/test_auth.py", "tests/test_tunnel.py", "tests/test_idle_timeouts.py"} <= files
-    assert "tests/test_observe.py" not in files  # a later idea's tests: not stage 12's
+    assert "tests/test_observe.py" not in files  # a later idea's tests: not stage 13's
 
 
 # --- what it says -----------------------------------------------------------------------------------
@@ -160,8 +160,8 @@ def test_the_stages_own_tests_come_before_the_docs_sessions_that_show_the_same_f
 
 
 def test_tests_that_cannot_even_load_a_broken_copy_are_named_first(tmp_path: Path) -> None:
-    # The idea files import the most complete stage's names (support.rebind), so a broken stage_18 stops them loading.
-    copy = copy_of("stage_18", tmp_path, "HEADER_SIZE = HEADER.size", "HEADER_SIZE = HEADER.size +", "frames.py")
+    # The idea files import the most complete stage's names (support.rebind), so a broken stage_19 stops them loading.
+    copy = copy_of("stage_19", tmp_path, "HEADER_SIZE = HEADER.size", "HEADER_SIZE = HEADER.size +", "frames.py")
     status, lines = run_check("18", str(copy), "-k", "lines_reach")
     assert status == 1
     assert len(lines) < SCREEN, "\n".join(lines)
@@ -172,7 +172,7 @@ def test_tests_that_cannot_even_load_a_broken_copy_are_named_first(tmp_path: Pat
     assert "BROKEN  the tests in tests/test_frames.py cannot even be loaded" in lines
     assert "BROKEN  the tests in tests/test_streams.py cannot even be loaded" in lines
     assert re.match(
-        rf"stage_18 in {re.escape(str(copy))}: \d+ test files cannot be loaded, 1 of 1 behaviour broken", lines[-2]
+        rf"stage_19 in {re.escape(str(copy))}: \d+ test files cannot be loaded, 1 of 1 behaviour broken", lines[-2]
     )
 
 
@@ -347,15 +347,15 @@ def test_what_the_copy_logs_after_a_failure_is_in_the_report(tmp_path: Path) -> 
 
 def test_a_copy_where_everything_is_broken_still_gets_a_report_that_fits_a_screen() -> None:
     """Seventy behaviours broken, each with a long traceback and a chatty log: the first in full, the rest counted."""
-    run = check.Run("stage_8", "../my_stage_8")
+    run = check.Run("stage_9", "../my_stage_9")
     tests = [
-        {"id": f"tests/test_stage_8.py::test_b{n}", "file": "tests/test_stage_8.py", "key": f"test_b{n}"}
-        | {"name": f"Behaviour {n}", "case": "", "module": "Stage 8: one connection for everything."}
+        {"id": f"tests/test_stage_9.py::test_b{n}", "file": "tests/test_stage_9.py", "key": f"test_b{n}"}
+        | {"name": f"Behaviour {n}", "case": "", "module": "Stage 9: one connection for everything."}
         for n in range(70)
     ]
     list(run.on({"kind": "collected", "tests": tests}))
-    frames = "".join(f"tests/test_stage_8.py:{n}: in test_b\n    step_{n}()\n" for n in range(8))
-    log = "\n".join(f"WARNING  stage_8.client:client.py:{n} kind {'y' * n} of warning" for n in range(10))
+    frames = "".join(f"tests/test_stage_9.py:{n}: in test_b\n    step_{n}()\n" for n in range(8))
+    log = "\n".join(f"WARNING  stage_9.client:client.py:{n} kind {'y' * n} of warning" for n in range(10))
     for n, test in enumerate(tests):
         text = frames + "".join(f"E   AssertionError: {'x' * (n + 1)} line {line}\n" for line in range(10))
         list(
@@ -363,9 +363,9 @@ def test_a_copy_where_everything_is_broken_still_gets_a_report_that_fits_a_scree
         )
     lines = run.report(list_all=False)
     assert len(lines) < SCREEN, "\n".join(lines)
-    assert lines[0] == "BROKEN  Behaviour 0  [tests/test_stage_8.py]"
+    assert lines[0] == "BROKEN  Behaviour 0  [tests/test_stage_9.py]"
     assert any(
-        re.fullmatch(r"BROKEN  and \d+ more behaviours: \d+ in tests/test_stage_8.py \(--all names each\)", x)
+        re.fullmatch(r"BROKEN  and \d+ more behaviours: \d+ in tests/test_stage_9.py \(--all names each\)", x)
         for x in lines
     )
     everything = run.report(list_all=True)

@@ -1,12 +1,12 @@
-"""The command lines of stage 7 on, exactly as the docs tell a learner to run them: what the shared CLI
+"""The command lines of stage 8 on, exactly as the docs tell a learner to run them: what the shared CLI
 tests (test_stage_3.py, test_demos.py) don't show. Each test runs on the stage that brings its idea and
 every later one (`since`, support.LADDER): ports in use and timeouts (4 on, heartbeats and backoff 6 on),
 retrying until Ctrl-C (6), one clear line for a second client (6 to 9) or a wrong secret (7),
 NGROK_SECRET and the request log (7, 8).
 
 Each program is a real subprocess (`python -m ...`); ports are 0 so the tests never collide, and each
-program's log line "<role> port listening on HOST:PORT" says what it really got. These were old stage 7's
-tests (test_stage_7_cli.py); the demo's free ports are tested for every stage in test_demos.py.
+program's log line "<role> port listening on HOST:PORT" says what it really got. These were old stage 8's
+tests (test_stage_8_cli.py); the demo's free ports are tested for every stage in test_demos.py.
 """
 
 import asyncio
@@ -54,7 +54,7 @@ async def start_client(
 
 
 def without_inspector(lines: list[str]) -> list[str]:
-    """A client's output but the line where its inspector page (stage 17 on) says it listens, before connecting."""
+    """A client's output but the line where its inspector page (stage 18 on) says it listens, before connecting."""
     return [line for line in lines if "inspector port listening on" not in line]
 
 
@@ -73,7 +73,7 @@ async def get(url: str) -> tuple[int, bytes]:
 async def test_cli_server_and_client_share_the_secret_from_ngrok_secret_and_the_server_logs_each_request(
     cli: CliProcess.Factory, http_origin: HttpOrigin, stage: str
 ) -> None:
-    """The stage page's recipe, with the secret in NGROK_SECRET on both sides (stage 10 on)."""
+    """The stage page's recipe, with the secret in NGROK_SECRET on both sides (stage 11 on)."""
     env = {"NGROK_SECRET": "cli-tests-secret-of-some-length"}
     server, ports = await start_server(cli, stage, env=env)
     client = await start_client(cli, stage, http_origin.port, ports, env=env)
@@ -97,7 +97,7 @@ async def test_cli_wrong_secret_is_one_clear_line_and_exit_1(cli: CliProcess.Fac
     ]
 
 
-@pytest.mark.since("resume", until="tenants")  # from stage 13 on a second client gets a tunnel of its own
+@pytest.mark.since("resume", until="tenants")  # from stage 14 on a second client gets a tunnel of its own
 async def test_cli_second_client_is_one_clear_line_and_exit_1(
     cli: CliProcess.Factory, http_origin: HttpOrigin, stage: str
 ) -> None:
@@ -149,7 +149,7 @@ TIMEOUT_FLAGS = [  # (the idea that brings it, program, flag)
     ("resume", "client", "--heartbeat-interval"),
     ("resume", "client", "--heartbeat-timeout"),
     ("resume", "client", "--max-backoff"),
-]  # --idle-timeout and --half-closed-timeout (stage 12 on): test_idle_timeouts.py
+]  # --idle-timeout and --half-closed-timeout (stage 13 on): test_idle_timeouts.py
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@
   and serves a request through the tunnel; Ctrl-C then stops it cleanly: exit 0, "stopped", no
   traceback, no process left behind.
 - SIGTERM (`kill`, `timeout`, a service manager, a cancelled CI job) stops it exactly as Ctrl-C does,
-  even while it is making its certificates (stage 9 on): no `openssl` left running, no temporary
+  even while it is making its certificates (stage 10 on): no `openssl` left running, no temporary
   folder left behind.
 
 The usual ports are fixed, and shared with the whole machine (other tests run at the same time, and

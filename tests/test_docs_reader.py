@@ -235,7 +235,7 @@ def test_no_diagram_text_is_smaller_than_10_px_at_1280_px(site: Path, served: st
 
 
 def page_order(item: tuple[float, str]) -> tuple[str, int]:
-    """stage-12 before stage-15 (numeric order), other pages by name."""
+    """stage-13 before stage-16 (numeric order), other pages by name."""
     name = item[1]
     return (name.rstrip("0123456789"), int(name[len(name.rstrip("0123456789")) :] or -1))
 

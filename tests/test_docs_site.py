@@ -87,7 +87,7 @@ def test_every_message_table_is_generated(site: Path) -> None:
     """Each `<!-- messages: stage_N -->` marker of the protocol page becomes that stage's table of
     messages, one- and two-digit stages alike (a marker left in the page is a table gone missing)."""
     markers = re.findall(r"<!-- messages: (stage_\d+) -->", (ROOT / "docs" / "protocol.md").read_text())
-    assert "stage_12" in markers, markers  # the page has two-digit stages to show
+    assert "stage_13" in markers, markers  # the page has two-digit stages to show
     built = (site / "protocol.html").read_text()
     assert "<!-- messages:" not in built
     for stage in markers:  # each table names its stage's protocol.py, where its messages are defined
@@ -95,8 +95,8 @@ def test_every_message_table_is_generated(site: Path) -> None:
 
 
 def test_every_stage_is_on_the_site() -> None:
-    """The hook makes a page for every stage folder there is, in numeric order (stage_13 after
-    stage_12), and mkdocs.yml lists each; mkdocs serve watches each (the hook adds them)."""
+    """The hook makes a page for every stage folder there is, in numeric order (stage_14 after
+    stage_13), and mkdocs.yml lists each; mkdocs serve watches each (the hook adds them)."""
     stages = hook()
     assert list(stages.STAGES) == STAGES == list(range(len(STAGES))), (stages.STAGES, STAGES)
     nav = (ROOT / "mkdocs.yml").read_text()
@@ -110,8 +110,8 @@ def test_every_stage_is_on_the_site() -> None:
 
 
 def test_stages_sort_numerically() -> None:
-    """stage_13 comes after stage_12 wherever a list of stages is made (a text sort puts it after stage_1)."""
-    assert sorted(["stage_13", "stage_12", "stage_1"], key=stage_number) == ["stage_1", "stage_12", "stage_13"]
+    """stage_14 comes after stage_13 wherever a list of stages is made (a text sort puts it after stage_1)."""
+    assert sorted(["stage_14", "stage_13", "stage_1"], key=stage_number) == ["stage_1", "stage_13", "stage_14"]
     assert sorted(STAGES) == STAGES and hook().STAGES == STAGES
     assert all(isinstance(n, int) for n in STAGES)
 

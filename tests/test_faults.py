@@ -1,8 +1,8 @@
-"""Stages 7 on under faults: killed processes, restarts, garbage and floods on every port.
+"""Stages 8 on under faults: killed processes, restarts, garbage and floods on every port.
 
 The server and the client run as real subprocesses, so that a kill is a real kill (the kernel
 closes their sockets) and their open file descriptors and memory can be read from /proc. These were
-old stage 7's tests (test_stage_7_faults.py); each is heavy, so each runs in full on the stage that
+old stage 8's tests (test_stage_8_faults.py); each is heavy, so each runs in full on the stage that
 brings its idea and on the last (support.first_and_last): no descriptor left behind (4 on), a killed
 client replaced and a restarted server found again (6 on), floods on every port (9 on).
 """
@@ -129,7 +129,7 @@ async def test_killing_the_client_mid_transfer_ends_the_user_cleanly_and_a_new_c
     async with asyncio.timeout(STEP_TIMEOUT):
         first = await reader.readexactly(5 * MiB)
     client.process.kill()  # SIGKILL: no goodbye, the kernel just closes its sockets
-    # The user's stream ran inside the client's connection: it ends with it, not hangs. Old stage 7 (a
+    # The user's stream ran inside the client's connection: it ends with it, not hangs. Old stage 8 (a
     # proxy connection per user) gave an EOF; a stream cut off mid-answer is reset (test_streams.py), which
     # tells the user the answer is incomplete.
     rest = b""
@@ -213,7 +213,7 @@ async def test_garbage_long_lines_silence_and_floods_on_every_port_leave_the_ser
     assert await exchange(users, b"warm-up\n") == b"warm-up\n"  # every lazy allocation done
     fds_before, rss_before = await settled_fds(pid), rss_mib(pid)
 
-    # A well-behaved user keeps talking through all of it, from an address of its own: from stage 12 on one
+    # A well-behaved user keeps talking through all of it, from an address of its own: from stage 13 on one
     # address holds at most 256 streams of a tunnel, and the flood's 1000 connect-and-close from 127.0.0.1,
     # accepted in a burst when the server falls behind for a moment, fill that share; a user sharing the
     # flood's address is turned away with it, by design (one source must not take every stream).
@@ -236,7 +236,7 @@ async def test_garbage_long_lines_silence_and_floods_on_every_port_leave_the_ser
         await send_then_read(port, os.urandom(4096) + b"\n")  # garbage
         await send_then_read(port, b"x" * 10 * MiB)  # a 10 MB line without a newline
         await connect_and_close(port, 1000)
-    # A connection that never says anything is cut off by the server (handshake timeout); from stage 15
+    # A connection that never says anything is cut off by the server (handshake timeout); from stage 16
     # on it says nothing back: the TLS handshake never began.
     for reader, writer in silent:
         async with asyncio.timeout(STEP_TIMEOUT):

@@ -143,7 +143,7 @@ async def test_at_its_descriptor_limit_the_server_does_not_spin_and_recovers(
     """Issue 12, item 2. The server can't raise its limit (256:256); a tunnel client is connected,
     so every accepted attacker is a relay that holds descriptors on the server.
 
-    The CPU is measured for MEASURE (3 s) on stage 12 and on the most complete stage; on the stages
+    The CPU is measured for MEASURE (3 s) on stage 13 and on the most complete stage; on the stages
     between, the lighter form: LIGHT_MEASURE (1.5 s), with the same bounds on CPU and log.
     """
     measure = MEASURE if stage in first_and_last(stages_from("limits")) else LIGHT_MEASURE
@@ -153,7 +153,7 @@ async def test_at_its_descriptor_limit_the_server_does_not_spin_and_recovers(
         *client_flags(stage, ports), env={"NGROK_SECRET": SECRET},
     )  # fmt: skip
     await client.expect("tunnel up")
-    public = await cli_users_port(stage, server, ports)  # from stage 9 on, the client's TCP tunnel
+    public = await cli_users_port(stage, server, ports)  # from stage 10 on, the client's TCP tunnel
     assert await exchange(public, b"before") == b"before"
     logged_before = log_size(server)
 

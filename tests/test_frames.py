@@ -3,9 +3,9 @@
 The parser is the only code that turns a peer's bytes into frames, so Hypothesis throws bytes at it:
 it returns frames or raises ProtocolError, never anything else, and never holds more than one frame.
 Each frame runs from the stage that brings it on: DATA with SYN with stage 4's frames, its other
-flags (ACK, FIN, RST) with stage 5's streams, WINDOW_UPDATE with stage 8's flow control, PING and
-GO_AWAY with stage 9's heartbeats. The names imported from
-stage_18 are re-bound to the stage under test (support.rebind).
+flags (ACK, FIN, RST) with stage 5's streams, WINDOW_UPDATE with stage 9's flow control, PING and
+GO_AWAY with stage 10's heartbeats. The names imported from
+stage_19 are re-bound to the stage under test (support.rebind).
 """
 
 import asyncio
@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stage_18 import frames
-from stage_18.frames import (
+from stage_19 import frames
+from stage_19.frames import (
     ACK,
     DATA,
     FIN,
@@ -33,9 +33,9 @@ from stage_18.frames import (
     Frame,
     Parser,
 )
-from stage_18.mux import Mux
-from stage_18.protocol import ProtocolError
-from stage_18.relay import Stream, Timeouts
+from stage_19.mux import Mux
+from stage_19.protocol import ProtocolError
+from stage_19.relay import Stream, Timeouts
 from support import STEP_TIMEOUT, has, rebind, stages_from
 
 pytestmark = pytest.mark.since("frames")
@@ -189,7 +189,7 @@ async def read_frames(
 
 
 def new_stream(stage: str) -> Stream:
-    """A stream of the stage's multiplexer; from stage 12 on it takes its idle timeouts (long here)."""
+    """A stream of the stage's multiplexer; from stage 13 on it takes its idle timeouts (long here)."""
     return Stream(Timeouts(60.0, 60.0)) if has(stage, "limits") else Stream()
 
 

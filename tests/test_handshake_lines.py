@@ -1,9 +1,9 @@
 """The handshake's text lines (hello, challenge, welcome...), fuzzed; and the small pure helpers:
-reconnect backoff (stage 9 on) and the error pages (stage 11 on).
+reconnect backoff (stage 10 on) and the error pages (stage 12 on).
 
 The control port faces the internet (anyone can connect), so the line parser is fuzzed on every
 stage from 4 on: whatever the bytes, it returns a message or raises the documented ProtocolError,
-never anything else. These were old stage 7's tests (test_stage_7_protocol.py); its proxy-connection
+never anything else. These were old stage 8's tests (test_stage_8_protocol.py); its proxy-connection
 messages (create_proxy, local_error) went with the proxy port, which stage 4 still has (`proxy <id>`).
 """
 
@@ -37,8 +37,8 @@ def messages(protocol: ModuleType) -> st.SearchStrategy[Any]:
     for kind in typing.get_args(protocol.Message):
         names = [field.name for field in dataclasses.fields(kind)]
         if kind.__name__ == "Hello" and "kind" in names:
-            # From stage 13 on: a kind, then the tunnel asked for (a port here, valid for both kinds up to
-            # stage 13, for tcp after), then a session id that only follows a tunnel.
+            # From stage 14 on: a kind, then the tunnel asked for (a port here, valid for both kinds up to
+            # stage 14, for tcp after), then a session id that only follows a tunnel.
             ports = st.integers(1, 65535).map(str)
             choices.append(st.builds(kind, st.sampled_from(protocol.KINDS), st.none(), st.none()))
             choices.append(st.builds(kind, st.just("tcp"), ports, st.none() | tokens))

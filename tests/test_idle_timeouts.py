@@ -147,7 +147,7 @@ async def test_a_half_closed_relay_whose_other_direction_stays_silent_is_closed(
 async def test_both_timeouts_are_command_line_options_checked_for_range(
     cli: CliProcess.Factory, stage: str, program: str
 ) -> None:
-    # A whole command line, so that only the flag under test can make it fail (stage 9's server needs a certificate).
+    # A whole command line, so that only the flag under test can make it fail (stage 10's server needs a certificate).
     local = server_flags(stage) if program == "server" else ["127.0.0.1:8000"]
     shown = await cli("-m", f"{stage}.{program}", *local, "--help")
     assert await shown.wait() == 0, shown.output

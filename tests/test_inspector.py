@@ -1,4 +1,4 @@
-"""The inspector (stage 17 on; its live feed and replay from stage 18), end to end.
+"""The inspector (stage 18 on; its live feed and replay from stage 19), end to end.
 
 A real server and client in this process, a real local app, real sockets.
 
@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from stage_18.capture import BYTE_LIMIT, ENTRY_OVERHEAD, LIMIT, Store
-from stage_18.client import Client
-from stage_18.inspector import Inspector
-from stage_18.observe import BODY_LIMIT, Exchange, parse_head
-from stage_18.server import Ports, Server
+from stage_19.capture import BYTE_LIMIT, ENTRY_OVERHEAD, LIMIT, Store
+from stage_19.client import Client
+from stage_19.inspector import Inspector
+from stage_19.observe import BODY_LIMIT, Exchange, parse_head
+from stage_19.server import Ports, Server
 from support import (
     STEP_TIMEOUT,
     Background,
@@ -41,18 +41,18 @@ from support import (
 )
 from tls_certs import certs
 
-STAGE = "stage_18"  # the stage under test, set by `names`
+STAGE = "stage_19"  # the stage under test, set by `names`
 pytestmark = pytest.mark.since("inspector")
 
 
 @pytest.fixture(autouse=True)
 def names(stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """This module's stage names (imported from stage_18, the most complete) are the stage under test's."""
+    """This module's stage names (imported from stage_19, the most complete) are the stage under test's."""
     rebind(globals(), stage, monkeypatch)
     monkeypatch.setitem(globals(), "STAGE", stage)
 
 
-SECRET = "stage-10-tests-secret"
+SECRET = "stage-11-tests-secret"
 NAME = "t"  # the tests' tunnel: users reach it with `Host: t.localhost`
 
 
@@ -130,9 +130,9 @@ async def test_requests_show_up_with_method_path_status_bytes_and_the_users_addr
     assert (first["method"], first["path"], first["status"]) == ("GET", "/first?x=1", 200)
     assert (first["up"], first["down"]) == (len(get), len(got))
     if has(STAGE, "live"):
-        assert first["user"] == user  # the address the server saw, carried in the SYN frame (stage 18 on)
+        assert first["user"] == user  # the address the server saw, carried in the SYN frame (stage 19 on)
     else:
-        assert re.fullmatch(r"stream \d+", first["user"]), first  # stage 17 names the stream only
+        assert re.fullmatch(r"stream \d+", first["user"]), first  # stage 18 names the stream only
     assert (second["method"], second["path"], second["status"], second["up"]) == ("POST", "/second", 200, len(post))
     assert second["down"] == len(posted)
     status, detail = await tunnel.api(f"/api/requests/{second['id']}")

@@ -1,7 +1,7 @@
-"""The inspector page in Chromium: no other site may frame it (stage 17 on); live rows, a detail, replay (18 on).
+"""The inspector page in Chromium: no other site may frame it (stage 18 on); live rows, a detail, replay (18 on).
 
-The tunnel runs as a learner runs it (`python -m stage_18.server --cert .. --key ..`,
-`python -m stage_18.client .. --ca .. --name shop`: the test certificates of tls_certs.py), the
+The tunnel runs as a learner runs it (`python -m stage_19.server --cert .. --key ..`,
+`python -m stage_19.client .. --ca .. --name shop`: the test certificates of tls_certs.py), the
 requests come from curl to `http://shop.localhost:PORT/` (curl resolves *.localhost to loopback by
 itself), and headless Chromium (the docs tests' browser, which may not leave
 127.0.0.1) shows the page. Playwright's sync API can't run inside an asyncio test: this module is
@@ -27,13 +27,13 @@ from test_docs_site import BROWSER_ARGS, CHROMIUM
 from support import HttpServer, rebind, tls_flags
 from tls_certs import certs
 
-STAGE = "stage_18"  # the stage under test, set by `names`
+STAGE = "stage_19"  # the stage under test, set by `names`
 pytestmark = pytest.mark.since("inspector")
 
 
 @pytest.fixture(autouse=True)
 def names(stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """This module's stage names (imported from stage_18, the most complete) are the stage under test's."""
+    """This module's stage names (imported from stage_19, the most complete) are the stage under test's."""
     rebind(globals(), stage, monkeypatch)
     monkeypatch.setitem(globals(), "STAGE", stage)
 
@@ -41,8 +41,8 @@ def names(stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
 ROOT = Path(__file__).resolve().parent.parent
 # The stage page's picture: a run rewrites it only when asked (UPDATE_SCREENSHOTS=1), so that
 # running the tests never changes a file of the repository.
-SCREENSHOT = ROOT / "docs" / "assets" / "stage-18-inspector.png"
-SECRET = "stage-18-browser-secret"
+SCREENSHOT = ROOT / "docs" / "assets" / "stage-19-inspector.png"
+SECRET = "stage-19-browser-secret"
 XSS_PATH = "/<script>alert(1)</script>"
 XSS_HEADER = "<img src=x onerror=alert(2)>"
 NAME = "shop"  # the tunnel's name: its users ask for shop.localhost

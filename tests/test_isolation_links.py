@@ -7,15 +7,15 @@ client's one connection over a veth pair shaped to 250 Mbit/s each way. On such 
 the app sends wait for the link in the client, and the bytes that crossed it wait for users in the
 server: what loopback hides shows (a kernel there absorbs about a megabyte per socket).
 
-- Downloaders who never read (stage 8 on): DOWNLOADERS users ask the app for EACH bytes each and
+- Downloaders who never read (stage 9 on): DOWNLOADERS users ask the app for EACH bytes each and
   read nothing for STALL seconds; the server runs with `--memory-budget 16`, and a bound on streams
   per address high enough that the budget alone is tested, and the server host's kernel send buffers
   held at 128 KiB (USER_SNDBUF: else the kernel, not the server, holds the stall's bytes). The
-  server's and the client's VmRSS stay within their base + 16 MiB + BUDGET_SLACK (stage 17's client
+  server's and the client's VmRSS stay within their base + 16 MiB + BUDGET_SLACK (stage 18's client
   also keeps its inspector's ring); no more users get bytes than the budget has first windows for
   (the others wait for room); then every user reads everything and gets all its bytes, intact: the
   bound held the bytes back, it lost none.
-- One source can't take a tunnel's streams (stage 12 on): one address opens MAX_STREAMS_PER_ADDRESS +
+- One source can't take a tunnel's streams (stage 13 on): one address opens MAX_STREAMS_PER_ADDRESS +
   EXTRA kept-alive connections through the tunnel: those past the bound get the 503 page, while a
   user from a second address of the server host still gets a 200 through the tunnel.
 
@@ -59,11 +59,11 @@ from support import (
 
 HERE = Path(__file__).resolve()
 REASON = link_lab.probe() if has_proc() else "needs Linux /proc to read the processes' memory"
-# The memory budget came with flow control (stage 8); the streams per address with the limits (stage 12).
+# The memory budget came with flow control (stage 9); the streams per address with the limits (stage 13).
 # A second address of the server host (the same reserved /24 as the lab's): another source of users.
 OTHER_IP = "198.51.100.3"
-TCP_TUNNEL = r"tcp port listening on \S+:(\d+)"  # from stage 13 on, the server logs the TCP tunnel's port
-NAME = "app"  # the HTTP tunnel's name from stage 14 on: users say Host: app.localhost
+TCP_TUNNEL = r"tcp port listening on \S+:(\d+)"  # from stage 14 on, the server logs the TCP tunnel's port
+NAME = "app"  # the HTTP tunnel's name from stage 15 on: users say Host: app.localhost
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(REASON is not None, reason=f"link lab: {REASON}")]
 
@@ -73,9 +73,9 @@ async def start_tunnel(
 ) -> tuple[LabProcess, LabProcess, int, str]:
     """The stage's server on the server host and its client at home, in front of the app on APP_PORT.
 
-    `kind`: "tcp" (from stage 13 on a TCP tunnel, on a port the server picks) or "http" (stage 13: the
-    server's public port, which the first client holds; from stage 14 on an HTTP tunnel named NAME).
-    Before stage 13 the one client's users come to the public port. Returns the server, the client,
+    `kind`: "tcp" (from stage 14 on a TCP tunnel, on a port the server picks) or "http" (stage 14: the
+    server's public port, which the first client holds; from stage 15 on an HTTP tunnel named NAME).
+    Before stage 14 the one client's users come to the public port. Returns the server, the client,
     the port users connect to and the Host header they send.
     """
     env = {"NGROK_SECRET": secrets.token_urlsafe(16)}
@@ -84,7 +84,7 @@ async def start_tunnel(
     flags += tls_flags(stage) + list(server_args)
     server = await lab.start("server", "server", "-m", f"{stage}.server", "--host", SERVER_IP, *flags, env=env)
     await server.expect(rf"public port listening on {re.escape(SERVER_IP)}:{PUBLIC_PORT}")
-    wanted = client_flags(stage, {"control": CONTROL_PORT})  # --tcp from stage 13 on
+    wanted = client_flags(stage, {"control": CONTROL_PORT})  # --tcp from stage 14 on
     if kind == "http":
         wanted = [flag for flag in wanted if flag != "--tcp"] + (["--name", NAME] if has(stage, "names") else [])
     local = f"127.0.0.1:{APP_PORT}"
@@ -119,7 +119,7 @@ EACH = 384 * 1024  # bytes the app sends each user: 150 MiB in all, ~6 s of the 
 STALL = 15.0  # seconds the users read nothing while the app keeps sending
 # The lighter form, on the stages between the one that brings the budget and the most complete one: the
 # same 400 users, bytes and bounds, reading nothing for 5 s. The link carries the 150 MiB in ~5 s, so
-# by the stall's end what the users' kernels did not take is in the server: a stage 12 whose budget
+# by the stall's end what the users' kernels did not take is in the server: a stage 13 whose budget
 # always grants held 144 MB there at 5.1 s (bound 59 MB), and all 400 users had bytes. What only a
 # long stall shows, growth that comes late as buffers fill and windows grow, the full 15 s run catches
 # on the first and the last stage.
@@ -152,7 +152,7 @@ async def test_across_a_link_downloaders_who_never_read_cost_no_more_than_the_me
     for the users: each process must stay within base + the budget + a slack, and the bytes must all
     arrive once the users read.
 
-    In full (a 15 s stall) on stage 8, which brings the budget, and on the most complete stage; on the
+    In full (a 15 s stall) on stage 9, which brings the budget, and on the most complete stage; on the
     stages between, the lighter form: the same users, bytes and bounds with a STALL_LIGHT (5 s) stall,
     long enough for the link to bring every byte the users' kernels leave to the server and for the
     users past the budget's first windows to be kept waiting, too short for growth that comes late.
@@ -165,7 +165,7 @@ async def test_across_a_link_downloaders_who_never_read_cost_no_more_than_the_me
         app = await lab.start("home", "app", str(HERE), "app", str(APP_PORT), str(EACH))
         await app.expect("listening")
         flags = ["--memory-budget", str(BUDGET_MIB)]
-        if has(stage, "limits"):  # the share per address (stage 12 on) must not be what stops them
+        if has(stage, "limits"):  # the share per address (stage 13 on) must not be what stops them
             flags += ["--max-streams-per-address", str(DOWNLOADERS)]
         server, client, port, _ = await start_tunnel(lab, stage, "tcp", *flags, "--proxy-timeout", str(WAIT))
         pids = {"server": server.process.pid, "client": client.process.pid}

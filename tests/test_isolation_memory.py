@@ -52,7 +52,7 @@ MULTIPLEXED = stages_from("flow")  # the memory budget came with flow control
 
 
 def has_routing(stage: str) -> bool:
-    """True if the stage's public port reads each HTTP request's head to route it (stage 14 on)."""
+    """True if the stage's public port reads each HTTP request's head to route it (stage 15 on)."""
     return has(stage, "names")
 
 
@@ -166,7 +166,7 @@ async def test_a_missing_ca_file_is_named(stage: str, cli: CliProcess.Factory, t
 
 @pytest.mark.parametrize("stage", [stage for stage in all_stages() if stage_number(stage) >= 2])
 async def test_the_clients_help_names_its_own_stage(stage: str, cli: CliProcess.Factory) -> None:
-    """`--help` of stage 8's client said "from a stage 7 server", stage 10's "a stage 9 server"."""
+    """`--help` of stage 9's client said "from a stage 8 server", stage 11's "a stage 10 server"."""
     client = await cli("-m", f"{stage}.client", "--help")
     assert await client.wait() == 0
     said = " ".join(client.output.split())  # argparse wraps lines
@@ -308,10 +308,10 @@ async def test_tls_connections_that_prove_nothing_cost_a_bounded_amount(
     have one before they prove themselves (the secret, or a request head). The strangers here:
     1,500 silent, or sending one byte of a TLS hello; or 600 completing a TLS handshake, then silent.
 
-    Run on stage 15, which brings TLS, and on the most complete stage only: what these strangers
+    Run on stage 16, which brings TLS, and on the most complete stage only: what these strangers
     reach (tls.py, limits.py, routing.py, tunnels.py, session.py and the server's accept path) is
-    byte-identical in stages 15 to 18, whose server.py differ only in docstrings, where listen_error
-    lives (stage 17) and the mux.open(stream, peer) call of stage 18 (ladder/stage_16..15.patch).
+    byte-identical in stages 16 to 19, whose server.py differ only in docstrings, where listen_error
+    lives (stage 18) and the mux.open(stream, peer) call of stage 19 (ladder/stage_17..15.patch).
     """
     limits = stage_module(stage, "limits")
     server = await start_tls_server(cli, stage)
@@ -360,7 +360,7 @@ class Source(LocalServer):
         writer.close()
 
 
-REQUEST = b"GET /endless HTTP/1.1\r\nHost: t.localhost\r\n\r\n"  # t.localhost: the HTTP tunnel of stage 9 on
+REQUEST = b"GET /endless HTTP/1.1\r\nHost: t.localhost\r\n\r\n"  # t.localhost: the HTTP tunnel of stage 10 on
 
 
 async def downloaders(port: int, count: int) -> list[socket.socket]:
@@ -376,7 +376,7 @@ BUDGET_MIB = 16  # the servers' --memory-budget here, the least allowed: 256 fir
 DOWNLOADERS = 400
 BUDGET_SLACK = 16 * MiB  # each process's own objects for 400 users, beside the bytes it buffers for them
 # Seconds the downloaders stay: before, the client passed its bound at once, the server within 10 to
-# 20 s (its growth speeds up as its users' kernel buffers fill: stage 9's went 34, 42, 72, 123 MB).
+# 20 s (its growth speeds up as its users' kernel buffers fill: stage 10's went 34, 42, 72, 123 MB).
 ATTACK = 25.0
 # The lighter form, on the stages between the one that brings the budget and the most complete one:
 # the same 400 users and the same bounds for 8 s, long enough for the client's unbounded reads (past
@@ -396,16 +396,16 @@ async def test_downloaders_who_never_read_cost_no_more_than_the_memory_budget(
 
     Now every stream's window counts in the server's budget, and a stream reads no more than its
     peer has room for. 400 such users against a 16 MiB budget: neither process may hold more (the
-    client of stage 17 on also keeps its inspector's ring, bounded by its own BYTE_LIMIT).
+    client of stage 18 on also keeps its inspector's ring, bounded by its own BYTE_LIMIT).
 
-    In full (25 s of attack) on stage 8, which brings the budget, and on the most complete stage; on
+    In full (25 s of attack) on stage 9, which brings the budget, and on the most complete stage; on
     the stages between, the lighter form: the same users and bounds for ATTACK_LIGHT (8 s) instead.
     """
     async with Source() as app:
         # All from 127.0.0.1: the bound on streams per address (256) would turn 144 of them away before
         # the budget is tested; lifted here, the budget alone must hold.
         flags = ("--memory-budget", str(BUDGET_MIB))
-        if has(stage, "limits"):  # the share per address (stage 12 on) must not be what stops them
+        if has(stage, "limits"):  # the share per address (stage 13 on) must not be what stops them
             flags += ("--max-streams-per-address", str(DOWNLOADERS))
         tunnel = await start_cli_tunnel(cli, stage, app.port, *flags)
         pids = tunnel.pids()
@@ -431,7 +431,7 @@ FULL = first_and_last(MULTIPLEXED)  # where the attack runs its full 25 s
 
 
 def ring(stage: str) -> int:
-    """The most the client's inspector keeps of the exchanges it saw (stage 17 on): its ring's bytes."""
+    """The most the client's inspector keeps of the exchanges it saw (stage 18 on): its ring's bytes."""
     return int(stage_module(stage, "capture").BYTE_LIMIT) if has_inspector(stage) else 0
 
 
@@ -448,17 +448,17 @@ async def test_a_user_past_the_memory_budget_waits_for_room_then_gets_503(stage:
     # loaded 2-core machine (6 test workers) 2 s was too short: holders 201-227 got 504 pages, their room
     # came back, and the user who should have waited was served (CI, once in four runs).
     options = {"memory_budget": budget, "proxy_timeout": PROXY_TIMEOUT}
-    if has(stage, "limits"):  # the share per address (stage 12 on) must not be what turns them away
+    if has(stage, "limits"):  # the share per address (stage 13 on) must not be what turns them away
         options["max_streams_per_address"] = 2 * budget // initial_window
     async with Source() as app, tunnel(stage, app.port, **options) as (server, _, port):
         holders = await downloaders(port, budget // initial_window)
         try:
             async with asyncio.timeout(STEP_TIMEOUT):
-                # Full, and (stage 12 on, which counts them) every holder accepted: none can still leave.
+                # Full, and (stage 13 on, which counts them) every holder accepted: none can still leave.
                 while server.budget.used < budget or getattr(server, "waiting", 0):  # noqa: ASYNC110
                     await asyncio.sleep(0.02)
             started = asyncio.get_running_loop().time()
-            busy = b"503" if has(stage, "pages") else b"502"  # before stage 11 every page is a 502
+            busy = b"503" if has(stage, "pages") else b"502"  # before stage 12 every page is a 502
             assert await read_status(port) == busy  # no room within the proxy timeout
             assert asyncio.get_running_loop().time() - started >= PROXY_TIMEOUT
             waiting = asyncio.ensure_future(read_status(port))

@@ -1,6 +1,6 @@
 """Every user on their own (issue 23): an error on one stream ends that stream only, and a reset travels as a reset.
 
-Stages 8 to 10 carry every user of a tunnel as a stream over the client's one connection. Whatever
+Stages 9 to 11 carry every user of a tunnel as a stream over the client's one connection. Whatever
 one user or one app does to its own TCP connection must end that user's stream and nothing else:
 the tunnel connection, and every other user on it, go on. And a stream must end the way its
 connection did: a reset (RST) on one side is a reset on the other side, and so is a lost tunnel,
@@ -51,10 +51,10 @@ from support import (
 )
 
 # The multiplexed stages: every user of a tunnel is a stream on the client's one connection.
-# Issue 23's stream isolation, with the limits that hold it (stage 12) and on every later stage.
+# Issue 23's stream isolation, with the limits that hold it (stage 13) and on every later stage.
 SECRET = "isolation-tests-secret"
 
-# Every test runs on each of those stages; the ones about HTTPS users only from stage 15 ("tls") on.
+# Every test runs on each of those stages; the ones about HTTPS users only from stage 16 ("tls") on.
 pytestmark = pytest.mark.since("limits")
 
 
@@ -121,7 +121,7 @@ class Cable:
 
 @contextlib.asynccontextmanager
 async def tunnel_of(stage: str, cable: bool = False) -> AsyncIterator[tuple[Tunnel, Cable | None]]:
-    """The stage's server and client with a secret (a TCP tunnel from stage 13 on, TLS from 12), and an App.
+    """The stage's server and client with a secret (a TCP tunnel from stage 14 on, TLS from 12), and an App.
 
     With `cable`, the client reaches the server through a Cable the test can cut.
     """
@@ -303,7 +303,7 @@ async def https_user(stage: str, path: str) -> AsyncIterator[tuple[App, asyncio.
 
 @pytest.mark.since("tls")
 async def test_an_apps_reset_reaches_an_https_user_as_a_reset(stage: str) -> None:
-    # From stage 15 on, users may come over HTTPS: the reset must end the TCP connection under the TLS.
+    # From stage 16 on, users may come over HTTPS: the reset must end the TCP connection under the TLS.
     async with https_user(stage, "/reset") as (_, reader, _):
         assert (await read_to_end(reader))[1] == "reset"
 
@@ -380,7 +380,7 @@ class Raw:
         reader, writer = await control_connection(stage, ports.control)
         auth = importlib.import_module(f"{stage}.auth")
         welcome = await auth.client_handshake(reader, writer, SECRET, hello(stage))
-        port = int(welcome.tunnel) if has_tunnels(stage) else ports.public  # stage 13 on: a TCP tunnel of its own
+        port = int(welcome.tunnel) if has_tunnels(stage) else ports.public  # stage 14 on: a TCP tunnel of its own
         return cls(stage, reader, writer, port)
 
     def send(self, flags: int, stream_id: int, payload: bytes = b"") -> None:

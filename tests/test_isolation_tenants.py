@@ -4,16 +4,16 @@ Issue 23, "Strangers and tenants", one section per hole, each reproduced as the 
 client would meet it: real sockets, the stage's real server and client (in this process, or through
 the command line), on 127.0.0.1; the multiplexed stages' floods also cross a shaped link (link_lab.py).
 
-- Lockout by a stranger (stage 12 on): wrong answers from the client's address must slow the guesser,
+- Lockout by a stranger (stage 13 on): wrong answers from the client's address must slow the guesser,
   never make a correctly configured client give up (`busy`, not `error`); a wrong secret of the client
   itself stays a final one-line error.
-- Name squatting (stage 14 on): a source address holds a bounded number of tunnels, and a name comes
+- Name squatting (stage 15 on): a source address holds a bounded number of tunnels, and a name comes
   back to the client that held it (its session), even after a longer absence than a heartbeat.
-- Control frames (stage 12 on): a peer that floods frames without data (PING|ACK) is cut, with one
-  log line, before it can slow anyone else's tunnel (another tenant's, from stage 13 on).
-- Streams (stage 12 on): one source address holds a bounded share of a tunnel's streams, and a
+- Control frames (stage 13 on): a peer that floods frames without data (PING|ACK) is cut, with one
+  log line, before it can slow anyone else's tunnel (another tenant's, from stage 14 on).
+- Streams (stage 13 on): one source address holds a bounded share of a tunnel's streams, and a
   kept-alive connection left idle is closed after the keep-alive timeout (a long poll is not); a
-  TCP tunnel's user (stage 13 on) is not.
+  TCP tunnel's user (stage 14 on) is not.
 """
 
 import asyncio
@@ -90,8 +90,8 @@ def stage(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-# Many clients, each a tunnel of its own (a TCP port), came with stage 13; names, and the bound on
-# tunnels per address, with stage 14. Before stage 15 the control connection is plain TCP.
+# Many clients, each a tunnel of its own (a TCP port), came with stage 14; names, and the bound on
+# tunnels per address, with stage 15. Before stage 16 the control connection is plain TCP.
 TENANTS = stages_from("tenants")
 NAMED = stages_from("names")
 
@@ -207,7 +207,7 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
         writer.write_eof()
 
 
-# --- lockout by a stranger (stage 12 on) -----------------------------------------------------------
+# --- lockout by a stranger (stage 13 on) -----------------------------------------------------------
 
 
 async def guess_wrong(stage: str, control_port: int, times: int) -> list[str]:
@@ -311,7 +311,7 @@ async def test_a_wrong_secret_of_the_client_itself_is_still_final_in_one_line(
     assert "Traceback" not in client.output
 
 
-# --- name squatting (stage 14 on) -----------------------------------------------------------------
+# --- name squatting (stage 15 on) -----------------------------------------------------------------
 
 
 async def ask(stage: str, control_port: int, tunnel: str | None, secret: str | None, source: str = "127.0.0.1") -> str:
@@ -320,7 +320,7 @@ async def ask(stage: str, control_port: int, tunnel: str | None, secret: str | N
     'welcome NAME', or the error the stage's client would raise ('the server says not now: ...').
     """
     protocol_module, auth = protocol(stage), stage_module(stage, "auth")
-    tls = tls_certs.client_context() if has_tls(stage) else None  # TLS from stage 15 on
+    tls = tls_certs.client_context() if has_tls(stage) else None  # TLS from stage 16 on
     async with asyncio.timeout(STEP_TIMEOUT):
         reader, writer = await asyncio.open_connection("127.0.0.1", control_port, ssl=tls, local_addr=(source, 0))
     try:
@@ -432,7 +432,7 @@ async def test_the_bound_on_tunnels_per_address_is_an_option_checked_for_range(
     await accepted(cli, *command, "--max-tunnels-per-address", "64")
 
 
-# --- one tenant slows every tunnel: frames without data (stage 12 on) --------------------------------
+# --- one tenant slows every tunnel: frames without data (stage 13 on) --------------------------------
 
 # What the server says (GO_AWAY) to a peer it cuts for a flood.
 FLOODED = "the client sends more frames without data than ours call for (a flood)"
@@ -568,7 +568,7 @@ async def test_what_a_real_client_sends_is_covered_by_what_the_servers_frames_ca
     assert "a flood" not in caplog.text and "reconnecting" not in caplog.text
 
 
-# --- one source fills a tunnel's streams (stage 12 on) ---------------------------------------------
+# --- one source fills a tunnel's streams (stage 13 on) ---------------------------------------------
 
 SLOW = 2.5  # seconds the app takes to answer GET /slow: a long poll, longer than the tests' keep-alive timeout
 
@@ -600,8 +600,8 @@ class HttpTunnel:
 @contextlib.asynccontextmanager
 async def http_tunnel(stage: str, local_port: int, **server: Any) -> AsyncIterator[HttpTunnel]:
     """The stage's server and client in this process, with an HTTP tunnel to `local_port`: the public port
-    of stage 12 (its one client's) and of stage 13 (the first client's: this one, not a TCP tunnel), or a
-    named tunnel from stage 14 on (users name it in their Host header: the public port routes by it)."""
+    of stage 13 (its one client's) and of stage 14 (the first client's: this one, not a TCP tunnel), or a
+    named tunnel from stage 15 on (users name it in their Host header: the public port routes by it)."""
     tunnel_server = stage_module(stage, "server").Server(secret=SECRET, **server, **server_options(stage))
     ports = await tunnel_server.listen("127.0.0.1", *any_ports(stage))
     http: dict[str, Any] = {"tcp": False} if has_tunnels(stage) else {}
@@ -743,7 +743,7 @@ LINK_SIZE = 64 * 1024 * 1024  # what the other tunnel moves meanwhile: ~2 s of t
 
 
 async def start_lab_tunnel(lab: link_lab.LinkLab, stage: str, env: dict[str, str]) -> tuple[Any, Any, int]:
-    """The stage's server on the server host and its client at home (a TCP tunnel from stage 13 on); the port
+    """The stage's server on the server host and its client at home (a TCP tunnel from stage 14 on); the port
     its users connect to."""
     ports = {role: port for role, port in (("control", CONTROL_PORT), ("public", PUBLIC_PORT))}
     flags = [flag for role, port in ports.items() for flag in (f"--{role}-port", str(port))] + tls_flags(stage)
@@ -769,9 +769,9 @@ async def test_on_a_shaped_link_a_flooding_tenant_is_cut_each_time_and_another_t
     muxed: str,
 ) -> None:
     """The flood crosses a real link (250 Mbit/s, link_lab.py) from a host that also runs a legitimate client
-    (stage 13 on: a TCP tunnel moving LINK_SIZE bytes to a user on the server host meanwhile). The flooder gets
+    (stage 14 on: a TCP tunnel moving LINK_SIZE bytes to a user on the server host meanwhile). The flooder gets
     in LINK_FLOODS times and is cut each time; the other tunnel's bytes all arrive and its client never
-    reconnects. (Stage 12 has one tunnel: there the flooder is its client.)"""
+    reconnects. (Stage 13 has one tunnel: there the flooder is its client.)"""
     env = {"NGROK_SECRET": secrets.token_urlsafe(16)}
     lines: list[str] = []
     async with link_lab.LinkLab(say=lines.append) as lab:
@@ -814,7 +814,7 @@ async def test_on_a_shaped_link_a_flooding_tenant_is_cut_each_time_and_another_t
 def flood_main(argv: list[str]) -> int:
     """python tests/test_isolation_tenants.py flood STAGE HOST PORT TIMES CA: the link test's flooding tenant.
 
-    Gets in TIMES times with $NGROK_SECRET (over TLS, trusting CA, from stage 15 on; CA '-' before) and floods
+    Gets in TIMES times with $NGROK_SECRET (over TLS, trusting CA, from stage 16 on; CA '-' before) and floods
     PING|ACK each time until the server cuts it. Prints one JSON line: the cuts, and the reasons the server gave.
     """
     stage, host, port, times, ca = argv[0], argv[1], int(argv[2]), int(argv[3]), argv[4]

@@ -154,14 +154,14 @@ def test_an_added_file_reaches_every_later_stage_and_a_deleted_one_leaves(copy: 
 
 
 def test_stages_go_in_numeric_order_and_a_new_stage_needs_recording(copy: Path) -> None:
-    shutil.copytree(copy / "stage_3", copy / "stage_13")
-    assert ladder.stages(copy) == ["stage_0", "stage_1", "stage_2", "stage_3", "stage_13"]
+    shutil.copytree(copy / "stage_3", copy / "stage_14")
+    assert ladder.stages(copy) == ["stage_0", "stage_1", "stage_2", "stage_3", "stage_14"]
     checked = run(copy, "check")
     assert checked.returncode == 1
-    assert "ladder/stage_13.patch is missing" in checked.stderr
+    assert "ladder/stage_14.patch is missing" in checked.stderr
     recorded = run(copy, "record")
-    assert "recorded ladder/stage_13.patch (stage_3 -> stage_13)" in recorded.stdout
-    assert (copy / "ladder" / "stage_13.patch").read_text().startswith("# ladder step stage_3 -> stage_13:")
+    assert "recorded ladder/stage_14.patch (stage_3 -> stage_14)" in recorded.stdout
+    assert (copy / "ladder" / "stage_14.patch").read_text().startswith("# ladder step stage_3 -> stage_14:")
     assert run(copy, "check").returncode == 0
 
 

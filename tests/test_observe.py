@@ -1,4 +1,4 @@
-"""The observer (stage 16 on): the HTTP/1.1 exchanges in a copy of one stream's bytes, however they are cut.
+"""The observer (stage 17 on): the HTTP/1.1 exchanges in a copy of one stream's bytes, however they are cut.
 
 The observer is sans I/O, so these tests feed it bytes by hand: recorded exchanges, split at every
 byte boundary and at random ones (Hypothesis), edge cases of HTTP/1.1's framing one by one, and
@@ -12,19 +12,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stage_18.observe import BODY_LIMIT, COMPLETE, INCOMPLETE, NOT_HTTP, PENDING, UPGRADED, Exchange, Observer
+from stage_19.observe import BODY_LIMIT, COMPLETE, INCOMPLETE, NOT_HTTP, PENDING, UPGRADED, Exchange, Observer
 from support import rebind
 
-STAGE = "stage_18"  # the stage under test, set by `names`
+STAGE = "stage_19"  # the stage under test, set by `names`
 pytestmark = pytest.mark.since("observer")
-# Stage 16's observer follows framing only: it keeps no bodies, follows no 1xx, upgrade or response that lasts
-# until the close. Tests that look at those (or compare whole entries, bodies included) run from stage 18 on.
+# Stage 17's observer follows framing only: it keeps no bodies, follows no 1xx, upgrade or response that lasts
+# until the close. Tests that look at those (or compare whole entries, bodies included) run from stage 19 on.
 LIVE = pytest.mark.since("live")
 
 
 @pytest.fixture(autouse=True)
 def names(stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """This module's stage names (imported from stage_18, the most complete) are the stage under test's."""
+    """This module's stage names (imported from stage_19, the most complete) are the stage under test's."""
     rebind(globals(), stage, monkeypatch)
     monkeypatch.setitem(globals(), "STAGE", stage)
 

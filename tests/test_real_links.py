@@ -6,7 +6,7 @@ cannot outrun, as between a VPS and a laptop. The receiving end first reads noth
 seconds, then reads at the link's rate; the VmRSS of the server and the client is sampled all along.
 
 Needs root (network namespaces, tc); skipped with the reason otherwise. The stage that brings this
-behaviour (flow control, stage 8) and the most complete stage each move 1 GiB over a link of 20 Mbit/s
+behaviour (flow control, stage 9) and the most complete stage each move 1 GiB over a link of 20 Mbit/s
 while the connection starts, then 250 Mbit/s (about 45 s a test); the stages between run the light form:
 128 MiB through the same stall (about 15 s), under the same bounds: the stall is where a tunnel that
 ignores backpressure grows, and in the stall alone the link carries more than the 64 MiB bound, so such
@@ -31,7 +31,7 @@ REASON = link_lab.probe() if has_proc() else "needs Linux /proc to read the proc
 
 SIZE = 1024 * MiB  # on FULL_STAGES
 LIGHT_SIZE = 128 * MiB  # on the stages between
-# Flow control (stage 8) is what keeps the tunnel's memory bounded whatever the link's speed.
+# Flow control (stage 9) is what keeps the tunnel's memory bounded whatever the link's speed.
 STAGES = stages_from("flow")
 FULL_STAGES = first_and_last(STAGES)
 STALL = 6.0  # seconds the receiving end reads nothing before it starts reading
@@ -42,7 +42,7 @@ ALARM = 4 * RSS_LIMIT
 # 36 s of link time (1 GiB at ~236 Mbit/s of payload), the stall and the start-up, with room for a
 # loaded machine.
 RUN_TIMEOUT = 150.0
-# From stage 13 on, users reach the client's TCP tunnel, on a port the server picks and logs.
+# From stage 14 on, users reach the client's TCP tunnel, on a port the server picks and logs.
 TCP_TUNNEL = r"tcp port listening on \S+:(\d+)"
 
 pytestmark = [
@@ -75,7 +75,7 @@ class Transfer:
 async def start_tunnel(lab: LinkLab, stage: str) -> tuple[LabProcess, LabProcess, int]:
     """The stage's server on the server host and its client at home, sharing a secret; wait until the tunnel is up.
 
-    Returns them and the port users connect to: the public port, or from stage 13 on the client's TCP tunnel's.
+    Returns them and the port users connect to: the public port, or from stage 14 on the client's TCP tunnel's.
     """
     env = {"NGROK_SECRET": secrets.token_urlsafe(16)}
     # The users' bytes cross the link on the client's one connection, as streams.

@@ -1,11 +1,11 @@
-"""Heartbeats and backoff (stage 9 on), auth (7 on), the request log and pages (8 on), the waiting room and
+"""Heartbeats and backoff (stage 10 on), auth (7 on), the request log and pages (8 on), the waiting room and
 the throttle (9 on): what a real server and client do, end to end, each test on the stage that brings
 its idea and every later one (`since`, support.LADDER).
 
-These tests were old stage 7's (a proxy connection per user, now gone); each now runs where its
+These tests were old stage 8's (a proxy connection per user, now gone); each now runs where its
 behaviour appears in the new ladder. Tests of the proxy transport alone (proxy ids, the pairing,
 the `ok` line) went with it. Streams, bad frames, heartbeat drops, resume by session id and a wrong
-secret are in test_streams.py. The names imported from stage_18 are re-bound to the stage under test
+secret are in test_streams.py. The names imported from stage_19 are re-bound to the stage under test
 (support.rebind).
 """
 
@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from stage_18 import auth, pages
-from stage_18.client import Client
-from stage_18.protocol import Refused, TryLater
-from stage_18.server import Ports, Server
+from stage_19 import auth, pages
+from stage_19.client import Client
+from stage_19.protocol import Refused, TryLater
+from stage_19.server import Ports, Server
 from support import (
     PAGE,
     STEP_TIMEOUT,
@@ -51,7 +51,7 @@ from support import (
 )
 
 SECRET = "resume-auth-pages-tests-secret"
-STAGE = "stage_18"  # the stage under test, set by `names`
+STAGE = "stage_19"  # the stage under test, set by `names`
 FAST = {"heartbeat_interval": 0.1, "heartbeat_timeout": 1.0}
 
 StartServer = Callable[..., Awaitable[tuple[Server, Ports]]]
@@ -72,7 +72,7 @@ def names(stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 async def start_server(stage: str) -> AsyncIterator[StartServer]:
-    """Start servers of the stage in this process (with the secret from stage 10 on unless `secret=` says otherwise)."""
+    """Start servers of the stage in this process (with the secret from stage 11 on unless `secret=` says otherwise)."""
     async with contextlib.AsyncExitStack() as running:
 
         async def start(control_port: int = 0, host: str = "127.0.0.1", **options: Any) -> tuple[Server, Ports]:
@@ -123,7 +123,7 @@ async def get(port: int, path: str = "/") -> tuple[int, bytes]:
     return status, body
 
 
-# --- the request log and the pages (stage 11 on) ---------------------------------------------
+# --- the request log and the pages (stage 12 on) ---------------------------------------------
 
 
 @pytest.mark.since("pages")
@@ -154,7 +154,7 @@ async def test_the_request_log_escapes_bytes_that_would_drive_a_terminal(
     assert pages.printable(b"ok /path?q=1") == "ok /path?q=1"
 
 
-@pytest.mark.since("pages", until="tenants")  # from stage 13 on users reach a client's own tunnel port
+@pytest.mark.since("pages", until="tenants")  # from stage 14 on users reach a client's own tunnel port
 async def test_no_client_connected_gives_a_502_page(start_server: StartServer) -> None:
     _, ports = await start_server()
     status, body = await get(ports.public)
@@ -171,7 +171,7 @@ async def test_a_user_who_does_not_speak_http_gets_a_clean_close_not_a_page(star
     writer.close()
 
 
-# --- the waiting room and the throttle (stage 12 on) -------------------------------------------
+# --- the waiting room and the throttle (stage 13 on) -------------------------------------------
 
 
 class SilentClient:
@@ -260,7 +260,7 @@ async def test_a_thousand_users_arriving_at_once_are_all_served(
 ) -> None:
     """Waiting users cost a socket, not a buffer: the waiting room is bounded by memory and descriptors,
     so a burst of a thousand is let in (a room of 256 turned 44 of 300 away with a 503)."""
-    # From stage 12 on one address has a share of the tunnel (256 streams): here all come from 127.0.0.1, as a
+    # From stage 13 on one address has a share of the tunnel (256 streams): here all come from 127.0.0.1, as a
     # crowd behind one NAT would, and such a crowd is what --max-streams-per-address is for.
     _, ports = await start_server(max_streams_per_address=1000)
     public = await users_port(ports, await start_client(echo_server.port, ports.control))
@@ -270,7 +270,7 @@ async def test_a_thousand_users_arriving_at_once_are_all_served(
     assert replies == payloads
 
 
-# --- auth (stage 10 on) ------------------------------------------------------------------------
+# --- auth (stage 11 on) ------------------------------------------------------------------------
 
 
 @pytest.mark.since("auth")
@@ -339,10 +339,10 @@ async def test_a_short_secret_gets_a_warning_with_a_way_to_make_a_strong_one(
     assert auth.strength_warning(SECRET) is None
 
 
-# --- one client, heartbeats and backoff (stage 9 on) ------------------------------------------
+# --- one client, heartbeats and backoff (stage 10 on) ------------------------------------------
 
 
-@pytest.mark.since("resume", until="tenants")  # from stage 13 on a second client gets a tunnel of its own
+@pytest.mark.since("resume", until="tenants")  # from stage 14 on a second client gets a tunnel of its own
 async def test_a_second_client_is_refused_while_the_first_keeps_serving(
     start_server: StartServer, start_client: StartClient, http_origin: HttpOrigin
 ) -> None:
@@ -447,7 +447,7 @@ async def test_a_client_cut_off_silently_notices_and_is_let_back_in_at_once_with
     """The network under the tunnel connection dies silently; the client notices, comes back with its session
     id and is let in at once (the server's own heartbeat timeout is far away), and users are served again.
 
-    (With a proxy connection per user, old stage 7's users even kept their conversation; a stream lives
+    (With a proxy connection per user, old stage 8's users even kept their conversation; a stream lives
     inside the tunnel connection and ends with it: test_streams.py.)"""
     _, ports = await start_server(heartbeat_timeout=STEP_TIMEOUT * 6)
     async with Forwarder(ports.control) as path:  # the client's tunnel connection goes through this
@@ -481,7 +481,7 @@ def assert_look_random(ids: list[str]) -> None:
 async def test_session_ids_are_unpredictable(start_server: StartServer) -> None:
     _, ports = await start_server()
     ids = []
-    for _ in range(12):  # from stage 13 on each one's tunnel waits out its resume window: 16 per address at most
+    for _ in range(12):  # from stage 14 on each one's tunnel waits out its resume window: 16 per address at most
         (_, writer), session_id = await until_free(ports.control)
         ids.append(session_id)
         writer.close()
@@ -489,7 +489,7 @@ async def test_session_ids_are_unpredictable(start_server: StartServer) -> None:
 
 
 async def until_free(control_port: int) -> tuple[Any, str]:
-    """Handshake as soon as the server has let go of the last client (before stage 13 it takes one at a time)."""
+    """Handshake as soon as the server has let go of the last client (before stage 14 it takes one at a time)."""
     async with asyncio.timeout(STEP_TIMEOUT):
         while True:
             try:

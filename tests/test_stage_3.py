@@ -193,7 +193,7 @@ async def test_cli_server_and_client_serve_the_local_app_and_stop_on_ctrl_c(
 async def test_cli_demo_prints_a_public_url_that_serves_the_demo_page(cli: CliProcess.Factory, stage: str) -> None:
     """`python -m stage_N`: zero setup, one command (ports 0 here, so that tests never collide)."""
     demo = await cli("-m", stage, *server_port_flags(stage))
-    # From stage 14 on, the demo's tunnels have names: its first URL is http://hello.localhost:PORT/.
+    # From stage 15 on, the demo's tunnels have names: its first URL is http://hello.localhost:PORT/.
     host = r"hello\.localhost" if has(stage, "names") else r"127\.0\.0\.1"
     url, named, port = (await demo.expect(rf"(http://({host}):(\d+)/)")).groups()
     await demo.expect(rf"curl {re.escape(url)}")
@@ -232,7 +232,7 @@ async def test_cli_out_of_range_numbers_are_one_line_usage_errors(
     """A port of 99999 must not end in an OverflowError traceback, nor wrap around to another port."""
     process = await cli("-m", f"{stage}.{program}".rstrip("."), *args)
     assert await process.wait() == 2
-    if "--proxy-port" in args and not has_proxy_port(stage):  # from stage 8 on there is none: an unknown flag
+    if "--proxy-port" in args and not has_proxy_port(stage):  # from stage 9 on there is none: an unknown flag
         assert "unrecognized arguments: --proxy-port 70000" in process.output, process.output
     else:
         assert re.search(r"error: argument [-\w]+: expected a (port|number of seconds)", process.output), process.output

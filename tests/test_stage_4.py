@@ -1,8 +1,8 @@
 """Stage 4 and later: the hello/welcome handshake, then binary frames on the control connection.
 
 Each test runs on the stage that brings its behaviour and on every later one that keeps it
-(`since`, support.LADDER): the handshake's lines (until stage 10's challenge replaces the bare
-`hello`), a bad frame ending the connection with one log line (until stage 9 says why in a GO_AWAY
+(`since`, support.LADDER): the handshake's lines (until stage 11's challenge replaces the bare
+`hello`), a bad frame ending the connection with one log line (until stage 10 says why in a GO_AWAY
 frame first), and stage 4's own announcement of a user, a SYN frame whose payload is the user's
 pairing id (until stage 5's streams carry the users' bytes and the proxy port goes). The
 control connection is spoken by hand, as raw lines and raw frames.
@@ -54,7 +54,7 @@ async def say_hello(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWrit
     writer.write(b"hello\n")
     async with asyncio.timeout(STEP_TIMEOUT):
         welcome = await reader.readline()
-    assert re.fullmatch(rb"welcome( \S+)?\n", welcome), welcome  # from stage 9 on it names a session
+    assert re.fullmatch(rb"welcome( \S+)?\n", welcome), welcome  # from stage 10 on it names a session
     return reader, writer
 
 
@@ -79,7 +79,7 @@ async def read_to_eof(reader: asyncio.StreamReader) -> bytes:
 # --- the handshake ---------------------------------------------------------------------------------
 
 
-@pytest.mark.since("frames", until="auth")  # from stage 10 on the server challenges the hello
+@pytest.mark.since("frames", until="auth")  # from stage 11 on the server challenges the hello
 async def test_a_control_connection_that_does_not_start_with_hello_gets_an_error_line_and_a_close(
     start_server: StartServer, stage: str
 ) -> None:
@@ -118,7 +118,7 @@ BAD_FRAMES = {  # name: (the bytes, given the stage's frames module; what the lo
 }
 
 
-@pytest.mark.since("frames", until="resume")  # from stage 9 on a GO_AWAY frame says why first (test_streams.py)
+@pytest.mark.since("frames", until="resume")  # from stage 10 on a GO_AWAY frame says why first (test_streams.py)
 @pytest.mark.parametrize(("make", "reason"), BAD_FRAMES.values(), ids=BAD_FRAMES.keys())
 async def test_a_bad_frame_from_the_client_ends_its_connection_with_one_log_line_and_frees_the_tunnel(
     start_server: StartServer,
@@ -141,7 +141,7 @@ async def test_a_bad_frame_from_the_client_ends_its_connection_with_one_log_line
     (await say_hello(ports.control))[1].close()  # the next client is let in
 
 
-@pytest.mark.since("frames", until="resume")  # from stage 9 on the client reconnects instead (test_streams.py)
+@pytest.mark.since("frames", until="resume")  # from stage 10 on the client reconnects instead (test_streams.py)
 async def test_a_client_whose_server_sends_a_bad_frame_stops_with_one_clear_error(stage: str) -> None:
     client_module, frames = importlib.import_module(f"{stage}.client"), frames_of(stage)
 

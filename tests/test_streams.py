@@ -1,12 +1,12 @@
-"""One connection for everything: users are streams over the client's one connection (stage 7 on).
+"""One connection for everything: users are streams over the client's one connection (stage 8 on).
 
 What the shared tests (test_tunnel.py, test_stage_3.py, test_backpressure.py, ...) show for every stage
 is not repeated here; this module is what multiplexing and the ideas built on it add, each test on the
-stage that brings its idea and every later one (`since`, support.LADDER): streams and resets (stage 7),
+stage that brings its idea and every later one (`since`, support.LADDER): streams and resets (stage 8),
 flow control and fair turns (5), bad frames, heartbeats and resume (6), auth (7), pages (8). Raw frames
 are spoken by hand (RawClient) where a test plays a broken or silent client.
 
-The names imported from stage_18 (the most complete stage) are re-bound to the stage under test by
+The names imported from stage_19 (the most complete stage) are re-bound to the stage under test by
 the autouse fixture `names` (support.rebind).
 """
 
@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from stage_18 import frames
-from stage_18.client import Client
-from stage_18.frames import ACK, DATA, GO_AWAY, MAX_FRAME, PING, SYN, WINDOW, Frame, Parser
-from stage_18.protocol import Refused
-from stage_18.server import Ports, Server
+from stage_19 import frames
+from stage_19.client import Client
+from stage_19.frames import ACK, DATA, GO_AWAY, MAX_FRAME, PING, SYN, WINDOW, Frame, Parser
+from stage_19.protocol import Refused
+from stage_19.server import Ports, Server
 from support import (
     STEP_TIMEOUT,
     Background,
@@ -48,7 +48,7 @@ from support import (
 )
 
 SECRET = "stream-tests-secret"
-STAGE = "stage_18"  # the stage under test, set by `names`
+STAGE = "stage_19"  # the stage under test, set by `names`
 
 pytestmark = pytest.mark.since("streams")
 FAST = {"heartbeat_interval": 0.1, "heartbeat_timeout": 1.0}
@@ -105,19 +105,19 @@ class RawClient:
         self.reader, self.writer, self.session_id = reader, writer, session_id
         self.parser, self.got = Parser(), list[Frame]()
 
-    public: int | None = None  # from stage 13 on, the port of the TCP tunnel the server gave it
+    public: int | None = None  # from stage 14 on, the port of the TCP tunnel the server gave it
 
     @classmethod
     async def connect(cls, control_port: int, session_id: str | None = None) -> "RawClient":
-        reader, writer = await control_connection(STAGE, control_port)  # over TLS from stage 15 on
-        first = hello(STAGE, session_id) if has_tunnels(STAGE) else session_id  # a TCP tunnel from stage 13 on
+        reader, writer = await control_connection(STAGE, control_port)  # over TLS from stage 16 on
+        first = hello(STAGE, session_id) if has_tunnels(STAGE) else session_id  # a TCP tunnel from stage 14 on
         welcome = await client_handshake(STAGE, reader, writer, SECRET, first)
-        client = cls(reader, writer, getattr(welcome, "session_id", ""))  # no session before stage 9
+        client = cls(reader, writer, getattr(welcome, "session_id", ""))  # no session before stage 10
         client.public = int(welcome.tunnel) if has_tunnels(STAGE) else None
         return client
 
     def users(self, ports: Ports) -> int:
-        """The port this client's users connect to: the public port, or its TCP tunnel's (stage 13 on)."""
+        """The port this client's users connect to: the public port, or its TCP tunnel's (stage 14 on)."""
         return self.public or ports.public
 
     def send(self, kind: int, flags: int, stream_id: int, payload: bytes = b"") -> None:
@@ -142,7 +142,7 @@ class RawClient:
 
 
 def the_mux(server: Server) -> Any:
-    """The multiplexer of the server's one client (from stage 13 on, of its one tunnel's session)."""
+    """The multiplexer of the server's one client (from stage 14 on, of its one tunnel's session)."""
     sessions = server._sessions
     if hasattr(sessions, "by_id"):
         [session] = sessions.by_id.values()
@@ -198,12 +198,12 @@ async def test_a_bad_frame_from_the_client_ends_its_connection_with_one_log_line
     assert lines[0].startswith("127.0.0.1:") and lines[0].endswith("; closing")
 
 
-@pytest.mark.since("resume")  # flow control's overflow, told in a GO_AWAY (stage 9 on)
+@pytest.mark.since("resume")  # flow control's overflow, told in a GO_AWAY (stage 10 on)
 async def test_a_client_that_sends_more_than_the_window_is_cut_off(start_server: StartServer) -> None:
     _, ports = await start_server()
     client = await RawClient.connect(ports.control)
     user = await open_connection(client.users(ports))  # the server opens stream 1 for this user
-    syn = await client.until(lambda frame: (frame.flags & SYN) != 0)  # from stage 18 on it names the user
+    syn = await client.until(lambda frame: (frame.flags & SYN) != 0)  # from stage 19 on it names the user
     assert syn is not None and syn[:3] == (DATA, SYN, 1)
     client.send(DATA, ACK, 1)
     # The user reads nothing: once its socket's kernel buffers are full the server grants no more
@@ -352,7 +352,7 @@ async def test_a_stream_the_client_never_accepts_gives_a_504_page(start_server: 
     client.close()
 
 
-# One client per server: from stage 13 on each client has its tunnel (test_tenants.py, its resume window).
+# One client per server: from stage 14 on each client has its tunnel (test_tenants.py, its resume window).
 @pytest.mark.since("resume", until="tenants")
 async def test_a_client_that_stops_sending_heartbeats_is_dropped_and_the_tunnel_freed(
     start_server: StartServer, caplog: pytest.LogCaptureFixture
@@ -386,7 +386,7 @@ async def test_the_client_pings_and_notices_a_server_that_goes_silent(
     assert len(pings) >= 3  # one every 0.1 s
 
 
-# One client per server: from stage 13 on each client has its tunnel (test_tenants.py, its resume window).
+# One client per server: from stage 14 on each client has its tunnel (test_tenants.py, its resume window).
 @pytest.mark.since("resume", until="tenants")
 async def test_a_client_that_comes_back_with_its_session_id_takes_over_and_others_are_refused(
     start_server: StartServer,
@@ -402,7 +402,7 @@ async def test_a_client_that_comes_back_with_its_session_id_takes_over_and_other
     again.close()
 
 
-# One client per server: from stage 13 on each client has its tunnel (test_tenants.py, its resume window).
+# One client per server: from stage 14 on each client has its tunnel (test_tenants.py, its resume window).
 @pytest.mark.since("resume", until="tenants")
 async def test_users_streams_end_with_the_connection_and_the_client_comes_back(
     start_server: StartServer, start_client: StartClient, caplog: pytest.LogCaptureFixture

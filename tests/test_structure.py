@@ -31,7 +31,7 @@ def lint(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_a_clean_stage_passes(tmp_path: Path) -> None:
     stage(
         tmp_path,
-        "stage_7",
+        "stage_8",
         {
             "protocol.py": "import asyncio\nfrom collections.abc import Iterator\n",
             "server.py": "from . import protocol\nfrom .protocol import X\n",
@@ -47,11 +47,11 @@ def test_a_clean_stage_passes(tmp_path: Path) -> None:
 
 
 def test_a_new_module_is_placed_on_a_side(tmp_path: Path) -> None:
-    stage(tmp_path, "stage_7", {"speed.py": ""})
-    done = lint(tmp_path, "stage_7")
+    stage(tmp_path, "stage_8", {"speed.py": ""})
+    done = lint(tmp_path, "stage_8")
     assert done.returncode == 1
     assert done.stderr.splitlines() == [
-        "stage_7/speed.py: speed is on no side yet: add it to SIDES in tools/imports.py "
+        "stage_8/speed.py: speed is on no side yet: add it to SIDES in tools/imports.py "
         "(server-side, client-side or shared)"
     ]
 
@@ -59,7 +59,7 @@ def test_a_new_module_is_placed_on_a_side(tmp_path: Path) -> None:
 def test_a_cycle_is_reported_with_its_path(tmp_path: Path) -> None:
     stage(
         tmp_path,
-        "stage_8",
+        "stage_9",
         {
             "mux.py": "from .relay import Stream\nfrom .pages import printable\n",
             "relay.py": "from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from .mux import Mux\n",
@@ -67,8 +67,8 @@ def test_a_cycle_is_reported_with_its_path(tmp_path: Path) -> None:
         },
     )
     assert imports.check(tmp_path) == [
-        "stage_8: import cycle mux -> pages -> relay -> mux (mux.py:2, pages.py:2, relay.py:4)",
-        "stage_8: import cycle mux -> relay -> mux (mux.py:1, relay.py:4)",
+        "stage_9: import cycle mux -> pages -> relay -> mux (mux.py:2, pages.py:2, relay.py:4)",
+        "stage_9: import cycle mux -> relay -> mux (mux.py:1, relay.py:4)",
     ]
     done = lint(tmp_path)
     assert done.returncode == 1
@@ -79,7 +79,7 @@ def test_a_cycle_is_reported_with_its_path(tmp_path: Path) -> None:
 def test_the_client_never_imports_the_server(tmp_path: Path) -> None:
     stage(
         tmp_path,
-        "stage_9",
+        "stage_10",
         {
             "server.py": "",
             "client.py": "",
@@ -91,38 +91,38 @@ def test_the_client_never_imports_the_server(tmp_path: Path) -> None:
         },
     )
     assert imports.check(tmp_path) == [
-        "stage_9/inspector.py:1: client-side inspector imports server-side server (the client would load the server)",
-        "stage_9/private.py:1: client-side private imports server-side server (the client would load the server)",
-        "stage_9/protocol.py:1: shared protocol imports client-side client",
-        "stage_9/routing.py:1: server-side routing imports client-side inspector",
+        "stage_10/inspector.py:1: client-side inspector imports server-side server (the client would load the server)",
+        "stage_10/private.py:1: client-side private imports server-side server (the client would load the server)",
+        "stage_10/protocol.py:1: shared protocol imports client-side client",
+        "stage_10/routing.py:1: server-side routing imports client-side inspector",
     ]
 
 
 def test_a_stage_imports_nothing_from_another_stage_and_only_the_standard_library(tmp_path: Path) -> None:
     stage(
         tmp_path,
-        "stage_10",
+        "stage_11",
         {
-            "client.py": "import stage_3.client\nfrom stage_0.relay import relay\nfrom stage_10 import protocol\n",
+            "client.py": "import stage_3.client\nfrom stage_0.relay import relay\nfrom stage_11 import protocol\n",
             "server.py": "from ..stage_3 import server\n",
             "protocol.py": "import requests\nimport uvloop\nimport json, os.path\n",
         },
     )
     assert imports.check(tmp_path) == [
-        "stage_10/client.py:1: imports another stage, stage_3: a copied stage folder must run on its own",
-        "stage_10/client.py:2: imports another stage, stage_0: a copied stage folder must run on its own",
-        "stage_10/client.py:3: imports its own stage by name (use a relative import): "
+        "stage_11/client.py:1: imports another stage, stage_3: a copied stage folder must run on its own",
+        "stage_11/client.py:2: imports another stage, stage_0: a copied stage folder must run on its own",
+        "stage_11/client.py:3: imports its own stage by name (use a relative import): "
         "a copied stage folder must run on its own",
-        "stage_10/protocol.py:1: imports requests, not in the standard library: stage code is stdlib only",
-        "stage_10/protocol.py:2: imports uvloop unguarded: only inside `try:` ... `except ImportError:`",
-        "stage_10/server.py:1: imports from outside its stage (..stage_3)",
+        "stage_11/protocol.py:1: imports requests, not in the standard library: stage code is stdlib only",
+        "stage_11/protocol.py:2: imports uvloop unguarded: only inside `try:` ... `except ImportError:`",
+        "stage_11/server.py:1: imports from outside its stage (..stage_3)",
     ]
 
 
 def test_stages_go_in_numeric_order(tmp_path: Path) -> None:
-    for name in ("stage_13", "stage_12", "stage_1"):
+    for name in ("stage_14", "stage_13", "stage_1"):
         stage(tmp_path, name, {})
-    assert imports.stages(tmp_path) == ["stage_1", "stage_12", "stage_13"]
+    assert imports.stages(tmp_path) == ["stage_1", "stage_13", "stage_14"]
 
 
 def test_the_repository_has_no_structure_problem() -> None:

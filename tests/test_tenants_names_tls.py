@@ -1,4 +1,4 @@
-"""Many tunnels on one server (stage 13 on), by name (11 on), over TLS (12 on).
+"""Many tunnels on one server (stage 14 on), by name (11 on), over TLS (12 on).
 
 What these stages add, each test on the stage that brings its idea and every later one (`since`,
 support.LADDER): several clients each holding a tunnel of their own
@@ -23,10 +23,10 @@ from typing import Any, Self
 import pytest
 
 import tls_certs
-from stage_15 import auth, frames, session
-from stage_15.client import Client
-from stage_15.protocol import Refused, TunnelError
-from stage_15.server import Ports, Server
+from stage_16 import auth, frames, session
+from stage_16.client import Client
+from stage_16.protocol import Refused, TunnelError
+from stage_16.server import Ports, Server
 from support import (
     PAGE,
     STEP_TIMEOUT,
@@ -51,27 +51,27 @@ from support import (
     usage_error,
 )
 
-# Many clients and TCP tunnels (stage 13), names (11) and TLS (12): a test without its own `since` is
+# Many clients and TCP tunnels (stage 14), names (11) and TLS (12): a test without its own `since` is
 # about TLS. The fixtures speak TLS where the stage has it (support.has_tls).
-STAGE = "stage_15"  # the stage under test, set by `names`
+STAGE = "stage_16"  # the stage under test, set by `names`
 pytestmark = pytest.mark.since("tls")
 TENANTS = pytest.mark.since("tenants")
 NAMES = pytest.mark.since("names")
 
 
 def inspect_port() -> list[str]:
-    """From stage 17 on the client's inspector takes any free port: 4040 may be taken on a shared machine."""
+    """From stage 18 on the client's inspector takes any free port: 4040 may be taken on a shared machine."""
     return ["--inspect-port", "0"] if has_inspector(STAGE) else []
 
 
 @pytest.fixture(autouse=True)
 def names(stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """This module's stage names (imported from stage_15) are the stage under test's, for one test."""
+    """This module's stage names (imported from stage_16) are the stage under test's, for one test."""
     rebind(globals(), stage, monkeypatch)
     monkeypatch.setitem(globals(), "STAGE", stage)
 
 
-SECRET = "stage-9-tests-secret-of-some-length"
+SECRET = "stage-10-tests-secret-of-some-length"
 RANDOM_NAME = re.compile(r"[0-9a-f]{8}")
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 StartServer = Callable[..., Awaitable[tuple[Server, Ports]]]
@@ -85,7 +85,7 @@ def log_info(caplog: pytest.LogCaptureFixture) -> None:
 
 @pytest.fixture
 async def start_server() -> AsyncIterator[StartServer]:
-    """Start a server with a secret, and TLS on its control port (the test CA's certificate) from stage 15 on."""
+    """Start a server with a secret, and TLS on its control port (the test CA's certificate) from stage 16 on."""
     async with contextlib.AsyncExitStack() as running:
 
         async def start(**options: Any) -> tuple[Server, Ports]:
@@ -98,7 +98,7 @@ async def start_server() -> AsyncIterator[StartServer]:
 
 
 def new_client(local_port: int, control_port: int, **options: Any) -> Client:
-    """A client of the local app on `local_port` (trusting the test CA, from stage 15 on)."""
+    """A client of the local app on `local_port` (trusting the test CA, from stage 16 on)."""
     tls = {"tls": tls_certs.client_context()} if has_tls(STAGE) else {}
     options = {**tls, "secret": SECRET, "max_backoff": 0.2, **options}
     return Client(("127.0.0.1", local_port), "127.0.0.1", control_port, **options)
@@ -169,7 +169,7 @@ async def status_of(public_port: int, name: str) -> int:
 
 
 async def control(port: int) -> Streams:
-    """A connection to the control port as a client makes it: over TLS from stage 15 on (trusting the test CA)."""
+    """A connection to the control port as a client makes it: over TLS from stage 16 on (trusting the test CA)."""
     return await control_connection(STAGE, port)
 
 

@@ -2,8 +2,8 @@
 
 Stage 2's client echoes lines itself; from stage 3 on the far end is a real local app (an echo
 server here). The payloads are lines ending in a newline, so both far ends return them unchanged.
-Every stage from 3 on runs here by existing (TUNNELS); with auth on from stage 10, the path a real
-server takes; from stage 13 on through a TCP tunnel, over TLS from stage 15.
+Every stage from 3 on runs here by existing (TUNNELS); with auth on from stage 11, the path a real
+server takes; from stage 14 on through a TCP tunnel, over TLS from stage 16.
 """
 
 import asyncio
@@ -73,7 +73,7 @@ async def wait_until_tunnel_works(public_port: int) -> None:
     """Poll (bounded) until the server has the client: until a user's first line gets an answer.
 
     Until the server has taken the client's control connection, stages 2 and 3 close a user at once
-    without a word (stage 11 on answers an HTTP user with a 502 page, but the client says it is
+    without a word (stage 12 on answers an HTTP user with a 502 page, but the client says it is
     connected only once the server took it, and private_tunnel waits for that first). Any answer
     means the tunnel is up: what the answer should be is for the tests to say, by name. So the probe
     neither half-closes (a copy whose half-close is broken still comes up, and the half-close test
@@ -104,7 +104,7 @@ async def wait_until_tunnel_works(public_port: int) -> None:
 
 TUNNELS: dict[str, Starter] = {
     "stage_2": stage_2_tunnel,
-    # From stage 17 on the client observes every stream into its inspector's store (in-process: no page served).
+    # From stage 18 on the client observes every stream into its inspector's store (in-process: no page served).
     **{stage: private_tunnel(stage) for stage in all_stages() if stage not in ("stage_0", "stage_1", "stage_2")},
 }
 

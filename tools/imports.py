@@ -1,7 +1,7 @@
 """The structure lint: what a stage's modules may import.
 
     python3 -m tools.imports             every stage_<number> folder
-    python3 -m tools.imports stage_12     some of them
+    python3 -m tools.imports stage_13     some of them
 
 One line per problem, exit status 1 when there is one:
 
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGE = re.compile(r"stage_(\d+)")
 
 SERVER, CLIENT, SHARED, DEMO = "server-side", "client-side", "shared", "demo"
-# Where each module of every stage belongs (by its name, the same in every stage), read from stage_18.
+# Where each module of every stage belongs (by its name, the same in every stage), read from stage_19.
 SIDES = {
     # The server: it accepts clients and users, routes users to tunnels, and owns the public ports.
     "server": SERVER,
@@ -80,7 +80,7 @@ GUARDED_THIRD_PARTY = frozenset({"uvloop"})  # allowed only inside `try: ... exc
 @dataclass
 class Module:
     name: str  # "mux", or "sub.mod" for a module in a subfolder
-    path: str  # relative to the root: "stage_12/mux.py"
+    path: str  # relative to the root: "stage_13/mux.py"
     imports: dict[str, int] = field(default_factory=dict)  # module of the same stage -> first line importing it
 
 

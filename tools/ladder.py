@@ -15,8 +15,8 @@ direction). Then for each later stage k, in order: new stage_k = a three-way mer
 with the change from the old to the new stage before it (base and theirs), by `git merge-file`.
 A conflict stops the walk at that stage with the usual conflict markers and records nothing.
 
-Stages are the `stage_<number>` folders at the repository root, in numeric order (stage_13 after
-stage_12). ladder/README.md tells a maintainer how to use this; tests/test_ladder.py checks both the
+Stages are the `stage_<number>` folders at the repository root, in numeric order (stage_14 after
+stage_13). ladder/README.md tells a maintainer how to use this; tests/test_ladder.py checks both the
 repository and the tool.
 """
 
@@ -61,7 +61,7 @@ def stages(root: Path) -> list[str]:
 
 
 def stage_name(root: Path, given: str) -> str:
-    """`7` or `stage_10` -> `stage_10`, if that stage exists."""
+    """`7` or `stage_11` -> `stage_11`, if that stage exists."""
     name = given if given.startswith("stage_") else f"stage_{given}"
     if name not in stages(root):
         raise LadderError(f"there is no stage {given!r} (stages: {', '.join(stages(root))})")
@@ -516,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("check", help="fail when a stage no longer matches the recorded ladder")
     carry = commands.add_parser("forward", help="merge a hand edit of stage N into every later stage")
-    carry.add_argument("stage", metavar="N", help="the stage you edited: 4 or stage_7")
+    carry.add_argument("stage", metavar="N", help="the stage you edited: 4 or stage_8")
     commands.add_parser("record", help="re-record every step (after a change meant for one stage only)")
     args = parser.parse_args(argv)
     root: Path = args.root.resolve()

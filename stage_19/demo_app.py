@@ -2,7 +2,7 @@
 
 It stands in for the app on your laptop that you want to show the world (in real use,
 `python3 -m http.server 8000` or your web framework's dev server). Only the standard library,
-so `python3 -m stage_6` works with nothing installed.
+so `python3 -m stage_19` works with nothing installed.
 """
 
 import asyncio
@@ -17,11 +17,12 @@ log = logging.getLogger(f"{__package__}.app")
 
 PAGE = """<!doctype html>
 <meta charset=utf-8><title>ngrok-- demo</title>
-<h1>Hello through the tunnel!</h1>
+<h1>Hello from {name}, through the tunnel!</h1>
 <p>You asked for <code>{method} {path}</code> at {clock}: request number {count}.</p>
-<p>This page was made by the demo local app on {app}. Your request went
-user &rarr; server's public port &rarr; a stream in the client's one connection &rarr;
-client &rarr; local app, and this page came back the same way.</p>
+<p>This page was made by the demo local app <b>{name}</b> on {app}. Your request went
+user &rarr; server's public port, which read its Host header &rarr; a stream in the
+connection of the client named {name}, inside TLS &rarr; client &rarr; local app, and this
+page came back the same way.</p>
 <p>Try another path, e.g. <a href="/hello/world">/hello/world</a>.</p>
 """
 
@@ -29,7 +30,8 @@ client &rarr; local app, and this page came back the same way.</p>
 class DemoApp:
     """An HTTP server that answers every request with a page naming the method, path and time."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "demo") -> None:
+        self.name = name  # which app this is: the demo runs two
         self.requests = 0
         self.address = ("", 0)
         self._listener: asyncio.Server | None = None
@@ -39,7 +41,7 @@ class DemoApp:
         """Bind (0 = any free port) and return the real address."""
         self._listener = await asyncio.start_server(self._accept, host, port)
         self.address = self._listener.sockets[0].getsockname()[:2]
-        log.info("local app port listening on %s:%d", *self.address)
+        log.info("local app port listening on %s:%d (%s)", *self.address, self.name)
         return self.address
 
     async def serve(self) -> None:
@@ -66,6 +68,7 @@ class DemoApp:
             path = rest.partition(" ")[0]
             self.requests += 1
             page = PAGE.format(
+                name=html.escape(self.name),
                 method=html.escape(method),
                 path=html.escape(path),
                 clock=time.strftime("%H:%M:%S"),

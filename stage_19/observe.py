@@ -7,11 +7,13 @@ any size. That is HTTP/1.1's *message framing* (RFC 9112, sections 2 to 7), pars
 - A message is a head (a start line, header lines, an empty line), then maybe a body.
 - The head says how long the body is: `Transfer-Encoding: chunked` (chunks, each after its size in
   hex, until a chunk of size 0 and maybe trailer fields), else `Content-Length`, else nothing for a
-  request. A response with neither lasts until the connection closes: not followed here.
-- Some responses have no body whatever their head says: to a HEAD request, 204 and 304. A 1xx
-  (100 Continue) comes before the real response to the same request: not followed here either.
+  request and "until the connection closes" for a response.
+- Some responses have no body whatever their head says: to a HEAD request, 1xx, 204 and 304.
+  A 1xx (100 Continue) is followed by the real response to the same request.
 - Requests may be *pipelined*: sent before the answers to the previous ones. Responses come back in
   the same order, so a queue pairs them, and tells which response answers a HEAD.
+- `Upgrade` (a WebSocket) and CONNECT turn the connection into something else once the server agrees
+  (101, or 2xx to a CONNECT): one entry for the exchange, then the bytes are only counted.
 
 The observer is *sans I/O*: it is fed bytes and tells a Sink what it found; it never touches a
 socket, so a test can feed it a recorded exchange split in any way. It gets a copy of what the
@@ -27,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+# Each body is kept up to this much; the rest is counted, not kept (the page says so).
+BODY_LIMIT = 64 * 1024
 # A head (start line and header fields) or a trailer section larger than this is not HTTP to us:
 # servers refuse far smaller ones (nginx's default is 8 KiB a line, 32 KiB in all).
 HEAD_LIMIT = 32 * 1024
@@ -34,15 +38,18 @@ LINE_LIMIT = 8 * 1024  # a start line, or a chunk-size line with its extensions
 MAX_WAITING = 64  # pipelined requests waiting for their responses on one connection
 
 # The states of an exchange, as the log shows them.
-PENDING, COMPLETE, INCOMPLETE, NOT_HTTP = "pending", "complete", "incomplete", "not HTTP"
+PENDING, COMPLETE, INCOMPLETE, UPGRADED, NOT_HTTP = "pending", "complete", "incomplete", "upgraded", "not HTTP"
 
 TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # RFC 9110 5.6.2: what a method or a field name is made of
 # A request line and a status line, on bytes: the hot path never decodes a head, only the two or
 # three words it needs from its start line.
 REQUEST_LINE = rf"({TOKEN}) (\S+) HTTP/(\d\.\d)\r?".encode()
 STATUS_LINE = rb"HTTP/(\d\.\d) ([1-9]\d\d)(?: ([^\x00\r\n]*))?\r?"
-# The first line of a whole head (matched at its start).
+# The first line of a whole head (matched at its start)...
 REQUEST_HEAD, STATUS_HEAD = re.compile(REQUEST_LINE + rb"\n"), re.compile(STATUS_LINE + rb"\n")
+# ... and of a head still incomplete: to refuse a peer that is not speaking HTTP at its first line, not its last.
+REQUEST_START, STATUS_START = re.compile(REQUEST_LINE), re.compile(STATUS_LINE)
+FIELD_LINE = re.compile(rf"({TOKEN}):[ \t]*([^\x00\r\n]*?)[ \t]*")
 # The empty line after the last field; a bare LF is tolerated (RFC 9112 2.2). WHY it starts at the
 # previous line's \n: a pattern that begins with a fixed byte is searched for with memchr, 10x
 # faster than one that begins with an optional \r (measured: 0.2 against 2.3 us for a small head).
@@ -52,10 +59,11 @@ HEAD_END = re.compile(rb"\n\r?\n")
 # folded onto more lines that start with a space (obsolete, but allowed), then the empty line.
 _FIELD = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\x00]*\r?\n(?:[ \t][^\r\n\x00]*\r?\n)*"
 WELL_FORMED = re.compile(rb"[^\r\n]+\r?\n(?:%s)*\r?\n" % _FIELD)
-# The only fields that decide where a message ends.
-FRAMING_FIELDS = re.compile(rb"\n(content-length|transfer-encoding):([^\r\n]*)", re.I)
+# The only fields that decide where a message ends (and whether the connection stays HTTP).
+FRAMING_FIELDS = re.compile(rb"\n(content-length|transfer-encoding|connection|upgrade):([^\r\n]*)", re.I)
 LINE_END = re.compile(rb"\n")
 HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+FIRST_BYTES = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz\r\n")
 
 
 class NotHttp(Exception):
@@ -64,10 +72,14 @@ class NotHttp(Exception):
 
 @dataclass(eq=False, slots=True)
 class Message:
-    """One request or response: its size, and whether it is over."""
+    """One request or response: its head as it came, its body (the first BODY_LIMIT bytes) and its size."""
 
+    head: bytes = b""  # start line and fields, exactly as on the wire (parsed again to show them)
+    trailers: bytes = b""  # the fields after a chunked body, if any
+    body: bytearray = field(default_factory=bytearray)  # the first BODY_LIMIT bytes of it, de-chunked
     body_size: int = 0  # every byte of the body, de-chunked: what the app or the user reads
     wire: int = 0  # bytes on the wire: the head, the body, the chunks' framing
+    chunked: bool = False
     done: bool = False
 
 
@@ -75,17 +87,22 @@ class Message:
 class Exchange:
     """A request and its response: one line of the client's log."""
 
-    user: str  # who sent the request: the user's stream, "stream 3"
+    user: str  # who sent the request: the user's address, as the server saw it
     method: str = ""
     target: str = ""  # the path (request target), e.g. "/search?q=1"
     status: int | None = None
+    interim: list[int] = field(default_factory=list)  # 1xx statuses before the final one
     state: str = PENDING
     note: str = ""  # why it is not HTTP, or incomplete
+    started: float = field(default_factory=time.time)  # wall clock, for the page
     duration: float | None = None  # seconds from the request's head to the response's last byte
     request: Message = field(default_factory=Message)
     response: Message = field(default_factory=Message)
+    replay_of: int | None = None  # the id of the exchange this one replayed
     id: int = 0  # given by the store
+    keep_limit: int = BODY_LIMIT  # body bytes each message keeps; the store sets 0 once it dropped the entry
     began: float = field(default_factory=time.monotonic)
+    upgrade: bool = False  # the request asked to switch protocols (Upgrade, or CONNECT)
 
 
 class Sink(Protocol):
@@ -94,15 +111,39 @@ class Sink(Protocol):
     def opened(self, exchange: Exchange) -> None:
         """A new exchange: its request head has arrived (or bytes that are not HTTP)."""
 
+    def grew(self, exchange: Exchange, size: int) -> None:
+        """`exchange` holds `size` more bytes: a head, trailers, body kept (the store counts its memory)."""
+
     def changed(self, exchange: Exchange) -> None:
-        """The exchange ended, or parsing stopped."""
+        """The response head came, the exchange ended, or parsing stopped."""
+
+
+def parse_head(head: bytes) -> tuple[str, list[tuple[str, str]]]:
+    """The start line and the fields of a head (or a trailer section); NotHttp if they are malformed."""
+    # Latin-1 maps each byte to one character: nothing is lost, and nothing can fail to decode.
+    lines = head.decode("latin-1").split("\n")
+    fields: list[tuple[str, str]] = []
+    for line in lines[1:]:
+        line = line.removesuffix("\r")
+        if not line:
+            break
+        if line[0] in " \t" and fields:  # obsolete line folding (RFC 9112 5.2): replace with a space
+            name, value = fields.pop()
+            fields.append((name, value + " " + line.strip(" \t")))
+            continue
+        match = FIELD_LINE.fullmatch(line)
+        if match is None:  # e.g. a space before the colon: request smuggling's favourite trick
+            raise NotHttp(f"a malformed field line: {line[:80]!r}")
+        fields.append((match[1], match[2]))
+    return lines[0].removesuffix("\r"), fields
 
 
 def read_head(head: bytes) -> dict[bytes, bytes]:
     """The framing fields of a head (lowercased name: values); NotHttp if the head is malformed.
 
     WHY one regex: this runs for every message through the tunnel. Checking the head with one
-    regex and picking out two fields costs a fraction of making a string of every field.
+    regex and picking out four fields costs a fraction of making a string of every field (what
+    parse_head does, for the page only, when someone looks at a head).
     """
     if WELL_FORMED.fullmatch(head) is None:
         raise NotHttp(f"a malformed head: {head[:80]!r}")
@@ -123,10 +164,17 @@ def values(framing: dict[bytes, bytes], name: bytes) -> list[bytes]:
     return [v.strip().lower() for v in framing[name].split(b",") if v.strip()] if name in framing else []
 
 
+def field_values(fields: list[tuple[str, str]], name: str) -> list[str]:
+    """Every comma-separated value of the fields named `name` (case-insensitive), lowercased."""
+    return [v.strip().lower() for n, value in fields if n.lower() == name for v in value.split(",") if v.strip()]
+
+
 def body_length(framing: dict[bytes, bytes]) -> int | None:
     """The Content-Length, None without one; NotHttp if it is invalid or given twice differently."""
-    if b"content-length" not in framing:
+    if (given := framing.get(b"content-length")) is None:
         return None
+    if (length := given.strip()).isdigit() and len(length) <= 18:  # the usual case, one plain number: no list, no set
+        return int(length)
     lengths = set(values(framing, b"content-length"))  # "5, 5" is allowed; "5, 6" is an attack
     if len(lengths) != 1 or not all(v.isdigit() and len(v) <= 18 for v in lengths):
         raise NotHttp(f"an invalid Content-Length: {framing[b'content-length'][:80]!r}")
@@ -134,7 +182,7 @@ def body_length(framing: dict[bytes, bytes]) -> int | None:
 
 
 # How a body is delimited, as the head says (Framing._begin).
-NO_BODY, LENGTH, CHUNKED, TUNNEL = range(4)
+NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE, TUNNEL, INTERIM, HOLD = range(7)
 
 
 class Framing:
@@ -146,15 +194,17 @@ class Framing:
 
     def __init__(
         self,
+        start_line: re.Pattern[bytes],
         on_head: Callable[[bytes], tuple[int, int]],
         on_body: Callable[[memoryview], None],
         on_end: Callable[[int, bytes], None],
     ) -> None:
+        self._start_line = start_line  # what a request line (or a status line) looks like
         self._on_head, self._on_body, self._on_end = on_head, on_body, on_end
         self.state = NO_BODY  # between messages: the next bytes are a head
         self.left = 0  # bytes left in a Content-Length body or in a chunk
         self.wire = 0  # bytes of the current message so far
-        self.buffer = bytearray()  # an incomplete head or line
+        self.buffer = bytearray()  # an incomplete head or line, or bytes held for an upgrade's answer
         self._trailers = bytearray()
         self._ended = False
         self._steps: dict[int, Callable[[memoryview], memoryview]] = {
@@ -164,7 +214,9 @@ class Framing:
             CHUNK_DATA: self._chunk_data,
             CHUNK_END: self._chunk_end,
             TRAILERS: self._trailer_line,
+            UNTIL_CLOSE: self._until_close,
             TUNNEL: self._count,
+            HOLD: self._hold,
         }
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -181,19 +233,48 @@ class Framing:
             if self._ended:  # after counting: the message's last bytes belong to it
                 self._ended = False
                 wire, self.wire = self.wire, 0
-                trailers, self._trailers = bytes(self._trailers), bytearray()
+                trailers = b""
+                if self._trailers:  # rare: no new buffer for the others
+                    trailers, self._trailers = bytes(self._trailers), bytearray()
                 self._on_end(wire, trailers)
+
+    def finish(self) -> None:
+        """The connection closed: a body that lasts until the close is complete now."""
+        if self.state == UNTIL_CLOSE:
+            self.state = NO_BODY
+            wire, self.wire = self.wire, 0
+            self._on_end(wire, b"")
+
+    def hold(self) -> None:
+        """Keep the next bytes unparsed until `resume` or `tunnel`: the server has not answered an upgrade yet."""
+        self.state = HOLD
+
+    def resume(self) -> None:
+        """The upgrade was refused: parse what was held, as HTTP again."""
+        held, self.buffer = self.buffer, bytearray()
+        self.wire -= len(held)  # counted once already, when it was held
+        self.state = NO_BODY
+        self.feed(held)
 
     def tunnel(self) -> None:
         """From now on this direction carries another protocol: count its bytes, parse none."""
-        self.buffer.clear()  # its bytes were counted already
+        self.buffer.clear()  # held bytes were counted already
         self.state = TUNNEL
 
     # --- one step each: consume the front of `view`, return the rest --------------------------------
 
     def _head(self, view: memoryview) -> memoryview:
-        if not self.buffer and view[0] in b"\r\n":  # an empty line before a request is ignored (RFC 9112 2.2)
-            return view[1:]
+        if not self.buffer:
+            if view[0] not in FIRST_BYTES:  # garbage (TLS, say) is known at its first byte
+                raise NotHttp(f"starts with byte 0x{view[0]:02x}, not with an HTTP start line")
+            if view[0] in b"\r\n":  # an empty line before a request is ignored (RFC 9112 2.2)
+                return view[1:]
+            # The usual case: the whole head is in this piece. Look for its end right there, no copy.
+            if end := HEAD_END.search(view, 0, HEAD_LIMIT):
+                return self._begin(bytes(view[: end.end()]), view[end.end() :])
+            self._check_incomplete(view)
+            self.buffer += view
+            return view[len(view) :]
         start = max(0, len(self.buffer) - 3)  # the empty line may have begun in the last piece
         self.buffer += view[:HEAD_LIMIT]
         end = HEAD_END.search(self.buffer, start, HEAD_LIMIT)
@@ -205,17 +286,29 @@ class Framing:
         return self._begin(head, view[used:])
 
     def _check_incomplete(self, data: bytes | bytearray | memoryview) -> None:
-        """A head still incomplete: is it within bounds? (A whole head is checked by on_head.)"""
+        """A head still incomplete: is it HTTP so far? (A whole head is checked by on_head.)"""
         if len(data) >= HEAD_LIMIT:
             raise NotHttp(f"no end of the head within {HEAD_LIMIT} bytes")
         end = LINE_END.search(data, 0, LINE_LIMIT)
         if end is None and len(data) > LINE_LIMIT:
             raise NotHttp(f"no line end within {LINE_LIMIT} bytes")
+        if end is not None and not self._start_line.fullmatch(data[: end.start()]):
+            raise NotHttp(f"not an HTTP start line: {bytes(data[: min(end.start(), 80)])!r}")
 
     def _begin(self, head: bytes, rest: memoryview) -> memoryview:
         mode, self.left = self._on_head(head)
-        if mode == NO_BODY or (mode == LENGTH and not self.left):
+        if mode == INTERIM:  # a 1xx: the same response goes on with another head
+            return rest
+        if mode == LENGTH and len(rest) >= self.left:  # the usual small message: its whole body is here
+            if self.left:
+                self._on_body(rest[: self.left])
             self._ended = True
+            return rest[self.left :]
+        if mode == NO_BODY:
+            self._ended = True
+        elif mode == TUNNEL:
+            self._ended = True  # the message (a 101) is over; what follows is another protocol
+            self.state = mode
         else:
             self.state = mode
         return rest
@@ -279,12 +372,22 @@ class Framing:
             raise NotHttp(f"trailer fields over {HEAD_LIMIT} bytes")
         return rest
 
+    def _until_close(self, view: memoryview) -> memoryview:
+        self._on_body(view)
+        return view[len(view) :]
+
     def _count(self, view: memoryview) -> memoryview:
         return view[len(view) :]  # feed() counts it in `wire`
 
+    def _hold(self, view: memoryview) -> memoryview:
+        self.buffer += view
+        if len(self.buffer) > HEAD_LIMIT:  # a client that does not wait for the answer to its upgrade
+            raise NotHttp(f"over {HEAD_LIMIT} bytes sent before the answer to an upgrade")
+        return view[len(view) :]
+
 
 # The states of a chunked body after its size line (internal to Framing).
-CHUNK_DATA, CHUNK_END, TRAILERS = range(4, 7)
+CHUNK_DATA, CHUNK_END, TRAILERS = range(7, 10)
 
 
 class Observer:
@@ -294,13 +397,15 @@ class Observer:
     entry's ("not HTTP"), never the relay's.
     """
 
-    def __init__(self, sink: Sink, user: str) -> None:
+    def __init__(self, sink: Sink, user: str, replay_of: int | None = None) -> None:
         self._sink = sink
-        self.user = user
-        self._up = Framing(self._request_head, self._request_body, self._request_end)
-        self._down = Framing(self._response_head, self._response_body, self._response_end)
+        self.user, self.replay_of = user, replay_of
+        self._up = Framing(REQUEST_START, self._request_head, self._request_body, self._request_end)
+        self._down = Framing(STATUS_START, self._response_head, self._response_body, self._response_end)
         self._sending: Exchange | None = None  # the request whose bytes are arriving
         self._waiting: deque[Exchange] = deque()  # requests sent, whose response is not over yet, in order
+        self._through: Exchange | None = None  # upgraded or not HTTP: bytes are counted in it, not parsed
+        self.latest: Exchange | None = None  # the last exchange opened (a replay waits for its response)
         self.closed = False
 
     def request_bytes(self, data: bytes | memoryview) -> None:
@@ -328,7 +433,12 @@ class Observer:
             return
         self.closed = True
         with contextlib.suppress(Exception):  # as in _feed: observing must never break the relay
-            if self._up.buffer and self._up.state == NO_BODY and not self._waiting:
+            self._down.finish()  # a response delimited by the close is complete now
+            if self._through is not None:
+                self._through.request.wire += self._up.wire
+                self._through.response.wire += self._down.wire
+                self._sink.changed(self._through)
+            elif self._up.buffer and self._up.state == NO_BODY and not self._waiting:
                 self._stop(self._up, NotHttp("the connection closed in the middle of a request head"))
             cut = reason or "the connection closed before the exchange was over"
             for exchange in {id(e): e for e in [*self._waiting, self._sending] if e is not None}.values():
@@ -347,27 +457,40 @@ class Observer:
         if len(self._waiting) >= MAX_WAITING:
             raise NotHttp(f"more than {MAX_WAITING} pipelined requests wait for their responses")
         method, target, version = match[1].decode("ascii"), match[2].decode("latin-1"), match[3]
-        exchange = Exchange(self.user, method, target)
-        self._sending = exchange
+        exchange = Exchange(self.user, method, target, replay_of=self.replay_of)
+        exchange.request.head = head
+        self._sending = self.latest = exchange
         self._waiting.append(exchange)
         self._sink.opened(exchange)
+        if not exchange.keep_limit:  # the store had no room for it (capture.Store.opened)
+            raise NotHttp("not observed: the inspector is full of requests still waiting for their answers")
+        # An upgrade (a WebSocket) or a CONNECT: once the server agrees, the bytes are no longer HTTP.
+        exchange.upgrade = method == "CONNECT" or (
+            b"upgrade" in framing and b"upgrade" in values(framing, b"connection")
+        )
         codings = values(framing, b"transfer-encoding") if b"transfer-encoding" in framing else None
         if codings and version != b"1.0":  # RFC 9112 6.1: chunked wins over Content-Length
             if codings[-1] != b"chunked":
                 raise NotHttp(f"a request body in {codings[-1]!r}, not chunked: its length is unknown")
+            exchange.request.chunked = True
             return CHUNKED, 0
         length = body_length(framing)
         return (LENGTH, length) if length else (NO_BODY, 0)  # no length: no body, for a request
 
     def _request_body(self, piece: memoryview) -> None:
         assert self._sending is not None
-        self._sending.request.body_size += len(piece)
+        self._keep(self._sending, self._sending.request, piece)
 
     def _request_end(self, wire: int, trailers: bytes) -> None:
         exchange, self._sending = self._sending, None
         assert exchange is not None
         exchange.request.wire += wire
         exchange.request.done = True
+        if trailers and exchange.keep_limit:  # keep_limit 0: the store dropped it, it keeps nothing
+            exchange.request.trailers = trailers
+            self._sink.grew(exchange, len(trailers))
+        if exchange.upgrade and exchange.status is None:
+            self._up.hold()  # until the server says whether the protocol switches
         if exchange.response.done:  # an early response (a 413, say) came before the request's end
             self._complete(exchange)
 
@@ -382,32 +505,71 @@ class Observer:
             raise NotHttp("a response to no request")
         exchange = self._waiting[0]
         status = int(match[2])
-        if status < 200:
-            raise NotHttp(f"an interim response ({status}) before the real one: not followed")
+        if 100 <= status < 200 and status != 101:  # 100 Continue, 103 Early Hints: the real one follows
+            exchange.interim.append(status)
+            return INTERIM, 0
         exchange.status = status
+        if exchange.keep_limit:  # else dropped by the store: it keeps nothing
+            exchange.response.head = head
+            self._sink.grew(exchange, len(head))
+        self._sink.changed(exchange)
+        switched = status == 101 or (exchange.method == "CONNECT" and 200 <= status < 300)
+        if switched:
+            if not exchange.upgrade:
+                raise NotHttp(f"{status} to a request that asked for no upgrade")
+            self._switch(exchange)
+            return TUNNEL, 0
+        if exchange.upgrade and self._up.state == HOLD:
+            self._up.resume()  # refused: what the user sent meanwhile is HTTP again
         if exchange.method == "HEAD" or status in (204, 304):
             return NO_BODY, 0  # whatever Content-Length says: it describes the GET's body
         codings = values(framing, b"transfer-encoding") if b"transfer-encoding" in framing else None
         if codings and match[1] != b"1.0":
-            if codings[-1] != b"chunked":
-                raise NotHttp(f"a response body in {codings[-1]!r}, not chunked: it ends when the connection does")
-            return CHUNKED, 0
-        if (length := body_length(framing)) is None:
-            raise NotHttp("a response with no length: it ends when the connection does, not followed")
-        return LENGTH, length
+            exchange.response.chunked = codings[-1] == b"chunked"
+            return (CHUNKED, 0) if exchange.response.chunked else (UNTIL_CLOSE, 0)
+        length = body_length(framing)
+        return (UNTIL_CLOSE, 0) if length is None else (LENGTH, length)
+
+    def _switch(self, exchange: Exchange) -> None:
+        exchange.state = UPGRADED
+        exchange.duration = time.monotonic() - exchange.began
+        exchange.request.done = True
+        self._through = exchange
+        self._up.tunnel()
+        self._waiting.clear()
 
     def _response_body(self, piece: memoryview) -> None:
-        self._waiting[0].response.body_size += len(piece)
+        exchange = self._waiting[0]
+        self._keep(exchange, exchange.response, piece)
 
     def _response_end(self, wire: int, trailers: bytes) -> None:
+        if self._through is not None:  # the 101 itself: the exchange is over, its bytes are counted on
+            self._through.response.wire += wire
+            self._through.response.done = True
+            self._sink.changed(self._through)
+            return
         exchange = self._waiting.popleft()
         exchange.response.wire += wire
         exchange.response.done = True
+        if trailers and exchange.keep_limit:
+            exchange.response.trailers = trailers
+            self._sink.grew(exchange, len(trailers))
         exchange.duration = time.monotonic() - exchange.began
         if exchange.request.done:
             self._complete(exchange)
+        else:
+            self._sink.changed(exchange)
 
     # --- both -----------------------------------------------------------------------------------
+
+    def _keep(self, exchange: Exchange, message: Message, piece: memoryview) -> None:
+        """Count `piece` as body; keep it while the body kept is under the exchange's limit."""
+        message.body_size += len(piece)  # one function, no helper: this runs for every piece of every body
+        room = exchange.keep_limit - len(message.body)
+        if room > 0:
+            kept = piece[:room]
+            message.body += kept
+            self._sink.grew(exchange, len(kept))
 
     def _complete(self, exchange: Exchange) -> None:
         if exchange.state == PENDING:
@@ -421,7 +583,7 @@ class Observer:
             # The message that broke: the request being read, or the response being waited for.
             broken = self._sending if framing is self._up else (self._waiting[0] if self._waiting else None)
             if broken is None:  # it broke between two messages: a new entry says so
-                broken = Exchange(self.user)
+                broken = self.latest = Exchange(self.user, replay_of=self.replay_of)
                 self._sink.opened(broken)
             broken.state, broken.note = NOT_HTTP, note
             broken.request.wire += self._up.wire  # the bytes that came so far
@@ -431,6 +593,7 @@ class Observer:
                 if other is not None and other is not broken and other.state == PENDING:
                     other.state, other.note = INCOMPLETE, f"not observed to the end: {note}"
                     self._sink.changed(other)
+            self._through = broken
             self._sink.changed(broken)
             self._waiting.clear()  # no answer will be paired with them now: let them go
             self._sending = None

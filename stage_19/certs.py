@@ -1,10 +1,10 @@
 """Certificates for trying the tunnel on one machine: a private CA, and a server certificate it signed.
 
-    python3 -m stage_15.certs certs/                       # for localhost, 127.0.0.1 and ::1
-    python3 -m stage_15.certs certs/ tunnel.example.com '*.tunnel.example.com'   # for HTTPS users too
+    python3 -m stage_19.certs certs/                       # for localhost, 127.0.0.1 and ::1
+    python3 -m stage_19.certs certs/ tunnel.example.com '*.tunnel.example.com'   # for HTTPS users too
 
 It writes certs/ca.pem (give it to the client: --ca certs/ca.pem), certs/server.pem and
-certs/server.key (give them to the server: --cert, --key). The demo (`python3 -m stage_15`) makes
+certs/server.key (give them to the server: --cert, --key). The demo (`python3 -m stage_19`) makes
 a fresh set in a temporary folder each time it starts.
 
 A private CA is trusted by nobody but the clients you hand ca.pem to: fine for a workshop, and
@@ -90,7 +90,7 @@ def _openssl(*args: str | Path) -> None:
 
 
 def main() -> None:
-    """Command line: python3 -m stage_15.certs DIR [NAME ...]."""
+    """Command line: python3 -m stage_19.certs DIR [NAME ...]."""
     parser = argparse.ArgumentParser(
         prog=f"python3 -m {__package__}.certs",
         description="Make a private CA and a server certificate (with openssl) for trying the tunnel.",

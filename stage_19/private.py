@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import re
+import ssl
 import time
 from collections.abc import Callable
 
@@ -25,11 +26,12 @@ class LocalAppDown(TunnelError):
     """The local app refused or did not answer; the message says which, for the user's error page."""
 
 
-async def dial(host: str, port: int, limit: int = DATA_LIMIT) -> Streams:
-    """Connect with a deadline; OSError (TimeoutError included) if that fails."""
+async def dial(host: str, port: int, tls: ssl.SSLContext, limit: int = DATA_LIMIT) -> Streams:
+    """Connect inside TLS, with a deadline; OSError (TimeoutError, ssl.SSLError included) if that fails."""
     # A host behind a firewall that drops packets would otherwise keep us waiting for minutes.
     async with asyncio.timeout(NETWORK_TIMEOUT):
-        return await asyncio.open_connection(host, port, limit=limit)
+        # server_hostname: the name the certificate must hold, checked by the TLS handshake.
+        return await asyncio.open_connection(host, port, limit=limit, ssl=tls, server_hostname=host)
 
 
 class LocalApp:
@@ -79,7 +81,7 @@ async def serve_user(stream: Stream, local: LocalApp) -> None:
         return
     await stream.closed
     elapsed = time.monotonic() - started
-    ended = stream.reset_reason
+    ended = stream.expired or stream.reset_reason
     log.info(
         "stream %d: closed, %d bytes in, %d bytes out, %.3fs%s",
         stream.stream_id,

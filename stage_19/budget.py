@@ -3,7 +3,7 @@
 A stream's receiver promises its sender a window (frames.py): the bytes it may send before it
 hears back. A promise is memory: a user who reads nothing leaves a window's worth in our buffers.
 A window per stream bounded each stream, not all of them: 2,000 users who read nothing took a
-server from 25 to 477 MB in 80 s, still rising (1 MiB windows; 4,096 streams would be 4 GiB).
+server from 25 to 477 MB in 80 s, still rising (1 MiB windows; 17,472 streams would be 17 GiB).
 
 So every stream's window is counted in one Budget, whose total is stated (`--memory-budget`):
 

@@ -1,6 +1,6 @@
 """TLS on the client's connection: the server proves who it is, and nobody on the way can read or change a byte.
 
-Up to stage 14 the tunnel connection was plain TCP: anyone on the path (the café's Wi-Fi, the
+Up to stage 15 the tunnel connection was plain TCP: anyone on the path (the café's Wi-Fi, the
 hosting provider's network) could read every user's bytes, and could see the session id that
 lets a client take the tunnel over. The secret itself never crossed the wire (auth.py), but
 that was all. Now the connection runs inside TLS, as every real tunnel's does:

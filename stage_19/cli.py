@@ -1,16 +1,22 @@
-"""The command lines' argument types: every number a user types is checked before it is used.
+"""The command lines' argument types: every number and name a user types is checked before it is used.
 
-Shared by the server, the client and the demo (`python3 -m stage_8`). Each one turns a bad value
+Shared by the server, the client and the demo (`python3 -m stage_19`). Each one turns a bad value
 into argparse's one-line usage error and exit 2, instead of a traceback deep in the socket code
-(a port of 99999 raises OverflowError there), or a silent surprise (a client's port 99999 wraps
-around to another one).
+(a port of 99999 raises OverflowError there), a silent surprise (a client's port 99999 wraps
+around to another one), or a flood (a heartbeat interval of 0 pings in a tight loop).
+
+`listen_error` is here, not in server.py, because the client listens too (the inspector's page)
+and a client module must never import the server's: the client would load all of it.
 """
 
 import argparse
 import contextlib
+import errno
 import ipaddress
 import math
 from collections.abc import Callable
+
+from .protocol import is_name
 
 
 def listen_port(text: str) -> int:
@@ -19,6 +25,15 @@ def listen_port(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}")
     return int(text)
+
+
+def listen_error(exc: OSError, role: str, host: str, port: int) -> str:
+    """A one-line, actionable message for a failed bind."""
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} on {host} is already in use; stop the other program or pick another --{role}-port"
+    if exc.errno == errno.EACCES:
+        return f"permission denied to listen on {host}:{port}; use a --{role}-port above 1023"
+    return f"cannot listen on {host}:{port} for the {role} port: {exc.strerror or exc}"
 
 
 def positive_seconds(text: str) -> float:
@@ -70,3 +85,30 @@ def port(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
     return int(text)
+
+
+def port_range(text: str) -> tuple[int, int] | None:
+    """argparse type for --tcp-ports: 'LOW-HIGH', two ports from 1 to 65535, LOW <= HIGH; '0': any (None)."""
+    if text == "0":
+        return None  # as for every port flag: 0 is any free port
+    low, sep, high = text.partition("-")
+    if not sep or not low.isdigit() or not high.isdigit() or not 1 <= int(low) <= int(high) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected LOW-HIGH, ports from 1 to 65535, or 0 for any, got {text!r}")
+    return int(low), int(high)
+
+
+def name(text: str) -> str:
+    """argparse type for --name: one DNS label, as it will appear in the URL (`myapp`)."""
+    if not is_name(text.lower()):
+        raise argparse.ArgumentTypeError(
+            f"expected a name of 1 to 63 letters, digits or '-' (not first or last), got {text!r}"
+        )
+    return text.lower()  # host names are case-insensitive: MyApp and myapp are one tunnel
+
+
+def domain(text: str) -> str:
+    """argparse type for --domain: one or more DNS labels (`localhost`, `tunnel.example.com`)."""
+    labels = text.lower().removesuffix(".").split(".")
+    if not all(is_name(label) for label in labels):
+        raise argparse.ArgumentTypeError(f"expected a domain name like tunnel.example.com, got {text!r}")
+    return ".".join(labels)
