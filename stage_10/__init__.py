@@ -1,6 +1,6 @@
 """Stage 10: heartbeats, reconnect and resume: a tunnel that outlives a sleeping laptop or a lost Wi-Fi.
 
-Layout (new in stage 10: backoff.py; PING and GO_AWAY frames, and a session a client can resume):
+Layout (new in stage 10: backoff.py, cli.py; PING and GO_AWAY frames, and a session a client can resume):
 
 - `protocol.py`: the handshake's text lines (`hello`, `welcome`) and the two sides of it; the
   ports and timeouts, in one place.

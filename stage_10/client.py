@@ -7,7 +7,7 @@ One connection to the server carries everything. The server opens a stream on it
 (a SYN frame); the client dials the local app (the private connection) and relays the stream
 into it. Heartbeats show that the server is still there; when the connection is lost, the
 client reconnects with backoff and resumes its session. The users' streams end with the lost
-connection: they ran inside it (in stage 3 each user had a proxy connection of its own).
+connection: they ran inside it (in stage 4 each user had a proxy connection of its own).
 """
 
 import argparse

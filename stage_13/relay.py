@@ -1,6 +1,6 @@
 """One stream: a TCP connection (a user, or the local app) joined to one stream of the tunnel connection.
 
-Stage 3's pump was a task per direction: `await read()`, `write()`, `await drain()`. Here the
+Stage 5's pumps were a task per direction: `await read()`, `write()`, `await drain()`. Here the
 event loop reads each chunk into a buffer that a Protocol, a `Stream`, hands it (`get_buffer`), and
 the Stream passes it on at once: no task, no future, no wake-up per chunk (the performance page
 measures the difference).

@@ -275,7 +275,7 @@ class Server:
             return
         stream.charge(self.budget)
         # Open at once, and send the user's first bytes right behind the SYN, within the stream's
-        # first window: no round trip to wait for (stage 3 waited for a whole proxy connection).
+        # first window: no round trip to wait for (stage 7 waited for the client's ACK).
         stream_id = mux.open(stream)
         who = f"{peer}: stream {stream_id}"
         log.debug("%s: opened", who)

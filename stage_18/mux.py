@@ -123,7 +123,6 @@ class Mux(asyncio.BufferedProtocol):
         self._ready: deque[StreamEnd] = deque()  # streams with a frame to send, in turn
         self._scheduled: set[int] = set()
         self._blocked = False  # the transport's buffer is full: data frames wait
-        self._drainer: asyncio.Task[None] | None = None
         self._out: list[bytes | memoryview] = []  # frames for the connection, written at the end of the turn
         self._out_size = 0
         self._parser = frames.Parser()
@@ -213,17 +212,7 @@ class Mux(asyncio.BufferedProtocol):
         data = b"".join(self._out)
         self._out.clear()
         self._out_size = 0
-        self._transport.write(data)
-        if self._transport.get_write_buffer_size() > WRITE_HIGH:
-            self._blocked = True  # the data frames wait until the kernel took most of it
-            self._drainer = self._loop.create_task(self._drain())
-        else:
-            self._flush()
-
-    async def _drain(self) -> None:
-        with contextlib.suppress(OSError):  # lost: run() notices
-            await self._writer.drain()
-        self._blocked = False
+        self._transport.write(data)  # past WRITE_HIGH, it calls pause_writing before it returns
         self._flush()
 
     def _send(self, frame: bytes) -> None:
@@ -304,9 +293,12 @@ class Mux(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._handshake.pause_writing()
+        self._blocked = True  # more than WRITE_HIGH waits to be sent: the data frames wait in their streams
 
     def resume_writing(self) -> None:
         self._handshake.resume_writing()
+        self._blocked = False  # the kernel took most of it: the streams take their turns again
+        self._flush()
 
     def _dispatch(self, frame: Frame) -> None:
         kind, flags, stream_id, payload = frame
@@ -399,5 +391,3 @@ class Mux(asyncio.BufferedProtocol):
         self._scheduled.clear()
         self._out.clear()
         self._out_size = 0
-        if self._drainer is not None:
-            self._drainer.cancel()

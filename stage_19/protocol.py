@@ -61,8 +61,8 @@ HALF_CLOSED_TIMEOUT = 30.0
 KEEPALIVE_TIMEOUT = 75.0
 # Ids, nonces and digests are single words of these characters.
 TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
-# The most a stream holds in memory each way: one window (frames.WINDOW) of bytes,
-# or one read of the event loop (256 KiB at most) waiting to be framed.
+# The buffer limit of the tunnel connection's reader, which frames may reach right after the
+# handshake: one read of the event loop (256 KiB at most).
 DATA_LIMIT = 256 * 1024
 # How long a closing connection keeps swallowing input so that our last words arrive.
 LINGER = 1.0

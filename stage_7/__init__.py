@@ -1,6 +1,6 @@
-"""Stage 7: the data path on callbacks: stage 5's streams, with asyncio Protocols instead of a task per direction.
+"""Stage 7: the data path on callbacks: stage 6's streams, with asyncio Protocols instead of a task per direction.
 
-Layout (nothing new or gone since stage 5: `relay.Stream` and the `Mux` become asyncio Protocols):
+Layout (nothing new or gone since stage 6: `relay.Stream` and the `Mux` become asyncio Protocols):
 
 - `protocol.py`: the handshake's text lines (`hello`, `welcome`); the timeouts and limits.
 - `frames.py`: after the handshake, binary frames with a 10-byte header (DATA with SYN/ACK/FIN/RST),

@@ -5,7 +5,7 @@ python3 -m stage_8.client localhost:8000 my.server       # the server on another
 
 One connection to the server carries everything. The server opens a stream on it for each user
 (a SYN frame); the client dials the local app (the private connection) and relays the stream
-into it. The users' streams end with the connection: they ran inside it (in stage 3 each user
+into it. The users' streams end with the connection: they ran inside it (in stage 4 each user
 had a proxy connection of its own).
 """
 
@@ -73,6 +73,8 @@ class Client:
         mux = Mux(reader, writer, peer="the server", on_open=self._open)
         self.connected.set()
         try:
+            # Tutorial shortcut: this read has no deadline, so a server that vanishes
+            # without closing the connection goes unnoticed. Stage 10 adds heartbeats.
             await mux.run()
             raise TunnelError("the server closed the connection")
         finally:

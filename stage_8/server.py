@@ -135,7 +135,7 @@ class Server:
             await self._refuse(stream, peer, "no tunnel client is connected to this server")
             return
         # Open at once, and send the user's first bytes right behind the SYN: no round trip to wait for
-        # (stage 3 waited for a whole proxy connection).
+        # (stage 7 waited for the client's ACK).
         stream_id = mux.open(stream)
         who = f"{peer}: stream {stream_id}"
         log.debug("%s: opened", who)

@@ -1,6 +1,6 @@
 """Stage 9: flow control and fair turns: every stream has a window, and the streams take turns.
 
-Layout (new in stage 9: budget.py, cli.py; stage 8's streams each get a window, and take turns):
+Layout (new in stage 9: budget.py; stage 8's streams each get a window, and take turns):
 
 - `protocol.py`: the handshake's text lines (`hello`, `welcome`) and the two sides of it; the
   ports and timeouts, in one place.
@@ -13,7 +13,6 @@ Layout (new in stage 9: budget.py, cli.py; stage 8's streams each get a window, 
 - `session.py`: the server's side of the tunnel connection: one client at a time.
 - `pages.py`: the 502 page an HTTP user gets when the tunnel can't serve them.
 - `server.py`: the control and public ports; `python3 -m stage_9.server` runs it.
-- `cli.py`: the command lines' argument types.
 - `private.py`: the client's side of one user: the private connection to the local app.
 - `client.py`: keeps the tunnel connection and relays every stream to the local app;
   `python3 -m stage_9.client LOCAL [SERVER]` runs it.

@@ -13,11 +13,10 @@ import signal
 import sys
 from collections.abc import Coroutine
 
-from .cli import listen_port
 from .client import Client
 from .demo_app import DemoApp
 from .protocol import CONTROL_PORT, NETWORK_TIMEOUT, PUBLIC_PORT, TunnelError
-from .server import Server, listen_error
+from .server import Server, listen_error, listen_port
 
 log = logging.getLogger(f"{__package__}.demo")
 

@@ -26,8 +26,8 @@ NETWORK_TIMEOUT = 5.0
 # How long a user's new stream waits for the client to accept it (to reach the local
 # app) before the server gives up on it and sends the user a 502 page.
 PROXY_TIMEOUT = 10.0
-# The most a stream holds in memory each way: one window (frames.WINDOW) of bytes,
-# or one read of the event loop (256 KiB at most) waiting to be framed.
+# The buffer limit of the tunnel connection's reader, which frames may reach right after the
+# handshake: one read of the event loop (256 KiB at most).
 DATA_LIMIT = 256 * 1024
 # How long a closing connection keeps swallowing input so that our last words arrive.
 LINGER = 1.0

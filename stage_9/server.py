@@ -12,15 +12,14 @@ import asyncio
 import errno
 import functools
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
 
 from . import pages
 from .budget import MEMORY_BUDGET, Budget, MiB
-from .cli import listen_port, positive_seconds, whole_number
 from .frames import INITIAL_WINDOW
 from .protocol import CONTROL_PORT, DATA_LIMIT, NETWORK_TIMEOUT, PROXY_TIMEOUT, PUBLIC_PORT, TunnelError, printable
 from .relay import Stream
@@ -155,7 +154,7 @@ class Server:
             return
         stream.charge(self.budget)
         # Open at once, and send the user's first bytes right behind the SYN, within the stream's
-        # first window: no round trip to wait for (stage 3 waited for a whole proxy connection).
+        # first window: no round trip to wait for (stage 7 waited for the client's ACK).
         stream_id = mux.open(stream)
         who = f"{peer}: stream {stream_id}"
         log.debug("%s: opened", who)
@@ -198,9 +197,39 @@ def listen_error(exc: OSError, role: str, host: str, port: int) -> str:
     return f"cannot listen on {host}:{port} for the {role} port: {exc.strerror or exc}"
 
 
-async def run(host: str, ports: Ports, **options: Any) -> None:
-    """Bind, then serve until cancelled; `options` are Server's keyword arguments."""
-    server = Server(**options)
+def listen_port(text: str) -> int:
+    """argparse type for a port to listen on: 0 (any free port) to 65535."""
+    # Checked here, not left to the socket: 99999 would end in an OverflowError traceback.
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}")
+    return int(text)
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type for a timeout: a finite number of seconds, more than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan  # not a number: refused just below
+    if not 0 < value < math.inf:  # false for nan too
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
+def whole_number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type for a whole number from `low` to `high` (a count, a size in MiB)."""
+
+    def parse(text: str) -> int:
+        if not text.isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {text!r}")
+        return int(text)
+
+    return parse
+
+
+async def run(host: str, ports: Ports, proxy_timeout: float, memory_budget: int) -> None:
+    """Bind, then serve until cancelled."""
+    server = Server(proxy_timeout, memory_budget=memory_budget)
     await server.listen(host, ports.control, ports.public)
     await server.serve()
 
@@ -223,16 +252,13 @@ def main() -> None:
             metavar="PORT",
             help=f"where {who}; 0 = any (default: %(default)s)",
         )
-    for flag, seconds, what in (
-        ("proxy-timeout", PROXY_TIMEOUT, "how long a user waits for the client to accept its stream"),
-    ):
-        parser.add_argument(
-            f"--{flag}",
-            type=positive_seconds,
-            default=seconds,
-            metavar="SECONDS",
-            help=f"{what} (default: %(default)s)",
-        )
+    parser.add_argument(
+        "--proxy-timeout",
+        type=positive_seconds,
+        default=PROXY_TIMEOUT,
+        metavar="SECONDS",
+        help="how long a user waits for the client to accept its stream (default: %(default)s)",
+    )
     parser.add_argument(
         "--memory-budget",
         type=whole_number(16, 1024 * 1024),
@@ -247,11 +273,7 @@ def main() -> None:
     )
     try:
         ports = Ports(args.control_port, args.public_port)
-        options = {
-            "proxy_timeout": args.proxy_timeout,
-            "memory_budget": args.memory_budget * MiB,
-        }
-        asyncio.run(run(args.host, ports, **options))
+        asyncio.run(run(args.host, ports, args.proxy_timeout, args.memory_budget * MiB))
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:
