@@ -62,7 +62,7 @@ class ServerSettings:
     proxy_timeout: float = PROXY_TIMEOUT
     """How long a user waits for the client to accept its stream (or for memory): then a 504 (or 503) page."""
     handshake_timeout: float = NETWORK_TIMEOUT
-    """How long a new control connection may take to say hello and prove the secret: a silent one is let go."""
+    """How long a new control connection may take to shake hands: one that never finishes is let go."""
     secret: str | None = field(default=None, repr=False)  # kept out of repr(), which a log may show
     """What the client must prove it knows (auth.py); None lets any client in (with a warning off loopback)."""
     domain: str = "localhost"
@@ -314,9 +314,8 @@ def listen_error(exc: OSError, role: str, host: str, port: int) -> str:
     return f"cannot listen on {host}:{port} for the {role} port: {exc.strerror or exc}"
 
 
-async def run(host: str, ports: Ports, settings: ServerSettings) -> None:
+async def run(server: Server, host: str, ports: Ports) -> None:
     """Bind, then serve until cancelled."""
-    server = Server(settings)
     await server.listen(host, ports.control, ports.public)
     await server.serve()
 
@@ -398,7 +397,7 @@ def main() -> None:
             max_streams_per_address=args.max_streams_per_address,
             memory_budget=args.memory_budget * MiB,
         )
-        asyncio.run(run(args.host, ports, settings))
+        asyncio.run(run(Server(settings), args.host, ports))
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:

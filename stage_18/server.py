@@ -66,11 +66,11 @@ class ServerSettings:
     proxy_timeout: float = PROXY_TIMEOUT
     """How long a user waits for the client to accept its stream (or for memory): then a 504 (or 503) page."""
     handshake_timeout: float = NETWORK_TIMEOUT
-    """How long a new control connection may take to say hello and prove the secret: a silent one is let go."""
+    """How long a new control connection may take to shake hands: one that never finishes is let go."""
     secret: str | None = field(default=None, repr=False)  # kept out of repr(), which a log may show
     """What the client must prove it knows (auth.py); None lets any client in (with a warning off loopback)."""
     domain: str = "localhost"
-    """The server's name in the tunnels' URLs: what users type to reach it (stage 15 makes it --domain)."""
+    """HTTP tunnels are NAME.DOMAIN: the Host header a user sends names its tunnel (routing.py)."""
     tcp_ports: tuple[int, int] | None = None
     """The ports TCP tunnels get, e.g. (61000, 61099) for a firewall that opens those; None: any free port."""
     resume_window: float = RESUME_WINDOW
@@ -369,11 +369,8 @@ def peername(stream: Stream) -> str:
     return f"{host}:{port}"
 
 
-async def run(
-    host: str, ports: Ports, settings: ServerSettings, tls: ssl.SSLContext, https: ssl.SSLContext | None
-) -> None:
-    """Bind, then serve until cancelled: the control port over `tls`, the public port over `https` if given."""
-    server = Server(settings, tls=tls, https=https)
+async def run(server: Server, host: str, ports: Ports) -> None:
+    """Bind, then serve until cancelled."""
     await server.listen(host, ports.control, ports.public)
     await server.serve()
 
@@ -487,7 +484,7 @@ def main() -> None:
         )
         control_tls = contexts("certificate", args.cert, args.key)
         https = args.https_cert and contexts("HTTPS certificate", args.https_cert, args.https_key)
-        asyncio.run(run(args.host, ports, settings, control_tls, https))
+        asyncio.run(run(Server(settings, tls=control_tls, https=https), args.host, ports))
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:
