@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import sys
+from dataclasses import dataclass, field
 
 from . import auth, backoff, private
 from .budget import Budget
@@ -34,6 +35,23 @@ from .relay import Stream
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ClientSettings:
+    """Every setting of the client, its bounds and its secret, in one object that Client takes.
+
+    As ServerSettings does for the server (the client has its own: it never imports a server module).
+    """
+
+    secret: str | None = field(default=None, repr=False)  # kept out of repr(), which a log may show
+    """The server's secret (auth.py); None or empty: the server must have none."""
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    """How often to ping the server: an idle NAT or firewall forgets a silent connection."""
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT
+    """Silence after which the server counts as gone, and the client reconnects."""
+    max_backoff: float = backoff.BACKOFF_CAP
+    """The longest wait between two reconnect attempts: a server back after an outage sees us soon."""
+
+
 class Client:
     """Keeps the control connection to a server up and relays each user it announces to the local app."""
 
@@ -42,19 +60,13 @@ class Client:
         local: tuple[str, int],
         server: str = "localhost",
         control_port: int = CONTROL_PORT,
-        *,
-        secret: str | None = None,
-        heartbeat_interval: float = HEARTBEAT_INTERVAL,
-        heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
-        max_backoff: float = backoff.BACKOFF_CAP,
+        settings: ClientSettings = ClientSettings(),
     ) -> None:
         self.local = local
         self.server = server
         self.control_port = control_port
-        self.secret = secret or None  # an empty secret would be no secret at all
-        self.heartbeat_interval = heartbeat_interval
-        self.heartbeat_timeout = heartbeat_timeout
-        self.max_backoff = max_backoff
+        self.settings = settings
+        self.secret = settings.secret or None  # an empty secret would be no secret at all
         self.budget = Budget()  # every stream's window, together (budget.py)
         # Set while the server has us as its client; the demo and the tests wait for it.
         self.connected = asyncio.Event()
@@ -82,7 +94,7 @@ class Client:
                 except Refused:
                     raise  # a wrong secret or another client: retrying would not help
                 except (TunnelError, OSError) as exc:  # TimeoutError (a silent server) is an OSError too
-                    wait = backoff.delay(attempt, cap=self.max_backoff)
+                    wait = backoff.delay(attempt, cap=self.settings.max_backoff)
                     attempt += 1
                     log.warning("%s; reconnecting in %.1fs (attempt %d)", str(exc) or "timed out", wait, attempt)
                     await asyncio.sleep(wait)
@@ -109,8 +121,8 @@ class Client:
             reader,
             writer,
             peer="the server",
-            heartbeat_timeout=self.heartbeat_timeout,
-            heartbeat_interval=self.heartbeat_interval,
+            heartbeat_timeout=self.settings.heartbeat_timeout,
+            heartbeat_interval=self.settings.heartbeat_interval,
             on_open=self._open,
         )
         self.connected.set()
@@ -181,10 +193,12 @@ def main() -> None:
         args.local,
         server,
         server_port or args.control_port or CONTROL_PORT,
-        secret=args.secret,
-        heartbeat_interval=args.heartbeat_interval,
-        heartbeat_timeout=args.heartbeat_timeout,
-        max_backoff=args.max_backoff,
+        ClientSettings(
+            secret=args.secret,
+            heartbeat_interval=args.heartbeat_interval,
+            heartbeat_timeout=args.heartbeat_timeout,
+            max_backoff=args.max_backoff,
+        ),
     )
     try:
         asyncio.run(client.run())

@@ -16,8 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 from . import auth, pages
 from .budget import MEMORY_BUDGET, Budget, MiB
@@ -44,6 +43,27 @@ BACKLOG = 1024
 
 
 @dataclass(frozen=True)
+class ServerSettings:
+    """Every setting of the server, its bounds and its secret, in one object that Server takes.
+
+    A test or the demo names only what it changes, and a new bound is one more field here, not one
+    more argument of every function that passes the settings on. Frozen: a running server's bounds
+    don't change under it; `dataclasses.replace(settings, secret=...)` makes a changed copy.
+    """
+
+    proxy_timeout: float = PROXY_TIMEOUT
+    """How long a user waits for the client to accept its stream (or for memory): then a 504 (or 503) page."""
+    handshake_timeout: float = NETWORK_TIMEOUT
+    """How long a new control connection may take to shake hands: one that never finishes is let go."""
+    secret: str | None = field(default=None, repr=False)  # kept out of repr(), which a log may show
+    """What the client must prove it knows (auth.py); None lets any client in (with a warning off loopback)."""
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT
+    """Silence after which the client counts as gone, even if TCP has not noticed (a laptop asleep)."""
+    memory_budget: int = MEMORY_BUDGET
+    """The bytes every user's stream together may make the server buffer (budget.py): memory stays bounded."""
+
+
+@dataclass(frozen=True)
 class Ports:
     """The two ports a server really bound (useful when asked for port 0)."""
 
@@ -66,21 +86,13 @@ class User(Stream):
 class Server:
     """The tunnel server: one tunnel connection from the client, many public users, one stream per user."""
 
-    def __init__(
-        self,
-        proxy_timeout: float = PROXY_TIMEOUT,
-        handshake_timeout: float = NETWORK_TIMEOUT,
-        *,
-        secret: str | None = None,
-        heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
-        memory_budget: int = MEMORY_BUDGET,
-    ) -> None:
-        self.proxy_timeout = proxy_timeout  # a user waits this long for the client to accept its stream
-        self.budget = Budget(memory_budget)  # every stream's window, together (budget.py)
+    def __init__(self, settings: ServerSettings = ServerSettings()) -> None:
+        self.settings = settings
+        self.budget = Budget(settings.memory_budget)  # every stream's window, together (budget.py)
         self._listeners: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
         # The client's session, if one is connected (see session.py).
-        self._sessions = Sessions(secret, handshake_timeout, heartbeat_timeout)
+        self._sessions = Sessions(settings.secret, settings.handshake_timeout, settings.heartbeat_timeout)
 
     async def listen(
         self,
@@ -163,7 +175,7 @@ class Server:
             await self._refuse(stream, peer, 502, "no tunnel client is connected to this server")
             return
         try:  # the stream's first window must fit in the memory budget: the user waits for it
-            async with asyncio.timeout(self.proxy_timeout):
+            async with asyncio.timeout(self.settings.proxy_timeout):
                 await self.budget.reserve(INITIAL_WINDOW)
         except TimeoutError:
             await self._refuse(stream, peer, 503, "the server's memory for users' bytes is spent; try again soon")
@@ -178,10 +190,10 @@ class Server:
         who = f"{peer}: stream {stream_id}"
         log.debug("%s: opened", who)
         try:
-            async with asyncio.timeout(self.proxy_timeout):
+            async with asyncio.timeout(self.settings.proxy_timeout):
                 refusal = await asyncio.shield(stream.answered)
         except TimeoutError:
-            cause = f"the tunnel client did not accept the stream within {self.proxy_timeout:g}s"
+            cause = f"the tunnel client did not accept the stream within {self.settings.proxy_timeout:g}s"
             stream.reset(cause)
             await self._refuse(stream, who, 504, cause)
             return
@@ -218,9 +230,8 @@ def listen_error(exc: OSError, role: str, host: str, port: int) -> str:
     return f"cannot listen on {host}:{port} for the {role} port: {exc.strerror or exc}"
 
 
-async def run(host: str, ports: Ports, **options: Any) -> None:
-    """Bind, then serve until cancelled; `options` are Server's keyword arguments."""
-    server = Server(**options)
+async def run(server: Server, host: str, ports: Ports) -> None:
+    """Bind, then serve until cancelled."""
     await server.listen(host, ports.control, ports.public)
     await server.serve()
 
@@ -273,13 +284,13 @@ def main() -> None:
     )
     try:
         ports = Ports(args.control_port, args.public_port)
-        options = {
-            "proxy_timeout": args.proxy_timeout,
-            "secret": args.secret,
-            "heartbeat_timeout": args.heartbeat_timeout,
-            "memory_budget": args.memory_budget * MiB,
-        }
-        asyncio.run(run(args.host, ports, **options))
+        settings = ServerSettings(
+            proxy_timeout=args.proxy_timeout,
+            secret=args.secret,
+            heartbeat_timeout=args.heartbeat_timeout,
+            memory_budget=args.memory_budget * MiB,
+        )
+        asyncio.run(run(Server(settings), args.host, ports))
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:

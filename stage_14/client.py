@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import sys
+from dataclasses import dataclass, field
 
 from . import auth, backoff, private
 from .budget import Budget
@@ -40,6 +41,29 @@ from .relay import Stream, Timeouts
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ClientSettings:
+    """Every setting of the client, its bounds and its secret, in one object that Client takes.
+
+    As ServerSettings does for the server (the client has its own: it never imports a server module).
+    """
+
+    tcp: bool = False
+    """Ask for a TCP tunnel (a public port of its own, for any protocol) instead of an HTTP one."""
+    secret: str | None = field(default=None, repr=False)  # kept out of repr(), which a log may show
+    """The server's secret (auth.py); None or empty: the server must have none."""
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    """How often to ping the server: an idle NAT or firewall forgets a silent connection."""
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT
+    """Silence after which the server counts as gone, and the client reconnects."""
+    max_backoff: float = backoff.BACKOFF_CAP
+    """The longest wait between two reconnect attempts: a server back after an outage sees us soon."""
+    idle_timeout: float = IDLE_TIMEOUT
+    """A relay with no byte either way for this long is closed: a silent user holds no descriptor forever."""
+    half_closed_timeout: float = HALF_CLOSED_TIMEOUT
+    """A half-closed relay whose other direction is silent this long is closed."""
+
+
 class Client:
     """Keeps the control connection to a server up and relays each user it announces to the local app."""
 
@@ -48,28 +72,19 @@ class Client:
         local: tuple[str, int],
         server: str = "localhost",
         control_port: int = CONTROL_PORT,
-        *,
-        tcp: bool = False,
-        secret: str | None = None,
-        heartbeat_interval: float = HEARTBEAT_INTERVAL,
-        heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
-        max_backoff: float = backoff.BACKOFF_CAP,
-        idle_timeout: float = IDLE_TIMEOUT,
-        half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
+        settings: ClientSettings = ClientSettings(),
     ) -> None:
         self.local = local
         self.server = server
         self.control_port = control_port
-        self.kind = "tcp" if tcp else "http"
+        self.settings = settings
+        self.kind = "tcp" if settings.tcp else "http"
         # The tunnel we got (a port): asked for again when we reconnect, with the session id,
         # so that we get it back. Its URL, for users.
         self.tunnel: str | None = None
         self.url: str | None = None
-        self.secret = secret or None  # an empty secret would be no secret at all
-        self.heartbeat_interval = heartbeat_interval
-        self.heartbeat_timeout = heartbeat_timeout
-        self.max_backoff = max_backoff
-        self.timeouts = Timeouts(idle_timeout, half_closed_timeout)  # for silent relays: see relay.py
+        self.secret = settings.secret or None  # an empty secret would be no secret at all
+        self.timeouts = Timeouts(settings.idle_timeout, settings.half_closed_timeout)  # for silent relays: relay.py
         self.budget = Budget()  # every stream's window, together (budget.py)
         # Set while the server has us as its client; the demo and the tests wait for it.
         self.connected = asyncio.Event()
@@ -98,7 +113,7 @@ class Client:
                 except Refused:
                     raise  # a wrong secret or another client: retrying would not help
                 except (TunnelError, OSError) as exc:  # TimeoutError (a silent server) is an OSError too
-                    wait = backoff.delay(attempt, cap=self.max_backoff)
+                    wait = backoff.delay(attempt, cap=self.settings.max_backoff)
                     attempt += 1
                     log.warning("%s; reconnecting in %.1fs (attempt %d)", str(exc) or "timed out", wait, attempt)
                     await asyncio.sleep(wait)
@@ -125,8 +140,8 @@ class Client:
             reader,
             writer,
             peer="the server",
-            heartbeat_timeout=self.heartbeat_timeout,
-            heartbeat_interval=self.heartbeat_interval,
+            heartbeat_timeout=self.settings.heartbeat_timeout,
+            heartbeat_interval=self.settings.heartbeat_interval,
             on_open=self._open,
         )
         self.connected.set()
@@ -207,13 +222,15 @@ def main() -> None:
         args.local,
         server,
         server_port or args.control_port or CONTROL_PORT,
-        tcp=args.tcp,
-        secret=args.secret,
-        heartbeat_interval=args.heartbeat_interval,
-        heartbeat_timeout=args.heartbeat_timeout,
-        max_backoff=args.max_backoff,
-        idle_timeout=args.idle_timeout,
-        half_closed_timeout=args.half_closed_timeout,
+        ClientSettings(
+            tcp=args.tcp,
+            secret=args.secret,
+            heartbeat_interval=args.heartbeat_interval,
+            heartbeat_timeout=args.heartbeat_timeout,
+            max_backoff=args.max_backoff,
+            idle_timeout=args.idle_timeout,
+            half_closed_timeout=args.half_closed_timeout,
+        ),
     )
     try:
         asyncio.run(client.run())

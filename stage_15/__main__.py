@@ -16,10 +16,10 @@ import sys
 from collections.abc import Coroutine
 
 from .cli import listen_port
-from .client import Client
+from .client import Client, ClientSettings
 from .demo_app import DemoApp
 from .protocol import CONTROL_PORT, NETWORK_TIMEOUT, PUBLIC_PORT, TunnelError
-from .server import Server, listen_error
+from .server import Server, ServerSettings, listen_error
 
 log = logging.getLogger(f"{__package__}.demo")
 
@@ -41,7 +41,7 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         except OSError as exc:
             raise TunnelError(listen_error(exc, "app", HOST, port)) from None
     secret = secrets.token_hex(16)  # known to the server and the clients, and to nobody else
-    server = Server(secret=secret)
+    server = Server(ServerSettings(secret=secret))
     try:
         ports = await server.listen(HOST, control_port, public_port)
     except TunnelError as exc:
@@ -52,7 +52,7 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         # test suite makes thousands, and each may have used it as its source port.
         log.warning("%s; the demo takes free ports instead", exc)
         ports = await server.listen(HOST, 0, 0)
-    clients = [Client(app.address, HOST, ports.control, name=app.name, secret=secret) for app in apps]
+    clients = [Client(app.address, HOST, ports.control, ClientSettings(name=app.name, secret=secret)) for app in apps]
     async with asyncio.TaskGroup() as tasks:
         for task in (*(app.serve() for app in apps), server.serve(), *(client.run() for client in clients)):
             tasks.create_task(task)

@@ -23,10 +23,10 @@ from pathlib import Path
 
 from . import certs, tls
 from .cli import listen_port
-from .client import Client
+from .client import Client, ClientSettings
 from .demo_app import DemoApp
 from .protocol import CONTROL_PORT, NETWORK_TIMEOUT, PUBLIC_PORT, TunnelError
-from .server import Server, listen_error
+from .server import Server, ServerSettings, listen_error
 
 log = logging.getLogger(f"{__package__}.demo")
 
@@ -54,7 +54,7 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
             raise TunnelError(str(exc)) from None
         server_tls, client_tls = tls.server_context(str(cert), str(key)), tls.client_context(str(ca))
     secret = secrets.token_hex(16)  # known to the server and the clients, and to nobody else
-    server = Server(tls=server_tls, secret=secret)
+    server = Server(ServerSettings(secret=secret), tls=server_tls)
     try:
         ports = await server.listen(HOST, control_port, public_port)
     except TunnelError as exc:
@@ -67,7 +67,8 @@ async def run(control_port: int, public_port: int, app_port: int, any_free: bool
         ports = await server.listen(HOST, 0, 0)
     # "localhost", not 127.0.0.1: the name the certificate holds, and the client checks.
     clients = [
-        Client(app.address, "localhost", ports.control, tls=client_tls, name=app.name, secret=secret) for app in apps
+        Client(app.address, "localhost", ports.control, ClientSettings(name=app.name, secret=secret), tls=client_tls)
+        for app in apps
     ]
     async with asyncio.TaskGroup() as tasks:
         for task in (*(app.serve() for app in apps), server.serve(), *(client.run() for client in clients)):

@@ -22,6 +22,7 @@ import logging
 import os
 import ssl
 import sys
+from dataclasses import dataclass, field
 
 from . import auth, backoff, private
 from .budget import Budget
@@ -48,6 +49,31 @@ from .tls import client_context, load_error, verify_error
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ClientSettings:
+    """Every setting of the client, its bounds and its secret, in one object that Client takes.
+
+    As ServerSettings does for the server (the client has its own: it never imports a server module).
+    """
+
+    name: str | None = None
+    """The HTTP tunnel's name, NAME.<the server's domain>; None: the server picks a random one."""
+    tcp: bool = False
+    """Ask for a TCP tunnel (a public port of its own, for any protocol) instead of an HTTP one."""
+    secret: str | None = field(default=None, repr=False)  # kept out of repr(), which a log may show
+    """The server's secret (auth.py); None or empty: the server must have none."""
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    """How often to ping the server: an idle NAT or firewall forgets a silent connection."""
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT
+    """Silence after which the server counts as gone, and the client reconnects."""
+    max_backoff: float = backoff.BACKOFF_CAP
+    """The longest wait between two reconnect attempts: a server back after an outage sees us soon."""
+    idle_timeout: float = IDLE_TIMEOUT
+    """A relay with no byte either way for this long is closed: a silent user holds no descriptor forever."""
+    half_closed_timeout: float = HALF_CLOSED_TIMEOUT
+    """A half-closed relay whose other direction is silent this long is closed."""
+
+
 class Client:
     """Keeps the control connection to a server up and relays each user it announces to the local app."""
 
@@ -56,33 +82,24 @@ class Client:
         local: tuple[str, int],
         server: str = "localhost",
         control_port: int = CONTROL_PORT,
+        settings: ClientSettings = ClientSettings(),
         *,
         tls: ssl.SSLContext | None = None,
-        name: str | None = None,
-        tcp: bool = False,
-        secret: str | None = None,
-        heartbeat_interval: float = HEARTBEAT_INTERVAL,
-        heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
-        max_backoff: float = backoff.BACKOFF_CAP,
-        idle_timeout: float = IDLE_TIMEOUT,
-        half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
         store: Store | None = None,
     ) -> None:
         self.local = local
         self.store = store  # observes every HTTP exchange, and logs it (None: nothing is observed)
         self.server = server
         self.control_port = control_port
+        self.settings = settings
         self.tls = tls or client_context()  # the system's CAs
-        self.kind = "tcp" if tcp else "http"
+        self.kind = "tcp" if settings.tcp else "http"
         # The tunnel we asked for, then the one we got (a name, or a TCP port): asked for again
         # when we reconnect, with the session id, so that we get it back. Its URL, for users.
-        self.tunnel: str | None = name
+        self.tunnel: str | None = settings.name
         self.url: str | None = None
-        self.secret = secret or None  # an empty secret would be no secret at all
-        self.heartbeat_interval = heartbeat_interval
-        self.heartbeat_timeout = heartbeat_timeout
-        self.max_backoff = max_backoff
-        self.timeouts = Timeouts(idle_timeout, half_closed_timeout)  # for silent relays: see relay.py
+        self.secret = settings.secret or None  # an empty secret would be no secret at all
+        self.timeouts = Timeouts(settings.idle_timeout, settings.half_closed_timeout)  # for silent relays: relay.py
         self.budget = Budget()  # every stream's window, together (budget.py)
         # Set while the server has us as its client; the demo and the tests wait for it.
         self.connected = asyncio.Event()
@@ -111,7 +128,7 @@ class Client:
                 except Refused:
                     raise  # a wrong secret, a taken name, a certificate we can't trust: retrying won't help
                 except (TunnelError, OSError) as exc:  # TimeoutError (a silent server) is an OSError too
-                    wait = backoff.delay(attempt, cap=self.max_backoff)
+                    wait = backoff.delay(attempt, cap=self.settings.max_backoff)
                     attempt += 1
                     log.warning("%s; reconnecting in %.1fs (attempt %d)", str(exc) or "timed out", wait, attempt)
                     await asyncio.sleep(wait)
@@ -145,8 +162,8 @@ class Client:
             reader,
             writer,
             peer="the server",
-            heartbeat_timeout=self.heartbeat_timeout,
-            heartbeat_interval=self.heartbeat_interval,
+            heartbeat_timeout=self.settings.heartbeat_timeout,
+            heartbeat_interval=self.settings.heartbeat_interval,
             on_open=self._open,
         )
         self.connected.set()
@@ -258,15 +275,17 @@ def main() -> None:
         args.local,
         server,
         server_port or args.control_port or CONTROL_PORT,
+        ClientSettings(
+            name=args.name,
+            tcp=args.tcp,
+            secret=args.secret,
+            heartbeat_interval=args.heartbeat_interval,
+            heartbeat_timeout=args.heartbeat_timeout,
+            max_backoff=args.max_backoff,
+            idle_timeout=args.idle_timeout,
+            half_closed_timeout=args.half_closed_timeout,
+        ),
         tls=context,
-        name=args.name,
-        tcp=args.tcp,
-        secret=args.secret,
-        heartbeat_interval=args.heartbeat_interval,
-        heartbeat_timeout=args.heartbeat_timeout,
-        max_backoff=args.max_backoff,
-        idle_timeout=args.idle_timeout,
-        half_closed_timeout=args.half_closed_timeout,
         store=None if args.no_inspect else Store(),
     )
     inspector = Inspector(client.store, args.inspect_host, args.inspect_port) if client.store else None

@@ -20,8 +20,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Coroutine
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 from . import auth, limits, pages, routing, tls
 from .budget import MEMORY_BUDGET, Budget, MiB
@@ -56,6 +55,49 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class ServerSettings:
+    """Every setting of the server, its bounds and its secret, in one object that Server takes.
+
+    A test or the demo names only what it changes, and a new bound is one more field here, not one
+    more argument of every function that passes the settings on. Frozen: a running server's bounds
+    don't change under it; `dataclasses.replace(settings, secret=...)` makes a changed copy.
+    """
+
+    proxy_timeout: float = PROXY_TIMEOUT
+    """How long a user waits for the client to accept its stream (or for memory): then a 504 (or 503) page."""
+    handshake_timeout: float = NETWORK_TIMEOUT
+    """How long a new control connection may take to shake hands: one that never finishes is let go."""
+    secret: str | None = field(default=None, repr=False)  # kept out of repr(), which a log may show
+    """What the client must prove it knows (auth.py); None lets any client in (with a warning off loopback)."""
+    domain: str = "localhost"
+    """HTTP tunnels are NAME.DOMAIN: the Host header a user sends names its tunnel (routing.py)."""
+    tcp_ports: tuple[int, int] | None = None
+    """The ports TCP tunnels get, e.g. (61000, 61099) for a firewall that opens those; None: any free port."""
+    resume_window: float = RESUME_WINDOW
+    """How long a gone client's tunnel is kept for it: a laptop back from a coffee gets its URL back."""
+    max_tunnels_per_address: int = MAX_TUNNELS_PER_ADDRESS
+    """Tunnels one address (an IPv6 /64) may hold, kept ones included: one host can't take them all."""
+    head_timeout: float = routing.HEAD_TIMEOUT
+    """An HTTP user sends its request's head within this (routing.py): a slow one can't hold a slot forever."""
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT
+    """Silence after which the client counts as gone, even if TCP has not noticed (a laptop asleep)."""
+    max_waiting: int = MAX_WAITING
+    """Users waiting at once for the client to accept their stream: a flood of users must not pile up."""
+    idle_timeout: float = IDLE_TIMEOUT
+    """A user's stream with no byte either way for this long is closed: a silent user holds no slot forever."""
+    half_closed_timeout: float = HALF_CLOSED_TIMEOUT
+    """A half-closed stream whose other direction is silent this long is closed."""
+    keepalive_timeout: float = KEEPALIVE_TIMEOUT
+    """A user silent this long after its answer is closed: a kept-alive connection, waiting for nothing."""
+    max_streams_per_address: int = MAX_STREAMS_PER_ADDRESS
+    """Streams one address (an IPv6 /64) may have open at once: one script (or crowd behind a NAT) can't take all."""
+    max_startups: int = limits.MAX_STARTUPS
+    """TLS connections per port not yet proved, at most at once: each costs ~330 KB, a flood of them can't OOM us."""
+    memory_budget: int = MEMORY_BUDGET
+    """The bytes every user's stream together may make the server buffer (budget.py): memory stays bounded."""
+
+
+@dataclass(frozen=True)
 class Ports:
     """The two ports a server really bound (useful when asked for port 0)."""
 
@@ -67,47 +109,29 @@ class Server:
     """The tunnel server: many clients, each holding one tunnel; many users, one stream per user."""
 
     def __init__(
-        self,
-        proxy_timeout: float = PROXY_TIMEOUT,
-        handshake_timeout: float = NETWORK_TIMEOUT,
-        *,
-        tls: ssl.SSLContext,
-        secret: str | None = None,
-        domain: str = "localhost",
-        https: ssl.SSLContext | None = None,
-        tcp_ports: tuple[int, int] | None = None,
-        resume_window: float = RESUME_WINDOW,
-        max_tunnels_per_address: int = MAX_TUNNELS_PER_ADDRESS,
-        head_timeout: float = routing.HEAD_TIMEOUT,
-        heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
-        max_waiting: int = MAX_WAITING,
-        idle_timeout: float = IDLE_TIMEOUT,
-        half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
-        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
-        max_streams_per_address: int = MAX_STREAMS_PER_ADDRESS,
-        max_startups: int = limits.MAX_STARTUPS,
-        memory_budget: int = MEMORY_BUDGET,
+        self, settings: ServerSettings = ServerSettings(), *, tls: ssl.SSLContext, https: ssl.SSLContext | None = None
     ) -> None:
-        self.proxy_timeout = proxy_timeout  # a user waits this long for the client to accept its stream
-        self.handshake_timeout = handshake_timeout  # for TLS handshakes too: one that never ends is let go
-        self.head_timeout = head_timeout  # an HTTP user sends its request's head within this (routing.py)
-        self.timeouts = Timeouts(idle_timeout, half_closed_timeout)  # for silent streams: see relay.py
-        # HTTP users are also closed when silent after their answer (TCP tunnels' users are not: an ssh
-        # session may stay quiet for minutes): see relay.py.
-        self.http_timeouts = Timeouts(idle_timeout, half_closed_timeout, keepalive_timeout)
-        self.max_waiting = max_waiting
-        self.max_streams_per_address = max_streams_per_address
-        self.domain = domain.lower()
+        self.settings = settings
+        self.timeouts = Timeouts(settings.idle_timeout, settings.half_closed_timeout, settings.keepalive_timeout)
+        # TCP tunnels' users are not closed when silent after their answer, as the public port's are:
+        # an ssh session may stay quiet for minutes (see relay.py).
+        self.tcp_timeouts = Timeouts(settings.idle_timeout, settings.half_closed_timeout)
+        self.domain = settings.domain.lower()
         self.tls, self.https = tls, https  # the control port's TLS; the public port's (HTTPS), if given
         self.waiting = 0  # users whose stream the client has not accepted yet
-        self.budget = Budget(memory_budget)  # every stream's window, together (budget.py)
+        self.budget = Budget(settings.memory_budget)  # every stream's window, together (budget.py)
         self._listeners: list[Listener] = []
         # TLS connections not yet proved, per port (limits.Startups): the HTTPS port's only with --https-cert.
-        self._startups = {role: limits.Startups(role, max_startups) for role in ("control", "public")}
+        self._startups = {role: limits.Startups(role, settings.max_startups) for role in ("control", "public")}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._tunnels = Tunnels(tcp_ports, self._spawn, self._handle_tcp)
+        self._tunnels = Tunnels(settings.tcp_ports, self._spawn, self._handle_tcp)
         self._sessions = Sessions(
-            self._tunnels, secret, handshake_timeout, heartbeat_timeout, resume_window, max_tunnels_per_address
+            self._tunnels,
+            settings.secret,
+            settings.handshake_timeout,
+            settings.heartbeat_timeout,
+            settings.resume_window,
+            settings.max_tunnels_per_address,
         )
 
     async def listen(
@@ -181,14 +205,14 @@ class Server:
     async def _handle_control(self, conn: socket.socket) -> None:
         peer = "{}:{}".format(*conn.getpeername()[:2])
         try:  # a place among the unproven, from its first byte until its welcome (limits.Startups)
-            slot = await self._startups["control"].admit(conn, self.handshake_timeout)
+            slot = await self._startups["control"].admit(conn, self.settings.handshake_timeout)
         except OSError as exc:
             log.debug("%s: %s; closed", peer, exc)
             return
         # The tunnel connection carries frames after the handshake: a big buffer limit keeps reads
         # large (DATA_LIMIT). read_message still refuses a handshake line over MAX_LINE.
         try:  # TLS first: a peer that doesn't speak it (or never finishes its handshake) fails here
-            reader, writer = await limits.streams(conn, DATA_LIMIT, self.tls, self.handshake_timeout)
+            reader, writer = await limits.streams(conn, DATA_LIMIT, self.tls, self.settings.handshake_timeout)
         except OSError as exc:  # ssl.SSLError: not TLS (e.g. a plain "hello" line), or a failed handshake
             reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__  # some have no text
             log.warning("%s: TLS handshake failed (%s); closed", peer, reason)
@@ -208,13 +232,13 @@ class Server:
         if self.https is not None:
             peer = "{}:{}".format(*conn.getpeername()[:2])
             try:  # a place among the unproven, from its first byte until its head names a tunnel (limits.Startups)
-                slot = await self._startups["public"].admit(conn, self.head_timeout)
+                slot = await self._startups["public"].admit(conn, self.settings.head_timeout)
             except OSError as exc:
                 log.debug("%s: %s; closed", peer, exc)
                 return
-        stream = Stream(self.http_timeouts)
+        stream = Stream(self.timeouts)
         try:
-            data, ended = await routing.read_head(conn, stream, self.https, self.head_timeout)  # OSError: it left
+            data, ended = await routing.read_head(conn, stream, self.https, self.settings.head_timeout)  # OSError: gone
             peer = peername(stream)
             if not data:  # a browser's preconnect left unused, a port scan: no request, nothing to answer
                 log.debug("%s: sent nothing; closed", peer)
@@ -236,7 +260,7 @@ class Server:
 
     async def _handle_tcp(self, session: Session, conn: socket.socket) -> None:
         """A user of a TCP tunnel's port: no head to read, the port says whose it is."""
-        stream = Stream(self.timeouts)
+        stream = Stream(self.tcp_timeouts)
         transport, _ = await asyncio.get_running_loop().connect_accepted_socket(lambda: stream, conn)
         try:
             await self._serve_user(stream, peername(stream), session)
@@ -252,19 +276,19 @@ class Server:
             cause = f"the tunnel client of {session.url} is not connected; it may be reconnecting"
             await self._refuse(stream, peer, 502, cause)
             return
-        if self.waiting >= self.max_waiting:  # bounded: a flood of users must not pile up here
+        if self.waiting >= self.settings.max_waiting:  # bounded: a flood of users must not pile up here
             await self._refuse(stream, peer, 503, "too many users are waiting; try again soon")
             return
         assert stream.transport is not None
         source = auth.source(stream.transport.get_extra_info("peername")[0])
-        if session.streams_from[source] >= self.max_streams_per_address:
+        if session.streams_from[source] >= self.settings.max_streams_per_address:
             # A share of each tunnel per source: one script (or one crowd behind a NAT) must not take
             # every stream of a tunnel and leave its other users a 502.
             await self._refuse(stream, peer, 503, f"too many connections from {source} at once; close some first")
             return
         hold(session.streams_from, source, stream.closed)
         try:  # the stream's first window must fit in the memory budget: the user waits for it
-            async with asyncio.timeout(self.proxy_timeout):
+            async with asyncio.timeout(self.settings.proxy_timeout):
                 await self.budget.reserve(INITIAL_WINDOW)
         except TimeoutError:
             await self._refuse(stream, peer, 503, "the server's memory for users' bytes is spent; try again soon")
@@ -280,7 +304,7 @@ class Server:
         log.debug("%s: opened", who)
         self.waiting += 1
         try:
-            async with asyncio.timeout(self.proxy_timeout):
+            async with asyncio.timeout(self.settings.proxy_timeout):
                 # Not the answer alone: a user who hung up (EOF) without a byte waits for nothing, and a burst of
                 # those would fill the room and turn real users away. One who sent bytes may have only half-closed.
                 await asyncio.wait((stream.answered, stream.ended), return_when=asyncio.FIRST_COMPLETED)
@@ -288,7 +312,7 @@ class Server:
                     stream.reset("the user hung up before the tunnel client answered")
                 refusal = await asyncio.shield(stream.answered)
         except TimeoutError:
-            cause = f"the tunnel client did not accept the stream within {self.proxy_timeout:g}s"
+            cause = f"the tunnel client did not accept the stream within {self.settings.proxy_timeout:g}s"
             stream.reset(cause)
             await self._refuse(stream, who, 504, cause)
             return
@@ -302,8 +326,7 @@ class Server:
         elapsed = time.monotonic() - started
         # The request log: one line per public connection, like ngrok's list of requests.
         request = pages.summary(stream.sent.head, stream.received.head)
-        ended = stream.expired or (stream.reset_reason if stream.reset_reason else "")
-        ended = f" (closed: {ended})" if ended else ""
+        ended = f" (closed: {stream.expired or stream.reset_reason})" if stream.expired or stream.reset_reason else ""
         up, down = stream.sent.copied, stream.received.copied
         log.info("%s %s, %d bytes up, %d bytes down, %.3fs%s", who, request, up, down, elapsed, ended)
 
@@ -346,9 +369,8 @@ def peername(stream: Stream) -> str:
     return f"{host}:{port}"
 
 
-async def run(host: str, ports: Ports, **options: Any) -> None:
-    """Bind, then serve until cancelled; `options` are Server's keyword arguments."""
-    server = Server(**options)
+async def run(server: Server, host: str, ports: Ports) -> None:
+    """Bind, then serve until cancelled."""
     await server.listen(host, ports.control, ports.public)
     await server.serve()
 
@@ -445,24 +467,24 @@ def main() -> None:
     )
     try:
         ports = Ports(args.control_port, args.public_port)
-        options = {
-            "tls": contexts("certificate", args.cert, args.key),
-            "https": args.https_cert and contexts("HTTPS certificate", args.https_cert, args.https_key),
-            "domain": args.domain,
-            "tcp_ports": args.tcp_ports,
-            "proxy_timeout": args.proxy_timeout,
-            "secret": args.secret,
-            "heartbeat_timeout": args.heartbeat_timeout,
-            "resume_window": args.resume_window,
-            "max_tunnels_per_address": args.max_tunnels_per_address,
-            "idle_timeout": args.idle_timeout,
-            "half_closed_timeout": args.half_closed_timeout,
-            "keepalive_timeout": args.keepalive_timeout,
-            "max_streams_per_address": args.max_streams_per_address,
-            "max_startups": args.max_startups,
-            "memory_budget": args.memory_budget * MiB,
-        }
-        asyncio.run(run(args.host, ports, **options))
+        settings = ServerSettings(
+            domain=args.domain,
+            tcp_ports=args.tcp_ports,
+            proxy_timeout=args.proxy_timeout,
+            secret=args.secret,
+            heartbeat_timeout=args.heartbeat_timeout,
+            resume_window=args.resume_window,
+            max_tunnels_per_address=args.max_tunnels_per_address,
+            idle_timeout=args.idle_timeout,
+            half_closed_timeout=args.half_closed_timeout,
+            keepalive_timeout=args.keepalive_timeout,
+            max_streams_per_address=args.max_streams_per_address,
+            max_startups=args.max_startups,
+            memory_budget=args.memory_budget * MiB,
+        )
+        control_tls = contexts("certificate", args.cert, args.key)
+        https = args.https_cert and contexts("HTTPS certificate", args.https_cert, args.https_key)
+        asyncio.run(run(Server(settings, tls=control_tls, https=https), args.host, ports))
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:

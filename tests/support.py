@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import http.server
 import importlib
@@ -634,6 +635,43 @@ def client_options(stage: str) -> dict[str, Any]:
     if has_inspector(stage):
         options["store"] = importlib.import_module(f"{stage}.capture").Store()
     return options
+
+
+# --- building a stage's Server and Client ---------------------------------------------------------
+# From stage 12 on their settings travel as one object (ServerSettings, ClientSettings); before, each
+# was a keyword argument. A test names only the settings it changes, the same way on every stage.
+
+
+def make_server(stage: str, secret: str | None = SECRET, **options: Any) -> Any:
+    """The stage's Server with `options` (named as its settings are), its secret and from stage 16 its certificate.
+
+    Options that are fields of the stage's ServerSettings go into it; the others (tls, https) stay
+    keyword arguments of Server, as every option is before stage 12. `secret` is the tests' unless
+    given; None: no secret (before stage 11 there is none).
+    """
+    module = importlib.import_module(f"{stage}.server")
+    options = {**(secret_options(stage, secret) if secret else {}), **server_options(stage), **options}
+    return build(module.Server, getattr(module, "ServerSettings", None), (), options)
+
+
+def make_client(stage: str, *where: Any, secret: str | None = SECRET, **options: Any) -> Any:
+    """The stage's Client for `where` (the local app, the server's host and ports), with `options` and `secret`.
+
+    Split as make_server splits them: ClientSettings' fields, and Client's own keyword arguments (tls, store).
+    """
+    module = importlib.import_module(f"{stage}.client")
+    options = {**(secret_options(stage, secret) if secret else {}), **options}
+    return build(module.Client, getattr(module, "ClientSettings", None), where, options)
+
+
+def build(cls: Any, settings: Any, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
+    """cls(*args, **options), or from stage 12 on cls(*args, settings=settings(**those options it has), **the rest)."""
+    if settings is None:
+        return cls(*args, **options)
+    names = {field.name for field in dataclasses.fields(settings)}
+    given = {name: value for name, value in options.items() if name in names}
+    rest = {name: value for name, value in options.items() if name not in names}
+    return cls(*args, settings=settings(**given), **rest)
 
 
 async def users_port(ports: Any, client: Any) -> int:

@@ -32,9 +32,9 @@ from support import (
     first_and_last,
     has_tunnels,
     hello,
+    make_client,
+    make_server,
     pattern_bytes,
-    secret_options,
-    server_options,
     stages_from,
     users_port,
 )
@@ -123,16 +123,13 @@ async def start_tunnel(stage: str, local_port: int, running: contextlib.AsyncExi
     Those are the proxy connections up to stage 8, the client's one connection from stage 9 on.
     Returns the public port.
     """
-    server_module, client_module = stage_module(stage, "server"), stage_module(stage, "client")
-    tunnel_server = server_module.Server(**secret_options(stage, SECRET), **server, **server_options(stage))
+    tunnel_server = make_server(stage, secret=SECRET, **server)
     ports = await tunnel_server.listen("127.0.0.1", *any_ports(stage))
     await running.enter_async_context(Background(tunnel_server.serve()))
     *control, data_port = client_ports(ports)  # the last port the client takes carries the users' bytes
     pipe = await running.enter_async_context(NarrowPipe(data_port))
     local = ("127.0.0.1", local_port)
-    client = client_module.Client(
-        local, "127.0.0.1", *control, pipe.port, **secret_options(stage, SECRET), **client_options(stage)
-    )
+    client = make_client(stage, local, "127.0.0.1", *control, pipe.port, secret=SECRET, **client_options(stage))
     await running.enter_async_context(Background(client.run()))
     async with asyncio.timeout(STEP_TIMEOUT):
         await client.connected.wait()
@@ -260,9 +257,7 @@ async def test_users_waiting_for_a_stalled_client_each_hold_a_bounded_amount(sta
     data_limit = int(getattr(stage_module(stage, "protocol"), "DATA_LIMIT", 256 * 1024))
     bound = data_limit + 64 * 1024  # plus what a connection costs: a transport, a task, the protocol objects
     async with contextlib.AsyncExitStack() as running:
-        tunnel_server = stage_module(stage, "server").Server(
-            **secret_options(stage, SECRET), proxy_timeout=60.0, **server_options(stage)
-        )
+        tunnel_server = make_server(stage, secret=SECRET, proxy_timeout=60.0)
         ports = await tunnel_server.listen("127.0.0.1", *any_ports(stage))
         await running.enter_async_context(Background(tunnel_server.serve()))
         reader, writer = await control_connection(stage, ports.control)

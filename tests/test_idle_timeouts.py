@@ -1,8 +1,9 @@
 """Silent connections time out: a relay idle both ways, and a half-closed one whose other direction stays silent.
 
-Either side may enforce them: `Server(idle_timeout=..., half_closed_timeout=...)` and the same
-keywords on `Client`; on the command line `--idle-timeout SECONDS` and `--half-closed-timeout
-SECONDS` on both programs. Here with small values; a relay that carries bytes stays open.
+Either side may enforce them: `ServerSettings(idle_timeout=..., half_closed_timeout=...)` and the
+same fields of `ClientSettings` (support.make_server and make_client fill them in); on the command
+line `--idle-timeout SECONDS` and `--half-closed-timeout SECONDS` on both programs. Here with small
+values; a relay that carries bytes stays open.
 """
 
 import asyncio
@@ -12,7 +13,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from hardening import stage_module
 
 from support import (
     STEP_TIMEOUT,
@@ -23,10 +23,10 @@ from support import (
     any_ports,
     client_options,
     client_ports,
+    make_client,
+    make_server,
     open_connection,
-    secret_options,
     server_flags,
-    server_options,
     stages_from,
     users_port,
 )
@@ -52,14 +52,12 @@ async def tunnel(stage: str) -> AsyncIterator[Tunnel]:
     async with contextlib.AsyncExitStack() as running:
 
         async def start(local_port: int, server: dict[str, Any], client: dict[str, Any]) -> int:
-            tunnel_server = stage_module(stage, "server").Server(
-                **secret_options(stage, SECRET), **server, **server_options(stage)
-            )
+            tunnel_server = make_server(stage, secret=SECRET, **server)
             ports = await tunnel_server.listen("127.0.0.1", *any_ports(stage))
             await running.enter_async_context(Background(tunnel_server.serve()))
             local, options = ("127.0.0.1", local_port), client_options(stage)
-            tunnel_client = stage_module(stage, "client").Client(
-                local, "127.0.0.1", *client_ports(ports), **secret_options(stage, SECRET), **client, **options
+            tunnel_client = make_client(
+                stage, local, "127.0.0.1", *client_ports(ports), secret=SECRET, **client, **options
             )
             await running.enter_async_context(Background(tunnel_client.run()))
             async with asyncio.timeout(STEP_TIMEOUT):

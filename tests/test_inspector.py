@@ -34,9 +34,10 @@ from support import (
     client_options,
     has,
     http_get,
+    make_client,
+    make_server,
     open_connection,
     rebind,
-    server_options,
     tls_flags,
 )
 from tls_certs import certs
@@ -75,7 +76,7 @@ async def start_tunnel() -> AsyncIterator[Start]:
     async with contextlib.AsyncExitStack() as running:
 
         async def start(local_port: int, **ring: int) -> Tunnel:
-            server = Server(secret=SECRET, **server_options(STAGE))
+            server = make_server(STAGE, secret=SECRET)
             ports = await server.listen("127.0.0.1", 0, 0)
             await running.enter_async_context(Background(server.serve()))
             local_app = [("127.0.0.1", local_port)] if has(STAGE, "live") else []  # where replays go (18 on)
@@ -84,7 +85,8 @@ async def start_tunnel() -> AsyncIterator[Start]:
             running.push_async_callback(inspector.close)
             tls = client_options(STAGE)["tls"]  # the test CA; an HTTP tunnel by name, not the shared tests' TCP one
             local = ("127.0.0.1", local_port)
-            client = Client(local, "127.0.0.1", ports.control, tls=tls, name=NAME, secret=SECRET, store=inspector.store)
+            options = {"tls": tls, "name": NAME, "secret": SECRET, "store": inspector.store}
+            client = make_client(STAGE, local, "127.0.0.1", ports.control, **options)
             await running.enter_async_context(Background(client.run()))
             async with asyncio.timeout(STEP_TIMEOUT):
                 await client.connected.wait()

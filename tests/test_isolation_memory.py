@@ -32,11 +32,11 @@ from support import (
     first_and_last,
     has,
     has_inspector,
+    make_client,
+    make_server,
     open_connection,
     port_roles,
-    secret_options,
     server_flags,
-    server_options,
     stage_number,
     stages_from,
     tls_flags,
@@ -59,12 +59,10 @@ def has_routing(stage: str) -> bool:
 @contextlib.asynccontextmanager
 async def tunnel(stage: str, local_port: int, **server: Any) -> AsyncIterator[tuple[Any, Any, int]]:
     """The stage's server and client in this process, in front of `local_port`: (server, ports, users' port)."""
-    server_module, client_module = stage_module(stage, "server"), stage_module(stage, "client")
-    tunnel_server = server_module.Server(**secret_options(stage, SECRET), **server, **server_options(stage))
+    tunnel_server = make_server(stage, secret=SECRET, **server)
     ports = await tunnel_server.listen("127.0.0.1", *any_ports(stage))
     local = ("127.0.0.1", local_port)
-    options = {**secret_options(stage, SECRET), **client_options(stage)}
-    client = client_module.Client(local, "127.0.0.1", *client_ports(ports), **options)
+    client = make_client(stage, local, "127.0.0.1", *client_ports(ports), secret=SECRET, **client_options(stage))
     async with Background(tunnel_server.serve()), Background(client.run()):
         async with asyncio.timeout(STEP_TIMEOUT):
             await client.connected.wait()

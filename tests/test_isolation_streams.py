@@ -44,8 +44,9 @@ from support import (
     control_connection,
     has_tunnels,
     hello,
+    make_client,
+    make_server,
     open_connection,
-    server_options,
     until_logged,
     users_port,
 )
@@ -125,13 +126,12 @@ async def tunnel_of(stage: str, cable: bool = False) -> AsyncIterator[tuple[Tunn
 
     With `cable`, the client reaches the server through a Cable the test can cut.
     """
-    server = importlib.import_module(f"{stage}.server").Server(secret=SECRET, **server_options(stage))
+    server = make_server(stage, secret=SECRET)
     ports = await server.listen("127.0.0.1", *any_ports(stage))
     async with App() as app, Cable(ports.control) as relay, Background(server.serve()):
         control = relay.port if cable else ports.control
-        client_class = importlib.import_module(f"{stage}.client").Client
         options = {"secret": SECRET, "max_backoff": 0.2, **client_options(stage)}
-        client = client_class(("127.0.0.1", app.port), "127.0.0.1", control, **options)
+        client = make_client(stage, ("127.0.0.1", app.port), "127.0.0.1", control, **options)
         async with Background(client.run()):
             async with asyncio.timeout(STEP_TIMEOUT):
                 await client.connected.wait()
@@ -278,15 +278,11 @@ async def test_an_apps_reset_reaches_its_user_as_a_reset(stage: str) -> None:
 @contextlib.asynccontextmanager
 async def https_user(stage: str, path: str) -> AsyncIterator[tuple[App, asyncio.StreamReader, asyncio.StreamWriter]]:
     """A server whose public port speaks HTTPS, an HTTP tunnel to an App, and a user who asked it for `path`."""
-    server = importlib.import_module(f"{stage}.server").Server(
-        secret=SECRET, domain=tls_certs.DOMAIN, https=tls_certs.server_context(), **server_options(stage)
-    )
+    server = make_server(stage, secret=SECRET, domain=tls_certs.DOMAIN, https=tls_certs.server_context())
     ports = await server.listen("127.0.0.1", *any_ports(stage))
     async with App() as app, Background(server.serve()):
         options = {**client_options(stage), "tcp": False, "name": "app", "secret": SECRET}
-        client = importlib.import_module(f"{stage}.client").Client(
-            ("127.0.0.1", app.port), "127.0.0.1", ports.control, **options
-        )
+        client = make_client(stage, ("127.0.0.1", app.port), "127.0.0.1", ports.control, **options)
         async with Background(client.run()):
             host = f"app.{tls_certs.DOMAIN}"
             async with asyncio.timeout(STEP_TIMEOUT):
@@ -403,7 +399,7 @@ class Raw:
 @contextlib.asynccontextmanager
 async def hostile_client(stage: str) -> AsyncIterator[Raw]:
     """A server, and a client of it that speaks frames by hand."""
-    server = importlib.import_module(f"{stage}.server").Server(secret=SECRET, **server_options(stage))
+    server = make_server(stage, secret=SECRET)
     ports = await server.listen("127.0.0.1", *any_ports(stage))
     async with Background(server.serve()):
         raw = await Raw.connect(stage, ports)

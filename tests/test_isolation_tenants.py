@@ -59,11 +59,12 @@ from support import (
     has_tls,
     has_tunnels,
     hello,
+    make_client,
+    make_server,
     open_connection,
     pattern_bytes,
     port_roles,
     server_flags,
-    server_options,
     sha256,
     stages_from,
     tls_flags,
@@ -229,7 +230,7 @@ async def guess_wrong(stage: str, control_port: int, times: int) -> list[str]:
 
 async def test_the_guesser_is_turned_away_with_busy_and_its_wrong_answers_are_errors(stage: str) -> None:
     """The throttle's answer on the wire: `error` for a wrong secret (final), `busy` once the address is throttled."""
-    server = stage_module(stage, "server").Server(secret=SECRET, **server_options(stage))
+    server = make_server(stage, secret=SECRET)
     ports = await server.listen("127.0.0.1", *any_ports(stage))
     async with Background(server.serve()):
         failures = stage_module(stage, "auth").MAX_FAILURES
@@ -258,14 +259,14 @@ async def test_a_stranger_guessing_from_the_clients_address_never_makes_a_new_cl
 
 async def test_a_new_client_behind_a_guessers_address_gets_in_once_the_guesser_is_slowed_down(stage: str) -> None:
     """The throttle only slows the guesser: the client it turned away comes in when the window has passed."""
-    server = stage_module(stage, "server").Server(secret=SECRET, **server_options(stage))
+    server = make_server(stage, secret=SECRET)
     server._sessions.throttle = stage_module(stage, "auth").Throttle(window=1.0)  # a short window, for the test
     ports = await server.listen("127.0.0.1", *any_ports(stage))
     async with Background(server.serve()), EchoServer() as app, contextlib.AsyncExitStack() as running:
         failures = stage_module(stage, "auth").MAX_FAILURES
         await guess_wrong(stage, ports.control, failures)
-        client = stage_module(stage, "client").Client(
-            ("127.0.0.1", app.port), "127.0.0.1", *client_ports(ports), secret=SECRET, max_backoff=0.2,
+        client = make_client(
+            stage, ("127.0.0.1", app.port), "127.0.0.1", *client_ports(ports), secret=SECRET, max_backoff=0.2,
             **client_options(stage),
         )  # fmt: skip
         await up(client, await running.enter_async_context(Background(client.run())))
@@ -276,11 +277,11 @@ async def test_a_connected_client_that_must_reconnect_gets_back_in_whatever_a_st
     stage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Issue 23: a client that had to reconnect after a stranger's guesses exited 1, and its users got 502."""
-    server = stage_module(stage, "server").Server(secret=SECRET, **server_options(stage))
+    server = make_server(stage, secret=SECRET)
     ports = await server.listen("127.0.0.1", *any_ports(stage))
     async with Background(server.serve()), EchoServer() as app, Cable(ports.control) as cable:
-        client = stage_module(stage, "client").Client(
-            ("127.0.0.1", app.port), "127.0.0.1", cable.port, *client_ports(ports)[1:], secret=SECRET,
+        client = make_client(
+            stage, ("127.0.0.1", app.port), "127.0.0.1", cable.port, *client_ports(ports)[1:], secret=SECRET,
             max_backoff=0.2, **client_options(stage),
         )  # fmt: skip
         async with Background(client.run()) as running:
@@ -338,7 +339,7 @@ async def test_one_address_holds_a_bounded_number_of_names_even_holding_no_conne
     named: str, secret: str | None
 ) -> None:
     """Issue 23: connecting and leaving, one address took all 1024 names in 1.5 s (2.6 s with the secret)."""
-    server = stage_module(named, "server").Server(secret=secret, **server_options(named))
+    server = make_server(named, secret=secret)
     ports = await server.listen("127.0.0.1", 0, 0)
     bound = protocol(named).MAX_TUNNELS_PER_ADDRESS
     async with Background(server.serve()):
@@ -356,14 +357,14 @@ async def test_a_client_behind_a_squatters_address_waits_for_a_kept_tunnel_to_en
 ) -> None:
     """The per-address bound says `busy`: the address may be a NAT shared with the squatter, whose kept
     tunnels end with their window; a correctly configured client behind it retries, and gets in."""
-    server = stage_module(named, "server").Server(secret=SECRET, resume_window=1.0, **server_options(named))
+    server = make_server(named, secret=SECRET, resume_window=1.0)
     ports = await server.listen("127.0.0.1", 0, 0)
     bound = protocol(named).MAX_TUNNELS_PER_ADDRESS
     async with Background(server.serve()), EchoServer() as app:
         for n in range(bound):
             assert await ask(named, ports.control, f"squat{n}", SECRET) == f"welcome squat{n}"
-        client = stage_module(named, "client").Client(
-            ("127.0.0.1", app.port), "127.0.0.1", ports.control, secret=SECRET, max_backoff=0.2,
+        client = make_client(
+            named, ("127.0.0.1", app.port), "127.0.0.1", ports.control, secret=SECRET, max_backoff=0.2,
             **client_options(named),
         )  # fmt: skip
         async with Background(client.run()) as running:
@@ -383,11 +384,11 @@ async def test_a_client_away_longer_than_a_heartbeat_and_half_a_minute_gets_its_
     The link is cut at once here (both ends see a reset), so the server keeps the tunnel from the first
     second: 32 s away is past the old window. A squatter, a tenant with the secret, asks every second."""
     away = 32.0
-    server = stage_module(named, "server").Server(secret=SECRET, **server_options(named))
+    server = make_server(named, secret=SECRET)
     ports = await server.listen("127.0.0.1", 0, 0)
     async with Background(server.serve()), EchoServer() as app, Cable(ports.control) as cable:
-        client = stage_module(named, "client").Client(
-            ("127.0.0.1", app.port), "127.0.0.1", cable.port, secret=SECRET, max_backoff=1.0, name="myapp",
+        client = make_client(
+            named, ("127.0.0.1", app.port), "127.0.0.1", cable.port, secret=SECRET, max_backoff=1.0, name="myapp",
             **{**client_options(named), "tcp": False},
         )  # fmt: skip
         async with Background(client.run()) as running:
@@ -512,7 +513,7 @@ async def test_a_peer_flooding_frames_without_data_is_cut_with_one_log_line(
     muxed: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Issue 23: a client flooding PING|ACK (parsed, never limited) took the server to 100 % CPU."""
-    server = stage_module(muxed, "server").Server(secret=SECRET, **server_options(muxed))
+    server = make_server(muxed, secret=SECRET)
     ports = await server.listen("127.0.0.1", *any_ports(muxed))
     async with Background(server.serve()):
         flood = await flood_pings(muxed, functools.partial(control_connection, muxed, ports.control))
@@ -524,11 +525,11 @@ async def test_a_peer_flooding_frames_without_data_is_cut_with_one_log_line(
 
 async def test_another_tunnel_serves_on_while_a_tenant_floods(tenant: str, caplog: pytest.LogCaptureFixture) -> None:
     """Two tenants: one floods, the other's users are served all along, and its client is never cut."""
-    server = stage_module(tenant, "server").Server(secret=SECRET, **server_options(tenant))
+    server = make_server(tenant, secret=SECRET)
     ports = await server.listen("127.0.0.1", 0, 0)
     async with Background(server.serve()), EchoServer() as app:
-        client = stage_module(tenant, "client").Client(
-            ("127.0.0.1", app.port), "127.0.0.1", ports.control, secret=SECRET, **client_options(tenant)
+        client = make_client(
+            tenant, ("127.0.0.1", app.port), "127.0.0.1", ports.control, secret=SECRET, **client_options(tenant)
         )
         async with Background(client.run()) as running:
             await up(client, running)
@@ -551,11 +552,11 @@ async def test_what_a_real_client_sends_is_covered_by_what_the_servers_frames_ca
     mux = stage_module(muxed, "mux")
     monkeypatch.setattr(mux, "CONTROL_BURST", 10)
     monkeypatch.setattr(mux, "CONTROL_RATE", 1)
-    server = stage_module(muxed, "server").Server(secret=SECRET, **server_options(muxed))
+    server = make_server(muxed, secret=SECRET)
     ports = await server.listen("127.0.0.1", *any_ports(muxed))
     async with Background(server.serve()), EchoServer() as app:
-        client = stage_module(muxed, "client").Client(
-            ("127.0.0.1", app.port), "127.0.0.1", ports.control, secret=SECRET, **client_options(muxed)
+        client = make_client(
+            muxed, ("127.0.0.1", app.port), "127.0.0.1", ports.control, secret=SECRET, **client_options(muxed)
         )
         async with Background(client.run()) as running:
             await up(client, running)
@@ -602,13 +603,13 @@ async def http_tunnel(stage: str, local_port: int, **server: Any) -> AsyncIterat
     """The stage's server and client in this process, with an HTTP tunnel to `local_port`: the public port
     of stage 13 (its one client's) and of stage 14 (the first client's: this one, not a TCP tunnel), or a
     named tunnel from stage 15 on (users name it in their Host header: the public port routes by it)."""
-    tunnel_server = stage_module(stage, "server").Server(secret=SECRET, **server, **server_options(stage))
+    tunnel_server = make_server(stage, secret=SECRET, **server)
     ports = await tunnel_server.listen("127.0.0.1", *any_ports(stage))
     http: dict[str, Any] = {"tcp": False} if has_tunnels(stage) else {}
     if has(stage, "names"):
         http["name"] = "app"
-    client = stage_module(stage, "client").Client(
-        ("127.0.0.1", local_port), "127.0.0.1", ports.control, secret=SECRET, **{**client_options(stage), **http}
+    client = make_client(
+        stage, ("127.0.0.1", local_port), "127.0.0.1", ports.control, secret=SECRET, **{**client_options(stage), **http}
     )
     async with Background(tunnel_server.serve()), Background(client.run()) as running:
         await up(client, running)
@@ -702,11 +703,11 @@ async def test_a_user_silent_after_its_answer_is_closed_after_the_keepalive_time
 
 async def test_a_tcp_tunnels_user_is_not_closed_by_the_keepalive_timeout(tenant: str) -> None:
     """The keep-alive timeout is HTTP's: a TCP tunnel's user (an ssh session) may stay quiet for minutes."""
-    server = stage_module(tenant, "server").Server(secret=SECRET, keepalive_timeout=0.5, **server_options(tenant))
+    server = make_server(tenant, secret=SECRET, keepalive_timeout=0.5)
     ports = await server.listen("127.0.0.1", 0, 0)
     async with Background(server.serve()), EchoServer() as app:
-        client = stage_module(tenant, "client").Client(
-            ("127.0.0.1", app.port), "127.0.0.1", ports.control, secret=SECRET, **client_options(tenant)
+        client = make_client(
+            tenant, ("127.0.0.1", app.port), "127.0.0.1", ports.control, secret=SECRET, **client_options(tenant)
         )
         async with Background(client.run()) as running:
             await up(client, running)

@@ -41,10 +41,10 @@ from support import (
     has_tunnels,
     hello,
     http_request,
+    make_client,
+    make_server,
     open_connection,
     rebind,
-    secret_options,
-    server_options,
     stages_from,
     until_logged,
     users_port,
@@ -76,7 +76,7 @@ async def start_server(stage: str) -> AsyncIterator[StartServer]:
     async with contextlib.AsyncExitStack() as running:
 
         async def start(control_port: int = 0, host: str = "127.0.0.1", **options: Any) -> tuple[Server, Ports]:
-            server = Server(**{**secret_options(stage, SECRET), **server_options(stage), **options})
+            server = make_server(stage, **{"secret": SECRET, **options})
             ports = await server.listen(host, control_port, 0)
             await running.enter_async_context(Background(server.serve()))
             return server, ports
@@ -86,8 +86,9 @@ async def start_server(stage: str) -> AsyncIterator[StartServer]:
 
 def new_client(local_port: int, control_port: int, **options: Any) -> Client:
     """A client of the stage under test (secret, TCP tunnel and CA as the stage needs them), not started."""
-    options = {**secret_options(STAGE, SECRET), **client_options(STAGE), **options}
-    return Client(("127.0.0.1", local_port), "127.0.0.1", control_port, **options)
+    options = {"secret": SECRET, **client_options(STAGE), **options}
+    client: Client = make_client(STAGE, ("127.0.0.1", local_port), "127.0.0.1", control_port, **options)
+    return client
 
 
 @pytest.fixture
@@ -396,7 +397,7 @@ async def test_the_backoff_starts_again_from_the_first_step_after_a_good_connect
     async with Background(client.run()):
         await until_logged(caplog, r"reconnecting in [\d.]+s \(attempt 3\)")
         async with contextlib.AsyncExitStack() as running:
-            server = Server(**{**secret_options(STAGE, SECRET), **server_options(STAGE)})
+            server = make_server(STAGE, secret=SECRET)
             await server.listen("127.0.0.1", control_port, 0)
             await running.enter_async_context(Background(server.serve()))
             await until(client.connected.wait())

@@ -8,10 +8,8 @@ the command lines run as subprocesses, exactly as the docs tell a learner to run
 
 import asyncio
 import contextlib
-import importlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import pytest
 
@@ -33,11 +31,12 @@ from support import (
     has,
     has_proxy_port,
     http_get,
+    make_client,
+    make_server,
     open_connection,
     pattern_bytes,
     port_roles,
     server_flags,
-    server_options,
     server_port_flags,
     sha256,
     stage_number,
@@ -60,17 +59,15 @@ def stage(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 async def start_tunnel(stage: str) -> AsyncIterator[StartTunnel]:
     """Start the stage's server and client in this process (no secret: loopback); all stop at the end."""
-    # Imported here, so that a learner working on one stage is not stopped by another one.
-    server_module = importlib.import_module(f"{stage}.server")
-    client_module = importlib.import_module(f"{stage}.client")
+    # Imported when started (make_server), so that a learner working on one stage is not stopped by another one.
     async with contextlib.AsyncExitStack() as running:
 
         async def start(local_port: int) -> int:
-            server: Any = server_module.Server(**server_options(stage))
+            server = make_server(stage, secret=None)
             ports = await server.listen("127.0.0.1", *any_ports(stage))
             await running.enter_async_context(Background(server.serve()))
             local = ("127.0.0.1", local_port)
-            client = client_module.Client(local, "127.0.0.1", *client_ports(ports), **client_options(stage))
+            client = make_client(stage, local, "127.0.0.1", *client_ports(ports), secret=None, **client_options(stage))
             await running.enter_async_context(Background(client.run()))
             async with asyncio.timeout(STEP_TIMEOUT):
                 await client.connected.wait()

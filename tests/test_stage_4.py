@@ -19,7 +19,17 @@ from typing import Any
 
 import pytest
 
-from support import STEP_TIMEOUT, Background, EchoServer, any_ports, exchange, open_connection, until_logged
+from support import (
+    STEP_TIMEOUT,
+    Background,
+    EchoServer,
+    any_ports,
+    exchange,
+    make_client,
+    make_server,
+    open_connection,
+    until_logged,
+)
 
 StartServer = Callable[..., Awaitable[Any]]
 
@@ -32,11 +42,10 @@ def log_info(caplog: pytest.LogCaptureFixture) -> None:
 @pytest.fixture
 async def start_server(stage: str) -> AsyncIterator[StartServer]:
     """Start the stage's server on free ports; returns its Ports. All stop at the end."""
-    server_module = importlib.import_module(f"{stage}.server")
     async with contextlib.AsyncExitStack() as running:
 
         async def start(**options: Any) -> Any:
-            server = server_module.Server(**options)
+            server = make_server(stage, **options)
             ports = await server.listen("127.0.0.1", *any_ports(stage))
             await running.enter_async_context(Background(server.serve()))
             return ports
@@ -143,7 +152,7 @@ async def test_a_bad_frame_from_the_client_ends_its_connection_with_one_log_line
 
 @pytest.mark.since("frames", until="resume")  # from stage 10 on the client reconnects instead (test_streams.py)
 async def test_a_client_whose_server_sends_a_bad_frame_stops_with_one_clear_error(stage: str) -> None:
-    client_module, frames = importlib.import_module(f"{stage}.client"), frames_of(stage)
+    frames = frames_of(stage)
 
     async def bad_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert await reader.readline() == b"hello\n"
@@ -154,7 +163,7 @@ async def test_a_client_whose_server_sends_a_bad_frame_stops_with_one_clear_erro
 
     fake = await asyncio.start_server(bad_server, "127.0.0.1", 0)
     async with fake:
-        client = client_module.Client(("127.0.0.1", 9), "127.0.0.1", fake.sockets[0].getsockname()[1])
+        client = make_client(stage, ("127.0.0.1", 9), "127.0.0.1", fake.sockets[0].getsockname()[1])
         with pytest.raises(importlib.import_module(f"{stage}.protocol").ProtocolError, match="unknown frame type 9"):
             async with asyncio.timeout(STEP_TIMEOUT):
                 await client.run()
@@ -211,13 +220,12 @@ async def test_the_client_dials_a_proxy_connection_naming_the_id_of_a_syn_that_c
         named.set_result(await reader.readline())
         writer.close()
 
-    client_module = importlib.import_module(f"{stage}.client")
     async with EchoServer() as app:
         control = await asyncio.start_server(fake_server, "127.0.0.1", 0)
         proxy = await asyncio.start_server(fake_proxy_port, "127.0.0.1", 0)
         async with control, proxy:
             ports = [server.sockets[0].getsockname()[1] for server in (control, proxy)]
-            client = client_module.Client(("127.0.0.1", app.port), "127.0.0.1", *ports)
+            client = make_client(stage, ("127.0.0.1", app.port), "127.0.0.1", *ports)
             async with Background(client.run()):
                 async with asyncio.timeout(STEP_TIMEOUT):
                     assert await named == f"proxy {conn_id}\n".encode()
@@ -244,12 +252,11 @@ async def test_a_syn_without_a_pairing_id_stops_the_client_before_it_writes_a_pr
         writer.close()
 
     protocol = importlib.import_module(f"{stage}.protocol")
-    client_module = importlib.import_module(f"{stage}.client")
     control = await asyncio.start_server(fake_server, "127.0.0.1", 0)
     proxy = await asyncio.start_server(fake_proxy_port, "127.0.0.1", 0)
     async with control, proxy:
         ports = [server.sockets[0].getsockname()[1] for server in (control, proxy)]
-        client = client_module.Client(("127.0.0.1", 9), "127.0.0.1", *ports)
+        client = make_client(stage, ("127.0.0.1", 9), "127.0.0.1", *ports)
         with pytest.raises(protocol.ProtocolError, match="without a pairing id"):
             async with asyncio.timeout(STEP_TIMEOUT):
                 await client.run()
@@ -259,10 +266,9 @@ async def test_a_syn_without_a_pairing_id_stops_the_client_before_it_writes_a_pr
 @pytest.mark.since("frames", until="streams")
 async def test_users_are_served_through_the_tunnel_after_the_handshake(start_server: StartServer, stage: str) -> None:
     """The whole path with the stage's own client: the handshake, a SYN per user, proxy connections."""
-    client_module = importlib.import_module(f"{stage}.client")
     ports = await start_server()
     async with EchoServer() as app:
-        client = client_module.Client(("127.0.0.1", app.port), "127.0.0.1", ports.control, ports.proxy)
+        client = make_client(stage, ("127.0.0.1", app.port), "127.0.0.1", ports.control, ports.proxy)
         async with Background(client.run()):
             async with asyncio.timeout(STEP_TIMEOUT):
                 await client.connected.wait()

@@ -37,10 +37,11 @@ from support import (
     has_tunnels,
     hello,
     http_request,
+    make_client,
+    make_server,
     open_connection,
     rebind,
     reset,
-    secret_options,
     server_handshake,
     server_options,
     until_logged,
@@ -74,7 +75,7 @@ async def start_server(stage: str) -> AsyncIterator[StartServer]:
     async with contextlib.AsyncExitStack() as running:
 
         async def start(control_port: int = 0, **options: Any) -> tuple[Server, Ports]:
-            server = Server(**{**secret_options(stage, SECRET), **server_options(stage), **options})
+            server = make_server(stage, **{"secret": SECRET, **options})
             ports = await server.listen("127.0.0.1", control_port, 0)
             await running.enter_async_context(Background(server.serve()))
             return server, ports
@@ -87,8 +88,8 @@ async def start_client(stage: str) -> AsyncIterator[StartClient]:
     async with contextlib.AsyncExitStack() as running:
 
         async def start(local_port: int, control_port: int, wait: bool = True, **options: Any) -> Client:
-            options = {**secret_options(stage, SECRET), **client_options(stage), **options}
-            client = Client(("127.0.0.1", local_port), "127.0.0.1", control_port, **options)
+            options = {"secret": SECRET, **client_options(stage), **options}
+            client = make_client(stage, ("127.0.0.1", local_port), "127.0.0.1", control_port, **options)
             await running.enter_async_context(Background(client.run()))
             if wait:
                 async with asyncio.timeout(STEP_TIMEOUT):
@@ -434,7 +435,7 @@ async def test_a_wrong_secret_is_refused_and_the_client_stops(
 ) -> None:
     _, ports = await start_server()
     options = client_options(stage)
-    client = Client(("127.0.0.1", 1), "127.0.0.1", ports.control, secret="not-the-secret-at-all", **options)
+    client = make_client(stage, ("127.0.0.1", 1), "127.0.0.1", ports.control, secret="not-the-secret-at-all", **options)
     with pytest.raises(Refused, match="wrong secret"):
         async with asyncio.timeout(STEP_TIMEOUT):
             await client.run()

@@ -41,10 +41,11 @@ from support import (
     has_inspector,
     has_tls,
     http_request,
+    make_client,
+    make_server,
     open_connection,
     pattern_bytes,
     rebind,
-    server_options,
     sha256,
     tls_flags,
     until_logged,
@@ -89,7 +90,7 @@ async def start_server() -> AsyncIterator[StartServer]:
     async with contextlib.AsyncExitStack() as running:
 
         async def start(**options: Any) -> tuple[Server, Ports]:
-            server = Server(**{**server_options(STAGE), "secret": SECRET, **options})
+            server = make_server(STAGE, **{"secret": SECRET, **options})
             ports = await server.listen("127.0.0.1", 0, 0)
             await running.enter_async_context(Background(server.serve()))
             return server, ports
@@ -101,7 +102,8 @@ def new_client(local_port: int, control_port: int, **options: Any) -> Client:
     """A client of the local app on `local_port` (trusting the test CA, from stage 16 on)."""
     tls = {"tls": tls_certs.client_context()} if has_tls(STAGE) else {}
     options = {**tls, "secret": SECRET, "max_backoff": 0.2, **options}
-    return Client(("127.0.0.1", local_port), "127.0.0.1", control_port, **options)
+    client: Client = make_client(STAGE, ("127.0.0.1", local_port), "127.0.0.1", control_port, **options)
+    return client
 
 
 async def connected(client: Client) -> Client:

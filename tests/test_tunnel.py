@@ -8,7 +8,6 @@ server takes; from stage 14 on through a TCP tunnel, over TLS from stage 16.
 
 import asyncio
 import contextlib
-import importlib
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -24,9 +23,9 @@ from support import (
     client_options,
     client_ports,
     exchange,
+    make_client,
+    make_server,
     open_connection,
-    secret_options,
-    server_options,
     users_port,
 )
 
@@ -52,13 +51,10 @@ def private_tunnel(stage: str) -> Starter:
 
     @contextlib.asynccontextmanager
     async def start(echo_server: EchoServer) -> AsyncIterator[int]:
-        server_module = importlib.import_module(f"{stage}.server")
-        client_module = importlib.import_module(f"{stage}.client")
-        secret = secret_options(stage)
-        server = server_module.Server(**secret, **server_options(stage))
+        server = make_server(stage)
         ports = await server.listen("127.0.0.1", *any_ports(stage))
         local_app = ("127.0.0.1", echo_server.port)
-        client = client_module.Client(local_app, "127.0.0.1", *client_ports(ports), **secret, **client_options(stage))
+        client = make_client(stage, local_app, "127.0.0.1", *client_ports(ports), **client_options(stage))
         async with Background(server.serve()), Background(client.run()):
             async with asyncio.timeout(STEP_TIMEOUT):
                 await client.connected.wait()  # from stage 3 on: the server has taken the client
