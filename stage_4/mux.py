@@ -23,7 +23,11 @@ READ_SIZE = 256 * 1024  # the most the event loop reads from a socket in one go 
 
 
 class Mux:
-    """One control connection: its frames both ways, and the streams opened on it."""
+    """One control connection: its frames both ways, and the streams opened on it.
+
+    `run` reads the connection in a loop, as stage 3's pump read a connection, and hands each SYN
+    to the client (`on_open`); the server writes its SYNs (`open`).
+    """
 
     def __init__(
         self,
@@ -35,9 +39,11 @@ class Mux:
     ) -> None:
         self.peer = peer  # "the server" or "the client", for messages
         self._reader, self._writer = reader, writer
-        self._on_open = on_open  # called with each SYN's stream id and payload; None: the peer may not open streams
+        self._on_open = on_open  # called with each SYN's id and payload; None: the peer may not open streams
         self.last_id = 0  # the highest stream id opened so far on this connection
         self._parser = frames.Parser()
+
+    # --- streams ------------------------------------------------------------------------------
 
     async def open(self, conn_id: str) -> int:
         """Open a stream for a user (server side): a SYN whose payload is the user's pairing id."""
@@ -47,10 +53,11 @@ class Mux:
         await self._writer.drain()
         return self.last_id
 
+    # --- reading ------------------------------------------------------------------------------
+
     async def run(self) -> None:
-        """Read frames until the peer closes (return), or raise ProtocolError."""
+        """Relay frames until the peer closes (return), or raise ProtocolError."""
         # Not readuntil(): a frame's length is in its header, so there is no end to scan for.
-        # Bytes come in whatever pieces TCP delivers; the Parser holds an incomplete frame.
         while data := await self._reader.read(READ_SIZE):
             for frame in self._parser.feed(data):
                 self._dispatch(frame)
@@ -59,12 +66,12 @@ class Mux:
 
     def _dispatch(self, frame: Frame) -> None:
         _, flags, stream_id, payload = frame  # DATA: the only type so far
-        if not flags & SYN:
-            # Stage 5's streams carry the users' bytes; stage 4's carry none: a broken peer.
+        if flags & SYN:
+            if self._on_open is None:
+                raise ProtocolError(f"{self.peer} may not open streams (SYN on stream {stream_id})")
+            if stream_id <= self.last_id:
+                raise ProtocolError(f"stream {stream_id} opened out of order (after {self.last_id})")
+            self.last_id = stream_id
+            self._on_open(stream_id, payload)  # the client dials a proxy connection for it
+        else:  # stage 5's streams carry the users' bytes; stage 4's carry none: a broken peer
             raise ProtocolError(f"unexpected {frame}: streams carry no data here")
-        if self._on_open is None:
-            raise ProtocolError(f"{self.peer} may not open streams (SYN on stream {stream_id})")
-        if stream_id <= self.last_id:
-            raise ProtocolError(f"stream {stream_id} opened out of order (after {self.last_id})")
-        self.last_id = stream_id
-        self._on_open(stream_id, payload)  # the client dials a proxy connection for it

@@ -16,11 +16,17 @@ import ipaddress
 import logging
 import os
 import sys
-import time
 
-from .mux import Mux
-from .protocol import CONTROL_PORT, DATA_LIMIT, NETWORK_TIMEOUT, TunnelError, client_handshake
-from .relay import Stream
+from . import pages
+from .mux import Mux, Stream
+from .protocol import (
+    CONTROL_PORT,
+    DATA_LIMIT,
+    NETWORK_TIMEOUT,
+    TunnelError,
+    client_handshake,
+)
+from .relay import relay
 
 log = logging.getLogger(__name__)
 
@@ -94,27 +100,26 @@ class Client:
 
     async def _session(self, stream: Stream) -> None:
         """One user: the private connection to the local app, joined to the stream, until both are done."""
-        started = time.monotonic()
-        # If the local app can't be reached, the stream is reset with the reason: the server shows
-        # its user a 502 page naming it, at once.
+        # The private connection first: if the local app is down, the user gets a 502 page
+        # (below) instead of a connection that opens and then closes without a word.
         try:
-            reader, writer = await self._connect(*self.local)
+            private: Streams | None = await self._connect(*self.local)
+            cause = ""
         except TunnelError as exc:
-            log.warning("stream %d: %s; resetting it", stream.stream_id, exc)
-            stream.reset(f"the tunnel client {exc}")
-            return
-        stream.attach(reader, writer)  # accepts the stream (ACK)
-        await stream.relay()  # the app's bytes, until the stream is over
-        elapsed = time.monotonic() - started
-        ended = stream.reset_reason
-        log.info(
-            "stream %d: closed, %d bytes in, %d bytes out, %.3fs%s",
-            stream.stream_id,
-            stream.received.copied,
-            stream.sent.copied,
-            elapsed,
-            f" (closed: {ended})" if ended else "",
-        )
+            private, cause = None, f"the tunnel client {exc}"
+        try:
+            if private is None:
+                # Into the stream, as stage 4 wrote it into the proxy connection: a stream reads and
+                # writes like one. Stage 6 has the server write the page.
+                sent = await pages.refuse(stream, stream, cause)
+                log.warning("stream %d: %s; %s", stream.stream_id, cause, "sent a 502 page" if sent else "closed")
+                return
+            sent_bytes, received = await relay(stream, stream, *private)
+            log.info("stream %d: closed, %d bytes in, %d bytes out", stream.stream_id, sent_bytes, received)
+        finally:
+            stream.close()  # the server's frames still on their way for it are dropped
+            if private is not None:
+                private[1].close()
 
 
 def why(exc: OSError) -> str:

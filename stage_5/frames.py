@@ -10,9 +10,8 @@ Every frame starts with the same 10-byte header, then `length` bytes of payload:
 One type so far (`ProtocolError` for any other; stage 9 adds WINDOW):
 
 - DATA, on a stream (id >= 1): the payload is the next bytes of that stream. Flags: SYN opens the
-  stream (the server does, one stream per user), ACK accepts it (the client, once it reached the
-  local app), FIN ends this direction (half-close), RST resets the stream, and then the payload is
-  the reason, in text, not data.
+  stream (the server does, one stream per user), FIN ends this direction (half-close). Stage 6
+  adds the flags that answer a stream (ACK) and reset it (RST).
 
 The header says how long a frame is *before* its payload arrives, so a bad length is refused at
 once, not after buffering it: nobody can make us hold more than HEADER_SIZE + MAX_FRAME bytes of a
@@ -22,7 +21,7 @@ frame. The same checks run in `Parser`, the only code that turns bytes into fram
 import struct
 from typing import NamedTuple
 
-from .protocol import MAX_LINE, ProtocolError
+from .protocol import ProtocolError
 
 HEADER = struct.Struct("!BBII")  # type, flags, stream id, length
 HEADER_SIZE = HEADER.size  # 10 bytes
@@ -35,10 +34,10 @@ MAX_STREAM_ID = 2**31 - 1
 
 DATA = 0
 NAMES = {DATA: "DATA"}
-SYN, ACK, FIN, RST = 0x1, 0x2, 0x4, 0x8
+SYN, FIN = 0x1, 0x4  # 0x2 and 0x8 are kept for stage 6's ACK and RST
 # Which flags each type may carry; anything else is a protocol error, never silently ignored.
-ALLOWED_FLAGS = {DATA: SYN | ACK | FIN | RST}
-FLAG_NAMES = ((SYN, "SYN"), (ACK, "ACK"), (FIN, "FIN"), (RST, "RST"))
+ALLOWED_FLAGS = {DATA: SYN | FIN}
+FLAG_NAMES = ((SYN, "SYN"), (FIN, "FIN"))
 
 
 class Frame(NamedTuple):
@@ -75,8 +74,6 @@ def check_header(kind: int, flags: int, stream_id: int, length: int) -> None:
         raise ProtocolError(f"stream id {stream_id} is out of range")
     if stream_id == 0:
         raise ProtocolError(f"{name} frame on stream {stream_id}")
-    if flags & RST and length > MAX_LINE:
-        raise ProtocolError(f"a reason of {length} bytes is longer than {MAX_LINE}")
 
 
 class Parser:
@@ -90,8 +87,15 @@ class Parser:
 
     def feed(self, data: bytes) -> list[Frame]:
         """The frames completed by `data`; ProtocolError at the first bad one."""
-        data = self._rest + data
         frames: list[Frame] = []
+        data = self._rest + data  # a frame that began in an earlier chunk goes on in this one
+        used = self._parse(data, frames)
+        self._rest = data[used:]
+        return frames
+
+    @staticmethod
+    def _parse(data: bytes, frames: list[Frame]) -> int:
+        """Append the whole frames at the start of `data` to `frames`; return how many bytes they took."""
         pos, end = 0, len(data)
         while end - pos >= HEADER_SIZE:
             kind, flags, stream_id, length = HEADER.unpack_from(data, pos)
@@ -101,8 +105,7 @@ class Parser:
             start = pos + HEADER_SIZE
             frames.append(Frame(kind, flags, stream_id, data[start : start + length]))
             pos = start + length
-        self._rest = data[pos:]
-        return frames
+        return pos
 
     @property
     def pending(self) -> int:

@@ -1,7 +1,7 @@
 """The multiplexer: many streams over one TCP connection.
 
 Both sides run one `Mux` on the tunnel connection once the handshake is done. It reads frames
-(frames.Parser) and hands each to its stream (relay.Stream); it writes the streams' frames.
+(frames.Parser) and hands each to its stream (Stream); it writes the streams' frames.
 
 - **Stream ids.** Only the server opens streams, one per user, numbered 1, 2, 3... in order, so
   that an id the server never used can be told from one that is merely closed: a frame for the
@@ -11,54 +11,94 @@ Both sides run one `Mux` on the tunnel connection once the handshake is done. It
   stream, the only way to stop a sender is to stop reading the whole connection: while one
   user's TCP connection is full (it reads slowly), `run` waits for it, and every other stream
   waits too. Stage 9 gives each stream a window, so that a slow stream stalls only itself.
-- **Writing.** A stream's bytes go out as frames as soon as they are read, each frame in a write
-  of its own, and control frames (opens, accepts, resets) with them. While the connection's send
-  buffer is full, `send` waits (drain), and so does every stream that sends: the rest waits in
-  the kernel.
 """
 
 import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import Protocol
 
 from . import frames
-from .frames import ACK, DATA, FIN, MAX_FRAME, RST, SYN, Frame, encode
-from .protocol import MAX_LINE, ProtocolError, printable
+from .frames import DATA, FIN, MAX_FRAME, SYN, Frame, encode
+from .protocol import ProtocolError
 
 READ_SIZE = 256 * 1024  # the most the event loop reads from a socket in one go anyway
-# send() waits while the connection's send buffer holds more than this.
-WRITE_HIGH = 128 * 1024
 
 
-class StreamEnd(Protocol):
-    """What the Mux needs of a stream's far end, the TCP connection it carries (relay.Stream is one).
+class Stream:
+    """One stream of a Mux: to relay.py's pump, a connection like any other."""
 
-    A typing.Protocol: any class with these members is one, without naming it. So mux.py imports
-    nothing that touches a socket: relay.py builds on it, never the reverse, and this file reads alone
-    (yamux's session, too, keeps the streams' state and leaves the sockets to its caller).
-    """
+    def __init__(self) -> None:
+        self.mux: Mux | None = None  # set by _register, with stream_id
+        self.stream_id = 0
+        self.reset_reason = ""  # why the stream was reset (its TCP connection or the tunnel was lost), if it was
+        self.fin_sent = self.got_fin = False
+        self._inbox: asyncio.Queue[bytes] = asyncio.Queue()  # the peer's bytes, then b"" for its FIN
 
-    # Set by _register: the stream sends its bytes through this Mux.
-    mux: "Mux | None"
-    # Set by _register: every frame for the stream carries it.
-    stream_id: int
-    # Done once the peer accepted (ACK) or refused the stream: data before the ACK is a broken peer.
-    answered: asyncio.Future[str | None]
+    async def read(self, n: int = -1) -> bytes:
+        """The peer's next DATA payload (at most MAX_FRAME bytes, whatever `n`); b"" after its FIN."""
+        data = await self._inbox.get()
+        self._inbox.task_done()  # on_data returns
+        if not data:  # the end stays the end, as on a socket
+            self._inbox.put_nowait(data)
+        if self.reset_reason:  # a loss, not an end: the pump closes its TCP connection
+            raise ConnectionResetError(self.reset_reason)
+        return data
 
-    # A DATA frame's bytes (and maybe the end) for the TCP peer; returns once it took them (drain).
-    async def on_data(self, payload: bytes, fin: bool) -> None: ...
-    # The peer's ACK (None), or why the stream was refused.
-    def on_answer(self, refusal: str | None) -> None: ...
-    # An RST came, or the tunnel connection is gone: the TCP connection ends at once.
-    def reset(self, reason: str, notify: bool = True) -> None: ...
+    def write(self, data: bytes) -> None:
+        if self.mux is not None and not (self.reset_reason or self.fin_sent):  # after a reset: dropped
+            self.mux.send(self, data)
+
+    async def drain(self) -> None:
+        if self.mux is not None:
+            await self.mux.drain()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self.mux is not None and not (self.reset_reason or self.fin_sent):
+            self.fin_sent = True
+            self.mux.send(self, b"", fin=True)
+
+    def close(self) -> None:
+        self.reset("the connection was closed")  # by the pump: its TCP connection was lost, or both ended
+
+    # --- the tunnel side (called by the Mux) ---------------------------------------------------
+
+    async def on_data(self, payload: bytes, fin: bool) -> None:
+        """Bytes (and maybe the end) of the peer's direction; ProtocolError after the end."""
+        if self.got_fin:
+            raise ProtocolError(f"DATA on stream {self.stream_id} after its FIN")
+        if payload:
+            self._inbox.put_nowait(payload)
+        if fin:
+            self.got_fin = True
+            self._inbox.put_nowait(b"")
+        # Backpressure: the Mux's loop waits here until the pump took it all, and with it every stream:
+        # behind a slow TCP peer, and behind the client's dial of the local app (the server sends
+        # a user's bytes right after the SYN). Stage 6's ACK makes the server wait instead.
+        await self._inbox.join()
+
+    def reset(self, reason: str, notify: bool = True) -> None:
+        """End the stream at once (both directions); tell the peer with a FIN unless the tunnel is gone (`notify`)."""
+        if self.reset_reason:
+            return
+        self.reset_reason = reason
+        if self.mux is not None:
+            # WHY a FIN: there is no other way to say "ended" yet. The far end's TCP peer reads a clean
+            # end, not a reset: a cut download looks complete. Stage 6 sends an RST with the reason.
+            self.mux.forget(self, notify and not self.fin_sent)
+        while not self._inbox.empty():  # what the pump will never read: the Mux's loop goes on
+            self._inbox.get_nowait()
+            self._inbox.task_done()
+        self._inbox.put_nowait(b"")  # a pump waiting in read() wakes up to the reset
 
 
 class Mux:
     """One tunnel connection: the streams on it, and its frames both ways.
 
     `run` reads the connection in a loop, as stage 3's pump read a connection, and hands each frame
-    to its stream; the streams' own tasks write their frames (`send`).
+    to its stream; the streams' pumps write their frames (`send`).
     """
 
     def __init__(
@@ -67,49 +107,45 @@ class Mux:
         writer: asyncio.StreamWriter,
         *,
         peer: str,
-        on_open: Callable[[int], StreamEnd] | None = None,
+        on_open: Callable[[int], Stream] | None = None,
     ) -> None:
         self.peer = peer  # "the server" or "the client", for messages
         self._reader, self._writer = reader, writer
-        self._writer.transport.set_write_buffer_limits(high=WRITE_HIGH)
         self._on_open = on_open  # makes the stream for a SYN; None: the peer may not open streams
-        self.streams: dict[int, StreamEnd] = {}
+        self.streams: dict[int, Stream] = {}
         self.last_id = 0  # the highest stream id opened so far on this connection
         self._parser = frames.Parser()
 
     # --- streams ------------------------------------------------------------------------------
 
-    def open(self, stream: StreamEnd) -> int:
-        """Open a stream for a user (server side): SYN goes out now, the user's bytes once the peer accepts."""
+    def open(self, stream: Stream) -> int:
+        """Open a stream for a user (server side): SYN goes out now, the user's bytes right after it."""
         self.last_id += 1
         self._register(stream, self.last_id)
         self._send(encode(DATA, SYN, stream.stream_id))
         return stream.stream_id
 
-    def accept(self, stream: StreamEnd) -> None:
-        """Accept a stream the peer opened (client side: the local app answered)."""
-        self._send(encode(DATA, ACK, stream.stream_id))
-        stream.on_answer(None)
+    def forget(self, stream: Stream, fin: bool) -> None:
+        """The stream is over; with `fin`, tell the peer our direction ended (its TCP connection was lost)."""
+        if self.streams.pop(stream.stream_id, None) is not None and fin:
+            self._send(encode(DATA, FIN, stream.stream_id))
 
-    def forget(self, stream: StreamEnd, reset: str | None) -> None:
-        """The stream is over; with `reset`, tell the peer it was reset and why."""
-        if self.streams.pop(stream.stream_id, None) is not None and reset is not None:
-            self._send(encode(DATA, RST, stream.stream_id, reset.encode("ascii", "replace")[:MAX_LINE]))
-
-    async def send(self, stream: StreamEnd, data: bytes, fin: bool = False) -> None:
-        """Send `stream`'s bytes (and with `fin`, its end) in frames of at most MAX_FRAME bytes; wait for room."""
+    def send(self, stream: Stream, data: bytes, fin: bool = False) -> None:
+        """Send `stream`'s bytes (and with `fin`, its end) in frames of at most MAX_FRAME bytes."""
         view = memoryview(data)
         while True:
             payload, view = view[:MAX_FRAME], view[MAX_FRAME:]
             self._send(encode(DATA, FIN if fin and not view else 0, stream.stream_id, payload))
             if not view:
                 break
-        # Backpressure: wait while the connection's send buffer is full; every stream that sends
-        # waits here too. If the connection is lost, run() ends, and close() resets every stream.
+
+    async def drain(self) -> None:
+        """Backpressure: wait while the connection's send buffer is full; every stream that sends waits here too."""
+        # If the connection is lost, run() ends, and close() resets every stream.
         with contextlib.suppress(ConnectionError):
             await self._writer.drain()
 
-    def _register(self, stream: StreamEnd, stream_id: int) -> None:
+    def _register(self, stream: Stream, stream_id: int) -> None:
         stream.mux, stream.stream_id = self, stream_id
         self.streams[stream_id] = stream
 
@@ -124,16 +160,12 @@ class Mux:
 
     async def run(self) -> None:
         """Relay frames until the peer closes (return), or raise ProtocolError."""
-        try:
-            while data := await self._reader.read(READ_SIZE):
-                for frame in self._parser.feed(data):
-                    # One frame after the other, and each one's bytes handed on before the next
-                    # is read: a stream whose TCP peer is slow holds up this loop (head-of-line).
-                    await self._dispatch(frame)
-            if self._parser.pending:
-                raise ProtocolError("connection closed in the middle of a frame")
-        finally:
-            self.close(f"the connection to {self.peer} was lost")
+        # Not readuntil(): a frame's length is in its header, so there is no end to scan for.
+        while data := await self._reader.read(READ_SIZE):
+            for frame in self._parser.feed(data):
+                await self._dispatch(frame)  # one at a time: a slow stream holds up this loop
+        if self._parser.pending:
+            raise ProtocolError("connection closed in the middle of a frame")
 
     async def _dispatch(self, frame: Frame) -> None:
         _, flags, stream_id, payload = frame  # DATA: the only type so far
@@ -150,21 +182,10 @@ class Mux:
             if stream_id > self.last_id:
                 raise ProtocolError(f"{frame} for a stream that was never opened")
             return  # a stream we closed: the frame was on its way before the peer knew
-        if flags & RST:
-            stream.reset(printable(payload), notify=False)
-        else:
-            if flags & ACK:
-                stream.on_answer(None)
-            elif not stream.answered.done() and (payload or flags & FIN):
-                # Neither side sends bytes before the ACK: the server reads its user only once the
-                # client accepted, the client its app only once connected. Bytes or an end before it
-                # would reach a user who may yet be refused with an error page, or the client before
-                # it has a connection to write them to: only a broken peer sends that.
-                raise ProtocolError(f"DATA on stream {stream_id} before its ACK")
-            if payload or flags & FIN:
-                await stream.on_data(payload, bool(flags & FIN))
+        if payload or flags & FIN:
+            await stream.on_data(payload, bool(flags & FIN))
 
     def close(self, reason: str) -> None:
-        """End every stream (their connections are reset)."""
+        """End every stream (their connections are closed)."""
         for stream in list(self.streams.values()):
-            stream.reset(reason, notify=False)  # a relayed user or app sees its connection reset
+            stream.reset(reason, notify=False)  # a relayed user or app sees its connection end

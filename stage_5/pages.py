@@ -1,17 +1,17 @@
-"""What a public user sees when the tunnel can't reach the local app: a small HTTP error page.
+"""What a user sees when the local app is down: a 502 page that says so, from the client.
 
 A browser shown a closed connection says only "the connection was reset"; a page that names
-the cause ("no tunnel client is connected") tells its user what to fix. Since stage 5 the
-server writes it: the client, when it can't reach the local app, resets the user's stream with
-the cause, and has no connection of the user's to write into. Users who don't speak HTTP get a
-clean close instead, since an HTTP response would be garbage to them.
+the cause ("connection refused at localhost:8000") tells its user what is wrong. The client
+writes it into the user's stream, so the server relays it like any answer: the server
+needs no change for it. Users who don't speak HTTP get a clean close instead, since an HTTP
+response would be garbage to them.
 """
 
 import asyncio
 import html
 import re
 
-from .protocol import linger
+from .protocol import Reader, Writer, linger
 
 # How long we wait for a user's first bytes to tell whether they speak HTTP. Browsers
 # and curl send their request at once, so a short wait is enough.
@@ -37,7 +37,7 @@ def error_page(cause: str) -> bytes:
     return head + body
 
 
-async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cause: str) -> bool:
+async def refuse(reader: Reader, writer: Writer, cause: str) -> bool:
     """Answer an HTTP user with a 502 page naming `cause`; close anyone else cleanly.
 
     Returns True if the page was sent. The caller closes `writer` afterwards.

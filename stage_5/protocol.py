@@ -15,6 +15,7 @@ Only `read_message` and `write_message` touch the lines' bytes.
 import asyncio
 import contextlib
 from dataclasses import dataclass
+from typing import Protocol
 
 CONTROL_PORT = 60623
 PUBLIC_PORT = 60624
@@ -23,9 +24,6 @@ PUBLIC_PORT = 60624
 MAX_LINE = 1024
 # How long to wait for a connect or a reply before calling the peer dead.
 NETWORK_TIMEOUT = 5.0
-# How long a user's new stream waits for the client to accept it (to reach the local
-# app) before the server gives up on it and sends the user a 502 page.
-PROXY_TIMEOUT = 10.0
 # The buffer limit of the tunnel connection's reader, which frames may reach right after the
 # handshake: one read of the event loop (256 KiB at most).
 DATA_LIMIT = 256 * 1024
@@ -164,7 +162,23 @@ async def say_goodbye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     await linger(reader, writer)
 
 
-async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+class Reader(Protocol):
+    """What relay.pipe, pages.refuse and linger read: a StreamReader, or a relay.Stream (duck typing)."""
+
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+class Writer(Protocol):
+    """What they write: a StreamWriter, or a relay.Stream."""
+
+    def write(self, data: bytes) -> None: ...
+    async def drain(self) -> None: ...
+    def can_write_eof(self) -> bool: ...
+    def write_eof(self) -> None: ...
+    def close(self) -> None: ...
+
+
+async def linger(reader: Reader, writer: Writer) -> None:
     """Say "no more from us" (EOF) and swallow what the peer still sends, for a moment (the caller then closes)."""
     # Closing a socket that still has unread input makes the kernel send a reset,
     # and a reset can destroy our last words before the peer reads them (and shows

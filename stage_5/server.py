@@ -4,22 +4,28 @@ python3 -m stage_5.server                    # then: python3 -m stage_5.client l
 python3 -m stage_5.server --host 0.0.0.0     # on a VPS: anyone can be its client (stage 11 adds a secret)
 
 The client's one connection lives in session.py (one tunnel) and mux.py (its streams); here
-are the ports, the users, and the page a user gets when the tunnel can't serve them.
+are the ports and the users, each relayed through a stream of its own.
 """
 
 import argparse
 import asyncio
 import errno
 import logging
-import math
 import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
-from . import pages
-from .protocol import CONTROL_PORT, DATA_LIMIT, NETWORK_TIMEOUT, PROXY_TIMEOUT, PUBLIC_PORT, TunnelError, printable
-from .relay import Stream
+from .mux import Stream
+from .protocol import (
+    CONTROL_PORT,
+    DATA_LIMIT,
+    NETWORK_TIMEOUT,
+    PUBLIC_PORT,
+    TunnelError,
+    linger,
+)
+from .relay import relay
 from .session import Sessions
 
 log = logging.getLogger(__name__)
@@ -42,8 +48,7 @@ class Ports:
 class Server:
     """The tunnel server: one tunnel connection from the client, many public users, one stream per user."""
 
-    def __init__(self, proxy_timeout: float = PROXY_TIMEOUT, handshake_timeout: float = NETWORK_TIMEOUT) -> None:
-        self.proxy_timeout = proxy_timeout  # a user waits this long for the client to accept its stream
+    def __init__(self, handshake_timeout: float = NETWORK_TIMEOUT) -> None:
         self._listeners: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
         # The client's session, if one is connected (see session.py).
@@ -103,48 +108,28 @@ class Server:
         task.add_done_callback(self._tasks.discard)
 
     async def _handle_public(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        stream = Stream()
-        stream.attach(reader, writer)
+        peer, started = peername(writer), time.monotonic()
         try:
-            await self._serve_user(stream)
+            mux = self._sessions.mux
+            if mux is None:
+                # Closing at once tells the user "nobody home"; leaving them hanging tells nothing.
+                log.warning("%s: no client connected; closing the public connection", peer)
+                await linger(reader, writer)
+                return
+            stream = Stream()
+            # Open a stream; the user's bytes follow at once, and the client relays them to the local app.
+            who = f"{peer}: stream {mux.open(stream)}"
+            log.debug("%s: opened", who)
+            try:
+                sent, received = await relay(reader, writer, stream, stream)
+            finally:
+                stream.close()  # the peer's frames still on their way for it are dropped
+            elapsed = time.monotonic() - started
+            log.info("%s closed, %d bytes up, %d bytes down, %.3fs", who, sent, received, elapsed)
+        except OSError as exc:
+            log.info("%s: public connection lost (%s)", peer, exc)
         finally:
-            writer.close()  # sends what is still buffered first
-
-    async def _serve_user(self, stream: Stream) -> None:
-        """One public connection: open a stream for it on the client's connection, and log it when it ends."""
-        assert stream.writer is not None
-        peer, started = peername(stream.writer), time.monotonic()
-        mux = self._sessions.mux
-        if mux is None:
-            # A page that names the cause tells the user more than a closed connection.
-            await self._refuse(stream, peer, "no tunnel client is connected to this server")
-            return
-        # Open a stream; the user's bytes follow once the client accepted it (it reached the local app).
-        stream_id = mux.open(stream)
-        who = f"{peer}: stream {stream_id}"
-        log.debug("%s: opened", who)
-        try:
-            async with asyncio.timeout(self.proxy_timeout):
-                refusal = await asyncio.shield(stream.answered)
-        except TimeoutError:
-            cause = f"the tunnel client did not accept the stream within {self.proxy_timeout:g}s"
-            stream.reset(cause)
-            await self._refuse(stream, who, cause)
-            return
-        if refusal is not None:  # the client could not reach its local app, or went away
-            await self._refuse(stream, who, refusal)
-            return
-        await stream.relay()  # the user's bytes, until the stream is over
-        elapsed = time.monotonic() - started
-        ended = f" (closed: {stream.reset_reason})" if stream.reset_reason else ""
-        up, down = stream.sent.copied, stream.received.copied
-        log.info("%s closed, %d bytes up, %d bytes down, %.3fs%s", who, up, down, elapsed, ended)
-
-    @staticmethod
-    async def _refuse(stream: Stream, who: str, cause: str) -> None:
-        assert stream.reader is not None and stream.writer is not None
-        sent = await pages.refuse(stream.reader, stream.writer, cause)
-        log.warning("%s: %s; %s", who, printable(cause.encode()), "sent a 502 page" if sent else "closed")
+            writer.close()
 
 
 def peername(writer: asyncio.StreamWriter) -> str:
@@ -170,20 +155,9 @@ def listen_port(text: str) -> int:
     return int(text)
 
 
-def positive_seconds(text: str) -> float:
-    """argparse type for a timeout: a finite number of seconds, more than 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan  # not a number: refused just below
-    if not 0 < value < math.inf:  # false for nan too
-        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
-    return value
-
-
-async def run(host: str, ports: Ports, proxy_timeout: float) -> None:
+async def run(host: str, ports: Ports) -> None:
     """Bind, then serve until cancelled."""
-    server = Server(proxy_timeout)
+    server = Server()
     await server.listen(host, ports.control, ports.public)
     await server.serve()
 
@@ -206,20 +180,13 @@ def main() -> None:
             metavar="PORT",
             help=f"where {who}; 0 = any (default: %(default)s)",
         )
-    parser.add_argument(
-        "--proxy-timeout",
-        type=positive_seconds,
-        default=PROXY_TIMEOUT,
-        metavar="SECONDS",
-        help="how long a user waits for the client to accept its stream (default: %(default)s)",
-    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
     try:
-        asyncio.run(run(args.host, Ports(args.control_port, args.public_port), args.proxy_timeout))
+        asyncio.run(run(args.host, Ports(args.control_port, args.public_port)))
     except TunnelError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:

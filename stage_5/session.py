@@ -64,7 +64,7 @@ class Sessions:
             log.info("%s: connection lost (%s)", peer, exc)
         finally:
             if mux is not None:
-                mux.close("the tunnel client disconnected")  # its users get a page or a reset
+                mux.close("the tunnel client disconnected")  # its users see their connections end
             if session is not None and session.writer is writer:
                 self.current = None
                 log.info("%s: tunnel connection closed; the tunnel is free", peer)

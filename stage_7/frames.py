@@ -90,8 +90,15 @@ class Parser:
 
     def feed(self, data: bytes) -> list[Frame]:
         """The frames completed by `data`; ProtocolError at the first bad one."""
-        data = self._rest + data
         frames: list[Frame] = []
+        data = self._rest + data  # a frame that began in an earlier chunk goes on in this one
+        used = self._parse(data, frames)
+        self._rest = data[used:]
+        return frames
+
+    @staticmethod
+    def _parse(data: bytes, frames: list[Frame]) -> int:
+        """Append the whole frames at the start of `data` to `frames`; return how many bytes they took."""
         pos, end = 0, len(data)
         while end - pos >= HEADER_SIZE:
             kind, flags, stream_id, length = HEADER.unpack_from(data, pos)
@@ -101,8 +108,7 @@ class Parser:
             start = pos + HEADER_SIZE
             frames.append(Frame(kind, flags, stream_id, data[start : start + length]))
             pos = start + length
-        self._rest = data[pos:]
-        return frames
+        return pos
 
     @property
     def pending(self) -> int:

@@ -1,6 +1,6 @@
 """One stream: a TCP connection (a user, or the local app) joined to one stream of the tunnel connection.
 
-Stage 5's pumps were a task per direction: `await read()`, `write()`, `await drain()`. Here the
+Stage 6's pumps were a task per direction: `await read()`, `write()`, `await drain()`. Here the
 event loop hands each chunk it reads to a Protocol, a `Stream`, and
 the Stream passes it on at once: no task, no future, no wake-up per chunk (the performance page
 measures the difference).

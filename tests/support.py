@@ -33,6 +33,7 @@ import tls_certs
 LADDER = {
     "frames": 4,  # the hello/welcome handshake, then binary frames on the control connection (frames.Parser)
     "streams": 5,  # every user a stream over the client's one connection: frames, a multiplexer
+    "answers": 6,  # a stream's answer (ACK, or RST with the reason; the server's 502 page) and resets both ways
     "callbacks": 7,  # the data path on asyncio Protocols (no task per direction)
     "fastpath": 8,  # the measured fast paths: first bytes behind the SYN, zero-copy payloads, one send per turn
     "flow": 9,  # per-stream windows, fair turns, the memory budget

@@ -144,7 +144,7 @@ async def test_ports_named_on_the_demo_command_line_are_used_or_refused(stage: s
 
 
 TIMEOUT_FLAGS = [  # (the idea that brings it, program, flag)
-    ("streams", "server", "--proxy-timeout"),
+    ("answers", "server", "--proxy-timeout"),  # stage 5 waits for nothing; stage 6 for the client's answer
     ("resume", "server", "--heartbeat-timeout"),
     ("resume", "client", "--heartbeat-interval"),
     ("resume", "client", "--heartbeat-timeout"),

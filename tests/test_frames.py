@@ -3,7 +3,7 @@
 The parser is the only code that turns a peer's bytes into frames, so Hypothesis throws bytes at it:
 it returns frames or raises ProtocolError, never anything else, and never holds more than one frame.
 Each frame runs from the stage that brings it on: DATA with SYN with stage 4's frames, its other
-flags (ACK, FIN, RST) with stage 5's streams, WINDOW_UPDATE with stage 9's flow control, PING and
+flags with stage 5's streams (FIN) and stage 6's answers (ACK, RST), WINDOW_UPDATE with stage 9's flow control, PING and
 GO_AWAY with stage 10's heartbeats. The names imported from
 stage_19 are re-bound to the stage under test (support.rebind).
 """
@@ -44,10 +44,10 @@ pytestmark = pytest.mark.since("frames")
 VALID_FROM = [
     (Frame(DATA, SYN, 1, b""), "frames"),
     (Frame(DATA, SYN, 2, b"0123456789abcdef0123456789abcdef"), "frames"),  # stage 4's SYN names the user
-    (Frame(DATA, ACK, 1, b""), "streams"),
+    (Frame(DATA, ACK, 1, b""), "answers"),
     (Frame(DATA, 0, 7, b"GET / HTTP/1.1\r\n\r\n"), "frames"),
     (Frame(DATA, FIN, 7, b""), "streams"),
-    (Frame(DATA, RST, 3, b"connection refused"), "streams"),
+    (Frame(DATA, RST, 3, b"connection refused"), "answers"),
     (Frame(DATA, 0, 2**31 - 1, b"x" * MAX_FRAME), "frames"),
     (Frame(WINDOW_UPDATE, 0, 1, (65536).to_bytes(4, "big")), "flow"),
     (Frame(PING, 0, 0, b"12345678"), "resume"),
@@ -115,7 +115,7 @@ BAD = {  # name: (bytes, the idea from which they are a bad frame)
     "window of 0": (frames.HEADER.pack(WINDOW_UPDATE, 0, 1, 4) + b"\0\0\0\0", "flow"),
     "ping of 4 bytes": (frames.HEADER.pack(PING, 0, 0, 4) + b"1234", "resume"),
     "stream id over 31 bits": (frames.HEADER.pack(DATA, 0, 2**31, 0), "frames"),
-    "long reason": (frames.HEADER.pack(DATA, RST, 1, 5000), "streams"),
+    "long reason": (frames.HEADER.pack(DATA, RST, 1, 5000), "answers"),
 }
 
 
