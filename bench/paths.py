@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# The ladder (tests/support.py): frames from stage 4, streams over one connection from 5, auth from 10, the limits in
-# 12, TLS from 15. Issues 17 and 14 set their goals for "stage 5" and "stage 7": stage_13 and stage_16 now.
+# The ladder (tests/support.py): frames from stage 4, streams over one connection from 5, auth from 11, the limits in
+# 13, TLS from 16. Issues 17 and 14 set their goals for "stage 5" and "stage 6": stage_13 and stage_16 now.
 STAGES = ("stage_0", "stage_1", "stage_2", "stage_3", "stage_8", "stage_13", "stage_16")
 TUNNELS = ("stage_3", "stage_8", "stage_13", "stage_16")  # stages measured as a whole tunnel: server + client
 TUNNEL_ROLES = {stage: ("control", "public") for stage in TUNNELS[1:]}  # no proxy port from 4 on

@@ -49,7 +49,7 @@ METRICS = (
 RATIO_METRICS = [m for m in METRICS if m.field in ("mb_per_s", "rps")]
 SSH = "ssh -R"
 LIMITS = "stage 13"  # the limits stage (old stage 5): streams, flow control, resume, auth, bounds
-TLS_STAGE = "stage 16"  # TLS (old stage 7)
+TLS_STAGE = "stage 16"  # TLS (old stage 6)
 TUNNEL_LABELS = ("stage 3", "stage 8", LIMITS, TLS_STAGE)  # compared with ssh -R too
 CPU_ROWS = (
     ("bulk_up", "cpu_s_per_gb", "CPU per GB uploaded", "s"),
@@ -269,7 +269,7 @@ def _metric(key: str) -> Metric:
 
 
 def goals(report: Record) -> list[dict[str, str]]:
-    """Stage 13's goals (issue 17, then "stage 5") and stage 16's (issue 14, then "stage 7"), each met, not
+    """Stage 13's goals (issue 17, then "stage 5") and stage 16's (issue 14, then "stage 6"), each met, not
     met, or not measured (and why).
 
     Ratios and differences are medians of per-round figures, as in the tables. The other paths
@@ -327,8 +327,8 @@ def goals(report: Record) -> list[dict[str, str]]:
     shown = ", ".join(f"{role.split()[-1]} {kib:.1f} KiB" for role, kib in sorted(memory.items()))
     add(goal, worst, None if worst is None else worst <= 10, shown, why or "no memory figures")
 
-    # Issue 17 measured this against old stage 8, a proxy connection per user as stage 3 has: stage 3 is
-    # the one left with those round trips (from stage 8 on every user is a stream, sent with its SYN).
+    # Issue 17 measured this against old stage 4, a proxy connection per user as stage 3 has: stage 3 is
+    # the one left with those round trips (from stage 8 on a user's first bytes ride with its stream's SYN).
     goal = "stage 13 time to first byte over the 25 ms link ≥ 45 ms below stage 3"
     why = absent(LIMITS, "stage 3")
     saved = None if why else difference(records, _metric("ttfb_slow.p50_ms"), "stage 3", LIMITS)
