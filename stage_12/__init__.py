@@ -1,6 +1,6 @@
 """Stage 12: error pages and the request log: every failure named to the user, one log line per request.
 
-Layout (no new module in stage 12: pages.py gains the 503 and 504 pages, and the request log's line):
+Layout (no new module in stage 12: pages.py gains the 503/504 pages and the log line; the settings become objects):
 
 - `protocol.py`: the handshake's text lines (`hello`, `challenge`, `auth`, `welcome`); the ports
   and timeouts, in one place.
