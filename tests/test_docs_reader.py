@@ -154,7 +154,7 @@ def test_the_built_site_works_opened_from_disk(site: Path, browser: Any) -> None
     assert "Stage 0" in page.locator("h1").first.inner_text()
     page.wait_for_function("document.querySelector('div.mermaid')", timeout=15_000)
     page.click("label.md-search__icon, input.md-search__input")
-    page.keyboard.type("half-close", delay=20)
+    page.keyboard.type("client-side proxy", delay=20)  # stage 0's title: the page it must find
     page.wait_for_function("document.querySelectorAll('.md-search-result__item').length > 0", timeout=15_000)
     hits = page.evaluate("[...document.querySelectorAll('.md-search-result__link')].map(a => a.href)")
     context.close()
