@@ -116,11 +116,16 @@ def stop_on_termination() -> None:
             signal.signal(name, stop)
 
 
+# The signals that stop a run: Process.start holds them back while it starts a program and records it.
+STOPS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
 def _default_sigint() -> None:
     # A process started from a non-interactive shell's background job inherits
     # SIGINT as "ignored", and Python then never raises KeyboardInterrupt: undo that
     # so that Ctrl-C (SIGINT) stops a stage cleanly, as it would for a user.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)  # held back in the parent (Process.start), not here
 
 
 @dataclass
@@ -132,21 +137,40 @@ class Process:
     log_path: Path
 
     @classmethod
-    def start(cls, role: str, argv: list[str], log_dir: Path, cwd: Path, env: dict[str, str]) -> "Process":
-        """Start `argv` in its own session, output to `log_dir/<role>.log`."""
+    def start(
+        cls,
+        role: str,
+        argv: list[str],
+        log_dir: Path,
+        cwd: Path,
+        env: dict[str, str],
+        into: "list[Process] | None" = None,
+    ) -> "Process":
+        """Start `argv` in its own session, output to `log_dir/<role>.log`; append it to `into`.
+
+        Ctrl-C or SIGTERM is held back until the program is in `into`, whoever stops that list: a
+        stop that came between the fork and the append would leave a program nobody knows of.
+        """
         log_path = log_dir / f"{role.replace(' ', '-')}.log"
-        with log_path.open("wb") as log_file:
-            popen = subprocess.Popen(
-                argv,
-                cwd=cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_default_sigint,
-            )
-        return cls(role, popen, log_path)
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+        try:
+            with log_path.open("wb") as log_file:
+                popen = subprocess.Popen(
+                    argv,
+                    cwd=cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_default_sigint,
+                )
+            process = cls(role, popen, log_path)
+            if into is not None:
+                into.append(process)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a stop that came meanwhile is raised here
+        return process
 
     def log(self) -> str:
         """Everything the process printed so far."""
@@ -331,8 +355,7 @@ class PathUnderTest:
         assert self._work is not None
         argv = [sys.executable, "-m", "bench.link", "--delay", str(self.link_delay)]
         argv += [arg for port in ports for arg in ("--to", f"{HOST}:{port}")]
-        link = Process.start("link", argv, self._work, ROOT, {**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.helpers.append(link)
+        link = Process.start("link", argv, self._work, ROOT, {**os.environ, "PYTHONUNBUFFERED": "1"}, self.helpers)
         return [int(link.wait_for(LINK_LISTENING.format(port=port))[2]) for port in ports]
 
     def _start_ssh(self, origin: tuple[str, int]) -> None:
@@ -416,9 +439,7 @@ class PathUnderTest:
     def _spawn(self, part: str, argv: list[str]) -> Process:
         assert self._work is not None
         role = f"{self.label} {part}" if part else self.label  # e.g. "stage 3 server"
-        process = Process.start(role, argv, self._work, self._links(), self._env())
-        self.processes.append(process)
-        return process
+        return Process.start(role, argv, self._work, self._links(), self._env(), self.processes)
 
     def stop(self) -> None:
         """Stop every program of the path (Ctrl-C first, as a user would), then its slow link."""
