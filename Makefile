@@ -29,11 +29,12 @@ lint: $(VENV)/.installed  ## ruff (lint + format), mypy --strict over the stages
 	$(BIN)/python -m tools.imports
 	$(BIN)/python -m tools.ladder check
 
-# Three test workers per core, eight at most: most tests wait on sockets, shaped links and timers, not on
-# the CPU (on 2 cores, 16 stages, 2,549 tests: 498 s with 4 workers at 53% CPU, 398 s with 6; earlier,
-# 8 stages: 504 s with 2 workers, 274 s with 4). worksteal: a worker that runs out takes
-# tests from a busy one, so the minute-long tests don't leave the end of the run to one worker.
-WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n * 3 > 8 ? 8 : n * 3 )))
+# Four test workers per core, eight at most: most tests wait on sockets, shaped links and timers, not on
+# the CPU (on 2 cores, 20 stages, 2,888 tests: 451 s with 6 workers, 423 s with 8; 16 stages, 2,549
+# tests: 498 s with 4 workers at 53% CPU, 398 s with 6; 8 stages: 504 s with 2, 274 s with 4).
+# worksteal: a worker that runs out takes tests from a busy one, so the minute-long tests don't leave
+# the end of the run to one worker.
+WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n * 4 > 8 ? 8 : n * 4 )))
 
 pytest: $(VENV)/.installed  ## the test suite, WORKERS at once (pytest exits non-zero when it collects no tests)
 	$(BIN)/pytest -n $(WORKERS) --dist worksteal
