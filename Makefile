@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# Every stage folder, in numeric order (stage_14 after stage_13): a new stage joins by existing.
+# Every stage folder, in numeric order (stage_10 after stage_9): a new stage joins by existing.
 STAGES := $(shell ls -d stage_* | sort -V)
 
 .PHONY: help demo test lint pytest check forward ladder-check ladder-record docs serve-docs bench nat-lab clean

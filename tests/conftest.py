@@ -30,7 +30,7 @@ settings.register_profile("no-deadlines", deadline=None)
 settings.load_profile("no-deadlines")
 
 ROOT = Path(__file__).resolve().parent.parent
-# Every stage folder in the repository, numerically sorted (stage_14 after stage_13): a new stage
+# Every stage folder in the repository, numerically sorted (stage_10 after stage_9): a new stage
 # joins workshop mode just by existing.
 STAGES = all_stages()
 

@@ -53,12 +53,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def stage_number(stage: str) -> int:
-    """12 for "stage_16"."""
+    """16 for "stage_16"."""
     return int(stage.removeprefix("stage_"))
 
 
 def all_stages() -> tuple[str, ...]:
-    """Every stage folder of the repository, numerically sorted (stage_14 after stage_13)."""
+    """Every stage folder of the repository, numerically sorted (stage_10 after stage_9)."""
     found = (p.name for p in ROOT.glob("stage_[0-9]*") if (p / "__init__.py").is_file())
     return tuple(sorted(found, key=stage_number))
 
@@ -401,7 +401,7 @@ def _urlopen(url: str, data: bytes | None, host: str | None) -> tuple[int, bytes
 async def http_get(port: int, path: str = "/", data: bytes | None = None, host: str | None = None) -> tuple[int, bytes]:
     """GET (or POST `data`) http://127.0.0.1:PORT/PATH with urllib in a thread; return (status, body).
 
-    `host`: the Host header to send instead (`myapp.localhost:PORT`: a stage 10 tunnel's name).
+    `host`: the Host header to send instead (`myapp.localhost:PORT`: a tunnel's name, from stage 15 on).
     """
     return await asyncio.to_thread(_urlopen, f"http://127.0.0.1:{port}{path}", data, host)
 
@@ -551,13 +551,13 @@ class Background:
 
 
 # --- what differs between the stages' ports -----------------------------------------------------
-# Up to stage 3 the server has a proxy port (one proxy connection per user); from stage 8 on the
+# Up to stage 4 the server has a proxy port (one proxy connection per user); from stage 5 on the
 # client's one connection carries every user, so there is none. Tests that run against several
 # stages ask these helpers instead of spelling out the ports.
 
 
 def has_proxy_port(stage: str) -> bool:
-    """True if the stage's server listens on a proxy port (stages 2 and 3)."""
+    """True if the stage's server listens on a proxy port (stages 2 to 4)."""
     return not has(stage, "streams") and hasattr(importlib.import_module(f"{stage}.protocol"), "PROXY_PORT")
 
 
@@ -624,7 +624,7 @@ def server_options(stage: str) -> dict[str, Any]:
 
 
 def client_options(stage: str) -> dict[str, Any]:
-    """Keyword arguments the stage's Client needs: a TCP tunnel from stage 14 on, the CA it trusts from 12 on.
+    """Keyword arguments the stage's Client needs: a TCP tunnel from stage 14 on, the CA it trusts from 16 on.
 
     From stage 18 on, the store of an inspector too, as the command line has one by default: every
     stream goes through its observer (here the users' bytes are not HTTP, which it must only count).

@@ -43,7 +43,7 @@ def load_runner() -> ModuleType:
 
 
 doccommands = load_runner()
-# Every "Verify it yourself" session the pages have, stage pages in numeric order (stage_14 after stage_13).
+# Every "Verify it yourself" session the pages have, stage pages in numeric order (stage_10 after stage_9).
 SCENARIOS = sorted(
     doccommands.scenarios(), key=lambda s: int(m[1]) if (m := re.match(r"stage_(\d+)\b", s.name)) else -1
 )

@@ -95,8 +95,8 @@ def test_every_message_table_is_generated(site: Path) -> None:
 
 
 def test_every_stage_is_on_the_site() -> None:
-    """The hook makes a page for every stage folder there is, in numeric order (stage_14 after
-    stage_13), and mkdocs.yml lists each; mkdocs serve watches each (the hook adds them)."""
+    """The hook makes a page for every stage folder there is, in numeric order (stage_10 after
+    stage_9), and mkdocs.yml lists each; mkdocs serve watches each (the hook adds them)."""
     stages = hook()
     assert list(stages.STAGES) == STAGES == list(range(len(STAGES))), (stages.STAGES, STAGES)
     nav = (ROOT / "mkdocs.yml").read_text()
@@ -110,8 +110,8 @@ def test_every_stage_is_on_the_site() -> None:
 
 
 def test_stages_sort_numerically() -> None:
-    """stage_14 comes after stage_13 wherever a list of stages is made (a text sort puts it after stage_1)."""
-    assert sorted(["stage_14", "stage_13", "stage_1"], key=stage_number) == ["stage_1", "stage_13", "stage_14"]
+    """stage_10 comes after stage_9 wherever a list of stages is made (a text sort puts it after stage_1)."""
+    assert sorted(["stage_10", "stage_9", "stage_1"], key=stage_number) == ["stage_1", "stage_9", "stage_10"]
     assert sorted(STAGES) == STAGES and hook().STAGES == STAGES
     assert all(isinstance(n, int) for n in STAGES)
 

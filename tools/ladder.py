@@ -15,8 +15,8 @@ direction). Then for each later stage k, in order: new stage_k = a three-way mer
 with the change from the old to the new stage before it (base and theirs), by `git merge-file`.
 A conflict stops the walk at that stage with the usual conflict markers and records nothing.
 
-Stages are the `stage_<number>` folders at the repository root, in numeric order (stage_14 after
-stage_13). ladder/README.md tells a maintainer how to use this; tests/test_ladder.py checks both the
+Stages are the `stage_<number>` folders at the repository root, in numeric order (stage_10 after
+stage_9). ladder/README.md tells a maintainer how to use this; tests/test_ladder.py checks both the
 repository and the tool.
 """
 

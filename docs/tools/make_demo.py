@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from doccommands import ROOT, Command, Terminal, bring_up_loopback
 
 OUTPUT = ROOT / "docs" / "assets" / "demo.svg"
-# The most complete stage: the highest number (stage_14 after stage_13) that has a demo.
+# The most complete stage: the highest number (stage_10 after stage_9) that has a demo.
 DEMO_STAGE = max(int(p.parent.name.removeprefix("stage_")) for p in ROOT.glob("stage_[0-9]*/__main__.py"))
 DEMO = f"python3 -m stage_{DEMO_STAGE}"
 USER_COMMANDS = [
