@@ -12,17 +12,19 @@ tests/test_workshop.py proves it.
 """
 
 import asyncio
+import contextlib
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
 
-from support import CliProcess, EchoServer, HttpOrigin, all_stages, stages_from
+from support import Background, CliProcess, EchoServer, HttpOrigin, all_stages, any_ports, make_server, stages_from
 
 # Hypothesis fails a test whose examples run longer than 200 ms by default: on a loaded
 # 2-core machine that is a coin toss, not a bug. Properties here are about correctness only.
@@ -149,3 +151,20 @@ async def cli() -> AsyncIterator[CliProcess.Factory]:
 
     yield start
     await asyncio.gather(*(p.stop() for p in started))
+
+
+@pytest.fixture
+async def start_server(stage: str) -> AsyncIterator[Callable[..., Awaitable[tuple[Any, Any]]]]:
+    """Start servers of the stage under test in this process, on free ports: `await start_server(**options)`
+    returns (server, ports); `control_port=` and `host=` choose where it listens, the other options go to
+    support.make_server (the tests' secret from stage 11 on unless `secret=` says otherwise). All stop
+    at the end of the test."""
+    async with contextlib.AsyncExitStack() as running:
+
+        async def start(control_port: int = 0, host: str = "127.0.0.1", **options: Any) -> tuple[Any, Any]:
+            server = make_server(stage, **options)
+            ports = await server.listen(host, control_port, *any_ports(stage)[1:])
+            await running.enter_async_context(Background(server.serve()))
+            return server, ports
+
+        yield start

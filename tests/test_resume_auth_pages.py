@@ -27,6 +27,7 @@ from stage_19.protocol import Refused, TryLater
 from stage_19.server import Ports, Server
 from support import (
     PAGE,
+    SECRET,
     STEP_TIMEOUT,
     Background,
     EchoServer,
@@ -50,7 +51,6 @@ from support import (
     users_port,
 )
 
-SECRET = "resume-auth-pages-tests-secret"
 STAGE = "stage_19"  # the stage under test, set by `names`
 FAST = {"heartbeat_interval": 0.1, "heartbeat_timeout": 1.0}
 
@@ -68,20 +68,6 @@ def names(stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """This module's stage names (Client, Server, auth, ...) are the stage under test's, for one test."""
     rebind(globals(), stage, monkeypatch)
     monkeypatch.setitem(globals(), "STAGE", stage)
-
-
-@pytest.fixture
-async def start_server(stage: str) -> AsyncIterator[StartServer]:
-    """Start servers of the stage in this process (with the secret from stage 11 on unless `secret=` says otherwise)."""
-    async with contextlib.AsyncExitStack() as running:
-
-        async def start(control_port: int = 0, host: str = "127.0.0.1", **options: Any) -> tuple[Server, Ports]:
-            server = make_server(stage, **{"secret": SECRET, **options})
-            ports = await server.listen(host, control_port, 0)
-            await running.enter_async_context(Background(server.serve()))
-            return server, ports
-
-        yield start
 
 
 def new_client(local_port: int, control_port: int, **options: Any) -> Client:

@@ -13,7 +13,7 @@ import contextlib
 import importlib
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from types import ModuleType
 from typing import Any
 
@@ -23,34 +23,18 @@ from support import (
     STEP_TIMEOUT,
     Background,
     EchoServer,
-    any_ports,
     exchange,
     make_client,
-    make_server,
     open_connection,
     until_logged,
 )
 
-StartServer = Callable[..., Awaitable[Any]]
+StartServer = Callable[..., Awaitable[tuple[Any, Any]]]
 
 
 @pytest.fixture(autouse=True)
 def log_info(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-
-
-@pytest.fixture
-async def start_server(stage: str) -> AsyncIterator[StartServer]:
-    """Start the stage's server on free ports; returns its Ports. All stop at the end."""
-    async with contextlib.AsyncExitStack() as running:
-
-        async def start(**options: Any) -> Any:
-            server = make_server(stage, **options)
-            ports = await server.listen("127.0.0.1", *any_ports(stage))
-            await running.enter_async_context(Background(server.serve()))
-            return ports
-
-        yield start
 
 
 def frames_of(stage: str) -> ModuleType:
@@ -92,7 +76,7 @@ async def read_to_eof(reader: asyncio.StreamReader) -> bytes:
 async def test_a_control_connection_that_does_not_start_with_hello_gets_an_error_line_and_a_close(
     start_server: StartServer, stage: str
 ) -> None:
-    ports = await start_server()
+    _, ports = await start_server()
     reader, writer = await open_connection(ports.control)
     writer.write(b"ping\n")  # stage 3's client could say this first; from stage 4 on it is not a handshake
     assert await read_to_eof(reader) == b"error unknown command 'ping'\n"
@@ -103,7 +87,7 @@ async def test_a_control_connection_that_does_not_start_with_hello_gets_an_error
 async def test_a_second_client_is_refused_with_an_error_line_and_the_first_keeps_the_tunnel(
     start_server: StartServer, stage: str
 ) -> None:
-    ports = await start_server()
+    _, ports = await start_server()
     first_reader, first = await say_hello(ports.control)
     reader, second = await open_connection(ports.control)
     second.write(b"hello\n")
@@ -136,7 +120,7 @@ async def test_a_bad_frame_from_the_client_ends_its_connection_with_one_log_line
     make: Callable[[ModuleType], bytes],
     reason: str,
 ) -> None:
-    ports = await start_server()
+    _, ports = await start_server()
     reader, writer = await say_hello(ports.control)
     writer.write(make(frames_of(stage)))
     assert await read_to_eof(reader) == b""  # no line after the welcome: the server just hangs up
@@ -177,7 +161,7 @@ async def test_each_user_is_announced_by_a_syn_frame_on_the_next_stream_carrying
     start_server: StartServer, stage: str
 ) -> None:
     frames = frames_of(stage)
-    ports = await start_server()
+    _, ports = await start_server()
     reader, writer = await say_hello(ports.control)
     parser = frames.Parser()
     users = [await open_connection(ports.public) for _ in range(3)]
@@ -266,7 +250,7 @@ async def test_a_syn_without_a_pairing_id_stops_the_client_before_it_writes_a_pr
 @pytest.mark.since("frames", until="streams")
 async def test_users_are_served_through_the_tunnel_after_the_handshake(start_server: StartServer, stage: str) -> None:
     """The whole path with the stage's own client: the handshake, a SYN per user, proxy connections."""
-    ports = await start_server()
+    _, ports = await start_server()
     async with EchoServer() as app:
         client = make_client(stage, ("127.0.0.1", app.port), "127.0.0.1", ports.control, ports.proxy)
         async with Background(client.run()):

@@ -26,6 +26,7 @@ from stage_19.frames import ACK, DATA, GO_AWAY, MAX_FRAME, PING, SYN, WINDOW, Fr
 from stage_19.protocol import Refused
 from stage_19.server import Ports, Server
 from support import (
+    SECRET,
     STEP_TIMEOUT,
     Background,
     EchoServer,
@@ -40,7 +41,6 @@ from support import (
     hello,
     http_request,
     make_client,
-    make_server,
     open_connection,
     rebind,
     reset,
@@ -50,7 +50,6 @@ from support import (
     users_port,
 )
 
-SECRET = "stream-tests-secret"
 STAGE = "stage_19"  # the stage under test, set by `names`
 
 pytestmark = pytest.mark.since("streams")
@@ -70,19 +69,6 @@ def names(stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """This module's stage names (Client, Parser, ...) are the stage under test's, for one test."""
     rebind(globals(), stage, monkeypatch)
     monkeypatch.setitem(globals(), "STAGE", stage)
-
-
-@pytest.fixture
-async def start_server(stage: str) -> AsyncIterator[StartServer]:
-    async with contextlib.AsyncExitStack() as running:
-
-        async def start(control_port: int = 0, **options: Any) -> tuple[Server, Ports]:
-            server = make_server(stage, **{"secret": SECRET, **options})
-            ports = await server.listen("127.0.0.1", control_port, 0)
-            await running.enter_async_context(Background(server.serve()))
-            return server, ports
-
-        yield start
 
 
 @pytest.fixture
