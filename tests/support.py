@@ -47,6 +47,7 @@ LADDER = {
     "observer": 17,  # HTTP/1.1 framing of each stream, sans I/O (observe.py)
     "inspector": 18,  # the inspector page
     "live": 19,  # the live feed and replay
+    "forwarded": 20,  # X-Forwarded-* on every request, h2c said plainly, basic auth and CIDR rules at the server
 }
 
 ROOT = Path(__file__).resolve().parent.parent

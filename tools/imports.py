@@ -43,12 +43,12 @@ SIDES = {
     "session": SERVER,  # the server's record of a client: resume window, GO_AWAY
     "tunnels": SERVER,  # the tunnel registry and each tunnel's public listener
     "routing": SERVER,  # Host-header routing of users to tunnels
+    "forwarding": SERVER,  # stage 20: every request routed, guarded and given X-Forwarded-* on its way
     "limits": SERVER,  # descriptor slots and listeners: only the server, routing and tunnels use them
     # The client: it dials the server and the local app, and shows what passes through.
     "client": CLIENT,
     "private": CLIENT,  # the private connection to the local app
     "backoff": CLIENT,  # reconnect delays
-    "observe": CLIENT,  # HTTP/1.1 framing of each stream, sans I/O, for the inspector
     "capture": CLIENT,  # keeps the observed exchanges
     "inspector": CLIENT,  # the inspector's web page, on the client's machine
     # Shared by both ends (or by neither): they may import only each other.
@@ -57,6 +57,7 @@ SIDES = {
     "frames": SHARED,
     "mux": SHARED,
     "relay": SHARED,
+    "observe": SHARED,  # HTTP/1.1 framing, sans I/O: the client's inspector; from stage 20 the server's heads
     "pages": SHARED,  # the error pages (the client's 502 in stage 3, the server's from then on)
     "cli": SHARED,  # argument parsing helpers of both command lines
     "auth": SHARED,  # both ends of the HMAC challenge
