@@ -23,6 +23,7 @@ from hypercorn.config import Config
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import tls_certs
+from stage_20 import forwarding
 from stage_20.capture import Store
 from stage_20.protocol import Policy, Refused
 from support import (
@@ -346,3 +347,11 @@ async def test_the_password_may_come_from_the_environment_and_is_checked_there_t
     process = await cli(*command, env={"NGROK_BASIC_AUTH": "me:" + "x" * 200})
     assert await process.wait() == 2, process.output
     assert "longer than 128 bytes" in process.output and "Traceback" not in process.output
+
+
+def test_ipv4_mapped_addresses_are_read_as_ipv4() -> None:
+    """On a dual-stack socket an IPv4 user is ::ffff:127.0.0.2: its rules and its X-Forwarded-For are IPv4's."""
+    assert forwarding.plain("::ffff:127.0.0.2") == "127.0.0.2"
+    assert not forwarding.admits(Policy(deny=("127.0.0.0/8",)), "::ffff:127.0.0.2")
+    assert forwarding.admits(Policy(allow=("127.0.0.2",)), "::ffff:127.0.0.2")
+    assert not forwarding.admits(Policy(allow=("::1",)), "::ffff:127.0.0.2")
