@@ -130,12 +130,13 @@ async def test_requests_show_up_with_method_path_status_bytes_and_the_users_addr
 
     second, first = await until(both)  # newest first
     assert (first["method"], first["path"], first["status"]) == ("GET", "/first?x=1", 200)
-    assert (first["up"], first["down"]) == (len(get), len(got))
+    assert (first["up"], first["down"]) == (len(get) + len(forwarded(STAGE)), len(got))
     if has(STAGE, "live"):
         assert first["user"] == user  # the address the server saw, carried in the SYN frame (stage 19 on)
     else:
         assert re.fullmatch(r"stream \d+", first["user"]), first  # stage 18 names the stream only
-    assert (second["method"], second["path"], second["status"], second["up"]) == ("POST", "/second", 200, len(post))
+    up = len(post) + len(forwarded(STAGE))
+    assert (second["method"], second["path"], second["status"], second["up"]) == ("POST", "/second", 200, up)
     assert second["down"] == len(posted)
     status, detail = await tunnel.api(f"/api/requests/{second['id']}")
     assert status == 200
@@ -340,6 +341,12 @@ async def test_big_bodies_are_bounded_by_the_bytes_of_the_ring(start_tunnel: Sta
         assert 10 <= len(store.entries) < 20
 
 
+def forwarded(stage: str) -> bytes:
+    """What the server adds to each head of a user of t.localhost from 127.0.0.1 (stage 20 on: forwarding.py)."""
+    lines = b"X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: t.localhost\r\n"
+    return lines if has(stage, "forwarded") else b""
+
+
 class Silent(LocalServer):
     """A local app that reads every request and never answers; counts the bytes it read."""
 
@@ -368,9 +375,7 @@ async def test_requests_still_waiting_for_answers_count_in_the_ring_until_they_e
         users = [await open_connection(tunnel.ports.public) for _ in range(20)]
         for _, writer in users:
             writer.write(requests)
-        # From stage 20 on, the server adds its X-Forwarded-* lines to each head on the way (forwarding.py).
-        forwarded = b"X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: t.localhost\r\n"
-        sent = len(requests) + (64 * len(forwarded) if has(STAGE, "forwarded") else 0)
+        sent = len(requests) + 64 * len(forwarded(STAGE))
         await until(lambda: asyncio.sleep(0, app.received == 20 * sent))
         # Everything the client holds of them, listed or not (the observers hold the others), within the
         # ring's bound; each connection's observer may hold one more, the one it stopped at.

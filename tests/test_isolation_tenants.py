@@ -416,7 +416,8 @@ async def served_by_name(public_port: int, name: str) -> None:
     async with asyncio.timeout(STEP_TIMEOUT):
         while True:
             with contextlib.suppress(OSError):
-                if await exchange(public_port, request) == request:  # echoed: the app, not a 502 page
+                # Echoed: the app, not a 502 page (from stage 20 on, with the server's X-Forwarded-* lines in it).
+                if (await exchange(public_port, request)).startswith(request.removesuffix(b"\r\n")):
                     return
             await asyncio.sleep(0.05)
 

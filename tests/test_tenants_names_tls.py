@@ -318,7 +318,7 @@ async def test_three_named_tunnels_each_serve_their_own_app_to_300_users_at_once
     assert wrong == [], f"{len(wrong)} of 300 users got another app's answer or none, e.g. {wrong[:3]}"
 
 
-@NAMES
+@pytest.mark.since("names", until="forwarded")  # from stage 20 the head gets X-Forwarded-*: test_forwarded.py
 async def test_the_users_bytes_reach_the_app_unchanged_head_included(
     start_server: StartServer, start_client: StartClient, echo_server: EchoServer
 ) -> None:
