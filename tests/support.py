@@ -47,6 +47,7 @@ LADDER = {
     "observer": 17,  # HTTP/1.1 framing of each stream, sans I/O (observe.py)
     "inspector": 18,  # the inspector page
     "live": 19,  # the live feed and replay
+    "sni": 21,  # TLS tunnels: the server's TLS port routes a ClientHello by its server name (sni.py)
 }
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -563,6 +564,8 @@ def has_proxy_port(stage: str) -> bool:
 
 def port_roles(stage: str) -> tuple[str, ...]:
     """The roles of the ports the stage's server binds, in the order its `listen()` takes them."""
+    if has(stage, "sni"):
+        return ("control", "public", "tls")  # the TLS port of TLS tunnels (stage 21 on)
     return ("control", "public", "proxy") if has_proxy_port(stage) else ("control", "public")
 
 

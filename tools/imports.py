@@ -43,6 +43,7 @@ SIDES = {
     "session": SERVER,  # the server's record of a client: resume window, GO_AWAY
     "tunnels": SERVER,  # the tunnel registry and each tunnel's public listener
     "routing": SERVER,  # Host-header routing of users to tunnels
+    "passthrough": SERVER,  # the TLS port: a user's ClientHello names its TLS tunnel (stage 21 on)
     "limits": SERVER,  # descriptor slots and listeners: only the server, routing and tunnels use them
     # The client: it dials the server and the local app, and shows what passes through.
     "client": CLIENT,
@@ -61,6 +62,7 @@ SIDES = {
     "cli": SHARED,  # argument parsing helpers of both command lines
     "auth": SHARED,  # both ends of the HMAC challenge
     "budget": SHARED,
+    "sni": SHARED,  # the ClientHello's server name, sans I/O: the server routes by it, the inspector shows it
     "tls": SHARED,  # both ends' TLS contexts
     "certs": SHARED,  # test certificates for the demo
     "demo_app": SHARED,  # the local app of the demo
