@@ -642,7 +642,7 @@ class Sealed(Observer):
         with contextlib.suppress(Exception):
             entry = self._open()
             self.closed = True
-            entry.state, entry.note = ENCRYPTED, reason or self.NOTE
+            entry.state, entry.note = ENCRYPTED, f"{self.NOTE}; {reason}" if reason else self.NOTE
             entry.duration = time.monotonic() - entry.began
             self._sink.changed(entry)  # over: the store logs it
         self.closed = True

@@ -150,7 +150,6 @@ class Server:
         """
         before, fd_limit = limits.raise_fd_limit()
         slots = {role: Slots(count) for role, count in limits.slots_for(fd_limit).items()}
-        slots["tls"] = slots["public"]  # TLS users count as much as HTTP users (and TCP tunnels' users)
         roles = (
             ("control", control_port, self._handle_control),
             ("public", public_port, self._handle_http),
@@ -162,7 +161,8 @@ class Server:
                     sock = limits.bind(host, port, limits.BACKLOG)
                 except OSError as exc:
                     raise TunnelError(listen_error(exc, role, host, port)) from None
-                self._listeners.append(Listener(role, sock, slots[role], handler))
+                share = slots["control" if role == "control" else "public"]  # TLS users count as HTTP users do
+                self._listeners.append(Listener(role, sock, share, handler))
         except BaseException:
             for listener in self._listeners:  # don't keep half of the ports open
                 listener.sock.close()
