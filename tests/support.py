@@ -48,6 +48,7 @@ LADDER = {
     "inspector": 18,  # the inspector page
     "live": 19,  # the live feed and replay
     "forwarded": 20,  # X-Forwarded-* on every request, h2c said plainly, basic auth and CIDR rules at the server
+    "sni": 21,  # TLS tunnels: the server's TLS port routes a ClientHello by its server name (sni.py)
 }
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -564,6 +565,8 @@ def has_proxy_port(stage: str) -> bool:
 
 def port_roles(stage: str) -> tuple[str, ...]:
     """The roles of the ports the stage's server binds, in the order its `listen()` takes them."""
+    if has(stage, "sni"):
+        return ("control", "public", "tls")  # the TLS port of TLS tunnels (stage 21 on)
     return ("control", "public", "proxy") if has_proxy_port(stage) else ("control", "public")
 
 

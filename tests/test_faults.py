@@ -150,7 +150,8 @@ async def test_killing_the_client_mid_transfer_ends_the_user_cleanly_and_a_new_c
 async def test_the_client_reconnects_on_its_own_when_the_server_restarts_on_the_same_ports(
     cli: CliProcess.Factory, http_origin: HttpOrigin, stage: str
 ) -> None:
-    server, ports = await start_server(cli, stage, dict(zip(port_roles(stage), free_ports(2), strict=True)))
+    roles = port_roles(stage)
+    server, ports = await start_server(cli, stage, dict(zip(roles, free_ports(len(roles)), strict=True)))
     client = await start_client(
         cli, stage, http_origin.port, ports, "--max-backoff", "0.5", "--heartbeat-interval", "0.2",
         "--heartbeat-timeout", "1",

@@ -38,6 +38,7 @@ from support import (
     make_server,
     open_connection,
     rebind,
+    server_port_flags,
     tls_flags,
 )
 from tls_certs import certs
@@ -442,7 +443,7 @@ async def test_a_big_download_is_kept_only_up_to_the_bound_and_arrives_intact(st
 
 
 async def start_server_cli(cli: CliProcess.Factory) -> int:
-    args = ("-m", f"{STAGE}.server", "--control-port", "0", "--public-port", "0", *tls_flags(STAGE))
+    args = ("-m", f"{STAGE}.server", *server_port_flags(STAGE), *tls_flags(STAGE))
     server = await cli(*args, env={"NGROK_SECRET": SECRET})
     return await server.listening("control")
 

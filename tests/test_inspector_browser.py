@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from test_docs_site import BROWSER_ARGS, CHROMIUM
 
-from support import HttpServer, rebind, tls_flags
+from support import HttpServer, rebind, server_port_flags, tls_flags
 from tls_certs import certs
 
 STAGE = "stage_19"  # the stage under test, set by `names`
@@ -108,7 +108,7 @@ def tunnel(tmp_path: Path) -> Iterator[tuple[int, int]]:
     """The public port and the inspector's port of the stage's tunnel in front of _App."""
     app = HttpServer(("127.0.0.1", 0), _App)
     threading.Thread(target=app.serve_forever, daemon=True).start()
-    args = ("-m", f"{STAGE}.server", "--control-port", "0", "--public-port", "0", *tls_flags(STAGE))
+    args = ("-m", f"{STAGE}.server", *server_port_flags(STAGE), *tls_flags(STAGE))
     server = Program(tmp_path, "server", *args)
     programs = [server]
     try:

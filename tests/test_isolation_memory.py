@@ -37,6 +37,7 @@ from support import (
     open_connection,
     port_roles,
     server_flags,
+    server_port_flags,
     stage_number,
     stages_from,
     tls_flags,
@@ -146,7 +147,7 @@ async def test_a_missing_certificate_or_key_file_is_named(
     absent = str(tmp_path / f"absent-{missing}.pem")
     flags[f"--{missing}"] = absent
     args = [word for flag, value in flags.items() for word in (flag, value)]
-    server = await cli("-m", f"{stage}.server", "--control-port", "0", "--public-port", "0", *args)
+    server = await cli("-m", f"{stage}.server", *server_port_flags(stage), *args)
     assert await server.wait() == 1
     assert "Traceback" not in server.output
     assert server.lines[-1].startswith("error: cannot read the ")

@@ -79,7 +79,7 @@ async def start_tunnel(lab: LinkLab, stage: str) -> tuple[LabProcess, LabProcess
     """
     env = {"NGROK_SECRET": secrets.token_urlsafe(16)}
     # The users' bytes cross the link on the client's one connection, as streams.
-    ports = {"control": CONTROL_PORT, "public": PUBLIC_PORT, "proxy": PROXY_PORT}
+    ports = {"control": CONTROL_PORT, "public": PUBLIC_PORT, "proxy": PROXY_PORT, "tls": 60626}  # a lab of its own
     ports = {role: ports[role] for role in port_roles(stage)}
     flags = [flag for role, port in ports.items() for flag in (f"--{role}-port", str(port))] + tls_flags(stage)
     server = await lab.start("server", "server", "-m", f"{stage}.server", "--host", SERVER_IP, *flags, env=env)

@@ -46,6 +46,7 @@ from support import (
     open_connection,
     pattern_bytes,
     rebind,
+    server_port_flags,
     sha256,
     tls_flags,
     until_logged,
@@ -863,7 +864,7 @@ async def test_a_tls_handshake_that_never_finishes_is_let_go_and_the_server_serv
 
 async def start_cli_server(cli: CliProcess.Factory, *flags: str) -> tuple[CliProcess, int, int]:
     """`python3 -m STAGE.server [--cert ... --key ...]` on ephemeral ports; return it and its two ports."""
-    server = await cli("-m", f"{STAGE}.server", *tls_flags(STAGE), "--control-port", "0", "--public-port", "0", *flags)
+    server = await cli("-m", f"{STAGE}.server", *tls_flags(STAGE), *server_port_flags(STAGE), *flags)
     return server, await server.listening("control"), await server.listening("public")
 
 
@@ -936,7 +937,7 @@ async def test_cli_a_client_refuses_a_certificate_for_another_host_in_one_line(
 ) -> None:
     other = tls_certs.other_host()
     server = await cli("-m", f"{STAGE}.server", "--cert", str(other.cert), "--key", str(other.key),
-                       "--control-port", "0", "--public-port", "0")  # fmt: skip
+                       *server_port_flags(STAGE))  # fmt: skip
     control_port = await server.listening("control")
     line = await refused_client(cli, "127.0.0.1:8000", host, "--control-port", str(control_port), "--ca", str(other.ca))
     assert re.match(rf"error: the server's certificate is not valid for {re.escape(host)} \(.+\)", line), line
@@ -946,7 +947,7 @@ async def test_cli_a_server_whose_certificate_is_missing_says_so_in_one_line(cli
     files = tls_certs.certs()
     missing = str(files.cert.parent / "no-such-cert.pem")
     for flags in (("--cert", missing, "--key", str(files.key)), ("--cert", str(files.key), "--key", str(files.key))):
-        server = await cli("-m", f"{STAGE}.server", *flags, "--control-port", "0", "--public-port", "0")
+        server = await cli("-m", f"{STAGE}.server", *flags, *server_port_flags(STAGE))
         assert await server.wait() == 1, server.output
         assert len(server.lines) == 1 and server.lines[0].startswith("error: "), server.output
         assert "Traceback" not in server.output

@@ -44,6 +44,7 @@ SIDES = {
     "tunnels": SERVER,  # the tunnel registry and each tunnel's public listener
     "routing": SERVER,  # Host-header routing of users to tunnels
     "forwarding": SERVER,  # stage 20: every request routed, guarded and given X-Forwarded-* on its way
+    "passthrough": SERVER,  # the TLS port: a user's ClientHello names its TLS tunnel (stage 21 on)
     "limits": SERVER,  # descriptor slots and listeners: only the server, routing and tunnels use them
     # The client: it dials the server and the local app, and shows what passes through.
     "client": CLIENT,
@@ -62,6 +63,7 @@ SIDES = {
     "cli": SHARED,  # argument parsing helpers of both command lines
     "auth": SHARED,  # both ends of the HMAC challenge
     "budget": SHARED,
+    "sni": SHARED,  # the ClientHello's server name, sans I/O: the server routes by it, the inspector shows it
     "tls": SHARED,  # both ends' TLS contexts
     "certs": SHARED,  # test certificates for the demo
     "demo_app": SHARED,  # the local app of the demo
