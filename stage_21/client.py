@@ -1,4 +1,4 @@
-"""Stage 21 client: stage 16's tunnel, the inspector (live, with replay), guards, and TLS tunnels: the app holds its key.
+"""Stage 21 client: stage 16's tunnel, the inspector (live, with replay), guards, and TLS tunnels by SNI.
 
 python3 -m stage_21.client localhost:8000 --ca certs/ca.pem --name myapp   # http://myapp.localhost:60624/
 python3 -m stage_21.client localhost:22 tunnel.example.com --tcp          # a public TCP port for ssh
