@@ -33,6 +33,7 @@ from support import (
     Background,
     CliProcess,
     EchoServer,
+    LocalServer,
     accepted,
     free_port,
     make_client,
@@ -254,6 +255,46 @@ async def test_a_later_request_for_another_tunnel_gets_a_421_after_the_answer_be
     assert [status for status, _, _ in answers] == [200, 421]
     assert b"open a new one for other.localhost" in answers[1][2]
     await until_logged(caplog, r"a 421 page after the app's answers")
+
+
+class Upgrading(LocalServer):
+    """An app that switches /ws to another protocol (101, then an echo) and refuses it on /no (400, then HTTP)."""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head.startswith(b"GET /ws "):
+                writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                while data := await reader.read(65536):
+                    writer.write(data)
+            else:
+                writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                head = await reader.readuntil(b"\r\n\r\n")  # the next request, as the app got it
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(head), head))
+            await writer.drain()
+        writer.close()
+
+
+@pytest.mark.parametrize("path", ["/ws", "/no"])
+async def test_what_follows_an_upgrade_waits_for_the_apps_answer(tunnel: Any, path: str) -> None:
+    """Bytes right behind an upgrade: the new protocol's after a 101, unchanged; HTTP after a refusal, rewritten."""
+    async with Upgrading() as app:
+        _, ports = await tunnel(local=app.port)
+        reader, writer = await connect(ports.public)
+        upgrade = f"GET {path} HTTP/1.1\r\nHost: app.localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        after = b"\x81\x05hello" if path == "/ws" else get(ports.public, extra="X-Forwarded-For: 6.6.6.6\r\n")
+        writer.write(upgrade.encode() + after)  # without waiting for the answer
+        try:
+            if path == "/ws":
+                async with asyncio.timeout(STEP_TIMEOUT):
+                    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+                    assert await reader.readexactly(len(after)) == after
+            else:
+                assert (await answer(reader))[0] == 400
+                status, _, head = await answer(reader)
+                assert status == 200 and f"X-Forwarded-For: 6.6.6.6, {USER}\r\n".encode() in head, head
+        finally:
+            writer.close()
 
 
 # --- HTTP/2 said plainly -------------------------------------------------------------------------------
