@@ -42,8 +42,8 @@ FORWARDED = {
 # What an HTTP/2 client sends first when it assumes HTTP/2 without asking (h2c "prior knowledge").
 H2_PREFACE = b"PRI * HTTP/2.0\r\n"
 H2_ADVICE = (
-    b"This tunnel server's HTTP port speaks HTTP/1.1, not HTTP/2. Use HTTP/1.1 (curl --http1.1),"
-    b" or a TLS tunnel for HTTP/2 end to end.\n"
+    b"This tunnel server's HTTP port speaks HTTP/1.1, not HTTP/2.\n"
+    b"Use HTTP/1.1 (curl --http1.1), or a TLS tunnel for HTTP/2 end to end.\n"
 )
 
 
