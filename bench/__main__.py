@@ -22,7 +22,7 @@ from typing import Any
 
 from stage_0.relay import CHUNK_SIZE
 
-from . import inspector, report, scenarios
+from . import inspector, report, scenarios, tlstunnel
 from .paths import (
     HOST,
     LINKED,
@@ -365,6 +365,9 @@ def run_inspector(
 
 def main() -> None:
     """Command line: see --help."""
+    if "--tls-tunnel" in sys.argv[1:]:  # a run of its own, with its own options (bench/tlstunnel.py)
+        tlstunnel.main([arg for arg in sys.argv[1:] if arg != "--tls-tunnel"])
+        return
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="Compare direct, socat, ssh -R, stage 0 and the tunnel stages on 127.0.0.1, interleaved.",
@@ -381,6 +384,12 @@ def main() -> None:
         action="store_true",
         help=f"issue 26's run: paths {SPEED_PATHS} (both loops), scenarios {SPEED_SCENARIOS}, ab and wrk "
         f"-c {SPEED_CONCURRENCY}, then the inspector on both loops; writes bench/results/speed/ (~5 min)",
+    )
+    parser.add_argument(
+        "--tls-tunnel",
+        action="store_true",
+        help="stage 21's TLS tunnel beside its TCP tunnel, the same TLS origin behind both (bench.tlstunnel; "
+        "with --smoke, --quick, --rounds, --output); writes bench/results/tls-tunnel/ (~3 min)",
     )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default: 5, --quick 2, --smoke 1)")
     parser.add_argument("--paths", help=f"comma-separated (default: {DEFAULT_PATHS}; --speed: {SPEED_PATHS})")
