@@ -63,7 +63,7 @@ SCENARIOS = ("bulk_down", "bulk_up", "ab")
 OUTPUT = ROOT / "bench" / "results" / "tls-tunnel"
 SOCKET_TIMEOUT = 30.0
 BUFFER = 1024 * 1024
-TUNNEL_UP = r"tunnel up: (tcp|tls)://"
+TUNNEL_UP = r"tunnel up: ((?:tcp|tls)://\S+)"  # the client's line: the URL its users dial
 
 
 @dataclass(frozen=True)
@@ -114,10 +114,12 @@ class Route:
         self.label, self.work, self.origin, self.link = label, work, origin, link
         self.processes: list[Process] = []
         self.address = origin
+        self.url = ""  # what the client said its users dial: tcp://HOST:PORT or tls://bench.localhost:PORT
 
     def start(self, context: ssl.SSLContext) -> None:
         """Start the tunnel (server, then client) and wait until a request goes through it."""
         if self.label == "direct":
+            self.url = "direct"
             wait_until_served(self.address, context, [])
             return
         ca, cert, key = self.link
@@ -140,7 +142,7 @@ class Route:
             argv = [sys.executable, "-S", "-m", f"{STAGE}.client", f"{self.origin[0]}:{self.origin[1]}", HOST]
             argv += ["--control-port", str(control), "--ca", str(ca), "--no-inspect", *kind]
             client = Process.start(f"{self.label} client", argv, logs, self.work, env, self.processes)
-            client.wait_for(TUNNEL_UP)
+            self.url = client.wait_for(TUNNEL_UP)[1]
             role = "tcp" if self.label == "TCP tunnel" else "tls"  # the tunnel's own port, or the TLS port
             self.address = (HOST, int(server.wait_for(LISTENING.format(role=role))[2]))
             wait_until_served(self.address, context, self.processes)
@@ -294,6 +296,7 @@ def run(settings: Settings, stage_dir: Path | None = None, say: Callable[[str], 
     }
     work = Path(tempfile.mkdtemp(prefix="bench-tlstunnel-"))
     records: list[dict[str, Any]] = []
+    urls: dict[str, set[str]] = {}  # per path, the URLs its client reported, with the port the load dialled
     origin: Process | None = None
     paths: list[Route] = []
     try:
@@ -314,6 +317,7 @@ def run(settings: Settings, stage_dir: Path | None = None, say: Callable[[str], 
             try:
                 for path in order:
                     path.start(context)
+                    urls.setdefault(path.label, set()).add(f"{path.url} dialled at port {path.address[1]}")
                 for scenario in SCENARIOS:
                     for path in order:
                         record: dict[str, Any] = {"round": round_no, "scenario": scenario, "path": path.label}
@@ -337,7 +341,8 @@ def run(settings: Settings, stage_dir: Path | None = None, say: Callable[[str], 
         shutil.rmtree(work, ignore_errors=True)
     info["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     info["duration_s"] = round(time.monotonic() - began, 1)
-    result: dict[str, Any] = {"machine": info, "settings": asdict(settings), "measurements": records}
+    routes = {label: sorted(found) for label, found in urls.items()}
+    result: dict[str, Any] = {"machine": info, "settings": asdict(settings), "routes": routes, "measurements": records}
     result["summary"] = summarize(records)
     return result
 

@@ -207,6 +207,59 @@ def test_the_speed_run_measures_stage_22_on_its_loop_and_decides_issue_26s_goals
     assert "| Goal (issue 26) | measured | |" in (tmp_path / "goals.md").read_text()  # for the docs page
 
 
+HAS_STAGE_21 = (ROOT / "stage_21" / "__init__.py").is_file()  # TLS tunnels by SNI (issue 25)
+TLS_TUNNEL_PATHS = ("direct", "TCP tunnel", "TLS tunnel")
+
+
+def _stage_21_dir(config: pytest.Config) -> list[str]:
+    """`--stage-dir stage_21=DIR` (or STAGE_DIRS) handed on to the bench: a broken copy must fail this test."""
+    pairs = [*config.getoption("--stage-dir"), *os.environ.get("STAGE_DIRS", "").split(",")]
+    found = [pair.split("=", 1)[1] for pair in pairs if pair.strip().startswith("stage_21=")]
+    return ["--stage-dir", found[-1].strip()] if found else []
+
+
+@pytest.mark.skipif(shutil.which("ab") is None or not HAS_OPENSSL, reason="needs ab (apache2-utils) and openssl")
+@pytest.mark.skipif(not HAS_STAGE_21, reason="no stage_21/ yet")
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_the_tls_tunnel_run_measures_both_tunnels_through_their_own_ports(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """`--tls-tunnel --smoke`: stage 21's TLS tunnel beside its TCP tunnel, the same TLS origin behind both.
+
+    Each path really is what it is named: the load checked the origin's certificate for
+    bench.localhost on every connection, ab sent that name as SNI, the TLS tunnel's load dialled the
+    server's TLS port (the client's tls:// URL) and the TCP tunnel's its tcp:// port.
+    """
+    argv = [sys.executable, "-m", "bench", "--tls-tunnel", "--smoke", "--output", str(tmp_path)]
+    done = subprocess.run(
+        [*argv, *_stage_21_dir(request.config)], cwd=ROOT, capture_output=True, text=True, timeout=100, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "latest.json").read_text())
+    got = {(r["path"], r["scenario"]): r for r in report["measurements"]}
+    assert set(got) == {(p, s) for p in TLS_TUNNEL_PATHS for s in ("bulk_down", "bulk_up", "ab")}
+    for (path, scenario), record in got.items():
+        metrics = record["metrics"]  # no "error": every measurement ran
+        if scenario == "ab":
+            assert metrics["complete"] == 200 and metrics["failed"] == 0, record
+            assert metrics["server_name"] == "bench.localhost" and metrics["tls"].startswith("TLSv1"), record
+            assert metrics["origin_cpu_us_per_request"] > 0, record  # a handshake per request at the origin
+            assert path == "direct" or metrics["cpu_us_per_request"] > 0, record
+        else:
+            assert metrics["mb_per_s"] > 0, record
+    for path, kind in (("TCP tunnel", "tcp://"), ("TLS tunnel", "tls://bench.localhost:")):
+        (route,) = report["routes"][path]  # one round: one start
+        url, _, port = route.partition(" dialled at port ")
+        assert url.startswith(kind) and url.endswith(f":{port}"), route
+    summary = report["summary"]
+    for key in ("bulk_down.mb_per_s", "bulk_up.mb_per_s", "ab.rps", "ab.cpu_us_per_request"):
+        assert summary[key]["ratio"] > 0 and set(TLS_TUNNEL_PATHS) <= set(summary[key]), (key, summary[key])
+    markdown = (tmp_path / "latest.md").read_text()
+    assert "| TLS ÷ TCP |" in markdown and "FAILED" not in markdown
+    assert "| New connections, a full TLS handshake each (ab -c 16) (req/s) |" in markdown
+
+
 def _descendants(root: int) -> dict[int, str]:
     """{pid: start time} of every process below `root`, by parent links (sessions do not matter)."""
     children: dict[int, list[int]] = {}
