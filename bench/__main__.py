@@ -389,7 +389,7 @@ def main() -> None:
         "--tls-tunnel",
         action="store_true",
         help="stage 21's TLS tunnel beside its TCP tunnel, the same TLS origin behind both (bench.tlstunnel; "
-        "with --smoke, --quick, --rounds, --output); writes bench/results/tls-tunnel/ (~3 min)",
+        "with --smoke, --quick, --rounds, --output); writes bench/results/tls-tunnel/ (~2 min)",
     )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default: 5, --quick 2, --smoke 1)")
     parser.add_argument("--paths", help=f"comma-separated (default: {DEFAULT_PATHS}; --speed: {SPEED_PATHS})")

@@ -1,7 +1,7 @@
 """What routing by SNI costs: stage 21's TLS tunnel beside its TCP tunnel, the same TLS inside both.
 
-    python3 -m bench --tls-tunnel            # 5 interleaved rounds (~3 min); writes bench/results/tls-tunnel/
-    python3 -m bench --tls-tunnel --smoke    # 1 tiny round (~15 s), what tests/test_bench.py runs
+    python3 -m bench --tls-tunnel            # 5 interleaved rounds (~2 min); writes bench/results/tls-tunnel/
+    python3 -m bench --tls-tunnel --smoke    # 1 tiny round (~5 s), what tests/test_bench.py runs
     python3 -m bench.tlstunnel --rounds 9 --bulk-mib 128 --seconds 3   # any size, printed only
 
 One origin speaks TLS with a certificate of its own for `bench.localhost` (`bench.origin --cert
@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None, mode: str = "full", output: Path | None 
     parser = argparse.ArgumentParser(prog="python -m bench.tlstunnel", description=__doc__.splitlines()[0])
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", dest="mode", const="quick", help="2 rounds, 64 MiB (~1 min)")
-    size.add_argument("--smoke", action="store_const", dest="mode", const="smoke", help="1 tiny round (~15 s)")
+    size.add_argument("--smoke", action="store_const", dest="mode", const="smoke", help="1 tiny round (~5 s)")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--bulk-mib", type=int, help="MiB each way (default: 256, --quick 64, --smoke 1)")
     parser.add_argument("--seconds", type=int, help="ab -t (default: 3, --quick 2; --smoke: 200 requests)")
