@@ -6,6 +6,7 @@ connection sends pick the service:
 
 - `GET ...` / `HEAD ...`: HTTP/1.x with keep-alive, a small fixed page (ab, wrk, TTFB);
 - `SINK\\n`: count every byte until EOF, then answer `<count>\\n` (bulk upload);
+- `SINK <n>\\n`: the same, answered once `n` bytes came (TLS has no half-close to end an upload with);
 - `SOURCE <n>\\n`: send `n` bytes, then close (bulk download);
 - `ECHO\\n`: echo every byte (the idle-connections scenario).
 
@@ -13,13 +14,17 @@ It is written as an asyncio Protocol (callbacks, no per-connection task) so that
 the origin is as cheap as Python allows: every path pays for the same origin,
 and the faster it is the more of the measured cost is the path's own.
 
-python -m bench.origin [--port 0]     # logs "origin port listening on HOST:PORT"
+With `--cert` and `--key` it speaks TLS with that certificate, as an app behind a TLS tunnel does
+(bench.tlstunnel): the same services inside TLS, asyncio's TLS (the `ssl` module's memory BIOs).
+
+python -m bench.origin [--port 0] [--cert FILE --key FILE]   # logs "origin port listening on HOST:PORT"
 """
 
 import argparse
 import asyncio
 import contextlib
 import logging
+import ssl
 
 log = logging.getLogger("bench.origin")
 
@@ -46,6 +51,7 @@ class Origin(asyncio.BufferedProtocol):
         self.mode = b""
         self.buffer = b""
         self.count = 0
+        self.expected = -1  # SINK <n>: answer once n bytes came; -1: at EOF
         self.remaining = 0
         self.paused = False
 
@@ -59,6 +65,7 @@ class Origin(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         if self.mode == b"SINK":
             self.count += nbytes
+            self._counted()
         else:
             self.data_received(bytes(INBOX[:nbytes]))
 
@@ -88,6 +95,9 @@ class Origin(asyncio.BufferedProtocol):
         self.buffer = b""
         if line == b"SINK":
             self.mode, self.count = b"SINK", len(rest)
+        elif line.startswith(b"SINK ") and line[5:].isdigit():
+            self.mode, self.count, self.expected = b"SINK", len(rest), int(line[5:])
+            self._counted()
         elif line == b"ECHO":
             self.mode = b"ECHO"
             if rest:
@@ -98,6 +108,12 @@ class Origin(asyncio.BufferedProtocol):
         else:
             self.transport.write(b"unknown service\n")
             self.transport.close()
+
+    def _counted(self) -> None:
+        assert self.transport is not None
+        if 0 <= self.expected <= self.count:
+            self.transport.write(b"%d\n" % self.count)
+            self.expected = -1
 
     def _http(self, data: bytes) -> None:
         assert self.transport is not None
@@ -146,10 +162,10 @@ class Origin(asyncio.BufferedProtocol):
         return True
 
 
-async def serve(host: str, port: int) -> None:
-    """Listen, log the real address, serve until cancelled."""
+async def serve(host: str, port: int, context: ssl.SSLContext | None = None) -> None:
+    """Listen, log the real address, serve until cancelled; over TLS with `context`."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(Origin, host, port, backlog=4096)
+    server = await loop.create_server(Origin, host, port, backlog=4096, ssl=context)
     bound_host, bound_port = server.sockets[0].getsockname()[:2]
     log.info("origin port listening on %s:%d", bound_host, bound_port)
     async with server:
@@ -157,14 +173,22 @@ async def serve(host: str, port: int) -> None:
 
 
 def main() -> None:
-    """Command line: python -m bench.origin [--host H] [--port P]."""
+    """Command line: python -m bench.origin [--host H] [--port P] [--cert FILE --key FILE]."""
     parser = argparse.ArgumentParser(prog="python -m bench.origin", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--cert", help="speak TLS with this certificate chain (PEM)")
+    parser.add_argument("--key", help="its private key (PEM)")
     args = parser.parse_args()
+    context = None
+    if args.cert or args.key:
+        if not (args.cert and args.key):
+            parser.error("--cert and --key go together")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.cert, args.key)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.host, args.port))
+        asyncio.run(serve(args.host, args.port, context))
 
 
 if __name__ == "__main__":

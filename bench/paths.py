@@ -13,6 +13,10 @@
   secret; the client asks for a TCP tunnel (`--tcp`), a public port of its own, read from the
   server's "tcp port listening on" line: a TCP forward, as `ssh -R` is, that any load tool
   reaches without a Host header;
+- `stage_22`: stage 16's setup (TLS on the client's link, a TCP tunnel, a secret) for stage 22, once
+  per event loop: `--loop asyncio` and `--loop uvloop` on both programs, each a path of its own
+  ("stage 22 asyncio", "stage 22 uvloop"), checked in their "event loop: NAME" log lines; the
+  inspector is on, as it is by default, with its page on port 0 (two tunnels run side by side);
 - `ssh`: OpenSSH's remote forward, the tunnel most developers already have: a throwaway
   `sshd` on a loopback port (host key, user key and config in a temp dir, no PAM, forwarding
   only) and `ssh -N -R 0:ORIGIN` as the client; skipped, with the reason, where it is missing.
@@ -27,6 +31,7 @@ read from its "<role> port listening on HOST:PORT" lines.
 
 import contextlib
 import getpass
+import importlib.util
 import os
 import re
 import shutil
@@ -42,13 +47,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # The ladder (tests/support.py): frames from stage 4, streams over one connection from 5, auth from 11, the limits in
 # 13, TLS from 16. Issues 17 and 14 set their goals for "stage 5" and "stage 6": stage_13 and stage_16 now.
-STAGES = ("stage_0", "stage_1", "stage_2", "stage_3", "stage_8", "stage_13", "stage_16")
-TUNNELS = ("stage_3", "stage_8", "stage_13", "stage_16")  # stages measured as a whole tunnel: server + client
+STAGES = ("stage_0", "stage_1", "stage_2", "stage_3", "stage_8", "stage_13", "stage_16", "stage_22")
+# stages measured as a whole tunnel: server + client
+TUNNELS = ("stage_3", "stage_8", "stage_13", "stage_16", "stage_22")
 TUNNEL_ROLES = {stage: ("control", "public") for stage in TUNNELS[1:]}  # no proxy port from 4 on
 DEFAULT_ROLES = ("control", "public", "proxy")
-TLS = ("stage_16",)  # TLS on the client's link: certificates made per start, a TCP tunnel's own port
+TLS = ("stage_16", "stage_22")  # TLS on the client's link: certificates made per start, a TCP tunnel's own port
 SECRET = "bench-secret-not-for-real-use"
-SECRETS = {"stage_13": SECRET, "stage_16": SECRET}  # stages with auth (7 on) run with a secret
+SECRETS = {"stage_13": SECRET, "stage_16": SECRET, "stage_22": SECRET}  # stages with auth (7 on) run with a secret
+# Stage 22 (issue 26) runs on either event loop: each loop is a path of its own, `--loop` on both programs.
+LOOPS = {"stage_22": ("asyncio", "uvloop")}
+# From stage 13 a server lets one source address hold 256 streams (issue 23): every user of the bench comes from
+# 127.0.0.1, and the idle scenario holds 1000 at once, so the servers let one address hold them all.
+SERVER_FLAGS = {stage: ("--max-streams-per-address", "2048") for stage in ("stage_13", "stage_16", "stage_22")}
+# The client's inspector is on by default from stage 18: its page on a free port, so that two run side by side.
+CLIENT_FLAGS = {"stage_22": ("--inspect-port", "0")}
+LOOP_LOGGED = r"event loop: {loop}\b"  # what stage 22's programs log once they know their loop
+UVLOOP_INSTALL = "pip install uvloop==0.21.0, the version the test extras pin"
 LINKED = (*TUNNELS, "ssh")  # paths with a client-server link that can be slowed down
 HOST = "127.0.0.1"
 START_TIMEOUT = 15.0
@@ -256,6 +271,18 @@ class Process:
         return user, system
 
 
+def uvloop_site() -> str | None:
+    """The folder uvloop is imported from (site-packages), or None where it is not installed.
+
+    The stages run with `python -S` (no site-packages, stage code is stdlib only): a path on
+    uvloop gets this one folder on its PYTHONPATH instead; `-S` still keeps `.pth` files out.
+    """
+    spec = importlib.util.find_spec("uvloop")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return str(Path(next(iter(spec.submodule_search_locations))).parent)
+
+
 def _start_time(pid: int) -> int | None:
     """When the process started (clock ticks since boot), or None if it is gone: tells a PID reused."""
     try:
@@ -277,6 +304,7 @@ class PathUnderTest:
 
     label: str
     kind: str  # direct | socat | ssh | stage_0 | one of TUNNELS
+    loop: str | None = None  # the event loop of a stage in LOOPS: asyncio or uvloop
     stage_dir: Path | None = None  # a copy of the stage to run instead of the repository's
     address: tuple[str, int] = (HOST, 0)
     processes: list[Process] = field(default_factory=list)
@@ -315,18 +343,26 @@ class PathUnderTest:
         elif self.kind in TUNNELS:
             if self.stage_dir is None and not (ROOT / self.kind / "__init__.py").is_file():
                 raise PathUnavailable(f"not present: the repository has no {self.kind}/ yet")
+            if self.loop == "uvloop" and uvloop_site() is None:
+                raise PathUnavailable(f"not installed: uvloop ({UVLOOP_INSTALL})")
             roles = TUNNEL_ROLES.get(self.kind, DEFAULT_ROLES)
             ports = [arg for role in roles for arg in (f"--{role}-port", "0")]
             server_tls, client_tls = self._certificates() if self.kind in TLS else ([], [])
-            server = self._spawn("server", self._python(f"{self.kind}.server", "--host", HOST, *ports, *server_tls))
+            loop = ["--loop", self.loop] if self.loop else []
+            server_flags = [*server_tls, *SERVER_FLAGS.get(self.kind, ()), *loop]
+            server_argv = self._python(f"{self.kind}.server", "--host", HOST, *ports, *server_flags)
+            server = self._spawn("server", server_argv)
             bound = {role: int(server.wait_for(LISTENING.format(role=role))[2]) for role in roles}
             dialled = [role for role in roles if role != "public"]
             dial = zip(dialled, self._through_link([bound[role] for role in dialled]), strict=True)
             flags = [arg for role, port in dial for arg in (f"--{role}-port", str(port))]
-            self._spawn("client", self._python(f"{self.kind}.client", target, HOST, *flags, *client_tls))
+            flags += [*client_tls, *CLIENT_FLAGS.get(self.kind, ()), *loop]
+            client = self._spawn("client", self._python(f"{self.kind}.client", target, HOST, *flags))
             if self.kind in TLS:  # the TCP tunnel's port, bound once the client is in
                 bound["public"] = int(server.wait_for(LISTENING.format(role="tcp"))[2])
             self.address = (HOST, bound["public"])
+            for process in (server, client) if self.loop else ():  # the loop asked for, not a silent fallback
+                process.wait_for(LOOP_LOGGED.format(loop=self.loop))
         elif self.kind == "ssh":
             self._start_ssh(origin)
         else:
@@ -431,7 +467,10 @@ class PathUnderTest:
 
     def _env(self) -> dict[str, str]:
         env = {**os.environ, "PYTHONPATH": str(self._links()), "PYTHONUNBUFFERED": "1"}
-        env.pop("NGROK_SECRET", None)  # a secret set in the shell must not change what is measured
+        if self.kind in LOOPS and (site := uvloop_site()):  # both loops alike: only --loop differs
+            env["PYTHONPATH"] += os.pathsep + site
+        for name in ("NGROK_SECRET", "NGROK_LOOP"):  # set in the shell, they must not change what is measured
+            env.pop(name, None)
         if secret := SECRETS.get(self.kind):
             env["NGROK_SECRET"] = secret
         return env

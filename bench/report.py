@@ -31,9 +31,9 @@ class Metric:
 METRICS = (
     Metric("bulk_up", "mb_per_s", "Bulk upload", "MB/s", True),
     Metric("bulk_down", "mb_per_s", "Bulk download", "MB/s", True),
-    Metric("ab", "rps", "New connection per request (ab -c 50)", "req/s", True),
+    Metric("ab", "rps", "New connection per request (ab -c {c})", "req/s", True),
     Metric("ab", "p50_ms", "ab: median request time", "ms", False),
-    Metric("wrk", "rps", "Keep-alive requests (wrk -c 50)", "req/s", True),
+    Metric("wrk", "rps", "Keep-alive requests (wrk -c {c})", "req/s", True),
     Metric("wrk", "p50_ms", "wrk: p50 latency", "ms", False),
     Metric("wrk", "p99_ms", "wrk: p99 latency", "ms", False),
     Metric("ttfb", "p50_ms", "Time to first byte, new connection: median", "ms", False),
@@ -46,11 +46,14 @@ METRICS = (
     Metric("idle", "served", "Concurrent connections held open and served", "conns", True),
     Metric("idle", "open_seconds", "Time to open them all (50 at a time)", "s", False),
 )
-RATIO_METRICS = [m for m in METRICS if m.field in ("mb_per_s", "rps")]
+# The ratios: throughputs (↑ better), and wrk's p99 latency (↓ better), which issue 26 compares with ssh -R.
+RATIO_METRICS = [m for m in METRICS if m.field in ("mb_per_s", "rps") or m.key == "wrk.p99_ms"]
 SSH = "ssh -R"
 LIMITS = "stage 13"  # the limits stage (old stage 5): streams, flow control, resume, auth, bounds
 TLS_STAGE = "stage 16"  # TLS (old stage 6)
-TUNNEL_LABELS = ("stage 3", "stage 8", LIMITS, TLS_STAGE)  # compared with ssh -R too
+SPEED = {"asyncio": "stage 22 asyncio", "uvloop": "stage 22 uvloop"}  # issue 26: stage 22 on each loop
+SPEED_CONNECTIONS = 16  # issue 26's goals for ab and wrk are for 16 connections
+TUNNEL_LABELS = ("stage 3", "stage 8", LIMITS, TLS_STAGE, *SPEED.values())  # compared with ssh -R too
 CPU_ROWS = (
     ("bulk_up", "cpu_s_per_gb", "CPU per GB uploaded", "s"),
     ("bulk_down", "cpu_s_per_gb", "CPU per GB downloaded", "s"),
@@ -142,12 +145,15 @@ def markdown(report: Record) -> str:
     machine, settings = report["machine"], report["settings"]
     paths = [p["label"] for p in report["paths"] if p["available"]]
     summary, records = report["summary"], report["measurements"]
+    connections = settings.get("concurrency", 50)
+    took = machine.get("duration_s")
     lines = [
         f"Measured {machine['date']} at commit `{machine['commit']}` on {machine['cores']} cores "
         f"({machine['cpu']}), Linux {machine['kernel']}, Python {machine['python']}; "
         f"{settings['mode']} mode, {settings['rounds']} interleaved round(s), medians "
         f"(± is half the range between rounds). Load average {machine['load_before']} before, "
-        f"{machine['load_after']} after.",
+        f"{machine['load_after']} after"
+        + ("." if took is None else f"; the run took {int(took // 60)} min {int(took % 60):02d} s."),
         "",
     ]
     for path in report["paths"]:
@@ -162,7 +168,8 @@ def markdown(report: Record) -> str:
             unit = f"of {settings['idle_connections']}" if metric.key == "idle.served" else metric.unit
             better = "" if metric.key == "idle.served" else (" ↑" if metric.higher_is_better else " ↓")
             cell = _count if metric.key == "idle.served" else _cell
-            row = [f"{metric.label} ({unit}){better}", *(cell(entries.get(p)) for p in paths)]
+            label = metric.label.format(c=connections)
+            row = [f"{label} ({unit}){better}", *(cell(entries.get(p)) for p in paths)]
             lines.append("| " + " | ".join(row) + " |")
     memory_keys = sorted(k for k in summary if k.startswith("idle.rss_kib_per_conn "))
     for kind in ("rss", "pss"):
@@ -205,12 +212,13 @@ def markdown(report: Record) -> str:
     columns += [(p, "socat") for p in others if p != "socat" and "socat" in paths]
     columns += [(p, SSH) for p in others if p in TUNNEL_LABELS and SSH in paths]
     if columns:
-        lines += ["", "**Ratios** (median of the per-round ratios; ↑ better)", ""]
+        lines += ["", "**Ratios** (median of the per-round ratios; ↑ better, but for latencies)", ""]
         lines += ["| | " + " | ".join(f"{p} ÷ {ref}" for p, ref in columns) + " |", "|---|" + "---:|" * len(columns)]
         for metric in RATIO_METRICS:
             found = [ratio(records, metric, p, ref) for p, ref in columns]
             if any(r is not None for r in found):
-                lines.append(f"| {metric.label} | " + " | ".join(_x(r) for r in found) + " |")
+                label = metric.label.format(c=connections) + ("" if metric.higher_is_better else " (↓ better)")
+                lines.append(f"| {label} | " + " | ".join(_x(r) for r in found) + " |")
         ttfb = next(m for m in METRICS if m.key == "ttfb.p50_ms")
         deltas = [difference(records, ttfb, p, ref) for p, ref in columns]
         if any(d is not None for d in deltas):
@@ -229,39 +237,99 @@ def markdown(report: Record) -> str:
             ]
             lines += ["| " + " | ".join(f"{p}" for p, _ in saved) + " |", "|" + "---:|" * len(saved)]
             lines.append("| " + " | ".join("—" if d is None else f"{d:.1f} ms" for _, d in saved) + " |")
+    lines += _inspector_lines(report)
     lines += [
         "",
-        "**Goals** (stage 13's from issue 17, stage 16's with TLS on the client link from issue 14; a benchmark, "
-        "not a test: each is met or not on this run)",
+        "**Goals** (stage 13's from issue 17, stage 16's with TLS on the client link from issue 14, stage 22's "
+        "from issue 26; a benchmark, not a test: each is met or not on this run)",
         "",
     ]
     lines += ["| Goal | measured | |", "|---|---:|---|"]
+    elsewhere: dict[str, int] = {}
     for goal in report.get("goals", []):
+        stage = " ".join(goal["goal"].split()[:2])  # each goal names its stage first
+        if goal["status"] == "not measured" and "was not in this run" in goal["note"]:
+            elsewhere[stage] = elsewhere.get(stage, 0) + 1  # one line for them all, below the table
+            continue
         lines.append(
             f"| {goal['goal']} | {goal['measured']} | {goal['status']}{goal['note'] and ': ' + goal['note']} |"
         )
-    if settings["mode"] != "full":
+    if elsewhere:
+        shown = ", ".join(f"{stage}'s {count}" for stage, count in elsewhere.items())
+        lines += ["", f"Not measured, their paths were not in this run: {shown} goal(s)."]
+    if not settings["mode"].startswith("full"):
         lines += ["", f"A {settings['mode']} run: the goals above are indicative only; the full run decides them."]
+    elif settings["rounds"] < 3:
+        lines += ["", f"A run of {settings['rounds']} round(s): the goals above are indicative only."]
     seconds = settings["http_seconds"]
     http = f"ab and wrk {seconds} s each" if seconds else f"ab {settings['ab_requests']} requests, wrk 1 s"
+    chosen = settings.get("scenarios", [])
+    link = (
+        " Slow link: `bench.link` between a tunnel's client and its server, 25 ms each "
+        "way and one round trip per new TCP connection (this kernel has no netem), "
+        f"{settings['slow_ttfb_samples']} sequential connections; paths without a client-server link: —."
+    )
+    fair = (
+        f" Fairness: small requests at 200/s for {settings['fairness_seconds']:g} s with the path idle and "
+        f"{settings['fairness_seconds']:g} s while one user downloads a 1 GiB file and reads it at 10 MB/s, "
+        "in alternating windows of about 0.5 s (each download bounded by its window)."
+    )
     lines += [
         "",
-        f"Settings: bulk {settings['bulk_bytes'] // 2**20} MiB each way; {http} with 50 connections; "
+        f"Settings: bulk {settings['bulk_bytes'] // 2**20} MiB each way; {http} with {connections} connections; "
         f"{settings['ttfb_samples']} sequential connections for time to first byte; "
         f"{settings['idle_connections']} held connections; socat `-b {settings['socat_buffer']}` "
         "(the stage code's read size), forking a process per connection; ssh -R with OpenSSH's defaults "
-        "(it encrypts). Slow link: `bench.link` between a tunnel's client and its server, 25 ms each "
-        "way and one round trip per new TCP connection (this kernel has no netem), "
-        f"{settings['slow_ttfb_samples']} sequential connections; paths without a client-server link: —. "
-        f"Fairness: small requests at 200/s for {settings['fairness_seconds']:g} s with the path idle and "
-        f"{settings['fairness_seconds']:g} s while one user downloads a 1 GiB file and reads it at 10 MB/s, "
-        "in alternating windows of about 0.5 s (each download bounded by its window).",
+        "(it encrypts)." + (link if "ttfb_slow" in chosen else "") + (fair if "fairness" in chosen else ""),
     ]
     failures = [r for r in records if "error" in r]
     if failures:
         lines += ["", f"**{len(failures)} measurement(s) failed:**", ""]
         lines += [f"- round {r['round']} {r['scenario']} {r['path']}: {r['error']}" for r in failures[:10]]
     return "\n".join(lines) + "\n"
+
+
+def goals_markdown(report: Record) -> str:
+    """Issue 26's goals table alone, with the run's first line (when, where, the load): the docs include it."""
+    machine, settings = report["machine"], report["settings"]
+    took = machine.get("duration_s", 0)
+    lines = [
+        f"Run of {machine['date']} at commit `{machine['commit']}`, {settings['mode']} mode, "
+        f"{settings['rounds']} round(s), {int(took // 60)} min {int(took % 60):02d} s; load average "
+        f"{machine['load_before']} before, {machine['load_after']} after.",
+        "",
+        "| Goal (issue 26) | measured | |",
+        "|---|---:|---|",
+    ]
+    for goal in report.get("goals", []):
+        if goal["goal"].startswith("stage 22 "):
+            note = goal["note"] and ": " + goal["note"]
+            lines.append(f"| {goal['goal'][len('stage 22 ') :]} | {goal['measured']} | {goal['status']}{note} |")
+    return "\n".join(lines) + "\n"
+
+
+def _inspector_lines(report: Record) -> list[str]:
+    """The inspector's cost on each loop (bench.inspector's rounds, in issue 26's run only)."""
+    found = report.get("inspector")
+    if not found:
+        return []
+    lines = [
+        "",
+        f"**The inspector's cost** (stage 22 over TLS, a TCP tunnel: keep-alive requests, wrk -c "
+        f"{found['connections']} for {found['seconds']:g} s, with the inspector on and with `--no-inspect`, "
+        "started afresh and alternating; the ratio is the median of the per-round ratios)",
+        "",
+        "| loop | inspector on (req/s) | --no-inspect (req/s) | on ÷ off | rounds |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for loop, entry in found["loops"].items():
+        if "ratio" in entry:
+            on, off = statistics.median(entry["on"]), statistics.median(entry["off"])
+            per_round = ", ".join(f"{r:.2f}" for r in entry["ratios"])
+            lines.append(f"| {loop} | {_fmt(on)} | {_fmt(off)} | {entry['ratio']:.2f}x | {per_round} |")
+        else:
+            lines.append(f"| {loop} | — | — | not measured: {entry['reason']} | |")
+    return lines
 
 
 def _metric(key: str) -> Metric:
@@ -346,6 +414,96 @@ def goals(report: Record) -> list[dict[str, str]]:
     against("bulk_up", "mb_per_s", SSH, 1.0, f"stage 16 bulk upload ≥ 1.0x ssh -R {tls}", TLS_STAGE)
     against("bulk_down", "mb_per_s", SSH, 1.0, f"stage 16 bulk download ≥ 1.0x ssh -R {tls}", TLS_STAGE)
     against("ab", "rps", SSH, 1.0, f"stage 16 new connections/s ≥ 1.0x ssh -R {tls}", TLS_STAGE)
+    out += speed_goals(report)
+    return out
+
+
+def speed_goals(report: Record) -> list[dict[str, str]]:
+    """Issue 26's goals for stage 22, on each loop: met, not met, or not measured (and why).
+
+    Its figures for `ab` and `wrk` are for 16 connections (`python3 -m bench --speed`): a run with
+    another count reports those as not measured. The inspector's goal needs bench.inspector's rounds,
+    which only `--speed` runs.
+    """
+    records, summary, settings = report["measurements"], report["summary"], report["settings"]
+    available = {p["label"]: p for p in report["paths"]}
+    connections = settings.get("concurrency", 50)
+    out: list[dict[str, str]] = []
+
+    def add(goal: str, value: float | None, met: bool, shown: str, why: str) -> None:
+        if why or value is None:
+            out.append({"goal": goal, "measured": "—", "status": "not measured", "note": why or "no figures"})
+        else:
+            out.append({"goal": goal, "measured": shown, "status": "met" if met else "not met", "note": ""})
+
+    def absent(*labels: str, load: bool = False) -> str:
+        for label in labels:
+            path = available.get(label)
+            if path is None:
+                return f"{label} was not in this run"
+            if not path["available"]:
+                return f"{label}: {path['reason']}"
+        if load and connections != SPEED_CONNECTIONS:
+            return f"this run used {connections} connections, the goal is for {SPEED_CONNECTIONS} (bench --speed)"
+        return ""
+
+    def against(scenario: str, field: str, least: float, goal: str, loop: str, load: bool = True) -> None:
+        why = absent(SPEED[loop], SSH, load=load)
+        value = None if why else ratio(records, _metric(f"{scenario}.{field}"), SPEED[loop], SSH)
+        shown = f"{value or 0:.2f}x"
+        if shown == f"{least:.2f}x":  # at the line: a third decimal says which side
+            shown = f"{value or 0:.3f}x"
+        add(goal, value, value is not None and value >= least, shown, why)
+
+    against("ab", "rps", 0.8, "stage 22 new connections/s on asyncio's loop ≥ 0.8x ssh -R (ab -c 16)", "asyncio")
+    against("ab", "rps", 1.2, "stage 22 new connections/s on uvloop ≥ 1.2x ssh -R (ab -c 16)", "uvloop")
+
+    goal = "stage 22 tunnel CPU per new-connection request on uvloop ≤ 150 µs (ab -c 16)"
+    why = absent(SPEED["uvloop"], load=True)
+    cpu = summary.get("ab.cpu_us_per_request", {})
+    value = None if why or SPEED["uvloop"] not in cpu else cpu[SPEED["uvloop"]]["median"]
+    others = "; ".join(f"{p} {cpu[p]['median']:.0f} µs" for p in (SPEED["asyncio"], SSH) if p in cpu)
+    add(goal, value, value is not None and value <= 150, f"{value or 0:.0f} µs" + (f" ({others})" * bool(others)), why)
+
+    against("wrk", "rps", 1.6, "stage 22 keep-alive requests/s on uvloop ≥ 1.6x ssh -R (wrk -c 16)", "uvloop")
+    for loop in SPEED:
+        against(
+            "bulk_down",
+            "mb_per_s",
+            1.2,
+            f"stage 22 bulk download, TLS on the client link, on {loop} ≥ 1.2x ssh -R",
+            loop,
+            load=False,
+        )
+    inspected = (report.get("inspector") or {}).get("loops", {})
+    for loop in SPEED:
+        goal = f"stage 22 inspector on ÷ --no-inspect, keep-alive, on {loop} ≥ 0.85"
+        entry = inspected.get(loop)
+        if entry is None:
+            why = absent(SPEED[loop]) or "the inspector's rounds did not run (python3 -m bench --speed runs them)"
+        else:
+            why = "" if "ratio" in entry else entry["reason"]
+        value = None if why or entry is None else entry["ratio"]
+        add(goal, value, value is not None and value >= 0.85, f"{value or 0:.2f}x", why)
+
+    held = settings["idle_connections"]
+    for loop in SPEED:
+        goal = f"stage 22 memory per held connection on {loop} ≤ 6 KiB per process, 1000 held (RSS)"
+        label = SPEED[loop]
+        why = absent(label)
+        if not why and held < 1000:
+            why = f"this run held {held} connections; the goal is for 1000"
+        served = values(records, "idle", "served", label)
+        if not why and (not served or min(served.values()) < held):
+            why = "not every held connection was served" if served else "no idle figures"
+        memory = {
+            key.split(" ", 1)[1]: entries[label]["median"]
+            for key, entries in summary.items()
+            if key.startswith("idle.rss_kib_per_conn ") and label in entries
+        }
+        worst = None if why or not memory else max(memory.values())
+        shown = ", ".join(f"{role.split()[-1]} {kib:.1f} KiB" for role, kib in sorted(memory.items()))
+        add(goal, worst, worst is not None and worst <= 6, shown, why)
     return out
 
 
