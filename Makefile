@@ -36,8 +36,11 @@ lint: $(VENV)/.installed  ## ruff (lint + format), mypy --strict over the stages
 # the end of the run to one worker.
 WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n * 4 > 8 ? 8 : n * 4 )))
 
-pytest: $(VENV)/.installed  ## the test suite, WORKERS at once (pytest exits non-zero when it collects no tests)
+# The second run: the tests of the stages that have --loop (22 on) again, on uvloop (conftest.py's --loop;
+# skipped, with the reason, where uvloop is not installed).
+pytest: $(VENV)/.installed  ## the test suite, WORKERS at once, then stage 22's again on uvloop (pytest exits non-zero when it collects no tests)
 	$(BIN)/pytest -n $(WORKERS) --dist worksteal
+	$(BIN)/pytest -n $(WORKERS) --dist worksteal --loop uvloop
 
 check: $(VENV)/.installed  ## check your copy of a stage with every test of that stage: make check STAGE=3 DIR=../my_stage_3
 	$(BIN)/python -m tests.check $(STAGE) $(DIR)

@@ -47,6 +47,7 @@ LADDER = {
     "observer": 17,  # HTTP/1.1 framing of each stream, sans I/O (observe.py)
     "inspector": 18,  # the inspector page
     "live": 19,  # the live feed and replay
+    "speed": 22,  # --loop uvloop|asyncio|auto, a cheaper new connection, the inspector's lazy parsing
 }
 
 ROOT = Path(__file__).resolve().parent.parent

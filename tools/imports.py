@@ -59,6 +59,7 @@ SIDES = {
     "relay": SHARED,
     "pages": SHARED,  # the error pages (the client's 502 in stage 3, the server's from then on)
     "cli": SHARED,  # argument parsing helpers of both command lines
+    "loops": SHARED,  # the event loop both command lines run on (--loop: uvloop or asyncio)
     "auth": SHARED,  # both ends of the HMAC challenge
     "budget": SHARED,
     "tls": SHARED,  # both ends' TLS contexts
