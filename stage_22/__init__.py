@@ -1,11 +1,9 @@
-"""Stage 22: the inspector, live and with replay: each request shows up as it happens, and can be sent again.
+"""Stage 22: speed: the tunnel on uvloop when it is installed, and a cheaper new connection.
 
-Stage 16's tunnel (many tunnels on one server, by name or TCP port, over TLS); in the client, stage
-17's observer of the HTTP it relays and stage 18's page that lists it. New in stage 22: the page's
-live feed (server-sent events) and replay (capture.py, inspector.py, inspector.html); the SYN frame
-names the user's address; the observer follows what live traffic also holds (observe.py): bodies
-that last until the connection closes, 1xx responses and protocol switches (WebSocket, CONNECT),
-garbage refused at its first byte, and a fast path for the usual small message.
+Stage 21's tunnel and inspector. New in stage 22: `--loop uvloop|asyncio|auto` on every program
+(loops.py), code that relies only on asyncio's API and never on a loop's concrete classes, a reset
+that libuv reports as an EOF kept a reset (relay.py), and fewer timers, futures, turns of the loop
+and log costs on the path of each new connection (server.py, private.py, budget.py, loops.py).
 
 - `protocol.py`: the handshake's text lines (`hello http myapp`, `welcome ...`); every timeout and limit.
 - `tls.py`: the TLS contexts: the server's certificate, and what the client trusts (always checked).
@@ -24,5 +22,6 @@ garbage refused at its first byte, and a fast path for the usual small message.
 - `observe.py`: HTTP/1.1 parsed by hand from a copy of the relayed bytes, never in their way.
 - `capture.py`: the log line and the ring of the last exchanges (bounded in count and bytes); replay.
 - `inspector.py`, `inspector.html`: the page at http://127.0.0.1:4040: the list, live (server-sent events).
+- `loops.py`: `--loop`, the event loop's factory and runner, the log written once per turn.
 - `demo_app.py` and `__main__.py`: `python3 -m stage_22` runs two named tunnels and an inspector on this machine.
 """

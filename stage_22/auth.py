@@ -193,6 +193,8 @@ def source(host: str) -> str:
     """What a per-address bound counts: an IPv4 address, or the /64 network an IPv6 address is in."""
     # One IPv6 subscriber gets a whole /64 (2^64 addresses): counting single addresses would
     # let a guesser take a fresh one for every try.
+    if ":" not in host:
+        return host  # WHY first (stage 22): an IPv4 address, the usual user, is counted as it is: no parsing
     try:
         address = ipaddress.ip_address(host)
     except ValueError:

@@ -54,6 +54,13 @@ class Budget:
                 self._waiting.remove((size, waiter))
             raise
 
+    def take_now(self, size: int) -> bool:
+        """Take `size` bytes if they are free now and nobody waits before us; False (nothing taken) if not."""
+        if self._waiting or self.used + size > self.total:
+            return False
+        self.used += size
+        return True
+
     def take(self, size: int) -> None:
         """Take `size` bytes now, even past the total (a stream the peer has opened already)."""
         self.used += size

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import re
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -52,8 +53,7 @@ class LocalApp:
         loop = asyncio.get_running_loop()
         if self.address is not None:
             try:
-                async with asyncio.timeout(NETWORK_TIMEOUT):
-                    await loop.create_connection(protocol, *self.address)
+                await loop.connect_accepted_socket(protocol, await open_socket(self.address))
                 return
             except OSError:
                 self.address = None  # it moved, or it is down: the name will tell
@@ -64,6 +64,33 @@ class LocalApp:
         except OSError as exc:
             raise LocalAppDown(f"{why(exc)} at {self.host}:{self.port}") from None
         self.address = transport.get_extra_info("peername")[:2]
+
+
+async def open_socket(address: tuple[str, int]) -> socket.socket:
+    """A TCP connection to `address` (an IP address); OSError if it fails or takes over NETWORK_TIMEOUT.
+
+    WHY not create_connection (stage 22): to an app on this machine, a connect is complete before
+    connect() returns (the kernel answers the SYN at once), yet asyncio waits for the socket to turn
+    writable anyway: one more turn of the loop, two epoll_ctl calls and a timer per user. Here
+    getpeername() says whether the connection is there; only if not does the loop wait for it.
+    """
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    # IPPROTO_TCP named: asyncio turns Nagle off only on sockets made so (see limits.Listener.serve).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setblocking(False)
+        try:
+            sock.connect(address)
+        except BlockingIOError:
+            try:
+                sock.getpeername()
+            except OSError:  # not yet (an app on another machine): the loop waits for it
+                async with asyncio.timeout(NETWORK_TIMEOUT):
+                    await asyncio.get_running_loop().sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def serve_user(stream: Stream, local: LocalApp) -> None:
