@@ -10,11 +10,26 @@ import ast
 import asyncio
 import importlib
 import re
+import socket
+import struct
 from pathlib import Path
 
 import pytest
+from isolation_peers import read_to_end
 
-from support import CliProcess, server_flags, usage_error
+from support import (
+    STEP_TIMEOUT,
+    Background,
+    CliProcess,
+    any_ports,
+    client_options,
+    make_client,
+    make_server,
+    open_connection,
+    server_flags,
+    usage_error,
+    users_port,
+)
 
 pytestmark = pytest.mark.since("speed")
 
@@ -102,3 +117,38 @@ def test_no_code_relies_on_a_loops_concrete_classes(stage: str) -> None:
         and re.search(r"asyncio\.\w*(Transport|EventLoop)\b", ast.unparse(node.args[1]))
     ]
     assert checks == []
+
+
+async def test_an_answer_cut_by_a_reset_reaches_the_user_as_a_reset(stage: str) -> None:
+    # The app's last bytes and its reset arrive together: a short read, then the hang-up. libuv (with
+    # `pytest --loop uvloop`) reports that as an EOF; the tunnel must still pass a reset on, or the
+    # user takes a cut answer for a whole one.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(STEP_TIMEOUT)
+
+        def app() -> None:  # a plain blocking app: its bytes and its RST leave back to back
+            for _ in range(ROUNDS):
+                conn, _ = listener.accept()
+                with conn:
+                    conn.settimeout(STEP_TIMEOUT)
+                    conn.recv(100)
+                    conn.sendall(b"the start of an answer\n")
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+        server = make_server(stage)
+        ports = await server.listen("127.0.0.1", *any_ports(stage))
+        serving = asyncio.create_task(asyncio.to_thread(app))
+        async with Background(server.serve()):
+            client = make_client(stage, listener.getsockname(), "127.0.0.1", ports.control, **client_options(stage))
+            async with Background(client.run()):
+                port = await users_port(ports, client)
+                for _ in range(ROUNDS):
+                    reader, writer = await open_connection(port)
+                    writer.write(b"answer me\n")
+                    _, ended = await read_to_end(reader)
+                    writer.close()
+                    assert ended == "reset"
+        await serving
+
+
+ROUNDS = 5  # the race is the kernels': a few tries make it show
