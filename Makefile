@@ -10,8 +10,8 @@ STAGES := $(shell ls -d stage_* | sort -V)
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-demo:  ## the stage 19 tunnel and its inspector (the most complete stage), all on this machine (needs Python 3.11+ and openssl)
-	$(PYTHON) -m stage_19
+demo:  ## the stage 22 tunnel and its inspector (the most complete stage), all on this machine (needs Python 3.11+ and openssl)
+	$(PYTHON) -m stage_22
 
 # The virtualenv is (re)built from pyproject.toml's extras whenever that file changes.
 $(VENV)/.installed: pyproject.toml
@@ -36,8 +36,11 @@ lint: $(VENV)/.installed  ## ruff (lint + format), mypy --strict over the stages
 # the end of the run to one worker.
 WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n * 4 > 8 ? 8 : n * 4 )))
 
-pytest: $(VENV)/.installed  ## the test suite, WORKERS at once (pytest exits non-zero when it collects no tests)
+# The second run: the tests of the stages that have --loop (22 on) again, on uvloop (conftest.py's --loop;
+# skipped, with the reason, where uvloop is not installed).
+pytest: $(VENV)/.installed  ## the test suite, WORKERS at once, then stage 22's again on uvloop (pytest exits non-zero when it collects no tests)
 	$(BIN)/pytest -n $(WORKERS) --dist worksteal
+	$(BIN)/pytest -n $(WORKERS) --dist worksteal --loop uvloop
 
 check: $(VENV)/.installed  ## check your copy of a stage with every test of that stage: make check STAGE=3 DIR=../my_stage_3
 	$(BIN)/python -m tests.check $(STAGE) $(DIR)
@@ -59,7 +62,7 @@ docs: $(VENV)/.installed  ## build the docs site into site/ (strict: a warning f
 serve-docs: $(VENV)/.installed  ## serve the docs with live reload on http://127.0.0.1:8001 (8000 is the pages' local app)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8001
 
-bench: $(VENV)/.installed  ## benchmarks: direct, socat, ssh -R, stages 0, 3, 8, 13 and 16 (see bench/README.md; stage 19: python3 -m bench.inspector)
+bench: $(VENV)/.installed  ## benchmarks: direct, socat, ssh -R, stages 0, 3, 8, 13, 16, 22 on both loops (see bench/README.md; issue 26: python3 -m bench --speed; issue 25: python3 -m bench --tls-tunnel)
 	$(BIN)/python -m bench
 
 nat-lab:  ## the NAT lab story on real network namespaces (needs root)

@@ -14,6 +14,7 @@ tests/test_workshop.py proves it.
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -24,7 +25,17 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-from support import Background, CliProcess, EchoServer, HttpOrigin, all_stages, any_ports, make_server, stages_from
+from support import (
+    Background,
+    CliProcess,
+    EchoServer,
+    HttpOrigin,
+    all_stages,
+    any_ports,
+    has,
+    make_server,
+    stages_from,
+)
 
 # Hypothesis fails a test whose examples run longer than 200 ms by default: on a loaded
 # 2-core machine that is a coin toss, not a bug. Properties here are about correctness only.
@@ -45,6 +56,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="STAGE=DIR",
         help="test a copy of a stage instead of the repository's, e.g. stage_1=../my_stage_1 "
         "(repeatable; also read from the STAGE_DIRS environment variable, comma-separated)",
+    )
+    parser.addoption(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the event loop of the stages that have --loop (support.LADDER's 'speed' on): uvloop runs only "
+        "their tests, in this process and in every subprocess (NGROK_LOOP), and skips them if uvloop is missing",
     )
 
 
@@ -81,6 +99,50 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(link_dir), os.environ.get("PYTHONPATH")]))
     config.stash[OVERRIDES] = overrides
     config.stash[LINK_DIR] = link_dir
+    # The loop: subprocesses of the stages with --loop read NGROK_LOOP (its `auto` would take uvloop
+    # whenever it is installed); this process's tests get it from pytest-asyncio's loop factory hook.
+    os.environ["NGROK_LOOP"] = config.getoption("--loop")
+    if config.getoption("--loop") == "uvloop" and uvloop_factory() is not None:
+        config.pluginmanager.register(UvloopTests(), "ngrok-uvloop")
+
+
+def uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop factory, or None where it is not installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop  # type: ignore[no-any-return]
+
+
+class UvloopTests:
+    """With --loop uvloop: every async test runs on uvloop (a single factory adds nothing to the test ids)."""
+
+    @staticmethod
+    def pytest_asyncio_loop_factories(
+        config: pytest.Config, item: pytest.Item
+    ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]] | None:
+        factory = uvloop_factory()
+        return None if factory is None else {"uvloop": factory}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # --loop uvloop: only the tests of a stage that can run on it (one with --loop) are for this run.
+    if config.getoption("--loop") != "uvloop":
+        return
+    keep = [item for item in items if has_loops(getattr(item, "callspec", None))]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep
+    if uvloop_factory() is None:
+        skip = pytest.mark.skip(reason="--loop uvloop: uvloop is not installed here; these ran on asyncio only")
+        for item in items:
+            item.add_marker(skip)
+
+
+def has_loops(callspec: Any) -> bool:
+    """True for a test of a stage that has --loop (support.LADDER's 'speed'): its id names the stage."""
+    stage = re.search(r"(?:^|-)(stage_\d+)(?:-|$)", callspec.id) if callspec is not None else None
+    return stage is not None and stage[1] in STAGES and has(stage[1], "speed")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -106,9 +168,10 @@ LINK_DIR = pytest.StashKey[Path]()
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     overrides = config.stash.get(OVERRIDES, {})
-    return [f"workshop mode: {name} from {path}" for name, path in overrides.items()] or [
+    lines = [f"workshop mode: {name} from {path}" for name, path in overrides.items()] or [
         "stages: the repository's own (use --stage-dir STAGE=DIR to test a copy)"
     ]
+    return [*lines, f"event loop of the stages with --loop: {config.getoption('--loop')}"]
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

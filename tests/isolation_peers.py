@@ -16,6 +16,7 @@ In the link lab this file is also the program run inside a namespace, printing o
 import argparse
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import socket
@@ -50,6 +51,13 @@ async def read_to_end(reader: asyncio.StreamReader, timeout: float = STEP_TIMEOU
                 received += len(chunk)
     except ConnectionResetError:
         return received, "reset"
+    # libuv (uvloop, `--loop uvloop`) reports a reset that follows a partial read as an EOF: it ends the
+    # read at the hang-up without another recv(). The socket still holds the error: ask it.
+    transport = getattr(reader, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    with contextlib.suppress(OSError):
+        if sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET:
+            return received, "reset"
     return received, "eof"
 
 

@@ -49,6 +49,7 @@ LADDER = {
     "live": 19,  # the live feed and replay
     "forwarded": 20,  # X-Forwarded-* on every request, h2c said plainly, basic auth and CIDR rules at the server
     "sni": 21,  # TLS tunnels: the server's TLS port routes a ClientHello by its server name (sni.py)
+    "speed": 22,  # --loop uvloop|asyncio|auto, nothing that relies on a loop's own classes, a cheaper new connection
 }
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +80,7 @@ def has(stage: str, idea: str) -> bool:
 def rebind(namespace: dict[str, Any], stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Point a test module's names imported from a stage at the same names of `stage`, for one test.
 
-    A test file of an idea imports what it tests from the most complete stage (`from stage_19.frames
+    A test file of an idea imports what it tests from the most complete stage (`from stage_22.frames
     import Parser`: every name exists there, so the file always loads), and its autouse fixture calls
     this with the stage under test: modules, classes and functions then come from that stage, and one
     the stage lacks is removed (only tests of a later idea use it, and they do not run on this stage).

@@ -5,7 +5,7 @@ it returns frames or raises ProtocolError, never anything else, and never holds 
 Each frame runs from the stage that brings it on: DATA with SYN with stage 4's frames, its other
 flags with stage 5's streams (FIN) and stage 6's answers (ACK, RST), WINDOW_UPDATE with stage 9's flow control, PING and
 GO_AWAY with stage 10's heartbeats. The names imported from
-stage_19 are re-bound to the stage under test (support.rebind).
+stage_22 are re-bound to the stage under test (support.rebind).
 """
 
 import asyncio
@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stage_19 import frames
-from stage_19.frames import (
+from stage_22 import frames
+from stage_22.frames import (
     ACK,
     DATA,
     FIN,
@@ -33,9 +33,9 @@ from stage_19.frames import (
     Frame,
     Parser,
 )
-from stage_19.mux import Mux
-from stage_19.protocol import ProtocolError
-from stage_19.relay import Stream, Timeouts
+from stage_22.mux import Mux
+from stage_22.protocol import ProtocolError
+from stage_22.relay import Stream, Timeouts
 from support import STEP_TIMEOUT, has, rebind, stages_from
 
 pytestmark = pytest.mark.since("frames")

@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from stage_19.capture import BYTE_LIMIT, ENTRY_OVERHEAD, LIMIT, Store
-from stage_19.client import Client
-from stage_19.inspector import Inspector
-from stage_19.observe import BODY_LIMIT, Exchange, parse_head
-from stage_19.server import Ports, Server
+from stage_22.capture import BYTE_LIMIT, ENTRY_OVERHEAD, LIMIT, Store
+from stage_22.client import Client
+from stage_22.inspector import Inspector
+from stage_22.observe import BODY_LIMIT, Exchange, parse_head
+from stage_22.server import Ports, Server
 from support import (
     STEP_TIMEOUT,
     Background,
@@ -43,13 +43,13 @@ from support import (
 )
 from tls_certs import certs
 
-STAGE = "stage_19"  # the stage under test, set by `names`
+STAGE = "stage_22"  # the stage under test, set by `names`
 pytestmark = pytest.mark.since("inspector")
 
 
 @pytest.fixture(autouse=True)
 def names(stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """This module's stage names (imported from stage_19, the most complete) are the stage under test's."""
+    """This module's stage names (imported from stage_22, the most complete) are the stage under test's."""
     rebind(globals(), stage, monkeypatch)
     monkeypatch.setitem(globals(), "STAGE", stage)
 

@@ -1,7 +1,7 @@
 """The inspector page in Chromium: no other site may frame it (stage 18 on); live rows, a detail, replay (18 on).
 
-The tunnel runs as a learner runs it (`python -m stage_19.server --cert .. --key ..`,
-`python -m stage_19.client .. --ca .. --name shop`: the test certificates of tls_certs.py), the
+The tunnel runs as a learner runs it (`python -m stage_22.server --cert .. --key ..`,
+`python -m stage_22.client .. --ca .. --name shop`: the test certificates of tls_certs.py), the
 requests come from curl to `http://shop.localhost:PORT/` (curl resolves *.localhost to loopback by
 itself), and headless Chromium (the docs tests' browser, which may not leave
 127.0.0.1) shows the page. Playwright's sync API can't run inside an asyncio test: this module is
@@ -27,13 +27,13 @@ from test_docs_site import BROWSER_ARGS, CHROMIUM
 from support import HttpServer, rebind, server_port_flags, tls_flags
 from tls_certs import certs
 
-STAGE = "stage_19"  # the stage under test, set by `names`
+STAGE = "stage_22"  # the stage under test, set by `names`
 pytestmark = pytest.mark.since("inspector")
 
 
 @pytest.fixture(autouse=True)
 def names(stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """This module's stage names (imported from stage_19, the most complete) are the stage under test's."""
+    """This module's stage names (imported from stage_22, the most complete) are the stage under test's."""
     rebind(globals(), stage, monkeypatch)
     monkeypatch.setitem(globals(), "STAGE", stage)
 

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stage_19.observe import BODY_LIMIT, COMPLETE, INCOMPLETE, NOT_HTTP, PENDING, UPGRADED, Exchange, Observer
+from stage_22.observe import BODY_LIMIT, COMPLETE, INCOMPLETE, NOT_HTTP, PENDING, UPGRADED, Exchange, Observer
 from support import rebind
 
-STAGE = "stage_19"  # the stage under test, set by `names`
+STAGE = "stage_22"  # the stage under test, set by `names`
 pytestmark = pytest.mark.since("observer")
 # Stage 17's observer follows framing only: it keeps no bodies, follows no 1xx, upgrade or response that lasts
 # until the close. Tests that look at those (or compare whole entries, bodies included) run from stage 19 on.
@@ -24,7 +24,7 @@ LIVE = pytest.mark.since("live")
 
 @pytest.fixture(autouse=True)
 def names(stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """This module's stage names (imported from stage_19, the most complete) are the stage under test's."""
+    """This module's stage names (imported from stage_22, the most complete) are the stage under test's."""
     rebind(globals(), stage, monkeypatch)
     monkeypatch.setitem(globals(), "STAGE", stage)
 

@@ -5,7 +5,7 @@ its idea and every later one (`since`, support.LADDER).
 These tests were old stage 8's (a proxy connection per user, now gone); each now runs where its
 behaviour appears in the new ladder. Tests of the proxy transport alone (proxy ids, the pairing,
 the `ok` line) went with it. Streams, bad frames, heartbeat drops, resume by session id and a wrong
-secret are in test_streams.py. The names imported from stage_19 are re-bound to the stage under test
+secret are in test_streams.py. The names imported from stage_22 are re-bound to the stage under test
 (support.rebind).
 """
 
@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from stage_19 import auth, pages
-from stage_19.client import Client
-from stage_19.protocol import Refused, TryLater
-from stage_19.server import Ports, Server
+from stage_22 import auth, pages
+from stage_22.client import Client
+from stage_22.protocol import Refused, TryLater
+from stage_22.server import Ports, Server
 from support import (
     PAGE,
     SECRET,
@@ -51,7 +51,7 @@ from support import (
     users_port,
 )
 
-STAGE = "stage_19"  # the stage under test, set by `names`
+STAGE = "stage_22"  # the stage under test, set by `names`
 FAST = {"heartbeat_interval": 0.1, "heartbeat_timeout": 1.0}
 
 StartServer = Callable[..., Awaitable[tuple[Server, Ports]]]

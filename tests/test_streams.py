@@ -7,7 +7,7 @@ and resets (6), flow control and fair turns (9), bad frames, heartbeats and resu
 pages (12). Raw frames
 are spoken by hand (RawClient) where a test plays a broken or silent client.
 
-The names imported from stage_19 (the most complete stage) are re-bound to the stage under test by
+The names imported from stage_22 (the most complete stage) are re-bound to the stage under test by
 the autouse fixture `names` (support.rebind).
 """
 
@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from stage_19 import frames
-from stage_19.client import Client
-from stage_19.frames import ACK, DATA, GO_AWAY, MAX_FRAME, PING, SYN, WINDOW, Frame, Parser
-from stage_19.protocol import Refused
-from stage_19.server import Ports, Server
+from stage_22 import frames
+from stage_22.client import Client
+from stage_22.frames import ACK, DATA, GO_AWAY, MAX_FRAME, PING, SYN, WINDOW, Frame, Parser
+from stage_22.protocol import Refused
+from stage_22.server import Ports, Server
 from support import (
     SECRET,
     STEP_TIMEOUT,
@@ -50,7 +50,7 @@ from support import (
     users_port,
 )
 
-STAGE = "stage_19"  # the stage under test, set by `names`
+STAGE = "stage_22"  # the stage under test, set by `names`
 
 pytestmark = pytest.mark.since("streams")
 FAST = {"heartbeat_interval": 0.1, "heartbeat_timeout": 1.0}

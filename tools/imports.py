@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGE = re.compile(r"stage_(\d+)")
 
 SERVER, CLIENT, SHARED, DEMO = "server-side", "client-side", "shared", "demo"
-# Where each module of every stage belongs (by its name, the same in every stage), read from stage_19.
+# Where each module of every stage belongs (by its name, the same in every stage), read from stage_22.
 SIDES = {
     # The server: it accepts clients and users, routes users to tunnels, and owns the public ports.
     "server": SERVER,
@@ -61,6 +61,7 @@ SIDES = {
     "observe": SHARED,  # HTTP/1.1 framing, sans I/O: the client's inspector; from stage 20 the server's heads
     "pages": SHARED,  # the error pages (the client's 502 in stage 3, the server's from then on)
     "cli": SHARED,  # argument parsing helpers of both command lines
+    "loops": SHARED,  # the event loop both command lines run on (--loop: uvloop or asyncio)
     "auth": SHARED,  # both ends of the HMAC challenge
     "budget": SHARED,
     "sni": SHARED,  # the ClientHello's server name, sans I/O: the server routes by it, the inspector shows it
