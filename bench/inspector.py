@@ -74,7 +74,9 @@ def start_tunnel(
     if stage in LOOPS and (site := uvloop_site()):  # as bench/paths.py does: -S, and uvloop's folder only
         env["PYTHONPATH"] = site
     looped = ["--loop", loop] if loop else []
-    ports = ["--control-port", "0", "--public-port", "0", *tls[0], *looped]
+    # From stage 21 the server also listens for TLS tunnels' users (default 60626): any free port, so two can run.
+    tls_port = ["--tls-port", "0"] if int(stage.removeprefix("stage_")) >= 21 else []
+    ports = ["--control-port", "0", "--public-port", "0", *tls_port, *tls[0], *looped]
     processes: list[Process] = []
     try:
         server = Process.start("server", [sys.executable, "-S", "-m", f"{stage}.server", *ports], work, ROOT, env)

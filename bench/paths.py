@@ -59,7 +59,10 @@ SECRETS = {"stage_13": SECRET, "stage_16": SECRET, "stage_22": SECRET}  # stages
 LOOPS = {"stage_22": ("asyncio", "uvloop")}
 # From stage 13 a server lets one source address hold 256 streams (issue 23): every user of the bench comes from
 # 127.0.0.1, and the idle scenario holds 1000 at once, so the servers let one address hold them all.
-SERVER_FLAGS = {stage: ("--max-streams-per-address", "2048") for stage in ("stage_13", "stage_16", "stage_22")}
+SERVER_FLAGS: dict[str, tuple[str, ...]] = {
+    stage: ("--max-streams-per-address", "2048") for stage in ("stage_13", "stage_16", "stage_22")
+}
+SERVER_FLAGS["stage_22"] += ("--tls-port", "0")  # its TLS tunnels' port (stage 21 on), unused here: any free one
 # The client's inspector is on by default from stage 18: its page on a free port, so that two run side by side.
 CLIENT_FLAGS = {"stage_22": ("--inspect-port", "0")}
 LOOP_LOGGED = r"event loop: {loop}\b"  # what stage 22's programs log once they know their loop

@@ -82,7 +82,7 @@ async def test_the_server_the_client_and_the_demo_say_which_loop_runs(
 ) -> None:
     server = await cli("-m", f"{stage}.server", *server_flags(stage), "--loop", loop)
     await server.expect(rf"event loop: {loop}$")
-    demo = await cli("-m", stage, "--public-port", "0", "--control-port", "0", "--loop", loop)
+    demo = await cli("-m", stage, "--public-port", "0", "--control-port", "0", "--tls-port", "0", "--loop", loop)
     await demo.expect(rf"stage_\d+\.client +event loop: {loop}$")  # a client of the demo, once connected
     await demo.expect(rf"^  event loop: {loop} ")
     for process in (server, demo):
