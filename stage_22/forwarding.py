@@ -244,10 +244,12 @@ def authorized(head: bytes, credentials: str) -> bool:
 
 def admits(policy: Policy, host: str) -> bool:
     """True if a user from `host` may use the tunnel: no deny rule holds it, and an allow rule does if any."""
+    if not (policy.allow or policy.deny):
+        return True  # most tunnels have no rules: parse no address on every user's way in
     try:
         address = ipaddress.ip_address(plain(host))
-    except ValueError:  # not an IP address: no rule can say it is in, so only a tunnel without rules takes it
-        return not (policy.allow or policy.deny)
+    except ValueError:  # not an IP address: no rule can say whether it is in, so a tunnel with rules refuses it
+        return False
     if any(address in network(rule) for rule in policy.deny):
         return False
     return not policy.allow or any(address in network(rule) for rule in policy.allow)

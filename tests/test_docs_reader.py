@@ -21,6 +21,7 @@ from test_docs_site import CHROMIUM, OPEN_SHADOW_ROOTS, STAGES, built_pages
 
 # The same fixtures: the site built strict into a temporary folder, and served on 127.0.0.1.
 site = test_docs_site.site
+pytestmark = test_docs_site.pytestmark  # the site's build runs in the setup of the first test that needs it
 served = test_docs_site.served
 
 # The docs site test's browser, which may also read the built site from disk (file://).

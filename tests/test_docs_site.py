@@ -51,7 +51,14 @@ BROWSER_ARGS = [
 ]
 
 
-@pytest.fixture(scope="module")
+# The build takes ~9 s on an idle 2-core machine (23 stages) and over 60 s while 8 test workers share
+# the cores, so its bound is its own: the subprocess's timeout, and the time of the first test that
+# waits for it (the build runs in that test's setup, which pytest-timeout counts).
+SITE_BUILD_TIMEOUT = 120
+pytestmark = pytest.mark.timeout(SITE_BUILD_TIMEOUT + 60)
+
+
+@pytest.fixture(scope="session")  # built once per test worker, for this module and test_docs_reader.py
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The site, built with `mkdocs build --strict` into a temporary folder (a warning fails it).
 
@@ -67,7 +74,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"), "-d", str(out)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=SITE_BUILD_TIMEOUT,
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
     assert done.returncode == 0, done.stdout + done.stderr
