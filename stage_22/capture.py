@@ -42,6 +42,8 @@ class ReplayError(Exception):
 class ObservedStream(Stream):
     """A stream whose bytes, both ways, are also shown to an Observer: the client's side of a user."""
 
+    __slots__ = ("observer",)  # as Stream's: a subclass without them would bring the dict back
+
     def __init__(self, timeouts: Timeouts, observer: Observer) -> None:
         super().__init__(timeouts)
         self.observer = observer

@@ -21,7 +21,7 @@ import hmac
 import ipaddress
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from . import routing
 from .observe import HOLD, NO_BODY, NOT_HTTP, TUNNEL, Exchange, Framing, Observer
@@ -52,6 +52,11 @@ class Forwarding(Stream):
 
     It is also the observer's Sink, one that keeps nothing: the server frames, it doesn't record.
     """
+
+    __slots__ = (
+        *("find", "domain", "user", "proto", "session", "refusal", "broken", "out", "_page", "_unanswered"),
+        "observer",
+    )
 
     def __init__(
         self, timeouts: Timeouts, find: Callable[[str], Session | None], domain: str, user: str, proto: str
@@ -174,24 +179,32 @@ class Forwarding(Stream):
             self._answered()
 
 
+def passing(step: Callable[[Any, memoryview], memoryview]) -> Callable[[Any, memoryview], memoryview]:
+    """A step of Framing's for Heads: what it consumed goes on to the app, unless a head was refused."""
+
+    def through(heads: "Heads", view: memoryview) -> memoryview:
+        rest = step(heads, view)
+        if heads.owner.refusal is None:  # after a refused head, nothing goes on
+            heads.owner.out.append(view[: len(view) - len(rest)])
+        return rest
+
+    return through
+
+
 class Heads(Framing):
     """The user's direction, framed: each head goes through Forwarding.check, every other byte as it came."""
+
+    __slots__ = ("owner",)
 
     def __init__(self, owner: Forwarding, *args: Any) -> None:
         super().__init__(*args)
         self.owner = owner
-        for state, step in self._steps.items():  # a head is replaced by its rewrite; held bytes wait for the answer
-            if state not in (NO_BODY, HOLD):
-                self._steps[state] = self._passing(step)
 
-    def _passing(self, step: Callable[[memoryview], memoryview]) -> Callable[[memoryview], memoryview]:
-        def passing(view: memoryview) -> memoryview:
-            rest = step(view)
-            if self.owner.refusal is None:  # after a refused head, nothing goes on
-                self.owner.out.append(view[: len(view) - len(rest)])
-            return rest
-
-        return passing
+    # Each step as Framing's, and what it consumed goes on; but a head is replaced by its rewrite
+    # (_begin), and held bytes wait for the answer to their upgrade (tunnel).
+    STEPS: ClassVar[dict[int, Callable[[Any, memoryview], memoryview]]] = {
+        state: step if state in (NO_BODY, HOLD) else passing(step) for state, step in Framing.STEPS.items()
+    }
 
     def _begin(self, head: bytes, rest: memoryview) -> memoryview:
         new = self.owner.check(head)
