@@ -368,4 +368,7 @@ def printable(data: bytes) -> str:
     terminal escape sequence in the terminal that shows the log, a BEL would ring it and
     a NUL would cut the line short for some tools.
     """
+    text = data.decode("latin-1")
+    if text.isascii() and text.isprintable():  # the usual case: nothing to replace, no loop in Python
+        return text
     return "".join(chr(byte) if 0x20 <= byte < 0x7F else f"\\x{byte:02x}" for byte in data)

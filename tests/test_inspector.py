@@ -13,6 +13,7 @@ import contextlib
 import gc
 import hashlib
 import json
+import logging
 import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from stage_22.capture import BYTE_LIMIT, ENTRY_OVERHEAD, LIMIT, Store
+from stage_22.capture import BYTE_LIMIT, ENTRY_OVERHEAD, LIMIT, LOG_RATE, Store
 from stage_22.client import Client
 from stage_22.inspector import Inspector
 from stage_22.observe import BODY_LIMIT, Exchange, parse_head
@@ -40,6 +41,7 @@ from support import (
     rebind,
     server_port_flags,
     tls_flags,
+    until_logged,
 )
 from tls_certs import certs
 
@@ -327,6 +329,26 @@ async def test_ten_thousand_requests_leave_the_store_bounded(start_tunnel: Start
         assert len(store.entries) == LIMIT  # the last 500 of 10,000
         assert store.bytes == accounted(store) <= BYTE_LIMIT
         assert all(e.state == "complete" for e in store.entries.values())
+
+
+@pytest.mark.since("speed")
+async def test_past_the_log_rate_the_client_counts_exchanges_and_says_how_many(
+    start_tunnel: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each exchange is logged on its line up to LOG_RATE a second; the rest are counted, and the count logged."""
+    caplog.set_level(logging.INFO)
+    sent = 3 * LOG_RATE
+    async with KeepAliveApp() as app:
+        tunnel = await start_tunnel(app.port)
+        await pipeline(
+            tunnel.ports.public, [b"GET /r/%d HTTP/1.1\r\nHost: t.localhost\r\n\r\n" % i for i in range(sent)]
+        )
+        await until_logged(caplog, r"\d+ more exchanges in the last second")  # logged once that second is over
+    lines = re.findall(r": GET /r/\d+ -> 200", caplog.text)
+    counted = [int(n) for n in re.findall(r"(\d+) more exchanges in the last second", caplog.text)]
+    # Every exchange is in the log, on its line or in a count; a second that counted some showed LOG_RATE lines.
+    assert len(lines) + sum(counted) == sent, (len(lines), counted)
+    assert LOG_RATE <= len(lines) < sent, (len(lines), counted)
 
 
 @pytest.mark.slow
