@@ -406,6 +406,24 @@ async def test_the_slow_link_delays_each_way_and_the_handshake_and_keeps_half_cl
     assert echoed == b"x" * 300_000
 
 
+@pytest.mark.skipif(not (HAS_STAGE_22 and HAS_OPENSSL and shutil.which("strace") and shutil.which("ab")), reason=(
+    "needs stage 22, openssl, strace and ab (apt-get install openssl strace apache2-utils)"
+))  # fmt: skip
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_syscalls_counts_each_programs_system_calls_per_request() -> None:
+    """bench.syscalls: one connect and one socket per request in the client, one accept in the server."""
+    argv = [sys.executable, "-m", "bench.syscalls", "--requests", "300", "--loops", "asyncio"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=150, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {line.split("|")[1].strip(" `*"): line.split("|")[2:4] for line in done.stdout.splitlines()[4:]}
+    server, client = ({call: float(cells[i].strip(" *")) for call, cells in rows.items()} for i in (0, 1))
+    # One connection to the app per user (a few more calls that find a straggler of the warm-up, at most).
+    assert 1.0 <= client["connect"] == client["socket"] < 1.1 and server.get("connect", 0) == 0, done.stdout
+    assert 1.0 <= server["accept4"] < 1.2, done.stdout  # one per user; a call that finds none now and then
+    assert 15 < server["all"] < 60 and 15 < client["all"] < 60, done.stdout
+
+
 def test_phases_charges_each_function_and_its_builtins_to_a_phase(tmp_path: Path) -> None:
     """bench.phases reads --profile's files: a function by its name, a built-in it calls by the caller's phase."""
     import cProfile
