@@ -424,6 +424,25 @@ def test_syscalls_counts_each_programs_system_calls_per_request() -> None:
     assert 15 < server["all"] < 60 and 15 < client["all"] < 60, done.stdout
 
 
+@needs_tools
+@pytest.mark.skipif(not (HAS_STAGE_22 and HAS_OPENSSL and HAS_SSH), reason="needs stage 22, openssl and ssh")
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_floor_measures_a_bare_relay_on_each_loop_beside_ssh_and_stage_22() -> None:
+    """bench.floor: every path serves every request; a row each, with its rate, its ratio to ssh -R and its CPU."""
+    argv = [sys.executable, "-m", "bench.floor", "--rounds", "1", "--seconds", "1"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=150, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    body = lines[lines.index("|---|---:|---:|---:|") + 1 :]  # the table's rows, after its header
+    rows = {cells[1].strip(): cells[2:5] for cells in (line.split("|") for line in body)}
+    loops = ("asyncio", "uvloop") if HAS_UVLOOP else ("asyncio",)
+    assert set(rows) >= {"ssh -R", *(f"{kind} {loop}" for kind in ("relay", "stage 22") for loop in loops)}, done.stdout
+    assert rows["ssh -R"][1].strip() == "1.00x", done.stdout
+    for rate, ratio, cpu in rows.values():
+        assert float(rate.replace(",", "")) > 0 and float(ratio.strip(" x")) > 0 and float(cpu) > 0, done.stdout
+
+
 def test_phases_charges_each_function_and_its_builtins_to_a_phase(tmp_path: Path) -> None:
     """bench.phases reads --profile's files: a function by its name, a built-in it calls by the caller's phase."""
     import cProfile
