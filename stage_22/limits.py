@@ -94,31 +94,59 @@ class Listener:
         self._free = slots.free
         self._handler = handler
         self._last_report, self._full_count = -REPORT_EVERY, 0  # see _report_full
+        self._queued: asyncio.Future[None] | None = None  # done when the port has a connection for us
 
     async def serve(self, spawn: Callable[[Coroutine[None, None, None]], None]) -> None:
         """Accept until cancelled; each connection runs in a task made by `spawn`."""
         loop = asyncio.get_running_loop()
+        # WHY the port is watched from here on (stage 22), not by loop.sock_accept: that watches it
+        # for one accept() and stops again, two epoll_ctl calls per user whenever none was queued
+        # (bench.syscalls: 5 per user on uvloop). The watch stops only while no connection can be
+        # taken (no slot, or no descriptor): queued ones would wake the loop on every turn.
+        loop.add_reader(self.sock, self._wake)
+        try:
+            while True:
+                if self._free.locked():
+                    self._report_full()
+                    loop.remove_reader(self.sock)
+                    await self._free.acquire()  # waits, without a single syscall, while every slot is taken
+                    loop.add_reader(self.sock, self._wake)
+                else:
+                    await self._free.acquire()
+                try:
+                    conn = await self._next()
+                except OSError as exc:
+                    self._free.release()
+                    if exc.errno not in EXHAUSTED:
+                        continue  # that one connection failed (it was reset in the queue): take the next
+                    self._report_full()
+                    log.debug("%s port: cannot accept (%s); pausing %gs", self.role, exc.strerror, RETRY_DELAY)
+                    loop.remove_reader(self.sock)
+                    await asyncio.sleep(RETRY_DELAY)
+                    loop.add_reader(self.sock, self._wake)
+                    continue
+                # WHY: Nagle's algorithm off, as asyncio does for the connections it opens. It would hold a
+                # small write back until the previous one is acknowledged, and the peer delays its ACK by
+                # up to 40 ms: we measured ~44 ms to the first byte of every user but the first (the SYN
+                # frame, then the user's bytes in a second write). asyncio sets TCP_NODELAY only on sockets
+                # made with proto=IPPROTO_TCP, and socket.create_server's (and so accept()'s) have proto 0.
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                spawn(self._serve_one(conn))
+        finally:
+            loop.remove_reader(self.sock)
+
+    async def _next(self) -> socket.socket:
+        """The next connection in the port's queue; if there is none, the first to come."""
         while True:
-            if self._free.locked():
-                self._report_full()
-            await self._free.acquire()  # waits, without a single syscall, while every slot is taken
             try:
-                conn, _ = await loop.sock_accept(self.sock)
-            except OSError as exc:
-                self._free.release()
-                if exc.errno not in EXHAUSTED:
-                    continue  # that one connection failed (it was reset in the queue): take the next
-                self._report_full()
-                log.debug("%s port: cannot accept (%s); pausing %gs", self.role, exc.strerror, RETRY_DELAY)
-                await asyncio.sleep(RETRY_DELAY)
-                continue
-            # WHY: Nagle's algorithm off, as asyncio does for the connections it opens. It would hold a
-            # small write back until the previous one is acknowledged, and the peer delays its ACK by up
-            # to 40 ms: we measured ~44 ms to the first byte of every user but the first (the SYN
-            # frame, then the user's bytes in a second write). asyncio sets TCP_NODELAY only on sockets
-            # made with proto=IPPROTO_TCP, and socket.create_server's (and so accept()'s) have proto 0.
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            spawn(self._serve_one(conn))
+                return self.sock.accept()[0]
+            except BlockingIOError:
+                self._queued = asyncio.get_running_loop().create_future()
+                await self._queued
+
+    def _wake(self) -> None:
+        if self._queued is not None and not self._queued.done():
+            self._queued.set_result(None)
 
     def _report_full(self) -> None:
         # Once per REPORT_EVERY seconds at most: at the limit, slots free and fill again
