@@ -406,6 +406,23 @@ async def test_the_slow_link_delays_each_way_and_the_handshake_and_keeps_half_cl
     assert echoed == b"x" * 300_000
 
 
+def run_tool(module: str, *args: str) -> str:
+    """Run `python -m bench.MODULE ARGS`, check that it succeeded, and return what it printed."""
+    argv = [sys.executable, "-m", f"bench.{module}", *args]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=150, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def table_rows(output: str) -> dict[str, list[str]]:
+    """The rows of the last Markdown table in `output`: {its first cell: its other cells}, unformatted."""
+    lines = output.splitlines()
+    body = lines[max(i for i, line in enumerate(lines) if line.startswith("|---")) + 1 :]
+    return {
+        cells[1].strip(" `*"): [cell.strip(" *x") for cell in cells[2:-1]] for cells in (row.split("|") for row in body)
+    }
+
+
 @pytest.mark.skipif(not (HAS_STAGE_22 and HAS_OPENSSL and shutil.which("strace") and shutil.which("ab")), reason=(
     "needs stage 22, openssl, strace and ab (apt-get install openssl strace apache2-utils)"
 ))  # fmt: skip
@@ -413,15 +430,14 @@ async def test_the_slow_link_delays_each_way_and_the_handshake_and_keeps_half_cl
 @pytest.mark.timeout(180)
 def test_syscalls_counts_each_programs_system_calls_per_request() -> None:
     """bench.syscalls: one connect and one socket per request in the client, one accept in the server."""
-    argv = [sys.executable, "-m", "bench.syscalls", "--requests", "300", "--loops", "asyncio"]
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=150, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
-    rows = {line.split("|")[1].strip(" `*"): line.split("|")[2:4] for line in done.stdout.splitlines()[4:]}
-    server, client = ({call: float(cells[i].strip(" *")) for call, cells in rows.items()} for i in (0, 1))
+    output = run_tool("syscalls", "--requests", "300", "--loops", "asyncio")
+    rows = table_rows(output)
+    server, client = ({call: float(cells[i]) for call, cells in rows.items()} for i in (0, 1))
     # One connection to the app per user (a few more calls that find a straggler of the warm-up, at most).
-    assert 1.0 <= client["connect"] == client["socket"] < 1.1 and server.get("connect", 0) == 0, done.stdout
-    assert 1.0 <= server["accept4"] < 1.2, done.stdout  # one per user; a call that finds none now and then
-    assert 15 < server["all"] < 60 and 15 < client["all"] < 60, done.stdout
+    assert 1.0 <= client["connect"] == client["socket"] < 1.1 and server.get("connect", 0) == 0, output
+    # One per user, and at most one more that finds the queue empty before the server waits for it.
+    assert 1.0 <= server["accept4"] < 2.0, output
+    assert 15 < server["all"] < 60 and 15 < client["all"] < 60, output
 
 
 @needs_tools
@@ -430,17 +446,13 @@ def test_syscalls_counts_each_programs_system_calls_per_request() -> None:
 @pytest.mark.timeout(180)
 def test_floor_measures_a_bare_relay_on_each_loop_beside_ssh_and_stage_22() -> None:
     """bench.floor: every path serves every request; a row each, with its rate, its ratio to ssh -R and its CPU."""
-    argv = [sys.executable, "-m", "bench.floor", "--rounds", "1", "--seconds", "1"]
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=150, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
-    lines = done.stdout.splitlines()
-    body = lines[lines.index("|---|---:|---:|---:|") + 1 :]  # the table's rows, after its header
-    rows = {cells[1].strip(): cells[2:5] for cells in (line.split("|") for line in body)}
+    output = run_tool("floor", "--rounds", "1", "--seconds", "1")
+    rows = table_rows(output)
     loops = ("asyncio", "uvloop") if HAS_UVLOOP else ("asyncio",)
-    assert set(rows) >= {"ssh -R", *(f"{kind} {loop}" for kind in ("relay", "stage 22") for loop in loops)}, done.stdout
-    assert rows["ssh -R"][1].strip() == "1.00x", done.stdout
+    assert set(rows) >= {"ssh -R", *(f"{kind} {loop}" for kind in ("relay", "stage 22") for loop in loops)}, output
+    assert rows["ssh -R"][1] == "1.00", output
     for rate, ratio, cpu in rows.values():
-        assert float(rate.replace(",", "")) > 0 and float(ratio.strip(" x")) > 0 and float(cpu) > 0, done.stdout
+        assert float(rate.replace(",", "")) > 0 and float(ratio) > 0 and float(cpu) > 0, output
 
 
 def test_phases_charges_each_function_and_its_builtins_to_a_phase(tmp_path: Path) -> None:
