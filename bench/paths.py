@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -511,8 +512,14 @@ def http_get(address: tuple[str, int], timeout: float = 5.0) -> bytes:
     return b"".join(chunks)
 
 
-def wait_until_served(address: tuple[str, int], processes: list[Process], timeout: float = START_TIMEOUT) -> None:
-    """Retry a GET until the origin's page comes back through the path (a tunnel needs its client connected)."""
+def wait_until_served(
+    address: tuple[str, int],
+    processes: list[Process],
+    timeout: float = START_TIMEOUT,
+    get: Callable[[tuple[str, int]], bytes] = http_get,
+) -> None:
+    """Retry a GET (`get`: HTTP, or HTTPS in bench.tlstunnel) until the origin's page comes back through the path
+    (a tunnel needs its client connected)."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
@@ -520,7 +527,7 @@ def wait_until_served(address: tuple[str, int], processes: list[Process], timeou
             if process.popen.poll() is not None:
                 raise PathUnavailable(f"{process.role} exited with code {process.popen.returncode}: {process._tail()}")
         try:
-            response = http_get(address)
+            response = get(address)
             if response.startswith(b"HTTP/1.1 200") and response.endswith(b"local app</h1>\n"):
                 return
             last = response[:60].decode(errors="replace")

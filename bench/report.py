@@ -336,6 +336,25 @@ def _metric(key: str) -> Metric:
     return next(m for m in METRICS if m.key == key)
 
 
+def held_memory(report: Record, label: str, why: str) -> tuple[float | None, str, str]:
+    """The `idle` scenario's RSS per held connection on `label`: its worst process (None if it can't be judged:
+    `why`, or a reason found here), every process's as shown, and the reason."""
+    records, summary, held = report["measurements"], report["summary"], report["settings"]["idle_connections"]
+    if not why and held < 1000:
+        why = f"this run held {held} connections; the goal is for 1000"
+    served = values(records, "idle", "served", label)
+    if not why and (not served or min(served.values()) < held):
+        why = "not every held connection was served" if served else "no idle figures"
+    memory = {
+        key.split(" ", 1)[1]: entries[label]["median"]
+        for key, entries in summary.items()
+        if key.startswith("idle.rss_kib_per_conn ") and label in entries
+    }
+    worst = None if why or not memory else max(memory.values())
+    shown = ", ".join(f"{role.split()[-1]} {kib:.1f} KiB" for role, kib in sorted(memory.items()))
+    return worst, shown, why
+
+
 def goals(report: Record) -> list[dict[str, str]]:
     """Stage 13's goals (issue 17, then "stage 5") and stage 16's (issue 14, then "stage 6"), each met, not
     met, or not measured (and why).
@@ -344,7 +363,7 @@ def goals(report: Record) -> list[dict[str, str]]:
     (stages 0, 3 and 8) are kept simple rather than fast and have no goal. Stage 16's are against
     ssh -R, which encrypts its link as stage 16 does.
     """
-    records, summary, settings = report["measurements"], report["summary"], report["settings"]
+    records = report["measurements"]
     available = {p["label"]: p for p in report["paths"]}
     out: list[dict[str, str]] = []
 
@@ -379,20 +398,7 @@ def goals(report: Record) -> list[dict[str, str]]:
     against("wrk", "rps", SSH, 1.5, "stage 13 keep-alive requests/s ≥ 1.5x ssh -R")
 
     goal = "stage 13 memory per held connection ≤ 10 KiB per process, 1000 held (RSS)"
-    why = absent(LIMITS)
-    held = settings["idle_connections"]
-    if not why and held < 1000:
-        why = f"this run held {held} connections; the goal is for 1000"
-    served = values(records, "idle", "served", LIMITS)
-    if not why and (not served or min(served.values()) < held):
-        why = "not every held connection was served" if served else "no idle figures"
-    memory = {
-        key.split(" ", 1)[1]: entries[LIMITS]["median"]
-        for key, entries in summary.items()
-        if key.startswith("idle.rss_kib_per_conn ") and LIMITS in entries
-    }
-    worst = None if why or not memory else max(memory.values())
-    shown = ", ".join(f"{role.split()[-1]} {kib:.1f} KiB" for role, kib in sorted(memory.items()))
+    worst, shown, why = held_memory(report, LIMITS, absent(LIMITS))
     add(goal, worst, None if worst is None else worst <= 10, shown, why or "no memory figures")
 
     # Issue 17 measured this against old stage 4, a proxy connection per user as stage 3 has: stage 3 is
@@ -486,23 +492,9 @@ def speed_goals(report: Record) -> list[dict[str, str]]:
         value = None if why or entry is None else entry["ratio"]
         add(goal, value, value is not None and value >= 0.85, f"{value or 0:.2f}x", why)
 
-    held = settings["idle_connections"]
     for loop in SPEED:
         goal = f"stage 22 memory per held connection on {loop} ≤ 6 KiB per process, 1000 held (RSS)"
-        label = SPEED[loop]
-        why = absent(label)
-        if not why and held < 1000:
-            why = f"this run held {held} connections; the goal is for 1000"
-        served = values(records, "idle", "served", label)
-        if not why and (not served or min(served.values()) < held):
-            why = "not every held connection was served" if served else "no idle figures"
-        memory = {
-            key.split(" ", 1)[1]: entries[label]["median"]
-            for key, entries in summary.items()
-            if key.startswith("idle.rss_kib_per_conn ") and label in entries
-        }
-        worst = None if why or not memory else max(memory.values())
-        shown = ", ".join(f"{role.split()[-1]} {kib:.1f} KiB" for role, kib in sorted(memory.items()))
+        worst, shown, why = held_memory(report, SPEED[loop], absent(SPEED[loop]))
         add(goal, worst, worst is not None and worst <= 6, shown, why)
     return out
 

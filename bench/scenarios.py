@@ -10,6 +10,7 @@ import contextlib
 import math
 import re
 import socket
+import ssl
 import statistics
 import subprocess
 import time
@@ -22,22 +23,31 @@ Address = tuple[str, int]
 Metrics = dict[str, Any]
 SOCKET_TIMEOUT = 30.0
 BUFFER = 1024 * 1024
+# Opens a connection to a path: plain TCP (`tcp`), or TLS to the origin through it (bench.tlstunnel).
+Connect = Callable[[Address], socket.socket]
 
 
-def bulk_upload(address: Address, size: int) -> Metrics:
+def tcp(address: Address) -> socket.socket:
+    return socket.create_connection(address, timeout=SOCKET_TIMEOUT)
+
+
+def bulk_upload(address: Address, size: int, connect: Connect = tcp) -> Metrics:
     """Send `size` bytes into the origin's counting sink; time until it confirms the count."""
     block = memoryview(b"\xa5" * BUFFER)
     started = time.perf_counter()
-    with socket.create_connection(address, timeout=SOCKET_TIMEOUT) as sock:
-        sock.sendall(b"SINK\n")
+    with connect(address) as sock:
+        # TCP ends the upload with a half-close. TLS has none: there the sink is told the size first.
+        sealed = isinstance(sock, ssl.SSLSocket)
+        sock.sendall(b"SINK %d\n" % size if sealed else b"SINK\n")
         left = size
         while left > 0:
             chunk = block[: min(left, BUFFER)]
             sock.sendall(chunk)
             left -= len(chunk)
-        sock.shutdown(socket.SHUT_WR)
+        if not sealed:
+            sock.shutdown(socket.SHUT_WR)
         reply = b""
-        while data := sock.recv(64):
+        while not reply.endswith(b"\n") and (data := sock.recv(64)):
             reply += data
     elapsed = time.perf_counter() - started
     if reply.strip() != str(size).encode():
@@ -45,12 +55,12 @@ def bulk_upload(address: Address, size: int) -> Metrics:
     return {"mb_per_s": size / elapsed / 1e6, "seconds": elapsed}
 
 
-def bulk_download(address: Address, size: int) -> Metrics:
+def bulk_download(address: Address, size: int, connect: Connect = tcp) -> Metrics:
     """Ask the origin for `size` bytes and count them until EOF."""
     buffer = bytearray(BUFFER)
     started = time.perf_counter()
     received = 0
-    with socket.create_connection(address, timeout=SOCKET_TIMEOUT) as sock:
+    with connect(address) as sock:
         sock.sendall(b"SOURCE %d\n" % size)
         while count := sock.recv_into(buffer):
             received += count

@@ -35,6 +35,7 @@ CA (so every byte came from the origin, unchanged):
 """
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -52,8 +53,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .paths import HOST, LISTENING, ROOT, SECRET, PathUnavailable, Process, Stopped, stop_on_termination
-from .scenarios import _number, _run_tool
+from .paths import (
+    HOST,
+    LISTENING,
+    ROOT,
+    SECRET,
+    PathUnavailable,
+    Process,
+    Stopped,
+    stop_on_termination,
+    wait_until_served,
+)
+from .scenarios import SOCKET_TIMEOUT, Connect, _number, _run_tool, bulk_download, bulk_upload
 
 STAGE = "stage_21"  # TLS tunnels by SNI (issue 25)
 NAME = "bench"
@@ -61,8 +72,6 @@ SERVER_NAME = f"{NAME}.localhost"  # the server's default domain is localhost
 PATHS = ("direct", "TCP tunnel", "TLS tunnel")
 SCENARIOS = ("bulk_down", "bulk_up", "ab")
 OUTPUT = ROOT / "bench" / "results" / "tls-tunnel"
-SOCKET_TIMEOUT = 30.0
-BUFFER = 1024 * 1024
 TUNNEL_UP = r"tunnel up: ((?:tcp|tls)://\S+)"  # the client's line: the URL its users dial
 
 
@@ -120,7 +129,7 @@ class Route:
         """Start the tunnel (server, then client) and wait until a request goes through it."""
         if self.label == "direct":
             self.url = "direct"
-            wait_until_served(self.address, context, [])
+            wait_until_served(self.address, [], get=functools.partial(https_get, context=context))
             return
         ca, cert, key = self.link
         env = _env(self.work)
@@ -145,7 +154,7 @@ class Route:
             self.url = client.wait_for(TUNNEL_UP)[1]
             role = "tcp" if self.label == "TCP tunnel" else "tls"  # the tunnel's own port, or the TLS port
             self.address = (HOST, int(server.wait_for(LISTENING.format(role=role))[2]))
-            wait_until_served(self.address, context, self.processes)
+            wait_until_served(self.address, self.processes, get=functools.partial(https_get, context=context))
         except BaseException:
             self.stop()
             raise
@@ -156,79 +165,24 @@ class Route:
         self.processes = []
 
 
+def tls(context: ssl.SSLContext, timeout: float = SOCKET_TIMEOUT) -> Connect:
+    """Connections in TLS to `bench.localhost` (the origin, wherever the path leads), its certificate checked."""
+
+    def connect(address: tuple[str, int]) -> socket.socket:
+        raw = socket.create_connection(address, timeout=timeout)
+        return context.wrap_socket(raw, server_hostname=SERVER_NAME)  # closes `raw` if the handshake fails
+
+    return connect
+
+
 def https_get(address: tuple[str, int], context: ssl.SSLContext, timeout: float = 5.0) -> bytes:
     """One HTTP/1.0 GET over TLS to `bench.localhost` at `address`, on a new connection; the whole response."""
-    with (
-        socket.create_connection(address, timeout=timeout) as raw,
-        context.wrap_socket(raw, server_hostname=SERVER_NAME) as sock,
-    ):
+    with tls(context, timeout)(address) as sock:
         sock.sendall(f"GET / HTTP/1.0\r\nHost: {SERVER_NAME}\r\n\r\n".encode())
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
     return b"".join(chunks)
-
-
-def wait_until_served(
-    address: tuple[str, int], context: ssl.SSLContext, processes: list[Process], timeout: float = 15.0
-) -> None:
-    """Retry a GET over TLS until the origin's page comes back (its certificate checked on the way)."""
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    while time.monotonic() < deadline:
-        for process in processes:
-            if process.popen.poll() is not None:
-                raise PathUnavailable(f"{process.role} exited with code {process.popen.returncode}: {process.log()}")
-        try:
-            response = https_get(address, context)
-            if response.startswith(b"HTTP/1.1 200") and response.endswith(b"local app</h1>\n"):
-                return
-            last = response[:60].decode(errors="replace")
-        except (OSError, ssl.SSLError) as exc:
-            last = str(exc)
-        time.sleep(0.05)
-    raise PathUnavailable(f"no page from the origin over TLS through {address[0]}:{address[1]} ({last})")
-
-
-def bulk_download(address: tuple[str, int], context: ssl.SSLContext, size: int) -> dict[str, float]:
-    """Ask the origin for `size` bytes over TLS; count them until its close."""
-    buffer = bytearray(BUFFER)
-    received = 0
-    started = time.perf_counter()
-    with (
-        socket.create_connection(address, timeout=SOCKET_TIMEOUT) as raw,
-        context.wrap_socket(raw, server_hostname=SERVER_NAME) as sock,
-    ):
-        sock.sendall(b"SOURCE %d\n" % size)
-        while count := sock.recv_into(buffer):
-            received += count
-    elapsed = time.perf_counter() - started
-    if received != size:
-        raise RuntimeError(f"received {received} bytes over TLS, the origin sent {size}")
-    return {"mb_per_s": size / elapsed / 1e6, "seconds": elapsed}
-
-
-def bulk_upload(address: tuple[str, int], context: ssl.SSLContext, size: int) -> dict[str, float]:
-    """Send `size` bytes over TLS into the origin's sink, which answers its count once they all came."""
-    block = memoryview(b"\xa5" * BUFFER)
-    started = time.perf_counter()
-    with (
-        socket.create_connection(address, timeout=SOCKET_TIMEOUT) as raw,
-        context.wrap_socket(raw, server_hostname=SERVER_NAME) as sock,
-    ):
-        sock.sendall(b"SINK %d\n" % size)
-        left = size
-        while left > 0:
-            chunk = block[: min(left, BUFFER)]
-            sock.sendall(chunk)
-            left -= len(chunk)
-        reply = b""
-        while not reply.endswith(b"\n") and (data := sock.recv(64)):
-            reply += data
-    elapsed = time.perf_counter() - started
-    if reply.strip() != str(size).encode():
-        raise RuntimeError(f"the sink counted {reply.strip()!r} bytes, {size} were sent")
-    return {"mb_per_s": size / elapsed / 1e6, "seconds": elapsed}
 
 
 def ab_handshakes(address: tuple[str, int], settings: Settings) -> dict[str, Any]:
@@ -259,9 +213,9 @@ def measure(scenario: str, path: Route, origin: Process, context: ssl.SSLContext
     tunnel0, origin0 = _cpu(path.processes), _cpu([origin])
     metrics: dict[str, Any]
     if scenario == "bulk_down":
-        metrics = bulk_download(path.address, context, settings.bulk_bytes)
+        metrics = bulk_download(path.address, settings.bulk_bytes, tls(context))
     elif scenario == "bulk_up":
-        metrics = bulk_upload(path.address, context, settings.bulk_bytes)
+        metrics = bulk_upload(path.address, settings.bulk_bytes, tls(context))
     else:
         metrics = ab_handshakes(path.address, settings)
         if metrics["failed"] or metrics["server_name"] != SERVER_NAME:

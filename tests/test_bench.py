@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.append(str(ROOT))  # last, as test_ladder.py does: `from bench import phases` below, whichever tests run
 MISSING = [tool for tool in ("socat", "wrk", "ab") if shutil.which(tool) is None]
 HAS_SSH = bool(shutil.which("ssh") and (shutil.which("sshd") or shutil.which("sshd", path="/usr/sbin")))
 HAS_STAGE_9 = (ROOT / "stage_13" / "__init__.py").is_file()  # the report's "stage 13" (old stage 9)
